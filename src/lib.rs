@@ -5,7 +5,16 @@
 
 use pgrx::prelude::*;
 
+pub mod apply;
+pub mod capture;
+pub mod catalog;
+pub mod changelog;
+pub mod clock;
+pub mod encoding;
 pub mod error;
+pub mod peer;
+pub mod replicator;
+pub mod transport;
 pub mod worker;
 
 ::pgrx::pg_module_magic!(name, version);
@@ -28,6 +37,7 @@ pub extern "C-unwind" fn _PG_init() {
             "Add rbucardo to shared_preload_libraries in postgresql.conf and restart the server."
         );
     }
+    clock::init();
     worker::init();
 }
 

@@ -21,9 +21,6 @@ const MAX_DATABASES: usize = 64;
 /// How often the launcher looks for new databases without being woken.
 const LAUNCHER_NAP: Duration = Duration::from_secs(10);
 
-/// How often an idle worker re-checks that its extension still exists.
-const WORKER_NAP: Duration = Duration::from_secs(1);
-
 /// What the launcher and the workers share about one database.
 #[derive(Copy, Clone, Default)]
 struct Slot {
@@ -32,6 +29,8 @@ struct Slot {
     pid: i32,
     /// The worker found no extension here and exited; do not restart before a rescan.
     no_extension: bool,
+    /// Bumped by every commit that wrote to the change log; the worker tells listening peers.
+    generation: u64,
 }
 
 /// The shared registry of background processes.
@@ -96,8 +95,26 @@ pub fn wake_launcher_at_commit() {
 /// Wakes the worker of the current database, e.g. when there is something new to send.
 pub fn wake_local_worker() {
     let dboid = unsafe { pg_sys::MyDatabaseId }.to_u32();
-    let pid = REGISTRY.share().slots.iter().find(|s| s.dboid == dboid).map_or(0, |s| s.pid);
+    let pid = {
+        let mut reg = REGISTRY.exclusive();
+        match reg.slots.iter_mut().find(|s| s.dboid == dboid) {
+            Some(slot) => {
+                slot.generation = slot.generation.wrapping_add(1);
+                slot.pid
+            }
+            None => 0,
+        }
+    };
     set_latch_of(pid);
+}
+
+fn generation_of(dboid: u32) -> u64 {
+    REGISTRY.share().slots.iter().find(|s| s.dboid == dboid).map_or(0, |s| s.generation)
+}
+
+/// Wakes this database's worker once the calling transaction commits (configuration changed).
+pub fn wake_local_worker_at_commit() {
+    pgrx::register_xact_callback(pgrx::PgXactCallbackEvent::Commit, wake_local_worker);
 }
 
 /// Called by `CREATE EXTENSION` so the new database gets its worker without waiting.
@@ -165,7 +182,7 @@ pub extern "C-unwind" fn rbucardo_launcher_main(_arg: pg_sys::Datum) {
             unsafe { pg_sys::ProcessConfigFile(pg_sys::GucContext::PGC_SIGHUP) };
         }
         // Forget workers that have exited; they are restarted below if still wanted.
-        workers.retain(|_, h| h.pid().is_ok());
+        workers.retain(|_, h| !matches!(h.pid(), Err(BackgroundWorkerStatus::Stopped | BackgroundWorkerStatus::PostmasterDied)));
 
         let rescan_all = std::mem::take(&mut REGISTRY.exclusive().rescan_all);
         let databases = list_databases();
@@ -185,7 +202,7 @@ pub extern "C-unwind" fn rbucardo_launcher_main(_arg: pg_sys::Datum) {
                     }
                     None => match reg.slots.iter_mut().find(|s| s.dboid == 0) {
                         Some(free) => {
-                            *free = Slot { dboid: key, pid: 0, no_extension: false };
+                            *free = Slot { dboid: key, ..Slot::default() };
                             true
                         }
                         None => {
@@ -241,9 +258,9 @@ pub extern "C-unwind" fn rbucardo_worker_main(arg: pg_sys::Datum) {
     BackgroundWorker::attach_signal_handlers(SignalWakeFlags::SIGHUP | SignalWakeFlags::SIGTERM);
     let dboid = arg.value() as u32;
     BackgroundWorker::connect_worker_to_spi_by_oid(Some(pg_sys::Oid::from_u32(dboid)), None);
-    let me = unsafe { pg_sys::MyProcPid };
-    set_own_slot(dboid, me, false);
-
+    set_own_slot(dboid, unsafe { pg_sys::MyProcPid }, false);
+    let mut replicator = crate::replicator::Replicator::default();
+    let mut told = 0u64;
     loop {
         if BackgroundWorker::sighup_received() {
             unsafe { pg_sys::ProcessConfigFile(pg_sys::GucContext::PGC_SIGHUP) };
@@ -253,7 +270,16 @@ pub extern "C-unwind" fn rbucardo_worker_main(arg: pg_sys::Datum) {
             log!("rbucardo worker: extension not installed in this database, exiting");
             return;
         }
-        if !BackgroundWorker::wait_latch(Some(WORKER_NAP)) {
+        // Tell peers listening on this node that the change log has grown.
+        let generation = generation_of(dboid);
+        if generation != told && crate::transport::in_txn(|| Spi::run("NOTIFY rbucardo_changes").is_ok()).is_ok() {
+            told = generation;
+        }
+        let nap = replicator.round();
+        if unsafe { pg_sys::ShutdownRequestPending } != 0 {
+            break;
+        }
+        if replicator.wait(nap).is_err() {
             break;
         }
     }

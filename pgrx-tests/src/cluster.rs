@@ -69,7 +69,11 @@ impl ClusterBuilder {
 
     /// Creates and starts every node (in parallel), each answering on its own port.
     pub fn start(self) -> Cluster {
-        assert!(!self.node_names.is_empty(), "cluster {}: no nodes requested", self.name);
+        assert!(
+            !self.node_names.is_empty(),
+            "cluster {}: no nodes requested",
+            self.name
+        );
         let dir = cluster_dir(&self.name);
         let nodes = self
             .node_names
@@ -77,7 +81,9 @@ impl ClusterBuilder {
             .enumerate()
             .map(|(i, name)| Node::new(name, dir.join(format!("node{i}"))))
             .collect::<Vec<_>>();
-        let links = (0..nodes.len() * nodes.len()).map(|_| OnceLock::new()).collect();
+        let links = (0..nodes.len() * nodes.len())
+            .map(|_| OnceLock::new())
+            .collect();
         // From here on, Drop cleans up whatever got started, even if a start panics.
         let cluster = Cluster { dir, nodes, links };
         let settings = self.settings();
@@ -85,11 +91,8 @@ impl ClusterBuilder {
             for node in &cluster.nodes {
                 let settings = &settings;
                 scope.spawn(move || {
-                    let t = std::time::Instant::now();
                     node.init();
-                    eprintln!("{} init {:?}", node.name(), t.elapsed());
                     node.first_start(settings);
-                    eprintln!("{} started {:?}", node.name(), t.elapsed());
                 });
             }
         });
@@ -97,7 +100,11 @@ impl ClusterBuilder {
     }
 
     fn settings(&self) -> String {
-        let preload = if self.preload { "shared_preload_libraries = 'rbucardo'\n" } else { "" };
+        let preload = if self.preload {
+            "shared_preload_libraries = 'rbucardo'\n"
+        } else {
+            ""
+        };
         format!("{BASE_SETTINGS}{preload}{}", self.extra_conf)
     }
 }
@@ -114,7 +121,12 @@ impl Cluster {
     /// A builder for clusters with custom node names, preload or settings.
     /// `name` labels the cluster's directory (use the test's name).
     pub fn builder(name: &str) -> ClusterBuilder {
-        ClusterBuilder { name: name.to_string(), node_names: Vec::new(), preload: true, extra_conf: String::new() }
+        ClusterBuilder {
+            name: name.to_string(),
+            node_names: Vec::new(),
+            preload: true,
+            extra_conf: String::new(),
+        }
     }
 
     /// `n` nodes named `node0`.., with the extension preloaded.
@@ -129,7 +141,9 @@ impl Cluster {
 
     /// Node `i`; panics if out of range.
     pub fn node(&self, i: usize) -> &Node {
-        self.nodes.get(i).unwrap_or_else(|| panic!("cluster has {} nodes, no node {i}", self.nodes.len()))
+        self.nodes
+            .get(i)
+            .unwrap_or_else(|| panic!("cluster has {} nodes, no node {i}", self.nodes.len()))
     }
 
     /// All nodes, in index order.
@@ -146,7 +160,10 @@ impl Cluster {
     /// use. One proxy per ordered pair, so cutting one link leaves the others.
     pub fn link(&self, from: usize, to: usize) -> &Proxy {
         let n = self.nodes.len();
-        assert!(from < n && to < n, "link {from}->{to}: cluster has {n} nodes");
+        assert!(
+            from < n && to < n,
+            "link {from}->{to}: cluster has {n} nodes"
+        );
         self.links[from * n + to].get_or_init(|| Proxy::start(node_addr(self.node(to))))
     }
 
@@ -159,7 +176,9 @@ impl Cluster {
     /// `nodes`, comparing each with the first; panics with counts, the first
     /// differing position and rows missing on either side.
     pub fn assert_tables_equal(&self, db: &str, table: &str, order_by: &str, nodes: &[usize]) {
-        let Some((&first, rest)) = nodes.split_first() else { return };
+        let Some((&first, rest)) = nodes.split_first() else {
+            return;
+        };
         let reference = self.node(first).dump_table(db, table, order_by);
         for &other in rest {
             let rows = self.node(other).dump_table(db, table, order_by);
@@ -181,12 +200,22 @@ impl Drop for Cluster {
             node.shut_down_for_good();
         }
         if std::thread::panicking() {
-            eprintln!("rbucardo-cluster-tests: test failed, keeping {}", self.dir.display());
+            eprintln!(
+                "rbucardo-cluster-tests: test failed, keeping {}",
+                self.dir.display()
+            );
             for node in &self.nodes {
-                eprintln!("  {} server log: {}", node.name(), node.log_path().display());
+                eprintln!(
+                    "  {} server log: {}",
+                    node.name(),
+                    node.log_path().display()
+                );
             }
         } else if let Err(e) = fs::remove_dir_all(&self.dir) {
-            eprintln!("rbucardo-cluster-tests: could not remove {}: {e}", self.dir.display());
+            eprintln!(
+                "rbucardo-cluster-tests: could not remove {}: {e}",
+                self.dir.display()
+            );
         }
     }
 }
@@ -194,8 +223,10 @@ impl Drop for Cluster {
 /// A fresh, empty directory for one cluster, owned by the server user:
 /// `$RBUCARDO_TEST_DIR` (or `<tmp>/rbucardo-tests`)/`<name>-<pid>-<counter>`.
 fn cluster_dir(name: &str) -> PathBuf {
-    let base = std::env::var_os("RBUCARDO_TEST_DIR")
-        .map_or_else(|| std::env::temp_dir().join("rbucardo-tests"), PathBuf::from);
+    let base = std::env::var_os("RBUCARDO_TEST_DIR").map_or_else(
+        || std::env::temp_dir().join("rbucardo-tests"),
+        PathBuf::from,
+    );
     create_shared_dir(&base);
     let counter = CLUSTER_COUNTER.fetch_add(1, Ordering::SeqCst);
     let dir = base.join(format!("{name}-{}-{counter}", std::process::id()));
@@ -226,9 +257,20 @@ fn describe_difference(a_name: &str, a: &[String], b_name: &str, b: &[String]) -
         return None;
     }
     let mut out = format!("{a_name}: {} rows, {b_name}: {} rows\n", a.len(), b.len());
-    let position = a.iter().zip(b).position(|(x, y)| x != y).unwrap_or(a.len().min(b.len()));
-    let show = |rows: &[String]| rows.get(position).map_or("<no row>".to_string(), Clone::clone);
-    out += &format!("first difference at row {position}: {a_name}: {} | {b_name}: {}\n", show(a), show(b));
+    let position = a
+        .iter()
+        .zip(b)
+        .position(|(x, y)| x != y)
+        .unwrap_or(a.len().min(b.len()));
+    let show = |rows: &[String]| {
+        rows.get(position)
+            .map_or("<no row>".to_string(), Clone::clone)
+    };
+    out += &format!(
+        "first difference at row {position}: {a_name}: {} | {b_name}: {}\n",
+        show(a),
+        show(b)
+    );
     out += &only_in(a_name, a, b);
     out += &only_in(b_name, b, a);
     Some(out)
@@ -270,14 +312,26 @@ mod tests {
 
     #[test]
     fn equal_tables_have_no_difference() {
-        assert_eq!(describe_difference("a", &rows(&["(1)"]), "b", &rows(&["(1)"])), None);
+        assert_eq!(
+            describe_difference("a", &rows(&["(1)"]), "b", &rows(&["(1)"])),
+            None
+        );
     }
 
     #[test]
     fn difference_names_position_and_missing_rows() {
-        let diff = describe_difference("main", &rows(&["(1)", "(2)", "(3)"]), "branch1", &rows(&["(1)", "(3)"])).unwrap();
+        let diff = describe_difference(
+            "main",
+            &rows(&["(1)", "(2)", "(3)"]),
+            "branch1",
+            &rows(&["(1)", "(3)"]),
+        )
+        .unwrap();
         assert!(diff.contains("main: 3 rows, branch1: 2 rows"), "{diff}");
-        assert!(diff.contains("first difference at row 1: main: (2) | branch1: (3)"), "{diff}");
+        assert!(
+            diff.contains("first difference at row 1: main: (2) | branch1: (3)"),
+            "{diff}"
+        );
         assert!(diff.contains("1 rows only on main:\n  (2)"), "{diff}");
         assert!(!diff.contains("only on branch1"), "{diff}");
     }

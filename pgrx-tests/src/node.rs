@@ -10,7 +10,10 @@ use std::sync::atomic::{AtomicU16, Ordering};
 use std::time::Duration;
 
 use crate::pg::{Conn, Rows};
-use crate::process::{children_of, give_to_server_user, is_root, process_alive, run, server_command, signal, SERVER_USER};
+use crate::process::{
+    children_of, give_to_server_user, is_root, process_alive, run, server_command, signal,
+    SERVER_USER,
+};
 use crate::wait::{poll_until, wait_until};
 
 /// Where initdb, pg_ctl and postgres live unless `RBUCARDO_PG_BIN` says otherwise.
@@ -42,7 +45,11 @@ struct StartFailure {
 
 impl Node {
     pub(crate) fn new(name: &str, data_dir: PathBuf) -> Node {
-        Node { name: name.to_string(), data_dir, port: AtomicU16::new(0) }
+        Node {
+            name: name.to_string(),
+            data_dir,
+            port: AtomicU16::new(0),
+        }
     }
 
     /// Human-readable name used in every panic message ("main", "node1", ...).
@@ -77,29 +84,41 @@ impl Node {
 
     /// Runs statements on a fresh connection; panics with node, db, SQL and server error.
     pub fn sql(&self, db: &str, sql: &str) {
-        self.connect(db).execute(sql).unwrap_or_else(|e| self.sql_failed(db, sql, e));
+        self.connect(db)
+            .execute(sql)
+            .unwrap_or_else(|e| self.sql_failed(db, sql, e));
     }
 
     /// Runs a query on a fresh connection and returns its rows as text.
     pub fn query(&self, db: &str, sql: &str) -> Rows {
-        self.connect(db).query(sql).unwrap_or_else(|e| self.sql_failed(db, sql, e))
+        self.connect(db)
+            .query(sql)
+            .unwrap_or_else(|e| self.sql_failed(db, sql, e))
     }
 
     /// First column of the first row of a query (`None` for NULL or no row).
     pub fn query_one(&self, db: &str, sql: &str) -> Option<String> {
-        self.connect(db).query_one(sql).unwrap_or_else(|e| self.sql_failed(db, sql, e))
+        self.connect(db)
+            .query_one(sql)
+            .unwrap_or_else(|e| self.sql_failed(db, sql, e))
     }
 
     /// Creates database `name` (quoted as an identifier).
     pub fn createdb(&self, name: &str) {
-        self.sql("postgres", &format!("CREATE DATABASE \"{}\"", name.replace('"', "\"\"")));
+        self.sql(
+            "postgres",
+            &format!("CREATE DATABASE \"{}\"", name.replace('"', "\"\"")),
+        );
     }
 
     /// Every row of `table` as its row-literal text, ordered by `order_by`.
     /// Both are SQL fragments (e.g. `"public.items"`, `"id"`) used verbatim.
     pub fn dump_table(&self, db: &str, table: &str, order_by: &str) -> Vec<String> {
         let sql = format!("SELECT t::text FROM {table} t ORDER BY {order_by}");
-        self.query(db, &sql).into_iter().map(|row| row.into_iter().next().flatten().unwrap_or_default()).collect()
+        self.query(db, &sql)
+            .into_iter()
+            .map(|row| row.into_iter().next().flatten().unwrap_or_default())
+            .collect()
     }
 
     /// Starts the server (crash recovery included after `kill9`) and waits
@@ -131,10 +150,14 @@ impl Node {
     /// whose backends linger until they notice) makes the crash instantaneous
     /// and lets `start()` succeed right away.
     pub fn kill9(&self) {
-        let pid = self.postmaster_pid().unwrap_or_else(|| panic!("{}: kill9 but the server is not running", self.name));
+        let pid = self
+            .postmaster_pid()
+            .unwrap_or_else(|| panic!("{}: kill9 but the server is not running", self.name));
         let pids = kill_server_tree(pid);
         let what = format!("{}: killed server processes {pids:?} to exit", self.name);
-        wait_until(&what, EXIT_TIMEOUT, || Ok(pids.iter().all(|p| !process_alive(*p))));
+        wait_until(&what, EXIT_TIMEOUT, || {
+            Ok(pids.iter().all(|p| !process_alive(*p)))
+        });
         self.remove_stale_lock_files();
     }
 
@@ -150,14 +173,31 @@ impl Node {
     pub(crate) fn init(&self) {
         let mut cmd = server_command(&pg_bin("initdb"), self.parent_dir());
         cmd.arg("-D").arg(&self.data_dir);
-        cmd.args(["-U", "postgres", "--auth=trust", "-E", "UTF8", "--locale=C", "--no-sync", "--no-instructions"]);
+        cmd.args([
+            "-U",
+            "postgres",
+            "--auth=trust",
+            "-E",
+            "UTF8",
+            "--locale=C",
+            "--no-sync",
+            "--no-instructions",
+        ]);
         if let Err(e) = run(cmd) {
-            let hint = if is_root() { format!(" (is every parent directory traversable by user {SERVER_USER}?)") } else { String::new() };
+            let hint = if is_root() {
+                format!(" (is every parent directory traversable by user {SERVER_USER}?)")
+            } else {
+                String::new()
+            };
             panic!("{}: initdb failed{hint}: {e}", self.name);
         }
         let conf = self.data_dir.join("postgresql.conf");
-        let mut file = fs::OpenOptions::new().append(true).open(&conf).unwrap_or_else(|e| panic!("open {}: {e}", conf.display()));
-        writeln!(file, "\ninclude '{HARNESS_CONF}'").unwrap_or_else(|e| panic!("append to {}: {e}", conf.display()));
+        let mut file = fs::OpenOptions::new()
+            .append(true)
+            .open(&conf)
+            .unwrap_or_else(|e| panic!("open {}: {e}", conf.display()));
+        writeln!(file, "\ninclude '{HARNESS_CONF}'")
+            .unwrap_or_else(|e| panic!("append to {}: {e}", conf.display()));
     }
 
     /// First start: picks a free port, writes `harness.conf` (port, socket
@@ -170,17 +210,28 @@ impl Node {
             self.write_harness_conf(settings);
             match self.try_start() {
                 Ok(()) => return,
-                Err(StartFailure { port_clash: true, message }) => last_failure = message,
-                Err(StartFailure { port_clash: false, message }) => panic!("{}: start failed: {message}", self.name),
+                Err(StartFailure {
+                    port_clash: true,
+                    message,
+                }) => last_failure = message,
+                Err(StartFailure {
+                    port_clash: false,
+                    message,
+                }) => panic!("{}: start failed: {message}", self.name),
             }
         }
-        panic!("{}: no free port after {PORT_ATTEMPTS} attempts: {last_failure}", self.name);
+        panic!(
+            "{}: no free port after {PORT_ATTEMPTS} attempts: {last_failure}",
+            self.name
+        );
     }
 
     /// Stops the server whatever its state: `pg_ctl stop -m immediate`, then
     /// SIGKILL if it is still alive. Never panics (it runs inside `Drop`).
     pub(crate) fn shut_down_for_good(&self) {
-        let Some(pid) = self.postmaster_pid() else { return };
+        let Some(pid) = self.postmaster_pid() else {
+            return;
+        };
         let mut cmd = self.pg_ctl();
         cmd.args(["-w", "-t", "10", "stop", "-m", "immediate"]);
         if run(cmd).is_err() || process_alive(pid) {
@@ -211,7 +262,9 @@ impl Node {
         let log = self.log_path();
         let log_offset = fs::metadata(&log).map(|m| m.len()).unwrap_or(0);
         let mut cmd = self.pg_ctl();
-        cmd.arg("-l").arg(&log).args(["-w", "-t", PG_CTL_TIMEOUT_SECS, "start"]);
+        cmd.arg("-l")
+            .arg(&log)
+            .args(["-w", "-t", PG_CTL_TIMEOUT_SECS, "start"]);
         run(cmd).map(|_| ()).map_err(|e| {
             let new_log = read_from(&log, log_offset);
             StartFailure {
@@ -251,7 +304,10 @@ impl Node {
 /// Conninfo for superuser `postgres` on 127.0.0.1:`port`. The connect timeout
 /// keeps a connection attempt through a stalled proxy from hanging forever.
 pub(crate) fn conninfo(port: u16, db: &str) -> String {
-    format!("host=127.0.0.1 port={port} user=postgres dbname='{}' connect_timeout=5", db.replace('\\', "\\\\").replace('\'', "\\'"))
+    format!(
+        "host=127.0.0.1 port={port} user=postgres dbname='{}' connect_timeout=5",
+        db.replace('\\', "\\\\").replace('\'', "\\'")
+    )
 }
 
 /// The socket address of a node, for proxies.
@@ -260,14 +316,18 @@ pub(crate) fn node_addr(node: &Node) -> SocketAddr {
 }
 
 fn pg_bin(program: &str) -> PathBuf {
-    let dir = std::env::var_os("RBUCARDO_PG_BIN").map_or_else(|| PathBuf::from(DEFAULT_PG_BIN), PathBuf::from);
+    let dir = std::env::var_os("RBUCARDO_PG_BIN")
+        .map_or_else(|| PathBuf::from(DEFAULT_PG_BIN), PathBuf::from);
     dir.join(program)
 }
 
 /// A port that was free a moment ago (bind to port 0, then release it).
 fn free_port() -> u16 {
     let listener = TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0 to find a free port");
-    listener.local_addr().expect("local_addr of probe listener").port()
+    listener
+        .local_addr()
+        .expect("local_addr of probe listener")
+        .port()
 }
 
 /// SIGKILLs a postmaster and its children. The postmaster is stopped first so

@@ -29,11 +29,14 @@ unsafe impl Send for Conn {}
 impl Conn {
     /// Opens a connection, returning libpq's error message when it fails.
     pub fn connect(conninfo: &str) -> Result<Conn, String> {
-        let c_info = CString::new(conninfo).map_err(|_| "conninfo contains a NUL byte".to_string())?;
+        let c_info =
+            CString::new(conninfo).map_err(|_| "conninfo contains a NUL byte".to_string())?;
         // SAFETY: c_info is a valid NUL-terminated string for the call's duration.
         let raw = unsafe { pq::PQconnectdb(c_info.as_ptr()) };
         if raw.is_null() {
-            return Err(format!("libpq could not allocate a connection for `{conninfo}`"));
+            return Err(format!(
+                "libpq could not allocate a connection for `{conninfo}`"
+            ));
         }
         let conn = Conn { raw };
         // SAFETY: raw is a non-null connection owned by `conn`.
@@ -56,7 +59,10 @@ impl Conn {
     /// First column of the first row (`None` for NULL or for no rows at all).
     pub fn query_one(&mut self, sql: &str) -> Result<Option<String>, String> {
         let rows = self.exec(sql)?;
-        Ok(rows.into_iter().next().and_then(|row| row.into_iter().next().flatten()))
+        Ok(rows
+            .into_iter()
+            .next()
+            .and_then(|row| row.into_iter().next().flatten()))
     }
 
     fn exec(&mut self, sql: &str) -> Result<Rows, String> {
@@ -69,9 +75,14 @@ impl Conn {
         let result = PgResult(res);
         match result.status() {
             pq::ExecStatusType::PGRES_TUPLES_OK => Ok(result.rows()),
-            pq::ExecStatusType::PGRES_COMMAND_OK | pq::ExecStatusType::PGRES_EMPTY_QUERY => Ok(Vec::new()),
+            pq::ExecStatusType::PGRES_COMMAND_OK | pq::ExecStatusType::PGRES_EMPTY_QUERY => {
+                Ok(Vec::new())
+            }
             status => Err(result.error_message().unwrap_or_else(|| {
-                format!("unexpected result status {status:?}: {}", self.error_message())
+                format!(
+                    "unexpected result status {status:?}: {}",
+                    self.error_message()
+                )
             })),
         }
     }
@@ -120,7 +131,11 @@ impl PgResult {
         if pq::PQgetisnull(self.0, row, col) == 1 {
             None
         } else {
-            Some(CStr::from_ptr(pq::PQgetvalue(self.0, row, col)).to_string_lossy().into_owned())
+            Some(
+                CStr::from_ptr(pq::PQgetvalue(self.0, row, col))
+                    .to_string_lossy()
+                    .into_owned(),
+            )
         }
     }
 }

@@ -18,7 +18,10 @@ pub(crate) fn is_root() -> bool {
     static ROOT: OnceLock<bool> = OnceLock::new();
     *ROOT.get_or_init(|| {
         let status = std::fs::read_to_string("/proc/self/status").expect("read /proc/self/status");
-        let uid_line = status.lines().find(|l| l.starts_with("Uid:")).expect("Uid: line in /proc/self/status");
+        let uid_line = status
+            .lines()
+            .find(|l| l.starts_with("Uid:"))
+            .expect("Uid: line in /proc/self/status");
         // Fields: real, effective, saved, filesystem.
         uid_line.split_whitespace().nth(2) == Some("0")
     })
@@ -66,14 +69,16 @@ pub(crate) fn give_to_server_user(dir: &Path) {
 /// postmaster is reaped by PID 1, which in containers may never happen.
 pub fn process_alive(pid: u32) -> bool {
     match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        Ok(stat) => stat_fields(&stat).map_or(false, |(state, _)| state != "Z" && state != "X"),
+        Ok(stat) => stat_fields(&stat).is_some_and(|(state, _)| state != "Z" && state != "X"),
         Err(_) => false,
     }
 }
 
 /// Pids whose parent is `parent`, found by scanning /proc.
 pub(crate) fn children_of(parent: u32) -> Vec<u32> {
-    let Ok(entries) = std::fs::read_dir("/proc") else { return Vec::new() };
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
     entries
         .filter_map(|entry| entry.ok()?.file_name().to_str()?.parse::<u32>().ok())
         .filter(|pid| {
@@ -88,7 +93,10 @@ pub(crate) fn children_of(parent: u32) -> Vec<u32> {
 /// Sends `signal` (e.g. "KILL", "STOP") to every pid in `pids`; errors
 /// (a process already gone) are ignored.
 pub(crate) fn signal(pids: &[u32], signal: &str) {
-    let _ = Command::new("kill").arg(format!("-{signal}")).args(pids.iter().map(u32::to_string)).output();
+    let _ = Command::new("kill")
+        .arg(format!("-{signal}"))
+        .args(pids.iter().map(u32::to_string))
+        .output();
 }
 
 /// (state, ppid) from a /proc/<pid>/stat line. The command name sits in

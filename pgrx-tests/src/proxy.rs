@@ -101,10 +101,15 @@ impl Proxy {
     /// Listens on an ephemeral port of 127.0.0.1 and forwards to `upstream`.
     pub fn start(upstream: SocketAddr) -> Proxy {
         let listener = TcpListener::bind("127.0.0.1:0").expect("proxy: bind 127.0.0.1:0");
-        let addr = listener.local_addr().expect("proxy: local_addr of listener");
+        let addr = listener
+            .local_addr()
+            .expect("proxy: local_addr of listener");
         let shared = Arc::new(Shared {
             upstream,
-            control: Mutex::new(Control { mode: Mode::Forward, budget: None }),
+            control: Mutex::new(Control {
+                mode: Mode::Forward,
+                budget: None,
+            }),
             control_changed: Condvar::new(),
             live: Mutex::new(HashMap::new()),
             connection_threads: Mutex::new(Vec::new()),
@@ -117,7 +122,11 @@ impl Proxy {
             .name(format!("proxy-{}", addr.port()))
             .spawn(move || accept_loop(&listener_shared, listener))
             .expect("proxy: spawn listener thread");
-        Proxy { shared, addr, listener_thread: Some(listener_thread) }
+        Proxy {
+            shared,
+            addr,
+            listener_thread: Some(listener_thread),
+        }
     }
 
     /// The local port clients connect to.
@@ -148,7 +157,7 @@ impl Proxy {
     ///
     /// Server-to-client is the direction that carries fetched batches, so this
     /// breaks a transfer in the middle. Bytes are counted across all of this
-    /// proxy's connections.
+    /// proxy's connections; `restore()`, `stall()` or `cut()` cancel the budget.
     pub fn cut_after(&self, n: u64) {
         self.cut_after_bytes(n, Direction::ServerToClient);
     }
@@ -162,7 +171,9 @@ impl Proxy {
         }
     }
 
-    /// Total bytes forwarded in `direction` since the proxy started.
+    /// Total bytes forwarded in `direction` since the proxy started. Bytes
+    /// are counted as they are handed to the socket, so a peer that received
+    /// them always sees them counted (a failed write may overcount a chunk).
     pub fn bytes_forwarded(&self, direction: Direction) -> u64 {
         self.shared.forwarded[direction.index()].load(Ordering::SeqCst)
     }
@@ -242,7 +253,10 @@ impl Shared {
     fn admit(&self, direction: Direction, n: usize) -> Option<Admission> {
         let mut control = self.control();
         while control.mode == Mode::Stall {
-            control = self.control_changed.wait(control).unwrap_or_else(|e| e.into_inner());
+            control = self
+                .control_changed
+                .wait(control)
+                .unwrap_or_else(|e| e.into_inner());
         }
         if control.mode != Mode::Forward {
             return None;
@@ -251,9 +265,15 @@ impl Shared {
             Some((budget_direction, remaining)) if *budget_direction == direction => {
                 let len = n.min(usize::try_from(*remaining).unwrap_or(usize::MAX));
                 *remaining -= len as u64;
-                Some(Admission { len, exhausts_budget: *remaining == 0 })
+                Some(Admission {
+                    len,
+                    exhausts_budget: *remaining == 0,
+                })
             }
-            _ => Some(Admission { len: n, exhausts_budget: false }),
+            _ => Some(Admission {
+                len: n,
+                exhausts_budget: false,
+            }),
         }
     }
 }
@@ -290,10 +310,14 @@ fn serve_connection(shared: &Arc<Shared>, client: TcpStream) {
     // Small protocol messages must not wait for Nagle's algorithm.
     let _ = client.set_nodelay(true);
     let _ = server.set_nodelay(true);
-    let (Ok(client_registered), Ok(server_registered)) = (client.try_clone(), server.try_clone()) else {
+    let (Ok(client_registered), Ok(server_registered)) = (client.try_clone(), server.try_clone())
+    else {
         return;
     };
-    let Some(id) = shared.register(Pair { client: client_registered, server: server_registered }) else {
+    let Some(id) = shared.register(Pair {
+        client: client_registered,
+        server: server_registered,
+    }) else {
         return;
     };
     let (Ok(client_reader), Ok(server_writer)) = (client.try_clone(), server.try_clone()) else {
@@ -303,7 +327,15 @@ fn serve_connection(shared: &Arc<Shared>, client: TcpStream) {
     let upstream_shared = Arc::clone(shared);
     let upstream_pump = std::thread::Builder::new()
         .name("proxy-pump".to_string())
-        .spawn(move || pump(&upstream_shared, id, client_reader, server_writer, Direction::ClientToServer));
+        .spawn(move || {
+            pump(
+                &upstream_shared,
+                id,
+                client_reader,
+                server_writer,
+                Direction::ClientToServer,
+            )
+        });
     pump(shared, id, server, client, Direction::ServerToClient);
     if let Ok(upstream_pump) = upstream_pump {
         let _ = upstream_pump.join();
@@ -319,11 +351,15 @@ fn pump(shared: &Shared, id: u64, mut from: TcpStream, mut to: TcpStream, direct
             Ok(0) | Err(_) => break,
             Ok(n) => n,
         };
-        let Some(admission) = shared.admit(direction, n) else { break };
+        let Some(admission) = shared.admit(direction, n) else {
+            break;
+        };
+        // Counted before writing, so a peer that has seen the bytes always
+        // finds them in `bytes_forwarded`.
+        shared.forwarded[direction.index()].fetch_add(admission.len as u64, Ordering::SeqCst);
         if to.write_all(&buf[..admission.len]).is_err() {
             break;
         }
-        shared.forwarded[direction.index()].fetch_add(admission.len as u64, Ordering::SeqCst);
         if admission.exhausts_budget {
             shared.cut();
             break;

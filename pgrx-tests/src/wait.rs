@@ -21,7 +21,10 @@ pub fn wait_until(what: &str, timeout: Duration, cond: impl FnMut() -> Result<bo
 /// Non-panicking core of `wait_until`, for cleanup code that must not panic
 /// (it runs in `Drop`, possibly while unwinding). On timeout returns the last
 /// state: the condition's last error or "condition returned false".
-pub(crate) fn poll_until(timeout: Duration, mut cond: impl FnMut() -> Result<bool, String>) -> Result<(), String> {
+pub(crate) fn poll_until(
+    timeout: Duration,
+    mut cond: impl FnMut() -> Result<bool, String>,
+) -> Result<(), String> {
     let deadline = Instant::now() + timeout;
     loop {
         let last_state = match cond() {

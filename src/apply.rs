@@ -1,0 +1,271 @@
+//! Apply: turning a peer's batch into local rows, exactly once and in the origin's order.
+//!
+//! A batch is applied in the caller's transaction together with the progress it makes: the
+//! cursor in the sender's stream and, per origin node, the position up to which that origin's
+//! changes are applied here. A crash at any moment therefore loses or duplicates nothing, and a
+//! transaction that arrives a second time (by another path in a mesh) is recognised and skipped.
+//! Applied transactions are written to the local change log under their original origin, so
+//! this node forwards them to its other peers, and never back to where they came from.
+
+use std::collections::HashMap;
+
+use pgrx::prelude::*;
+use pgrx::spi::{OwnedPreparedStatement, SpiClient};
+
+use crate::changelog::{self, DONE};
+use crate::encoding::{decode_chunk, Batch, Op, Position, RelDesc, RowChange, Txn};
+use crate::error::raise;
+
+/// What the batch did, for the caller's bookkeeping.
+pub struct Applied {
+    pub cursor: Position,
+    pub txns: i64,
+}
+
+/// A replicated table as it exists on this node.
+struct LocalRel {
+    qualified: String,
+    /// Local type of each remote column, in the remote column order.
+    types: Vec<String>,
+}
+
+/// Per-batch state: resolved tables and prepared statements.
+#[derive(Default)]
+struct Applier {
+    rels: HashMap<(String, String), LocalRel>,
+    plans: HashMap<String, OwnedPreparedStatement>,
+}
+
+fn quote(ident: &str) -> String {
+    pgrx::spi::quote_identifier(ident)
+}
+
+impl Applier {
+    fn local_rel(&mut self, desc: &RelDesc) -> &LocalRel {
+        let key = (desc.schema.clone(), desc.name.clone());
+        if !self.rels.contains_key(&key) {
+            let qualified = format!("{}.{}", quote(&desc.schema), quote(&desc.name));
+            let found: Option<Vec<Option<String>>> = Spi::get_one_with_args(
+                "SELECT array_agg((SELECT format_type(a.atttypid, a.atttypmod) FROM pg_attribute a
+                                    WHERE a.attrelid = c.oid AND a.attname = col AND a.attnum > 0
+                                      AND NOT a.attisdropped) ORDER BY o)
+                   FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace,
+                        unnest($3::text[]) WITH ORDINALITY u(col, o)
+                  WHERE n.nspname = $1 AND c.relname = $2
+                  GROUP BY c.oid",
+                &[desc.schema.as_str().into(), desc.name.as_str().into(), desc.columns.clone().into()],
+            )
+            .unwrap_or(None);
+            let Some(types) = found else {
+                raise(
+                    PgSqlErrorCode::ERRCODE_UNDEFINED_TABLE,
+                    format!("replicated table {qualified} does not exist on this node"),
+                    "Create the table here with the same columns (or let DDL replication do it), then the stream resumes.",
+                );
+            };
+            let types = types
+                .into_iter()
+                .zip(&desc.columns)
+                .map(|(t, col)| {
+                    t.unwrap_or_else(|| {
+                        raise(
+                            PgSqlErrorCode::ERRCODE_UNDEFINED_COLUMN,
+                            format!("column {col} of replicated table {qualified} does not exist on this node"),
+                            "Add the column here (or let DDL replication do it), then the stream resumes.",
+                        )
+                    })
+                })
+                .collect();
+            self.rels.insert(key.clone(), LocalRel { qualified, types });
+        }
+        &self.rels[&key]
+    }
+
+    /// Runs `sql` (prepared once per batch) with text arguments; returns the rows affected.
+    fn run(&mut self, client: &mut SpiClient<'_>, sql: String, args: Vec<Option<&str>>) -> usize {
+        if !self.plans.contains_key(&sql) {
+            let types = vec![PgOid::from(pg_sys::TEXTOID); args.len()];
+            let plan = client.prepare_mut(sql.as_str(), &types).unwrap_or_else(|e| panic!("preparing {sql}: {e}")).keep();
+            self.plans.insert(sql.clone(), plan);
+        }
+        let plan = &self.plans[&sql];
+        let args: Vec<pgrx::datum::DatumWithOid> = args.into_iter().map(|a| a.into()).collect();
+        client.update(plan, None, &args).unwrap_or_else(|e| panic!("{e}")).len()
+    }
+
+    fn upsert(&mut self, client: &mut SpiClient<'_>, desc: &RelDesc, row: &[Option<String>]) {
+        let rel = self.local_rel(desc);
+        let cols: Vec<String> = desc.columns.iter().map(|c| quote(c)).collect();
+        let vals: Vec<String> = rel.types.iter().enumerate().map(|(i, t)| format!("${}::text::{t}", i + 1)).collect();
+        let keys: Vec<String> = desc.key.iter().map(|&k| cols[k as usize].clone()).collect();
+        let sets: Vec<String> = (0..cols.len())
+            .filter(|i| !desc.key.contains(&(*i as u16)))
+            .map(|i| format!("{0} = EXCLUDED.{0}", cols[i]))
+            .collect();
+        let action = if sets.is_empty() { "NOTHING".to_string() } else { format!("UPDATE SET {}", sets.join(", ")) };
+        let sql = format!(
+            "INSERT INTO {} ({}) VALUES ({}) ON CONFLICT ({}) DO {action}",
+            rel.qualified,
+            cols.join(", "),
+            vals.join(", "),
+            keys.join(", ")
+        );
+        self.run(client, sql, row.iter().map(|v| v.as_deref()).collect());
+    }
+
+    fn key_condition(rel: &LocalRel, desc: &RelDesc, first_param: usize) -> String {
+        desc.key
+            .iter()
+            .enumerate()
+            .map(|(n, &k)| format!("{} = ${}::text::{}", quote(&desc.columns[k as usize]), first_param + n, rel.types[k as usize]))
+            .collect::<Vec<_>>()
+            .join(" AND ")
+    }
+
+    fn update(&mut self, client: &mut SpiClient<'_>, desc: &RelDesc, old: &[Option<String>], new: &[Option<String>]) {
+        let rel = self.local_rel(desc);
+        let sets: Vec<String> = desc
+            .columns
+            .iter()
+            .zip(&rel.types)
+            .enumerate()
+            .map(|(i, (c, t))| format!("{} = ${}::text::{t}", quote(c), i + 1))
+            .collect();
+        let sql = format!("UPDATE {} SET {} WHERE {}", rel.qualified, sets.join(", "), Self::key_condition(rel, desc, new.len() + 1));
+        let mut args: Vec<Option<&str>> = new.iter().map(|v| v.as_deref()).collect();
+        args.extend(desc.key.iter().map(|&k| old[k as usize].as_deref()));
+        if self.run(client, sql, args) == 0 {
+            // The row is not here (deleted, or never arrived): keep the newer version.
+            self.upsert(client, desc, new);
+        }
+    }
+
+    fn delete(&mut self, client: &mut SpiClient<'_>, desc: &RelDesc, old: &[Option<String>]) {
+        let rel = self.local_rel(desc);
+        let sql = format!("DELETE FROM {} WHERE {}", rel.qualified, Self::key_condition(rel, desc, 1));
+        let args = desc.key.iter().map(|&k| old[k as usize].as_deref()).collect();
+        self.run(client, sql, args);
+    }
+
+    fn truncate(&mut self, client: &mut SpiClient<'_>, descs: &[&RelDesc]) {
+        let names: Vec<String> = descs.iter().map(|d| self.local_rel(d).qualified.clone()).collect();
+        client.update(format!("TRUNCATE {}", names.join(", ")).as_str(), None, &[]).unwrap_or_else(|e| panic!("{e}"));
+    }
+
+    /// Applies one remote transaction's row changes in capture order.
+    fn apply_txn(&mut self, client: &mut SpiClient<'_>, txn: &Txn) {
+        let mut changes: Vec<(RelDesc, RowChange)> = Vec::new();
+        for bytes in &txn.chunks {
+            let chunk = decode_chunk(bytes).unwrap_or_else(|e| panic!("{e}"));
+            for ch in chunk.changes {
+                changes.push((chunk.relations[ch.rel as usize].clone(), ch));
+            }
+        }
+        changes.sort_by_key(|(_, c)| c.ordinal);
+        let mut i = 0;
+        while i < changes.len() {
+            let (desc, ch) = &changes[i];
+            match ch.op {
+                Op::Insert => self.upsert(client, desc, ch.new.as_ref().unwrap()),
+                Op::Update => self.update(client, desc, ch.old.as_ref().unwrap(), ch.new.as_ref().unwrap()),
+                Op::Delete => self.delete(client, desc, ch.old.as_ref().unwrap()),
+                Op::Truncate => {
+                    // A TRUNCATE of several tables (or one with CASCADE) arrives as one change
+                    // per table; truncating them together keeps foreign keys satisfied.
+                    let mut j = i;
+                    while j < changes.len() && changes[j].1.op == Op::Truncate {
+                        j += 1;
+                    }
+                    let descs: Vec<&RelDesc> = changes[i..j].iter().map(|(d, _)| d).collect();
+                    self.truncate(client, &descs);
+                    i = j;
+                    continue;
+                }
+            }
+            i += 1;
+        }
+    }
+}
+
+fn load_progress(origin: i32) -> Position {
+    Spi::get_two_with_args::<i64, i64>(
+        "SELECT tick, seq FROM rbucardo.origin_progress WHERE origin = $1 FOR UPDATE",
+        &[origin.into()],
+    )
+    .ok()
+    .and_then(|(t, s)| Some(Position { tick: t?, seq: s? }))
+    .unwrap_or(Position { tick: 0, seq: DONE })
+}
+
+/// Applies a batch from the peer `sender_db` (node `sender_node`) in the current transaction.
+/// `me` is this node's id. Everything or nothing: any error aborts the caller's transaction.
+pub fn apply_batch(me: i32, sender_db: &str, sender_node: i32, batch: &Batch) -> Applied {
+    if batch.sender != sender_node {
+        raise(
+            PgSqlErrorCode::ERRCODE_PROTOCOL_VIOLATION,
+            format!("batch claims to come from node {} but the peer {sender_db} is node {sender_node}", batch.sender),
+            "Check that every node has its own node id (rbucardo.init_node) and that conninfos point at the right servers.",
+        );
+    }
+    // Our own changes must not be re-captured by our triggers.
+    Spi::run("SET LOCAL session_replication_role = replica").expect("entering replica mode");
+    // One applier per stream at a time (a peer may push while we pull from it).
+    Spi::run_with_args("SELECT pg_advisory_xact_lock(7262, $1)", &[sender_node.into()]).expect("stream lock");
+    let (tick, seq) = Spi::get_two_with_args::<i64, i64>(
+        "SELECT in_tick, in_seq FROM rbucardo.peer_state WHERE db = $1 FOR UPDATE",
+        &[sender_db.into()],
+    )
+    .unwrap_or_else(|_| raise(PgSqlErrorCode::ERRCODE_UNDEFINED_OBJECT, format!("no peer state for {sender_db}"), "Add the peer with rbucardo.add_db()."));
+    let mut cursor = Position { tick: tick.unwrap_or(0), seq: seq.unwrap_or(DONE) };
+    if batch.after > cursor {
+        raise(
+            PgSqlErrorCode::ERRCODE_PROTOCOL_VIOLATION,
+            format!(
+                "batch from {sender_db} starts after ({}, {}) but this node has applied only up to ({}, {})",
+                batch.after.tick, batch.after.seq, cursor.tick, cursor.seq
+            ),
+            "The batch is refused; the sender will resend from this node's position.",
+        );
+    }
+    let mut progress: HashMap<i32, Position> = HashMap::new();
+    let mut applied = 0i64;
+    let mut applier = Applier::default();
+    Spi::connect_mut(|client| {
+        for txn in &batch.txns {
+            if txn.stream_pos <= cursor {
+                continue;
+            }
+            cursor = txn.stream_pos;
+            if txn.origin == me {
+                continue;
+            }
+            let done = *progress.entry(txn.origin).or_insert_with(|| load_progress(txn.origin));
+            if txn.origin_pos <= done {
+                continue;
+            }
+            applier.apply_txn(client, txn);
+            for (i, chunk) in txn.chunks.iter().enumerate() {
+                changelog::append(chunk, i + 1 == txn.chunks.len(), Some((txn.origin, txn.origin_pos)), txn.hlc);
+            }
+            crate::clock::observe(txn.hlc);
+            progress.insert(txn.origin, txn.origin_pos);
+            applied += 1;
+        }
+    });
+    cursor = cursor.max(batch.upto);
+    for (origin, pos) in &progress {
+        Spi::run_with_args(
+            "INSERT INTO rbucardo.origin_progress (origin, tick, seq) VALUES ($1, $2, $3)
+             ON CONFLICT (origin) DO UPDATE SET tick = EXCLUDED.tick, seq = EXCLUDED.seq, applied_at = now()",
+            &[(*origin).into(), pos.tick.into(), pos.seq.into()],
+        )
+        .expect("recording origin progress");
+    }
+    Spi::run_with_args(
+        "UPDATE rbucardo.peer_state SET in_tick = $2, in_seq = $3, applied_in = applied_in + $4,
+                last_contact = now() WHERE db = $1",
+        &[sender_db.into(), cursor.tick.into(), cursor.seq.into(), applied.into()],
+    )
+    .expect("recording the stream cursor");
+    Applied { cursor, txns: applied }
+}

@@ -1,0 +1,301 @@
+//! Capture: the row triggers on replicated tables and the per-transaction change buffer.
+//!
+//! A trigger only converts the row images to text and appends them to a buffer in backend
+//! memory; the buffer becomes one change log row (a chunk) when the transaction commits, so a
+//! transaction costs one log insert however many rows it touched. Large transactions spill a
+//! chunk early. Changes made in a subtransaction that rolls back are dropped from the buffer;
+//! a chunk spilled inside a subtransaction is rolled back with it by PostgreSQL itself. Every
+//! change carries an ordinal, so the chunks of one transaction merge back into capture order.
+//!
+//! Apply sessions run with `session_replication_role = replica`, so these triggers stay quiet
+//! there; the applier writes the remote chunks to the log itself, under their original origin.
+
+use std::cell::{RefCell, UnsafeCell};
+use std::collections::HashMap;
+use std::ffi::CStr;
+use std::rc::Rc;
+
+use pgrx::prelude::*;
+use pgrx::PgTupleDesc;
+
+use crate::changelog;
+use crate::encoding::{Chunk, Op, RelDesc, RowChange, Value};
+
+/// A chunk is spilled to the log once the buffered row images reach this size.
+const SPILL_BYTES: usize = 8 << 20;
+
+/// What capture needs to know about a table, kept until its relcache entry is invalidated.
+struct CachedRel {
+    desc: RelDesc,
+    /// Index into the tuple descriptor of each captured column (dropped and generated
+    /// columns are not captured).
+    attidx: Vec<usize>,
+    /// Output functions of the captured columns, set up once per backend.
+    out: UnsafeCell<Vec<pg_sys::FmgrInfo>>,
+}
+
+#[derive(Default)]
+struct TxState {
+    active: bool,
+    hlc: i64,
+    ordinal: u32,
+    relations: Vec<RelDesc>,
+    rel_index: HashMap<u32, u32>,
+    /// Buffered changes with the subtransaction that made them.
+    pending: Vec<(pg_sys::SubTransactionId, RowChange)>,
+    bytes: usize,
+}
+
+thread_local! {
+    static RELS: RefCell<HashMap<u32, Rc<CachedRel>>> = RefCell::new(HashMap::new());
+    static TX: RefCell<TxState> = RefCell::new(TxState::default());
+    static HOOKED: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// The columns that identify a row on every node: the primary key, else the unique index on
+/// NOT NULL columns with the fewest columns (ties broken by index name, which is the same on
+/// every node). `None` when the table has neither.
+pub fn replica_key(relid: pg_sys::Oid) -> Option<Vec<String>> {
+    Spi::get_one_with_args::<Vec<String>>(
+        "WITH cand AS (
+             SELECT i.indisprimary, i.indnkeyatts, c.relname,
+                    (i.indkey::int2[])[0:i.indnkeyatts - 1] AS cols
+               FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid
+              WHERE i.indrelid = $1 AND i.indisunique AND i.indisvalid AND i.indimmediate
+                AND i.indpred IS NULL AND i.indexprs IS NULL),
+         best AS (
+             SELECT cols FROM cand
+              WHERE NOT EXISTS (SELECT 1 FROM unnest(cols) k
+                                  JOIN pg_attribute a ON a.attrelid = $1 AND a.attnum = k
+                                 WHERE NOT a.attnotnull)
+              ORDER BY indisprimary DESC, indnkeyatts, relname
+              LIMIT 1)
+         SELECT array_agg(a.attname::text ORDER BY k.ord)
+           FROM best, unnest(best.cols) WITH ORDINALITY k(attnum, ord)
+           JOIN pg_attribute a ON a.attrelid = $1 AND a.attnum = k.attnum",
+        &[relid.into()],
+    )
+    .ok()
+    .flatten()
+}
+
+unsafe fn cached_rel(rel: pg_sys::Relation) -> Rc<CachedRel> {
+    let relid = (*rel).rd_id;
+    if let Some(c) = RELS.with(|r| r.borrow().get(&relid.to_u32()).cloned()) {
+        return c;
+    }
+    let form = &*(*rel).rd_rel;
+    let schema = CStr::from_ptr(pg_sys::get_namespace_name(form.relnamespace)).to_string_lossy().into_owned();
+    let name = CStr::from_ptr(form.relname.data.as_ptr()).to_string_lossy().into_owned();
+    let tupdesc = PgTupleDesc::from_pg_unchecked((*rel).rd_att);
+    let mut columns = Vec::new();
+    let mut attidx = Vec::new();
+    let mut out = Vec::new();
+    for (i, att) in tupdesc.iter().enumerate() {
+        if att.attisdropped || att.attgenerated != 0 {
+            continue;
+        }
+        columns.push(CStr::from_ptr(att.attname.data.as_ptr()).to_string_lossy().into_owned());
+        attidx.push(i);
+        let mut func = pg_sys::InvalidOid;
+        let mut varlena = false;
+        pg_sys::getTypeOutputInfo(att.atttypid, &mut func, &mut varlena);
+        let mut finfo = pg_sys::FmgrInfo::default();
+        pg_sys::fmgr_info_cxt(func, &mut finfo, pg_sys::TopMemoryContext);
+        out.push(finfo);
+    }
+    let Some(key_names) = replica_key(relid) else {
+        crate::error::raise(
+            PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
+            format!("table {schema}.{name} has no primary key and no unique index on NOT NULL columns"),
+            "rbucardo needs one to identify rows on every node; add a primary key, or remove the table from its herd.",
+        );
+    };
+    let key = key_names
+        .iter()
+        .map(|k| columns.iter().position(|c| c == k).expect("key column is a captured column") as u16)
+        .collect();
+    let cached = Rc::new(CachedRel { desc: RelDesc { schema, name, columns, key }, attidx, out: UnsafeCell::new(out) });
+    RELS.with(|r| r.borrow_mut().insert(relid.to_u32(), cached.clone()));
+    cached
+}
+
+unsafe fn row_values(rel: &CachedRel, tupdesc: pg_sys::TupleDesc, tuple: pg_sys::HeapTuple) -> (Vec<Value>, usize) {
+    let natts = (*tupdesc).natts as usize;
+    let mut datums = vec![pg_sys::Datum::from(0usize); natts];
+    let mut nulls = vec![false; natts];
+    pg_sys::heap_deform_tuple(tuple, tupdesc, datums.as_mut_ptr(), nulls.as_mut_ptr());
+    let out = &mut *rel.out.get();
+    let mut bytes = 0;
+    let values = rel
+        .attidx
+        .iter()
+        .zip(out.iter_mut())
+        .map(|(&i, finfo)| {
+            if nulls[i] {
+                None
+            } else {
+                let cstr = pg_sys::OutputFunctionCall(finfo, datums[i]);
+                let s = CStr::from_ptr(cstr).to_string_lossy().into_owned();
+                pg_sys::pfree(cstr.cast());
+                bytes += s.len();
+                Some(s)
+            }
+        })
+        .collect();
+    (values, bytes)
+}
+
+/// Appends one change to the transaction's buffer.
+unsafe fn record(rel: pg_sys::Relation, op: Op, old: pg_sys::HeapTuple, new: pg_sys::HeapTuple) {
+    ensure_hooks();
+    let cached = cached_rel(rel);
+    let tupdesc = (*rel).rd_att;
+    let (old, ob) = if old.is_null() { (None, 0) } else { let (v, b) = row_values(&cached, tupdesc, old); (Some(v), b) };
+    let (new, nb) = if new.is_null() { (None, 0) } else { let (v, b) = row_values(&cached, tupdesc, new); (Some(v), b) };
+    let subid = pg_sys::GetCurrentSubTransactionId();
+    let relid = (*rel).rd_id.to_u32();
+    let spill = TX.with(|tx| {
+        let mut tx = tx.borrow_mut();
+        if !tx.active {
+            tx.active = true;
+            tx.hlc = crate::clock::now();
+        }
+        let next = tx.relations.len() as u32;
+        let relno = *tx.rel_index.entry(relid).or_insert(next);
+        if relno == next {
+            tx.relations.push(cached.desc.clone());
+        }
+        tx.ordinal += 1;
+        let ordinal = tx.ordinal;
+        tx.pending.push((subid, RowChange { ordinal, rel: relno, op, old, new }));
+        tx.bytes += ob + nb + 16;
+        tx.bytes >= SPILL_BYTES
+    });
+    if spill {
+        flush(false);
+    }
+}
+
+/// Writes the buffered changes that belong to the current subtransaction (all of them at top
+/// level) to the change log as one chunk.
+fn flush(is_final: bool) {
+    let (chunk, hlc) = TX.with(|tx| {
+        let mut tx = tx.borrow_mut();
+        let current = unsafe { pg_sys::GetCurrentSubTransactionId() };
+        let (mine, keep): (Vec<_>, Vec<_>) = std::mem::take(&mut tx.pending).into_iter().partition(|(s, _)| *s >= current);
+        tx.pending = keep;
+        tx.bytes = 0;
+        let chunk = Chunk { relations: tx.relations.clone(), changes: mine.into_iter().map(|(_, c)| c).collect() };
+        (chunk, tx.hlc)
+    });
+    if chunk.changes.is_empty() && !is_final {
+        return;
+    }
+    changelog::append(&crate::encoding::encode_chunk(&chunk), is_final, None, hlc);
+}
+
+#[pg_guard]
+unsafe extern "C-unwind" fn xact_callback(event: pg_sys::XactEvent::Type, _arg: *mut std::ffi::c_void) {
+    use pg_sys::XactEvent::*;
+    let active = TX.with(|tx| tx.borrow().active);
+    match event {
+        XACT_EVENT_PRE_COMMIT if active => {
+            // Portals are closed by now: the log insert needs a snapshot of its own.
+            let pushed = !pg_sys::ActiveSnapshotSet();
+            if pushed {
+                pg_sys::PushActiveSnapshot(pg_sys::GetTransactionSnapshot());
+            }
+            flush(true);
+            if pushed {
+                pg_sys::PopActiveSnapshot();
+            }
+            TX.with(|tx| *tx.borrow_mut() = TxState::default());
+        }
+        XACT_EVENT_PRE_PREPARE if active => {
+            crate::error::raise(
+                PgSqlErrorCode::ERRCODE_FEATURE_NOT_SUPPORTED,
+                "PREPARE TRANSACTION is not supported on tables replicated by rbucardo",
+                "Commit the transaction directly.",
+            );
+        }
+        XACT_EVENT_ABORT | XACT_EVENT_PARALLEL_ABORT => TX.with(|tx| *tx.borrow_mut() = TxState::default()),
+        _ => {}
+    }
+}
+
+#[pg_guard]
+unsafe extern "C-unwind" fn subxact_callback(
+    event: pg_sys::SubXactEvent::Type,
+    my_subid: pg_sys::SubTransactionId,
+    _parent: pg_sys::SubTransactionId,
+    _arg: *mut std::ffi::c_void,
+) {
+    if event == pg_sys::SubXactEvent::SUBXACT_EVENT_ABORT_SUB {
+        // Every subtransaction with an id at or above the aborted one is inside it.
+        TX.with(|tx| tx.borrow_mut().pending.retain(|(s, _)| *s < my_subid));
+    }
+}
+
+#[pg_guard]
+unsafe extern "C-unwind" fn relcache_callback(_arg: pg_sys::Datum, relid: pg_sys::Oid) {
+    RELS.with(|r| {
+        if let Ok(mut r) = r.try_borrow_mut() {
+            if relid == pg_sys::InvalidOid {
+                r.clear();
+            } else {
+                r.remove(&relid.to_u32());
+            }
+        }
+    });
+}
+
+fn ensure_hooks() {
+    if HOOKED.with(|h| h.replace(true)) {
+        return;
+    }
+    unsafe {
+        pg_sys::RegisterXactCallback(Some(xact_callback), std::ptr::null_mut());
+        pg_sys::RegisterSubXactCallback(Some(subxact_callback), std::ptr::null_mut());
+        pg_sys::CacheRegisterRelcacheCallback(Some(relcache_callback), pg_sys::Datum::from(0usize));
+    }
+}
+
+/// V1 call info for the trigger function, as PG_FUNCTION_INFO_V1 would declare it.
+#[unsafe(no_mangle)]
+pub extern "C" fn pg_finfo_rbucardo_capture() -> &'static pg_sys::Pg_finfo_record {
+    const V1: pg_sys::Pg_finfo_record = pg_sys::Pg_finfo_record { api_version: 1 };
+    &V1
+}
+
+/// The capture trigger: AFTER INSERT/UPDATE/DELETE FOR EACH ROW and AFTER TRUNCATE FOR EACH
+/// STATEMENT on every replicated table.
+#[pg_guard]
+#[unsafe(no_mangle)]
+pub unsafe extern "C-unwind" fn rbucardo_capture(fcinfo: pg_sys::FunctionCallInfo) -> pg_sys::Datum {
+    let td = (*fcinfo).context as *mut pg_sys::TriggerData;
+    if td.is_null() || (*td).type_ != pg_sys::NodeTag::T_TriggerData {
+        crate::error::raise(
+            PgSqlErrorCode::ERRCODE_E_R_I_E_TRIGGER_PROTOCOL_VIOLATED,
+            "rbucardo.capture() must be called as a trigger",
+            "It is attached to tables by rbucardo.add_table(); do not call it directly.",
+        );
+    }
+    let ev = (*td).tg_event;
+    let rel = (*td).tg_relation;
+    let null = std::ptr::null_mut();
+    match ev & pg_sys::TRIGGER_EVENT_OPMASK {
+        pg_sys::TRIGGER_EVENT_INSERT => record(rel, Op::Insert, null, (*td).tg_trigtuple),
+        pg_sys::TRIGGER_EVENT_UPDATE => record(rel, Op::Update, (*td).tg_trigtuple, (*td).tg_newtuple),
+        pg_sys::TRIGGER_EVENT_DELETE => record(rel, Op::Delete, (*td).tg_trigtuple, null),
+        _ => record(rel, Op::Truncate, null, null),
+    }
+    pg_sys::Datum::from(0usize)
+}
+
+pgrx::extension_sql!(
+    "CREATE FUNCTION rbucardo.capture() RETURNS trigger LANGUAGE c AS 'MODULE_PATHNAME', 'rbucardo_capture';
+     COMMENT ON FUNCTION rbucardo.capture() IS 'rbucardo capture trigger; attached by add_table()';",
+    name = "capture_trigger_function",
+    requires = ["catalog"]
+);

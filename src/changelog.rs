@@ -1,0 +1,249 @@
+//! The change log: where captured and forwarded transactions wait until every peer has them.
+//!
+//! Owns the tables `change_log` and `tick`. Writers append chunks; readers cut the log into
+//! snapshot-bounded batches with ticks (the technique of PgQ): a transaction belongs to the first
+//! tick whose snapshot sees it committed, so a transaction that commits after later-numbered
+//! ones were shipped is still shipped, in the next tick. Within a tick, transactions are ordered
+//! by the seq of their final chunk, which respects the order of every row they share. A
+//! transaction's position `(tick, final seq)` is the same for every reader.
+
+use std::cell::{Cell, RefCell};
+
+use pgrx::prelude::*;
+use pgrx::spi::OwnedPreparedStatement;
+
+use crate::encoding::{Batch, Position, Txn};
+
+/// `(t, DONE)` is the position "all of tick t".
+pub const DONE: i64 = i64::MAX;
+
+/// Lock key that serialises tick creation.
+const TICK_LOCK: i64 = 0x7262_7563_6b01;
+
+thread_local! {
+    static APPEND: RefCell<Option<OwnedPreparedStatement>> = const { RefCell::new(None) };
+    static WAKE_ARMED: Cell<bool> = const { Cell::new(false) };
+}
+
+/// Writes one chunk of the current transaction. `origin` is `None` for changes made on this
+/// node, else the origin node and the transaction's position in the origin's stream.
+pub fn append(data: &[u8], is_final: bool, origin: Option<(i32, Position)>, hlc: i64) {
+    // The transaction id must exist before the seq is taken: readers rely on it.
+    unsafe { pg_sys::GetTopTransactionId() };
+    APPEND.with(|cell| {
+        let mut cell = cell.borrow_mut();
+        Spi::connect_mut(|client| {
+            if cell.is_none() {
+                let stmt = client
+                    .prepare_mut(
+                        "INSERT INTO rbucardo.change_log (seq, txid, final, origin, origin_tick, origin_seq, hlc, data)
+                         VALUES (nextval('rbucardo.change_seq'), pg_current_xact_id(), $1, $2, $3, $4, $5, $6)",
+                        &[
+                            pg_sys::BOOLOID.into(),
+                            pg_sys::INT4OID.into(),
+                            pg_sys::INT8OID.into(),
+                            pg_sys::INT8OID.into(),
+                            pg_sys::INT8OID.into(),
+                            pg_sys::BYTEAOID.into(),
+                        ],
+                    )
+                    .expect("preparing the change log insert")
+                    .keep();
+                *cell = Some(stmt);
+            }
+            let stmt = cell.as_ref().unwrap();
+            client
+                .update(
+                    stmt,
+                    None,
+                    &[
+                        is_final.into(),
+                        origin.map(|o| o.0).into(),
+                        origin.map(|o| o.1.tick).into(),
+                        origin.map(|o| o.1.seq).into(),
+                        hlc.into(),
+                        data.into(),
+                    ],
+                )
+                .expect("writing to the change log");
+        });
+    });
+    arm_wake_at_commit();
+}
+
+/// After a commit that wrote to the log, wake this database's worker so that it pushes the
+/// change and tells listening peers, without polling.
+fn arm_wake_at_commit() {
+    if WAKE_ARMED.with(|w| w.replace(true)) {
+        return;
+    }
+    pgrx::register_xact_callback(pgrx::PgXactCallbackEvent::Commit, || {
+        WAKE_ARMED.with(|w| w.set(false));
+        crate::worker::wake_local_worker();
+    });
+    pgrx::register_xact_callback(pgrx::PgXactCallbackEvent::Abort, || WAKE_ARMED.with(|w| w.set(false)));
+}
+
+/// The newest tick, making a new one first if the log may hold transactions that no tick
+/// covers yet: new chunks were written since the last tick, or a transaction that was running
+/// at the last tick has finished since.
+pub fn ensure_tick() -> i64 {
+    Spi::run_with_args("SELECT pg_advisory_xact_lock($1)", &[TICK_LOCK.into()]).expect("tick lock");
+    let (last, needed) = Spi::get_two::<i64, bool>(
+        "SELECT t.tick_id,
+                (SELECT last_value FROM rbucardo.change_seq) > t.last_seq
+                OR EXISTS (SELECT 1 FROM pg_snapshot_xip(t.snap) x
+                            WHERE pg_xact_status(x) IS DISTINCT FROM 'in progress')
+           FROM rbucardo.tick t ORDER BY t.tick_id DESC LIMIT 1",
+    )
+    .expect("reading the last tick");
+    let last = last.expect("the tick table always holds a tick");
+    if !needed.unwrap_or(false) {
+        return last;
+    }
+    // Read the sequence before the snapshot is taken (two statements, two snapshots): every
+    // chunk with a seq at or below last_seq was written by a transaction that either is visible
+    // in this snapshot or still running in it.
+    let cur = Spi::get_one::<i64>("SELECT last_value FROM rbucardo.change_seq").expect("reading change_seq").unwrap_or(0);
+    Spi::run_with_args(
+        "INSERT INTO rbucardo.tick (tick_id, snap, last_seq) VALUES ($1, pg_current_snapshot(), $2)",
+        &[(last + 1).into(), cur.into()],
+    )
+    .expect("writing a tick");
+    last + 1
+}
+
+/// One transaction's chunks as read from the log.
+struct LoggedTxn {
+    final_seq: i64,
+    origin: Option<i32>,
+    origin_pos: Option<Position>,
+    hlc: i64,
+    chunks: Vec<Vec<u8>>,
+}
+
+/// The transactions of tick `k` whose final chunk comes after `after_seq`, in order, at most
+/// `limit` of them.
+fn read_tick(k: i64, after_seq: i64, limit: i64) -> Vec<LoggedTxn> {
+    const BOUNDS: &str = "
+        WITH b AS (SELECT p.snap AS psnap, p.last_seq AS plast, c.snap AS csnap
+                     FROM rbucardo.tick p, rbucardo.tick c
+                    WHERE p.tick_id = $1 - 1 AND c.tick_id = $1)";
+    let finals = format!(
+        "{BOUNDS}
+         SELECT l.txid::text::bigint FROM rbucardo.change_log l, b
+          WHERE l.final AND l.seq > $2
+            AND (l.seq > b.plast OR l.txid = ANY (SELECT pg_snapshot_xip(b.psnap)))
+            AND pg_visible_in_snapshot(l.txid, b.csnap)
+            AND NOT pg_visible_in_snapshot(l.txid, b.psnap)
+          ORDER BY l.seq LIMIT $3"
+    );
+    Spi::connect(|client| {
+        let txids: Vec<i64> = client
+            .select(finals.as_str(), None, &[k.into(), after_seq.into(), limit.into()])
+            .expect("reading a tick's transactions")
+            .map(|row| row.get::<i64>(1).unwrap().unwrap())
+            .collect();
+        if txids.is_empty() {
+            return Vec::new();
+        }
+        let rows = client
+            .select(
+                "SELECT txid::text::bigint, seq, final, origin, origin_tick, origin_seq, hlc, data
+                   FROM rbucardo.change_log
+                  WHERE txid = ANY ($1::bigint[]::text[]::xid8[])
+                  ORDER BY txid, seq",
+                None,
+                &[txids.clone().into()],
+            )
+            .expect("reading chunks");
+        let mut by_txid: std::collections::HashMap<i64, LoggedTxn> = std::collections::HashMap::new();
+        for row in rows {
+            let txid = row.get::<i64>(1).unwrap().unwrap();
+            let seq = row.get::<i64>(2).unwrap().unwrap();
+            let is_final = row.get::<bool>(3).unwrap().unwrap();
+            let origin = row.get::<i32>(4).unwrap();
+            let origin_pos = match (row.get::<i64>(5).unwrap(), row.get::<i64>(6).unwrap()) {
+                (Some(tick), Some(seq)) => Some(Position { tick, seq }),
+                _ => None,
+            };
+            let hlc = row.get::<i64>(7).unwrap().unwrap();
+            let data = row.get::<Vec<u8>>(8).unwrap().unwrap();
+            let t = by_txid.entry(txid).or_insert_with(|| LoggedTxn { final_seq: 0, origin, origin_pos, hlc, chunks: Vec::new() });
+            t.chunks.push(data);
+            if is_final {
+                t.final_seq = seq;
+            }
+        }
+        txids.iter().filter_map(|x| by_txid.remove(x)).collect()
+    })
+}
+
+/// Reads this node's stream after `after` into a batch of at most about `max_bytes`, leaving
+/// out transactions that originate at `exclude_origin` (the receiver's own changes). A
+/// transaction bigger than `max_bytes` travels alone.
+pub fn read_batch(me: i32, after: Position, exclude_origin: i32, max_bytes: usize) -> Batch {
+    let mut pos = after;
+    let mut txns = Vec::new();
+    let mut bytes = 0usize;
+    let newest_tick = ensure_tick();
+    'ticks: loop {
+        let (k, from_seq) = if pos.seq == DONE { (pos.tick + 1, -1) } else { (pos.tick, pos.seq) };
+        if k > newest_tick {
+            break;
+        }
+        let mut seq = from_seq;
+        loop {
+            let part = read_tick(k, seq, 1000);
+            if part.is_empty() {
+                break;
+            }
+            for t in part {
+                let size: usize = t.chunks.iter().map(Vec::len).sum();
+                if !txns.is_empty() && bytes + size > max_bytes {
+                    break 'ticks;
+                }
+                seq = t.final_seq;
+                pos = Position { tick: k, seq };
+                let origin = t.origin.unwrap_or(me);
+                if origin == exclude_origin {
+                    continue;
+                }
+                bytes += size;
+                txns.push(Txn { origin, origin_pos: t.origin_pos.unwrap_or(pos), hlc: t.hlc, stream_pos: pos, chunks: t.chunks });
+            }
+        }
+        pos = Position { tick: k, seq: DONE };
+    }
+    Batch { sender: me, after, upto: pos, txns }
+}
+
+/// Deletes what every peer has confirmed: the transactions of every tick up to the oldest
+/// tick all peers have completely. Ticks older than that one are dropped too; it stays as the
+/// lower bound of the next tick.
+pub fn trim() -> i64 {
+    let Some(floor) = Spi::get_one::<i64>(
+        "SELECT min(CASE WHEN out_seq = 9223372036854775807 THEN out_tick ELSE out_tick - 1 END)
+           FROM rbucardo.peer_state",
+    )
+    .expect("reading peer confirmations") else {
+        return 0;
+    };
+    if floor <= 0 {
+        return 0;
+    }
+    let deleted = Spi::connect_mut(|client| {
+        let n = client
+            .update(
+                "DELETE FROM rbucardo.change_log
+                  WHERE pg_visible_in_snapshot(txid, (SELECT snap FROM rbucardo.tick WHERE tick_id = $1))",
+                None,
+                &[floor.into()],
+            )
+            .expect("trimming the change log")
+            .len();
+        client.update("DELETE FROM rbucardo.tick WHERE tick_id < $1", None, &[floor.into()]).expect("trimming ticks");
+        n as i64
+    });
+    deleted
+}

@@ -1,0 +1,41 @@
+//! Hybrid logical clock: one timestamp per transaction that orders events across nodes whose
+//! wall clocks drift. A node's clock never goes backwards and always moves past every remote
+//! clock value it has applied, so a change made after seeing another change orders after it.
+
+use std::sync::atomic::{AtomicI64, Ordering};
+
+use pgrx::prelude::*;
+use pgrx::{pg_shmem_init, PgAtomic};
+
+static LAST: PgAtomic<AtomicI64> = unsafe { PgAtomic::new(c"rbucardo_hlc") };
+
+/// Reserves the clock's shared memory; called from `_PG_init`.
+pub fn init() {
+    pg_shmem_init!(LAST);
+}
+
+fn wall_micros() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_micros() as i64)
+        .unwrap_or(0)
+}
+
+/// A new clock value for a local transaction: the wall clock, or one past the last value seen.
+pub fn now() -> i64 {
+    let wall = wall_micros();
+    let last = LAST.get();
+    let mut cur = last.load(Ordering::Relaxed);
+    loop {
+        let next = wall.max(cur + 1);
+        match last.compare_exchange_weak(cur, next, Ordering::AcqRel, Ordering::Relaxed) {
+            Ok(_) => return next,
+            Err(seen) => cur = seen,
+        }
+    }
+}
+
+/// Moves the clock past a remote transaction's value once it has been applied here.
+pub fn observe(remote: i64) {
+    LAST.get().fetch_max(remote, Ordering::AcqRel);
+}

@@ -1,0 +1,256 @@
+//! Change encoding: how captured row changes are stored in the change log and framed for the
+//! wire.
+//!
+//! Values travel as their PostgreSQL text form, which every type has and which survives
+//! differences in column order and binary layout between nodes. A transaction's changes are
+//! stored as postcard-encoded chunks; a batch on the wire is a postcard payload framed by a
+//! magic, a length and a crc32, and it is decoded with bounds so that a corrupt or hostile batch
+//! is refused whole before anything of it is applied.
+
+use serde::{Deserialize, Serialize};
+
+/// What happened to a row.
+#[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Op {
+    Insert,
+    Update,
+    Delete,
+    Truncate,
+}
+
+/// A table as the capturing node saw it: peers resolve it by name, not by oid.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub struct RelDesc {
+    pub schema: String,
+    pub name: String,
+    /// Column names in the order of the values of every change of this table.
+    pub columns: Vec<String>,
+    /// Positions (into `columns`) of the replica key: the primary key or a unique index on
+    /// NOT NULL columns.
+    pub key: Vec<u16>,
+}
+
+/// One column value in text form; `None` is SQL NULL.
+pub type Value = Option<String>;
+
+/// One captured row change. `old` is the row before an update or delete, `new` the row after
+/// an insert or update; both are full rows so peers can detect conflicts.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub struct RowChange {
+    /// Position of this change within its transaction; chunks are merged by it.
+    pub ordinal: u32,
+    /// Index into the chunk's `relations`.
+    pub rel: u32,
+    pub op: Op,
+    pub old: Option<Vec<Value>>,
+    pub new: Option<Vec<Value>>,
+}
+
+/// The changes of (part of) one transaction, as stored in one change log row.
+#[derive(Serialize, Deserialize, Debug, Clone, Default, PartialEq, Eq)]
+pub struct Chunk {
+    pub relations: Vec<RelDesc>,
+    pub changes: Vec<RowChange>,
+}
+
+/// A position in a node's outgoing stream: the tick whose snapshot first saw the transaction
+/// committed, then the sequence number of the transaction's last chunk. Totally ordered, and
+/// the same for every reader of that node.
+#[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Default)]
+pub struct Position {
+    pub tick: i64,
+    pub seq: i64,
+}
+
+/// One committed transaction as shipped between nodes.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub struct Txn {
+    /// Node that made the change, kept through forwarding so nobody re-applies or echoes it.
+    pub origin: i32,
+    /// Position in the origin's own stream; the receiver's per-origin progress compares it.
+    pub origin_pos: Position,
+    /// Hybrid logical clock of the origin transaction.
+    pub hlc: i64,
+    /// Position in the sending node's stream; the receiver's cursor for the sender.
+    pub stream_pos: Position,
+    /// postcard-encoded `Chunk`s in capture order.
+    pub chunks: Vec<Vec<u8>>,
+}
+
+/// A batch of transactions from one node's stream.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub struct Batch {
+    /// Node id of the sender.
+    pub sender: i32,
+    /// The stream position the batch starts after.
+    pub after: Position,
+    /// The stream position the receiver may record once it has applied the batch, even when
+    /// it holds no transaction for it (everything up to here was filtered out for it).
+    pub upto: Position,
+    pub txns: Vec<Txn>,
+}
+
+const MAGIC: &[u8; 4] = b"RBC1";
+const HEADER_LEN: usize = 12;
+
+/// Why a batch was refused.
+#[derive(Debug, PartialEq, Eq)]
+pub enum DecodeError {
+    TooShort,
+    BadMagic,
+    TooLarge { len: usize, limit: usize },
+    LengthMismatch { declared: usize, actual: usize },
+    Checksum { declared: u32, actual: u32 },
+    Malformed(String),
+}
+
+impl std::fmt::Display for DecodeError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            DecodeError::TooShort => write!(f, "batch shorter than its header"),
+            DecodeError::BadMagic => write!(f, "batch does not start with the rbucardo magic"),
+            DecodeError::TooLarge { len, limit } => {
+                write!(f, "batch of {len} bytes exceeds the limit of {limit} bytes")
+            }
+            DecodeError::LengthMismatch { declared, actual } => {
+                write!(f, "batch declares {declared} payload bytes but carries {actual}")
+            }
+            DecodeError::Checksum { declared, actual } => {
+                write!(f, "batch checksum mismatch (declared {declared:08x}, computed {actual:08x})")
+            }
+            DecodeError::Malformed(e) => write!(f, "batch payload is malformed: {e}"),
+        }
+    }
+}
+
+/// Frames a batch: magic, payload length (u32 LE), crc32 of the payload (u32 LE), payload.
+pub fn encode_batch(batch: &Batch) -> Vec<u8> {
+    let payload = postcard::to_allocvec(batch).expect("encoding a batch cannot fail");
+    let mut out = Vec::with_capacity(HEADER_LEN + payload.len());
+    out.extend_from_slice(MAGIC);
+    out.extend_from_slice(&(payload.len() as u32).to_le_bytes());
+    out.extend_from_slice(&crc32fast::hash(&payload).to_le_bytes());
+    out.extend_from_slice(&payload);
+    out
+}
+
+/// Checks and decodes a framed batch; any inconsistency refuses the whole batch.
+pub fn decode_batch(bytes: &[u8], limit: usize) -> Result<Batch, DecodeError> {
+    if bytes.len() > limit {
+        return Err(DecodeError::TooLarge { len: bytes.len(), limit });
+    }
+    if bytes.len() < HEADER_LEN {
+        return Err(DecodeError::TooShort);
+    }
+    if &bytes[..4] != MAGIC {
+        return Err(DecodeError::BadMagic);
+    }
+    let declared = u32::from_le_bytes(bytes[4..8].try_into().unwrap()) as usize;
+    let crc = u32::from_le_bytes(bytes[8..12].try_into().unwrap());
+    let payload = &bytes[HEADER_LEN..];
+    if declared != payload.len() {
+        return Err(DecodeError::LengthMismatch { declared, actual: payload.len() });
+    }
+    let actual = crc32fast::hash(payload);
+    if actual != crc {
+        return Err(DecodeError::Checksum { declared: crc, actual });
+    }
+    let batch: Batch = postcard::from_bytes(payload).map_err(|e| DecodeError::Malformed(e.to_string()))?;
+    for txn in &batch.txns {
+        for chunk in &txn.chunks {
+            decode_chunk(chunk)?;
+        }
+    }
+    Ok(batch)
+}
+
+/// Encodes one chunk for the change log.
+pub fn encode_chunk(chunk: &Chunk) -> Vec<u8> {
+    postcard::to_allocvec(chunk).expect("encoding a chunk cannot fail")
+}
+
+/// Decodes one chunk and checks that every change refers to a described table and carries
+/// as many values as that table has columns.
+pub fn decode_chunk(bytes: &[u8]) -> Result<Chunk, DecodeError> {
+    let chunk: Chunk = postcard::from_bytes(bytes).map_err(|e| DecodeError::Malformed(e.to_string()))?;
+    for rel in &chunk.relations {
+        if rel.key.iter().any(|&k| k as usize >= rel.columns.len()) {
+            return Err(DecodeError::Malformed(format!("key column out of range in {}.{}", rel.schema, rel.name)));
+        }
+    }
+    for ch in &chunk.changes {
+        let rel = chunk
+            .relations
+            .get(ch.rel as usize)
+            .ok_or_else(|| DecodeError::Malformed(format!("change refers to table #{} of {}", ch.rel, chunk.relations.len())))?;
+        let width_ok = |row: &Option<Vec<Value>>| row.as_ref().is_none_or(|r| r.len() == rel.columns.len());
+        let images_ok = match ch.op {
+            Op::Insert => ch.new.is_some(),
+            Op::Update => ch.new.is_some() && ch.old.is_some(),
+            Op::Delete => ch.old.is_some(),
+            Op::Truncate => true,
+        };
+        if !width_ok(&ch.old) || !width_ok(&ch.new) || !images_ok {
+            return Err(DecodeError::Malformed(format!("change {} on {}.{} has wrong row images", ch.ordinal, rel.schema, rel.name)));
+        }
+    }
+    Ok(chunk)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample() -> Batch {
+        let chunk = Chunk {
+            relations: vec![RelDesc { schema: "public".into(), name: "t".into(), columns: vec!["id".into(), "v".into()], key: vec![0] }],
+            changes: vec![
+                RowChange { ordinal: 1, rel: 0, op: Op::Insert, old: None, new: Some(vec![Some("1".into()), None]) },
+                RowChange { ordinal: 2, rel: 0, op: Op::Delete, old: Some(vec![Some("1".into()), None]), new: None },
+            ],
+        };
+        Batch {
+            sender: 2,
+            after: Position { tick: 1, seq: 5 },
+            upto: Position { tick: 2, seq: 9 },
+            txns: vec![Txn { origin: 2, origin_pos: Position { tick: 2, seq: 9 }, hlc: 42, stream_pos: Position { tick: 2, seq: 9 }, chunks: vec![encode_chunk(&chunk)] }],
+        }
+    }
+
+    #[test]
+    fn round_trip() {
+        let b = sample();
+        assert_eq!(decode_batch(&encode_batch(&b), 1 << 20), Ok(b));
+    }
+
+    #[test]
+    fn every_flipped_byte_is_refused() {
+        let bytes = encode_batch(&sample());
+        for i in 0..bytes.len() {
+            let mut bad = bytes.clone();
+            bad[i] ^= 0x40;
+            assert!(decode_batch(&bad, 1 << 20).is_err(), "flipped byte {i} accepted");
+        }
+    }
+
+    #[test]
+    fn truncated_and_oversized_are_refused() {
+        let bytes = encode_batch(&sample());
+        assert!(matches!(decode_batch(&bytes[..bytes.len() - 1], 1 << 20), Err(DecodeError::LengthMismatch { .. })));
+        assert!(matches!(decode_batch(&bytes[..3], 1 << 20), Err(DecodeError::TooShort)));
+        assert!(matches!(decode_batch(&bytes, 10), Err(DecodeError::TooLarge { .. })));
+    }
+
+    #[test]
+    fn inconsistent_chunk_is_refused_even_with_a_good_checksum() {
+        let mut b = sample();
+        let mut chunk = decode_chunk(&b.txns[0].chunks[0]).unwrap();
+        chunk.changes[0].rel = 7;
+        b.txns[0].chunks[0] = encode_chunk(&chunk);
+        assert!(matches!(decode_batch(&encode_batch(&b), 1 << 20), Err(DecodeError::Malformed(_))));
+        chunk.changes[0].rel = 0;
+        chunk.changes[0].new = Some(vec![None]);
+        b.txns[0].chunks[0] = encode_chunk(&chunk);
+        assert!(matches!(decode_batch(&encode_batch(&b), 1 << 20), Err(DecodeError::Malformed(_))));
+    }
+}

@@ -1,0 +1,145 @@
+//! The worker's job: keep every outbound link exchanging, reconnect with backoff when a peer is
+//! unreachable, record what happened in `peer_state`, and trim the change log.
+//!
+//! Nothing here needs a restart after an outage: a dead link is retried every few seconds at
+//! most, and the first successful round catches up in large batches.
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use pgrx::prelude::*;
+
+use crate::catalog::{self, Me};
+use crate::peer::{wait_for_activity, PeerError};
+use crate::transport::{in_txn, Link};
+
+/// First retry delay after a failed connection; doubles up to MAX_BACKOFF.
+const MIN_BACKOFF: Duration = Duration::from_millis(200);
+const MAX_BACKOFF: Duration = Duration::from_secs(5);
+/// Longest sleep between rounds when nothing wakes the worker (peers without a way to notify
+/// us, configuration changes made in another database).
+const IDLE_NAP: Duration = Duration::from_secs(2);
+const TRIM_EVERY: Duration = Duration::from_secs(5);
+
+struct LinkSlot {
+    link: Option<Link>,
+    next_attempt: Instant,
+    backoff: Duration,
+    /// Last state written to peer_state, so that an idle round writes nothing.
+    reported: Option<(String, Option<String>)>,
+    reported_at: Instant,
+}
+
+/// The links of one database's worker.
+#[derive(Default)]
+pub struct Replicator {
+    links: HashMap<String, LinkSlot>,
+    last_trim: Option<Instant>,
+    complaint: Option<String>,
+}
+
+fn report(slot: &mut LinkSlot, name: &str, state: &str, error: Option<String>) {
+    let now = Instant::now();
+    let same = slot.reported.as_ref().is_some_and(|(s, e)| s == state && *e == error);
+    if same && now.duration_since(slot.reported_at) < Duration::from_secs(5) {
+        return;
+    }
+    let (n, st, er) = (name.to_string(), state.to_string(), error.clone());
+    let _ = in_txn(move || {
+        Spi::run_with_args(
+            "UPDATE rbucardo.peer_state SET state = $2, last_error = $3,
+                    last_contact = CASE WHEN $2 = 'connected' THEN now() ELSE last_contact END
+              WHERE db = $1",
+            &[n.as_str().into(), st.as_str().into(), er.into()],
+        )
+    });
+    slot.reported = Some((state.to_string(), error));
+    slot.reported_at = now;
+}
+
+impl Replicator {
+    /// One round over every active outbound peer. Returns how long the worker may sleep.
+    pub fn round(&mut self) -> Duration {
+        let config = in_txn(|| (catalog::me(), catalog::active_peers()));
+        let (me, peers) = match config {
+            Ok((Ok(me), peers)) => (me, peers),
+            Ok((Err(why), _)) | Err(why) => {
+                if self.complaint.as_ref() != Some(&why) {
+                    log!("rbucardo worker: not replicating: {why}");
+                    self.complaint = Some(why);
+                }
+                self.links.clear();
+                return IDLE_NAP;
+            }
+        };
+        self.complaint = None;
+        self.links.retain(|name, _| peers.iter().any(|p| &p.name == name && p.conninfo.is_some()));
+        let mut nap = IDLE_NAP;
+        for peer in peers.iter().filter(|p| p.conninfo.is_some()) {
+            let slot = self.links.entry(peer.name.clone()).or_insert_with(|| LinkSlot {
+                link: None,
+                next_attempt: Instant::now(),
+                backoff: MIN_BACKOFF,
+                reported: None,
+                reported_at: Instant::now(),
+            });
+            if slot.link.is_none() {
+                if Instant::now() < slot.next_attempt {
+                    nap = nap.min(slot.next_attempt - Instant::now());
+                    continue;
+                }
+                match Link::connect(peer, &me) {
+                    Ok(link) => {
+                        slot.link = Some(link);
+                        slot.backoff = MIN_BACKOFF;
+                    }
+                    Err(e) => {
+                        slot.next_attempt = Instant::now() + slot.backoff;
+                        nap = nap.min(slot.backoff);
+                        slot.backoff = (slot.backoff * 2).min(MAX_BACKOFF);
+                        report(slot, &peer.name, "disconnected", Some(e));
+                        continue;
+                    }
+                }
+            }
+            let link = slot.link.as_mut().unwrap();
+            if let Some(c) = link.conn.as_mut() {
+                c.notifications();
+            }
+            match exchange(link, &me) {
+                Ok(()) => report(slot, &peer.name, "connected", None),
+                Err(e) => {
+                    let broken = link.conn.as_ref().is_none_or(|c| c.is_broken()) || e.starts_with("link:");
+                    if broken {
+                        slot.link = None;
+                        slot.next_attempt = Instant::now() + slot.backoff;
+                        nap = nap.min(slot.backoff);
+                        report(slot, &peer.name, "disconnected", Some(e));
+                    } else {
+                        nap = nap.min(MAX_BACKOFF);
+                        report(slot, &peer.name, "error", Some(e));
+                    }
+                }
+            }
+        }
+        if self.last_trim.is_none_or(|t| t.elapsed() >= TRIM_EVERY) {
+            self.last_trim = Some(Instant::now());
+            if let Err(e) = in_txn(crate::changelog::trim) {
+                log!("rbucardo worker: trimming the change log failed: {e}");
+            }
+        }
+        nap
+    }
+
+    /// Sleeps until the latch is set, a peer notifies us, or `nap` passes.
+    pub fn wait(&mut self, nap: Duration) -> Result<(), PeerError> {
+        let conns: Vec<_> = self.links.values().filter_map(|s| s.link.as_ref()?.conn.as_ref()).collect();
+        wait_for_activity(&conns, nap)
+    }
+}
+
+fn exchange(link: &mut Link, me: &Me) -> Result<(), String> {
+    link.pull(me)?;
+    link.push(me)?;
+    Ok(())
+}

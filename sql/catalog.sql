@@ -52,6 +52,7 @@ CREATE TABLE rbucardo.change_log (
     txid         xid8 NOT NULL,
     final        boolean NOT NULL,
     origin       integer,           -- NULL for changes made on this node
+    via          integer,           -- the peer it was received from; never sent back there
     origin_tick  bigint,
     origin_seq   bigint,
     hlc          bigint NOT NULL,

@@ -187,7 +187,10 @@ impl Applier {
     }
 }
 
+/// Where this node stands in `origin`'s stream. Locks it until commit: another peer may be
+/// delivering the same origin's transactions by another path at this moment.
 fn load_progress(origin: i32) -> Position {
+    Spi::run_with_args("SELECT pg_advisory_xact_lock(7263, $1)", &[origin.into()]).expect("origin lock");
     Spi::get_two_with_args::<i64, i64>(
         "SELECT tick, seq FROM rbucardo.origin_progress WHERE origin = $1 FOR UPDATE",
         &[origin.into()],
@@ -245,7 +248,8 @@ pub fn apply_batch(me: i32, sender_db: &str, sender_node: i32, batch: &Batch) ->
             }
             applier.apply_txn(client, txn);
             for (i, chunk) in txn.chunks.iter().enumerate() {
-                changelog::append(chunk, i + 1 == txn.chunks.len(), Some((txn.origin, txn.origin_pos)), txn.hlc);
+                let source = changelog::Source { origin: txn.origin, origin_pos: txn.origin_pos, via: sender_node };
+                changelog::append(chunk, i + 1 == txn.chunks.len(), Some(source), txn.hlc);
             }
             crate::clock::observe(txn.hlc);
             progress.insert(txn.origin, txn.origin_pos);

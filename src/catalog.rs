@@ -309,3 +309,101 @@ pub fn learn_peer_id(name: &str, node_id: i32) {
         }
     }
 }
+
+#[cfg(any(test, feature = "pg_test"))]
+#[pgrx::pg_schema]
+mod tests {
+    use pgrx::prelude::*;
+
+    fn one(sql: &str) -> Option<String> {
+        Spi::get_one::<String>(sql).unwrap()
+    }
+
+    #[pg_test]
+    fn replica_key_prefers_primary_key_then_smallest_not_null_unique_index() {
+        Spi::run("CREATE TABLE rk_pk (a int, b int PRIMARY KEY, c int NOT NULL UNIQUE)").unwrap();
+        Spi::run("CREATE TABLE rk_rel (x int NOT NULL, y int NOT NULL, z int UNIQUE, UNIQUE (x, y))").unwrap();
+        Spi::run("CREATE TABLE rk_none (x int, y int UNIQUE)").unwrap();
+        let key = |t: &str| {
+            let oid = Spi::get_one::<pg_sys::Oid>(&format!("SELECT '{t}'::regclass::oid")).unwrap().unwrap();
+            crate::capture::replica_key(oid)
+        };
+        assert_eq!(key("rk_pk"), Some(vec!["b".to_string()]));
+        // z is unique but nullable, so the two-column index on NOT NULL columns is the key.
+        assert_eq!(key("rk_rel"), Some(vec!["x".to_string(), "y".to_string()]));
+        assert_eq!(key("rk_none"), None);
+    }
+
+    #[pg_test]
+    fn add_table_installs_capture_triggers() {
+        Spi::run("CREATE TABLE at_rel (x int NOT NULL, y int NOT NULL, UNIQUE (x, y))").unwrap();
+        Spi::run("SELECT rbucardo.add_herd('at_herd')").unwrap();
+        let msg = one("SELECT rbucardo.add_table('at_herd', 'at_rel')").unwrap();
+        assert!(msg.contains("key: x, y"), "{msg}");
+        let n = Spi::get_one::<i64>("SELECT count(*) FROM pg_trigger WHERE tgrelid = 'at_rel'::regclass AND tgname LIKE 'rbucardo_capture%'").unwrap();
+        assert_eq!(n, Some(2));
+        // Adding it again is harmless.
+        one("SELECT rbucardo.add_table('at_herd', 'at_rel')");
+        let n = Spi::get_one::<i64>("SELECT count(*) FROM pg_trigger WHERE tgrelid = 'at_rel'::regclass AND tgname LIKE 'rbucardo_capture%'").unwrap();
+        assert_eq!(n, Some(2));
+    }
+
+    #[pg_test(error = "table nokey has no primary key and no unique index on NOT NULL columns")]
+    fn add_table_refuses_a_table_without_key() {
+        Spi::run("CREATE TABLE nokey (x int, y text)").unwrap();
+        Spi::run("SELECT rbucardo.add_herd('nk')").unwrap();
+        Spi::run("SELECT rbucardo.add_table('nk', 'public.nokey')").unwrap();
+    }
+
+    #[pg_test(error = "no herd named missing")]
+    fn add_table_needs_a_herd() {
+        Spi::run("CREATE TABLE hk (id int primary key)").unwrap();
+        Spi::run("SELECT rbucardo.add_table('missing', 'hk')").unwrap();
+    }
+
+    #[pg_test(error = "node id 0 is out of range")]
+    fn init_node_checks_the_id() {
+        Spi::run("SELECT rbucardo.init_node('main', 0)").unwrap();
+    }
+
+    #[pg_test(error = "unknown conflict strategy \"sometimes\"")]
+    fn add_sync_checks_the_strategy() {
+        Spi::run("SELECT rbucardo.add_herd('s_herd')").unwrap();
+        Spi::run("SELECT rbucardo.add_sync('s', 's_herd', ARRAY['x'], 'sometimes')").unwrap();
+    }
+
+    #[pg_test(error = "unknown db nowhere in sync s2")]
+    fn add_sync_checks_the_dbs() {
+        Spi::run("SELECT rbucardo.init_node('main', 1)").unwrap();
+        Spi::run("SELECT rbucardo.add_herd('s2_herd')").unwrap();
+        Spi::run("SELECT rbucardo.add_sync('s2', 's2_herd', ARRAY['main', 'nowhere'])").unwrap();
+    }
+
+    #[pg_test]
+    fn a_copied_node_refuses_to_replicate_as_its_source() {
+        Spi::run("SELECT rbucardo.init_node('main', 1)").unwrap();
+        assert!(crate::catalog::me().is_ok());
+        // What a physical copy on another server looks like: same row, other fingerprint.
+        Spi::run("UPDATE rbucardo.node SET fingerprint = '1:/elsewhere:5432'").unwrap();
+        let err = crate::catalog::me().unwrap_err();
+        assert!(err.contains("is a copy of node main"), "{err}");
+    }
+
+    #[pg_test]
+    fn views_hide_passwords() {
+        Spi::run("SELECT rbucardo.add_db('peer_a', 'host=h port=5 user=u password=hunter2 dbname=store')").unwrap();
+        let shown = one("SELECT conninfo FROM rbucardo.dbs WHERE name = 'peer_a'").unwrap();
+        assert!(!shown.contains("hunter2"), "{shown}");
+        assert!(shown.contains("host=h"), "{shown}");
+    }
+
+    #[pg_test]
+    fn hlc_is_monotonic_and_moves_past_remote_clocks() {
+        let a = crate::clock::now();
+        let b = crate::clock::now();
+        assert!(b > a);
+        let far = b + 1_000_000;
+        crate::clock::observe(far);
+        assert!(crate::clock::now() > far);
+    }
+}

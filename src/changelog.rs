@@ -17,6 +17,15 @@ use crate::encoding::{Batch, Position, Txn};
 /// `(t, DONE)` is the position "all of tick t".
 pub const DONE: i64 = i64::MAX;
 
+/// The newest tick and whether a new one is needed: chunks were written since it, or a
+/// transaction running at its snapshot has finished since.
+const TICK_NEEDED: &str = "
+    SELECT t.tick_id,
+           (SELECT CASE WHEN is_called THEN last_value ELSE 0 END FROM rbucardo.change_seq) > t.last_seq
+           OR EXISTS (SELECT 1 FROM pg_snapshot_xip(t.snap) x
+                       WHERE pg_xact_status(x) IS DISTINCT FROM 'in progress')
+      FROM rbucardo.tick t";
+
 /// Lock key that serialises tick creation.
 const TICK_LOCK: i64 = 0x7262_7563_6b01;
 
@@ -25,9 +34,18 @@ thread_local! {
     static WAKE_ARMED: Cell<bool> = const { Cell::new(false) };
 }
 
-/// Writes one chunk of the current transaction. `origin` is `None` for changes made on this
-/// node, else the origin node and the transaction's position in the origin's stream.
-pub fn append(data: &[u8], is_final: bool, origin: Option<(i32, Position)>, hlc: i64) {
+/// Where a forwarded transaction comes from: its origin node and position in the origin's
+/// stream, and the peer it was received from.
+#[derive(Clone, Copy)]
+pub struct Source {
+    pub origin: i32,
+    pub origin_pos: Position,
+    pub via: i32,
+}
+
+/// Writes one chunk of the current transaction. `source` is `None` for changes made on this
+/// node.
+pub fn append(data: &[u8], is_final: bool, source: Option<Source>, hlc: i64) {
     // The transaction id must exist before the seq is taken: readers rely on it.
     unsafe { pg_sys::GetTopTransactionId() };
     APPEND.with(|cell| {
@@ -36,10 +54,11 @@ pub fn append(data: &[u8], is_final: bool, origin: Option<(i32, Position)>, hlc:
             if cell.is_none() {
                 let stmt = client
                     .prepare_mut(
-                        "INSERT INTO rbucardo.change_log (seq, txid, final, origin, origin_tick, origin_seq, hlc, data)
-                         VALUES (nextval('rbucardo.change_seq'), pg_current_xact_id(), $1, $2, $3, $4, $5, $6)",
+                        "INSERT INTO rbucardo.change_log (seq, txid, final, origin, origin_tick, origin_seq, via, hlc, data)
+                         VALUES (nextval('rbucardo.change_seq'), pg_current_xact_id(), $1, $2, $3, $4, $5, $6, $7)",
                         &[
                             pg_sys::BOOLOID.into(),
+                            pg_sys::INT4OID.into(),
                             pg_sys::INT4OID.into(),
                             pg_sys::INT8OID.into(),
                             pg_sys::INT8OID.into(),
@@ -58,9 +77,10 @@ pub fn append(data: &[u8], is_final: bool, origin: Option<(i32, Position)>, hlc:
                     None,
                     &[
                         is_final.into(),
-                        origin.map(|o| o.0).into(),
-                        origin.map(|o| o.1.tick).into(),
-                        origin.map(|o| o.1.seq).into(),
+                        source.map(|o| o.origin).into(),
+                        source.map(|o| o.origin_pos.tick).into(),
+                        source.map(|o| o.origin_pos.seq).into(),
+                        source.map(|o| o.via).into(),
                         hlc.into(),
                         data.into(),
                     ],
@@ -89,14 +109,8 @@ fn arm_wake_at_commit() {
 /// at the last tick has finished since.
 pub fn ensure_tick() -> i64 {
     Spi::run_with_args("SELECT pg_advisory_xact_lock($1)", &[TICK_LOCK.into()]).expect("tick lock");
-    let (last, needed) = Spi::get_two::<i64, bool>(
-        "SELECT t.tick_id,
-                (SELECT last_value FROM rbucardo.change_seq) > t.last_seq
-                OR EXISTS (SELECT 1 FROM pg_snapshot_xip(t.snap) x
-                            WHERE pg_xact_status(x) IS DISTINCT FROM 'in progress')
-           FROM rbucardo.tick t ORDER BY t.tick_id DESC LIMIT 1",
-    )
-    .expect("reading the last tick");
+    let (last, needed) =
+        Spi::get_two::<i64, bool>(&format!("{} ORDER BY t.tick_id DESC LIMIT 1", TICK_NEEDED)).expect("reading the last tick");
     let last = last.expect("the tick table always holds a tick");
     if !needed.unwrap_or(false) {
         return last;
@@ -104,7 +118,7 @@ pub fn ensure_tick() -> i64 {
     // Read the sequence before the snapshot is taken (two statements, two snapshots): every
     // chunk with a seq at or below last_seq was written by a transaction that either is visible
     // in this snapshot or still running in it.
-    let cur = Spi::get_one::<i64>("SELECT last_value FROM rbucardo.change_seq").expect("reading change_seq").unwrap_or(0);
+    let cur = Spi::get_one::<i64>("SELECT CASE WHEN is_called THEN last_value ELSE 0 END FROM rbucardo.change_seq").expect("reading change_seq").unwrap_or(0);
     Spi::run_with_args(
         "INSERT INTO rbucardo.tick (tick_id, snap, last_seq) VALUES ($1, pg_current_snapshot(), $2)",
         &[(last + 1).into(), cur.into()],
@@ -113,11 +127,19 @@ pub fn ensure_tick() -> i64 {
     last + 1
 }
 
+/// The tick that will hold every transaction committed so far: the newest tick, or the next
+/// one if the log has grown since. Takes no lock, so callers that only wait can use it.
+pub fn stream_end() -> i64 {
+    let (last, needed) = Spi::get_two::<i64, bool>(&format!("{} ORDER BY t.tick_id DESC LIMIT 1", TICK_NEEDED)).expect("reading the last tick");
+    last.unwrap_or(0) + i64::from(needed.unwrap_or(false))
+}
+
 /// One transaction's chunks as read from the log.
 struct LoggedTxn {
     final_seq: i64,
     origin: Option<i32>,
     origin_pos: Option<Position>,
+    via: Option<i32>,
     hlc: i64,
     chunks: Vec<Vec<u8>>,
 }
@@ -149,7 +171,7 @@ fn read_tick(k: i64, after_seq: i64, limit: i64) -> Vec<LoggedTxn> {
         }
         let rows = client
             .select(
-                "SELECT txid::text::bigint, seq, final, origin, origin_tick, origin_seq, hlc, data
+                "SELECT txid::text::bigint, seq, final, origin, origin_tick, origin_seq, hlc, data, via
                    FROM rbucardo.change_log
                   WHERE txid = ANY ($1::bigint[]::text[]::xid8[])
                   ORDER BY txid, seq",
@@ -169,7 +191,8 @@ fn read_tick(k: i64, after_seq: i64, limit: i64) -> Vec<LoggedTxn> {
             };
             let hlc = row.get::<i64>(7).unwrap().unwrap();
             let data = row.get::<Vec<u8>>(8).unwrap().unwrap();
-            let t = by_txid.entry(txid).or_insert_with(|| LoggedTxn { final_seq: 0, origin, origin_pos, hlc, chunks: Vec::new() });
+            let via = row.get::<i32>(9).unwrap();
+            let t = by_txid.entry(txid).or_insert_with(|| LoggedTxn { final_seq: 0, origin, origin_pos, via, hlc, chunks: Vec::new() });
             t.chunks.push(data);
             if is_final {
                 t.final_seq = seq;
@@ -179,10 +202,10 @@ fn read_tick(k: i64, after_seq: i64, limit: i64) -> Vec<LoggedTxn> {
     })
 }
 
-/// Reads this node's stream after `after` into a batch of at most about `max_bytes`, leaving
-/// out transactions that originate at `exclude_origin` (the receiver's own changes). A
-/// transaction bigger than `max_bytes` travels alone.
-pub fn read_batch(me: i32, after: Position, exclude_origin: i32, max_bytes: usize) -> Batch {
+/// Reads this node's stream after `after` into a batch of at most about `max_bytes` for the
+/// peer `to`, leaving out what originates there or was received from there. A transaction
+/// bigger than `max_bytes` travels alone.
+pub fn read_batch(me: i32, after: Position, to: i32, max_bytes: usize) -> Batch {
     let mut pos = after;
     let mut txns = Vec::new();
     let mut bytes = 0usize;
@@ -206,7 +229,7 @@ pub fn read_batch(me: i32, after: Position, exclude_origin: i32, max_bytes: usiz
                 seq = t.final_seq;
                 pos = Position { tick: k, seq };
                 let origin = t.origin.unwrap_or(me);
-                if origin == exclude_origin {
+                if origin == to || t.via == Some(to) {
                     continue;
                 }
                 bytes += size;

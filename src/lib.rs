@@ -12,6 +12,7 @@ pub mod changelog;
 pub mod clock;
 pub mod encoding;
 pub mod error;
+pub mod monitor;
 pub mod peer;
 pub mod replicator;
 pub mod transport;
@@ -21,6 +22,7 @@ pub mod worker;
 
 // Catalog tables and views are plain SQL, kept in sql/ so they read as SQL.
 pgrx::extension_sql_file!("../sql/catalog.sql", name = "catalog", bootstrap);
+pgrx::extension_sql_file!("../sql/monitoring.sql", name = "monitoring", requires = ["catalog", monitor::redact_conninfo]);
 // Last step of CREATE EXTENSION: have the launcher start this database's worker after commit.
 pgrx::extension_sql!("SELECT rbucardo.wake_launcher();", name = "wake_launcher", finalize);
 

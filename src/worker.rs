@@ -31,6 +31,8 @@ struct Slot {
     no_extension: bool,
     /// Bumped by every commit that wrote to the change log; the worker tells listening peers.
     generation: u64,
+    /// Replication rounds the worker has completed; wait_for_sync waits for a fresh one.
+    rounds: u64,
 }
 
 /// The shared registry of background processes.
@@ -110,6 +112,19 @@ pub fn wake_local_worker() {
 
 fn generation_of(dboid: u32) -> u64 {
     REGISTRY.share().slots.iter().find(|s| s.dboid == dboid).map_or(0, |s| s.generation)
+}
+
+/// Rounds completed by the current database's worker, and whether a worker is running.
+pub fn rounds_of_local_worker() -> (u64, bool) {
+    let dboid = unsafe { pg_sys::MyDatabaseId }.to_u32();
+    REGISTRY.share().slots.iter().find(|s| s.dboid == dboid).map_or((0, false), |s| (s.rounds, s.pid != 0))
+}
+
+fn count_round(dboid: u32) {
+    let mut reg = REGISTRY.exclusive();
+    if let Some(slot) = reg.slots.iter_mut().find(|s| s.dboid == dboid) {
+        slot.rounds = slot.rounds.wrapping_add(1);
+    }
 }
 
 /// Wakes this database's worker once the calling transaction commits (configuration changed).
@@ -276,6 +291,7 @@ pub extern "C-unwind" fn rbucardo_worker_main(arg: pg_sys::Datum) {
             told = generation;
         }
         let nap = replicator.round();
+        count_round(dboid);
         if unsafe { pg_sys::ShutdownRequestPending } != 0 {
             break;
         }

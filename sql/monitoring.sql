@@ -1,0 +1,46 @@
+-- Monitoring views. They read the catalog and the replication state; nothing here writes.
+
+-- Peers as configured, with what the link last reported. Conninfos are shown without password.
+CREATE VIEW rbucardo.dbs AS
+SELECT d.name,
+       d.node_id,
+       CASE WHEN d.conninfo IS NULL THEN NULL ELSE rbucardo.redact_conninfo(d.conninfo) END AS conninfo,
+       d.conninfo IS NULL AS passive,
+       p.state,
+       p.last_contact,
+       p.last_error
+  FROM rbucardo.db d
+  LEFT JOIN rbucardo.peer_state p ON p.db = d.name;
+
+CREATE VIEW rbucardo.syncs AS
+SELECT s.name,
+       s.herd,
+       s.dbs,
+       s.conflict_strategy,
+       s.paused,
+       (SELECT count(*) FROM rbucardo.herd_table t WHERE t.herd = s.herd) AS tables,
+       s.created
+  FROM rbucardo.sync s;
+
+-- One row per sync and peer. pending_out counts this node's transactions (its own and those it
+-- forwards) that the peer has not confirmed yet; applied_in counts the peer's transactions
+-- applied here.
+CREATE VIEW rbucardo.status AS
+SELECT s.name AS sync,
+       d.name AS db,
+       CASE WHEN s.paused THEN 'paused'
+            WHEN p.state = 'connected' AND p.last_error IS NOT NULL THEN 'error'
+            ELSE coalesce(p.state, 'disconnected') END AS state,
+       p.last_contact,
+       (SELECT count(*) FROM rbucardo.change_log l
+         WHERE l.final
+           AND (l.origin IS NULL OR l.origin IS DISTINCT FROM d.node_id)
+           AND NOT pg_visible_in_snapshot(l.txid, coalesce(
+                 (SELECT t.snap FROM rbucardo.tick t
+                   WHERE t.tick_id = CASE WHEN p.out_seq = 9223372036854775807 THEN p.out_tick ELSE p.out_tick - 1 END),
+                 '1:1:'::pg_snapshot))) AS pending_out,
+       p.applied_in,
+       p.last_error
+  FROM rbucardo.sync s
+  JOIN rbucardo.db d ON d.name = ANY (s.dbs)
+  LEFT JOIN rbucardo.peer_state p ON p.db = d.name;

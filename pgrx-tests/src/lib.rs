@@ -18,4 +18,4 @@ pub use node::Node;
 pub use pg::{Conn, Rows};
 pub use process::process_alive;
 pub use proxy::{Direction, Proxy};
-pub use wait::wait_until;
+pub use wait::{poll_every, wait_until, wait_until_every};

@@ -18,11 +18,27 @@ pub fn wait_until(what: &str, timeout: Duration, cond: impl FnMut() -> Result<bo
     }
 }
 
-/// Non-panicking core of `wait_until`, for cleanup code that must not panic
-/// (it runs in `Drop`, possibly while unwinding). On timeout returns the last
-/// state: the condition's last error or "condition returned false".
-pub(crate) fn poll_until(
+/// Like `wait_until`, re-evaluating `cond` every `interval` instead of every
+/// ~50ms: for conditions that are costly to evaluate (checksums of large
+/// tables) and would otherwise compete with the servers for the CPU.
+pub fn wait_until_every(
+    what: &str,
     timeout: Duration,
+    interval: Duration,
+    cond: impl FnMut() -> Result<bool, String>,
+) {
+    if let Err(last_state) = poll_every(timeout, interval, cond) {
+        panic!("timed out after {timeout:?} waiting for {what} ({last_state})");
+    }
+}
+
+/// Non-panicking `wait_until_every`: `Ok(())` once `cond` returns `Ok(true)`,
+/// else, at the deadline, the last state (the condition's last error or
+/// "condition returned false"), so the caller can gather diagnostics (server
+/// state, logs) before failing.
+pub fn poll_every(
+    timeout: Duration,
+    interval: Duration,
     mut cond: impl FnMut() -> Result<bool, String>,
 ) -> Result<(), String> {
     let deadline = Instant::now() + timeout;
@@ -35,6 +51,16 @@ pub(crate) fn poll_until(
         if Instant::now() >= deadline {
             return Err(last_state);
         }
-        std::thread::sleep(POLL_INTERVAL);
+        std::thread::sleep(interval);
     }
+}
+
+/// Non-panicking core of `wait_until`, for cleanup code that must not panic
+/// (it runs in `Drop`, possibly while unwinding). On timeout returns the last
+/// state: the condition's last error or "condition returned false".
+pub(crate) fn poll_until(
+    timeout: Duration,
+    cond: impl FnMut() -> Result<bool, String>,
+) -> Result<(), String> {
+    poll_every(timeout, POLL_INTERVAL, cond)
 }

@@ -1,0 +1,576 @@
+//! Replication core: scenario tests on three real nodes (main, branch1,
+//! branch2) with a fault-injecting proxy on every link. Each test ends by
+//! checking that every table is identical, row by row, on every node and holds
+//! exactly what the workload committed.
+
+mod common;
+
+use std::ops::RangeInclusive;
+use std::time::{Duration, Instant};
+
+use common::*;
+use rbucardo_cluster_tests::{wait_until, Cluster, Direction};
+
+const CONVERGE: Duration = Duration::from_secs(120);
+
+// ---------------------------------------------------------------------------
+// 1. Star, concurrent writes of every kind on all three nodes.
+
+#[test]
+fn t1_star_concurrent_writes_of_every_kind_converge() {
+    let cluster = start_store("t1_star_mixed", Topology::Star);
+    let b1 = base(BRANCH1);
+
+    // A table only branch1 writes to: filled, replicated, then truncated.
+    run_on(
+        &cluster,
+        BRANCH1,
+        &[format!(
+            "INSERT INTO cash_session SELECT {b1} + i, 'branch1', i * 100 FROM generate_series(1, 20) i"
+        )],
+    );
+    converge(&cluster, &expected(&[("cash_session", 20)]), CONVERGE);
+    run_on(&cluster, BRANCH1, &["TRUNCATE cash_session".to_string()]);
+    converge(&cluster, &expected(&[]), CONVERGE);
+
+    let mut work: Vec<(usize, Vec<String>)> = ALL.iter().map(|&k| (k, mixed_workload(k))).collect();
+    work[BRANCH1].1.insert(
+        7,
+        format!(
+            "INSERT INTO cash_session SELECT {b1} + 100 + i, 'branch1 again', i FROM generate_series(1, 7) i"
+        ),
+    );
+    // Transactions committed per node, including the two of the TRUNCATE phase.
+    let committed = [
+        work[MAIN].1.len() as i64,
+        work[BRANCH1].1.len() as i64 + 2,
+        work[BRANCH2].1.len() as i64,
+    ];
+    run_concurrently(&cluster, work);
+    for k in ALL {
+        assert_mixed_rows_on_writer(&cluster, k);
+    }
+
+    converge(&cluster, &mixed_expected(&[("cash_session", 7)]), CONVERGE);
+    assert_applied_exactly_once(&cluster, committed);
+}
+
+// ---------------------------------------------------------------------------
+// 2. Both branch links cut during 100,000 row changes on each node.
+
+/// 100,000 row changes on node `k` in 200 transactions: 180 of 500 inserts
+/// (10 orders, 490 lines), 10 of 500 updates and 10 of 500 deletes.
+fn hundred_thousand_changes(k: usize) -> Vec<String> {
+    let b = base(k);
+    let n = NODE_NAMES[k];
+    let mut txns = Vec::new();
+    for t in 0..180 {
+        txns.push(format!(
+            "BEGIN;
+             INSERT INTO pos_order (id, node, ref, total)
+             SELECT {b} + {t} * 10 + j, '{n}', {t}, j * 1.5 FROM generate_series(0, 9) j;
+             INSERT INTO pos_order_line (id, order_id, product_id, qty, note)
+             SELECT {b} + {t} * 490 + l, {b} + {t} * 10 + l % 10, l % 97, 1, 'bulk line'
+               FROM generate_series(0, 489) l;
+             COMMIT;"
+        ));
+        if t >= 20 && (t - 20) % 15 == 0 && (t - 20) / 15 < 10 {
+            let u = (t - 20) / 15;
+            txns.push(format!(
+                "UPDATE pos_order_line SET qty = qty + 1, note = 'updated'
+                  WHERE id BETWEEN {b} + {lo} AND {b} + {hi}",
+                lo = u * 500,
+                hi = u * 500 + 499
+            ));
+        }
+        if t >= 25 && (t - 25) % 15 == 0 && (t - 25) / 15 < 10 {
+            let d = (t - 25) / 15;
+            txns.push(format!(
+                "DELETE FROM pos_order_line WHERE id BETWEEN {b} + {lo} AND {b} + {hi}",
+                lo = 5000 + d * 500,
+                hi = 5000 + d * 500 + 499
+            ));
+        }
+    }
+    assert_eq!(txns.len(), 200);
+    txns
+}
+
+#[test]
+fn t2_branch_links_cut_during_100k_changes_per_node_then_catch_up() {
+    let cluster = start_store("t2_partition_100k", Topology::Star);
+    cluster.link(BRANCH1, MAIN).cut();
+    cluster.link(BRANCH2, MAIN).cut();
+
+    let work: Vec<(usize, Vec<String>)> =
+        ALL.iter().map(|&k| (k, hundred_thousand_changes(k))).collect();
+    let committed = work.map_lens();
+    let writing = Instant::now();
+    run_concurrently(&cluster, work);
+    eprintln!(
+        "t2: 300,000 row changes committed on three nodes in {:.1}s",
+        writing.elapsed().as_secs_f64()
+    );
+    // The partition held: main has nothing of the branches.
+    let foreign = cluster
+        .node(MAIN)
+        .query_one(DB, &format!("SELECT count(*) FROM pos_order_line WHERE id >= {}", base(BRANCH1)));
+    assert_eq!(foreign.as_deref(), Some("0"), "rows crossed a cut link");
+
+    let restored = Instant::now();
+    cluster.link(BRANCH1, MAIN).restore();
+    cluster.link(BRANCH2, MAIN).restore();
+    let want = expected(&[("pos_order", 3 * 1800), ("pos_order_line", 3 * 83_200)]);
+    converge(&cluster, &want, Duration::from_secs(240));
+    let secs = restored.elapsed().as_secs_f64();
+    eprintln!(
+        "t2 catch-up: 300,000 row changes (100,000 per node) converged on all nodes {secs:.1}s after the links returned: {:.0} changes/s",
+        300_000.0 / secs
+    );
+    assert_applied_exactly_once(&cluster, committed);
+}
+
+trait MapLens {
+    fn map_lens(&self) -> [i64; 3];
+}
+
+impl MapLens for Vec<(usize, Vec<String>)> {
+    /// Transactions per node, indexed by node.
+    fn map_lens(&self) -> [i64; 3] {
+        let mut out = [0; 3];
+        for (k, txns) in self {
+            out[*k] += txns.len() as i64;
+        }
+        out
+    }
+}
+
+// ---------------------------------------------------------------------------
+// 3. A transaction held open across several sync rounds still arrives.
+
+#[test]
+fn t3_long_open_transaction_arrives_after_later_commits() {
+    let cluster = start_store("t3_long_txn", Topology::Star);
+    let (b0, b1, b2) = (base(MAIN), base(BRANCH1), base(BRANCH2));
+    let branch1 = cluster.node(BRANCH1);
+    let mut long = branch1.connect(DB);
+    // An order with its lines, and a 9 MB row: more than the capture buffer
+    // holds, so part of the transaction is written to the change log early,
+    // before the later transactions below.
+    long.execute(&format!(
+        "BEGIN;
+         INSERT INTO pos_order (id, node, ref, total) VALUES ({b1} + 1, 'branch1', 1, 99.99);
+         INSERT INTO pos_order_line (id, order_id, product_id, qty, note)
+         SELECT {b1} + 10 + l, {b1} + 1, l, l, 'long' FROM generate_series(1, 3) l;
+         INSERT INTO bulk VALUES ({b1} + 1, 777, repeat('L', 9000000));"
+    ))
+    .expect("open the long transaction");
+
+    // Three later transactions, each waited for on main: three sync rounds.
+    let mut probe = Probe::new(&cluster);
+    for r in 1..=3 {
+        branch1.sql(DB, &format!("INSERT INTO users VALUES ({b1} + {r}, 'b1_u{r}', 'later {r}')"));
+        wait_until(&format!("user {r} of branch1 on main"), CONVERGE, || {
+            Ok(probe.int(MAIN, &format!("SELECT count(*) FROM users WHERE id = {b1} + {r}"))? == 1)
+        });
+    }
+    cluster.node(MAIN).sql(DB, &format!("INSERT INTO users VALUES ({b0} + 1, 'm_u1', 'main')"));
+    cluster.node(BRANCH2).sql(DB, &format!("INSERT INTO users VALUES ({b2} + 1, 'b2_u1', 'branch2')"));
+    converge(&cluster, &expected(&[("users", 5)]), CONVERGE);
+
+    long.execute("COMMIT").expect("commit the long transaction");
+    let want = expected(&[("users", 5), ("pos_order", 1), ("pos_order_line", 3), ("bulk", 1)]);
+    converge(&cluster, &want, CONVERGE);
+    for i in [MAIN, BRANCH2] {
+        let len = cluster
+            .node(i)
+            .query_one(DB, &format!("SELECT length(payload) FROM bulk WHERE id = {b1} + 1"));
+        assert_eq!(len.as_deref(), Some("9000000"), "{}", NODE_NAMES[i]);
+    }
+    assert_applied_exactly_once(&cluster, [1, 4, 1]);
+}
+
+// ---------------------------------------------------------------------------
+// 4. main crashes (kill -9) while applying branch1's catch-up.
+
+/// 68,000 changes of branch1 in 128 transactions: 120 × (10 orders + 490
+/// lines), 5 × 1000 product_tag_rel rows, 2 × 1000 line updates, and 1000
+/// product_tag_rel deletes.
+fn catch_up_load(k: usize) -> Vec<String> {
+    let b = base(k);
+    let n = NODE_NAMES[k];
+    let mut txns: Vec<String> = (0..120)
+        .map(|t| {
+            format!(
+                "BEGIN;
+                 INSERT INTO pos_order (id, node, ref, total)
+                 SELECT {b} + {t} * 10 + j, '{n}', {t}, j FROM generate_series(0, 9) j;
+                 INSERT INTO pos_order_line (id, order_id, product_id, qty)
+                 SELECT {b} + {t} * 490 + l, {b} + {t} * 10 + l % 10, l, 1 FROM generate_series(0, 489) l;
+                 COMMIT;"
+            )
+        })
+        .collect();
+    for p in 0..5 {
+        txns.push(format!(
+            "INSERT INTO product_tag_rel SELECT {b} + p, tg
+               FROM generate_series({lo}, {hi}) p, generate_series(1, 5) tg",
+            lo = p * 200,
+            hi = p * 200 + 199
+        ));
+    }
+    for u in 0..2 {
+        txns.push(format!(
+            "UPDATE pos_order_line SET qty = qty + 1 WHERE id BETWEEN {b} + {lo} AND {b} + {hi}",
+            lo = u * 1000,
+            hi = u * 1000 + 999
+        ));
+    }
+    txns.push("DELETE FROM product_tag_rel WHERE tag_id = 5".to_string());
+    txns
+}
+
+/// On node `i`: every branch1 order is complete (10 per transaction, 49 lines
+/// per order), no line lacks its order, and the transactions present are a
+/// prefix of branch1's commit order. Returns how many transactions are there.
+fn assert_orders_atomic_and_in_order(cluster: &Cluster, i: usize, lines_per_order: i64) -> i64 {
+    let node = cluster.node(i);
+    let one = |sql: &str| -> i64 { node.query_one(DB, sql).unwrap().parse().unwrap() };
+    let partial_txns = one(
+        "SELECT count(*) FROM (SELECT ref FROM pos_order WHERE node = 'branch1' GROUP BY ref HAVING count(*) <> 10) x",
+    );
+    let partial_orders = one(&format!(
+        "SELECT count(*) FROM (SELECT o.id FROM pos_order o LEFT JOIN pos_order_line l ON l.order_id = o.id
+           WHERE o.node = 'branch1' GROUP BY o.id HAVING count(l.id) <> {lines_per_order}) x"
+    ));
+    let orphans = one(
+        "SELECT count(*) FROM pos_order_line l WHERE NOT EXISTS (SELECT 1 FROM pos_order o WHERE o.id = l.order_id)",
+    );
+    let txns = one("SELECT count(DISTINCT ref) FROM pos_order WHERE node = 'branch1'");
+    let max_ref = one("SELECT coalesce(max(ref) + 1, 0) FROM pos_order WHERE node = 'branch1'");
+    assert_eq!(
+        (partial_txns, partial_orders, orphans),
+        (0, 0, 0),
+        "{}: remote transactions applied in part (transactions with missing orders, orders with missing lines, lines without order)",
+        node.name()
+    );
+    assert_eq!(
+        txns,
+        max_ref,
+        "{}: branch1's transactions were not applied in commit order (a gap before the newest)",
+        node.name()
+    );
+    txns
+}
+
+#[test]
+fn t4_main_killed_while_applying_catch_up_loses_and_duplicates_nothing() {
+    let cluster = start_store("t4_crash_apply", Topology::Star);
+    let link = cluster.link(BRANCH1, MAIN);
+    link.cut();
+    let load = catch_up_load(BRANCH1);
+    let committed = [0, load.len() as i64, 0];
+    run_on(&cluster, BRANCH1, &load);
+
+    let mut probe = Probe::new(&cluster);
+    link.restore();
+    wait_until("main to start applying branch1's batch", Duration::from_secs(60), || {
+        Ok(probe.int(MAIN, ACTIVE_PUSHES)? > 0)
+    });
+    let main = cluster.node(MAIN);
+    main.kill9();
+    main.start();
+    let applied = assert_orders_atomic_and_in_order(&cluster, MAIN, 49);
+    eprintln!("t4: after the crash main had {applied} of branch1's 120 order transactions");
+
+    let want = expected(&[
+        ("pos_order", 1200),
+        ("pos_order_line", 58_800),
+        ("product_tag_rel", 4000),
+    ]);
+    converge(&cluster, &want, Duration::from_secs(180));
+    for i in ALL {
+        let node = cluster.node(i);
+        let dup = node.query_one(
+            DB,
+            "SELECT count(*) - (SELECT count(*) FROM (SELECT DISTINCT product_id, tag_id FROM product_tag_rel) d)
+               FROM product_tag_rel",
+        );
+        assert_eq!(dup.as_deref(), Some("0"), "{}: duplicate product_tag_rel rows", node.name());
+        assert_orders_atomic_and_in_order(&cluster, i, 49);
+    }
+    assert_applied_exactly_once(&cluster, committed);
+}
+
+// ---------------------------------------------------------------------------
+// 5. Link cut in the middle of a batch transfer.
+
+/// One transaction per tag, 20 rows of ~10 kB each.
+fn tagged_bulk(k: usize, tags: RangeInclusive<i64>) -> Vec<String> {
+    let b = base(k);
+    tags.map(|t| {
+        format!(
+            "INSERT INTO bulk SELECT {b} + {t} * 100 + r, {t}, repeat(md5(({t} * 100 + r)::text), 320)
+               FROM generate_series(1, 20) r"
+        )
+    })
+    .collect()
+}
+
+/// On node `i`: each tag's transaction is there whole (20 rows) or not at all,
+/// and the tags there are a prefix of `tags` (commit order). Returns how many.
+fn complete_tags(cluster: &Cluster, i: usize, tags: &RangeInclusive<i64>) -> i64 {
+    let node = cluster.node(i);
+    let rows = node.query(
+        DB,
+        &format!(
+            "SELECT tag, count(*) FROM bulk WHERE tag BETWEEN {} AND {} GROUP BY tag ORDER BY tag",
+            tags.start(),
+            tags.end()
+        ),
+    );
+    for (n, row) in rows.iter().enumerate() {
+        let tag: i64 = row[0].as_deref().unwrap().parse().unwrap();
+        let count = row[1].as_deref().unwrap();
+        assert_eq!(count, "20", "{}: transaction {tag} applied in part ({count} of 20 rows)", node.name());
+        assert_eq!(
+            tag,
+            tags.start() + n as i64,
+            "{}: transactions applied out of commit order (tags present: {:?})",
+            node.name(),
+            rows.iter().map(|r| r[0].clone().unwrap()).collect::<Vec<_>>()
+        );
+    }
+    rows.len() as i64
+}
+
+/// Lets `budget` more bytes through `link` in `direction`, then cuts it, and
+/// waits until the cut has happened.
+fn restore_then_cut_after(cluster: &Cluster, from: usize, to: usize, budget: u64, direction: Direction) {
+    let link = cluster.link(from, to);
+    let before = link.bytes_forwarded(direction);
+    link.restore();
+    link.cut_after_bytes(budget, direction);
+    wait_until(
+        &format!("{budget} bytes {direction:?} through link {from}->{to}, then the cut"),
+        Duration::from_secs(60),
+        || Ok(link.bytes_forwarded(direction) >= before + budget),
+    );
+}
+
+#[test]
+fn t5_link_cut_mid_batch_applies_nothing_partial() {
+    let cluster = start_store("t5_cut_mid_batch", Topology::Star);
+    let mut probe = Probe::new(&cluster);
+    let link = cluster.link(BRANCH1, MAIN);
+
+    // Push direction: branch1 sends its ~20 MB to main.
+    link.cut();
+    let pushed = 1..=100;
+    run_on(&cluster, BRANCH1, &tagged_bulk(BRANCH1, pushed.clone()));
+    for budget in [2_000_000, 11_000_000] {
+        restore_then_cut_after(&cluster, BRANCH1, MAIN, budget, Direction::ClientToServer);
+        wait_until("main to stop applying after the cut", Duration::from_secs(60), || {
+            Ok(probe.int(MAIN, ACTIVE_PUSHES)? == 0)
+        });
+        let whole = complete_tags(&cluster, MAIN, &pushed);
+        eprintln!("t5: link cut after {budget} bytes pushed: main holds {whole} of 100 whole transactions");
+    }
+    link.restore();
+    converge(&cluster, &expected(&[("bulk", 2000)]), CONVERGE);
+
+    // Pull direction: branch1 fetches main's ~10 MB.
+    link.cut();
+    let pulled = 101..=150;
+    run_on(&cluster, MAIN, &tagged_bulk(MAIN, pulled.clone()));
+    restore_then_cut_after(&cluster, BRANCH1, MAIN, 1_500_000, Direction::ServerToClient);
+    let whole = complete_tags(&cluster, BRANCH1, &pulled);
+    eprintln!("t5: link cut after 1.5 MB fetched: branch1 holds {whole} of 50 whole transactions");
+    link.restore();
+    converge(&cluster, &expected(&[("bulk", 3000)]), CONVERGE);
+    assert_applied_exactly_once(&cluster, [50, 100, 0]);
+}
+
+// ---------------------------------------------------------------------------
+// 6. Full mesh: convergence, exactly once, and the change log drains.
+
+#[test]
+fn t6_full_mesh_converges_without_duplicates_and_change_log_drains() {
+    let cluster = start_store("t6_mesh", Topology::Mesh);
+    let work: Vec<(usize, Vec<String>)> = ALL.iter().map(|&k| (k, mixed_workload(k))).collect();
+    let committed = work.map_lens();
+    run_concurrently(&cluster, work);
+    for k in ALL {
+        assert_mixed_rows_on_writer(&cluster, k);
+    }
+    converge(&cluster, &mixed_expected(&[]), CONVERGE);
+    assert_applied_exactly_once(&cluster, committed);
+    wait_change_log_drained(&cluster, Duration::from_secs(60));
+    // Nothing was applied twice while the log drained.
+    assert_applied_exactly_once(&cluster, committed);
+}
+
+// ---------------------------------------------------------------------------
+// 7. Tables without a primary key.
+
+#[test]
+fn t7_unique_index_table_replicates_and_keyless_table_is_refused() {
+    let cluster = start_store("t7_no_pk", Topology::Star);
+    let work: Vec<(usize, Vec<String>)> = ALL
+        .iter()
+        .map(|&k| {
+            let b = base(k);
+            (
+                k,
+                vec![
+                    format!("INSERT INTO product_tag_rel SELECT {b} + i, t FROM generate_series(1, 50) i, generate_series(1, 2) t"),
+                    format!("DELETE FROM product_tag_rel WHERE tag_id = 2 AND product_id <= {b} + 20"),
+                    format!("UPDATE product_tag_rel SET tag_id = 9 WHERE product_id BETWEEN {b} + 21 AND {b} + 25 AND tag_id = 2"),
+                    format!(
+                        "BEGIN;
+                         DELETE FROM product_tag_rel WHERE product_id = {b} + 30 AND tag_id = 1;
+                         INSERT INTO product_tag_rel VALUES ({b} + 30, 1);
+                         COMMIT;"
+                    ),
+                ],
+            )
+        })
+        .collect();
+    run_concurrently(&cluster, work);
+    converge(&cluster, &expected(&[("product_tag_rel", 3 * 80)]), CONVERGE);
+    let deletes: Vec<(usize, Vec<String>)> = ALL
+        .iter()
+        .map(|&k| {
+            let b = base(k);
+            (
+                k,
+                vec![format!(
+                    "DELETE FROM product_tag_rel WHERE tag_id = 9 AND product_id >= {b} AND product_id < {b} + 1000000"
+                )],
+            )
+        })
+        .collect();
+    run_concurrently(&cluster, deletes);
+    converge(&cluster, &expected(&[("product_tag_rel", 3 * 75)]), CONVERGE);
+    assert_applied_exactly_once(&cluster, [5, 5, 5]);
+
+    let main = cluster.node(MAIN);
+    main.sql(
+        DB,
+        "CREATE TABLE no_key (a int, b text);
+         CREATE TABLE nullable_unique (a int UNIQUE, b text);",
+    );
+    for table in ["no_key", "nullable_unique"] {
+        let error = main
+            .connect(DB)
+            .execute(&format!("SELECT rbucardo.add_table('store', '{table}'::regclass)"))
+            .expect_err(&format!("add_table must refuse {table}"));
+        assert!(
+            error.contains("primary key"),
+            "refusing {table}: error does not mention \"primary key\": {error}"
+        );
+        let triggers = main.query_one(
+            DB,
+            &format!("SELECT count(*) FROM pg_trigger WHERE tgrelid = '{table}'::regclass"),
+        );
+        assert_eq!(triggers.as_deref(), Some("0"), "refused table {table} got a trigger");
+    }
+}
+
+// ---------------------------------------------------------------------------
+// 8. A corrupt batch is refused whole.
+
+/// A batch framed as the wire format says: magic, payload length and crc32
+/// (little endian), payload.
+fn framed(payload: &[u8]) -> Vec<u8> {
+    let mut out = b"RBC1".to_vec();
+    out.extend_from_slice(&(payload.len() as u32).to_le_bytes());
+    out.extend_from_slice(&crc32(payload).to_le_bytes());
+    out.extend_from_slice(payload);
+    out
+}
+
+fn push_sql(batch: &[u8]) -> String {
+    format!(
+        "SELECT * FROM rbucardo.peer_push('branch1', decode('{}', 'hex'))",
+        to_hex(batch)
+    )
+}
+
+#[test]
+fn t8_corrupt_batches_are_refused_whole() {
+    let cluster = start_store("t8_corrupt_batch", Topology::Star);
+    let (main, branch1) = (cluster.node(MAIN), cluster.node(BRANCH1));
+    let b1 = base(BRANCH1);
+    // branch1's worker must not ship these rows itself.
+    cluster.link(BRANCH1, MAIN).cut();
+    branch1.sql(
+        DB,
+        &format!(
+            "INSERT INTO users SELECT {b1} + i, 'b1_u' || i, 'User ' || i FROM generate_series(1, 50) i;
+             BEGIN;
+             INSERT INTO pos_order (id, node, ref) VALUES ({b1} + 1, 'branch1', 1), ({b1} + 2, 'branch1', 2);
+             INSERT INTO pos_order_line (id, order_id, qty) SELECT {b1} + l, {b1} + 1 + l % 2, l FROM generate_series(10, 15) l;
+             COMMIT;"
+        ),
+    );
+    let hex = branch1
+        .query_one(
+            DB,
+            "SELECT encode(rbucardo.peer_fetch('main', 0, 9223372036854775807, 8388608), 'hex')",
+        )
+        .expect("peer_fetch returned NULL");
+    let genuine = from_hex(&hex);
+    assert!(genuine.len() > 200, "batch of {} bytes is too small to hold the rows", genuine.len());
+
+    let state_sql = "SELECT in_tick, in_seq, applied_in FROM rbucardo.peer_state WHERE db = 'branch1'";
+    let state_before = main.query(DB, state_sql);
+    let users_before = main.dump_table(DB, "users", "id");
+
+    // The genuine batch is acceptable (applied, then rolled back), so the
+    // refusals below are about corruption and nothing else.
+    let mut conn = main.connect(DB);
+    conn.execute("BEGIN").unwrap();
+    conn.query(&push_sql(&genuine))
+        .unwrap_or_else(|e| panic!("the genuine batch was refused: {e}"));
+    let seen = conn
+        .query_one(&format!("SELECT count(*) FROM users WHERE id > {b1}"))
+        .unwrap();
+    assert_eq!(seen.as_deref(), Some("50"), "the genuine batch applies its rows");
+    conn.execute("ROLLBACK").unwrap();
+
+    let mut flipped = genuine.clone();
+    let middle = flipped.len() / 2;
+    flipped[middle] ^= 0x5a;
+    let mut bad_length = genuine.clone();
+    bad_length[5] ^= 0x01;
+    let cases: Vec<(&str, Vec<u8>)> = vec![
+        ("one byte flipped in the middle", flipped),
+        ("truncated to half", genuine[..genuine.len() / 2].to_vec()),
+        ("truncated by one byte", genuine[..genuine.len() - 1].to_vec()),
+        ("length field altered", bad_length),
+        ("random garbage", pseudo_random_bytes(genuine.len(), 0x5eed)),
+        ("garbage with a valid frame and checksum", framed(&pseudo_random_bytes(4000, 0xbad))),
+        ("empty", Vec::new()),
+    ];
+    for (what, bytes) in &cases {
+        let error = main
+            .connect(DB)
+            .query(&push_sql(bytes))
+            .expect_err(&format!("a batch {what} was accepted"));
+        assert!(
+            error.contains("refused a batch"),
+            "batch {what}: error does not say the batch was refused: {error}"
+        );
+    }
+    assert_eq!(main.dump_table(DB, "users", "id"), users_before, "main's users changed");
+    assert_eq!(main.query(DB, state_sql), state_before, "main's position in branch1's stream changed");
+
+    cluster.link(BRANCH1, MAIN).restore();
+    converge(
+        &cluster,
+        &expected(&[("users", 50), ("pos_order", 2), ("pos_order_line", 6)]),
+        CONVERGE,
+    );
+    assert_applied_exactly_once(&cluster, [0, 2, 0]);
+}

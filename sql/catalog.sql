@@ -50,6 +50,7 @@ CREATE SEQUENCE rbucardo.change_seq;
 CREATE TABLE rbucardo.change_log (
     seq          bigint PRIMARY KEY,
     txid         xid8 NOT NULL,
+    chunk_no     integer NOT NULL,  -- 0, 1, ... within its transaction
     final        boolean NOT NULL,
     origin       integer,           -- NULL for changes made on this node
     via          integer,           -- the peer it was received from; never sent back there

@@ -6,7 +6,8 @@ SELECT d.name,
        d.node_id,
        CASE WHEN d.conninfo IS NULL THEN NULL ELSE rbucardo.redact_conninfo(d.conninfo) END AS conninfo,
        d.conninfo IS NULL AS passive,
-       p.state,
+       CASE WHEN d.conninfo IS NULL AND (p.last_contact IS NULL OR p.last_contact < now() - interval '30 seconds')
+            THEN 'disconnected' ELSE p.state END AS state,
        p.last_contact,
        p.last_error
   FROM rbucardo.db d
@@ -29,12 +30,15 @@ CREATE VIEW rbucardo.status AS
 SELECT s.name AS sync,
        d.name AS db,
        CASE WHEN s.paused THEN 'paused'
-            WHEN p.state = 'connected' AND p.last_error IS NOT NULL THEN 'error'
+            -- A passive peer calls in at least every few seconds while it is up.
+            WHEN d.conninfo IS NULL AND (p.last_contact IS NULL OR p.last_contact < now() - interval '30 seconds')
+                THEN 'disconnected'
             ELSE coalesce(p.state, 'disconnected') END AS state,
        p.last_contact,
        (SELECT count(*) FROM rbucardo.change_log l
          WHERE l.final
-           AND (l.origin IS NULL OR l.origin IS DISTINCT FROM d.node_id)
+           AND l.origin IS DISTINCT FROM d.node_id
+           AND l.via IS DISTINCT FROM d.node_id
            AND NOT pg_visible_in_snapshot(l.txid, coalesce(
                  (SELECT t.snap FROM rbucardo.tick t
                    WHERE t.tick_id = CASE WHEN p.out_seq = 9223372036854775807 THEN p.out_tick ELSE p.out_tick - 1 END),

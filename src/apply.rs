@@ -32,7 +32,9 @@ struct LocalRel {
 /// Per-batch state: resolved tables and prepared statements.
 #[derive(Default)]
 struct Applier {
-    rels: HashMap<(String, String), LocalRel>,
+    /// Keyed by the whole description: two transactions of one batch may see a table with
+    /// different columns (a column was added in between).
+    rels: HashMap<RelDesc, LocalRel>,
     plans: HashMap<String, OwnedPreparedStatement>,
 }
 
@@ -42,8 +44,7 @@ fn quote(ident: &str) -> String {
 
 impl Applier {
     fn local_rel(&mut self, desc: &RelDesc) -> &LocalRel {
-        let key = (desc.schema.clone(), desc.name.clone());
-        if !self.rels.contains_key(&key) {
+        if !self.rels.contains_key(desc) {
             let qualified = format!("{}.{}", quote(&desc.schema), quote(&desc.name));
             let found: Option<Vec<Option<String>>> = Spi::get_one_with_args(
                 "SELECT array_agg((SELECT format_type(a.atttypid, a.atttypmod) FROM pg_attribute a
@@ -76,9 +77,9 @@ impl Applier {
                     })
                 })
                 .collect();
-            self.rels.insert(key.clone(), LocalRel { qualified, types });
+            self.rels.insert(desc.clone(), LocalRel { qualified, types });
         }
-        &self.rels[&key]
+        &self.rels[desc]
     }
 
     /// Runs `sql` (prepared once per batch) with text arguments; returns the rows affected.
@@ -249,7 +250,7 @@ pub fn apply_batch(me: i32, sender_db: &str, sender_node: i32, batch: &Batch) ->
             applier.apply_txn(client, txn);
             for (i, chunk) in txn.chunks.iter().enumerate() {
                 let source = changelog::Source { origin: txn.origin, origin_pos: txn.origin_pos, via: sender_node };
-                changelog::append(chunk, i + 1 == txn.chunks.len(), Some(source), txn.hlc);
+                changelog::append(chunk, i as i32, i + 1 == txn.chunks.len(), Some(source), txn.hlc);
             }
             crate::clock::observe(txn.hlc);
             progress.insert(txn.origin, txn.origin_pos);

@@ -39,8 +39,12 @@ struct TxState {
     active: bool,
     hlc: i64,
     ordinal: u32,
+    /// Chunks written so far.
+    chunks: i32,
     relations: Vec<RelDesc>,
-    rel_index: HashMap<u32, u32>,
+    /// Table oid to its entry in `relations`, with the description it was made from: a table
+    /// altered within the transaction gets a new entry for its later rows.
+    rel_index: HashMap<u32, (u32, Rc<CachedRel>)>,
     /// Buffered changes with the subtransaction that made them.
     pending: Vec<(pg_sys::SubTransactionId, RowChange)>,
     bytes: usize,
@@ -161,11 +165,15 @@ unsafe fn record(rel: pg_sys::Relation, op: Op, old: pg_sys::HeapTuple, new: pg_
             tx.active = true;
             tx.hlc = crate::clock::now();
         }
-        let next = tx.relations.len() as u32;
-        let relno = *tx.rel_index.entry(relid).or_insert(next);
-        if relno == next {
-            tx.relations.push(cached.desc.clone());
-        }
+        let relno = match tx.rel_index.get(&relid) {
+            Some((no, seen)) if Rc::ptr_eq(seen, &cached) => *no,
+            _ => {
+                let no = tx.relations.len() as u32;
+                tx.relations.push(cached.desc.clone());
+                tx.rel_index.insert(relid, (no, cached.clone()));
+                no
+            }
+        };
         tx.ordinal += 1;
         let ordinal = tx.ordinal;
         tx.pending.push((subid, RowChange { ordinal, rel: relno, op, old, new }));
@@ -180,19 +188,31 @@ unsafe fn record(rel: pg_sys::Relation, op: Op, old: pg_sys::HeapTuple, new: pg_
 /// Writes the buffered changes that belong to the current subtransaction (all of them at top
 /// level) to the change log as one chunk.
 fn flush(is_final: bool) {
-    let (chunk, hlc) = TX.with(|tx| {
+    let written = TX.with(|tx| {
         let mut tx = tx.borrow_mut();
         let current = unsafe { pg_sys::GetCurrentSubTransactionId() };
         let (mine, keep): (Vec<_>, Vec<_>) = std::mem::take(&mut tx.pending).into_iter().partition(|(s, _)| *s >= current);
         tx.pending = keep;
-        tx.bytes = 0;
+        // What stays buffered belongs to enclosing subtransactions; count it again so a
+        // large parent still spills when it is back at its own level.
+        tx.bytes = tx.pending.len() * 64;
+        if mine.is_empty() && !is_final {
+            return None;
+        }
         let chunk = Chunk { relations: tx.relations.clone(), changes: mine.into_iter().map(|(_, c)| c).collect() };
-        (chunk, tx.hlc)
+        tx.chunks += 1;
+        Some((crate::encoding::encode_chunk(&chunk), tx.chunks - 1, tx.hlc))
     });
-    if chunk.changes.is_empty() && !is_final {
-        return;
+    if let Some((data, chunk_no, hlc)) = written {
+        // The change log belongs to the extension, not to the user whose transaction this is.
+        unsafe {
+            let (mut user, mut context) = (pg_sys::InvalidOid, 0);
+            pg_sys::GetUserIdAndSecContext(&mut user, &mut context);
+            pg_sys::SetUserIdAndSecContext(pg_sys::Oid::from_u32(pg_sys::BOOTSTRAP_SUPERUSERID), context | pg_sys::SECURITY_LOCAL_USERID_CHANGE as i32);
+            changelog::append(&data, chunk_no, is_final, None, hlc);
+            pg_sys::SetUserIdAndSecContext(user, context);
+        }
     }
-    changelog::append(&crate::encoding::encode_chunk(&chunk), is_final, None, hlc);
 }
 
 #[pg_guard]

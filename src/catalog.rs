@@ -18,13 +18,19 @@ pub struct Me {
     pub name: String,
 }
 
+/// What tells this server apart from a physical copy of it: host name, system identifier,
+/// data directory and port. A copy keeps the system identifier, so one of the others must
+/// differ; moving a node (new host, directory or port) asks for init_node again, which keeps
+/// its identity if given the same name and id.
 fn fingerprint() -> String {
-    Spi::get_one::<String>(
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+    let server = Spi::get_one::<String>(
         "SELECT (SELECT system_identifier FROM pg_control_system())::text || ':' ||
                 current_setting('data_directory') || ':' || current_setting('port')",
     )
     .expect("reading the server fingerprint")
-    .unwrap_or_default()
+    .unwrap_or_default();
+    format!("{}:{server}", host.trim())
 }
 
 /// This node's identity, or why it may not replicate: not initialised, or a physical copy of
@@ -67,6 +73,24 @@ fn init_node(name: &str, node_id: i32) -> String {
         .unwrap_or(false)
     {
         raise(PgSqlErrorCode::ERRCODE_DUPLICATE_OBJECT, format!("a peer of this node already uses the name {name} or node id {node_id}"), "Every node needs a name and id of its own.");
+    }
+    // A new identity (a copy becoming a node of its own): what was queued here belongs to the
+    // node it was copied from, which still ships it; peers must be learned again. Progress per
+    // origin stays, because it describes the data this database holds.
+    let renamed = Spi::get_one_with_args::<bool>(
+        "SELECT node_id <> $1 OR name <> $2 FROM rbucardo.node",
+        &[node_id.into(), name.into()],
+    )
+    .unwrap_or(None)
+    .unwrap_or(false);
+    if renamed {
+        Spi::run(
+            "DELETE FROM rbucardo.change_log;
+             UPDATE rbucardo.db SET node_id = NULL;
+             UPDATE rbucardo.peer_state SET in_tick = 0, in_seq = 9223372036854775807,
+                    out_tick = 0, out_seq = 9223372036854775807, state = 'disconnected', last_error = NULL;",
+        )
+        .expect("resetting replication state");
     }
     Spi::run_with_args(
         "INSERT INTO rbucardo.node (node_id, name, fingerprint) VALUES ($1, $2, $3)

@@ -43,9 +43,9 @@ pub struct Source {
     pub via: i32,
 }
 
-/// Writes one chunk of the current transaction. `source` is `None` for changes made on this
-/// node.
-pub fn append(data: &[u8], is_final: bool, source: Option<Source>, hlc: i64) {
+/// Writes one chunk of a transaction: `chunk_no` counts the transaction's chunks from 0, the
+/// last one is `is_final`. `source` is `None` for changes made on this node.
+pub fn append(data: &[u8], chunk_no: i32, is_final: bool, source: Option<Source>, hlc: i64) {
     // The transaction id must exist before the seq is taken: readers rely on it.
     unsafe { pg_sys::GetTopTransactionId() };
     APPEND.with(|cell| {
@@ -54,9 +54,10 @@ pub fn append(data: &[u8], is_final: bool, source: Option<Source>, hlc: i64) {
             if cell.is_none() {
                 let stmt = client
                     .prepare_mut(
-                        "INSERT INTO rbucardo.change_log (seq, txid, final, origin, origin_tick, origin_seq, via, hlc, data)
-                         VALUES (nextval('rbucardo.change_seq'), pg_current_xact_id(), $1, $2, $3, $4, $5, $6, $7)",
+                        "INSERT INTO rbucardo.change_log (seq, txid, chunk_no, final, origin, origin_tick, origin_seq, via, hlc, data)
+                         VALUES (nextval('rbucardo.change_seq'), pg_current_xact_id(), $1, $2, $3, $4, $5, $6, $7, $8)",
                         &[
+                            pg_sys::INT4OID.into(),
                             pg_sys::BOOLOID.into(),
                             pg_sys::INT4OID.into(),
                             pg_sys::INT4OID.into(),
@@ -76,6 +77,7 @@ pub fn append(data: &[u8], is_final: bool, source: Option<Source>, hlc: i64) {
                     stmt,
                     None,
                     &[
+                        chunk_no.into(),
                         is_final.into(),
                         source.map(|o| o.origin).into(),
                         source.map(|o| o.origin_pos.tick).into(),
@@ -145,60 +147,78 @@ struct LoggedTxn {
 }
 
 /// The transactions of tick `k` whose final chunk comes after `after_seq`, in order, at most
-/// `limit` of them.
+/// `limit` of them. A transaction is identified by its local xid and, for forwarded ones, its
+/// origin position: one local apply transaction can hold several remote transactions.
 fn read_tick(k: i64, after_seq: i64, limit: i64) -> Vec<LoggedTxn> {
-    const BOUNDS: &str = "
-        WITH b AS (SELECT p.snap AS psnap, p.last_seq AS plast, c.snap AS csnap
-                     FROM rbucardo.tick p, rbucardo.tick c
-                    WHERE p.tick_id = $1 - 1 AND c.tick_id = $1)";
-    let finals = format!(
-        "{BOUNDS}
-         SELECT l.txid::text::bigint FROM rbucardo.change_log l, b
-          WHERE l.final AND l.seq > $2
-            AND (l.seq > b.plast OR l.txid = ANY (SELECT pg_snapshot_xip(b.psnap)))
-            AND pg_visible_in_snapshot(l.txid, b.csnap)
-            AND NOT pg_visible_in_snapshot(l.txid, b.psnap)
-          ORDER BY l.seq LIMIT $3"
-    );
     Spi::connect(|client| {
-        let txids: Vec<i64> = client
-            .select(finals.as_str(), None, &[k.into(), after_seq.into(), limit.into()])
-            .expect("reading a tick's transactions")
-            .map(|row| row.get::<i64>(1).unwrap().unwrap())
-            .collect();
-        if txids.is_empty() {
-            return Vec::new();
-        }
-        let rows = client
+        let (plast, xip) = client
             .select(
-                "SELECT txid::text::bigint, seq, final, origin, origin_tick, origin_seq, hlc, data, via
-                   FROM rbucardo.change_log
-                  WHERE txid = ANY ($1::bigint[]::text[]::xid8[])
-                  ORDER BY txid, seq",
+                "SELECT last_seq, ARRAY(SELECT x::text::bigint FROM pg_snapshot_xip(snap) x)
+                   FROM rbucardo.tick WHERE tick_id = $1 - 1",
                 None,
-                &[txids.clone().into()],
+                &[k.into()],
             )
-            .expect("reading chunks");
-        let mut by_txid: std::collections::HashMap<i64, LoggedTxn> = std::collections::HashMap::new();
-        for row in rows {
-            let txid = row.get::<i64>(1).unwrap().unwrap();
-            let seq = row.get::<i64>(2).unwrap().unwrap();
-            let is_final = row.get::<bool>(3).unwrap().unwrap();
-            let origin = row.get::<i32>(4).unwrap();
+            .expect("reading the previous tick")
+            .first()
+            .get_two::<i64, Vec<i64>>()
+            .expect("the previous tick exists");
+        let (plast, xip) = (plast.unwrap_or(0), xip.unwrap_or_default());
+        // Chunks up to the previous tick's last_seq can only belong to this tick if their
+        // transaction was running at the previous tick (usually none): skip them by index.
+        let long_running = if xip.is_empty() { "false" } else { "l.txid = ANY ($5::bigint[]::text[]::xid8[])" };
+        let finals = format!(
+            "SELECT l.txid::text::bigint, l.seq, l.chunk_no, l.origin, l.origin_tick, l.origin_seq, l.via, l.hlc, l.data
+               FROM rbucardo.change_log l
+              WHERE l.final AND l.seq > $2
+                AND (l.seq > $4 OR {long_running})
+                AND pg_visible_in_snapshot(l.txid, (SELECT snap FROM rbucardo.tick WHERE tick_id = $1))
+                AND NOT pg_visible_in_snapshot(l.txid, (SELECT snap FROM rbucardo.tick WHERE tick_id = $1 - 1))
+              ORDER BY l.seq LIMIT $3"
+        );
+        let mut out = Vec::new();
+        let mut multi = Vec::new();
+        for row in client
+            .select(finals.as_str(), None, &[k.into(), after_seq.into(), limit.into(), plast.into(), xip.into()])
+            .expect("reading a tick's transactions")
+        {
             let origin_pos = match (row.get::<i64>(5).unwrap(), row.get::<i64>(6).unwrap()) {
                 (Some(tick), Some(seq)) => Some(Position { tick, seq }),
                 _ => None,
             };
-            let hlc = row.get::<i64>(7).unwrap().unwrap();
-            let data = row.get::<Vec<u8>>(8).unwrap().unwrap();
-            let via = row.get::<i32>(9).unwrap();
-            let t = by_txid.entry(txid).or_insert_with(|| LoggedTxn { final_seq: 0, origin, origin_pos, via, hlc, chunks: Vec::new() });
-            t.chunks.push(data);
-            if is_final {
-                t.final_seq = seq;
+            let t = LoggedTxn {
+                final_seq: row.get::<i64>(2).unwrap().unwrap(),
+                origin: row.get::<i32>(4).unwrap(),
+                origin_pos,
+                via: row.get::<i32>(7).unwrap(),
+                hlc: row.get::<i64>(8).unwrap().unwrap(),
+                chunks: vec![row.get::<Vec<u8>>(9).unwrap().unwrap()],
+            };
+            if row.get::<i32>(3).unwrap().unwrap_or(0) > 0 {
+                multi.push((out.len(), row.get::<i64>(1).unwrap().unwrap()));
             }
+            out.push(t);
         }
-        txids.iter().filter_map(|x| by_txid.remove(x)).collect()
+        // Transactions that spilled earlier chunks: fetch those, in order, before the final one.
+        for (i, txid) in multi {
+            let t = &out[i];
+            let earlier: Vec<Vec<u8>> = client
+                .select(
+                    "SELECT data FROM rbucardo.change_log
+                      WHERE txid = $1::text::xid8 AND NOT final AND seq < $2
+                        AND origin IS NOT DISTINCT FROM $3 AND origin_tick IS NOT DISTINCT FROM $4
+                        AND origin_seq IS NOT DISTINCT FROM $5
+                      ORDER BY seq",
+                    None,
+                    &[txid.into(), t.final_seq.into(), t.origin.into(), t.origin_pos.map(|p| p.tick).into(), t.origin_pos.map(|p| p.seq).into()],
+                )
+                .expect("reading spilled chunks")
+                .map(|r| r.get::<Vec<u8>>(1).unwrap().unwrap())
+                .collect();
+            let last = out[i].chunks.pop().unwrap();
+            out[i].chunks = earlier;
+            out[i].chunks.push(last);
+        }
+        out
     })
 }
 

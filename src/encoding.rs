@@ -19,7 +19,7 @@ pub enum Op {
 }
 
 /// A table as the capturing node saw it: peers resolve it by name, not by oid.
-#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq, Hash)]
 pub struct RelDesc {
     pub schema: String,
     pub name: String,

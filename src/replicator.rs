@@ -109,7 +109,7 @@ impl Replicator {
             match exchange(link, &me) {
                 Ok(()) => report(slot, &peer.name, "connected", None),
                 Err(e) => {
-                    let broken = link.conn.as_ref().is_none_or(|c| c.is_broken()) || e.starts_with("link:");
+                    let broken = link.conn.as_ref().is_none_or(|c| c.is_broken());
                     if broken {
                         slot.link = None;
                         slot.next_attempt = Instant::now() + slot.backoff;

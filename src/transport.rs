@@ -22,7 +22,27 @@ pub const BATCH_BYTES: usize = 8 << 20;
 /// alone, up to this size).
 pub const MAX_BATCH_BYTES: usize = 512 << 20;
 
+/// The caller must be who it says it is: a superuser, or the login role named after the peer
+/// (each branch connects as its own role, member of rbucardo_peer).
+fn check_caller(peer_name: &str) {
+    let allowed = Spi::get_one_with_args::<bool>(
+        "SELECT r.rolsuper OR r.rolname = $1 FROM pg_catalog.pg_roles r WHERE r.rolname = session_user",
+        &[peer_name.into()],
+    )
+    .ok()
+    .flatten()
+        == Some(true);
+    if !allowed {
+        raise(
+            PgSqlErrorCode::ERRCODE_INSUFFICIENT_PRIVILEGE,
+            format!("this session may not act as peer {peer_name}"),
+            format!("Connect as the role named {peer_name} (a member of rbucardo_peer) or as a superuser."),
+        );
+    }
+}
+
 fn peer_node(peer_name: &str) -> i32 {
+    check_caller(peer_name);
     Spi::get_one_with_args::<i32>(
         "SELECT d.node_id FROM rbucardo.db d WHERE d.name = $1
             AND EXISTS (SELECT 1 FROM rbucardo.sync s WHERE d.name = ANY (s.dbs) AND NOT s.paused)",
@@ -50,7 +70,9 @@ fn touch(peer_name: &str) {
 /// First call of a session: both sides learn each other's node id, and a node that is a copy
 /// of another (or not initialised) is refused before any data moves.
 #[pg_extern(volatile, security_definer)]
+#[search_path(pg_catalog, pg_temp)]
 fn peer_hello(peer_name: &str, peer_node_id: i32) -> TableIterator<'static, (name!(name, String), name!(node_id, i32))> {
+    check_caller(peer_name);
     let me = catalog::me_or_raise();
     if peer_node_id == me.id {
         raise(PgSqlErrorCode::ERRCODE_PROTOCOL_VIOLATION, format!("peer {peer_name} uses this node's id {}", me.id), "Every node needs its own node id (rbucardo.init_node).");
@@ -63,6 +85,7 @@ fn peer_hello(peer_name: &str, peer_node_id: i32) -> TableIterator<'static, (nam
 /// This node's stream after the given position, as a framed batch, leaving out the caller's
 /// own changes. The position is also the caller's confirmation of everything up to it.
 #[pg_extern(volatile, security_definer)]
+#[search_path(pg_catalog, pg_temp)]
 fn peer_fetch(peer_name: &str, after_tick: i64, after_seq: i64, max_bytes: i32) -> Vec<u8> {
     let me = catalog::me_or_raise();
     let node = peer_node(peer_name);
@@ -75,7 +98,9 @@ fn peer_fetch(peer_name: &str, after_tick: i64, after_seq: i64, max_bytes: i32) 
 
 /// Where this node stands in the caller's stream: the caller pushes from there.
 #[pg_extern(volatile, security_definer)]
+#[search_path(pg_catalog, pg_temp)]
 fn peer_position(peer_name: &str) -> TableIterator<'static, (name!(tick, i64), name!(seq, i64))> {
+    catalog::me_or_raise();
     peer_node(peer_name);
     touch(peer_name);
     let (t, s) = Spi::get_two_with_args::<i64, i64>("SELECT in_tick, in_seq FROM rbucardo.peer_state WHERE db = $1", &[peer_name.into()])
@@ -85,6 +110,7 @@ fn peer_position(peer_name: &str) -> TableIterator<'static, (name!(tick, i64), n
 
 /// Applies a batch of the caller's stream here, atomically; returns the new position.
 #[pg_extern(volatile, security_definer)]
+#[search_path(pg_catalog, pg_temp)]
 fn peer_push(peer_name: &str, batch: &[u8]) -> TableIterator<'static, (name!(tick, i64), name!(seq, i64))> {
     let me = catalog::me_or_raise();
     let node = peer_node(peer_name);

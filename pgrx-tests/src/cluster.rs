@@ -199,6 +199,13 @@ impl Drop for Cluster {
         for node in &self.nodes {
             node.shut_down_for_good();
         }
+        // A crashed backend or worker makes PostgreSQL restart every process of that server:
+        // tests would often still converge afterwards, so look for it explicitly.
+        let crashes: Vec<String> = self.nodes.iter().flat_map(|n| crash_lines(n)).collect();
+        if !crashes.is_empty() && !std::thread::panicking() {
+            eprintln!("rbucardo-cluster-tests: keeping {}", self.dir.display());
+            panic!("a server process crashed during the test:\n{}", crashes.join("\n"));
+        }
         if std::thread::panicking() {
             eprintln!(
                 "rbucardo-cluster-tests: test failed, keeping {}",
@@ -218,6 +225,15 @@ impl Drop for Cluster {
             );
         }
     }
+}
+
+/// Server log lines that mean a process of the server died abnormally.
+fn crash_lines(node: &Node) -> Vec<String> {
+    let log = fs::read_to_string(node.log_path()).unwrap_or_default();
+    log.lines()
+        .filter(|l| l.contains("was terminated by signal") || l.contains("PANIC:") || (l.contains("exited with exit code") && !l.contains("exit code 0") && !l.contains("exit code 1")))
+        .map(|l| format!("  {}: {l}", node.name()))
+        .collect()
 }
 
 /// A fresh, empty directory for one cluster, owned by the server user:

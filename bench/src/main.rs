@@ -1,0 +1,132 @@
+//! Benchmarks that need several servers: they print figures, each beside a baseline measured in
+//! the same run, and assert nothing.
+//!
+//!   cargo run --release -p rbucardo-bench -- latency [rounds]
+//!   cargo run --release -p rbucardo-bench -- catchup [transactions]
+//!
+//! The extension must be installed (`bash scripts/test.sh` or `cargo pgrx install --release`).
+
+use std::time::{Duration, Instant};
+
+use rbucardo_cluster_tests::{wait_until, Cluster, Conn};
+
+const DB: &str = "bench";
+
+/// main (0) + branches, in a star: each branch connects to main through its link proxy.
+fn star(name: &str, branches: usize) -> Cluster {
+    let mut names = vec!["main".to_string()];
+    names.extend((1..=branches).map(|i| format!("branch{i}")));
+    let refs: Vec<&str> = names.iter().map(String::as_str).collect();
+    let cluster = Cluster::builder(name).node_names(&refs).extra_conf("shared_buffers = 256MB\nmax_wal_size = 4GB").start();
+    for (i, n) in names.iter().enumerate() {
+        let node = cluster.node(i);
+        node.createdb(DB);
+        node.sql(DB, "CREATE EXTENSION rbucardo");
+        node.sql(DB, "CREATE TABLE item (id bigint PRIMARY KEY, node int NOT NULL, qty int NOT NULL, note text, at timestamptz DEFAULT clock_timestamp())");
+        node.sql(DB, &format!("SELECT rbucardo.init_node('{n}', {})", i + 1));
+        node.sql(DB, "SELECT rbucardo.add_herd('h'); SELECT rbucardo.add_table('h', 'item')");
+    }
+    let all: Vec<String> = names.iter().map(|n| format!("'{n}'")).collect();
+    for (i, n) in names.iter().enumerate().skip(1) {
+        cluster.node(0).sql(DB, &format!("SELECT rbucardo.add_db('{n}')"));
+        let conninfo = cluster.link_conninfo(i, 0, DB);
+        cluster.node(i).sql(DB, &format!("SELECT rbucardo.add_db('main', '{conninfo}')"));
+        cluster.node(i).sql(DB, &format!("SELECT rbucardo.add_sync('s', 'h', ARRAY['main', '{n}'])"));
+    }
+    cluster.node(0).sql(DB, &format!("SELECT rbucardo.add_sync('s', 'h', ARRAY[{}])", all.join(", ")));
+    cluster
+}
+
+fn count(conn: &mut Conn, sql: &str) -> i64 {
+    conn.query_one(sql).expect("query").and_then(|v| v.parse().ok()).unwrap_or(0)
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
+}
+
+/// Time from a commit on branch1 until the row is visible on main (one hop) and on branch2
+/// (two hops, forwarded by main). Baseline: a local INSERT + SELECT round trip on branch1.
+fn latency(rounds: usize) {
+    let cluster = star("bench-latency", 2);
+    let (mut b1, mut main, mut b2) = (cluster.node(1).connect(DB), cluster.node(0).connect(DB), cluster.node(2).connect(DB));
+    wait_until("branches connected", Duration::from_secs(60), || {
+        Ok(count(&mut main, "SELECT count(*) FROM rbucardo.peer_state WHERE last_contact IS NOT NULL") == 2)
+    });
+    let (mut local, mut one, mut two) = (Vec::new(), Vec::new(), Vec::new());
+    for i in 0..rounds as i64 {
+        let t0 = Instant::now();
+        b1.execute(&format!("INSERT INTO item (id, node, qty) VALUES ({i}, 2, 1)")).unwrap();
+        local.push(t0.elapsed());
+        let probe = format!("SELECT count(*) FROM item WHERE id = {i}");
+        let (mut seen_main, mut seen_b2) = (None, None);
+        while seen_b2.is_none() || seen_main.is_none() {
+            if seen_main.is_none() && count(&mut main, &probe) == 1 {
+                seen_main = Some(t0.elapsed());
+            }
+            if seen_b2.is_none() && count(&mut b2, &probe) == 1 {
+                seen_b2 = Some(t0.elapsed());
+            }
+            assert!(t0.elapsed() < Duration::from_secs(30), "row {i} did not arrive within 30 s");
+        }
+        one.push(seen_main.unwrap());
+        two.push(seen_b2.unwrap());
+    }
+    for v in [&mut local, &mut one, &mut two] {
+        v.sort();
+    }
+    println!("latency over {rounds} single-row transactions (median / p95):");
+    println!("  baseline: local commit on branch1        {:>8.2?} / {:>8.2?}", percentile(&local, 0.5), percentile(&local, 0.95));
+    println!("  branch1 -> main                          {:>8.2?} / {:>8.2?}", percentile(&one, 0.5), percentile(&one, 0.95));
+    println!("  branch1 -> main -> branch2               {:>8.2?} / {:>8.2?}", percentile(&two, 0.5), percentile(&two, 0.95));
+}
+
+/// Catch-up rate after an outage: with branch1's link cut, branch1 commits `txns` transactions
+/// of 10 row changes each (7 inserts, 2 updates, 1 delete); the link is restored and the time
+/// until main has every row is measured. Baseline: how long branch1 took to commit them.
+fn catchup(txns: usize) {
+    let cluster = star("bench-catchup", 1);
+    let (mut main, mut b1) = (cluster.node(0).connect(DB), cluster.node(1).connect(DB));
+    wait_until("branch connected", Duration::from_secs(60), || {
+        Ok(count(&mut main, "SELECT count(*) FROM rbucardo.peer_state WHERE last_contact IS NOT NULL") == 1)
+    });
+    cluster.link(1, 0).cut();
+    let t0 = Instant::now();
+    b1.execute(&format!(
+        "DO $$ BEGIN FOR t IN 0 .. {} LOOP
+             INSERT INTO item (id, node, qty, note) SELECT t * 10 + g, 2, g, 'sale ' || t FROM generate_series(0, 6) g;
+             UPDATE item SET qty = qty + 1 WHERE id IN (t * 10, t * 10 + 1);
+             DELETE FROM item WHERE id = t * 10 + 6;
+             COMMIT;
+         END LOOP; END $$",
+        txns - 1
+    ))
+    .unwrap();
+    let write = t0.elapsed();
+    let changes = txns as f64 * 10.0;
+    let want = count(&mut b1, "SELECT count(*) FROM item");
+    let want_sum = count(&mut b1, "SELECT sum(qty) FROM item");
+    let backlog = count(&mut b1, "SELECT pg_total_relation_size('rbucardo.change_log')");
+    cluster.link(1, 0).restore();
+    let t1 = Instant::now();
+    wait_until("main caught up", Duration::from_secs(1800), || {
+        Ok(count(&mut main, "SELECT count(*) FROM item") == want && count(&mut main, "SELECT sum(qty) FROM item") == want_sum)
+    });
+    let catch = t1.elapsed();
+    println!("catch-up of {txns} transactions ({changes} row changes, change log {:.1} MB):", backlog as f64 / 1e6);
+    println!("  baseline: committing them on branch1     {:>8.2?}  ({:>9.0} changes/s)", write, changes / write.as_secs_f64());
+    println!("  replicating them to main after restore   {:>8.2?}  ({:>9.0} changes/s)", catch, changes / catch.as_secs_f64());
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    let n = |default| args.get(2).and_then(|s| s.parse().ok()).unwrap_or(default);
+    match args.get(1).map(String::as_str) {
+        Some("latency") => latency(n(200)),
+        Some("catchup") => catchup(n(20_000)),
+        _ => {
+            eprintln!("usage: rbucardo-bench latency [rounds] | catchup [transactions]");
+            std::process::exit(2);
+        }
+    }
+}

@@ -18,10 +18,12 @@ use crate::encoding::{Batch, Position, Txn};
 pub const DONE: i64 = i64::MAX;
 
 /// The newest tick and whether a new one is needed: chunks were written since it, or a
-/// transaction running at its snapshot has finished since.
+/// transaction that was running at its snapshot has finished since (one listed in the
+/// snapshot, or one past its xmax: then the xmax of a snapshot taken now is higher).
 const TICK_NEEDED: &str = "
     SELECT t.tick_id,
            (SELECT CASE WHEN is_called THEN last_value ELSE 0 END FROM rbucardo.change_seq) > t.last_seq
+           OR pg_snapshot_xmax(pg_current_snapshot()) > pg_snapshot_xmax(t.snap)
            OR EXISTS (SELECT 1 FROM pg_snapshot_xip(t.snap) x
                        WHERE pg_xact_status(x) IS DISTINCT FROM 'in progress')
       FROM rbucardo.tick t";
@@ -151,26 +153,32 @@ struct LoggedTxn {
 /// origin position: one local apply transaction can hold several remote transactions.
 fn read_tick(k: i64, after_seq: i64, limit: i64) -> Vec<LoggedTxn> {
     Spi::connect(|client| {
-        let (plast, xip) = client
+        let (plast, xip, xmax) = client
             .select(
-                "SELECT last_seq, ARRAY(SELECT x::text::bigint FROM pg_snapshot_xip(snap) x)
+                "SELECT last_seq, ARRAY(SELECT x::text::bigint FROM pg_snapshot_xip(snap) x),
+                        pg_snapshot_xmax(snap)::text::bigint
                    FROM rbucardo.tick WHERE tick_id = $1 - 1",
                 None,
                 &[k.into()],
             )
             .expect("reading the previous tick")
             .first()
-            .get_two::<i64, Vec<i64>>()
+            .get_three::<i64, Vec<i64>, i64>()
             .expect("the previous tick exists");
-        let (plast, xip) = (plast.unwrap_or(0), xip.unwrap_or_default());
-        // Chunks up to the previous tick's last_seq can only belong to this tick if their
-        // transaction was running at the previous tick (usually none): skip them by index.
-        let long_running = if xip.is_empty() { "false" } else { "l.txid = ANY ($5::bigint[]::text[]::xid8[])" };
+        let (plast, xip, xmax) = (plast.unwrap_or(0), xip.unwrap_or_default(), xmax.unwrap_or(0));
+        // A chunk written before the previous tick read last_seq belongs to this tick only if
+        // its transaction was running at the previous tick: listed in its snapshot, or at or
+        // past its xmax. Both are found by the txid index; everything else by the seq index.
+        let running = if xip.is_empty() {
+            "l.txid >= $6::text::xid8"
+        } else {
+            "(l.txid >= $6::text::xid8 OR l.txid = ANY ($5::bigint[]::text[]::xid8[]))"
+        };
         let finals = format!(
             "SELECT l.txid::text::bigint, l.seq, l.chunk_no, l.origin, l.origin_tick, l.origin_seq, l.via, l.hlc, l.data
                FROM rbucardo.change_log l
               WHERE l.final AND l.seq > $2
-                AND (l.seq > $4 OR {long_running})
+                AND (l.seq > $4 OR {running})
                 AND pg_visible_in_snapshot(l.txid, (SELECT snap FROM rbucardo.tick WHERE tick_id = $1))
                 AND NOT pg_visible_in_snapshot(l.txid, (SELECT snap FROM rbucardo.tick WHERE tick_id = $1 - 1))
               ORDER BY l.seq LIMIT $3"
@@ -178,7 +186,7 @@ fn read_tick(k: i64, after_seq: i64, limit: i64) -> Vec<LoggedTxn> {
         let mut out = Vec::new();
         let mut multi = Vec::new();
         for row in client
-            .select(finals.as_str(), None, &[k.into(), after_seq.into(), limit.into(), plast.into(), xip.into()])
+            .select(finals.as_str(), None, &[k.into(), after_seq.into(), limit.into(), plast.into(), xip.into(), xmax.into()])
             .expect("reading a tick's transactions")
         {
             let origin_pos = match (row.get::<i64>(5).unwrap(), row.get::<i64>(6).unwrap()) {

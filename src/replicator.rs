@@ -103,9 +103,6 @@ impl Replicator {
                 }
             }
             let link = slot.link.as_mut().unwrap();
-            if let Some(c) = link.conn.as_mut() {
-                c.notifications();
-            }
             match exchange(link, &me) {
                 Ok(()) => report(slot, &peer.name, "connected", None),
                 Err(e) => {
@@ -131,8 +128,17 @@ impl Replicator {
         nap
     }
 
-    /// Sleeps until the latch is set, a peer notifies us, or `nap` passes.
+    /// Sleeps until the latch is set, a peer notifies us, or `nap` passes. A notification that
+    /// libpq already read during the last round (while waiting for a query result) no longer
+    /// makes the socket readable, so those are checked first.
     pub fn wait(&mut self, nap: Duration) -> Result<(), PeerError> {
+        let mut pending = false;
+        for conn in self.links.values_mut().filter_map(|s| s.link.as_mut()?.conn.as_mut()) {
+            pending |= !conn.notifications().is_empty();
+        }
+        if pending {
+            return Ok(());
+        }
         let conns: Vec<_> = self.links.values().filter_map(|s| s.link.as_ref()?.conn.as_ref()).collect();
         wait_for_activity(&conns, nap)
     }

@@ -120,6 +120,21 @@ fn t2_branch_links_cut_during_100k_changes_per_node_then_catch_up() {
     let restored = Instant::now();
     cluster.link(BRANCH1, MAIN).restore();
     cluster.link(BRANCH2, MAIN).restore();
+    // Measured on its own too: main receives both branches' changes directly.
+    let mut probe = Probe::new(&cluster);
+    let main_full = format!(
+        "SELECT count(*) FROM pos_order_line WHERE id >= {} AND id < {}",
+        base(BRANCH1),
+        base(BRANCH2) + 1_000_000
+    );
+    wait_until("main to hold both branches' lines", Duration::from_secs(240), || {
+        Ok(probe.int(MAIN, &main_full)? == 2 * 83_200)
+    });
+    let secs = restored.elapsed().as_secs_f64();
+    eprintln!(
+        "t2 catch-up on main: the branches' 200,000 row changes applied {secs:.1}s after the links returned: {:.0} changes/s",
+        200_000.0 / secs
+    );
     let want = expected(&[("pos_order", 3 * 1800), ("pos_order_line", 3 * 83_200)]);
     converge(&cluster, &want, Duration::from_secs(240));
     let secs = restored.elapsed().as_secs_f64();
@@ -188,6 +203,72 @@ fn t3_long_open_transaction_arrives_after_later_commits() {
         assert_eq!(len.as_deref(), Some("9000000"), "{}", NODE_NAMES[i]);
     }
     assert_applied_exactly_once(&cluster, [1, 4, 1]);
+}
+
+/// The tick technique's edge: a transaction whose changes were numbered in
+/// the change log (at pre-commit) but which becomes visible only after a later
+/// tick was cut must still be shipped, without any further traffic.
+///
+/// `synchronous_standby_names` names a standby that never connects, and one
+/// session runs with `synchronous_commit = on`: its COMMIT then waits after
+/// the change log insert and the commit record, while every snapshot still
+/// sees it running, until `pg_cancel_backend` releases it. Everything else
+/// runs with `synchronous_commit = local`, which does not wait.
+#[test]
+fn t3b_commit_that_becomes_visible_after_a_later_tick_is_still_shipped() {
+    let cluster = start_store_with(
+        "t3b_delayed_commit",
+        Topology::Star,
+        "synchronous_standby_names = 'nobody'\nsynchronous_commit = local",
+    );
+    let main = cluster.node(MAIN);
+    let b0 = base(MAIN);
+    let mut probe = Probe::new(&cluster);
+    for round in 1..=5 {
+        let id = b0 + round;
+        let mut conn = main.connect(DB);
+        let pid = conn.query_one("SELECT pg_backend_pid()").unwrap().unwrap();
+        let xid = conn
+            .query_one(&format!(
+                "SET synchronous_commit = on;
+                 BEGIN;
+                 INSERT INTO users VALUES ({id}, 'm_delayed_{round}', 'commit delayed');
+                 SELECT pg_current_xact_id();"
+            ))
+            .unwrap()
+            .unwrap();
+        let committer = std::thread::spawn(move || conn.execute("COMMIT"));
+        wait_until(&format!("round {round}: COMMIT waiting for the standby"), Duration::from_secs(30), || {
+            Ok(probe.int(MAIN, &format!("SELECT count(*) FROM pg_stat_activity WHERE pid = {pid} AND wait_event = 'SyncRep'"))? == 1)
+        });
+        // Its changes are numbered; wait for a sync round to cut a tick past them.
+        let numbered = probe.int(MAIN, "SELECT last_value FROM rbucardo.change_seq").unwrap();
+        wait_until(&format!("round {round}: a tick covering change seq {numbered}"), Duration::from_secs(30), || {
+            Ok(probe.int(MAIN, "SELECT coalesce(max(last_seq), 0) FROM rbucardo.tick")? >= numbered)
+        });
+        let tick = main.query(DB, "SELECT tick_id, snap::text, last_seq FROM rbucardo.tick ORDER BY tick_id DESC LIMIT 1");
+        eprintln!("t3b round {round}: delayed xid {xid}, change seq {numbered}; newest tick {tick:?}; lib {:?}",
+            main.query_one(DB, "SELECT setting FROM pg_config WHERE name = 'PKGLIBDIR'"));
+        eprintln!("  xmins: {:?}", main.query(DB, "SELECT 'peer_state ' || db, xmin::text FROM rbucardo.peer_state UNION ALL SELECT 'tick ' || tick_id, xmin::text FROM rbucardo.tick UNION ALL SELECT 'db ' || name, xmin::text FROM rbucardo.db UNION ALL SELECT 'origin_progress ' || origin, xmin::text FROM rbucardo.origin_progress"));
+        main.sql(DB, &format!("SELECT pg_cancel_backend({pid})"));
+        committer
+            .join()
+            .unwrap()
+            .unwrap_or_else(|e| panic!("round {round}: the delayed COMMIT failed: {e}"));
+        assert_eq!(main.query_one(DB, &format!("SELECT count(*) FROM users WHERE id = {id}")).as_deref(), Some("1"));
+        for i in [BRANCH1, BRANCH2] {
+            let what = format!(
+                "round {round}: the delayed transaction (xid {xid}, user {id}) on {}; \
+                 it committed after tick (id, snapshot, last_seq) {tick:?} was cut",
+                NODE_NAMES[i]
+            );
+            wait_until(&what, Duration::from_secs(30), || {
+                Ok(probe.int(i, &format!("SELECT count(*) FROM users WHERE id = {id}"))? == 1)
+            });
+        }
+    }
+    converge(&cluster, &expected(&[("users", 5)]), CONVERGE);
+    assert_applied_exactly_once(&cluster, [5, 0, 0]);
 }
 
 // ---------------------------------------------------------------------------
@@ -504,11 +585,15 @@ fn t8_corrupt_batches_are_refused_whole() {
     let b1 = base(BRANCH1);
     // branch1's worker must not ship these rows itself.
     cluster.link(BRANCH1, MAIN).cut();
+    // Two transactions.
+    branch1.sql(
+        DB,
+        &format!("INSERT INTO users SELECT {b1} + i, 'b1_u' || i, 'User ' || i FROM generate_series(1, 50) i"),
+    );
     branch1.sql(
         DB,
         &format!(
-            "INSERT INTO users SELECT {b1} + i, 'b1_u' || i, 'User ' || i FROM generate_series(1, 50) i;
-             BEGIN;
+            "BEGIN;
              INSERT INTO pos_order (id, node, ref) VALUES ({b1} + 1, 'branch1', 1), ({b1} + 2, 'branch1', 2);
              INSERT INTO pos_order_line (id, order_id, qty) SELECT {b1} + l, {b1} + 1 + l % 2, l FROM generate_series(10, 15) l;
              COMMIT;"

@@ -125,7 +125,15 @@ fn peers_of(cluster: &Cluster, topology: Topology, i: usize) -> Vec<(usize, Opti
 /// herd holding every table and one sync, wired as `topology`; returns once
 /// every link has connected.
 pub fn start_store(test: &str, topology: Topology) -> Cluster {
-    let cluster = Cluster::start_named(test, &NODE_NAMES);
+    start_store_with(test, topology, "")
+}
+
+/// `start_store` with extra postgresql.conf lines on every node.
+pub fn start_store_with(test: &str, topology: Topology, extra_conf: &str) -> Cluster {
+    let cluster = Cluster::builder(test)
+        .node_names(&NODE_NAMES)
+        .extra_conf(extra_conf)
+        .start();
     // Create every link proxy before the threads need them.
     let peers: Vec<_> = ALL
         .iter()

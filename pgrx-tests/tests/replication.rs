@@ -104,7 +104,7 @@ fn t2_branch_links_cut_during_100k_changes_per_node_then_catch_up() {
 
     let work: Vec<(usize, Vec<String>)> =
         ALL.iter().map(|&k| (k, hundred_thousand_changes(k))).collect();
-    let committed = work.map_lens();
+    let committed = committed_per_node(&work);
     let writing = Instant::now();
     run_concurrently(&cluster, work);
     eprintln!(
@@ -145,19 +145,13 @@ fn t2_branch_links_cut_during_100k_changes_per_node_then_catch_up() {
     assert_applied_exactly_once(&cluster, committed);
 }
 
-trait MapLens {
-    fn map_lens(&self) -> [i64; 3];
-}
-
-impl MapLens for Vec<(usize, Vec<String>)> {
-    /// Transactions per node, indexed by node.
-    fn map_lens(&self) -> [i64; 3] {
-        let mut out = [0; 3];
-        for (k, txns) in self {
-            out[*k] += txns.len() as i64;
-        }
-        out
+/// Transactions per node in a workload, indexed by node.
+fn committed_per_node(work: &[(usize, Vec<String>)]) -> [i64; 3] {
+    let mut out = [0; 3];
+    for (k, txns) in work {
+        out[*k] += txns.len() as i64;
     }
+    out
 }
 
 // ---------------------------------------------------------------------------
@@ -213,7 +207,10 @@ fn t3_long_open_transaction_arrives_after_later_commits() {
 /// session runs with `synchronous_commit = on`: its COMMIT then waits after
 /// the change log insert and the commit record, while every snapshot still
 /// sees it running, until `pg_cancel_backend` releases it. Everything else
-/// runs with `synchronous_commit = local`, which does not wait.
+/// runs with `synchronous_commit = local`, which does not wait. While it waits,
+/// the test fetches from main as branch1's worker does every round (calling
+/// `peer_fetch` itself to choose the moment: right away, before unrelated
+/// transactions commit), which cuts a tick past the waiting transaction.
 #[test]
 fn t3b_commit_that_becomes_visible_after_a_later_tick_is_still_shipped() {
     let cluster = start_store_with(
@@ -241,15 +238,18 @@ fn t3b_commit_that_becomes_visible_after_a_later_tick_is_still_shipped() {
         wait_until(&format!("round {round}: COMMIT waiting for the standby"), Duration::from_secs(30), || {
             Ok(probe.int(MAIN, &format!("SELECT count(*) FROM pg_stat_activity WHERE pid = {pid} AND wait_event = 'SyncRep'"))? == 1)
         });
-        // Its changes are numbered; wait for a sync round to cut a tick past them.
+        // Its changes are numbered; a peer fetches now, which cuts a tick.
         let numbered = probe.int(MAIN, "SELECT last_value FROM rbucardo.change_seq").unwrap();
-        wait_until(&format!("round {round}: a tick covering change seq {numbered}"), Duration::from_secs(30), || {
-            Ok(probe.int(MAIN, "SELECT coalesce(max(last_seq), 0) FROM rbucardo.tick")? >= numbered)
-        });
+        probe
+            .query(
+                MAIN,
+                "SELECT length(rbucardo.peer_fetch('branch1', out_tick, out_seq, 1000))
+                   FROM rbucardo.peer_state WHERE db = 'branch1'",
+            )
+            .unwrap();
         let tick = main.query(DB, "SELECT tick_id, snap::text, last_seq FROM rbucardo.tick ORDER BY tick_id DESC LIMIT 1");
-        eprintln!("t3b round {round}: delayed xid {xid}, change seq {numbered}; newest tick {tick:?}; lib {:?}",
-            main.query_one(DB, "SELECT setting FROM pg_config WHERE name = 'PKGLIBDIR'"));
-        eprintln!("  xmins: {:?}", main.query(DB, "SELECT 'peer_state ' || db, xmin::text FROM rbucardo.peer_state UNION ALL SELECT 'tick ' || tick_id, xmin::text FROM rbucardo.tick UNION ALL SELECT 'db ' || name, xmin::text FROM rbucardo.db UNION ALL SELECT 'origin_progress ' || origin, xmin::text FROM rbucardo.origin_progress"));
+        let covered = probe.int(MAIN, "SELECT coalesce(max(last_seq), 0) FROM rbucardo.tick").unwrap();
+        assert!(covered >= numbered, "round {round}: no tick covers change seq {numbered}: {tick:?}");
         main.sql(DB, &format!("SELECT pg_cancel_backend({pid})"));
         committer
             .join()
@@ -259,7 +259,7 @@ fn t3b_commit_that_becomes_visible_after_a_later_tick_is_still_shipped() {
         for i in [BRANCH1, BRANCH2] {
             let what = format!(
                 "round {round}: the delayed transaction (xid {xid}, user {id}) on {}; \
-                 it committed after tick (id, snapshot, last_seq) {tick:?} was cut",
+                 it committed after the tick (id, snapshot, last_seq) {tick:?} was cut",
                 NODE_NAMES[i]
             );
             wait_until(&what, Duration::from_secs(30), || {
@@ -479,7 +479,7 @@ fn t5_link_cut_mid_batch_applies_nothing_partial() {
 fn t6_full_mesh_converges_without_duplicates_and_change_log_drains() {
     let cluster = start_store("t6_mesh", Topology::Mesh);
     let work: Vec<(usize, Vec<String>)> = ALL.iter().map(|&k| (k, mixed_workload(k))).collect();
-    let committed = work.map_lens();
+    let committed = committed_per_node(&work);
     run_concurrently(&cluster, work);
     for k in ALL {
         assert_mixed_rows_on_writer(&cluster, k);
@@ -599,10 +599,15 @@ fn t8_corrupt_batches_are_refused_whole() {
              COMMIT;"
         ),
     );
+    // branch1's real batch, from where main stands in branch1's stream (what
+    // branch1's worker would push next; the stream's start, (0, 9223372036854775807),
+    // may already be trimmed).
+    let in_state = main.query(DB, "SELECT in_tick, in_seq FROM rbucardo.peer_state WHERE db = 'branch1'");
+    let (tick, seq) = (in_state[0][0].clone().unwrap(), in_state[0][1].clone().unwrap());
     let hex = branch1
         .query_one(
             DB,
-            "SELECT encode(rbucardo.peer_fetch('main', 0, 9223372036854775807, 8388608), 'hex')",
+            &format!("SELECT encode(rbucardo.peer_fetch('main', {tick}, {seq}, 8388608), 'hex')"),
         )
         .expect("peer_fetch returned NULL");
     let genuine = from_hex(&hex);
@@ -627,10 +632,18 @@ fn t8_corrupt_batches_are_refused_whole() {
     let mut flipped = genuine.clone();
     let middle = flipped.len() / 2;
     flipped[middle] ^= 0x5a;
+    // A value changed with the structure intact: only the checksum tells.
+    let mut altered_value = genuine.clone();
+    let at = genuine
+        .windows(7)
+        .position(|w| w == b"User 25")
+        .expect("the batch carries the text of user 25");
+    altered_value[at] = b'X';
     let mut bad_length = genuine.clone();
     bad_length[5] ^= 0x01;
     let cases: Vec<(&str, Vec<u8>)> = vec![
         ("one byte flipped in the middle", flipped),
+        ("one character of a value changed", altered_value),
         ("truncated to half", genuine[..genuine.len() / 2].to_vec()),
         ("truncated by one byte", genuine[..genuine.len() - 1].to_vec()),
         ("length field altered", bad_length),

@@ -6,7 +6,6 @@ cd "$(dirname "$0")/.."
 . scripts/common.sh
 
 bash scripts/setup.sh
-install_extension
 
 say "single-node tests (cargo pgrx test)"
 if [ "$(id -u)" -eq 0 ]; then
@@ -19,6 +18,9 @@ if [ "$(id -u)" -eq 0 ]; then
 else
     cargo pgrx test pg15
 fi
+
+# cargo pgrx test installs its own (test) build; the multi-node tests run the release build.
+install_extension
 
 say "multi-node tests (pgrx-tests/)"
 cargo test --release -p rbucardo-cluster-tests -- --test-threads="${RBUCARDO_TEST_THREADS:-2}"

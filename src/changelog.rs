@@ -13,6 +13,7 @@ use pgrx::prelude::*;
 use pgrx::spi::OwnedPreparedStatement;
 
 use crate::encoding::{Batch, Position, Txn};
+use crate::error::raise;
 
 /// `(t, DONE)` is the position "all of tick t".
 pub const DONE: i64 = i64::MAX;
@@ -164,7 +165,14 @@ fn read_tick(k: i64, after_seq: i64, limit: i64) -> Vec<LoggedTxn> {
             .expect("reading the previous tick")
             .first()
             .get_three::<i64, Vec<i64>, i64>()
-            .expect("the previous tick exists");
+            .unwrap_or_else(|_| {
+                raise(
+                    PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
+                    format!("stream position in tick {} is older than the change log kept on this node", k - 1),
+                    "The peer asks for changes this node has already trimmed (was it restored from a backup?). \
+                     Re-create that peer from a copy of a current node, then give it its own identity with init_node.",
+                )
+            });
         let (plast, xip, xmax) = (plast.unwrap_or(0), xip.unwrap_or_default(), xmax.unwrap_or(0));
         // A chunk written before the previous tick read last_seq belongs to this tick only if
         // its transaction was running at the previous tick: listed in its snapshot, or at or

@@ -12,6 +12,8 @@ use std::collections::HashMap;
 use pgrx::prelude::*;
 use pgrx::spi::{OwnedPreparedStatement, SpiClient};
 
+mod rows;
+
 use crate::changelog::{self, DONE};
 use crate::encoding::{decode_chunk, Batch, Op, Position, RelDesc, RowChange, Txn};
 use crate::error::raise;
@@ -27,15 +29,18 @@ struct LocalRel {
     qualified: String,
     /// Local type of each remote column, in the remote column order.
     types: Vec<String>,
+    /// Set when rows can be applied through the executor (the fast path).
+    layout: Option<rows::Layout>,
 }
 
-/// Per-batch state: resolved tables and prepared statements.
+/// Per-batch state: resolved tables, prepared statements, the table open for the executor.
 #[derive(Default)]
 struct Applier {
     /// Keyed by the whole description: two transactions of one batch may see a table with
     /// different columns (a column was added in between).
     rels: HashMap<RelDesc, LocalRel>,
     plans: HashMap<String, OwnedPreparedStatement>,
+    open: Option<(RelDesc, rows::Target)>,
 }
 
 fn quote(ident: &str) -> String {
@@ -46,18 +51,18 @@ impl Applier {
     fn local_rel(&mut self, desc: &RelDesc) -> &LocalRel {
         if !self.rels.contains_key(desc) {
             let qualified = format!("{}.{}", quote(&desc.schema), quote(&desc.name));
-            let found: Option<Vec<Option<String>>> = Spi::get_one_with_args(
-                "SELECT array_agg((SELECT format_type(a.atttypid, a.atttypmod) FROM pg_attribute a
-                                    WHERE a.attrelid = c.oid AND a.attname = col AND a.attnum > 0
-                                      AND NOT a.attisdropped) ORDER BY o)
+            let (relid, found) = Spi::get_two_with_args::<pg_sys::Oid, Vec<Option<String>>>(
+                "SELECT c.oid, array_agg((SELECT format_type(a.atttypid, a.atttypmod) FROM pg_attribute a
+                                           WHERE a.attrelid = c.oid AND a.attname = col AND a.attnum > 0
+                                             AND NOT a.attisdropped) ORDER BY o)
                    FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace,
                         unnest($3::text[]) WITH ORDINALITY u(col, o)
                   WHERE n.nspname = $1 AND c.relname = $2
                   GROUP BY c.oid",
                 &[desc.schema.as_str().into(), desc.name.as_str().into(), desc.columns.clone().into()],
             )
-            .unwrap_or(None);
-            let Some(types) = found else {
+            .unwrap_or((None, None));
+            let (Some(relid), Some(types)) = (relid, found) else {
                 raise(
                     PgSqlErrorCode::ERRCODE_UNDEFINED_TABLE,
                     format!("replicated table {qualified} does not exist on this node"),
@@ -77,7 +82,8 @@ impl Applier {
                     })
                 })
                 .collect();
-            self.rels.insert(desc.clone(), LocalRel { qualified, types });
+            let layout = rows::layout(relid, desc);
+            self.rels.insert(desc.clone(), LocalRel { qualified, types, layout });
         }
         &self.rels[desc]
     }
@@ -166,6 +172,11 @@ impl Applier {
         let mut i = 0;
         while i < changes.len() {
             let (desc, ch) = &changes[i];
+            if ch.op != Op::Truncate && self.executor_apply(desc, ch) {
+                i += 1;
+                continue;
+            }
+            self.close_target();
             match ch.op {
                 Op::Insert => self.upsert(client, desc, ch.new.as_ref().unwrap()),
                 Op::Update => self.update(client, desc, ch.old.as_ref().unwrap(), ch.new.as_ref().unwrap()),
@@ -184,6 +195,32 @@ impl Applier {
                 }
             }
             i += 1;
+        }
+        self.close_target();
+    }
+
+    /// Applies one row change through the executor if the table allows it.
+    fn executor_apply(&mut self, desc: &RelDesc, ch: &RowChange) -> bool {
+        if self.local_rel(desc).layout.is_none() {
+            return false;
+        }
+        if self.open.as_ref().is_some_and(|(d, _)| d != desc) {
+            self.close_target();
+        }
+        let layout = self.rels[desc].layout.as_ref().unwrap();
+        let (_, target) = self.open.get_or_insert_with(|| (desc.clone(), rows::Target::open(layout)));
+        match ch.op {
+            Op::Insert => target.upsert(layout, desc, ch.new.as_ref().unwrap()),
+            Op::Update => target.update(layout, desc, ch.old.as_ref().unwrap(), ch.new.as_ref().unwrap()),
+            Op::Delete => target.delete(layout, desc, ch.old.as_ref().unwrap()),
+            Op::Truncate => unreachable!("TRUNCATE goes through SQL"),
+        }
+        true
+    }
+
+    fn close_target(&mut self) {
+        if let Some((_, target)) = self.open.take() {
+            target.close();
         }
     }
 }

@@ -99,6 +99,7 @@ fn init_node(name: &str, node_id: i32) -> String {
         &[node_id.into(), name.into(), fingerprint().into()],
     )
     .expect("recording the node");
+    crate::sequences::on_init_node();
     format!("node {name} is node id {node_id}")
 }
 
@@ -202,6 +203,7 @@ fn add_table(herd: &str, tbl: pg_sys::Oid) -> String {
         ))
         .expect("creating the capture triggers");
     }
+    crate::sequences::on_add_table(herd, tbl);
     format!("added {name} to herd {herd} (key: {})", key.join(", "))
 }
 
@@ -230,7 +232,13 @@ fn add_all_tables(herd: &str, schema: default!(&str, "'public'")) -> i64 {
 /// Replicates a herd among the named dbs. The same call can run on every node: the list may
 /// include this node's own name, which is ignored here.
 #[pg_extern(volatile)]
-fn add_sync(name: &str, herd: &str, dbs: Vec<String>, conflict_strategy: default!(&str, "'latest'")) -> String {
+fn add_sync(
+    name: &str,
+    herd: &str,
+    dbs: Vec<String>,
+    conflict_strategy: default!(&str, "'latest'"),
+    sequence_strategy: default!(&str, "'interleave'"),
+) -> String {
     require_herd(herd);
     if !STRATEGIES.contains(&conflict_strategy) {
         raise(PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE, format!("unknown conflict strategy {conflict_strategy:?}"), format!("Use one of: {}.", STRATEGIES.join(", ")));
@@ -247,6 +255,7 @@ fn add_sync(name: &str, herd: &str, dbs: Vec<String>, conflict_strategy: default
         &[name.into(), herd.into(), dbs.into(), conflict_strategy.into()],
     )
     .unwrap_or_else(|_| raise(PgSqlErrorCode::ERRCODE_DUPLICATE_OBJECT, format!("sync {name} already exists"), "Remove it first with rbucardo.remove_sync(name)."));
+    crate::sequences::on_add_sync(name, herd, sequence_strategy);
     crate::worker::wake_local_worker_at_commit();
     format!("added sync {name}")
 }

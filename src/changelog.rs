@@ -123,6 +123,9 @@ pub fn ensure_tick() -> i64 {
     // Read the sequence before the snapshot is taken (two statements, two snapshots): every
     // chunk with a seq at or below last_seq was written by a transaction that either is visible
     // in this snapshot or still running in it.
+    // A tick must survive a crash once a reader has seen it: a tick re-created with another
+    // snapshot would move transactions across the boundary a peer has already passed.
+    Spi::run("SET LOCAL synchronous_commit = on").expect("synchronous tick");
     let cur = Spi::get_one::<i64>("SELECT CASE WHEN is_called THEN last_value ELSE 0 END FROM rbucardo.change_seq").expect("reading change_seq").unwrap_or(0);
     Spi::run_with_args(
         "INSERT INTO rbucardo.tick (tick_id, snap, last_seq) VALUES ($1, pg_current_snapshot(), $2)",
@@ -278,12 +281,14 @@ pub fn read_batch(me: i32, after: Position, to: i32, max_bytes: usize) -> Batch 
 }
 
 /// Deletes what every peer has confirmed: the transactions of every tick up to the oldest
-/// tick all peers have completely. Ticks older than that one are dropped too; it stays as the
+/// tick all peers have completely. Peers of paused syncs hold the log (they will want it);
+/// peers that are in no sync any more do not. Ticks older than that one are dropped too; it stays as the
 /// lower bound of the next tick.
 pub fn trim() -> i64 {
     let Some(floor) = Spi::get_one::<i64>(
         "SELECT min(CASE WHEN out_seq = 9223372036854775807 THEN out_tick ELSE out_tick - 1 END)
-           FROM rbucardo.peer_state",
+           FROM rbucardo.peer_state p
+          WHERE EXISTS (SELECT 1 FROM rbucardo.sync s WHERE p.db = ANY (s.dbs))",
     )
     .expect("reading peer confirmations") else {
         return 0;

@@ -15,6 +15,7 @@ pub mod error;
 pub mod monitor;
 pub mod peer;
 pub mod replicator;
+pub mod sequences;
 pub mod transport;
 pub mod worker;
 

@@ -274,6 +274,13 @@ pub extern "C-unwind" fn rbucardo_worker_main(arg: pg_sys::Datum) {
     let dboid = arg.value() as u32;
     BackgroundWorker::connect_worker_to_spi_by_oid(Some(pg_sys::Oid::from_u32(dboid)), None);
     set_own_slot(dboid, unsafe { pg_sys::MyProcPid }, false);
+    // The clock is kept in shared memory only: after a restart, move it past every value this
+    // database has written, in case the wall clock went backwards meanwhile.
+    if extension_exists() {
+        if let Ok(Some(h)) = crate::transport::in_txn(|| Spi::get_one::<i64>("SELECT max(hlc) FROM rbucardo.change_log").ok().flatten()) {
+            crate::clock::observe(h);
+        }
+    }
     let mut replicator = crate::replicator::Replicator::default();
     let mut told = 0u64;
     loop {

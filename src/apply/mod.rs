@@ -248,8 +248,9 @@ pub fn apply_batch(me: i32, sender_db: &str, sender_node: i32, batch: &Batch) ->
             "Check that every node has its own node id (rbucardo.init_node) and that conninfos point at the right servers.",
         );
     }
-    // Our own changes must not be re-captured by our triggers.
-    Spi::run("SET LOCAL session_replication_role = replica").expect("entering replica mode");
+    // Our own changes must not be re-captured by our triggers. The commit must be durable
+    // before the sender hears of it: the sender trims what it believes we have.
+    Spi::run("SET LOCAL session_replication_role = replica; SET LOCAL synchronous_commit = on").expect("entering replica mode");
     // One applier per stream at a time (a peer may push while we pull from it).
     Spi::run_with_args("SELECT pg_advisory_xact_lock(7262, $1)", &[sender_node.into()]).expect("stream lock");
     let (tick, seq) = Spi::get_two_with_args::<i64, i64>(

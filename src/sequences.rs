@@ -732,6 +732,19 @@ mod tests {
     }
 
     #[pg_test]
+    fn document_numbers_in_text_columns_count_when_rebasing() {
+        Spi::run("SELECT rbucardo.init_node('main', 2)").unwrap();
+        Spi::run("CREATE SEQUENCE doc_seq").unwrap();
+        Spi::run("CREATE TABLE doc_t (id int PRIMARY KEY, name text NOT NULL DEFAULT 'D''OC/' || nextval('doc_seq'))").unwrap();
+        Spi::run("INSERT INTO doc_t SELECT g, 'D''OC/' || g FROM generate_series(1, 300) g").unwrap();
+        Spi::run("INSERT INTO doc_t VALUES (1000, 'D''OC/99999x'), (1001, 'OTHER/5000')").unwrap();
+        Spi::run("SELECT rbucardo.add_herd('doc')").unwrap();
+        Spi::run("SELECT rbucardo.add_table('doc', 'doc_t')").unwrap();
+        let v = Spi::get_one::<i64>("SELECT nextval('doc_seq')").unwrap().unwrap();
+        assert_eq!(v, 322); // the first value above 300 that is 2 modulo 64
+    }
+
+    #[pg_test]
     fn range_strategy_gives_the_node_its_block() {
         Spi::run("SELECT rbucardo.init_node('main', 2)").unwrap();
         Spi::run("CREATE TABLE rq_t (id bigserial PRIMARY KEY)").unwrap();

@@ -130,6 +130,7 @@ unsafe fn row_values(rel: &CachedRel, tupdesc: pg_sys::TupleDesc, tuple: pg_sys:
     let mut nulls = vec![false; natts];
     pg_sys::heap_deform_tuple(tuple, tupdesc, datums.as_mut_ptr(), nulls.as_mut_ptr());
     let out = &mut *rel.out.get();
+    let _canonical = crate::encoding::CanonicalOutput::new();
     let mut bytes = 0;
     let values = rel
         .attidx

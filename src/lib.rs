@@ -10,6 +10,7 @@ pub mod capture;
 pub mod catalog;
 pub mod changelog;
 pub mod clock;
+pub mod conflicts;
 pub mod encoding;
 pub mod error;
 pub mod monitor;
@@ -23,6 +24,7 @@ pub mod worker;
 
 // Catalog tables and views are plain SQL, kept in sql/ so they read as SQL.
 pgrx::extension_sql_file!("../sql/catalog.sql", name = "catalog", bootstrap);
+pgrx::extension_sql_file!("../sql/conflicts.sql", name = "conflicts", requires = ["catalog"]);
 pgrx::extension_sql_file!("../sql/monitoring.sql", name = "monitoring", requires = ["catalog", monitor::redact_conninfo]);
 // Last step of CREATE EXTENSION: have the launcher start this database's worker after commit.
 pgrx::extension_sql!("SELECT rbucardo.wake_launcher();", name = "wake_launcher", finalize);

@@ -172,7 +172,7 @@ impl Applier {
         let mut i = 0;
         while i < changes.len() {
             let (desc, ch) = &changes[i];
-            if ch.op != Op::Truncate && self.executor_apply(desc, ch) {
+            if ch.op != Op::Truncate && self.executor_apply(desc, ch, rows::Origin { node: txn.origin, hlc: txn.hlc }) {
                 i += 1;
                 continue;
             }
@@ -200,7 +200,7 @@ impl Applier {
     }
 
     /// Applies one row change through the executor if the table allows it.
-    fn executor_apply(&mut self, desc: &RelDesc, ch: &RowChange) -> bool {
+    fn executor_apply(&mut self, desc: &RelDesc, ch: &RowChange, origin: rows::Origin) -> bool {
         if self.local_rel(desc).layout.is_none() {
             return false;
         }
@@ -210,9 +210,9 @@ impl Applier {
         let layout = self.rels[desc].layout.as_ref().unwrap();
         let (_, target) = self.open.get_or_insert_with(|| (desc.clone(), rows::Target::open(layout)));
         match ch.op {
-            Op::Insert => target.upsert(layout, desc, ch.new.as_ref().unwrap()),
-            Op::Update => target.update(layout, desc, ch.old.as_ref().unwrap(), ch.new.as_ref().unwrap()),
-            Op::Delete => target.delete(layout, desc, ch.old.as_ref().unwrap()),
+            Op::Insert => target.insert(layout, desc, ch.new.as_ref().unwrap(), origin),
+            Op::Update => target.update(layout, desc, ch.old.as_ref().unwrap(), ch.new.as_ref().unwrap(), origin),
+            Op::Delete => target.delete(layout, desc, ch.old.as_ref().unwrap(), origin),
             Op::Truncate => unreachable!("TRUNCATE goes through SQL"),
         }
         true
@@ -250,7 +250,7 @@ pub fn apply_batch(me: i32, sender_db: &str, sender_node: i32, batch: &Batch) ->
     }
     // Our own changes must not be re-captured by our triggers. The commit must be durable
     // before the sender hears of it: the sender trims what it believes we have.
-    Spi::run("SET LOCAL session_replication_role = replica; SET LOCAL synchronous_commit = on").expect("entering replica mode");
+    Spi::run("SET LOCAL session_replication_role = replica; SET LOCAL synchronous_commit = local").expect("entering replica mode");
     // One applier per stream at a time (a peer may push while we pull from it).
     Spi::run_with_args("SELECT pg_advisory_xact_lock(7262, $1)", &[sender_node.into()]).expect("stream lock");
     let (tick, seq) = Spi::get_two_with_args::<i64, i64>(

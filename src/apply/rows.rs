@@ -8,8 +8,16 @@ use std::ffi::CString;
 
 use pgrx::prelude::*;
 
+use crate::conflicts::{self, Conflict, Kind, Rule};
 use crate::encoding::{RelDesc, Value};
 use crate::error::raise;
+
+/// The remote transaction a row change belongs to, for the conflict log.
+#[derive(Clone, Copy)]
+pub struct Origin {
+    pub node: i32,
+    pub hlc: i64,
+}
 
 /// How one remote column becomes a local datum.
 struct Column {
@@ -18,6 +26,8 @@ struct Column {
     input: pg_sys::FmgrInfo,
     ioparam: pg_sys::Oid,
     typmod: i32,
+    /// To compare the local row with the sender's old image in text form.
+    output: pg_sys::FmgrInfo,
 }
 
 /// What the executor path needs to know about a table, resolved once per batch.
@@ -25,6 +35,8 @@ pub struct Layout {
     relid: pg_sys::Oid,
     key_index: pg_sys::Oid,
     columns: Vec<Column>,
+    rule: Rule,
+    table: String,
 }
 
 /// Decides whether a table can be applied through the executor and prepares its layout:
@@ -65,12 +77,17 @@ pub fn layout(relid: pg_sys::Oid, desc: &RelDesc) -> Option<Layout> {
             pg_sys::getTypeInputInfo(a.atttypid, &mut func, &mut ioparam);
             let mut input = pg_sys::FmgrInfo::default();
             pg_sys::fmgr_info(func, &mut input);
-            columns.push(Column { att, input, ioparam, typmod: a.atttypmod });
+            let (mut out_func, mut varlena) = (pg_sys::InvalidOid, false);
+            pg_sys::getTypeOutputInfo(a.atttypid, &mut out_func, &mut varlena);
+            let mut output = pg_sys::FmgrInfo::default();
+            pg_sys::fmgr_info(out_func, &mut output);
+            columns.push(Column { att, input, ioparam, typmod: a.atttypmod, output });
             covered[att] = true;
         }
         let complete = tupdesc.iter().enumerate().all(|(i, a)| covered[i] || a.attisdropped || a.attgenerated != 0);
         pg_sys::table_close(rel, pg_sys::AccessShareLock as i32);
-        complete.then_some(Layout { relid, key_index, columns })
+        let table = format!("{}.{}", pgrx::spi::quote_identifier(&desc.schema), pgrx::spi::quote_identifier(&desc.name));
+        complete.then(|| Layout { relid, key_index, columns, rule: Rule::for_table(relid), table })
     }
 }
 
@@ -189,8 +206,30 @@ impl Target {
         pg_sys::EvalPlanQualEnd(&mut epq);
     }
 
-    /// Inserts a row, or overwrites the row with its key if there is one.
-    pub fn upsert(&self, layout: &Layout, desc: &RelDesc, new: &[Value]) {
+    /// The local row found by `find`, in the canonical text form the sender used.
+    unsafe fn local_text(&self, layout: &Layout) -> Vec<Value> {
+        pg_sys::slot_getallattrs(self.local);
+        let natts = (*(*self.local).tts_tupleDescriptor).natts as usize;
+        let values = std::slice::from_raw_parts((*self.local).tts_values, natts);
+        let nulls = std::slice::from_raw_parts((*self.local).tts_isnull, natts);
+        let _canonical = crate::encoding::CanonicalOutput::new();
+        layout
+            .columns
+            .iter()
+            .map(|col| {
+                if nulls[col.att] {
+                    return None;
+                }
+                let finfo = &col.output as *const pg_sys::FmgrInfo as *mut pg_sys::FmgrInfo;
+                let cstr = pg_sys::OutputFunctionCall(finfo, values[col.att]);
+                let text = std::ffi::CStr::from_ptr(cstr).to_string_lossy().into_owned();
+                pg_sys::pfree(cstr.cast());
+                Some(text)
+            })
+            .collect()
+    }
+
+    fn insert_or_overwrite(&self, layout: &Layout, desc: &RelDesc, new: &[Value]) {
         unsafe {
             if self.find(layout, desc, new) {
                 self.update_found(layout, new);
@@ -202,29 +241,85 @@ impl Target {
         }
     }
 
-    /// Updates the row with the old key to the new image; inserts it if it is not here.
-    pub fn update(&self, layout: &Layout, desc: &RelDesc, old: &[Value], new: &[Value]) {
-        unsafe {
-            if self.find(layout, desc, old) {
-                self.update_found(layout, new);
-                self.step_done();
-            } else {
-                self.step_done();
-                self.upsert(layout, desc, new);
-            }
-        }
+    fn conflict(&self, layout: &Layout, desc: &RelDesc, kind: Kind, local: Option<&[Value]>, remote: Option<&[Value]>, key_of: &[Value], origin: Origin) -> bool {
+        conflicts::resolve(
+            &layout.rule,
+            Conflict {
+                table: &layout.table,
+                key: row_json(desc, key_of, Some(&desc.key)),
+                kind,
+                local: local.map(|r| row_json(desc, r, None)),
+                remote: remote.map(|r| row_json(desc, r, None)),
+                origin: origin.node,
+                hlc: origin.hlc,
+            },
+        )
     }
 
-    /// Deletes the row with the old key, if it is here.
-    pub fn delete(&self, layout: &Layout, desc: &RelDesc, old: &[Value]) {
+    /// Inserts a row. If a row with its key is here already and differs, that is a conflict.
+    pub fn insert(&self, layout: &Layout, desc: &RelDesc, new: &[Value], origin: Origin) {
         unsafe {
-            if self.find(layout, desc, old) {
-                let mut epq = pg_sys::EPQState::default();
-                pg_sys::EvalPlanQualInit(&mut epq, self.estate, std::ptr::null_mut(), std::ptr::null_mut(), -1);
-                pg_sys::ExecSimpleRelationDelete(self.rri, self.estate, &mut epq, self.local);
-                pg_sys::EvalPlanQualEnd(&mut epq);
+            if !self.find(layout, desc, new) {
+                self.fill(layout, self.remote, new, None);
+                pg_sys::ExecSimpleRelationInsert(self.rri, self.estate, self.remote);
+            } else {
+                let local = self.local_text(layout);
+                if local != new && self.conflict(layout, desc, Kind::InsertExists, Some(&local), Some(new), new, origin) {
+                    self.update_found(layout, new);
+                }
             }
             self.step_done();
         }
     }
+
+    /// Updates the row with the old key to the new image. A row that differs from the sender's
+    /// old image, or is not here, is a conflict.
+    pub fn update(&self, layout: &Layout, desc: &RelDesc, old: &[Value], new: &[Value], origin: Origin) {
+        unsafe {
+            if self.find(layout, desc, old) {
+                let local = self.local_text(layout);
+                if local == old || (local != new && self.conflict(layout, desc, Kind::UpdateDiffers, Some(&local), Some(new), old, origin)) {
+                    self.update_found(layout, new);
+                }
+                self.step_done();
+            } else {
+                self.step_done();
+                if self.conflict(layout, desc, Kind::UpdateMissing, None, Some(new), old, origin) {
+                    self.insert_or_overwrite(layout, desc, new);
+                }
+            }
+        }
+    }
+
+    /// Deletes the row with the old key. A row that differs from the sender's old image, or is
+    /// not here, is a conflict.
+    pub fn delete(&self, layout: &Layout, desc: &RelDesc, old: &[Value], origin: Origin) {
+        unsafe {
+            if self.find(layout, desc, old) {
+                let local = self.local_text(layout);
+                if local == old || self.conflict(layout, desc, Kind::DeleteDiffers, Some(&local), None, old, origin) {
+                    let mut epq = pg_sys::EPQState::default();
+                    pg_sys::EvalPlanQualInit(&mut epq, self.estate, std::ptr::null_mut(), std::ptr::null_mut(), -1);
+                    pg_sys::ExecSimpleRelationDelete(self.rri, self.estate, &mut epq, self.local);
+                    pg_sys::EvalPlanQualEnd(&mut epq);
+                }
+            } else {
+                self.conflict(layout, desc, Kind::DeleteMissing, None, None, old, origin);
+            }
+            self.step_done();
+        }
+    }
+}
+
+/// A row (or its key columns) as a JSON object of column name to text value.
+fn row_json(desc: &RelDesc, row: &[Value], only: Option<&[u16]>) -> serde_json::Value {
+    let pick: Vec<usize> = match only {
+        Some(keys) => keys.iter().map(|&k| k as usize).collect(),
+        None => (0..desc.columns.len()).collect(),
+    };
+    serde_json::Value::Object(
+        pick.into_iter()
+            .map(|i| (desc.columns[i].clone(), row[i].clone().map_or(serde_json::Value::Null, serde_json::Value::String)))
+            .collect(),
+    )
 }

@@ -1,0 +1,103 @@
+//! Conflicts: an incoming change that finds the local row other than its sender saw it is
+//! resolved by the sync's strategy and logged with both versions (issue "conflicts", first
+//! part: detection, the conflict log, source/target/skip/abort and conflict_reapply).
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use rbucardo_cluster_tests::wait_until;
+
+fn one(cluster: &rbucardo_cluster_tests::Cluster, i: usize, sql: &str) -> String {
+    cluster.node(i).query_one(DB, sql).unwrap_or_default()
+}
+
+/// Main and branch1 change the same product while apart; each node resolves the incoming
+/// change by its sync's strategy and keeps the other version in its conflict log.
+#[test]
+fn update_update_conflict_is_logged_with_both_versions() {
+    let cluster = start_store("conflict_update", Topology::Star);
+    cluster.node(MAIN).sql(DB, "INSERT INTO products (id, name, price, stock) VALUES (42, 'tea', 10.00, 100)");
+    wait_until("product on branch1", Duration::from_secs(30), || Ok(one(&cluster, BRANCH1, "SELECT count(*) FROM products WHERE id = 42") == "1"));
+    // main keeps its own version (target), branch1 takes the incoming one (source).
+    cluster.node(MAIN).sql(DB, "SELECT rbucardo.set_conflict_strategy(name, 'target') FROM rbucardo.sync");
+    cluster.node(BRANCH1).sql(DB, "SELECT rbucardo.set_conflict_strategy(name, 'source') FROM rbucardo.sync");
+
+    cluster.link(BRANCH1, MAIN).cut();
+    cluster.node(MAIN).sql(DB, "UPDATE products SET price = 12.00 WHERE id = 42");
+    cluster.node(BRANCH1).sql(DB, "UPDATE products SET price = 11.00 WHERE id = 42");
+    cluster.link(BRANCH1, MAIN).restore();
+
+    for i in [MAIN, BRANCH1] {
+        wait_until("conflict logged", Duration::from_secs(60), || Ok(one(&cluster, i, "SELECT count(*) FROM rbucardo.conflicts") == "1"));
+    }
+    // On main (target): the local 12.00 stays, branch1's 11.00 is the logged loser.
+    let main_log = one(&cluster, MAIN, "SELECT concat_ws('|', kind, tbl, key->>'id', local_version->>'price', remote_version->>'price', rule, winner, remote_origin) FROM rbucardo.conflicts");
+    assert_eq!(main_log, "update_differs|public.products|42|12.00|11.00|target|local|2");
+    assert_eq!(one(&cluster, MAIN, "SELECT price FROM products WHERE id = 42"), "12.00");
+    // On branch1 (source): main's 12.00 wins, the local 11.00 is logged.
+    let b1_log = one(&cluster, BRANCH1, "SELECT concat_ws('|', kind, local_version->>'price', remote_version->>'price', rule, winner, remote_origin) FROM rbucardo.conflicts");
+    assert_eq!(b1_log, "update_differs|11.00|12.00|source|remote|1");
+    wait_until("branch1 took main's price", Duration::from_secs(30), || Ok(one(&cluster, BRANCH1, "SELECT price FROM products WHERE id = 42") == "12.00"));
+
+    // The loser on branch1 (its own 11.00) can be written back: it replicates as a new change.
+    let id = one(&cluster, BRANCH1, "SELECT id FROM rbucardo.conflicts");
+    cluster.node(BRANCH1).sql(DB, &format!("SELECT rbucardo.conflict_reapply({id})"));
+    assert_eq!(one(&cluster, BRANCH1, "SELECT reapplied_at IS NOT NULL FROM rbucardo.conflicts"), "t");
+    for i in ALL {
+        wait_until("reapplied price everywhere", Duration::from_secs(30), || Ok(one(&cluster, i, "SELECT price FROM products WHERE id = 42") == "11.00"));
+    }
+}
+
+/// An insert whose key exists with other values, and a delete of a row already gone, under
+/// `source`: the incoming insert overwrites (the local row is logged); the delete is logged.
+#[test]
+fn insert_exists_and_delete_missing_are_logged() {
+    let cluster = start_store("conflict_insert", Topology::Star);
+    for i in [MAIN, BRANCH1] {
+        cluster.node(i).sql(DB, "SELECT rbucardo.set_conflict_strategy(name, 'source') FROM rbucardo.sync");
+    }
+    cluster.link(BRANCH1, MAIN).cut();
+    cluster.node(MAIN).sql(DB, "INSERT INTO products (id, name, price, stock) VALUES (7, 'from main', 1.00, 1)");
+    cluster.node(BRANCH1).sql(DB, "INSERT INTO products (id, name, price, stock) VALUES (7, 'from branch1', 2.00, 2)");
+    cluster.link(BRANCH1, MAIN).restore();
+    for i in [MAIN, BRANCH1] {
+        wait_until("insert conflict logged", Duration::from_secs(60), || {
+            Ok(one(&cluster, i, "SELECT count(*) FROM rbucardo.conflicts WHERE kind = 'insert_exists'") == "1")
+        });
+    }
+    assert_eq!(
+        one(&cluster, MAIN, "SELECT concat_ws('|', local_version->>'name', remote_version->>'name', winner) FROM rbucardo.conflicts"),
+        "from main|from branch1|remote"
+    );
+
+    // Both delete the row while apart: each side finds it gone when the other's delete arrives.
+    cluster.link(BRANCH1, MAIN).cut();
+    cluster.node(MAIN).sql(DB, "DELETE FROM products WHERE id = 7");
+    cluster.node(BRANCH1).sql(DB, "DELETE FROM products WHERE id = 7");
+    cluster.link(BRANCH1, MAIN).restore();
+    wait_until("delete conflict logged on main", Duration::from_secs(60), || {
+        Ok(one(&cluster, MAIN, "SELECT count(*) FROM rbucardo.conflicts WHERE kind = 'delete_missing' AND winner = 'none'") == "1")
+    });
+}
+
+/// `abort` stops the stream from that peer with a clear error and applies nothing of the
+/// batch; changing the strategy lets it resume.
+#[test]
+fn abort_stops_the_stream_until_the_operator_acts() {
+    let cluster = start_store("conflict_abort", Topology::Star);
+    cluster.node(MAIN).sql(DB, "SELECT rbucardo.set_conflict_strategy(name, 'abort') FROM rbucardo.sync");
+    cluster.link(BRANCH1, MAIN).cut();
+    cluster.node(MAIN).sql(DB, "INSERT INTO products (id, name, price, stock) VALUES (9, 'main', 1.00, 1)");
+    cluster.node(BRANCH1).sql(DB, "INSERT INTO products (id, name, price, stock) VALUES (9, 'branch1', 2.00, 2)");
+    cluster.node(BRANCH1).sql(DB, "INSERT INTO products (id, name, price, stock) VALUES (10, 'branch1 later', 3.00, 3)");
+    cluster.link(BRANCH1, MAIN).restore();
+    wait_until("branch1 reports the refusal", Duration::from_secs(60), || {
+        Ok(one(&cluster, BRANCH1, "SELECT coalesce(last_error, '') FROM rbucardo.peer_state WHERE db = 'main'").contains("strategy is abort"))
+    });
+    assert_eq!(one(&cluster, MAIN, "SELECT count(*) FROM products WHERE id = 10"), "0", "nothing of the refused batch may be applied");
+    cluster.node(MAIN).sql(DB, "SELECT rbucardo.set_conflict_strategy(name, 'target') FROM rbucardo.sync");
+    wait_until("stream resumed", Duration::from_secs(60), || Ok(one(&cluster, MAIN, "SELECT count(*) FROM products WHERE id = 10") == "1"));
+    assert_eq!(one(&cluster, MAIN, "SELECT name FROM products WHERE id = 9"), "main");
+}

@@ -1,0 +1,19 @@
+-- The conflict log: every time an incoming row change met a local row that was not what the
+-- sender had seen, both versions are kept here with the rule applied and the winner, so that
+-- no version is ever discarded silently. conflict_reapply(id) writes the loser back.
+CREATE TABLE rbucardo.conflicts (
+    id             bigserial PRIMARY KEY,
+    at             timestamptz NOT NULL DEFAULT now(),
+    tbl            text NOT NULL,            -- schema-qualified table name
+    key            jsonb NOT NULL,           -- replica key of the row
+    kind           text NOT NULL CHECK (kind IN ('insert_exists', 'update_differs', 'update_missing',
+                                                  'delete_differs', 'delete_missing')),
+    local_version  jsonb,                    -- the row here before the change (NULL: missing)
+    remote_version jsonb,                    -- the incoming row (NULL for a delete)
+    remote_origin  integer NOT NULL,         -- node that made the incoming change
+    remote_hlc     bigint NOT NULL,          -- its clock value
+    rule           text NOT NULL,            -- the strategy applied
+    winner         text NOT NULL CHECK (winner IN ('local', 'remote', 'none')),
+    reapplied_at   timestamptz               -- set by conflict_reapply
+);
+CREATE INDEX conflicts_at ON rbucardo.conflicts (at);

@@ -583,7 +583,7 @@ pub fn mixed_workload(k: usize) -> Vec<String> {
              COMMIT;"
         ),
         format!("INSERT INTO product_tag_rel SELECT {b} + i, j FROM generate_series(1, 30) i, generate_series(1, 3) j"),
-        format!("DELETE FROM product_tag_rel WHERE tag_id = 3 AND product_id <= {b} + 10"),
+        format!("DELETE FROM product_tag_rel WHERE tag_id = 3 AND product_id > {b} AND product_id <= {b} + 10"),
         format!("UPDATE product_tag_rel SET tag_id = 5 WHERE product_id = {b} + 11 AND tag_id = 2"),
     ];
     // Interleave the changes with the orders so that all kinds of traffic mix.

@@ -17,3 +17,14 @@ CREATE TABLE rbucardo.conflicts (
     reapplied_at   timestamptz               -- set by conflict_reapply
 );
 CREATE INDEX conflicts_at ON rbucardo.conflicts (at);
+
+-- The clock of the last change to every replicated row whose change has left the change log
+-- (trimmed once every peer had it): the `latest` rule compares an incoming change with the
+-- local version's clock, found in the change log while the change is there, here afterwards.
+CREATE TABLE rbucardo.row_clock (
+    relid   oid NOT NULL,
+    key     text NOT NULL,      -- the replica key as a JSON object of column to text value
+    hlc     bigint NOT NULL,
+    origin  integer NOT NULL,
+    PRIMARY KEY (relid, key)
+);

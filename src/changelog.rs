@@ -284,7 +284,7 @@ pub fn read_batch(me: i32, after: Position, to: i32, max_bytes: usize) -> Batch 
 /// tick all peers have completely. Peers of paused syncs hold the log (they will want it);
 /// peers that are in no sync any more do not. Ticks older than that one are dropped too; it stays as the
 /// lower bound of the next tick.
-pub fn trim() -> i64 {
+pub fn trim(me: i32) -> i64 {
     let Some(floor) = Spi::get_one::<i64>(
         "SELECT min(CASE WHEN out_seq = 9223372036854775807 THEN out_tick ELSE out_tick - 1 END)
            FROM rbucardo.peer_state p
@@ -296,6 +296,8 @@ pub fn trim() -> i64 {
     if floor <= 0 {
         return 0;
     }
+    const TRIMMED: &str = "pg_visible_in_snapshot(txid, (SELECT snap FROM rbucardo.tick WHERE tick_id = $1))";
+    crate::conflicts::keep_row_clocks(me, TRIMMED, &[floor.into()]);
     let deleted = Spi::connect_mut(|client| {
         let n = client
             .update(

@@ -5,8 +5,11 @@
 //!
 //! Owns the table `conflicts` (sql/conflicts.sql).
 
+use std::collections::HashMap;
+
 use pgrx::prelude::*;
 
+use crate::encoding::{decode_chunk, RelDesc, Value};
 use crate::error::raise;
 
 /// Which way a conflict went wrong.
@@ -50,11 +53,131 @@ impl Rule {
         Rule(name)
     }
 
-    /// Whether the incoming version wins. `latest` needs the clock of the local version, which
-    /// is not recorded yet: until it is, the incoming version wins (and the local one is logged).
-    fn incoming_wins(&self) -> bool {
-        !matches!(self.0.as_str(), "target" | "skip")
+    /// Whether the incoming version wins. `latest` compares hybrid clocks, ties broken by node
+    /// id, so every node decides alike; a local version of unknown clock (the row predates
+    /// replication) loses.
+    fn incoming_wins(&self, incoming: (i64, i32), local: Option<(i64, i32)>) -> bool {
+        match self.0.as_str() {
+            "target" | "skip" => false,
+            "latest" => local.is_none_or(|l| incoming > l),
+            _ => true,
+        }
     }
+}
+
+/// A row's replica key as a JSON object of column name to text value: the same on every node.
+pub fn key_json(desc: &RelDesc, row: &[Value]) -> serde_json::Value {
+    serde_json::Value::Object(
+        desc.key
+            .iter()
+            .map(|&k| (desc.columns[k as usize].clone(), row[k as usize].clone().map_or(serde_json::Value::Null, serde_json::Value::String)))
+            .collect(),
+    )
+}
+
+/// The clocks of the local versions of rows, for the `latest` rule: the last change to each row
+/// still in the change log (read once per batch, when the first conflict needs it, then kept up
+/// to date as the batch applies), else `rbucardo.row_clock`.
+pub struct Clocks {
+    me: i32,
+    pending: Option<HashMap<(String, String, String), (i64, i32)>>,
+}
+
+impl Clocks {
+    pub fn new(me: i32) -> Clocks {
+        Clocks { me, pending: None }
+    }
+
+    fn load(&mut self) -> &mut HashMap<(String, String, String), (i64, i32)> {
+        let me = self.me;
+        self.pending.get_or_insert_with(|| {
+            let mut map = HashMap::new();
+            Spi::connect(|c| {
+                for row in c.select("SELECT data, hlc, origin FROM rbucardo.change_log ORDER BY seq", None, &[]).expect("reading the change log") {
+                    let data = row.get::<Vec<u8>>(1).unwrap().unwrap_or_default();
+                    let clock = (row.get::<i64>(2).unwrap().unwrap_or(0), row.get::<i32>(3).unwrap().unwrap_or(me));
+                    if let Ok(chunk) = decode_chunk(&data) {
+                        for ch in &chunk.changes {
+                            let desc = &chunk.relations[ch.rel as usize];
+                            if let Some(row) = ch.new.as_ref().or(ch.old.as_ref()) {
+                                // The row holds the version with the largest clock: the log also
+                                // keeps changes that lost here, for forwarding.
+                                let slot = map.entry((desc.schema.clone(), desc.name.clone(), key_json(desc, row).to_string())).or_insert(clock);
+                                *slot = (*slot).max(clock);
+                            }
+                        }
+                    }
+                }
+            });
+            map
+        })
+    }
+
+    /// The clock of the local version of the row with this key.
+    pub fn local(&mut self, relid: pg_sys::Oid, desc: &RelDesc, key: &serde_json::Value) -> Option<(i64, i32)> {
+        let k = (desc.schema.clone(), desc.name.clone(), key.to_string());
+        if let Some(c) = self.load().get(&k) {
+            return Some(*c);
+        }
+        Spi::get_two_with_args::<i64, i32>(
+            "SELECT hlc, origin FROM rbucardo.row_clock WHERE relid = $1 AND key = $2",
+            &[relid.into(), k.2.as_str().into()],
+        )
+        .ok()
+        .and_then(|(h, o)| Some((h?, o?)))
+    }
+
+    /// Records an applied change's clock for its row. The larger clock stays: under `latest` the
+    /// version with the larger clock is the one the row holds.
+    pub fn note(&mut self, desc: &RelDesc, row: &[Value], clock: (i64, i32)) {
+        if let Some(map) = self.pending.as_mut() {
+            let slot = map.entry((desc.schema.clone(), desc.name.clone(), key_json(desc, row).to_string())).or_insert(clock);
+            *slot = (*slot).max(clock);
+        }
+    }
+}
+
+/// Keeps the clocks of rows whose changes are about to leave the change log (`where_sql`
+/// selects the change log rows being trimmed).
+pub fn keep_row_clocks(me: i32, where_sql: &str, args: &[pgrx::datum::DatumWithOid]) {
+    let mut latest: HashMap<(String, String, String), (i64, i32)> = HashMap::new();
+    Spi::connect(|c| {
+        let sql = format!("SELECT data, hlc, origin FROM rbucardo.change_log WHERE {where_sql} ORDER BY seq");
+        for row in c.select(sql.as_str(), None, args).expect("reading trimmed changes") {
+            let data = row.get::<Vec<u8>>(1).unwrap().unwrap_or_default();
+            let clock = (row.get::<i64>(2).unwrap().unwrap_or(0), row.get::<i32>(3).unwrap().unwrap_or(me));
+            if let Ok(chunk) = decode_chunk(&data) {
+                for ch in &chunk.changes {
+                    let desc = &chunk.relations[ch.rel as usize];
+                    if let Some(r) = ch.new.as_ref().or(ch.old.as_ref()) {
+                        let slot = latest.entry((desc.schema.clone(), desc.name.clone(), key_json(desc, r).to_string())).or_insert(clock);
+                        *slot = (*slot).max(clock);
+                    }
+                }
+            }
+        }
+    });
+    if latest.is_empty() {
+        return;
+    }
+    let (mut schemas, mut names, mut keys, mut hlcs, mut origins) = (vec![], vec![], vec![], vec![], vec![]);
+    for ((s, n, k), (h, o)) in latest {
+        schemas.push(s);
+        names.push(n);
+        keys.push(k);
+        hlcs.push(h);
+        origins.push(o);
+    }
+    Spi::run_with_args(
+        "INSERT INTO rbucardo.row_clock (relid, key, hlc, origin)
+         SELECT to_regclass(format('%I.%I', s, n)), k, h, o
+           FROM unnest($1::text[], $2::text[], $3::text[], $4::bigint[], $5::int[]) AS u(s, n, k, h, o)
+          WHERE to_regclass(format('%I.%I', s, n)) IS NOT NULL
+         ON CONFLICT (relid, key) DO UPDATE SET hlc = EXCLUDED.hlc, origin = EXCLUDED.origin
+          WHERE (EXCLUDED.hlc, EXCLUDED.origin) > (row_clock.hlc, row_clock.origin)",
+        &[schemas.into(), names.into(), keys.into(), hlcs.into(), origins.into()],
+    )
+    .expect("keeping row clocks");
 }
 
 /// One conflict, with both versions as JSON objects of column name to text value.
@@ -71,7 +194,7 @@ pub struct Conflict<'a> {
 /// Decides a conflict by the table's rule and records it; returns whether to apply the incoming
 /// change. `abort` stops the whole batch with an error: the stream from that peer halts (its
 /// status shows the error) until the operator changes the strategy or the data.
-pub fn resolve(rule: &Rule, c: Conflict) -> bool {
+pub fn resolve(rule: &Rule, c: Conflict, local_clock: Option<(i64, i32)>) -> bool {
     if rule.0 == "abort" {
         raise(
             PgSqlErrorCode::ERRCODE_T_R_SERIALIZATION_FAILURE,
@@ -79,7 +202,7 @@ pub fn resolve(rule: &Rule, c: Conflict) -> bool {
             "Nothing of this batch was applied. Fix the row or change the strategy (rbucardo.set_conflict_strategy), and the stream resumes.",
         );
     }
-    let wins = rule.incoming_wins();
+    let wins = rule.incoming_wins((c.hlc, c.origin), local_clock);
     let winner = match (c.kind, wins) {
         (Kind::DeleteMissing, _) => "none",
         (_, true) => "remote",

@@ -121,7 +121,8 @@ impl Replicator {
         }
         if self.last_trim.is_none_or(|t| t.elapsed() >= TRIM_EVERY) {
             self.last_trim = Some(Instant::now());
-            if let Err(e) = in_txn(crate::changelog::trim) {
+            let me_id = me.id;
+            if let Err(e) = in_txn(move || crate::changelog::trim(me_id)) {
                 log!("rbucardo worker: trimming the change log failed: {e}");
             }
         }

@@ -101,3 +101,38 @@ fn abort_stops_the_stream_until_the_operator_acts() {
     wait_until("stream resumed", Duration::from_secs(60), || Ok(one(&cluster, MAIN, "SELECT count(*) FROM products WHERE id = 10") == "1"));
     assert_eq!(one(&cluster, MAIN, "SELECT name FROM products WHERE id = 9"), "main");
 }
+
+/// The same price changed on all three nodes while apart: under `latest` the change made last
+/// wins on every node, whatever order the changes meet in, and each node keeps the versions it
+/// discarded in its conflict log.
+#[test]
+fn latest_change_wins_everywhere() {
+    let cluster = start_store("conflict_latest", Topology::Star);
+    cluster.node(MAIN).sql(DB, "INSERT INTO products (id, name, price, stock) VALUES (5, 'coffee', 10.00, 100)");
+    for i in ALL {
+        wait_until("product everywhere", Duration::from_secs(30), || Ok(one(&cluster, i, "SELECT count(*) FROM products WHERE id = 5") == "1"));
+        assert_eq!(one(&cluster, i, "SELECT conflict_strategy FROM rbucardo.syncs LIMIT 1"), "latest");
+    }
+    cluster.link(BRANCH1, MAIN).cut();
+    cluster.link(BRANCH2, MAIN).cut();
+    // In this order: the branch1 change is the latest.
+    cluster.node(MAIN).sql(DB, "UPDATE products SET price = 12.00 WHERE id = 5");
+    cluster.node(BRANCH2).sql(DB, "UPDATE products SET price = 13.00 WHERE id = 5");
+    cluster.node(BRANCH1).sql(DB, "UPDATE products SET price = 11.00 WHERE id = 5");
+    cluster.link(BRANCH2, MAIN).restore();
+    cluster.link(BRANCH1, MAIN).restore();
+    for i in ALL {
+        wait_until("the latest price everywhere", Duration::from_secs(60), || {
+            let prices: Vec<String> = ALL.iter().map(|&n| one(&cluster, n, "SELECT price || ' conflicts: ' || (SELECT coalesce(string_agg(kind || ' ' || coalesce(local_version->>'price', '-') || '/' || coalesce(remote_version->>'price', '-') || ' ' || winner, '; '), '') FROM rbucardo.conflicts) FROM products WHERE id = 5")).collect();
+            if prices[i].starts_with("11.00 ") { Ok(true) } else { Err(format!("{prices:?}")) }
+        });
+    }
+    cluster.assert_tables_equal(DB, "products", "id", &ALL);
+    // main met both branch changes as conflicts: it kept 13.00 over its own 12.00 (or the
+    // reverse order), then took 11.00; both losers are logged.
+    let main_losers = one(&cluster, MAIN, "SELECT string_agg(CASE winner WHEN 'remote' THEN local_version->>'price' ELSE remote_version->>'price' END, ',' ORDER BY 1) FROM rbucardo.conflicts");
+    assert!(main_losers.contains("12.00"), "main lost its own 12.00 without a log entry: {main_losers}");
+    // branch1's own change is the latest: every conflict there was won by the local version.
+    assert_eq!(one(&cluster, BRANCH1, "SELECT count(*) FILTER (WHERE winner <> 'local') FROM rbucardo.conflicts"), "0");
+    assert_ne!(one(&cluster, BRANCH1, "SELECT count(*) FROM rbucardo.conflicts"), "0");
+}

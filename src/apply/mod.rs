@@ -33,14 +33,15 @@ struct LocalRel {
     layout: Option<rows::Layout>,
 }
 
-/// Per-batch state: resolved tables, prepared statements, the table open for the executor.
-#[derive(Default)]
+/// Per-batch state: resolved tables, prepared statements, the table open for the executor,
+/// the clocks of local row versions.
 struct Applier {
     /// Keyed by the whole description: two transactions of one batch may see a table with
     /// different columns (a column was added in between).
     rels: HashMap<RelDesc, LocalRel>,
     plans: HashMap<String, OwnedPreparedStatement>,
     open: Option<(RelDesc, rows::Target)>,
+    clocks: crate::conflicts::Clocks,
 }
 
 fn quote(ident: &str) -> String {
@@ -209,11 +210,16 @@ impl Applier {
         }
         let layout = self.rels[desc].layout.as_ref().unwrap();
         let (_, target) = self.open.get_or_insert_with(|| (desc.clone(), rows::Target::open(layout)));
+        let clocks = &mut self.clocks;
         match ch.op {
-            Op::Insert => target.insert(layout, desc, ch.new.as_ref().unwrap(), origin),
-            Op::Update => target.update(layout, desc, ch.old.as_ref().unwrap(), ch.new.as_ref().unwrap(), origin),
-            Op::Delete => target.delete(layout, desc, ch.old.as_ref().unwrap(), origin),
+            Op::Insert => target.insert(layout, desc, ch.new.as_ref().unwrap(), origin, clocks),
+            Op::Update => target.update(layout, desc, ch.old.as_ref().unwrap(), ch.new.as_ref().unwrap(), origin, clocks),
+            Op::Delete => target.delete(layout, desc, ch.old.as_ref().unwrap(), origin, clocks),
             Op::Truncate => unreachable!("TRUNCATE goes through SQL"),
+        }
+        // A later change of this batch to the same row compares with this one's clock.
+        if let Some(row) = ch.new.as_ref().or(ch.old.as_ref()) {
+            clocks.note(desc, row, (origin.hlc, origin.node));
         }
         true
     }
@@ -271,7 +277,7 @@ pub fn apply_batch(me: i32, sender_db: &str, sender_node: i32, batch: &Batch) ->
     }
     let mut progress: HashMap<i32, Position> = HashMap::new();
     let mut applied = 0i64;
-    let mut applier = Applier::default();
+    let mut applier = Applier { rels: HashMap::new(), plans: HashMap::new(), open: None, clocks: crate::conflicts::Clocks::new(me) };
     Spi::connect_mut(|client| {
         for txn in &batch.txns {
             if txn.stream_pos <= cursor {

@@ -8,7 +8,7 @@ use std::ffi::CString;
 
 use pgrx::prelude::*;
 
-use crate::conflicts::{self, Conflict, Kind, Rule};
+use crate::conflicts::{self, Clocks, Conflict, Kind, Rule};
 use crate::encoding::{RelDesc, Value};
 use crate::error::raise;
 
@@ -32,7 +32,7 @@ struct Column {
 
 /// What the executor path needs to know about a table, resolved once per batch.
 pub struct Layout {
-    relid: pg_sys::Oid,
+    pub relid: pg_sys::Oid,
     key_index: pg_sys::Oid,
     columns: Vec<Column>,
     rule: Rule,
@@ -241,30 +241,34 @@ impl Target {
         }
     }
 
-    fn conflict(&self, layout: &Layout, desc: &RelDesc, kind: Kind, local: Option<&[Value]>, remote: Option<&[Value]>, key_of: &[Value], origin: Origin) -> bool {
+    #[allow(clippy::too_many_arguments)]
+    fn conflict(&self, layout: &Layout, desc: &RelDesc, kind: Kind, local: Option<&[Value]>, remote: Option<&[Value]>, key_of: &[Value], origin: Origin, clocks: &mut Clocks) -> bool {
+        let key = conflicts::key_json(desc, key_of);
+        let local_clock = if layout.rule.0 == "latest" { clocks.local(layout.relid, desc, &key) } else { None };
         conflicts::resolve(
             &layout.rule,
             Conflict {
                 table: &layout.table,
-                key: row_json(desc, key_of, Some(&desc.key)),
+                key,
                 kind,
                 local: local.map(|r| row_json(desc, r, None)),
                 remote: remote.map(|r| row_json(desc, r, None)),
                 origin: origin.node,
                 hlc: origin.hlc,
             },
+            local_clock,
         )
     }
 
     /// Inserts a row. If a row with its key is here already and differs, that is a conflict.
-    pub fn insert(&self, layout: &Layout, desc: &RelDesc, new: &[Value], origin: Origin) {
+    pub fn insert(&self, layout: &Layout, desc: &RelDesc, new: &[Value], origin: Origin, clocks: &mut Clocks) {
         unsafe {
             if !self.find(layout, desc, new) {
                 self.fill(layout, self.remote, new, None);
                 pg_sys::ExecSimpleRelationInsert(self.rri, self.estate, self.remote);
             } else {
                 let local = self.local_text(layout);
-                if local != new && self.conflict(layout, desc, Kind::InsertExists, Some(&local), Some(new), new, origin) {
+                if local != new && self.conflict(layout, desc, Kind::InsertExists, Some(&local), Some(new), new, origin, clocks) {
                     self.update_found(layout, new);
                 }
             }
@@ -274,17 +278,17 @@ impl Target {
 
     /// Updates the row with the old key to the new image. A row that differs from the sender's
     /// old image, or is not here, is a conflict.
-    pub fn update(&self, layout: &Layout, desc: &RelDesc, old: &[Value], new: &[Value], origin: Origin) {
+    pub fn update(&self, layout: &Layout, desc: &RelDesc, old: &[Value], new: &[Value], origin: Origin, clocks: &mut Clocks) {
         unsafe {
             if self.find(layout, desc, old) {
                 let local = self.local_text(layout);
-                if local == old || (local != new && self.conflict(layout, desc, Kind::UpdateDiffers, Some(&local), Some(new), old, origin)) {
+                if local == old || (local != new && self.conflict(layout, desc, Kind::UpdateDiffers, Some(&local), Some(new), old, origin, clocks)) {
                     self.update_found(layout, new);
                 }
                 self.step_done();
             } else {
                 self.step_done();
-                if self.conflict(layout, desc, Kind::UpdateMissing, None, Some(new), old, origin) {
+                if self.conflict(layout, desc, Kind::UpdateMissing, None, Some(new), old, origin, clocks) {
                     self.insert_or_overwrite(layout, desc, new);
                 }
             }
@@ -293,18 +297,18 @@ impl Target {
 
     /// Deletes the row with the old key. A row that differs from the sender's old image, or is
     /// not here, is a conflict.
-    pub fn delete(&self, layout: &Layout, desc: &RelDesc, old: &[Value], origin: Origin) {
+    pub fn delete(&self, layout: &Layout, desc: &RelDesc, old: &[Value], origin: Origin, clocks: &mut Clocks) {
         unsafe {
             if self.find(layout, desc, old) {
                 let local = self.local_text(layout);
-                if local == old || self.conflict(layout, desc, Kind::DeleteDiffers, Some(&local), None, old, origin) {
+                if local == old || self.conflict(layout, desc, Kind::DeleteDiffers, Some(&local), None, old, origin, clocks) {
                     let mut epq = pg_sys::EPQState::default();
                     pg_sys::EvalPlanQualInit(&mut epq, self.estate, std::ptr::null_mut(), std::ptr::null_mut(), -1);
                     pg_sys::ExecSimpleRelationDelete(self.rri, self.estate, &mut epq, self.local);
                     pg_sys::EvalPlanQualEnd(&mut epq);
                 }
             } else {
-                self.conflict(layout, desc, Kind::DeleteMissing, None, None, old, origin);
+                self.conflict(layout, desc, Kind::DeleteMissing, None, None, old, origin, clocks);
             }
             self.step_done();
         }

@@ -28,3 +28,19 @@ CREATE TABLE rbucardo.row_clock (
     origin  integer NOT NULL,
     PRIMARY KEY (relid, key)
 );
+
+-- Per-table and per-column overrides of how conflicts are resolved.
+CREATE TABLE rbucardo.table_option (
+    relid     oid PRIMARY KEY,
+    strategy  text,                        -- overrides the sync's conflict strategy
+    merge     boolean NOT NULL DEFAULT true -- column-level merge of non-overlapping changes
+);
+CREATE TABLE rbucardo.column_option (
+    relid     oid NOT NULL,
+    col       name NOT NULL,
+    strategy  text NOT NULL CHECK (strategy IN ('delta')),
+    PRIMARY KEY (relid, col)
+);
+ALTER TABLE rbucardo.conflicts DROP CONSTRAINT conflicts_winner_check;
+ALTER TABLE rbucardo.conflicts ADD CONSTRAINT conflicts_winner_check
+    CHECK (winner IN ('local', 'remote', 'none', 'merged'));

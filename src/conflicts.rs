@@ -39,12 +39,13 @@ impl Kind {
 pub struct Rule(pub String);
 
 impl Rule {
-    /// The strategy of a sync whose herd holds the table (the first by name); `source` when the
-    /// table is in no sync.
+    /// The table's own strategy (set_table_strategy), else that of a sync whose herd holds the
+    /// table (the first by name); `source` when the table is in no sync.
     pub fn for_table(relid: pg_sys::Oid) -> Rule {
         let name = Spi::get_one_with_args::<String>(
-            "SELECT s.conflict_strategy FROM rbucardo.sync s JOIN rbucardo.herd_table t ON t.herd = s.herd
-              WHERE t.relid = $1 ORDER BY s.name LIMIT 1",
+            "SELECT coalesce((SELECT strategy FROM rbucardo.table_option WHERE relid = $1),
+                             (SELECT s.conflict_strategy FROM rbucardo.sync s JOIN rbucardo.herd_table t ON t.herd = s.herd
+                               WHERE t.relid = $1 ORDER BY s.name LIMIT 1))",
             &[relid.into()],
         )
         .ok()
@@ -60,9 +61,184 @@ impl Rule {
         match self.0.as_str() {
             "target" | "skip" => false,
             "latest" => local.is_none_or(|l| incoming > l),
-            _ => true,
+            "source" | "abort" => true,
+            // A priority list of node names: the version made by the node named first wins;
+            // a local version of unknown origin loses.
+            list => {
+                let rank = |node: i32| -> usize {
+                    let name = node_name(node);
+                    list.split(',').position(|n| Some(n.trim()) == name.as_deref()).unwrap_or(usize::MAX)
+                };
+                local.is_none_or(|l| rank(incoming.1) < rank(l.1) || (rank(incoming.1) == rank(l.1) && incoming > l))
+            }
         }
     }
+
+    /// Whether deciding needs the local version's clock and origin.
+    pub fn needs_local_clock(&self) -> bool {
+        !matches!(self.0.as_str(), "target" | "skip" | "source" | "abort")
+    }
+}
+
+fn node_name(node: i32) -> Option<String> {
+    Spi::get_one_with_args::<String>(
+        "SELECT name FROM rbucardo.db WHERE node_id = $1 UNION ALL SELECT name FROM rbucardo.node WHERE node_id = $1 LIMIT 1",
+        &[node.into()],
+    )
+    .ok()
+    .flatten()
+}
+
+/// A conflict strategy is one of the named rules or a priority list of node names.
+pub fn check_strategy(strategy: &str) {
+    if crate::catalog::STRATEGIES.contains(&strategy) {
+        return;
+    }
+    let unknown: Vec<&str> = strategy
+        .split(',')
+        .map(str::trim)
+        .filter(|n| {
+            Spi::get_one_with_args::<bool>(
+                "SELECT EXISTS (SELECT 1 FROM rbucardo.db WHERE name = $1 UNION ALL SELECT 1 FROM rbucardo.node WHERE name = $1)",
+                &[(*n).into()],
+            )
+            .ok()
+            .flatten()
+                != Some(true)
+        })
+        .collect();
+    if !unknown.is_empty() {
+        raise(
+            PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE,
+            format!("unknown conflict strategy {strategy:?}"),
+            format!("Use one of {}, or a priority list of node names such as 'main,branch1' (unknown here: {}).", crate::catalog::STRATEGIES.join(", "), unknown.join(", ")),
+        );
+    }
+}
+
+/// Merges two changes of one row that touched different columns: the sender's changed
+/// columns on top of the local row. Columns changed on both sides merge only when they are
+/// delta columns (local + new - old); otherwise there is no merge.
+pub fn merge(local: &[Value], old: &[Value], new: &[Value], delta: &[bool]) -> Option<Vec<Value>> {
+    let mut merged = local.to_vec();
+    for i in 0..new.len() {
+        let theirs = new[i] != old[i];
+        let mine = local[i] != old[i];
+        match (theirs, mine) {
+            (false, _) => {}
+            (true, false) => merged[i] = new[i].clone(),
+            // Two sales of one item each both leave 99 of 100: a delta column adds them up even
+            // when the values happen to be equal.
+            (true, true) if delta[i] => {
+                let (Some(l), Some(n), Some(o)) = (&local[i], &new[i], &old[i]) else { return None };
+                merged[i] = Spi::get_one_with_args::<String>(
+                    "SELECT ($1::numeric + $2::numeric - $3::numeric)::text",
+                    &[l.as_str().into(), n.as_str().into(), o.as_str().into()],
+                )
+                .ok()
+                .flatten();
+            }
+            (true, true) if local[i] == new[i] => {}
+            (true, true) => return None,
+        }
+    }
+    Some(merged)
+}
+
+/// Records a merge: both changes survive, so nothing is lost, but the log shows it happened.
+pub fn log_merge(c: Conflict) {
+    Spi::run_with_args(
+        "INSERT INTO rbucardo.conflicts (tbl, key, kind, local_version, remote_version, remote_origin, remote_hlc, rule, winner)
+         VALUES ($1, $2::jsonb, $3, $4::jsonb, $5::jsonb, $6, $7, 'merge', 'merged')",
+        &[
+            c.table.into(),
+            c.key.to_string().into(),
+            c.kind.as_str().into(),
+            c.local.map(|v| v.to_string()).into(),
+            c.remote.map(|v| v.to_string()).into(),
+            c.origin.into(),
+            c.hlc.into(),
+        ],
+    )
+    .expect("recording a merge");
+}
+
+fn table_oid_name(tbl: pg_sys::Oid) -> String {
+    Spi::get_one_with_args::<String>("SELECT $1::regclass::text", &[tbl.into()]).ok().flatten().unwrap_or_default()
+}
+
+/// Overrides the conflict strategy for one table (NULL returns it to its sync's strategy).
+#[pg_extern(sql = "CREATE FUNCTION rbucardo.set_table_strategy(tbl regclass, strategy text) RETURNS text
+                   VOLATILE LANGUAGE c AS 'MODULE_PATHNAME', '@FUNCTION_NAME@';")]
+fn set_table_strategy(tbl: pg_sys::Oid, strategy: Option<&str>) -> String {
+    if let Some(s) = strategy {
+        check_strategy(s);
+    }
+    Spi::run_with_args(
+        "INSERT INTO rbucardo.table_option (relid, strategy) VALUES ($1, $2)
+         ON CONFLICT (relid) DO UPDATE SET strategy = EXCLUDED.strategy",
+        &[tbl.into(), strategy.into()],
+    )
+    .expect("recording the table strategy");
+    format!("{} resolves conflicts by {}", table_oid_name(tbl), strategy.unwrap_or("its sync's strategy"))
+}
+
+/// Turns column-level merge on (the default) or off for one table.
+#[pg_extern(sql = "CREATE FUNCTION rbucardo.set_column_merge(tbl regclass, enabled boolean) RETURNS text
+                   STRICT VOLATILE LANGUAGE c AS 'MODULE_PATHNAME', '@FUNCTION_NAME@';")]
+fn set_column_merge(tbl: pg_sys::Oid, enabled: bool) -> String {
+    Spi::run_with_args(
+        "INSERT INTO rbucardo.table_option (relid, merge) VALUES ($1, $2)
+         ON CONFLICT (relid) DO UPDATE SET merge = EXCLUDED.merge",
+        &[tbl.into(), enabled.into()],
+    )
+    .expect("recording the merge option");
+    format!("column-level merge {} for {}", if enabled { "on" } else { "off" }, table_oid_name(tbl))
+}
+
+/// Makes a numeric column a delta column ('delta': concurrent changes add up, as stock counts
+/// must) or an ordinary one again ('default').
+#[pg_extern(sql = "CREATE FUNCTION rbucardo.set_column_strategy(tbl regclass, col text, strategy text) RETURNS text
+                   STRICT VOLATILE LANGUAGE c AS 'MODULE_PATHNAME', '@FUNCTION_NAME@';")]
+fn set_column_strategy(tbl: pg_sys::Oid, col: &str, strategy: &str) -> String {
+    let numeric = Spi::get_one_with_args::<bool>(
+        "SELECT a.atttypid IN ('int2'::regtype, 'int4'::regtype, 'int8'::regtype, 'numeric'::regtype,
+                               'float4'::regtype, 'float8'::regtype)
+           FROM pg_attribute a WHERE a.attrelid = $1 AND a.attname = $2 AND NOT a.attisdropped",
+        &[tbl.into(), col.into()],
+    )
+    .ok()
+    .flatten();
+    match (strategy, numeric) {
+        (_, None) => raise(PgSqlErrorCode::ERRCODE_UNDEFINED_COLUMN, format!("{} has no column {col}", table_oid_name(tbl)), "Name an existing column."),
+        ("delta", Some(false)) => raise(PgSqlErrorCode::ERRCODE_DATATYPE_MISMATCH, format!("column {col} is not numeric"), "Delta columns add up changes: use them for integer or numeric counts."),
+        ("delta", Some(true)) => {
+            Spi::run_with_args(
+                "INSERT INTO rbucardo.column_option (relid, col, strategy) VALUES ($1, $2, 'delta') ON CONFLICT DO NOTHING",
+                &[tbl.into(), col.into()],
+            )
+            .expect("recording the column strategy");
+        }
+        ("default", _) => {
+            Spi::run_with_args("DELETE FROM rbucardo.column_option WHERE relid = $1 AND col = $2", &[tbl.into(), col.into()]).expect("clearing the column strategy");
+        }
+        _ => raise(PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE, format!("unknown column strategy {strategy:?}"), "Use 'delta' or 'default'."),
+    }
+    format!("column {col} of {} is now {strategy}", table_oid_name(tbl))
+}
+
+/// Column-level merge setting and delta columns of a table, in the remote column order.
+pub fn column_rules(relid: pg_sys::Oid, desc: &RelDesc) -> (bool, Vec<bool>) {
+    let merge = Spi::get_one_with_args::<bool>("SELECT merge FROM rbucardo.table_option WHERE relid = $1", &[relid.into()])
+        .ok()
+        .flatten()
+        .unwrap_or(true);
+    let deltas: Vec<String> = Spi::connect(|c| {
+        c.select("SELECT col::text FROM rbucardo.column_option WHERE relid = $1 AND strategy = 'delta'", None, &[relid.into()])
+            .map(|t| t.filter_map(|r| r.get::<String>(1).ok().flatten()).collect())
+            .unwrap_or_default()
+    });
+    (merge, desc.columns.iter().map(|c| deltas.contains(c)).collect())
 }
 
 /// A row's replica key as a JSON object of column name to text value: the same on every node.
@@ -230,9 +406,7 @@ pub fn resolve(rule: &Rule, c: Conflict, local_clock: Option<(i64, i32)>) -> boo
 /// Changes the conflict strategy of a sync.
 #[pg_extern(volatile)]
 fn set_conflict_strategy(sync: &str, strategy: &str) -> String {
-    if !crate::catalog::STRATEGIES.contains(&strategy) {
-        raise(PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE, format!("unknown conflict strategy {strategy:?}"), format!("Use one of: {}.", crate::catalog::STRATEGIES.join(", ")));
-    }
+    check_strategy(strategy);
     let n = Spi::connect_mut(|c| {
         c.update("UPDATE rbucardo.sync SET conflict_strategy = $2 WHERE name = $1", None, &[sync.into(), strategy.into()]).map(|t| t.len()).unwrap_or(0)
     });

@@ -136,3 +136,82 @@ fn latest_change_wins_everywhere() {
     assert_eq!(one(&cluster, BRANCH1, "SELECT count(*) FILTER (WHERE winner <> 'local') FROM rbucardo.conflicts"), "0");
     assert_ne!(one(&cluster, BRANCH1, "SELECT count(*) FROM rbucardo.conflicts"), "0");
 }
+
+/// Two branches change different columns of one row while apart: both changes survive
+/// everywhere (column-level merge, on by default), and the merge is in the log.
+#[test]
+fn changes_to_different_columns_both_survive() {
+    let cluster = start_store("conflict_merge", Topology::Star);
+    cluster.node(MAIN).sql(DB, "INSERT INTO products (id, name, price, stock) VALUES (3, 'milk', 1.00, 10)");
+    for i in ALL {
+        wait_until("product everywhere", Duration::from_secs(30), || Ok(one(&cluster, i, "SELECT count(*) FROM products WHERE id = 3") == "1"));
+    }
+    cluster.link(BRANCH1, MAIN).cut();
+    cluster.link(BRANCH2, MAIN).cut();
+    cluster.node(BRANCH1).sql(DB, "UPDATE products SET price = 1.20 WHERE id = 3");
+    cluster.node(BRANCH2).sql(DB, "UPDATE products SET name = 'whole milk' WHERE id = 3");
+    cluster.link(BRANCH1, MAIN).restore();
+    cluster.link(BRANCH2, MAIN).restore();
+    for i in ALL {
+        wait_until("both changes everywhere", Duration::from_secs(60), || {
+            let row = one(&cluster, i, "SELECT name || '|' || price FROM products WHERE id = 3");
+            if row == "whole milk|1.20" { Ok(true) } else { Err(row) }
+        });
+    }
+    cluster.assert_tables_equal(DB, "products", "id", &ALL);
+    assert_ne!(one(&cluster, MAIN, "SELECT count(*) FROM rbucardo.conflicts WHERE winner = 'merged'"), "0");
+}
+
+/// Stock is sold on all three nodes while apart; with the column set to delta every node ends
+/// at the original count minus every sale.
+#[test]
+fn delta_column_adds_up_sales_from_every_node() {
+    let cluster = start_store("conflict_delta", Topology::Star);
+    for i in ALL {
+        cluster.node(i).sql(DB, "SELECT rbucardo.set_column_strategy('products', 'stock', 'delta')");
+    }
+    cluster.node(MAIN).sql(DB, "INSERT INTO products (id, name, price, stock) VALUES (8, 'bread', 2.00, 100)");
+    for i in ALL {
+        wait_until("product everywhere", Duration::from_secs(30), || Ok(one(&cluster, i, "SELECT count(*) FROM products WHERE id = 8") == "1"));
+    }
+    cluster.link(BRANCH1, MAIN).cut();
+    cluster.link(BRANCH2, MAIN).cut();
+    for (i, sold) in [(MAIN, 3), (BRANCH1, 1), (BRANCH2, 2)] {
+        for _ in 0..sold {
+            cluster.node(i).sql(DB, "UPDATE products SET stock = stock - 1 WHERE id = 8");
+        }
+    }
+    cluster.link(BRANCH1, MAIN).restore();
+    cluster.link(BRANCH2, MAIN).restore();
+    for i in ALL {
+        wait_until("stock down by every sale", Duration::from_secs(60), || {
+            let stock = one(&cluster, i, "SELECT stock FROM products WHERE id = 8");
+            if stock == "94" { Ok(true) } else { Err(format!("{} has {stock}", NODE_NAMES[i])) }
+        });
+    }
+}
+
+/// A priority list decides by who made the change: main's version beats branch1's, whatever
+/// the clocks say.
+#[test]
+fn node_priority_list_decides() {
+    let cluster = start_store("conflict_priority", Topology::Star);
+    for i in [MAIN, BRANCH1] {
+        cluster.node(i).sql(DB, "SELECT rbucardo.set_table_strategy('products', 'main,branch1')");
+    }
+    cluster.node(MAIN).sql(DB, "INSERT INTO products (id, name, price, stock) VALUES (4, 'salt', 1.00, 5)");
+    wait_until("product on branch1", Duration::from_secs(30), || Ok(one(&cluster, BRANCH1, "SELECT count(*) FROM products WHERE id = 4") == "1"));
+    cluster.link(BRANCH1, MAIN).cut();
+    cluster.node(MAIN).sql(DB, "UPDATE products SET price = 3.00 WHERE id = 4");
+    cluster.node(BRANCH1).sql(DB, "UPDATE products SET price = 4.00 WHERE id = 4"); // later, but lower priority
+    cluster.link(BRANCH1, MAIN).restore();
+    for i in [MAIN, BRANCH1] {
+        wait_until("main's price", Duration::from_secs(60), || {
+            let p = one(&cluster, i, "SELECT price FROM products WHERE id = 4");
+            if p == "3.00" && one(&cluster, i, "SELECT count(*) FROM rbucardo.conflicts") == "1" { Ok(true) } else { Err(p) }
+        });
+    }
+    assert_eq!(one(&cluster, BRANCH1, "SELECT winner || ' ' || rule FROM rbucardo.conflicts"), "remote main,branch1");
+    let bad = cluster.node(MAIN).connect(DB).execute("SELECT rbucardo.set_table_strategy('products', 'main,nowhere')");
+    assert!(bad.unwrap_err().contains("unknown conflict strategy"));
+}

@@ -37,6 +37,10 @@ pub struct Layout {
     columns: Vec<Column>,
     rule: Rule,
     table: String,
+    /// Column-level merge of non-overlapping changes (on unless turned off for the table).
+    merge: bool,
+    /// Delta columns, in the remote column order.
+    delta: Vec<bool>,
 }
 
 /// Decides whether a table can be applied through the executor and prepares its layout:
@@ -87,7 +91,10 @@ pub fn layout(relid: pg_sys::Oid, desc: &RelDesc) -> Option<Layout> {
         let complete = tupdesc.iter().enumerate().all(|(i, a)| covered[i] || a.attisdropped || a.attgenerated != 0);
         pg_sys::table_close(rel, pg_sys::AccessShareLock as i32);
         let table = format!("{}.{}", pgrx::spi::quote_identifier(&desc.schema), pgrx::spi::quote_identifier(&desc.name));
-        complete.then(|| Layout { relid, key_index, columns, rule: Rule::for_table(relid), table })
+        complete.then(|| {
+            let (merge, delta) = conflicts::column_rules(relid, desc);
+            Layout { relid, key_index, columns, rule: Rule::for_table(relid), table, merge, delta }
+        })
     }
 }
 
@@ -244,7 +251,7 @@ impl Target {
     #[allow(clippy::too_many_arguments)]
     fn conflict(&self, layout: &Layout, desc: &RelDesc, kind: Kind, local: Option<&[Value]>, remote: Option<&[Value]>, key_of: &[Value], origin: Origin, clocks: &mut Clocks) -> bool {
         let key = conflicts::key_json(desc, key_of);
-        let local_clock = if layout.rule.0 == "latest" { clocks.local(layout.relid, desc, &key) } else { None };
+        let local_clock = if layout.rule.needs_local_clock() { clocks.local(layout.relid, desc, &key) } else { None };
         conflicts::resolve(
             &layout.rule,
             Conflict {
@@ -282,8 +289,34 @@ impl Target {
         unsafe {
             if self.find(layout, desc, old) {
                 let local = self.local_text(layout);
-                if local == old || (local != new && self.conflict(layout, desc, Kind::UpdateDiffers, Some(&local), Some(new), old, origin, clocks)) {
+                if local == old {
                     self.update_found(layout, new);
+                } else if local != new || layout.delta.iter().any(|d| *d) {
+                    // Both sides changed the row. If they changed different columns (or only
+                    // delta columns in common), both changes survive.
+                    let merged = if layout.merge { conflicts::merge(&local, old, new, &layout.delta) } else { None };
+                    match merged {
+                        Some(row) => {
+                            conflicts::log_merge(Conflict {
+                                table: &layout.table,
+                                key: conflicts::key_json(desc, old),
+                                kind: Kind::UpdateDiffers,
+                                local: Some(row_json(desc, &local, None)),
+                                remote: Some(row_json(desc, new, None)),
+                                origin: origin.node,
+                                hlc: origin.hlc,
+                            });
+                            if row != local {
+                                self.update_found(layout, &row);
+                            }
+                        }
+                        None if local == new => {}
+                        None => {
+                            if self.conflict(layout, desc, Kind::UpdateDiffers, Some(&local), Some(new), old, origin, clocks) {
+                                self.update_found(layout, new);
+                            }
+                        }
+                    }
                 }
                 self.step_done();
             } else {

@@ -48,6 +48,9 @@ struct TxState {
     /// Buffered changes with the subtransaction that made them.
     pending: Vec<(pg_sys::SubTransactionId, RowChange)>,
     bytes: usize,
+    /// Client query strings whose DDL is already recorded (with the subtransaction that
+    /// recorded it): a query string holding several statements is recorded once.
+    ddl_queries: Vec<(pg_sys::SubTransactionId, String)>,
 }
 
 thread_local! {
@@ -186,6 +189,36 @@ unsafe fn record(rel: pg_sys::Relation, op: Op, old: pg_sys::HeapTuple, new: pg_
     }
 }
 
+/// Whether the DDL of the client query `key` is already in this transaction's buffer.
+pub fn ddl_recorded(key: &str) -> bool {
+    TX.with(|tx| tx.borrow().ddl_queries.iter().any(|(_, k)| k == key))
+}
+
+/// Appends a DDL change (src/ddl.rs) to the transaction's buffer, in order with the row
+/// changes, and remembers `key` (the client query it came from) so it is recorded once.
+pub fn record_ddl(key: String, schema: &str, tag: &str, sql: String, search_path: String) {
+    ensure_hooks();
+    let subid = unsafe { pg_sys::GetCurrentSubTransactionId() };
+    let spill = TX.with(|tx| {
+        let mut tx = tx.borrow_mut();
+        if !tx.active {
+            tx.active = true;
+            tx.hlc = crate::clock::now();
+        }
+        let relno = tx.relations.len() as u32;
+        tx.relations.push(RelDesc { schema: schema.to_string(), name: tag.to_string(), columns: Vec::new(), key: Vec::new() });
+        tx.ordinal += 1;
+        let ordinal = tx.ordinal;
+        tx.bytes += sql.len() + search_path.len() + 16;
+        tx.pending.push((subid, RowChange { ordinal, rel: relno, op: Op::Ddl, old: None, new: Some(vec![Some(sql), Some(search_path)]) }));
+        tx.ddl_queries.push((subid, key));
+        tx.bytes >= SPILL_BYTES
+    });
+    if spill {
+        flush(false);
+    }
+}
+
 /// Writes the buffered changes that belong to the current subtransaction (all of them at top
 /// level) to the change log as one chunk.
 fn flush(is_final: bool) {
@@ -254,7 +287,11 @@ unsafe extern "C-unwind" fn subxact_callback(
 ) {
     if event == pg_sys::SubXactEvent::SUBXACT_EVENT_ABORT_SUB {
         // Every subtransaction with an id at or above the aborted one is inside it.
-        TX.with(|tx| tx.borrow_mut().pending.retain(|(s, _)| *s < my_subid));
+        TX.with(|tx| {
+            let mut tx = tx.borrow_mut();
+            tx.pending.retain(|(s, _)| *s < my_subid);
+            tx.ddl_queries.retain(|(s, _)| *s < my_subid);
+        });
     }
 }
 

@@ -16,6 +16,9 @@ pub enum Op {
     Update,
     Delete,
     Truncate,
+    /// A schema change (src/ddl.rs): `new` holds `[command text, search_path]`, `old` is
+    /// `None`, and `rel` points to a description of the schema with no columns.
+    Ddl,
 }
 
 /// A table as the capturing node saw it: peers resolve it by name, not by oid.
@@ -231,12 +234,23 @@ pub fn decode_chunk(bytes: &[u8]) -> Result<Chunk, DecodeError> {
             .relations
             .get(ch.rel as usize)
             .ok_or_else(|| DecodeError::Malformed(format!("change refers to table #{} of {}", ch.rel, chunk.relations.len())))?;
+        if ch.op == Op::Ddl {
+            let well_formed = rel.columns.is_empty()
+                && rel.key.is_empty()
+                && ch.old.is_none()
+                && ch.new.as_ref().is_some_and(|n| n.len() == 2 && n.iter().all(|v| v.is_some()));
+            if !well_formed {
+                return Err(DecodeError::Malformed(format!("DDL change {} in schema {} is malformed", ch.ordinal, rel.schema)));
+            }
+            continue;
+        }
         let width_ok = |row: &Option<Vec<Value>>| row.as_ref().is_none_or(|r| r.len() == rel.columns.len());
         let images_ok = match ch.op {
             Op::Insert => ch.new.is_some(),
             Op::Update => ch.new.is_some() && ch.old.is_some(),
             Op::Delete => ch.old.is_some(),
             Op::Truncate => true,
+            Op::Ddl => unreachable!(),
         };
         if !width_ok(&ch.old) || !width_ok(&ch.new) || !images_ok {
             return Err(DecodeError::Malformed(format!("change {} on {}.{} has wrong row images", ch.ordinal, rel.schema, rel.name)));
@@ -263,6 +277,23 @@ mod tests {
             upto: Position { tick: 2, seq: 9 },
             txns: vec![Txn { origin: 2, origin_pos: Position { tick: 2, seq: 9 }, hlc: 42, stream_pos: Position { tick: 2, seq: 9 }, chunks: vec![encode_chunk(&chunk)] }],
         }
+    }
+
+    #[test]
+    fn ddl_changes_are_checked() {
+        let ddl = |new: Option<Vec<Value>>, columns: Vec<String>| {
+            let chunk = Chunk {
+                relations: vec![RelDesc { schema: "public".into(), name: "CREATE TABLE".into(), columns, key: vec![] }],
+                changes: vec![RowChange { ordinal: 1, rel: 0, op: Op::Ddl, old: None, new }],
+            };
+            decode_chunk(&encode_chunk(&chunk))
+        };
+        let good = Some(vec![Some("CREATE TABLE t (id int)".into()), Some("public".into())]);
+        assert!(ddl(good.clone(), vec![]).is_ok());
+        assert!(ddl(None, vec![]).is_err());
+        assert!(ddl(Some(vec![Some("x".into())]), vec![]).is_err());
+        assert!(ddl(Some(vec![None, Some("public".into())]), vec![]).is_err());
+        assert!(ddl(good, vec!["id".into()]).is_err());
     }
 
     #[test]

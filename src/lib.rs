@@ -11,8 +11,10 @@ pub mod catalog;
 pub mod changelog;
 pub mod clock;
 pub mod conflicts;
+pub mod ddl;
 pub mod encoding;
 pub mod error;
+pub mod exceptions;
 pub mod monitor;
 pub mod peer;
 pub mod replicator;
@@ -25,6 +27,7 @@ pub mod worker;
 // Catalog tables and views are plain SQL, kept in sql/ so they read as SQL.
 pgrx::extension_sql_file!("../sql/catalog.sql", name = "catalog", bootstrap);
 pgrx::extension_sql_file!("../sql/conflicts.sql", name = "conflicts", requires = ["catalog"]);
+pgrx::extension_sql_file!("../sql/exceptions.sql", name = "exceptions", requires = ["catalog"]);
 pgrx::extension_sql_file!("../sql/monitoring.sql", name = "monitoring", requires = ["catalog", monitor::redact_conninfo]);
 // Last step of CREATE EXTENSION: have the launcher start this database's worker after commit.
 pgrx::extension_sql!("SELECT rbucardo.wake_launcher();", name = "wake_launcher", finalize);
@@ -43,6 +46,7 @@ pub extern "C-unwind" fn _PG_init() {
         );
     }
     clock::init();
+    ddl::init();
     worker::init();
 }
 

@@ -356,19 +356,25 @@ fn s2_identity_columns_and_snowflake_ids_do_not_collide() {
 #[test]
 fn s3_sequences_created_later_are_partitioned_before_their_first_value() {
     let cluster = start("s3_new_sequences", SERIAL_SCHEMA, |_| String::new(), "interleave");
-    // The same DDL on every node (DDL is not replicated yet).
-    for i in ALL {
-        cluster.node(i).sql(
-            DB,
-            "CREATE SEQUENCE late_doc_seq;
-             CREATE TABLE late_t (id serial PRIMARY KEY, v text);
-             ALTER TABLE products ADD COLUMN ref bigserial;
-             CREATE TABLE late_ident (id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY);
-             CREATE SCHEMA scratch;
-             CREATE SEQUENCE scratch.not_replicated_seq;",
-        );
-    }
+    // The DDL runs on main and replicates; every node partitions the new sequences for itself
+    // (on the branches while the replicated DDL is applied).
+    cluster.node(MAIN).sql(
+        DB,
+        "CREATE SEQUENCE late_doc_seq;
+         CREATE TABLE late_t (id serial PRIMARY KEY, v text);
+         ALTER TABLE products ADD COLUMN ref bigserial;
+         CREATE TABLE late_ident (id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY);
+         CREATE SCHEMA scratch;
+         CREATE SEQUENCE scratch.not_replicated_seq;",
+    );
     let late = ["late_doc_seq", "late_t_id_seq", "products_ref_seq", "late_ident_id_seq"];
+    for i in [BRANCH1, BRANCH2] {
+        rbucardo_cluster_tests::wait_until(&format!("the new sequences on {}", NODE_NAMES[i]), CONVERGE, || {
+            let n = cluster.node(i).query_one(DB, "SELECT count(*) FROM pg_sequences WHERE sequencename IN
+                ('late_doc_seq', 'late_t_id_seq', 'products_ref_seq', 'late_ident_id_seq', 'not_replicated_seq')");
+            if n.as_deref() == Some("5") { Ok(true) } else { Err(format!("{n:?}")) }
+        });
+    }
     let mut handed_out = Vec::new();
     for i in ALL {
         let node = cluster.node(i);

@@ -173,6 +173,16 @@ impl Applier {
         let mut i = 0;
         while i < changes.len() {
             let (desc, ch) = &changes[i];
+            if ch.op == Op::Ddl {
+                // Schema changes run in order with the rows; what was resolved before them
+                // (tables, columns, plans) may have changed.
+                self.close_target();
+                crate::ddl::apply(client, desc, ch);
+                self.rels.clear();
+                self.plans.clear();
+                i += 1;
+                continue;
+            }
             if ch.op != Op::Truncate && self.executor_apply(desc, ch, rows::Origin { node: txn.origin, hlc: txn.hlc }) {
                 i += 1;
                 continue;
@@ -182,6 +192,7 @@ impl Applier {
                 Op::Insert => self.upsert(client, desc, ch.new.as_ref().unwrap()),
                 Op::Update => self.update(client, desc, ch.old.as_ref().unwrap(), ch.new.as_ref().unwrap()),
                 Op::Delete => self.delete(client, desc, ch.old.as_ref().unwrap()),
+                Op::Ddl => unreachable!("handled above"),
                 Op::Truncate => {
                     // A TRUNCATE of several tables (or one with CASCADE) arrives as one change
                     // per table; truncating them together keeps foreign keys satisfied.
@@ -215,7 +226,7 @@ impl Applier {
             Op::Insert => target.insert(layout, desc, ch.new.as_ref().unwrap(), origin, clocks),
             Op::Update => target.update(layout, desc, ch.old.as_ref().unwrap(), ch.new.as_ref().unwrap(), origin, clocks),
             Op::Delete => target.delete(layout, desc, ch.old.as_ref().unwrap(), origin, clocks),
-            Op::Truncate => unreachable!("TRUNCATE goes through SQL"),
+            Op::Truncate | Op::Ddl => unreachable!("TRUNCATE and DDL go through SQL"),
         }
         // A later change of this batch to the same row compares with this one's clock.
         if let Some(row) = ch.new.as_ref().or(ch.old.as_ref()) {
@@ -224,9 +235,43 @@ impl Applier {
         true
     }
 
+    /// Drops the open table without closing it: its subtransaction was rolled back, which
+    /// released the executor state already.
+    fn forget_target(&mut self) {
+        if let Some((_, target)) = self.open.take() {
+            std::mem::forget(target);
+        }
+    }
+
     fn close_target(&mut self) {
         if let Some((_, target)) = self.open.take() {
             target.close();
+        }
+    }
+}
+
+/// Writes an applied transaction to the local change log under its original origin, so this
+/// node forwards it (never back to `via`).
+fn relog(txn: &Txn, via: i32) {
+    for (i, chunk) in txn.chunks.iter().enumerate() {
+        let source = changelog::Source { origin: txn.origin, origin_pos: txn.origin_pos, via };
+        changelog::append(chunk, i as i32, i + 1 == txn.chunks.len(), Some(source), txn.hlc);
+    }
+}
+
+/// Applies a parked transaction again (its progress was recorded when it was parked).
+pub fn apply_parked(me: i32, txn: &Txn, via: i32) -> Result<(), String> {
+    Spi::run("SET LOCAL session_replication_role = replica").expect("entering replica mode");
+    let mut applier = Applier { rels: HashMap::new(), plans: HashMap::new(), open: None, clocks: crate::conflicts::Clocks::new(me) };
+    let result = Spi::connect_mut(|client| crate::exceptions::attempt(|| applier.apply_txn(client, txn)));
+    match result {
+        Ok(()) => {
+            relog(txn, via);
+            Ok(())
+        }
+        Err(e) => {
+            applier.forget_target();
+            Err(e)
         }
     }
 }
@@ -291,14 +336,19 @@ pub fn apply_batch(me: i32, sender_db: &str, sender_node: i32, batch: &Batch) ->
             if txn.origin_pos <= done {
                 continue;
             }
-            applier.apply_txn(client, txn);
-            for (i, chunk) in txn.chunks.iter().enumerate() {
-                let source = changelog::Source { origin: txn.origin, origin_pos: txn.origin_pos, via: sender_node };
-                changelog::append(chunk, i as i32, i + 1 == txn.chunks.len(), Some(source), txn.hlc);
+            // A transaction that breaks a constraint here is parked, not allowed to stop the stream.
+            match crate::exceptions::attempt(|| applier.apply_txn(client, txn)) {
+                Ok(()) => {
+                    relog(txn, sender_node);
+                    applied += 1;
+                }
+                Err(reason) => {
+                    applier.forget_target();
+                    crate::exceptions::park(txn, sender_node, &reason);
+                }
             }
             crate::clock::observe(txn.hlc);
             progress.insert(txn.origin, txn.origin_pos);
-            applied += 1;
         }
     });
     cursor = cursor.max(batch.upto);

@@ -1,0 +1,286 @@
+//! DDL replication (invariant 6) on three real nodes (main, branch1, branch2) in a
+//! star: schema changes travel in the same ordered stream as the rows, new
+//! tables join the herd and get node-disjoint sequences on every node, and
+//! nothing needs a manual step.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use rbucardo_cluster_tests::{poll_every, wait_until, Cluster};
+
+const CONVERGE: Duration = Duration::from_secs(120);
+
+/// Columns of every table of `public`, as one text per node.
+const COLUMNS_SQL: &str = "SELECT string_agg(format('%s.%s %s %s %s', table_name, column_name, data_type,
+                                  is_nullable, coalesce(column_default, '-')), E'\\n'
+                           ORDER BY table_name, ordinal_position)
+                      FROM information_schema.columns WHERE table_schema = 'public'";
+const INDEXES_SQL: &str = "SELECT string_agg(indexdef, E'\\n' ORDER BY indexname) FROM pg_indexes WHERE schemaname = 'public'";
+
+fn one(cluster: &Cluster, i: usize, sql: &str) -> String {
+    cluster.node(i).query_one(DB, sql).unwrap_or_default()
+}
+
+/// Waits until `sql` gives the same answer on every node (and `want` on main, if given).
+fn wait_same(cluster: &Cluster, what: &str, sql: &str) {
+    let mut probe = Probe::new(cluster);
+    if let Err(state) = poll_every(CONVERGE, Duration::from_millis(250), || {
+        let mut answers = Vec::new();
+        for i in ALL {
+            let rows = probe.query(i, sql)?;
+            answers.push(rows.first().and_then(|r| r[0].clone()).unwrap_or_default());
+        }
+        if answers.iter().all(|a| a == &answers[0]) {
+            Ok(true)
+        } else {
+            Err(format!("{what} differs: {answers:#?}"))
+        }
+    }) {
+        panic!("{state}\n{}", diagnostics(cluster));
+    }
+}
+
+/// Waits until `table` holds `rows` rows on every node, then compares it row by row.
+fn wait_table(cluster: &Cluster, table: &str, key: &str, rows: i64) {
+    let mut probe = Probe::new(cluster);
+    let sql = format!("SELECT count(*) FROM {table}");
+    if let Err(state) = poll_every(CONVERGE, Duration::from_millis(250), || {
+        let mut counts = Vec::new();
+        for i in ALL {
+            counts.push(probe.int(i, &sql)?);
+        }
+        if counts.iter().all(|&c| c == rows) {
+            Ok(true)
+        } else {
+            Err(format!("{table}: {counts:?} rows (want {rows})"))
+        }
+    }) {
+        panic!("{state}\n{}", diagnostics(cluster));
+    }
+    cluster.assert_tables_equal(DB, table, key, &ALL);
+}
+
+fn assert_no_errors(cluster: &Cluster) {
+    for i in ALL {
+        let errors = cluster.node(i).query(DB, "SELECT db, last_error FROM rbucardo.peer_state WHERE last_error IS NOT NULL");
+        assert!(errors.is_empty(), "{}: replication errors {errors:?}", NODE_NAMES[i]);
+    }
+}
+
+// ---------------------------------------------------------------------------
+// 1. A module install on main while both branches are offline and selling.
+
+#[test]
+fn d1_module_install_while_branches_are_offline_converges_without_manual_steps() {
+    let cluster = start_store("d1_module_install", Topology::Star);
+    for k in ALL {
+        let b = base(k);
+        run_on(&cluster, k, &[format!(
+            "INSERT INTO users SELECT {b} + i, 'u{k}_' || i, 'user' FROM generate_series(1, 20) i;
+             INSERT INTO products (id, name, price) SELECT {b} + i, 'p' || i, i FROM generate_series(1, 20) i"
+        )]);
+    }
+    wait_table(&cluster, "users", "id", 60);
+    wait_table(&cluster, "products", "id", 60);
+
+    cluster.link(BRANCH1, MAIN).cut();
+    cluster.link(BRANCH2, MAIN).cut();
+
+    // The module install: one transaction of separate statements, as an ORM runs it, with
+    // rows written between the schema changes.
+    let mut conn = cluster.node(MAIN).connect(DB);
+    for sql in [
+        "BEGIN",
+        "CREATE TABLE loyalty_card (id serial PRIMARY KEY, code text NOT NULL UNIQUE,
+                                    user_id int REFERENCES users (id))",
+        "CREATE TABLE loyalty_point (id serial PRIMARY KEY,
+                                     card_id int NOT NULL REFERENCES loyalty_card (id) ON DELETE CASCADE,
+                                     points int NOT NULL DEFAULT 0)",
+        "INSERT INTO loyalty_card (code, user_id) SELECT 'main-' || i, 1000000 + i FROM generate_series(1, 5) i",
+        "ALTER TABLE products ADD COLUMN barcode text DEFAULT 'none'",
+        "CREATE INDEX products_barcode_idx ON products (barcode)",
+        "UPDATE products SET barcode = 'main-' || id WHERE id <= 1000005",
+        "INSERT INTO loyalty_point (card_id, points) SELECT id, 10 FROM loyalty_card",
+        "COMMIT",
+    ] {
+        conn.execute(sql).unwrap_or_else(|e| panic!("main: {e}\n{sql}"));
+    }
+    // Meanwhile the branches keep selling on the old schema.
+    for k in [BRANCH1, BRANCH2] {
+        let b = base(k);
+        run_on(&cluster, k, &[
+            format!("INSERT INTO products (id, name, price) SELECT {b} + 100 + i, 'offline' || i, i FROM generate_series(1, 10) i"),
+            format!("UPDATE products SET price = price + 1 WHERE id BETWEEN {b} + 1 AND {b} + 5"),
+            format!("INSERT INTO users SELECT {b} + 100 + i, 'off{k}_' || i, 'offline' FROM generate_series(1, 5) i"),
+        ]);
+    }
+    // Nothing reached the branches yet.
+    for k in [BRANCH1, BRANCH2] {
+        assert_eq!(one(&cluster, k, "SELECT count(*) FROM pg_class WHERE relname = 'loyalty_card'"), "0");
+    }
+
+    cluster.link(BRANCH1, MAIN).restore();
+    cluster.link(BRANCH2, MAIN).restore();
+
+    wait_same(&cluster, "columns", COLUMNS_SQL);
+    wait_same(&cluster, "indexes", INDEXES_SQL);
+    let columns = one(&cluster, MAIN, COLUMNS_SQL);
+    assert!(columns.contains("products.barcode text YES 'none'::text"), "{columns}");
+    assert!(columns.contains("loyalty_point.points integer NO 0"), "{columns}");
+    wait_table(&cluster, "users", "id", 70);
+    wait_table(&cluster, "products", "id", 80);
+    wait_table(&cluster, "loyalty_card", "id", 5);
+    wait_table(&cluster, "loyalty_point", "id", 5);
+    // Offline rows got the new column's default everywhere; main's updates arrived.
+    for i in ALL {
+        assert_eq!(one(&cluster, i, "SELECT count(*) FROM products WHERE barcode = 'none'"), "75", "{}", NODE_NAMES[i]);
+    }
+    // The new tables joined the herd on every node, their sequences are node-disjoint.
+    for i in ALL {
+        let herd = one(&cluster, i, "SELECT string_agg(relid::regclass::text, ',' ORDER BY relid::regclass::text)
+                                       FROM rbucardo.herd_table WHERE relid::regclass::text LIKE 'loyalty%'");
+        assert_eq!(herd, "loyalty_card,loyalty_point", "{}", NODE_NAMES[i]);
+        let seqs = one(&cluster, i, "SELECT string_agg(sequence::text || ' ' || state, ',' ORDER BY sequence::text)
+                                       FROM rbucardo.sequences WHERE sequence::text LIKE 'loyalty%'");
+        assert_eq!(seqs, "loyalty_card_id_seq ok,loyalty_point_id_seq ok", "{}", NODE_NAMES[i]);
+    }
+    assert_no_errors(&cluster);
+
+    // Every node now writes into the new tables (default ids) and the new column.
+    for k in ALL {
+        let b = base(k);
+        run_on(&cluster, k, &[
+            format!(
+                "INSERT INTO loyalty_card (code, user_id) SELECT '{}2-' || i, {b} + i FROM generate_series(1, 10) i",
+                NODE_NAMES[k]
+            ),
+            format!(
+                "INSERT INTO loyalty_point (card_id, points)
+                 SELECT id, 5 FROM loyalty_card WHERE code LIKE '{}2-%'",
+                NODE_NAMES[k]
+            ),
+            format!("UPDATE products SET barcode = '{}-' || id WHERE id BETWEEN {b} + 101 AND {b} + 103", NODE_NAMES[k]),
+        ]);
+    }
+    wait_table(&cluster, "loyalty_card", "id", 35);
+    wait_table(&cluster, "loyalty_point", "id", 35);
+    wait_same(&cluster, "products", "SELECT md5(string_agg(p::text, ',' ORDER BY id)) FROM products p");
+    cluster.assert_tables_equal(DB, "products", "id", &ALL);
+    cluster.assert_tables_equal(DB, "users", "id", &ALL);
+    assert_eq!(one(&cluster, MAIN, "SELECT count(*) FROM products WHERE barcode LIKE 'branch%'"), "6");
+    assert_no_errors(&cluster);
+}
+
+// ---------------------------------------------------------------------------
+// 2. One query string with several statements replicates once, in order.
+
+#[test]
+fn d2_multi_statement_query_string_replicates_once_and_in_order() {
+    let cluster = start_store("d2_multi_statement", Topology::Star);
+    cluster.node(MAIN).sql(
+        DB,
+        "CREATE TABLE ms_a (id int PRIMARY KEY, v text);
+         INSERT INTO ms_a VALUES (1, 'before the column');
+         CREATE TABLE ms_b (id int PRIMARY KEY, a_id int REFERENCES ms_a);
+         ALTER TABLE ms_a ADD COLUMN extra int DEFAULT 7;
+         INSERT INTO ms_a VALUES (2, 'after the column', 8);
+         INSERT INTO ms_b VALUES (1, 2)",
+    );
+    // Again, in an explicit transaction inside the string.
+    cluster.node(MAIN).sql(
+        DB,
+        "BEGIN; ALTER TABLE ms_b ADD COLUMN note text; UPDATE ms_b SET note = 'noted'; CREATE INDEX ms_b_note ON ms_b (note); COMMIT;",
+    );
+    wait_same(&cluster, "columns", COLUMNS_SQL);
+    wait_same(&cluster, "indexes", INDEXES_SQL);
+    wait_table(&cluster, "ms_a", "id", 2);
+    wait_table(&cluster, "ms_b", "id", 1);
+    for i in ALL {
+        assert_eq!(one(&cluster, i, "SELECT string_agg(format('%s %s', id, extra), ',' ORDER BY id) FROM ms_a"), "1 7,2 8");
+        assert_eq!(one(&cluster, i, "SELECT note FROM ms_b"), "noted");
+    }
+    // A command applied twice would have failed ("already exists") and stopped the stream.
+    assert_no_errors(&cluster);
+    // Branch writes into the new tables come back.
+    run_on(&cluster, BRANCH2, &["INSERT INTO ms_a (id, v) VALUES (3, 'from branch2')".to_string()]);
+    wait_table(&cluster, "ms_a", "id", 3);
+}
+
+// ---------------------------------------------------------------------------
+// 3. DROP and RENAME replicate; temporary and local-only changes do not; a
+//    replicated command that fails stops the stream, visibly, until fixed.
+
+#[test]
+fn d3_drop_rename_temp_local_only_and_failing_ddl() {
+    let cluster = start_store("d3_drop_rename", Topology::Star);
+    cluster.node(MAIN).sql(
+        DB,
+        "CREATE TABLE r1 (id int PRIMARY KEY, v text);
+         CREATE TABLE gone (id int PRIMARY KEY);
+         INSERT INTO r1 VALUES (1, 'x');
+         INSERT INTO gone VALUES (1)",
+    );
+    wait_table(&cluster, "r1", "id", 1);
+    wait_table(&cluster, "gone", "id", 1);
+
+    cluster.node(MAIN).sql(DB, "ALTER TABLE r1 RENAME TO renamed");
+    cluster.node(MAIN).sql(DB, "ALTER TABLE renamed RENAME COLUMN v TO label");
+    cluster.node(MAIN).sql(DB, "DROP TABLE gone");
+    cluster.node(MAIN).sql(DB, "CREATE TEMP TABLE scratch (id int PRIMARY KEY); INSERT INTO scratch VALUES (1)");
+    // Local only.
+    cluster.node(BRANCH1).sql(DB, "SET rbucardo.replicate_ddl = off; CREATE TABLE branch_only (id int PRIMARY KEY)");
+    cluster.node(MAIN).sql(DB, "INSERT INTO renamed VALUES (2, 'y')");
+    wait_table(&cluster, "renamed", "id", 2);
+    wait_same(&cluster, "renamed columns", "SELECT string_agg(column_name, ',' ORDER BY ordinal_position)
+                                             FROM information_schema.columns WHERE table_name = 'renamed'");
+    assert_eq!(one(&cluster, BRANCH2, "SELECT string_agg(column_name, ',' ORDER BY ordinal_position)
+                                        FROM information_schema.columns WHERE table_name = 'renamed'"), "id,label");
+    for i in ALL {
+        assert_eq!(one(&cluster, i, "SELECT count(*) FROM pg_class WHERE relname IN ('gone', 'r1', 'scratch')"), "0", "{}", NODE_NAMES[i]);
+        assert_eq!(
+            one(&cluster, i, "SELECT count(*) FROM rbucardo.herd_table t LEFT JOIN pg_class c ON c.oid = t.relid WHERE c.oid IS NULL"),
+            "0",
+            "{}: dropped tables left in the herd",
+            NODE_NAMES[i]
+        );
+    }
+    for i in [MAIN, BRANCH2] {
+        assert_eq!(one(&cluster, i, "SELECT count(*) FROM pg_class WHERE relname = 'branch_only'"), "0");
+    }
+    assert_eq!(one(&cluster, BRANCH1, "SELECT count(*) FROM rbucardo.herd_table WHERE relid::regclass::text = 'branch_only'"), "0");
+    assert_no_errors(&cluster);
+
+    // branch1 made a table of its own; main now creates one with the same name.
+    cluster.node(BRANCH1).sql(DB, "SET rbucardo.replicate_ddl = off; CREATE TABLE clash (id int PRIMARY KEY, local text)");
+    cluster.node(MAIN).sql(DB, "CREATE TABLE clash (id int PRIMARY KEY, v text); INSERT INTO clash VALUES (1, 'main')");
+    cluster.node(MAIN).sql(DB, "INSERT INTO renamed VALUES (3, 'behind the clash')");
+    wait_until("branch1 to report the failing DDL", CONVERGE, || {
+        let err = one(&cluster, BRANCH1, "SELECT coalesce(last_error, '') FROM rbucardo.status WHERE db = 'main'");
+        if err.contains("replicated DDL") && err.contains("CREATE TABLE clash") && err.contains("already exists") {
+            Ok(true)
+        } else {
+            Err(format!("status of main on branch1: {err:?}"))
+        }
+    });
+    // Nothing after it was applied on branch1; branch2 is not held up.
+    wait_table_on(&cluster, BRANCH2, "renamed", 3);
+    assert_eq!(one(&cluster, BRANCH1, "SELECT count(*) FROM renamed"), "2");
+    // The fix: make room, and the stream resumes by itself.
+    cluster.node(BRANCH1).sql(DB, "SET rbucardo.replicate_ddl = off; DROP TABLE clash");
+    wait_table(&cluster, "renamed", "id", 3);
+    wait_table(&cluster, "clash", "id", 1);
+    wait_until("branch1's error to clear", CONVERGE, || {
+        let err = one(&cluster, BRANCH1, "SELECT coalesce(last_error, '') FROM rbucardo.status WHERE db = 'main'");
+        if err.is_empty() { Ok(true) } else { Err(err) }
+    });
+}
+
+fn wait_table_on(cluster: &Cluster, i: usize, table: &str, rows: i64) {
+    let sql = format!("SELECT count(*) FROM {table}");
+    wait_until(&format!("{table} on {}", NODE_NAMES[i]), CONVERGE, || {
+        let n: i64 = cluster.node(i).query_one(DB, &sql).and_then(|v| v.parse().ok()).unwrap_or(-1);
+        if n == rows { Ok(true) } else { Err(format!("{n} rows")) }
+    });
+}

@@ -1,0 +1,377 @@
+//! DDL replication (invariant 6): schema changes travel in the same ordered stream as the rows.
+//!
+//! Owns the event triggers `rbucardo_ddl` (ddl_command_end) and `rbucardo_ddl_drop` (sql_drop),
+//! both calling the C function [`rbucardo_ddl_trigger`], and the GUC `rbucardo.replicate_ddl`.
+//!
+//! - **Capture.** At the end of a DDL command that touched an object in a replicated schema (a
+//!   schema holding at least one table of a herd), the client's query string
+//!   (`current_query()`) is appended to the transaction's change buffer (src/capture.rs) as an
+//!   `Op::Ddl` change, with the search_path of the moment, so it gets an ordinal between the row
+//!   changes made before and after it. A query string holding several statements is recorded
+//!   once per transaction, when its first replicated command ends. Statements of it that are not
+//!   schema changes (SELECT, INSERT/UPDATE/DELETE/MERGE, COPY, transaction control, SET, ...) and
+//!   CREATE TEMP statements are left out of the recorded text: their rows travel as row changes.
+//!   Commands run by CREATE EXTENSION, with `rbucardo.replicate_ddl = off`, or in apply sessions
+//!   (`session_replication_role = replica`) are not recorded.
+//! - **Apply.** [`apply`] runs the text with SPI, in order with the rows, with the recorded
+//!   search_path set locally. A failure raises an error naming the command: the batch is
+//!   refused and that peer's stream stops until the schema is fixed here.
+//! - **Herds follow the schema.** A table created in a replicated schema joins the herd of the
+//!   other tables there (the first by name) through `add_table`: on the origin when its CREATE
+//!   TABLE ends, on a peer when the replicated CREATE TABLE ends (the triggers are ENABLE ALWAYS
+//!   and act in replica mode only while [`apply`] runs). Their sequences are then partitioned
+//!   by the `rbucardo_sequences` event trigger and `add_table` (src/sequences.rs).
+//! - **Drops.** A dropped table leaves its herd (`herd_table`) on every node.
+
+use std::cell::Cell;
+use std::ffi::{CStr, CString};
+
+use pgrx::pg_sys::panic::CaughtError;
+use pgrx::prelude::*;
+use pgrx::spi::SpiClient;
+use pgrx::{GucContext, GucFlags, GucRegistry, GucSetting};
+
+use crate::encoding::{RelDesc, RowChange};
+use crate::error::raise;
+
+/// `rbucardo.replicate_ddl`: off makes schema changes local to this node.
+pub static REPLICATE_DDL: GucSetting<bool> = GucSetting::<bool>::new(true);
+
+thread_local! {
+    /// Set while a replicated DDL command runs in [`apply`].
+    static APPLYING: Cell<bool> = const { Cell::new(false) };
+}
+
+/// Registers the GUC; called from `_PG_init`.
+pub fn init() {
+    GucRegistry::define_bool_guc(
+        c"rbucardo.replicate_ddl",
+        c"Whether schema changes in replicated schemas are replicated to the peers.",
+        c"Off: DDL run in this session stays on this node (superusers only).",
+        &REPLICATE_DDL,
+        GucContext::Suset,
+        GucFlags::default(),
+    );
+}
+
+/// Statement kinds that are never part of a replicated schema change.
+fn is_skipped(tag: pg_sys::NodeTag) -> bool {
+    use pg_sys::NodeTag::*;
+    matches!(
+        tag,
+        T_TransactionStmt
+            | T_VariableSetStmt
+            | T_VariableShowStmt
+            | T_InsertStmt
+            | T_UpdateStmt
+            | T_DeleteStmt
+            | T_MergeStmt
+            | T_SelectStmt
+            | T_CallStmt
+            | T_CopyStmt
+            | T_NotifyStmt
+            | T_ListenStmt
+            | T_UnlistenStmt
+            | T_VacuumStmt
+            | T_ExplainStmt
+            | T_PrepareStmt
+            | T_ExecuteStmt
+            | T_DeallocateStmt
+            | T_LockStmt
+            | T_CheckPointStmt
+            | T_DiscardStmt
+            | T_FetchStmt
+            | T_ClosePortalStmt
+            | T_DeclareCursorStmt
+    )
+}
+
+/// Whether a statement creates a temporary object (never replicated).
+unsafe fn creates_temp(node: *mut pg_sys::Node) -> bool {
+    use pg_sys::NodeTag::*;
+    let rel: *mut pg_sys::RangeVar = match (*node).type_ {
+        T_CreateStmt => (*(node as *mut pg_sys::CreateStmt)).relation,
+        T_CreateSeqStmt => (*(node as *mut pg_sys::CreateSeqStmt)).sequence,
+        T_ViewStmt => (*(node as *mut pg_sys::ViewStmt)).view,
+        T_CreateTableAsStmt => {
+            let into = (*(node as *mut pg_sys::CreateTableAsStmt)).into;
+            if into.is_null() {
+                std::ptr::null_mut()
+            } else {
+                (*into).rel
+            }
+        }
+        _ => std::ptr::null_mut(),
+    };
+    !rel.is_null() && (*rel).relpersistence as u8 == pg_sys::RELPERSISTENCE_TEMP
+}
+
+/// The schema-changing statements of a client query string, in order, joined by `;`.
+pub fn replicable_text(query: &str) -> String {
+    let Ok(c) = CString::new(query) else { return String::new() };
+    let bytes = query.as_bytes();
+    let mut out: Vec<String> = Vec::new();
+    unsafe {
+        let list = pg_sys::raw_parser(c.as_ptr(), pg_sys::RawParseMode::RAW_PARSE_DEFAULT);
+        if list.is_null() {
+            return String::new();
+        }
+        for i in 0..(*list).length as usize {
+            let raw = (*(*list).elements.add(i)).ptr_value as *mut pg_sys::RawStmt;
+            let node = (*raw).stmt;
+            if node.is_null() || is_skipped((*node).type_) || creates_temp(node) {
+                continue;
+            }
+            let start = ((*raw).stmt_location.max(0) as usize).min(bytes.len());
+            let end = if (*raw).stmt_len > 0 { (start + (*raw).stmt_len as usize).min(bytes.len()) } else { bytes.len() };
+            let text = String::from_utf8_lossy(&bytes[start..end]);
+            let text = text.trim().trim_end_matches(';').trim();
+            if !text.is_empty() {
+                out.push(text.to_string());
+            }
+        }
+    }
+    out.join(";\n")
+}
+
+/// A command seen by the event trigger.
+struct Cmd {
+    objid: Option<pg_sys::Oid>,
+    is_class: bool,
+    schema: Option<String>,
+    tag: String,
+}
+
+fn commands(drop: bool) -> Vec<Cmd> {
+    let sql = if drop {
+        "SELECT objid, classid = 'pg_catalog.pg_class'::pg_catalog.regclass, schema_name, object_type
+           FROM pg_catalog.pg_event_trigger_dropped_objects() WHERE NOT is_temporary"
+    } else {
+        "SELECT objid, classid = 'pg_catalog.pg_class'::pg_catalog.regclass, schema_name, command_tag
+           FROM pg_catalog.pg_event_trigger_ddl_commands() WHERE NOT in_extension"
+    };
+    Spi::connect(|c| {
+        c.select(sql, None, &[])
+            .expect("reading the event trigger's commands")
+            .map(|r| Cmd {
+                objid: r.get::<pg_sys::Oid>(1).ok().flatten(),
+                is_class: r.get::<bool>(2).ok().flatten() == Some(true),
+                schema: r.get::<String>(3).ok().flatten(),
+                tag: r.get::<String>(4).ok().flatten().unwrap_or_default(),
+            })
+            .collect()
+    })
+}
+
+/// Schemas that hold at least one table of a herd.
+fn replicated_schemas() -> Vec<String> {
+    Spi::get_one::<Vec<String>>(
+        "SELECT pg_catalog.array_agg(DISTINCT n.nspname::text)
+           FROM rbucardo.herd_table t
+           JOIN pg_catalog.pg_class c ON c.oid = t.relid
+           JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace",
+    )
+    .ok()
+    .flatten()
+    .unwrap_or_default()
+}
+
+/// A table just created in a replicated schema joins the herd of the other tables there.
+fn auto_join(table: pg_sys::Oid) {
+    let herd = Spi::get_one_with_args::<String>(
+        "SELECT t.herd FROM rbucardo.herd_table t JOIN pg_catalog.pg_class c ON c.oid = t.relid
+          WHERE c.relnamespace = (SELECT relnamespace FROM pg_catalog.pg_class
+                                   WHERE oid = $1 AND relkind = 'r' AND relpersistence = 'p')
+            AND t.relid <> $1
+            AND NOT EXISTS (SELECT 1 FROM rbucardo.herd_table h WHERE h.relid = $1)
+          ORDER BY t.herd LIMIT 1",
+        &[table.into()],
+    )
+    .ok()
+    .flatten();
+    let Some(herd) = herd else { return };
+    if crate::capture::replica_key(table).is_none() {
+        let name = Spi::get_one_with_args::<String>("SELECT $1::pg_catalog.regclass::text", &[table.into()]).ok().flatten().unwrap_or_default();
+        ereport!(
+            PgLogLevel::WARNING,
+            PgSqlErrorCode::ERRCODE_WARNING,
+            format!("new table {name} did not join herd {herd}: it has no primary key and no unique index on NOT NULL columns"),
+            "Add a primary key, then run rbucardo.add_table() on every node."
+        );
+        return;
+    }
+    Spi::run_with_args("SELECT rbucardo.add_table($1, $2::pg_catalog.regclass)", &[herd.as_str().into(), table.into()])
+        .expect("adding the new table to its herd");
+}
+
+unsafe fn on_event(td: *mut pg_sys::EventTriggerData) {
+    let drop = CStr::from_ptr((*td).event).to_bytes() == b"sql_drop";
+    let tag = CStr::from_ptr(pg_sys::GetCommandTagName((*td).tag)).to_string_lossy().into_owned();
+    let replica = pg_sys::SessionReplicationRole == pg_sys::SESSION_REPLICATION_ROLE_REPLICA as i32;
+    let applying = APPLYING.with(|a| a.get());
+    let record = !replica && REPLICATE_DDL.get();
+    // What the user's session sees, before anything else runs.
+    let search_path = Spi::get_one::<String>("SELECT pg_catalog.current_setting('search_path')").ok().flatten().unwrap_or_default();
+    let query = if pg_sys::debug_query_string.is_null() {
+        None
+    } else {
+        Some(CStr::from_ptr(pg_sys::debug_query_string).to_string_lossy().into_owned())
+    };
+    let key = query.as_ref().map(|q| format!("{}\u{0}{q}", pg_sys::GetCurrentStatementStartTimestamp()));
+    if Spi::get_one::<bool>("SELECT pg_catalog.to_regclass('rbucardo.herd_table') IS NOT NULL").ok().flatten() != Some(true) {
+        return; // rbucardo itself is being dropped
+    }
+    let cmds = commands(drop);
+    if cmds.is_empty() {
+        return;
+    }
+    let in_herd = |c: &Cmd| {
+        drop && c.is_class
+            && c.objid.is_some_and(|o| {
+                Spi::get_one_with_args::<bool>("SELECT EXISTS (SELECT 1 FROM rbucardo.herd_table WHERE relid = $1)", &[o.into()])
+                    .ok()
+                    .flatten()
+                    == Some(true)
+            })
+    };
+    if record {
+        if let (Some(query), Some(key)) = (query, key) {
+            if !crate::capture::ddl_recorded(&key) {
+                let schemas = replicated_schemas();
+                let hit = cmds.iter().find(|c| c.schema.as_ref().is_some_and(|s| schemas.contains(s)) || in_herd(c));
+                if let Some(hit) = hit {
+                    let text = replicable_text(&query);
+                    if !text.is_empty() {
+                        let schema = hit.schema.clone().unwrap_or_default();
+                        crate::capture::record_ddl(key, &schema, &tag, text, search_path);
+                    }
+                }
+            }
+        }
+    }
+    if drop {
+        // Dropped tables leave their herd here, whether the drop is replicated or not.
+        let oids: Vec<pg_sys::Oid> = cmds.iter().filter(|c| c.is_class).filter_map(|c| c.objid).collect();
+        Spi::run_with_args("DELETE FROM rbucardo.herd_table WHERE relid = ANY ($1)", &[oids.into()]).expect("forgetting dropped tables");
+    } else if record || (replica && applying) {
+        for c in &cmds {
+            if c.is_class && matches!(c.tag.as_str(), "CREATE TABLE" | "CREATE TABLE AS" | "SELECT INTO") {
+                if let Some(oid) = c.objid {
+                    auto_join(oid);
+                }
+            }
+        }
+    }
+}
+
+/// V1 call info for the event trigger function.
+#[unsafe(no_mangle)]
+pub extern "C" fn pg_finfo_rbucardo_ddl_trigger() -> &'static pg_sys::Pg_finfo_record {
+    const V1: pg_sys::Pg_finfo_record = pg_sys::Pg_finfo_record { api_version: 1 };
+    &V1
+}
+
+/// The event trigger function of `rbucardo_ddl` (ddl_command_end) and `rbucardo_ddl_drop`
+/// (sql_drop).
+#[pg_guard]
+#[unsafe(no_mangle)]
+pub unsafe extern "C-unwind" fn rbucardo_ddl_trigger(fcinfo: pg_sys::FunctionCallInfo) -> pg_sys::Datum {
+    let td = (*fcinfo).context as *mut pg_sys::EventTriggerData;
+    if td.is_null() || (*td).type_ != pg_sys::NodeTag::T_EventTriggerData {
+        raise(
+            PgSqlErrorCode::ERRCODE_E_R_I_E_EVENT_TRIGGER_PROTOCOL_VIOLATED,
+            "rbucardo.ddl_trigger() must be called as an event trigger",
+            "It is attached by the extension; do not call it directly.",
+        );
+    }
+    let replica = pg_sys::SessionReplicationRole == pg_sys::SESSION_REPLICATION_ROLE_REPLICA as i32;
+    if pg_sys::creating_extension || (replica && !APPLYING.with(|a| a.get()) && CStr::from_ptr((*td).event).to_bytes() != b"sql_drop") {
+        return pg_sys::Datum::from(0usize);
+    }
+    // The catalog belongs to the extension, not to the user running the DDL.
+    let (mut user, mut context) = (pg_sys::InvalidOid, 0);
+    pg_sys::GetUserIdAndSecContext(&mut user, &mut context);
+    pg_sys::SetUserIdAndSecContext(pg_sys::Oid::from_u32(pg_sys::BOOTSTRAP_SUPERUSERID), context | pg_sys::SECURITY_LOCAL_USERID_CHANGE as i32);
+    on_event(td);
+    pg_sys::SetUserIdAndSecContext(user, context);
+    pg_sys::Datum::from(0usize)
+}
+
+/// Runs a replicated DDL change here, with the search_path its origin had.
+pub fn apply(client: &mut SpiClient<'_>, desc: &RelDesc, ch: &RowChange) {
+    let new = ch.new.as_ref().expect("checked by decode_chunk");
+    let (sql, search_path) = (new[0].as_deref().unwrap_or_default(), new[1].as_deref().unwrap_or_default());
+    let saved = Spi::get_one::<String>("SELECT pg_catalog.current_setting('search_path')").ok().flatten().unwrap_or_default();
+    Spi::run_with_args("SELECT pg_catalog.set_config('search_path', $1, true)", &[search_path.into()]).expect("setting the search_path");
+    APPLYING.with(|a| a.set(true));
+    let result = PgTryBuilder::new(std::panic::AssertUnwindSafe(|| client.update(sql, None, &[]).map(|_| ()).map_err(|e| e.to_string())))
+        .catch_others(|e| {
+            Err(match e {
+                CaughtError::PostgresError(r) | CaughtError::ErrorReport(r) => r.message().to_string(),
+                CaughtError::RustPanic { ereport, .. } => ereport.message().to_string(),
+            })
+        })
+        .execute();
+    APPLYING.with(|a| a.set(false));
+    if let Err(message) = result {
+        raise(
+            PgSqlErrorCode::ERRCODE_DEPENDENT_OBJECTS_STILL_EXIST,
+            format!("replicated DDL ({} in schema {}) failed here: {message}; command: {}", desc.name, desc.schema, crate::ddl::abbreviate(sql)),
+            "The batch is refused and this peer's stream stops until the schema here lets the command run: fix it by hand \
+             (SET rbucardo.replicate_ddl = off first), and the stream resumes.",
+        );
+    }
+    Spi::run_with_args("SELECT pg_catalog.set_config('search_path', $1, true)", &[saved.into()]).expect("restoring the search_path");
+}
+
+/// The start of a long command, on one line, for messages.
+pub fn abbreviate(sql: &str) -> String {
+    let flat = sql.split_whitespace().collect::<Vec<_>>().join(" ");
+    if flat.chars().count() > 400 {
+        format!("{}...", flat.chars().take(400).collect::<String>())
+    } else {
+        flat
+    }
+}
+
+pgrx::extension_sql_file!("../sql/ddl.sql", name = "ddl", requires = ["catalog", "capture_trigger_function"]);
+
+#[cfg(any(test, feature = "pg_test"))]
+#[pg_schema]
+mod tests {
+    use pgrx::prelude::*;
+
+    #[pg_test]
+    fn replicable_text_keeps_schema_changes_only() {
+        let t = crate::ddl::replicable_text(
+            "BEGIN; CREATE TABLE a (id int); INSERT INTO a VALUES (1); CREATE TEMP TABLE tmp (x int);
+             SET search_path = public; ALTER TABLE a ADD COLUMN b text DEFAULT 'x;y'; SELECT 1; COMMIT;",
+        );
+        assert_eq!(t, "CREATE TABLE a (id int);\nALTER TABLE a ADD COLUMN b text DEFAULT 'x;y'");
+        assert_eq!(crate::ddl::replicable_text("SELECT rbucardo.add_table('h', 't')"), "");
+    }
+
+    #[pg_test]
+    fn ddl_in_a_replicated_schema_is_recorded_once_with_the_rows() {
+        Spi::run(
+            "CREATE SCHEMA ddl_t;
+             CREATE TABLE ddl_t.base (id int PRIMARY KEY);
+             SELECT rbucardo.add_herd('ddl_h');
+             SELECT rbucardo.add_table('ddl_h', 'ddl_t.base');",
+        )
+        .unwrap();
+        // Inside a pg_test the client query is the test itself (a SELECT): nothing is recorded,
+        // but new tables still join the herd.
+        Spi::run("CREATE TABLE ddl_t.n1 (id serial PRIMARY KEY, v text); ALTER TABLE ddl_t.n1 ADD COLUMN w int").unwrap();
+        let joined = Spi::get_one::<bool>(
+            "SELECT EXISTS (SELECT 1 FROM rbucardo.herd_table WHERE herd = 'ddl_h' AND relid = 'ddl_t.n1'::regclass)",
+        );
+        assert_eq!(joined, Ok(Some(true)));
+        Spi::run("CREATE TEMP TABLE ddl_tmp (id int PRIMARY KEY)").unwrap();
+        let temp_joined = Spi::get_one::<bool>("SELECT EXISTS (SELECT 1 FROM rbucardo.herd_table WHERE relid = 'ddl_tmp'::regclass)");
+        assert_eq!(temp_joined, Ok(Some(false)));
+        Spi::run("DROP TABLE ddl_t.n1").unwrap();
+        let left = Spi::get_one::<i64>("SELECT count(*) FROM rbucardo.herd_table WHERE herd = 'ddl_h'");
+        assert_eq!(left, Ok(Some(1)));
+    }
+}

@@ -121,6 +121,11 @@ impl Replicator {
         }
         if self.last_trim.is_none_or(|t| t.elapsed() >= TRIM_EVERY) {
             self.last_trim = Some(Instant::now());
+            // Parked transactions may apply now that later ones have arrived.
+            let me_id = me.id;
+            if let Err(e) = in_txn(move || crate::exceptions::retry_open(me_id, None)) {
+                log!("rbucardo worker: retrying parked transactions failed: {e}");
+            }
             let me_id = me.id;
             if let Err(e) = in_txn(move || crate::changelog::trim(me_id)) {
                 log!("rbucardo worker: trimming the change log failed: {e}");

@@ -215,3 +215,47 @@ fn node_priority_list_decides() {
     let bad = cluster.node(MAIN).connect(DB).execute("SELECT rbucardo.set_table_strategy('products', 'main,nowhere')");
     assert!(bad.unwrap_err().contains("unknown conflict strategy"));
 }
+
+/// Two users with the same login created on two branches while apart (login is unique but not
+/// the key): the second to reach main is parked, not lost and not blocking later changes; an
+/// operator clears the blocker and retries it.
+#[test]
+fn unique_violation_is_parked_and_retried() {
+    let cluster = start_store("conflict_parked", Topology::Star);
+    cluster.link(BRANCH1, MAIN).cut();
+    cluster.link(BRANCH2, MAIN).cut();
+    cluster.node(BRANCH1).sql(DB, "INSERT INTO users (id, login, name) VALUES (2000001, 'ana', 'Ana of branch1')");
+    cluster.node(BRANCH2).sql(DB, "INSERT INTO users (id, login, name) VALUES (3000001, 'ana', 'Ana of branch2')");
+    cluster.node(BRANCH2).sql(DB, "INSERT INTO users (id, login, name) VALUES (3000002, 'bob', 'Bob of branch2')");
+    cluster.link(BRANCH1, MAIN).restore();
+    wait_until("branch1's ana on main", Duration::from_secs(60), || Ok(one(&cluster, MAIN, "SELECT count(*) FROM users WHERE id = 2000001") == "1"));
+    cluster.link(BRANCH2, MAIN).restore();
+    // branch2's ana is parked on main; its later transaction (bob) still arrives.
+    wait_until("bob on main", Duration::from_secs(60), || Ok(one(&cluster, MAIN, "SELECT count(*) FROM users WHERE id = 3000002") == "1"));
+    let parked = one(&cluster, MAIN, "SELECT id || '|' || reason FROM rbucardo.exceptions WHERE resolved_at IS NULL");
+    assert!(parked.contains("duplicate key"), "expected a parked unique violation on main, got {parked:?}");
+    assert_eq!(one(&cluster, MAIN, "SELECT count(*) FROM users WHERE id = 3000001"), "0");
+    assert_eq!(one(&cluster, BRANCH2, "SELECT count(*) FROM users WHERE id = 3000001"), "1", "the parked user is still on its branch");
+    // Automatic retries keep failing while the blocker is there; the record says so.
+    wait_until("a retry recorded", Duration::from_secs(30), || Ok(one(&cluster, MAIN, "SELECT max(retries) FROM rbucardo.exceptions") != "0"));
+    // The operator renames the first ana and retries: branch2's ana applies and replicates on.
+    cluster.node(MAIN).sql(DB, "UPDATE users SET login = 'ana.b1' WHERE id = 2000001");
+    let id = parked.split('|').next().unwrap().to_string();
+    assert_eq!(one(&cluster, MAIN, &format!("SELECT rbucardo.exception_retry({id})")), "t");
+    assert_eq!(one(&cluster, MAIN, &format!("SELECT resolution FROM rbucardo.exceptions WHERE id = {id}")), "applied");
+    for i in [MAIN, BRANCH1] {
+        wait_until("branch2's ana everywhere", Duration::from_secs(60), || {
+            if one(&cluster, i, "SELECT count(*) FROM users WHERE id = 3000001") == "1" {
+                return Ok(true);
+            }
+            Err(format!("{}: users {}, exceptions {}, peers {}", NODE_NAMES[i],
+                one(&cluster, i, "SELECT string_agg(id || ' ' || login, ', ') FROM users"),
+                one(&cluster, i, "SELECT string_agg(id || ' ' || coalesce(resolution, 'open') || ' ' || reason, '; ') FROM rbucardo.exceptions"),
+                one(&cluster, i, "SELECT string_agg(db || ' ' || state || ' ' || coalesce(last_error, ''), '; ') FROM rbucardo.peer_state")))
+        });
+    }
+    // Discarding keeps the record.
+    cluster.node(MAIN).sql(DB, "INSERT INTO rbucardo.exceptions (origin, origin_tick, origin_seq, via, hlc, chunks, reason) VALUES (3, 0, 0, 3, 0, '\\x00', 'test')");
+    cluster.node(MAIN).sql(DB, "SELECT rbucardo.exception_discard(max(id)) FROM rbucardo.exceptions");
+    assert_eq!(one(&cluster, MAIN, "SELECT resolution FROM rbucardo.exceptions ORDER BY id DESC LIMIT 1"), "discarded");
+}

@@ -260,13 +260,17 @@ fn relog(txn: &Txn, via: i32) {
 }
 
 /// Applies a parked transaction again (its progress was recorded when it was parked).
-pub fn apply_parked(me: i32, txn: &Txn, via: i32) -> Result<(), String> {
+pub fn apply_parked(me: i32, txn: &Txn) -> Result<(), String> {
     Spi::run("SET LOCAL session_replication_role = replica").expect("entering replica mode");
     let mut applier = Applier { rels: HashMap::new(), plans: HashMap::new(), open: None, clocks: crate::conflicts::Clocks::new(me) };
     let result = Spi::connect_mut(|client| crate::exceptions::attempt(|| applier.apply_txn(client, txn)));
     match result {
         Ok(()) => {
-            relog(txn, via);
+            // Peers have moved past its place in the origin's stream and would skip it as a
+            // duplicate: it travels on as a change of this node.
+            for (i, chunk) in txn.chunks.iter().enumerate() {
+                changelog::append(chunk, i as i32, i + 1 == txn.chunks.len(), None, txn.hlc);
+            }
             Ok(())
         }
         Err(e) => {

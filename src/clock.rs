@@ -5,20 +5,36 @@
 use std::sync::atomic::{AtomicI64, Ordering};
 
 use pgrx::prelude::*;
-use pgrx::{pg_shmem_init, PgAtomic};
+use pgrx::{pg_shmem_init, GucContext, GucFlags, GucRegistry, GucSetting, PgAtomic};
 
 static LAST: PgAtomic<AtomicI64> = unsafe { PgAtomic::new(c"rbucardo_hlc") };
 
-/// Reserves the clock's shared memory; called from `_PG_init`.
+/// Seconds added to this server's wall clock as rbucardo reads it. Branch servers' clocks
+/// drift; this lets tests (and drills) run a node an hour off and see that causality still
+/// orders changes. Leave it at 0 in production.
+static SKEW: GucSetting<i32> = GucSetting::<i32>::new(0);
+
+/// Reserves the clock's shared memory and its setting; called from `_PG_init`.
 pub fn init() {
     pg_shmem_init!(LAST);
+    GucRegistry::define_int_guc(
+        c"rbucardo.clock_skew",
+        c"Seconds added to the wall clock rbucardo reads (for testing clock drift).",
+        c"The hybrid logical clock keeps causality whatever the wall clock says; this setting lets a drill run a node with its clock off.",
+        &SKEW,
+        -86_400 * 365,
+        86_400 * 365,
+        GucContext::Sighup,
+        GucFlags::default(),
+    );
 }
 
 fn wall_micros() -> i64 {
-    std::time::SystemTime::now()
+    let wall = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_micros() as i64)
-        .unwrap_or(0)
+        .unwrap_or(0);
+    wall + i64::from(SKEW.get()) * 1_000_000
 }
 
 /// A new clock value for a local transaction: the wall clock, or one past the last value seen.

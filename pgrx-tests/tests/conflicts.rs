@@ -259,3 +259,38 @@ fn unique_violation_is_parked_and_retried() {
     cluster.node(MAIN).sql(DB, "SELECT rbucardo.exception_discard(max(id)) FROM rbucardo.exceptions");
     assert_eq!(one(&cluster, MAIN, "SELECT resolution FROM rbucardo.exceptions ORDER BY id DESC LIMIT 1"), "discarded");
 }
+
+/// branch1's clock is an hour behind. It changes a price after seeing main's change; branch2,
+/// cut off, had changed the same price a little before main did. Under `latest` branch1's
+/// change wins everywhere: it was made after main's, which was made after branch2's. A
+/// wall-clock rule would have let branch2's change win (branch1's wall clock says an hour ago).
+#[test]
+fn causally_later_change_wins_despite_a_clock_an_hour_behind() {
+    let cluster = start_store("conflict_skew", Topology::Star);
+    cluster.node(BRANCH1).sql("postgres", "ALTER SYSTEM SET rbucardo.clock_skew = -3600");
+    cluster.node(BRANCH1).sql("postgres", "SELECT pg_reload_conf()");
+    wait_until("skew in effect", Duration::from_secs(10), || Ok(one(&cluster, BRANCH1, "SHOW rbucardo.clock_skew") == "-3600"));
+    cluster.node(MAIN).sql(DB, "INSERT INTO products (id, name, price, stock) VALUES (6, 'rice', 10.00, 10)");
+    for i in ALL {
+        wait_until("product everywhere", Duration::from_secs(30), || Ok(one(&cluster, i, "SELECT count(*) FROM products WHERE id = 6") == "1"));
+    }
+    cluster.link(BRANCH2, MAIN).cut();
+    cluster.node(BRANCH2).sql(DB, "UPDATE products SET price = 22.00 WHERE id = 6");
+    cluster.node(MAIN).sql(DB, "UPDATE products SET price = 20.00 WHERE id = 6");
+    wait_until("main's price on branch1", Duration::from_secs(30), || Ok(one(&cluster, BRANCH1, "SELECT price FROM products WHERE id = 6") == "20.00"));
+    cluster.node(BRANCH1).sql(DB, "UPDATE products SET price = 21.00 WHERE id = 6");
+    wait_until("branch1's price on main", Duration::from_secs(30), || Ok(one(&cluster, MAIN, "SELECT price FROM products WHERE id = 6") == "21.00"));
+    cluster.link(BRANCH2, MAIN).restore();
+    for i in ALL {
+        wait_until("branch1's price everywhere", Duration::from_secs(60), || {
+            let p = one(&cluster, i, "SELECT price FROM products WHERE id = 6");
+            if p == "21.00" { Ok(true) } else { Err(format!("{} has {p}", NODE_NAMES[i])) }
+        });
+    }
+    // branch2's own change reaches main after branch2 pulled; main keeps branch1's price.
+    wait_until("branch2's change judged on main", Duration::from_secs(60), || {
+        let c = one(&cluster, MAIN, "SELECT coalesce(string_agg(remote_version->>'price' || ' ' || winner, ','), '') FROM rbucardo.conflicts");
+        if c.is_empty() { Err("no conflict yet".into()) } else { Ok(c == "22.00 local") }
+    });
+    cluster.assert_tables_equal(DB, "products", "id", &ALL);
+}

@@ -18,6 +18,9 @@ use pgrx::{pg_shmem_init, PGRXSharedMemory, PgLwLock};
 /// Databases per server that can have a worker; more is refused with a log line.
 const MAX_DATABASES: usize = 64;
 
+/// Shortest time between two rounds of a worker.
+const MIN_ROUND_GAP: Duration = Duration::from_millis(10);
+
 /// How often the launcher looks for new databases without being woken.
 const LAUNCHER_NAP: Duration = Duration::from_secs(10);
 
@@ -29,8 +32,6 @@ struct Slot {
     pid: i32,
     /// The worker found no extension here and exited; do not restart before a rescan.
     no_extension: bool,
-    /// Bumped by every commit that wrote to the change log; the worker tells listening peers.
-    generation: u64,
     /// Replication rounds the worker has completed; wait_for_sync waits for a fresh one.
     rounds: u64,
 }
@@ -94,24 +95,12 @@ pub fn wake_launcher_at_commit() {
     });
 }
 
-/// Wakes the worker of the current database, e.g. when there is something new to send.
+/// Wakes the worker of the current database, e.g. when there is something new to send. Runs
+/// after every commit that wrote to the change log, so it only takes the lock shared.
 pub fn wake_local_worker() {
     let dboid = unsafe { pg_sys::MyDatabaseId }.to_u32();
-    let pid = {
-        let mut reg = REGISTRY.exclusive();
-        match reg.slots.iter_mut().find(|s| s.dboid == dboid) {
-            Some(slot) => {
-                slot.generation = slot.generation.wrapping_add(1);
-                slot.pid
-            }
-            None => 0,
-        }
-    };
+    let pid = REGISTRY.share().slots.iter().find(|s| s.dboid == dboid).map_or(0, |s| s.pid);
     set_latch_of(pid);
-}
-
-fn generation_of(dboid: u32) -> u64 {
-    REGISTRY.share().slots.iter().find(|s| s.dboid == dboid).map_or(0, |s| s.generation)
 }
 
 /// Rounds completed by the current database's worker, and whether a worker is running.
@@ -282,7 +271,8 @@ pub extern "C-unwind" fn rbucardo_worker_main(arg: pg_sys::Datum) {
         }
     }
     let mut replicator = crate::replicator::Replicator::default();
-    let mut told = 0u64;
+    let mut told = -1i64;
+    let mut last_round = std::time::Instant::now() - MIN_ROUND_GAP;
     loop {
         if BackgroundWorker::sighup_received() {
             unsafe { pg_sys::ProcessConfigFile(pg_sys::GucContext::PGC_SIGHUP) };
@@ -292,10 +282,23 @@ pub extern "C-unwind" fn rbucardo_worker_main(arg: pg_sys::Datum) {
             log!("rbucardo worker: extension not installed in this database, exiting");
             return;
         }
+        // Under a steady stream of commits, each waking us, one round per few milliseconds
+        // carries them all: a round per commit would only burn the CPU the application needs.
+        let since = last_round.elapsed();
+        if since < MIN_ROUND_GAP {
+            unsafe { pg_sys::pg_usleep((MIN_ROUND_GAP - since).as_micros() as std::ffi::c_long) };
+        }
+        last_round = std::time::Instant::now();
         // Tell peers listening on this node that the change log has grown.
-        let generation = generation_of(dboid);
-        if generation != told && crate::transport::in_txn(|| Spi::run("NOTIFY rbucardo_changes").is_ok()).is_ok() {
-            told = generation;
+        let seen = told;
+        if let Ok(Some(now)) = crate::transport::in_txn(move || {
+            let now = Spi::get_one::<i64>("SELECT CASE WHEN is_called THEN last_value ELSE 0 END FROM rbucardo.change_seq").ok().flatten().unwrap_or(0);
+            if now != seen {
+                Spi::run("NOTIFY rbucardo_changes").expect("notify");
+            }
+            Some(now)
+        }) {
+            told = now;
         }
         let nap = replicator.round();
         count_round(dboid);

@@ -266,27 +266,7 @@ impl Clocks {
 
     fn load(&mut self) -> &mut HashMap<(String, String, String), (i64, i32)> {
         let me = self.me;
-        self.pending.get_or_insert_with(|| {
-            let mut map = HashMap::new();
-            Spi::connect(|c| {
-                for row in c.select("SELECT data, hlc, origin FROM rbucardo.change_log ORDER BY seq", None, &[]).expect("reading the change log") {
-                    let data = row.get::<Vec<u8>>(1).unwrap().unwrap_or_default();
-                    let clock = (row.get::<i64>(2).unwrap().unwrap_or(0), row.get::<i32>(3).unwrap().unwrap_or(me));
-                    if let Ok(chunk) = decode_chunk(&data) {
-                        for ch in &chunk.changes {
-                            let desc = &chunk.relations[ch.rel as usize];
-                            if let Some(row) = ch.new.as_ref().or(ch.old.as_ref()) {
-                                // The row holds the version with the largest clock: the log also
-                                // keeps changes that lost here, for forwarding.
-                                let slot = map.entry((desc.schema.clone(), desc.name.clone(), key_json(desc, row).to_string())).or_insert(clock);
-                                *slot = (*slot).max(clock);
-                            }
-                        }
-                    }
-                }
-            });
-            map
-        })
+        self.pending.get_or_insert_with(|| logged_clocks(me, "true", &[]))
     }
 
     /// The clock of the local version of the row with this key.
@@ -313,13 +293,14 @@ impl Clocks {
     }
 }
 
-/// Keeps the clocks of rows whose changes are about to leave the change log (`where_sql`
-/// selects the change log rows being trimmed).
-pub fn keep_row_clocks(me: i32, where_sql: &str, args: &[pgrx::datum::DatumWithOid]) {
+/// The latest clock of every row changed by the change log rows that `where_sql` selects.
+/// The largest clock per row: the log also keeps changes that lost here, for forwarding, and
+/// the row holds the version with the largest clock.
+fn logged_clocks(me: i32, where_sql: &str, args: &[pgrx::datum::DatumWithOid]) -> HashMap<(String, String, String), (i64, i32)> {
     let mut latest: HashMap<(String, String, String), (i64, i32)> = HashMap::new();
     Spi::connect(|c| {
-        let sql = format!("SELECT data, hlc, origin FROM rbucardo.change_log WHERE {where_sql} ORDER BY seq");
-        for row in c.select(sql.as_str(), None, args).expect("reading trimmed changes") {
+        let sql = format!("SELECT data, hlc, origin FROM rbucardo.change_log WHERE {where_sql}");
+        for row in c.select(sql.as_str(), None, args).expect("reading the change log") {
             let data = row.get::<Vec<u8>>(1).unwrap().unwrap_or_default();
             let clock = (row.get::<i64>(2).unwrap().unwrap_or(0), row.get::<i32>(3).unwrap().unwrap_or(me));
             if let Ok(chunk) = decode_chunk(&data) {
@@ -333,6 +314,13 @@ pub fn keep_row_clocks(me: i32, where_sql: &str, args: &[pgrx::datum::DatumWithO
             }
         }
     });
+    latest
+}
+
+/// Keeps the clocks of rows whose changes are about to leave the change log (`where_sql`
+/// selects the change log rows being trimmed).
+pub fn keep_row_clocks(me: i32, where_sql: &str, args: &[pgrx::datum::DatumWithOid]) {
+    let latest = logged_clocks(me, where_sql, args);
     if latest.is_empty() {
         return;
     }

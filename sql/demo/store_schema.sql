@@ -56,6 +56,9 @@ BEGIN
         INSERT INTO pos_order (cashier) VALUES (cashier) RETURNING id INTO o;
         INSERT INTO pos_order_line (order_id, product_id, qty, price)
         SELECT o, id, 1 + (i % 3), price FROM products ORDER BY random() LIMIT 3;
+        -- Stock goes down on every node; rbucardo adds the decrements up (a delta column).
+        UPDATE products p SET stock = p.stock - l.qty FROM pos_order_line l
+         WHERE l.order_id = o AND l.product_id = p.id;
         UPDATE pos_order SET total = (SELECT sum(qty * price) FROM pos_order_line WHERE order_id = o)
          WHERE id = o;
     END LOOP;

@@ -673,3 +673,27 @@ fn t8_corrupt_batches_are_refused_whole() {
     );
     assert_applied_exactly_once(&cluster, [0, 2, 0]);
 }
+
+/// wait_for_sync returns true only once the peers have what was committed before the call,
+/// and false on timeout while a link is down.
+#[test]
+fn t9_wait_for_sync_waits_for_peers_and_times_out_on_a_cut_link() {
+    let cluster = start_store("t9_wait_for_sync", Topology::Star);
+    let b1 = cluster.node(BRANCH1);
+    b1.sql(DB, &format!("INSERT INTO users VALUES ({}, 'w1', 'waited for')", base(BRANCH1) + 900));
+    assert_eq!(b1.query_one(DB, "SELECT rbucardo.wait_for_sync('store_sync', '30s')").as_deref(), Some("t"));
+    // No waiting here: wait_for_sync already made sure main has it.
+    assert_eq!(
+        cluster.node(MAIN).query_one(DB, &format!("SELECT count(*) FROM users WHERE id = {}", base(BRANCH1) + 900)).as_deref(),
+        Some("1")
+    );
+    cluster.link(BRANCH1, MAIN).cut();
+    b1.sql(DB, &format!("INSERT INTO users VALUES ({}, 'w2', 'not yet')", base(BRANCH1) + 901));
+    assert_eq!(b1.query_one(DB, "SELECT rbucardo.wait_for_sync('store_sync', '2s')").as_deref(), Some("f"));
+    cluster.link(BRANCH1, MAIN).restore();
+    assert_eq!(b1.query_one(DB, "SELECT rbucardo.wait_for_sync('store_sync', '60s')").as_deref(), Some("t"));
+    assert_eq!(
+        cluster.node(MAIN).query_one(DB, &format!("SELECT count(*) FROM users WHERE id = {}", base(BRANCH1) + 901)).as_deref(),
+        Some("1")
+    );
+}

@@ -147,20 +147,27 @@ pub fn merge(local: &[Value], old: &[Value], new: &[Value], delta: &[bool]) -> O
 
 /// Records a merge: both changes survive, so nothing is lost, but the log shows it happened.
 pub fn log_merge(c: Conflict) {
+    record(&c, "merge", "merged");
+}
+
+/// Writes one row of the conflict log.
+fn record(c: &Conflict, rule: &str, winner: &str) {
     Spi::run_with_args(
         "INSERT INTO rbucardo.conflicts (tbl, key, kind, local_version, remote_version, remote_origin, remote_hlc, rule, winner)
-         VALUES ($1, $2::jsonb, $3, $4::jsonb, $5::jsonb, $6, $7, 'merge', 'merged')",
+         VALUES ($1, $2::jsonb, $3, $4::jsonb, $5::jsonb, $6, $7, $8, $9)",
         &[
             c.table.into(),
             c.key.to_string().into(),
             c.kind.as_str().into(),
-            c.local.map(|v| v.to_string()).into(),
-            c.remote.map(|v| v.to_string()).into(),
+            c.local.as_ref().map(|v| v.to_string()).into(),
+            c.remote.as_ref().map(|v| v.to_string()).into(),
             c.origin.into(),
             c.hlc.into(),
+            rule.into(),
+            winner.into(),
         ],
     )
-    .expect("recording a merge");
+    .expect("recording a conflict");
 }
 
 fn table_oid_name(tbl: pg_sys::Oid) -> String {
@@ -372,22 +379,7 @@ pub fn resolve(rule: &Rule, c: Conflict, local_clock: Option<(i64, i32)>) -> boo
         (_, true) => "remote",
         (_, false) => "local",
     };
-    Spi::run_with_args(
-        "INSERT INTO rbucardo.conflicts (tbl, key, kind, local_version, remote_version, remote_origin, remote_hlc, rule, winner)
-         VALUES ($1, $2::jsonb, $3, $4::jsonb, $5::jsonb, $6, $7, $8, $9)",
-        &[
-            c.table.into(),
-            c.key.to_string().into(),
-            c.kind.as_str().into(),
-            c.local.map(|v| v.to_string()).into(),
-            c.remote.map(|v| v.to_string()).into(),
-            c.origin.into(),
-            c.hlc.into(),
-            rule.0.as_str().into(),
-            winner.into(),
-        ],
-    )
-    .expect("recording a conflict");
+    record(&c, &rule.0, winner);
     wins
 }
 

@@ -85,7 +85,11 @@ CREATE TABLE rbucardo.peer_state (
     applied_in    bigint NOT NULL DEFAULT 0,
     state         text NOT NULL DEFAULT 'disconnected',
     last_contact  timestamptz,
-    last_error    text
+    last_error    text,
+    -- the columns and types of the peer's replicated tables, as it last reported them
+    -- (rbucardo.table_shape format), for validate_schema
+    schema_shape  jsonb,
+    schema_at     timestamptz
 );
 
 -- Per origin node: the position in the origin's own stream up to which its changes are applied

@@ -30,6 +30,8 @@ CREATE VIEW rbucardo.status AS
 SELECT s.name AS sync,
        d.name AS db,
        CASE WHEN s.paused THEN 'paused'
+            -- A schema change from this peer fails here: its stream waits (rbucardo.exceptions).
+            WHEN x.reason IS NOT NULL THEN 'stopped'
             -- A passive peer calls in at least every few seconds while it is up.
             WHEN d.conninfo IS NULL AND (p.last_contact IS NULL OR p.last_contact < now() - interval '30 seconds')
                 THEN 'disconnected'
@@ -44,7 +46,10 @@ SELECT s.name AS sync,
                    WHERE t.tick_id = CASE WHEN p.out_seq = 9223372036854775807 THEN p.out_tick ELSE p.out_tick - 1 END),
                  '1:1:'::pg_snapshot))) AS pending_out,
        p.applied_in,
-       p.last_error
+       coalesce(x.reason, p.last_error) AS last_error
   FROM rbucardo.sync s
   JOIN rbucardo.db d ON d.name = ANY (s.dbs)
-  LEFT JOIN rbucardo.peer_state p ON p.db = d.name;
+  LEFT JOIN rbucardo.peer_state p ON p.db = d.name
+  LEFT JOIN LATERAL (SELECT e.reason FROM rbucardo.exceptions e
+                      WHERE e.kind = 'ddl' AND e.resolved_at IS NULL AND e.via = d.node_id
+                      ORDER BY e.id LIMIT 1) x ON true;

@@ -48,9 +48,20 @@ struct TxState {
     /// Buffered changes with the subtransaction that made them.
     pending: Vec<(pg_sys::SubTransactionId, RowChange)>,
     bytes: usize,
-    /// Client query strings whose DDL is already recorded (with the subtransaction that
-    /// recorded it): a query string holding several statements is recorded once.
-    ddl_queries: Vec<(pg_sys::SubTransactionId, String)>,
+    /// Client query strings whose DDL is already recorded: a query string holding several
+    /// statements is recorded once.
+    ddl_queries: Vec<DdlQuery>,
+}
+
+/// A client query string whose DDL is in the buffer.
+struct DdlQuery {
+    /// The subtransaction that recorded it.
+    subid: pg_sys::SubTransactionId,
+    key: String,
+    /// Ordinal of its change, to attach the shape of the tables it touched.
+    ordinal: u32,
+    /// Tables its commands touched so far.
+    tables: Vec<pg_sys::Oid>,
 }
 
 thread_local! {
@@ -191,7 +202,37 @@ unsafe fn record(rel: pg_sys::Relation, op: Op, old: pg_sys::HeapTuple, new: pg_
 
 /// Whether the DDL of the client query `key` is already in this transaction's buffer.
 pub fn ddl_recorded(key: &str) -> bool {
-    TX.with(|tx| tx.borrow().ddl_queries.iter().any(|(_, k)| k == key))
+    TX.with(|tx| tx.borrow().ddl_queries.iter().any(|q| q.key == key))
+}
+
+/// Adds `tables` to those touched by the recorded DDL of the client query `key`; returns all of
+/// them, or `None` when that DDL is not in the buffer.
+pub fn ddl_touched(key: &str, tables: &[pg_sys::Oid]) -> Option<Vec<pg_sys::Oid>> {
+    TX.with(|tx| {
+        let mut tx = tx.borrow_mut();
+        let q = tx.ddl_queries.iter_mut().find(|q| q.key == key)?;
+        for t in tables {
+            if !q.tables.contains(t) {
+                q.tables.push(*t);
+            }
+        }
+        Some(q.tables.clone())
+    })
+}
+
+/// Attaches to the recorded DDL of the client query `key` the shape of the tables it touched,
+/// as they are now (src/ddl.rs), unless that change was already written out.
+pub fn set_ddl_shape(key: &str, shape: String) {
+    TX.with(|tx| {
+        let mut tx = tx.borrow_mut();
+        let Some(ordinal) = tx.ddl_queries.iter().find(|q| q.key == key).map(|q| q.ordinal) else { return };
+        if let Some((_, ch)) = tx.pending.iter_mut().rev().find(|(_, c)| c.ordinal == ordinal) {
+            if let Some(new) = ch.new.as_mut() {
+                new.truncate(2);
+                new.push(Some(shape));
+            }
+        }
+    })
 }
 
 /// Appends a DDL change (src/ddl.rs) to the transaction's buffer, in order with the row
@@ -211,7 +252,7 @@ pub fn record_ddl(key: String, schema: &str, tag: &str, sql: String, search_path
         let ordinal = tx.ordinal;
         tx.bytes += sql.len() + search_path.len() + 16;
         tx.pending.push((subid, RowChange { ordinal, rel: relno, op: Op::Ddl, old: None, new: Some(vec![Some(sql), Some(search_path)]) }));
-        tx.ddl_queries.push((subid, key));
+        tx.ddl_queries.push(DdlQuery { subid, key, ordinal, tables: Vec::new() });
         tx.bytes >= SPILL_BYTES
     });
     if spill {
@@ -290,7 +331,7 @@ unsafe extern "C-unwind" fn subxact_callback(
         TX.with(|tx| {
             let mut tx = tx.borrow_mut();
             tx.pending.retain(|(s, _)| *s < my_subid);
-            tx.ddl_queries.retain(|(s, _)| *s < my_subid);
+            tx.ddl_queries.retain(|q| q.subid < my_subid);
         });
     }
 }

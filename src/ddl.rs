@@ -33,6 +33,7 @@ use pgrx::{GucContext, GucFlags, GucRegistry, GucSetting};
 
 use crate::encoding::{RelDesc, RowChange};
 use crate::error::raise;
+use crate::exceptions::Stop;
 
 /// `rbucardo.replicate_ddl`: off makes schema changes local to this node.
 pub static REPLICATE_DDL: GucSetting<bool> = GucSetting::<bool>::new(true);
@@ -40,7 +41,18 @@ pub static REPLICATE_DDL: GucSetting<bool> = GucSetting::<bool>::new(true);
 thread_local! {
     /// Set while a replicated DDL command runs in [`apply`].
     static APPLYING: Cell<bool> = const { Cell::new(false) };
+    /// Set while [`replicate_ddl`] runs its command: the key under which it recorded it.
+    static EXPLICIT: std::cell::RefCell<Option<String>> = const { std::cell::RefCell::new(None) };
 }
+
+/// SQLSTATEs of "already exists": the same change was made here too (while apart).
+const DUPLICATE_STATES: &[PgSqlErrorCode] = &[
+    PgSqlErrorCode::ERRCODE_DUPLICATE_COLUMN,
+    PgSqlErrorCode::ERRCODE_DUPLICATE_TABLE,
+    PgSqlErrorCode::ERRCODE_DUPLICATE_OBJECT,
+    PgSqlErrorCode::ERRCODE_DUPLICATE_SCHEMA,
+    PgSqlErrorCode::ERRCODE_DUPLICATE_FUNCTION,
+];
 
 /// Registers the GUC; called from `_PG_init`.
 pub fn init() {
@@ -108,13 +120,19 @@ unsafe fn creates_temp(node: *mut pg_sys::Node) -> bool {
 
 /// The schema-changing statements of a client query string, in order, joined by `;`.
 pub fn replicable_text(query: &str) -> String {
-    let Ok(c) = CString::new(query) else { return String::new() };
+    schema_statements(query).join(";\n")
+}
+
+/// The schema-changing statements of a query string, in order: DML, transaction control, SET
+/// and the like, and statements creating temporary objects are left out.
+fn schema_statements(query: &str) -> Vec<String> {
+    let Ok(c) = CString::new(query) else { return Vec::new() };
     let bytes = query.as_bytes();
     let mut out: Vec<String> = Vec::new();
     unsafe {
         let list = pg_sys::raw_parser(c.as_ptr(), pg_sys::RawParseMode::RAW_PARSE_DEFAULT);
         if list.is_null() {
-            return String::new();
+            return out;
         }
         for i in 0..(*list).length as usize {
             let raw = (*(*list).elements.add(i)).ptr_value as *mut pg_sys::RawStmt;
@@ -131,7 +149,7 @@ pub fn replicable_text(query: &str) -> String {
             }
         }
     }
-    out.join(";\n")
+    out
 }
 
 /// A command seen by the event trigger.
@@ -217,7 +235,11 @@ unsafe fn on_event(td: *mut pg_sys::EventTriggerData) {
     } else {
         Some(CStr::from_ptr(pg_sys::debug_query_string).to_string_lossy().into_owned())
     };
-    let key = query.as_ref().map(|q| format!("{}\u{0}{q}", pg_sys::GetCurrentStatementStartTimestamp()));
+    let explicit = EXPLICIT.with(|e| e.borrow().clone());
+    let key = match &explicit {
+        Some(k) => Some(k.clone()),
+        None => query.as_ref().map(|q| format!("{}\u{0}{q}", pg_sys::GetCurrentStatementStartTimestamp())),
+    };
     if Spi::get_one::<bool>("SELECT pg_catalog.to_regclass('rbucardo.herd_table') IS NOT NULL").ok().flatten() != Some(true) {
         return; // rbucardo itself is being dropped
     }
@@ -235,7 +257,8 @@ unsafe fn on_event(td: *mut pg_sys::EventTriggerData) {
             })
     };
     if record {
-        if let (Some(query), Some(key)) = (query, key) {
+        if let (Some(query), Some(key)) = (query, key.as_ref().filter(|_| explicit.is_none())) {
+            let key = key.clone();
             if !crate::capture::ddl_recorded(&key) {
                 let schemas = replicated_schemas();
                 let hit = cmds.iter().find(|c| c.schema.as_ref().is_some_and(|s| schemas.contains(s)) || in_herd(c));
@@ -246,6 +269,17 @@ unsafe fn on_event(td: *mut pg_sys::EventTriggerData) {
                         crate::capture::record_ddl(key, &schema, &tag, text, search_path);
                     }
                 }
+            }
+        }
+    }
+    if record && !drop {
+        // The recorded change carries the shape of the tables its query string touched, as
+        // they are after its latest command: a peer that finds the change made already checks
+        // that it ended the same (see `apply`).
+        let tables: Vec<pg_sys::Oid> = cmds.iter().filter(|c| c.is_class).filter_map(|c| c.objid).collect();
+        if let Some(key) = key {
+            if let Some(all) = crate::capture::ddl_touched(&key, &tables) {
+                crate::capture::set_ddl_shape(&key, table_shape(&all));
             }
         }
     }
@@ -297,31 +331,146 @@ pub unsafe extern "C-unwind" fn rbucardo_ddl_trigger(fcinfo: pg_sys::FunctionCal
     pg_sys::Datum::from(0usize)
 }
 
-/// Runs a replicated DDL change here, with the search_path its origin had.
-pub fn apply(client: &mut SpiClient<'_>, desc: &RelDesc, ch: &RowChange) {
+/// The columns and types of `tables` (ordinary and partitioned tables only), as JSON text.
+fn table_shape(tables: &[pg_sys::Oid]) -> String {
+    Spi::get_one_with_args::<pgrx::JsonB>("SELECT rbucardo.table_shape($1::pg_catalog.oid[])", &[tables.to_vec().into()])
+        .ok()
+        .flatten()
+        .map(|j| j.0.to_string())
+        .unwrap_or_else(|| "{}".into())
+}
+
+fn sqlstate_and_message(e: &CaughtError) -> (Option<PgSqlErrorCode>, String) {
+    match e {
+        CaughtError::PostgresError(r) | CaughtError::ErrorReport(r) => {
+            let message = match r.detail().map(str::trim).filter(|d| !d.is_empty() && !d.contains("   0: ")) {
+                Some(detail) => format!("{} ({detail})", r.message()),
+                None => r.message().to_string(),
+            };
+            (Some(r.sql_error_code()), message)
+        }
+        CaughtError::RustPanic { ereport, .. } => (None, ereport.message().to_string()),
+    }
+}
+
+/// Runs a replicated DDL change here, with the search_path its origin had, one statement at a
+/// time. A statement that fails because its object exists already (the same change was made
+/// here while apart) is left out, provided the touched tables then have the columns and types
+/// they have on the origin. Any other failure, or a difference, is a [`Stop`]: nothing of the
+/// transaction is applied and its stream stops here until the schema is fixed.
+pub fn apply(client: &mut SpiClient<'_>, desc: &RelDesc, ch: &RowChange) -> Result<(), Stop> {
     let new = ch.new.as_ref().expect("checked by decode_chunk");
     let (sql, search_path) = (new[0].as_deref().unwrap_or_default(), new[1].as_deref().unwrap_or_default());
+    let origin_shape = new.get(2).and_then(|v| v.as_deref());
+    let stop = |message: String| Stop {
+        ordinal: ch.ordinal,
+        command: sql.to_string(),
+        message: format!("replicated DDL ({} in schema {}) failed here: {message}; command: {}", desc.name, desc.schema, abbreviate(sql)),
+    };
     let saved = Spi::get_one::<String>("SELECT pg_catalog.current_setting('search_path')").ok().flatten().unwrap_or_default();
     Spi::run_with_args("SELECT pg_catalog.set_config('search_path', $1, true)", &[search_path.into()]).expect("setting the search_path");
+    let mut existed = Vec::new();
     APPLYING.with(|a| a.set(true));
-    let result = PgTryBuilder::new(std::panic::AssertUnwindSafe(|| client.update(sql, None, &[]).map(|_| ()).map_err(|e| e.to_string())))
-        .catch_others(|e| {
-            Err(match e {
-                CaughtError::PostgresError(r) | CaughtError::ErrorReport(r) => r.message().to_string(),
-                CaughtError::RustPanic { ereport, .. } => ereport.message().to_string(),
-            })
-        })
-        .execute();
+    let mut failure = None;
+    for statement in schema_statements(sql) {
+        let result = crate::exceptions::subtransaction(std::panic::AssertUnwindSafe(|| {
+            client.update(statement.as_str(), None, &[]).unwrap_or_else(|e| panic!("{e}"));
+        }));
+        if let Err(e) = result {
+            match sqlstate_and_message(&e) {
+                (Some(code), message) if DUPLICATE_STATES.contains(&code) => existed.push(message),
+                (_, message) => {
+                    failure = Some(message);
+                    break;
+                }
+            }
+        }
+    }
     APPLYING.with(|a| a.set(false));
-    if let Err(message) = result {
-        raise(
-            PgSqlErrorCode::ERRCODE_DEPENDENT_OBJECTS_STILL_EXIST,
-            format!("replicated DDL ({} in schema {}) failed here: {message}; command: {}", desc.name, desc.schema, crate::ddl::abbreviate(sql)),
-            "The batch is refused and this peer's stream stops until the schema here lets the command run: fix it by hand \
-             (SET rbucardo.replicate_ddl = off first), and the stream resumes.",
-        );
+    if let Some(message) = failure {
+        return Err(stop(message));
+    }
+    if !existed.is_empty() {
+        let what = existed.join("; ");
+        let Some(shape) = origin_shape else {
+            return Err(stop(format!("{what}, and the origin did not say what the result must look like")));
+        };
+        let differences = Spi::get_one_with_args::<String>(
+            "SELECT pg_catalog.string_agg(format('%s.%s is %s here but %s on the origin', table_name, column_name,
+                                                 coalesce(here, 'missing'), there), '; ')
+               FROM rbucardo.shape_differences(rbucardo.table_shape(
+                        ARRAY(SELECT pg_catalog.to_regclass(k)::pg_catalog.oid FROM pg_catalog.jsonb_object_keys($1::jsonb) k)),
+                    $1::jsonb)
+              WHERE there IS NOT NULL",
+            &[shape.into()],
+        )
+        .ok()
+        .flatten();
+        if let Some(differences) = differences {
+            return Err(stop(format!("{what}, and it differs: {differences}")));
+        }
+        log!("rbucardo: replicated DDL made here already, left out ({what}): {}", abbreviate(sql));
     }
     Spi::run_with_args("SELECT pg_catalog.set_config('search_path', $1, true)", &[saved.into()]).expect("restoring the search_path");
+    Ok(())
+}
+
+/// The shape of every replicated table here, with its md5: what peers compare with theirs.
+pub fn my_shape() -> (String, pgrx::JsonB) {
+    let (md5, shape) = Spi::get_two::<String, pgrx::JsonB>(
+        "SELECT pg_catalog.md5(s::text), s
+           FROM rbucardo.table_shape(ARRAY(SELECT relid FROM rbucardo.herd_table)) s",
+    )
+    .expect("computing the table shape");
+    (md5.unwrap_or_default(), shape.unwrap_or(pgrx::JsonB(serde_json::json!({}))))
+}
+
+/// Keeps the shape a peer reported, for validate_schema.
+pub fn store_peer_shape(peer_name: &str, shape: pgrx::JsonB) {
+    Spi::run_with_args(
+        "UPDATE rbucardo.peer_state SET schema_shape = $2, schema_at = pg_catalog.now() WHERE db = $1",
+        &[peer_name.into(), shape.into()],
+    )
+    .expect("storing a peer's table shape");
+}
+
+/// md5 of the shape a peer last reported.
+pub fn peer_shape_md5(peer_name: &str) -> Option<String> {
+    Spi::get_one_with_args::<String>("SELECT pg_catalog.md5(schema_shape::text) FROM rbucardo.peer_state WHERE db = $1", &[peer_name.into()])
+        .ok()
+        .flatten()
+}
+
+/// Runs `sql` here and replicates it to every node, whatever schema it touches (DDL outside the
+/// replicated schemas is otherwise local). Row changes it makes travel as row changes.
+#[pg_extern(volatile)]
+fn replicate_ddl(sql: &str) -> String {
+    let text = replicable_text(sql);
+    if text.is_empty() {
+        raise(
+            PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE,
+            "rbucardo.replicate_ddl() found no schema change in its argument",
+            "Pass DDL such as CREATE, ALTER, DROP or COMMENT; row changes to replicated tables replicate by themselves.",
+        );
+    }
+    if !REPLICATE_DDL.get() {
+        raise(
+            PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
+            "rbucardo.replicate_ddl() was called with rbucardo.replicate_ddl = off",
+            "RESET rbucardo.replicate_ddl, or run the command directly to keep it local.",
+        );
+    }
+    let search_path = Spi::get_one::<String>("SELECT pg_catalog.current_setting('search_path')").ok().flatten().unwrap_or_default();
+    let schema = Spi::get_one::<String>("SELECT pg_catalog.current_schema()::text").ok().flatten().unwrap_or_default();
+    let key = format!("replicate_ddl\u{0}{}\u{0}{sql}", unsafe { pg_sys::GetCurrentStatementStartTimestamp() });
+    // Recorded before it runs, so that rows it writes come after it in the stream.
+    crate::capture::record_ddl(key.clone(), &schema, "replicate_ddl", text.clone(), search_path);
+    EXPLICIT.with(|e| *e.borrow_mut() = Some(key));
+    let result = PgTryBuilder::new(|| Spi::run(sql).map_err(|e| e.to_string())).finally(|| EXPLICIT.with(|e| *e.borrow_mut() = None)).execute();
+    if let Err(e) = result {
+        raise(PgSqlErrorCode::ERRCODE_INTERNAL_ERROR, format!("rbucardo.replicate_ddl(): {e}"), "Nothing was run or replicated.");
+    }
+    format!("replicated: {}", abbreviate(&text))
 }
 
 /// The start of a long command, on one line, for messages.

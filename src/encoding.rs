@@ -16,8 +16,9 @@ pub enum Op {
     Update,
     Delete,
     Truncate,
-    /// A schema change (src/ddl.rs): `new` holds `[command text, search_path]`, `old` is
-    /// `None`, and `rel` points to a description of the schema with no columns.
+    /// A schema change (src/ddl.rs): `new` holds `[command text, search_path]` and, when known,
+    /// the shape of the tables it touched on its origin (a third value); `old` is `None`, and
+    /// `rel` points to a description of the schema with no columns.
     Ddl,
 }
 
@@ -238,7 +239,7 @@ pub fn decode_chunk(bytes: &[u8]) -> Result<Chunk, DecodeError> {
             let well_formed = rel.columns.is_empty()
                 && rel.key.is_empty()
                 && ch.old.is_none()
-                && ch.new.as_ref().is_some_and(|n| n.len() == 2 && n.iter().all(|v| v.is_some()));
+                && ch.new.as_ref().is_some_and(|n| (n.len() == 2 || n.len() == 3) && n.iter().all(|v| v.is_some()));
             if !well_formed {
                 return Err(DecodeError::Malformed(format!("DDL change {} in schema {} is malformed", ch.ordinal, rel.schema)));
             }

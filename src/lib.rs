@@ -28,7 +28,7 @@ pub mod worker;
 pgrx::extension_sql_file!("../sql/catalog.sql", name = "catalog", bootstrap);
 pgrx::extension_sql_file!("../sql/conflicts.sql", name = "conflicts", requires = ["catalog"]);
 pgrx::extension_sql_file!("../sql/exceptions.sql", name = "exceptions", requires = ["catalog"]);
-pgrx::extension_sql_file!("../sql/monitoring.sql", name = "monitoring", requires = ["catalog", monitor::redact_conninfo]);
+pgrx::extension_sql_file!("../sql/monitoring.sql", name = "monitoring", requires = ["catalog", "exceptions", monitor::redact_conninfo]);
 // Last step of CREATE EXTENSION: have the launcher start this database's worker after commit.
 pgrx::extension_sql!("SELECT rbucardo.wake_launcher();", name = "wake_launcher", finalize);
 

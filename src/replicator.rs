@@ -103,8 +103,16 @@ impl Replicator {
                 }
             }
             let link = slot.link.as_mut().unwrap();
+            link.stopped = None;
             match exchange(link, &me) {
-                Ok(()) => report(slot, &peer.name, "connected", None),
+                Ok(()) => match link.stopped.clone() {
+                    // A stopped stream is retried every few seconds (src/exceptions.rs).
+                    Some(why) => {
+                        nap = nap.min(Duration::from_secs(crate::exceptions::DDL_RETRY_EVERY as u64));
+                        report(slot, &peer.name, "stopped", Some(why));
+                    }
+                    None => report(slot, &peer.name, "connected", None),
+                },
                 Err(e) => {
                     let broken = link.conn.as_ref().is_none_or(|c| c.is_broken());
                     if broken {
@@ -121,6 +129,14 @@ impl Replicator {
         }
         if self.last_trim.is_none_or(|t| t.elapsed() >= TRIM_EVERY) {
             self.last_trim = Some(Instant::now());
+            // Table shapes for validate_schema; a failure shows up in the next round.
+            for (name, slot) in self.links.iter_mut() {
+                if let Some(link) = slot.link.as_mut() {
+                    if let Err(e) = link.exchange_schema() {
+                        log!("rbucardo worker: exchanging table shapes with {name} failed: {e}");
+                    }
+                }
+            }
             // Parked transactions may apply now that later ones have arrived.
             let me_id = me.id;
             if let Err(e) = in_txn(move || crate::exceptions::retry_open(me_id, None)) {

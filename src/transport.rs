@@ -96,22 +96,24 @@ fn peer_fetch(peer_name: &str, after_tick: i64, after_seq: i64, max_bytes: i32) 
     encode_batch(&crate::changelog::read_batch(me.id, after, node, limit))
 }
 
-/// Where this node stands in the caller's stream: the caller pushes from there.
+/// Where this node stands in the caller's stream: the caller pushes from there. `stopped` says
+/// why the stream is stopped here (a schema change that fails here), while no retry is due.
 #[pg_extern(volatile, security_definer)]
 #[search_path(pg_catalog, pg_temp)]
-fn peer_position(peer_name: &str) -> TableIterator<'static, (name!(tick, i64), name!(seq, i64))> {
+fn peer_position(peer_name: &str) -> TableIterator<'static, (name!(tick, i64), name!(seq, i64), name!(stopped, Option<String>))> {
     catalog::me_or_raise();
-    peer_node(peer_name);
+    let node = peer_node(peer_name);
     touch(peer_name);
     let (t, s) = Spi::get_two_with_args::<i64, i64>("SELECT in_tick, in_seq FROM rbucardo.peer_state WHERE db = $1", &[peer_name.into()])
         .expect("peer state");
-    TableIterator::once((t.unwrap_or(0), s.unwrap_or(DONE)))
+    TableIterator::once((t.unwrap_or(0), s.unwrap_or(DONE), crate::exceptions::stream_stopped(node)))
 }
 
-/// Applies a batch of the caller's stream here, atomically; returns the new position.
+/// Applies a batch of the caller's stream here, atomically per transaction; returns the new
+/// position, and why the stream stopped short of the batch's end, if it did.
 #[pg_extern(volatile, security_definer)]
 #[search_path(pg_catalog, pg_temp)]
-fn peer_push(peer_name: &str, batch: &[u8]) -> TableIterator<'static, (name!(tick, i64), name!(seq, i64))> {
+fn peer_push(peer_name: &str, batch: &[u8]) -> TableIterator<'static, (name!(tick, i64), name!(seq, i64), name!(stopped, Option<String>))> {
     let me = catalog::me_or_raise();
     let node = peer_node(peer_name);
     let batch = decode_batch(batch, MAX_BATCH_BYTES).unwrap_or_else(|e| {
@@ -119,7 +121,26 @@ fn peer_push(peer_name: &str, batch: &[u8]) -> TableIterator<'static, (name!(tic
     });
     let applied = crate::apply::apply_batch(me.id, peer_name, node, &batch);
     touch(peer_name);
-    TableIterator::once((applied.cursor.tick, applied.cursor.seq))
+    TableIterator::once((applied.cursor.tick, applied.cursor.seq, applied.stopped))
+}
+
+/// Schema exchange for validate_schema: stores the caller's table shape (when it sends one)
+/// and returns this node's, unless its md5 is `known_md5`.
+#[pg_extern(volatile, security_definer)]
+#[search_path(pg_catalog, pg_temp)]
+fn peer_schema(
+    peer_name: &str,
+    shape: Option<pgrx::JsonB>,
+    known_md5: Option<&str>,
+) -> TableIterator<'static, (name!(md5, String), name!(shape, Option<pgrx::JsonB>))> {
+    catalog::me_or_raise();
+    peer_node(peer_name);
+    if let Some(shape) = shape {
+        crate::ddl::store_peer_shape(peer_name, shape);
+    }
+    let (md5, mine) = crate::ddl::my_shape();
+    let mine = (known_md5 != Some(md5.as_str())).then_some(mine);
+    TableIterator::once((md5, mine))
 }
 
 fn record_confirmed(peer_name: &str, pos: Position) {
@@ -133,11 +154,13 @@ fn record_confirmed(peer_name: &str, pos: Position) {
 
 pgrx::extension_sql!(
     "REVOKE ALL ON FUNCTION rbucardo.peer_hello(text, integer), rbucardo.peer_fetch(text, bigint, bigint, integer),
-                            rbucardo.peer_position(text), rbucardo.peer_push(text, bytea) FROM PUBLIC;
+                            rbucardo.peer_position(text), rbucardo.peer_push(text, bytea),
+                            rbucardo.peer_schema(text, jsonb, text) FROM PUBLIC;
      GRANT EXECUTE ON FUNCTION rbucardo.peer_hello(text, integer), rbucardo.peer_fetch(text, bigint, bigint, integer),
-                            rbucardo.peer_position(text), rbucardo.peer_push(text, bytea) TO rbucardo_peer;",
+                            rbucardo.peer_position(text), rbucardo.peer_push(text, bytea),
+                            rbucardo.peer_schema(text, jsonb, text) TO rbucardo_peer;",
     name = "peer_grants",
-    requires = [peer_hello, peer_fetch, peer_position, peer_push]
+    requires = [peer_hello, peer_fetch, peer_position, peer_push, peer_schema]
 );
 
 // ---------------------------------------------------------------------------------------------
@@ -178,6 +201,12 @@ pub struct Link {
     pub peer: Peer,
     pub conn: Option<PeerConn>,
     pub peer_id: i32,
+    /// Why a direction of this link is stopped (a schema change of the stream that fails on
+    /// the receiving side), as learned in the last round.
+    pub stopped: Option<String>,
+    /// md5 of the table shape the peer last received from us.
+    schema_sent: Option<String>,
+    me_name: String,
 }
 
 impl Link {
@@ -195,7 +224,7 @@ impl Link {
         let peer_name = peer.name.clone();
         in_txn(move || catalog::learn_peer_id(&peer_name, id))?;
         conn.execute("LISTEN rbucardo_changes", CALL_TIMEOUT).map_err(|e| e.to_string())?;
-        Ok(Link { peer: peer.clone(), conn: Some(conn), peer_id: id })
+        Ok(Link { peer: peer.clone(), conn: Some(conn), peer_id: id, stopped: None, schema_sent: None, me_name: me.name.clone() })
     }
 
     fn conn(&mut self) -> Result<&mut PeerConn, String> {
@@ -206,12 +235,16 @@ impl Link {
     pub fn pull(&mut self, me: &Me) -> Result<i64, String> {
         let mut total = 0;
         loop {
-            let name = self.peer.name.clone();
-            let after = in_txn(move || {
+            let (name, peer_id) = (self.peer.name.clone(), self.peer_id);
+            let (after, stopped) = in_txn(move || {
                 let (t, s) = Spi::get_two_with_args::<i64, i64>("SELECT in_tick, in_seq FROM rbucardo.peer_state WHERE db = $1", &[name.as_str().into()])
                     .expect("peer state");
-                Position { tick: t.unwrap_or(0), seq: s.unwrap_or(DONE) }
+                (Position { tick: t.unwrap_or(0), seq: s.unwrap_or(DONE) }, crate::exceptions::stream_stopped(peer_id))
             })?;
+            if stopped.is_some() {
+                self.stopped = stopped;
+                return Ok(total);
+            }
             let rows = self
                 .conn()?
                 .query(
@@ -227,12 +260,44 @@ impl Link {
             }
             let (me_id, name, peer_id) = (me.id, self.peer.name.clone(), self.peer_id);
             let empty = batch.txns.is_empty();
-            let applied = in_txn(move || crate::apply::apply_batch(me_id, &name, peer_id, &batch).txns)?;
-            total += applied;
+            let applied = in_txn(move || {
+                let a = crate::apply::apply_batch(me_id, &name, peer_id, &batch);
+                (a.txns, a.stopped)
+            })?;
+            total += applied.0;
+            if applied.1.is_some() {
+                self.stopped = applied.1;
+                return Ok(total);
+            }
             if empty {
                 return Ok(total);
             }
         }
+    }
+
+    /// Trades table shapes with the peer (for validate_schema); sends ours only when it changed
+    /// since the peer last acknowledged it.
+    pub fn exchange_schema(&mut self) -> Result<(), String> {
+        let (md5, shape) = in_txn(crate::ddl::my_shape)?;
+        let send = (self.schema_sent.as_deref() != Some(md5.as_str())).then(|| shape.0.to_string());
+        let name = self.peer.name.clone();
+        let known = in_txn(move || crate::ddl::peer_shape_md5(&name))?;
+        let me = self.me_name.clone();
+        let rows = self
+            .conn()?
+            .query(
+                "SELECT md5, shape::text FROM rbucardo.peer_schema($1, $2::jsonb, $3)",
+                &[Param::Text(&me), send.as_deref().map_or(Param::Null, Param::Text), known.as_deref().map_or(Param::Null, Param::Text)],
+                CALL_TIMEOUT,
+            )
+            .map_err(|e| e.to_string())?;
+        self.schema_sent = Some(md5);
+        if let Some(theirs) = rows.first().and_then(|r| r.text(1)) {
+            let shape: serde_json::Value = serde_json::from_str(&theirs).map_err(|e| format!("peer_schema returned bad JSON: {e}"))?;
+            let name = self.peer.name.clone();
+            in_txn(move || crate::ddl::store_peer_shape(&name, pgrx::JsonB(shape)))?;
+        }
+        Ok(())
     }
 
     /// Pushes this node's stream to the peer until it has everything; returns batches sent.
@@ -241,9 +306,13 @@ impl Link {
         loop {
             let rows = self
                 .conn()?
-                .query("SELECT tick, seq FROM rbucardo.peer_position($1)", &[Param::Text(&me.name)], CALL_TIMEOUT)
+                .query("SELECT tick, seq, stopped FROM rbucardo.peer_position($1)", &[Param::Text(&me.name)], CALL_TIMEOUT)
                 .map_err(|e| e.to_string())?;
             let pos = rows.first().and_then(|r| Some(Position { tick: r.i64(0)?, seq: r.i64(1)? })).ok_or("peer_position returned nothing")?;
+            if let Some(why) = rows.first().and_then(|r| r.text(2)) {
+                self.stopped = Some(format!("{} stopped applying this node's stream: {why}", self.peer.name));
+                return Ok(sent);
+            }
             let (me_id, name, peer_id) = (me.id, self.peer.name.clone(), self.peer_id);
             let batch = in_txn(move || {
                 record_confirmed(&name, pos);
@@ -256,12 +325,16 @@ impl Link {
             let bytes = encode_batch(&batch);
             let rows = self
                 .conn()?
-                .query("SELECT tick, seq FROM rbucardo.peer_push($1, $2)", &[Param::Text(&me.name), Param::Bytes(&bytes)], CALL_TIMEOUT)
+                .query("SELECT tick, seq, stopped FROM rbucardo.peer_push($1, $2)", &[Param::Text(&me.name), Param::Bytes(&bytes)], CALL_TIMEOUT)
                 .map_err(|e| e.to_string())?;
             let done = rows.first().and_then(|r| Some(Position { tick: r.i64(0)?, seq: r.i64(1)? })).ok_or("peer_push returned nothing")?;
             let name = self.peer.name.clone();
             in_txn(move || record_confirmed(&name, done))?;
             sent += 1;
+            if let Some(why) = rows.first().and_then(|r| r.text(2)) {
+                self.stopped = Some(format!("{} stopped applying this node's stream: {why}", self.peer.name));
+                return Ok(sent);
+            }
             if empty {
                 return Ok(sent);
             }

@@ -98,11 +98,15 @@ fn d1_module_install_while_branches_are_offline_converges_without_manual_steps()
         "CREATE TABLE loyalty_point (id serial PRIMARY KEY,
                                      card_id int NOT NULL REFERENCES loyalty_card (id) ON DELETE CASCADE,
                                      points int NOT NULL DEFAULT 0)",
+        "CREATE TABLE loyalty_reward (id serial PRIMARY KEY, card_id int NOT NULL REFERENCES loyalty_card (id),
+                                      label text NOT NULL)",
+        "CREATE SEQUENCE loyalty_code_seq",
         "INSERT INTO loyalty_card (code, user_id) SELECT 'main-' || i, 1000000 + i FROM generate_series(1, 5) i",
         "ALTER TABLE products ADD COLUMN barcode text DEFAULT 'none'",
         "CREATE INDEX products_barcode_idx ON products (barcode)",
         "UPDATE products SET barcode = 'main-' || id WHERE id <= 1000005",
         "INSERT INTO loyalty_point (card_id, points) SELECT id, 10 FROM loyalty_card",
+        "INSERT INTO loyalty_reward (card_id, label) SELECT id, 'welcome ' || nextval('loyalty_code_seq') FROM loyalty_card",
         "COMMIT",
     ] {
         conn.execute(sql).unwrap_or_else(|e| panic!("main: {e}\n{sql}"));
@@ -133,6 +137,7 @@ fn d1_module_install_while_branches_are_offline_converges_without_manual_steps()
     wait_table(&cluster, "products", "id", 80);
     wait_table(&cluster, "loyalty_card", "id", 5);
     wait_table(&cluster, "loyalty_point", "id", 5);
+    wait_table(&cluster, "loyalty_reward", "id", 5);
     // Offline rows got the new column's default everywhere; main's updates arrived.
     for i in ALL {
         assert_eq!(one(&cluster, i, "SELECT count(*) FROM products WHERE barcode = 'none'"), "75", "{}", NODE_NAMES[i]);
@@ -141,10 +146,15 @@ fn d1_module_install_while_branches_are_offline_converges_without_manual_steps()
     for i in ALL {
         let herd = one(&cluster, i, "SELECT string_agg(relid::regclass::text, ',' ORDER BY relid::regclass::text)
                                        FROM rbucardo.herd_table WHERE relid::regclass::text LIKE 'loyalty%'");
-        assert_eq!(herd, "loyalty_card,loyalty_point", "{}", NODE_NAMES[i]);
+        assert_eq!(herd, "loyalty_card,loyalty_point,loyalty_reward", "{}", NODE_NAMES[i]);
         let seqs = one(&cluster, i, "SELECT string_agg(sequence::text || ' ' || state, ',' ORDER BY sequence::text)
                                        FROM rbucardo.sequences WHERE sequence::text LIKE 'loyalty%'");
-        assert_eq!(seqs, "loyalty_card_id_seq ok,loyalty_point_id_seq ok", "{}", NODE_NAMES[i]);
+        assert_eq!(
+            seqs,
+            "loyalty_card_id_seq ok,loyalty_code_seq ok,loyalty_point_id_seq ok,loyalty_reward_id_seq ok",
+            "{}",
+            NODE_NAMES[i]
+        );
     }
     assert_no_errors(&cluster);
 
@@ -161,11 +171,19 @@ fn d1_module_install_while_branches_are_offline_converges_without_manual_steps()
                  SELECT id, 5 FROM loyalty_card WHERE code LIKE '{}2-%'",
                 NODE_NAMES[k]
             ),
+            format!(
+                "INSERT INTO loyalty_reward (card_id, label)
+                 SELECT id, 'code ' || nextval('loyalty_code_seq') FROM loyalty_card WHERE code LIKE '{}2-%'",
+                NODE_NAMES[k]
+            ),
             format!("UPDATE products SET barcode = '{}-' || id WHERE id BETWEEN {b} + 101 AND {b} + 103", NODE_NAMES[k]),
         ]);
     }
     wait_table(&cluster, "loyalty_card", "id", 35);
     wait_table(&cluster, "loyalty_point", "id", 35);
+    wait_table(&cluster, "loyalty_reward", "id", 35);
+    // The standalone sequence handed out node-disjoint codes: no label twice.
+    assert_eq!(one(&cluster, MAIN, "SELECT count(DISTINCT label) FROM loyalty_reward WHERE label LIKE 'code %'"), "30");
     wait_same(&cluster, "products", "SELECT md5(string_agg(p::text, ',' ORDER BY id)) FROM products p");
     cluster.assert_tables_equal(DB, "products", "id", &ALL);
     cluster.assert_tables_equal(DB, "users", "id", &ALL);
@@ -283,4 +301,156 @@ fn wait_table_on(cluster: &Cluster, i: usize, table: &str, rows: i64) {
         let n: i64 = cluster.node(i).query_one(DB, &sql).and_then(|v| v.parse().ok()).unwrap_or(-1);
         if n == rows { Ok(true) } else { Err(format!("{n} rows")) }
     });
+}
+
+/// Polls `sql` on node `i` until it returns `want`.
+fn wait_value(cluster: &Cluster, i: usize, what: &str, sql: &str, want: &str) {
+    wait_until(&format!("{what} on {}", NODE_NAMES[i]), CONVERGE, || {
+        let got = one(cluster, i, sql);
+        if got == want { Ok(true) } else { Err(format!("{got:?}, want {want:?}")) }
+    });
+}
+
+const OPEN_DDL_EXCEPTIONS: &str = "SELECT count(*) FROM rbucardo.exceptions WHERE kind = 'ddl' AND resolved_at IS NULL";
+
+// ---------------------------------------------------------------------------
+// 4. A DDL that cannot apply on a peer stops that stream, before any later row,
+//    with a clear status; retry after a fix, or skip the command, resumes it.
+
+#[test]
+fn d4_failing_ddl_stops_the_stream_until_retried_or_skipped() {
+    let cluster = start_store("d4_failing_ddl", Topology::Star);
+    cluster.node(MAIN).sql(DB, "INSERT INTO products (id, name, price) SELECT 1000000 + i, 'p' || i, i FROM generate_series(1, 10) i");
+    wait_table(&cluster, "products", "id", 10);
+    // branch1 has a local report view on the price column: main's type change cannot run there.
+    cluster.node(BRANCH1).sql(DB, "SET rbucardo.replicate_ddl = off; CREATE VIEW price_report AS SELECT id, price FROM products");
+    let mut conn = cluster.node(MAIN).connect(DB);
+    for sql in [
+        "BEGIN",
+        "INSERT INTO products (id, name, price) VALUES (1000011, 'before the change', 1)",
+        "ALTER TABLE products ALTER COLUMN price TYPE numeric(12,3)",
+        "INSERT INTO products (id, name, price) VALUES (1000012, 'after the change', 1.125)",
+        "COMMIT",
+    ] {
+        conn.execute(sql).unwrap_or_else(|e| panic!("main: {e}\n{sql}"));
+    }
+    cluster.node(MAIN).sql(DB, "INSERT INTO products (id, name, price) VALUES (1000013, 'a later transaction', 2)");
+    // branch2 has it all; branch1 stopped at the schema change, with a clear status.
+    wait_table_on(&cluster, BRANCH2, "products", 13);
+    wait_value(&cluster, BRANCH1, "stopped stream", "SELECT state FROM rbucardo.status WHERE db = 'main'", "stopped");
+    let status = one(&cluster, BRANCH1, "SELECT last_error FROM rbucardo.status WHERE db = 'main'");
+    assert!(status.contains("ALTER TABLE products ALTER COLUMN price TYPE numeric(12,3)") && status.contains("price_report"), "{status}");
+    let exception = one(&cluster, BRANCH1, "SELECT concat_ws('|', kind, origin, command) FROM rbucardo.exceptions WHERE resolved_at IS NULL");
+    assert_eq!(exception, "ddl|1|ALTER TABLE products ALTER COLUMN price TYPE numeric(12,3)");
+    // Nothing of that transaction nor of any later one was applied on branch1 ...
+    assert_eq!(one(&cluster, BRANCH1, "SELECT count(*) FROM products"), "10");
+    // ... while branch1's own changes still reach everyone.
+    cluster.node(BRANCH1).sql(DB, "INSERT INTO users VALUES (2000001, 'b1', 'from the stopped branch')");
+    wait_table_on(&cluster, MAIN, "users", 1);
+    wait_table_on(&cluster, BRANCH2, "users", 1);
+    assert_eq!(one(&cluster, BRANCH1, "SELECT count(*) FROM products"), "10");
+    // Retrying without a fix fails again and changes nothing.
+    let id = one(&cluster, BRANCH1, "SELECT id FROM rbucardo.exceptions WHERE resolved_at IS NULL");
+    assert_eq!(one(&cluster, BRANCH1, &format!("SELECT rbucardo.exception_retry({id})")), "f");
+    assert_eq!(one(&cluster, BRANCH1, "SELECT count(*) FROM products"), "10");
+    // A stopped schema change cannot be discarded (its rows would be lost).
+    let refused = cluster.node(BRANCH1).connect(DB).execute(&format!("SELECT rbucardo.exception_discard({id})"));
+    assert!(refused.as_ref().is_err_and(|e| e.to_string().contains("cannot be discarded")), "{refused:?}");
+
+    // The fix: drop the view; an operator's retry applies it at once, and the stream goes on.
+    cluster.node(BRANCH1).sql(DB, "SET rbucardo.replicate_ddl = off; DROP VIEW price_report");
+    assert_eq!(one(&cluster, BRANCH1, &format!("SELECT rbucardo.exception_retry({id})")), "t");
+    wait_table(&cluster, "products", "id", 13);
+    wait_value(&cluster, BRANCH1, "resumed stream", "SELECT state FROM rbucardo.status WHERE db = 'main'", "connected");
+    assert_eq!(one(&cluster, BRANCH1, &format!("SELECT resolution FROM rbucardo.exceptions WHERE id = {id}")), "applied");
+    assert_eq!(one(&cluster, BRANCH1, "SELECT price FROM products WHERE id = 1000012"), "1.125");
+
+    // Again, and this time the operator skips the command: the rows of its transaction apply,
+    // the schemas differ (validate_schema says how) until fixed by hand.
+    cluster.node(BRANCH1).sql(DB, "SET rbucardo.replicate_ddl = off; CREATE VIEW name_report AS SELECT id, name FROM products");
+    cluster.node(MAIN).sql(DB, "ALTER TABLE products ALTER COLUMN name TYPE varchar(200); INSERT INTO products (id, name) VALUES (1000014, 'with the skip')");
+    wait_table_on(&cluster, BRANCH2, "products", 14);
+    wait_value(&cluster, BRANCH1, "second stop", OPEN_DDL_EXCEPTIONS, "1");
+    let id = one(&cluster, BRANCH1, "SELECT id FROM rbucardo.exceptions WHERE resolved_at IS NULL");
+    let skipped = one(&cluster, BRANCH1, &format!("SELECT rbucardo.exception_skip({id})"));
+    assert!(skipped.contains("skipped"), "{skipped}");
+    wait_table(&cluster, "products", "id", 14);
+    assert_eq!(one(&cluster, BRANCH1, &format!("SELECT resolution FROM rbucardo.exceptions WHERE id = {id}")), "skipped");
+    let diff = "SELECT string_agg(concat_ws(' ', db, table_name, column_name, here, there), ',') FROM rbucardo.validate_schema('store_sync')";
+    wait_value(&cluster, BRANCH1, "schema difference", diff, "main public.products name text character varying(200)");
+    wait_value(&cluster, MAIN, "schema difference", diff, "branch1 public.products name character varying(200) text");
+    cluster.node(BRANCH1).sql(DB, "SET rbucardo.replicate_ddl = off; DROP VIEW name_report; ALTER TABLE products ALTER COLUMN name TYPE varchar(200)");
+    for i in ALL {
+        wait_value(&cluster, i, "schemas agree", &diff.replace("string_agg(concat_ws(' ', db, table_name, column_name, here, there), ',')", "count(*)"), "0");
+    }
+    cluster.node(BRANCH1).sql(DB, "UPDATE products SET name = 'renamed on branch1' WHERE id = 1000014");
+    wait_same(&cluster, "products", "SELECT md5(string_agg(p::text, ',' ORDER BY id)) FROM products p");
+    cluster.assert_tables_equal(DB, "products", "id", &ALL);
+    assert_no_errors(&cluster);
+}
+
+// ---------------------------------------------------------------------------
+// 5. The same column added on two nodes while apart: identical schemas and data.
+
+#[test]
+fn d5_same_column_added_on_two_nodes_while_apart() {
+    let cluster = start_store("d5_same_column", Topology::Star);
+    for k in ALL {
+        let b = base(k);
+        run_on(&cluster, k, &[format!("INSERT INTO products (id, name, price) SELECT {b} + i, 'p' || i, i FROM generate_series(1, 5) i")]);
+    }
+    wait_table(&cluster, "products", "id", 15);
+
+    cluster.link(BRANCH1, MAIN).cut();
+    for k in [MAIN, BRANCH1] {
+        let b = base(k);
+        run_on(&cluster, k, &[
+            "ALTER TABLE products ADD COLUMN note text".to_string(),
+            format!("UPDATE products SET note = '{}' WHERE id BETWEEN {b} + 1 AND {b} + 3", NODE_NAMES[k]),
+        ]);
+    }
+    // branch2 writes the new column as soon as main's change reaches it.
+    wait_value(&cluster, BRANCH2, "main's column", "SELECT count(*) FROM information_schema.columns WHERE table_name = 'products' AND column_name = 'note'", "1");
+    run_on(&cluster, BRANCH2, &[format!("UPDATE products SET note = 'branch2' WHERE id = {} + 1", base(BRANCH2))]);
+    cluster.link(BRANCH1, MAIN).restore();
+
+    wait_same(&cluster, "columns", COLUMNS_SQL);
+    wait_same(&cluster, "products", "SELECT md5(string_agg(p::text, ',' ORDER BY id)) FROM products p");
+    cluster.assert_tables_equal(DB, "products", "id", &ALL);
+    assert_eq!(one(&cluster, MAIN, "SELECT string_agg(DISTINCT note, ',' ORDER BY note) FROM products"), "branch1,branch2,main");
+    assert_eq!(one(&cluster, MAIN, "SELECT count(note) FROM products"), "7");
+    for i in ALL {
+        assert_eq!(one(&cluster, i, OPEN_DDL_EXCEPTIONS), "0", "{}", NODE_NAMES[i]);
+    }
+    assert_no_errors(&cluster);
+
+    // Now the same name with different types: both directions stop with the difference named,
+    // validate_schema shows it, and a fix by hand plus a skip brings them together.
+    cluster.link(BRANCH1, MAIN).cut();
+    cluster.node(MAIN).sql(DB, "ALTER TABLE products ADD COLUMN size int");
+    cluster.node(BRANCH1).sql(DB, "ALTER TABLE products ADD COLUMN size text");
+    cluster.node(BRANCH1).sql(DB, &format!("UPDATE products SET size = '42' WHERE id = {} + 1", base(BRANCH1)));
+    cluster.link(BRANCH1, MAIN).restore();
+    for i in [MAIN, BRANCH1] {
+        wait_value(&cluster, i, "stopped on the type clash", OPEN_DDL_EXCEPTIONS, "1");
+        let reason = one(&cluster, i, "SELECT reason FROM rbucardo.exceptions WHERE resolved_at IS NULL");
+        assert!(reason.contains("already exists") && reason.contains("differs") && reason.contains("size"), "{reason}");
+    }
+    let diff = "SELECT string_agg(concat_ws(' ', db, table_name, column_name, here, there), ',') FROM rbucardo.validate_schema('store_sync')";
+    wait_value(&cluster, MAIN, "schema difference", diff, "branch1 public.products size integer text");
+    // branch1 takes main's type; main skips branch1's command (its row then applies).
+    cluster.node(BRANCH1).sql(DB, "SET rbucardo.replicate_ddl = off; ALTER TABLE products ALTER COLUMN size TYPE int USING size::int");
+    let id = one(&cluster, MAIN, "SELECT id FROM rbucardo.exceptions WHERE resolved_at IS NULL");
+    cluster.node(MAIN).sql(DB, &format!("SELECT rbucardo.exception_skip({id})"));
+    for i in ALL {
+        wait_value(&cluster, i, "no stopped stream", OPEN_DDL_EXCEPTIONS, "0");
+    }
+    wait_same(&cluster, "columns", COLUMNS_SQL);
+    wait_same(&cluster, "products", "SELECT md5(string_agg(p::text, ',' ORDER BY id)) FROM products p");
+    cluster.assert_tables_equal(DB, "products", "id", &ALL);
+    assert_eq!(one(&cluster, BRANCH2, &format!("SELECT size FROM products WHERE id = {} + 1", base(BRANCH1))), "42");
+    for i in ALL {
+        wait_value(&cluster, i, "schemas agree", &diff.replace("string_agg(concat_ws(' ', db, table_name, column_name, here, there), ',')", "count(*)"), "0");
+    }
+    assert_no_errors(&cluster);
 }

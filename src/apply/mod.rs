@@ -17,11 +17,14 @@ mod rows;
 use crate::changelog::{self, DONE};
 use crate::encoding::{decode_chunk, Batch, Op, Position, RelDesc, RowChange, Txn};
 use crate::error::raise;
+use crate::exceptions::{Failure, Stop};
 
 /// What the batch did, for the caller's bookkeeping.
 pub struct Applied {
     pub cursor: Position,
     pub txns: i64,
+    /// Set when a schema change that fails here stopped the stream (src/exceptions.rs): why.
+    pub stopped: Option<String>,
 }
 
 /// A replicated table as it exists on this node.
@@ -160,8 +163,9 @@ impl Applier {
         client.update(format!("TRUNCATE {}", names.join(", ")).as_str(), None, &[]).unwrap_or_else(|e| panic!("{e}"));
     }
 
-    /// Applies one remote transaction's row changes in capture order.
-    fn apply_txn(&mut self, client: &mut SpiClient<'_>, txn: &Txn) {
+    /// Applies one remote transaction's changes in capture order, leaving out the schema change
+    /// `skip` (exception_skip). A schema change that cannot run here ends it with a [`Stop`].
+    fn apply_txn(&mut self, client: &mut SpiClient<'_>, txn: &Txn, skip: Option<u32>) -> Result<(), Stop> {
         let mut changes: Vec<(RelDesc, RowChange)> = Vec::new();
         for bytes in &txn.chunks {
             let chunk = decode_chunk(bytes).unwrap_or_else(|e| panic!("{e}"));
@@ -177,7 +181,9 @@ impl Applier {
                 // Schema changes run in order with the rows; what was resolved before them
                 // (tables, columns, plans) may have changed.
                 self.close_target();
-                crate::ddl::apply(client, desc, ch);
+                if skip != Some(ch.ordinal) {
+                    crate::ddl::apply(client, desc, ch)?;
+                }
                 self.rels.clear();
                 self.plans.clear();
                 i += 1;
@@ -209,6 +215,7 @@ impl Applier {
             i += 1;
         }
         self.close_target();
+        Ok(())
     }
 
     /// Applies one row change through the executor if the table allows it.
@@ -259,11 +266,25 @@ fn relog(txn: &Txn, via: i32) {
     }
 }
 
+/// `txn` without its change `ordinal` (a schema change skipped here).
+fn without_change(txn: &Txn, ordinal: u32) -> Txn {
+    let chunks = txn
+        .chunks
+        .iter()
+        .map(|bytes| {
+            let mut chunk = decode_chunk(bytes).unwrap_or_else(|e| panic!("{e}"));
+            chunk.changes.retain(|c| c.ordinal != ordinal);
+            crate::encoding::encode_chunk(&chunk)
+        })
+        .collect();
+    Txn { chunks, ..txn.clone() }
+}
+
 /// Applies a parked transaction again (its progress was recorded when it was parked).
 pub fn apply_parked(me: i32, txn: &Txn) -> Result<(), String> {
     Spi::run("SET LOCAL session_replication_role = replica").expect("entering replica mode");
     let mut applier = Applier { rels: HashMap::new(), plans: HashMap::new(), open: None, clocks: crate::conflicts::Clocks::new(me) };
-    let result = Spi::connect_mut(|client| crate::exceptions::attempt(|| applier.apply_txn(client, txn)));
+    let result = Spi::connect_mut(|client| crate::exceptions::attempt(|| applier.apply_txn(client, txn, None)));
     match result {
         Ok(()) => {
             // Peers have moved past its place in the origin's stream and would skip it as a
@@ -273,10 +294,11 @@ pub fn apply_parked(me: i32, txn: &Txn) -> Result<(), String> {
             }
             Ok(())
         }
-        Err(e) => {
+        Err(Failure::Park(reason)) => {
             applier.forget_target();
-            Err(e)
+            Err(reason)
         }
+        Err(Failure::Stop(stop)) => Err(stop.message),
     }
 }
 
@@ -326,12 +348,16 @@ pub fn apply_batch(me: i32, sender_db: &str, sender_node: i32, batch: &Batch) ->
     }
     let mut progress: HashMap<i32, Position> = HashMap::new();
     let mut applied = 0i64;
+    let mut stopped = None;
     let mut applier = Applier { rels: HashMap::new(), plans: HashMap::new(), open: None, clocks: crate::conflicts::Clocks::new(me) };
+    // Transactions of this stream that stopped it before (a failed schema change); normally none.
+    let blocks = crate::exceptions::stopped_in(sender_node);
     Spi::connect_mut(|client| {
         for txn in &batch.txns {
             if txn.stream_pos <= cursor {
                 continue;
             }
+            let before = cursor;
             cursor = txn.stream_pos;
             if txn.origin == me {
                 continue;
@@ -340,22 +366,46 @@ pub fn apply_batch(me: i32, sender_db: &str, sender_node: i32, batch: &Batch) ->
             if txn.origin_pos <= done {
                 continue;
             }
-            // A transaction that breaks a constraint here is parked, not allowed to stop the stream.
-            match crate::exceptions::attempt(|| applier.apply_txn(client, txn)) {
+            let block = blocks.iter().find(|b| b.origin == txn.origin && b.origin_pos == txn.origin_pos);
+            if let Some(b) = block.filter(|b| !b.due) {
+                // Not yet time to try it again: the stream stays where it is.
+                stopped = Some(b.reason.clone());
+                cursor = before;
+                break;
+            }
+            // A transaction that breaks a constraint here is parked, not allowed to stop the
+            // stream; one whose schema change fails here stops the stream just before it.
+            match crate::exceptions::attempt(|| applier.apply_txn(client, txn, block.and_then(|b| b.skip))) {
                 Ok(()) => {
-                    relog(txn, sender_node);
+                    match block.and_then(|b| b.skip) {
+                        // What this node left out does not travel on either.
+                        Some(ordinal) => relog(&without_change(txn, ordinal), sender_node),
+                        None => relog(txn, sender_node),
+                    }
                     applied += 1;
+                    if let Some(b) = block {
+                        crate::exceptions::record_resumed(b);
+                    }
                 }
-                Err(reason) => {
+                Err(Failure::Park(reason)) => {
                     applier.forget_target();
                     crate::exceptions::park(txn, sender_node, &reason);
+                }
+                Err(Failure::Stop(stop)) => {
+                    applier.forget_target();
+                    crate::exceptions::record_stop(block.map(|b| b.id), txn, sender_node, &stop);
+                    stopped = Some(stop.message);
+                    cursor = before;
+                    break;
                 }
             }
             crate::clock::observe(txn.hlc);
             progress.insert(txn.origin, txn.origin_pos);
         }
     });
-    cursor = cursor.max(batch.upto);
+    if stopped.is_none() {
+        cursor = cursor.max(batch.upto);
+    }
     for (origin, pos) in &progress {
         Spi::run_with_args(
             "INSERT INTO rbucardo.origin_progress (origin, tick, seq) VALUES ($1, $2, $3)
@@ -370,5 +420,5 @@ pub fn apply_batch(me: i32, sender_db: &str, sender_node: i32, batch: &Batch) ->
         &[sender_db.into(), cursor.tick.into(), cursor.seq.into(), applied.into()],
     )
     .expect("recording the stream cursor");
-    Applied { cursor, txns: applied }
+    Applied { cursor, txns: applied, stopped }
 }

@@ -293,6 +293,28 @@ fn d3_drop_rename_temp_local_only_and_failing_ddl() {
         let err = one(&cluster, BRANCH1, "SELECT coalesce(last_error, '') FROM rbucardo.status WHERE db = 'main'");
         if err.is_empty() { Ok(true) } else { Err(err) }
     });
+
+    // DDL outside the replicated schemas stays local, unless run through replicate_ddl().
+    cluster.node(BRANCH2).sql(DB, "CREATE SCHEMA scratch_b2; CREATE TABLE scratch_b2.t (id int PRIMARY KEY)");
+    cluster.node(BRANCH2).sql(
+        DB,
+        "SELECT rbucardo.replicate_ddl('CREATE SCHEMA reports; CREATE TABLE reports.daily (day date PRIMARY KEY, total numeric)')",
+    );
+    cluster.node(BRANCH2).sql(DB, "INSERT INTO renamed VALUES (4, 'after replicate_ddl')");
+    wait_table(&cluster, "renamed", "id", 4);
+    for i in ALL {
+        let want = if i == BRANCH2 { "reports.daily,scratch_b2.t" } else { "reports.daily" };
+        assert_eq!(
+            one(&cluster, i, "SELECT string_agg(oid::regclass::text, ',' ORDER BY 1) FROM pg_class
+                               WHERE relnamespace::regnamespace::text IN ('reports', 'scratch_b2') AND relkind = 'r'"),
+            want,
+            "{}",
+            NODE_NAMES[i]
+        );
+    }
+    let refused = cluster.node(MAIN).connect(DB).execute("SELECT rbucardo.replicate_ddl('SELECT 1')");
+    assert!(refused.as_ref().is_err_and(|e| e.to_string().contains("no schema change")), "{refused:?}");
+    assert_no_errors(&cluster);
 }
 
 fn wait_table_on(cluster: &Cluster, i: usize, table: &str, rows: i64) {

@@ -501,6 +501,29 @@ mod tests {
     }
 
     #[pg_test]
+    fn shapes_show_missing_and_retyped_columns() {
+        Spi::run("CREATE TABLE shp_a (id int PRIMARY KEY, note text, size int)").unwrap();
+        let shape = Spi::get_one::<pgrx::JsonB>("SELECT rbucardo.table_shape(ARRAY['shp_a'::regclass::oid])").unwrap().unwrap();
+        assert_eq!(shape.0, serde_json::json!({"public.shp_a": {"id": "integer", "note": "text", "size": "integer"}}));
+        let diff = Spi::get_one::<String>(
+            "SELECT string_agg(concat_ws(' ', table_name, column_name, coalesce(here, '-'), coalesce(there, '-')), ',')
+               FROM rbucardo.shape_differences(rbucardo.table_shape(ARRAY['shp_a'::regclass::oid]),
+                    '{\"public.shp_a\": {\"id\": \"integer\", \"note\": \"character varying(5)\", \"extra\": \"date\"}}')",
+        );
+        assert_eq!(diff, Ok(Some("public.shp_a extra - date,public.shp_a note text character varying(5),public.shp_a size integer -".into())));
+    }
+
+    #[pg_test(error = "sync \"nope\" does not exist")]
+    fn validate_schema_refuses_an_unknown_sync() {
+        Spi::run("SELECT * FROM rbucardo.validate_schema('nope')").unwrap();
+    }
+
+    #[pg_test(error = "rbucardo.replicate_ddl() found no schema change in its argument")]
+    fn replicate_ddl_needs_ddl() {
+        Spi::run("SELECT rbucardo.replicate_ddl('SELECT 1; INSERT INTO nowhere VALUES (1)')").unwrap();
+    }
+
+    #[pg_test]
     fn ddl_in_a_replicated_schema_is_recorded_once_with_the_rows() {
         Spi::run(
             "CREATE SCHEMA ddl_t;

@@ -224,6 +224,33 @@ fn d2_multi_statement_query_string_replicates_once_and_in_order() {
     // Branch writes into the new tables come back.
     run_on(&cluster, BRANCH2, &["INSERT INTO ms_a (id, v) VALUES (3, 'from branch2')".to_string()]);
     wait_table(&cluster, "ms_a", "id", 3);
+
+    // The other kinds of objects an ORM creates: types, functions, views, constraints,
+    // comments; made on a branch this time.
+    cluster.node(BRANCH1).sql(
+        DB,
+        "CREATE TYPE ms_state AS ENUM ('draft', 'done');
+         ALTER TABLE ms_a ADD COLUMN state ms_state NOT NULL DEFAULT 'draft';
+         ALTER TABLE ms_a ADD CONSTRAINT ms_a_extra_positive CHECK (extra > 0);
+         CREATE FUNCTION ms_label(ms_a) RETURNS text LANGUAGE sql IMMUTABLE AS $$ SELECT $1.v || ' (' || $1.state || ')' $$;
+         CREATE VIEW ms_a_labels AS SELECT id, ms_label(a) AS label FROM ms_a a;
+         COMMENT ON TABLE ms_a IS 'made by d2';
+         UPDATE ms_a SET state = 'done' WHERE id = 1",
+    );
+    let objects = "SELECT concat_ws('|',
+            (SELECT string_agg(enumlabel, ',' ORDER BY enumsortorder) FROM pg_enum WHERE enumtypid = 'ms_state'::regtype),
+            (SELECT string_agg(conname, ',' ORDER BY conname) FROM pg_constraint WHERE conrelid = 'ms_a'::regclass),
+            obj_description('ms_a'::regclass, 'pg_class'),
+            (SELECT string_agg(label, ',' ORDER BY id) FROM ms_a_labels))";
+    for i in ALL {
+        wait_until(&format!("new objects on {}", NODE_NAMES[i]), CONVERGE, || {
+            let got = cluster.node(i).connect(DB).query_one(objects).map_err(|e| e.to_string())?.unwrap_or_default();
+            let want = "draft,done|ms_a_extra_positive,ms_a_pkey|made by d2|before the column (done),after the column (draft),from branch2 (draft)";
+            if got == want { Ok(true) } else { Err(got) }
+        });
+    }
+    wait_same(&cluster, "columns", COLUMNS_SQL);
+    assert_no_errors(&cluster);
 }
 
 // ---------------------------------------------------------------------------

@@ -4,16 +4,19 @@
 CREATE TABLE rbucardo.conflicts (
     id             bigserial PRIMARY KEY,
     at             timestamptz NOT NULL DEFAULT now(),
+    sync           text,                     -- the sync whose herd holds the table (NULL: none)
     tbl            text NOT NULL,            -- schema-qualified table name
     key            jsonb NOT NULL,           -- replica key of the row
     kind           text NOT NULL CHECK (kind IN ('insert_exists', 'update_differs', 'update_missing',
                                                   'delete_differs', 'delete_missing')),
     local_version  jsonb,                    -- the row here before the change (NULL: missing)
     remote_version jsonb,                    -- the incoming row (NULL for a delete)
+    local_origin   integer,                  -- node that made the local version (NULL: unknown)
+    local_hlc      bigint,                   -- its clock value (NULL: unknown)
     remote_origin  integer NOT NULL,         -- node that made the incoming change
     remote_hlc     bigint NOT NULL,          -- its clock value
-    rule           text NOT NULL,            -- the strategy applied
-    winner         text NOT NULL CHECK (winner IN ('local', 'remote', 'none')),
+    rule           text NOT NULL,            -- the strategy applied ('merge' for a column merge)
+    winner         text NOT NULL CHECK (winner IN ('local', 'remote', 'merged', 'none')),
     reapplied_at   timestamptz               -- set by conflict_reapply
 );
 CREATE INDEX conflicts_at ON rbucardo.conflicts (at);
@@ -41,6 +44,3 @@ CREATE TABLE rbucardo.column_option (
     strategy  text NOT NULL CHECK (strategy IN ('delta')),
     PRIMARY KEY (relid, col)
 );
-ALTER TABLE rbucardo.conflicts DROP CONSTRAINT conflicts_winner_check;
-ALTER TABLE rbucardo.conflicts ADD CONSTRAINT conflicts_winner_check
-    CHECK (winner IN ('local', 'remote', 'none', 'merged'));

@@ -25,7 +25,7 @@ SELECT s.name,
 
 -- One row per sync and peer. pending_out counts this node's transactions (its own and those it
 -- forwards) that the peer has not confirmed yet; applied_in counts the peer's transactions
--- applied here.
+-- applied here; exceptions counts the peer's transactions parked here and still open.
 CREATE VIEW rbucardo.status AS
 SELECT s.name AS sync,
        d.name AS db,
@@ -46,7 +46,11 @@ SELECT s.name AS sync,
                    WHERE t.tick_id = CASE WHEN p.out_seq = 9223372036854775807 THEN p.out_tick ELSE p.out_tick - 1 END),
                  '1:1:'::pg_snapshot))) AS pending_out,
        p.applied_in,
-       coalesce(x.reason, p.last_error) AS last_error
+       coalesce(x.reason, p.last_error) AS last_error,
+       -- Transactions from this peer parked here or stopping its stream (rbucardo.exceptions),
+       -- not yet resolved.
+       (SELECT count(*) FROM rbucardo.exceptions e
+         WHERE e.resolved_at IS NULL AND e.via = d.node_id) AS exceptions
   FROM rbucardo.sync s
   JOIN rbucardo.db d ON d.name = ANY (s.dbs)
   LEFT JOIN rbucardo.peer_state p ON p.db = d.name

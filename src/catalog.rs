@@ -240,9 +240,8 @@ fn add_sync(
     sequence_strategy: default!(&str, "'interleave'"),
 ) -> String {
     require_herd(herd);
-    if !STRATEGIES.contains(&conflict_strategy) {
-        raise(PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE, format!("unknown conflict strategy {conflict_strategy:?}"), format!("Use one of: {}.", STRATEGIES.join(", ")));
-    }
+    // A named rule, a priority list of node names or a custom function.
+    let conflict_strategy = crate::conflicts::check_strategy(conflict_strategy);
     let me = me_or_raise();
     for db in &dbs {
         let known = Spi::get_one_with_args::<bool>("SELECT EXISTS (SELECT 1 FROM rbucardo.db WHERE name = $1)", &[db.as_str().into()]).ok().flatten() == Some(true);
@@ -252,7 +251,7 @@ fn add_sync(
     }
     Spi::run_with_args(
         "INSERT INTO rbucardo.sync (name, herd, dbs, conflict_strategy) VALUES ($1, $2, $3, $4)",
-        &[name.into(), herd.into(), dbs.into(), conflict_strategy.into()],
+        &[name.into(), herd.into(), dbs.into(), conflict_strategy.as_str().into()],
     )
     .unwrap_or_else(|_| raise(PgSqlErrorCode::ERRCODE_DUPLICATE_OBJECT, format!("sync {name} already exists"), "Remove it first with rbucardo.remove_sync(name)."));
     crate::sequences::on_add_sync(name, herd, sequence_strategy);

@@ -9,7 +9,7 @@ use std::collections::HashMap;
 
 use pgrx::prelude::*;
 
-use crate::encoding::{decode_chunk, RelDesc, Value};
+use crate::encoding::{decode_chunk, Op, RelDesc, Value};
 use crate::error::raise;
 
 /// Which way a conflict went wrong.
@@ -34,31 +34,43 @@ impl Kind {
     }
 }
 
-/// A table's conflict rule, as named in add_sync.
+/// A table's conflict rule (as named in add_sync, set_conflict_strategy or set_table_strategy)
+/// and the sync it comes from, for the conflict log.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Rule(pub String);
+pub struct Rule {
+    pub name: String,
+    pub sync: Option<String>,
+}
+
+/// The arguments of a custom resolver function, in order (see `check_strategy`).
+pub const CUSTOM_SIGNATURE: &str = "(kind text, tbl regclass, local jsonb, remote jsonb, local_origin text, local_hlc bigint, remote_origin text, remote_hlc bigint) RETURNS jsonb";
+const CUSTOM_ARGS: &str = "(text,regclass,jsonb,jsonb,text,bigint,text,bigint)";
 
 impl Rule {
     /// The table's own strategy (set_table_strategy), else that of a sync whose herd holds the
     /// table (the first by name); `source` when the table is in no sync.
     pub fn for_table(relid: pg_sys::Oid) -> Rule {
-        let name = Spi::get_one_with_args::<String>(
-            "SELECT coalesce((SELECT strategy FROM rbucardo.table_option WHERE relid = $1),
-                             (SELECT s.conflict_strategy FROM rbucardo.sync s JOIN rbucardo.herd_table t ON t.herd = s.herd
-                               WHERE t.relid = $1 ORDER BY s.name LIMIT 1))",
+        let (name, sync) = Spi::get_two_with_args::<String, String>(
+            "SELECT coalesce((SELECT strategy FROM rbucardo.table_option WHERE relid = $1), s.conflict_strategy), s.name
+               FROM (SELECT NULL) dummy
+               LEFT JOIN LATERAL (SELECT s.name, s.conflict_strategy FROM rbucardo.sync s JOIN rbucardo.herd_table t ON t.herd = s.herd
+                                   WHERE t.relid = $1 ORDER BY s.name LIMIT 1) s ON true",
             &[relid.into()],
         )
-        .ok()
-        .flatten()
-        .unwrap_or_else(|| "source".into());
-        Rule(name)
+        .unwrap_or((None, None));
+        Rule { name: name.unwrap_or_else(|| "source".into()), sync }
+    }
+
+    /// The resolver function of a `custom:schema.function` rule.
+    fn custom_function(&self) -> Option<&str> {
+        self.name.strip_prefix("custom:")
     }
 
     /// Whether the incoming version wins. `latest` compares hybrid clocks, ties broken by node
     /// id, so every node decides alike; a local version of unknown clock (the row predates
     /// replication) loses.
     fn incoming_wins(&self, incoming: (i64, i32), local: Option<(i64, i32)>) -> bool {
-        match self.0.as_str() {
+        match self.name.as_str() {
             "target" | "skip" => false,
             "latest" => local.is_none_or(|l| incoming > l),
             "source" | "abort" => true,
@@ -73,11 +85,6 @@ impl Rule {
             }
         }
     }
-
-    /// Whether deciding needs the local version's clock and origin.
-    pub fn needs_local_clock(&self) -> bool {
-        !matches!(self.0.as_str(), "target" | "skip" | "source" | "abort")
-    }
 }
 
 fn node_name(node: i32) -> Option<String> {
@@ -89,10 +96,16 @@ fn node_name(node: i32) -> Option<String> {
     .flatten()
 }
 
-/// A conflict strategy is one of the named rules or a priority list of node names.
-pub fn check_strategy(strategy: &str) {
+/// A conflict strategy is one of the named rules, a priority list of node names, or
+/// `custom:function` naming a resolver function with the signature `CUSTOM_SIGNATURE`.
+/// Returns the strategy as it is stored: a custom function's name schema-qualified, so that
+/// the apply (which runs with its own search_path) finds the same function.
+pub fn check_strategy(strategy: &str) -> String {
     if crate::catalog::STRATEGIES.contains(&strategy) {
-        return;
+        return strategy.to_string();
+    }
+    if let Some(func) = strategy.strip_prefix("custom:") {
+        return format!("custom:{}", check_custom_function(func.trim()));
     }
     let unknown: Vec<&str> = strategy
         .split(',')
@@ -111,9 +124,45 @@ pub fn check_strategy(strategy: &str) {
         raise(
             PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE,
             format!("unknown conflict strategy {strategy:?}"),
-            format!("Use one of {}, or a priority list of node names such as 'main,branch1' (unknown here: {}).", crate::catalog::STRATEGIES.join(", "), unknown.join(", ")),
+            format!(
+                "Use one of {}, a priority list of node names such as 'main,branch1' (unknown here: {}), or 'custom:schema.function'.",
+                crate::catalog::STRATEGIES.join(", "),
+                unknown.join(", ")
+            ),
         );
     }
+    strategy.to_string()
+}
+
+/// Finds a custom resolver function and checks its signature; returns its qualified name.
+fn check_custom_function(func: &str) -> String {
+    let hint = format!("Create it as CREATE FUNCTION {} {CUSTOM_SIGNATURE} (see docs/sql-reference.md, Conflicts).", if func.is_empty() { "my_schema.resolve" } else { func });
+    let found = Spi::get_two_with_args::<String, String>(
+        "SELECT format('%I.%I', n.nspname, p.proname), format_type(p.prorettype, NULL)
+           FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace
+          WHERE p.oid = to_regprocedure($1 || $2)",
+        &[func.into(), CUSTOM_ARGS.into()],
+    );
+    // A malformed name makes PostgreSQL raise its own "invalid name syntax" here.
+    let (name, returns) = match found {
+        Ok((Some(name), Some(returns))) => (name, returns),
+        _ => {
+            let exists = !func.is_empty()
+                && Spi::get_one_with_args::<bool>(
+                    "SELECT EXISTS (SELECT 1 FROM pg_proc WHERE proname = (parse_ident($1))[cardinality(parse_ident($1))])",
+                    &[func.into()],
+                )
+                    .ok()
+                    .flatten()
+                    == Some(true);
+            let what = if exists { "has the wrong arguments" } else { "does not exist" };
+            raise(PgSqlErrorCode::ERRCODE_UNDEFINED_FUNCTION, format!("custom conflict function {func:?} {what}"), hint);
+        }
+    };
+    if returns != "jsonb" {
+        raise(PgSqlErrorCode::ERRCODE_INVALID_FUNCTION_DEFINITION, format!("custom conflict function {name} returns {returns}, not jsonb"), hint);
+    }
+    name
 }
 
 /// Merges two changes of one row that touched different columns: the sender's changed
@@ -145,22 +194,21 @@ pub fn merge(local: &[Value], old: &[Value], new: &[Value], delta: &[bool]) -> O
     Some(merged)
 }
 
-/// Records a merge: both changes survive, so nothing is lost, but the log shows it happened.
-pub fn log_merge(c: Conflict) {
-    record(&c, "merge", "merged");
-}
-
 /// Writes one row of the conflict log.
 fn record(c: &Conflict, rule: &str, winner: &str) {
     Spi::run_with_args(
-        "INSERT INTO rbucardo.conflicts (tbl, key, kind, local_version, remote_version, remote_origin, remote_hlc, rule, winner)
-         VALUES ($1, $2::jsonb, $3, $4::jsonb, $5::jsonb, $6, $7, $8, $9)",
+        "INSERT INTO rbucardo.conflicts (sync, tbl, key, kind, local_version, remote_version, local_origin, local_hlc,
+                                         remote_origin, remote_hlc, rule, winner)
+         VALUES ($1, $2, $3::jsonb, $4, $5::jsonb, $6::jsonb, $7, $8, $9, $10, $11, $12)",
         &[
+            c.sync.into(),
             c.table.into(),
             c.key.to_string().into(),
             c.kind.as_str().into(),
             c.local.as_ref().map(|v| v.to_string()).into(),
             c.remote.as_ref().map(|v| v.to_string()).into(),
+            c.local_clock.map(|l| l.1).into(),
+            c.local_clock.map(|l| l.0).into(),
             c.origin.into(),
             c.hlc.into(),
             rule.into(),
@@ -178,9 +226,8 @@ fn table_oid_name(tbl: pg_sys::Oid) -> String {
 #[pg_extern(sql = "CREATE FUNCTION rbucardo.set_table_strategy(tbl regclass, strategy text) RETURNS text
                    VOLATILE LANGUAGE c AS 'MODULE_PATHNAME', '@FUNCTION_NAME@';")]
 fn set_table_strategy(tbl: pg_sys::Oid, strategy: Option<&str>) -> String {
-    if let Some(s) = strategy {
-        check_strategy(s);
-    }
+    let strategy = strategy.map(check_strategy);
+    let strategy = strategy.as_deref();
     Spi::run_with_args(
         "INSERT INTO rbucardo.table_option (relid, strategy) VALUES ($1, $2)
          ON CONFLICT (relid) DO UPDATE SET strategy = EXCLUDED.strategy",
@@ -353,40 +400,254 @@ pub fn keep_row_clocks(me: i32, where_sql: &str, args: &[pgrx::datum::DatumWithO
 
 /// One conflict, with both versions as JSON objects of column name to text value.
 pub struct Conflict<'a> {
+    pub sync: Option<&'a str>,
     pub table: &'a str,
     pub key: serde_json::Value,
     pub kind: Kind,
     pub local: Option<serde_json::Value>,
     pub remote: Option<serde_json::Value>,
+    /// Clock and origin node of the local version, when known.
+    pub local_clock: Option<(i64, i32)>,
     pub origin: i32,
     pub hlc: i64,
 }
 
-/// Decides a conflict by the table's rule and records it; returns whether to apply the incoming
-/// change. `abort` stops the whole batch with an error: the stream from that peer halts (its
-/// status shows the error) until the operator changes the strategy or the data.
-pub fn resolve(rule: &Rule, c: Conflict, local_clock: Option<(i64, i32)>) -> bool {
-    if rule.0 == "abort" {
+/// How one table's conflicts are resolved; looked up once per batch for each table the batch
+/// touches, on either apply path (executor or SQL).
+pub struct Policy {
+    pub relid: pg_sys::Oid,
+    /// Schema-qualified, quoted name, as the conflict log shows it.
+    pub table: String,
+    pub rule: Rule,
+    /// Column-level merge of non-overlapping changes (on unless turned off for the table).
+    pub merge: bool,
+    /// Delta columns, in the remote column order.
+    pub delta: Vec<bool>,
+}
+
+impl Policy {
+    pub fn for_table(relid: pg_sys::Oid, desc: &RelDesc) -> Policy {
+        let (merge, delta) = column_rules(relid, desc);
+        let table = format!("{}.{}", pgrx::spi::quote_identifier(&desc.schema), pgrx::spi::quote_identifier(&desc.name));
+        Policy { relid, table, rule: Rule::for_table(relid), merge, delta }
+    }
+}
+
+/// The node and hybrid clock of the remote transaction a row change belongs to.
+#[derive(Clone, Copy)]
+pub struct Origin {
+    pub node: i32,
+    pub hlc: i64,
+}
+
+/// What the apply does with one incoming row change, once conflicts are settled.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Action {
+    /// Leave the local row as it is (or absent).
+    Nothing,
+    /// Make the row hold these values: update the local row found, else insert it.
+    Write(Vec<Value>),
+    /// Delete the local row found (nothing when there is none).
+    Delete,
+}
+
+/// Which version a rule keeps.
+enum Outcome {
+    Local,
+    Remote,
+    /// A row made by a custom function (a merge of both, or anything else it chose).
+    Row(Vec<Value>),
+    Delete,
+}
+
+/// Compares an incoming row change with the local row (`local`, as found by the change's key,
+/// in the sender's canonical text form) and decides what to do. The same for both apply paths,
+/// so every table gets the same detection, merge, delta and rules. Conflicts and merges are
+/// logged here.
+#[allow(clippy::too_many_arguments)]
+pub fn decide(p: &Policy, desc: &RelDesc, op: Op, local: Option<&[Value]>, old: Option<&[Value]>, new: Option<&[Value]>, origin: Origin, clocks: &mut Clocks) -> Action {
+    let to_action = |outcome: Outcome, incoming: Option<&[Value]>| match outcome {
+        Outcome::Local => Action::Nothing,
+        Outcome::Remote => incoming.map_or(Action::Delete, |r| Action::Write(r.to_vec())),
+        Outcome::Row(r) => Action::Write(r),
+        Outcome::Delete => Action::Delete,
+    };
+    match op {
+        Op::Insert => {
+            let new = new.expect("insert has a new image");
+            match local {
+                None => Action::Write(new.to_vec()),
+                Some(l) if l == new => Action::Nothing,
+                Some(l) => to_action(resolve(p, desc, Kind::InsertExists, Some(l), Some(new), new, origin, clocks), Some(new)),
+            }
+        }
+        Op::Update => {
+            let (old, new) = (old.expect("update has an old image"), new.expect("update has a new image"));
+            match local {
+                None => to_action(resolve(p, desc, Kind::UpdateMissing, None, Some(new), old, origin, clocks), Some(new)),
+                Some(l) if l == old => Action::Write(new.to_vec()),
+                Some(l) if l == new && !p.delta.iter().any(|d| *d) => Action::Nothing,
+                Some(l) => {
+                    // Both sides changed the row. If they changed different columns (or only
+                    // delta columns in common), both changes survive.
+                    let merged = if p.merge { merge(l, old, new, &p.delta) } else { None };
+                    match merged {
+                        Some(row) => {
+                            let c = conflict(p, desc, Kind::UpdateDiffers, Some(l), Some(new), old, origin, None);
+                            record(&c, "merge", "merged");
+                            if row != l { Action::Write(row) } else { Action::Nothing }
+                        }
+                        None if l == new => Action::Nothing,
+                        None => to_action(resolve(p, desc, Kind::UpdateDiffers, Some(l), Some(new), old, origin, clocks), Some(new)),
+                    }
+                }
+            }
+        }
+        Op::Delete => {
+            let old = old.expect("delete has an old image");
+            match local {
+                None => {
+                    resolve(p, desc, Kind::DeleteMissing, None, None, old, origin, clocks);
+                    Action::Nothing
+                }
+                Some(l) if l == old => Action::Delete,
+                Some(l) => to_action(resolve(p, desc, Kind::DeleteDiffers, Some(l), None, old, origin, clocks), None),
+            }
+        }
+        Op::Truncate | Op::Ddl => unreachable!("not a row change"),
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn conflict<'a>(p: &'a Policy, desc: &RelDesc, kind: Kind, local: Option<&[Value]>, remote: Option<&[Value]>, key_of: &[Value], origin: Origin, local_clock: Option<(i64, i32)>) -> Conflict<'a> {
+    Conflict {
+        sync: p.rule.sync.as_deref(),
+        table: &p.table,
+        key: key_json(desc, key_of),
+        kind,
+        local: local.map(|r| row_json(desc, r)),
+        remote: remote.map(|r| row_json(desc, r)),
+        local_clock,
+        origin: origin.node,
+        hlc: origin.hlc,
+    }
+}
+
+/// A row as a JSON object of column name to text value.
+pub fn row_json(desc: &RelDesc, row: &[Value]) -> serde_json::Value {
+    serde_json::Value::Object(
+        desc.columns.iter().zip(row).map(|(c, v)| (c.clone(), v.clone().map_or(serde_json::Value::Null, serde_json::Value::String))).collect(),
+    )
+}
+
+/// Decides a conflict by the table's rule and records it. `abort` stops the whole batch with
+/// an error: the stream from that peer halts (its status shows the error) until the operator
+/// changes the strategy or the data.
+#[allow(clippy::too_many_arguments)]
+fn resolve(p: &Policy, desc: &RelDesc, kind: Kind, local: Option<&[Value]>, remote: Option<&[Value]>, key_of: &[Value], origin: Origin, clocks: &mut Clocks) -> Outcome {
+    let key = key_json(desc, key_of);
+    let local_clock = clocks.local(p.relid, desc, &key);
+    let c = conflict(p, desc, kind, local, remote, key_of, origin, local_clock);
+    let rule = &p.rule;
+    if rule.name == "abort" {
         raise(
             PgSqlErrorCode::ERRCODE_T_R_SERIALIZATION_FAILURE,
-            format!("conflict ({}) on {} key {} from node {}; the sync's strategy is abort", c.kind.as_str(), c.table, c.key, c.origin),
+            format!("conflict ({}) on {} key {} from node {}; the sync's strategy is abort", kind.as_str(), c.table, c.key, c.origin),
             "Nothing of this batch was applied. Fix the row or change the strategy (rbucardo.set_conflict_strategy), and the stream resumes.",
         );
     }
-    let wins = rule.incoming_wins((c.hlc, c.origin), local_clock);
-    let winner = match (c.kind, wins) {
-        (Kind::DeleteMissing, _) => "none",
-        (_, true) => "remote",
-        (_, false) => "local",
+    if kind == Kind::DeleteMissing {
+        // Both sides deleted the row: nothing is left to choose between.
+        record(&c, &rule.name, "none");
+        return Outcome::Local;
+    }
+    let outcome = match rule.custom_function() {
+        Some(func) => call_custom(func, &c, desc, local, remote),
+        None if rule.incoming_wins((c.hlc, c.origin), local_clock) => Outcome::Remote,
+        None => Outcome::Local,
     };
-    record(&c, &rule.0, winner);
-    wins
+    // A row equal to one of the versions is that version winning.
+    let outcome = match outcome {
+        Outcome::Row(r) if Some(r.as_slice()) == local => Outcome::Local,
+        Outcome::Row(r) if Some(r.as_slice()) == remote => Outcome::Remote,
+        Outcome::Delete if local.is_none() => Outcome::Local,
+        Outcome::Delete if remote.is_none() => Outcome::Remote,
+        other => other,
+    };
+    let winner = match outcome {
+        Outcome::Local => "local",
+        Outcome::Remote => "remote",
+        Outcome::Row(_) => "merged",
+        // Both versions existed and the custom function deleted the row.
+        Outcome::Delete => "none",
+    };
+    record(&c, &rule.name, winner);
+    outcome
+}
+
+/// Asks a custom resolver function which version to keep. Its answer is a jsonb string
+/// ('local', 'remote', 'delete') or a jsonb object: the row to keep, columns it leaves out
+/// taken from the incoming version (or the local one for an incoming delete).
+fn call_custom(func: &str, c: &Conflict, desc: &RelDesc, local: Option<&[Value]>, remote: Option<&[Value]>) -> Outcome {
+    let origin_name = |node: Option<i32>| node.and_then(node_name);
+    let answer = Spi::get_one_with_args::<pgrx::JsonB>(
+        &format!("SELECT {func}($1, $2::text::regclass, $3::jsonb, $4::jsonb, $5, $6, $7, $8)"),
+        &[
+            c.kind.as_str().into(),
+            c.table.into(),
+            c.local.as_ref().map(|v| v.to_string()).into(),
+            c.remote.as_ref().map(|v| v.to_string()).into(),
+            origin_name(c.local_clock.map(|l| l.1)).into(),
+            c.local_clock.map(|l| l.0).into(),
+            origin_name(Some(c.origin)).into(),
+            c.hlc.into(),
+        ],
+    )
+    .ok()
+    .flatten()
+    .map(|j| j.0);
+    let bad = |why: String| -> ! {
+        raise(
+            PgSqlErrorCode::ERRCODE_DATA_EXCEPTION,
+            format!("custom conflict function {func} {why} for a {} conflict on {} key {}", c.kind.as_str(), c.table, c.key),
+            "Return the row to keep as a jsonb object, or one of the jsonb strings 'local', 'remote', 'delete' (e.g. to_jsonb('remote'::text)). The stream from this peer waits until the function is fixed.",
+        )
+    };
+    match answer {
+        Some(serde_json::Value::String(s)) => match s.as_str() {
+            "local" => Outcome::Local,
+            "remote" => Outcome::Remote,
+            "delete" => Outcome::Delete,
+            _ => bad(format!("returned the string {s:?}")),
+        },
+        Some(serde_json::Value::Object(o)) => {
+            if let Some(unknown) = o.keys().find(|k| !desc.columns.contains(k)) {
+                bad(format!("returned a row with the unknown column {unknown:?}"));
+            }
+            let base = remote.or(local).expect("a conflict has at least one version");
+            let row = desc
+                .columns
+                .iter()
+                .zip(base)
+                .map(|(col, v)| match o.get(col) {
+                    None => v.clone(),
+                    Some(serde_json::Value::Null) => None,
+                    Some(serde_json::Value::String(s)) => Some(s.clone()),
+                    Some(other) => Some(other.to_string()),
+                })
+                .collect();
+            Outcome::Row(row)
+        }
+        None => bad("returned NULL".into()),
+        Some(other) => bad(format!("returned {other}")),
+    }
 }
 
 /// Changes the conflict strategy of a sync.
 #[pg_extern(volatile)]
 fn set_conflict_strategy(sync: &str, strategy: &str) -> String {
-    check_strategy(strategy);
+    let strategy = check_strategy(strategy);
+    let strategy = strategy.as_str();
     let n = Spi::connect_mut(|c| {
         c.update("UPDATE rbucardo.sync SET conflict_strategy = $2 WHERE name = $1", None, &[sync.into(), strategy.into()]).map(|t| t.len()).unwrap_or(0)
     });

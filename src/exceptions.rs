@@ -127,12 +127,27 @@ pub fn park(txn: &Txn, via: i32, reason: &str) {
 /// Tries parked transactions again, oldest first; returns how many now applied. One that
 /// applies is forwarded as a change of this node (its peers are past its original position).
 pub fn retry_open(me: i32, only: Option<i64>) -> i64 {
+    retry(me, only, None)
+}
+
+/// At most this many parked transactions are retried after each batch; the periodic retry
+/// takes all of them. Keeps a backlog of stuck transactions from slowing every batch down.
+const RETRY_AFTER_BATCH: i64 = 100;
+
+/// Called after a batch applied something, in its transaction: what it brought (a parent row,
+/// a renamed login) may be what a parked transaction was waiting for.
+pub fn retry_after_batch(me: i32) -> i64 {
+    let any = Spi::get_one::<bool>("SELECT EXISTS (SELECT 1 FROM rbucardo.exceptions WHERE resolved_at IS NULL AND kind = 'constraint')").ok().flatten();
+    if any == Some(true) { retry(me, None, Some(RETRY_AFTER_BATCH)) } else { 0 }
+}
+
+fn retry(me: i32, only: Option<i64>, limit: Option<i64>) -> i64 {
     let open: Vec<(i64, Txn)> = Spi::connect(|c| {
         c.select(
             "SELECT id, origin, origin_tick, origin_seq, via, hlc, chunks FROM rbucardo.exceptions
-              WHERE resolved_at IS NULL AND kind = 'constraint' AND ($1::bigint IS NULL OR id = $1) ORDER BY id",
+              WHERE resolved_at IS NULL AND kind = 'constraint' AND ($1::bigint IS NULL OR id = $1) ORDER BY id LIMIT $2",
             None,
-            &[only.into()],
+            &[only.into(), limit.into()],
         )
         .expect("reading exceptions")
         .map(|r| {

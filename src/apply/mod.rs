@@ -12,7 +12,9 @@ use std::collections::HashMap;
 use pgrx::prelude::*;
 use pgrx::spi::{OwnedPreparedStatement, SpiClient};
 
+mod fk;
 mod rows;
+mod sql;
 
 use crate::changelog::{self, DONE};
 use crate::encoding::{decode_chunk, Batch, Op, Position, RelDesc, RowChange, Txn};
@@ -34,6 +36,10 @@ struct LocalRel {
     types: Vec<String>,
     /// Set when rows can be applied through the executor (the fast path).
     layout: Option<rows::Layout>,
+    /// How conflicts on this table are resolved (both paths).
+    policy: crate::conflicts::Policy,
+    /// Foreign keys from this table, checked at the end of each remote transaction.
+    fks: Vec<fk::ForeignKey>,
 }
 
 /// Per-batch state: resolved tables, prepared statements, the table open for the executor,
@@ -87,7 +93,9 @@ impl Applier {
                 })
                 .collect();
             let layout = rows::layout(relid, desc);
-            self.rels.insert(desc.clone(), LocalRel { qualified, types, layout });
+            let policy = crate::conflicts::Policy::for_table(relid, desc);
+            let fks = fk::foreign_keys(relid);
+            self.rels.insert(desc.clone(), LocalRel { qualified, types, layout, policy, fks });
         }
         &self.rels[desc]
     }
@@ -174,13 +182,18 @@ impl Applier {
             }
         }
         changes.sort_by_key(|(_, c)| c.ordinal);
+        let origin = crate::conflicts::Origin { node: txn.origin, hlc: txn.hlc };
+        // Rows written to tables with foreign keys, checked once the whole transaction is in.
+        let mut written = fk::Written::default();
         let mut i = 0;
         while i < changes.len() {
             let (desc, ch) = &changes[i];
             if ch.op == Op::Ddl {
                 // Schema changes run in order with the rows; what was resolved before them
                 // (tables, columns, plans) may have changed.
+                // Rows written before it are checked against the schema they were written in.
                 self.close_target();
+                written.check(self, client);
                 if skip != Some(ch.ordinal) {
                     crate::ddl::apply(client, desc, ch)?;
                 }
@@ -189,15 +202,16 @@ impl Applier {
                 i += 1;
                 continue;
             }
-            if ch.op != Op::Truncate && self.executor_apply(desc, ch, rows::Origin { node: txn.origin, hlc: txn.hlc }) {
+            if matches!(ch.op, Op::Insert | Op::Update) && !self.local_rel(desc).fks.is_empty() {
+                written.note(desc, ch.new.as_ref().unwrap());
+            }
+            if ch.op != Op::Truncate && self.executor_apply(desc, ch, origin) {
                 i += 1;
                 continue;
             }
             self.close_target();
             match ch.op {
-                Op::Insert => self.upsert(client, desc, ch.new.as_ref().unwrap()),
-                Op::Update => self.update(client, desc, ch.old.as_ref().unwrap(), ch.new.as_ref().unwrap()),
-                Op::Delete => self.delete(client, desc, ch.old.as_ref().unwrap()),
+                Op::Insert | Op::Update | Op::Delete => self.sql_change(client, desc, ch, origin),
                 Op::Ddl => unreachable!("handled above"),
                 Op::Truncate => {
                     // A TRUNCATE of several tables (or one with CASCADE) arrives as one change
@@ -215,29 +229,25 @@ impl Applier {
             i += 1;
         }
         self.close_target();
+        written.check(self, client);
         Ok(())
     }
 
     /// Applies one row change through the executor if the table allows it.
-    fn executor_apply(&mut self, desc: &RelDesc, ch: &RowChange, origin: rows::Origin) -> bool {
+    fn executor_apply(&mut self, desc: &RelDesc, ch: &RowChange, origin: crate::conflicts::Origin) -> bool {
         if self.local_rel(desc).layout.is_none() {
             return false;
         }
         if self.open.as_ref().is_some_and(|(d, _)| d != desc) {
             self.close_target();
         }
-        let layout = self.rels[desc].layout.as_ref().unwrap();
+        let rel = &self.rels[desc];
+        let layout = rel.layout.as_ref().unwrap();
         let (_, target) = self.open.get_or_insert_with(|| (desc.clone(), rows::Target::open(layout)));
-        let clocks = &mut self.clocks;
-        match ch.op {
-            Op::Insert => target.insert(layout, desc, ch.new.as_ref().unwrap(), origin, clocks),
-            Op::Update => target.update(layout, desc, ch.old.as_ref().unwrap(), ch.new.as_ref().unwrap(), origin, clocks),
-            Op::Delete => target.delete(layout, desc, ch.old.as_ref().unwrap(), origin, clocks),
-            Op::Truncate | Op::Ddl => unreachable!("TRUNCATE and DDL go through SQL"),
-        }
+        target.change(layout, &rel.policy, desc, ch, origin, &mut self.clocks);
         // A later change of this batch to the same row compares with this one's clock.
         if let Some(row) = ch.new.as_ref().or(ch.old.as_ref()) {
-            clocks.note(desc, row, (origin.hlc, origin.node));
+            self.clocks.note(desc, row, (origin.hlc, origin.node));
         }
         true
     }
@@ -405,6 +415,9 @@ pub fn apply_batch(me: i32, sender_db: &str, sender_node: i32, batch: &Batch) ->
     });
     if stopped.is_none() {
         cursor = cursor.max(batch.upto);
+    }
+    if applied > 0 {
+        crate::exceptions::retry_after_batch(me);
     }
     for (origin, pos) in &progress {
         Spi::run_with_args(

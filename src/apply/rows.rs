@@ -8,16 +8,9 @@ use std::ffi::CString;
 
 use pgrx::prelude::*;
 
-use crate::conflicts::{self, Clocks, Conflict, Kind, Rule};
-use crate::encoding::{RelDesc, Value};
+use crate::conflicts::{self, Action, Clocks, Origin, Policy};
+use crate::encoding::{Op, RelDesc, RowChange, Value};
 use crate::error::raise;
-
-/// The remote transaction a row change belongs to, for the conflict log.
-#[derive(Clone, Copy)]
-pub struct Origin {
-    pub node: i32,
-    pub hlc: i64,
-}
 
 /// How one remote column becomes a local datum.
 struct Column {
@@ -35,12 +28,6 @@ pub struct Layout {
     pub relid: pg_sys::Oid,
     key_index: pg_sys::Oid,
     columns: Vec<Column>,
-    rule: Rule,
-    table: String,
-    /// Column-level merge of non-overlapping changes (on unless turned off for the table).
-    merge: bool,
-    /// Delta columns, in the remote column order.
-    delta: Vec<bool>,
 }
 
 /// Decides whether a table can be applied through the executor and prepares its layout:
@@ -90,11 +77,7 @@ pub fn layout(relid: pg_sys::Oid, desc: &RelDesc) -> Option<Layout> {
         }
         let complete = tupdesc.iter().enumerate().all(|(i, a)| covered[i] || a.attisdropped || a.attgenerated != 0);
         pg_sys::table_close(rel, pg_sys::AccessShareLock as i32);
-        let table = format!("{}.{}", pgrx::spi::quote_identifier(&desc.schema), pgrx::spi::quote_identifier(&desc.name));
-        complete.then(|| {
-            let (merge, delta) = conflicts::column_rules(relid, desc);
-            Layout { relid, key_index, columns, rule: Rule::for_table(relid), table, merge, delta }
-        })
+        complete.then_some(Layout { relid, key_index, columns })
     }
 }
 
@@ -248,115 +231,38 @@ impl Target {
         }
     }
 
-    #[allow(clippy::too_many_arguments)]
-    fn conflict(&self, layout: &Layout, desc: &RelDesc, kind: Kind, local: Option<&[Value]>, remote: Option<&[Value]>, key_of: &[Value], origin: Origin, clocks: &mut Clocks) -> bool {
-        let key = conflicts::key_json(desc, key_of);
-        let local_clock = if layout.rule.needs_local_clock() { clocks.local(layout.relid, desc, &key) } else { None };
-        conflicts::resolve(
-            &layout.rule,
-            Conflict {
-                table: &layout.table,
-                key,
-                kind,
-                local: local.map(|r| row_json(desc, r, None)),
-                remote: remote.map(|r| row_json(desc, r, None)),
-                origin: origin.node,
-                hlc: origin.hlc,
-            },
-            local_clock,
-        )
-    }
-
-    /// Inserts a row. If a row with its key is here already and differs, that is a conflict.
-    pub fn insert(&self, layout: &Layout, desc: &RelDesc, new: &[Value], origin: Origin, clocks: &mut Clocks) {
+    /// Applies one row change: finds the local row by the change's key (the new key for an
+    /// insert, the old one otherwise), lets `conflicts::decide` compare it with what the sender
+    /// saw, and writes what it decided.
+    pub fn change(&self, layout: &Layout, policy: &Policy, desc: &RelDesc, ch: &RowChange, origin: Origin, clocks: &mut Clocks) {
+        let (old, new) = (ch.old.as_deref(), ch.new.as_deref());
+        let probe = if ch.op == Op::Insert { new } else { old }.expect("row change with its key image");
         unsafe {
-            if !self.find(layout, desc, new) {
-                self.fill(layout, self.remote, new, None);
-                pg_sys::ExecSimpleRelationInsert(self.rri, self.estate, self.remote);
-            } else {
-                let local = self.local_text(layout);
-                if local != new && self.conflict(layout, desc, Kind::InsertExists, Some(&local), Some(new), new, origin, clocks) {
-                    self.update_found(layout, new);
+            let found = self.find(layout, desc, probe);
+            let local = found.then(|| self.local_text(layout));
+            match conflicts::decide(policy, desc, ch.op, local.as_deref(), old, new, origin, clocks) {
+                Action::Nothing => {}
+                Action::Write(row) if found => self.update_found(layout, &row),
+                // Nothing has this key here: a plain insert.
+                Action::Write(row) if ch.op == Op::Insert => {
+                    self.fill(layout, self.remote, &row, None);
+                    pg_sys::ExecSimpleRelationInsert(self.rri, self.estate, self.remote);
                 }
-            }
-            self.step_done();
-        }
-    }
-
-    /// Updates the row with the old key to the new image. A row that differs from the sender's
-    /// old image, or is not here, is a conflict.
-    pub fn update(&self, layout: &Layout, desc: &RelDesc, old: &[Value], new: &[Value], origin: Origin, clocks: &mut Clocks) {
-        unsafe {
-            if self.find(layout, desc, old) {
-                let local = self.local_text(layout);
-                if local == old {
-                    self.update_found(layout, new);
-                } else if local != new || layout.delta.iter().any(|d| *d) {
-                    // Both sides changed the row. If they changed different columns (or only
-                    // delta columns in common), both changes survive.
-                    let merged = if layout.merge { conflicts::merge(&local, old, new, &layout.delta) } else { None };
-                    match merged {
-                        Some(row) => {
-                            conflicts::log_merge(Conflict {
-                                table: &layout.table,
-                                key: conflicts::key_json(desc, old),
-                                kind: Kind::UpdateDiffers,
-                                local: Some(row_json(desc, &local, None)),
-                                remote: Some(row_json(desc, new, None)),
-                                origin: origin.node,
-                                hlc: origin.hlc,
-                            });
-                            if row != local {
-                                self.update_found(layout, &row);
-                            }
-                        }
-                        None if local == new => {}
-                        None => {
-                            if self.conflict(layout, desc, Kind::UpdateDiffers, Some(&local), Some(new), old, origin, clocks) {
-                                self.update_found(layout, new);
-                            }
-                        }
-                    }
+                // An update whose row is gone here: the row it writes may have another key.
+                Action::Write(row) => {
+                    self.step_done();
+                    self.insert_or_overwrite(layout, desc, &row);
+                    return;
                 }
-                self.step_done();
-            } else {
-                self.step_done();
-                if self.conflict(layout, desc, Kind::UpdateMissing, None, Some(new), old, origin, clocks) {
-                    self.insert_or_overwrite(layout, desc, new);
-                }
-            }
-        }
-    }
-
-    /// Deletes the row with the old key. A row that differs from the sender's old image, or is
-    /// not here, is a conflict.
-    pub fn delete(&self, layout: &Layout, desc: &RelDesc, old: &[Value], origin: Origin, clocks: &mut Clocks) {
-        unsafe {
-            if self.find(layout, desc, old) {
-                let local = self.local_text(layout);
-                if local == old || self.conflict(layout, desc, Kind::DeleteDiffers, Some(&local), None, old, origin, clocks) {
+                Action::Delete if found => {
                     let mut epq = pg_sys::EPQState::default();
                     pg_sys::EvalPlanQualInit(&mut epq, self.estate, std::ptr::null_mut(), std::ptr::null_mut(), -1);
                     pg_sys::ExecSimpleRelationDelete(self.rri, self.estate, &mut epq, self.local);
                     pg_sys::EvalPlanQualEnd(&mut epq);
                 }
-            } else {
-                self.conflict(layout, desc, Kind::DeleteMissing, None, None, old, origin, clocks);
+                Action::Delete => {}
             }
             self.step_done();
         }
     }
-}
-
-/// A row (or its key columns) as a JSON object of column name to text value.
-fn row_json(desc: &RelDesc, row: &[Value], only: Option<&[u16]>) -> serde_json::Value {
-    let pick: Vec<usize> = match only {
-        Some(keys) => keys.iter().map(|&k| k as usize).collect(),
-        None => (0..desc.columns.len()).collect(),
-    };
-    serde_json::Value::Object(
-        pick.into_iter()
-            .map(|i| (desc.columns[i].clone(), row[i].clone().map_or(serde_json::Value::Null, serde_json::Value::String)))
-            .collect(),
-    )
 }

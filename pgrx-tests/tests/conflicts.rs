@@ -294,3 +294,111 @@ fn causally_later_change_wins_despite_a_clock_an_hour_behind() {
     });
     cluster.assert_tables_equal(DB, "products", "id", &ALL);
 }
+
+/// A customer and their first order were made on branch2 in one transaction, with a login
+/// branch1 also took while both were apart; the order's line came in the next transaction.
+/// On main the customer's transaction is parked (the login), so the line arrives before its
+/// parent order: apply checks the foreign key itself (it runs with foreign keys off) and parks
+/// the line too, instead of writing an orphan. When branch1 renames its user, that batch lets
+/// both parked transactions apply at once, and every node ends with the same rows.
+#[test]
+fn child_whose_parent_has_not_arrived_is_parked_then_applied() {
+    let cluster = start_store("conflict_parent", Topology::Star);
+    cluster.link(BRANCH1, MAIN).cut();
+    cluster.link(BRANCH2, MAIN).cut();
+    cluster.node(BRANCH1).sql(DB, "INSERT INTO users (id, login, name) VALUES (2000001, 'ana', 'Ana of branch1')");
+    cluster.node(BRANCH2).sql(
+        DB,
+        "BEGIN;
+         INSERT INTO users (id, login, name) VALUES (3000001, 'ana', 'Ana of branch2');
+         INSERT INTO pos_order (id, node, ref, total) VALUES (3000001, 'branch2', 3000001, 12.50);
+         COMMIT;",
+    );
+    cluster.node(BRANCH2).sql(DB, "INSERT INTO pos_order_line (id, order_id, product_id, qty, note) VALUES (3000010, 3000001, NULL, 2, 'line')");
+    cluster.link(BRANCH1, MAIN).restore();
+    wait_until("branch1's ana on main", Duration::from_secs(60), || Ok(one(&cluster, MAIN, "SELECT count(*) FROM users WHERE id = 2000001") == "1"));
+    cluster.link(BRANCH2, MAIN).restore();
+
+    wait_until("both of branch2's transactions parked on main", Duration::from_secs(60), || {
+        let open = one(&cluster, MAIN, "SELECT count(*) FROM rbucardo.exceptions WHERE resolved_at IS NULL");
+        if open == "2" { Ok(true) } else { Err(format!("{open} open exceptions")) }
+    });
+    let line = one(&cluster, MAIN, "SELECT reason FROM rbucardo.exceptions WHERE resolved_at IS NULL ORDER BY id DESC LIMIT 1");
+    assert!(line.contains("foreign key") && line.contains("pos_order_line") && line.contains("3000001"), "the line's reason: {line}");
+    assert_eq!(one(&cluster, MAIN, "SELECT count(*) FROM pos_order_line WHERE id = 3000010"), "0", "no orphan line on main");
+    assert_eq!(one(&cluster, MAIN, "SELECT exceptions FROM rbucardo.status WHERE db = 'branch2'"), "2");
+    assert_eq!(one(&cluster, MAIN, "SELECT exceptions FROM rbucardo.status WHERE db = 'branch1'"), "0");
+
+    // branch1 renames its ana: the batch that brings the rename lets the parked customer (and
+    // with it the order) apply, then the line: no operator call.
+    cluster.node(BRANCH1).sql(DB, "UPDATE users SET login = 'ana.b1' WHERE id = 2000001");
+    wait_until("parked transactions applied on main", Duration::from_secs(60), || {
+        let applied = one(&cluster, MAIN, "SELECT count(*) FROM rbucardo.exceptions WHERE resolution = 'applied'");
+        let state = one(&cluster, MAIN, "SELECT string_agg(coalesce(resolution, 'open') || ': ' || reason, '; ' ORDER BY id) FROM rbucardo.exceptions");
+        if applied == "2" { Ok(true) } else { Err(state) }
+    });
+    assert_eq!(one(&cluster, MAIN, "SELECT exceptions FROM rbucardo.status WHERE db = 'branch2'"), "0");
+    assert_eq!(one(&cluster, MAIN, "SELECT order_id FROM pos_order_line WHERE id = 3000010"), "3000001");
+    for i in ALL {
+        wait_until("the order and its line everywhere", Duration::from_secs(60), || {
+            let got = one(&cluster, i, "SELECT (SELECT count(*) FROM users WHERE id IN (2000001, 3000001)) || ' ' || (SELECT count(*) FROM pos_order_line l JOIN pos_order o ON o.id = l.order_id WHERE l.id = 3000010)");
+            if got == "2 1" { Ok(true) } else { Err(format!("{}: {got}", NODE_NAMES[i])) }
+        });
+    }
+    for (table, key) in [("users", "id"), ("pos_order", "id"), ("pos_order_line", "id")] {
+        wait_until("same rows everywhere", Duration::from_secs(60), || {
+            let dumps: Vec<Vec<String>> = ALL.iter().map(|&i| cluster.node(i).dump_table(DB, table, key)).collect();
+            Ok(dumps.iter().all(|d| d == &dumps[0]))
+        });
+        cluster.assert_tables_equal(DB, table, key, &ALL);
+    }
+}
+
+/// Tables the executor path cannot serve go through SQL; conflicts are detected, resolved and
+/// logged there too. Here main has a column of its own (`seen`) in `notes`, so rows from the
+/// branches, which lack it, take the SQL path on main; the branches change the same rows while
+/// apart and main meets the second one's changes as conflicts.
+#[test]
+fn conflicts_are_detected_on_the_sql_apply_path() {
+    let cluster = start_store("conflict_sqlpath", Topology::Star);
+    for i in ALL {
+        let extra = if i == MAIN { ", seen boolean NOT NULL DEFAULT false" } else { "" };
+        cluster.node(i).sql(
+            DB,
+            &format!(
+                "SET rbucardo.replicate_ddl = off;
+                 CREATE TABLE notes (id int PRIMARY KEY, body text, price numeric(10,2){extra});
+                 SELECT rbucardo.add_table('store', 'notes');"
+            ),
+        );
+    }
+    cluster.node(BRANCH1).sql(DB, "INSERT INTO notes VALUES (2, 'orig', 1.00), (3, 'orig', 1.00)");
+    for i in ALL {
+        wait_until("notes everywhere", Duration::from_secs(30), || Ok(one(&cluster, i, "SELECT count(*) FROM notes") == "2"));
+    }
+    // A local-only value, written without capture: updates from the branches must keep it.
+    cluster.node(MAIN).sql(DB, "SET session_replication_role = replica; UPDATE notes SET seen = true");
+
+    cluster.link(BRANCH1, MAIN).cut();
+    cluster.link(BRANCH2, MAIN).cut();
+    cluster.node(BRANCH1).sql(DB, "BEGIN; UPDATE notes SET price = 2.00 WHERE id = 2; DELETE FROM notes WHERE id = 3; INSERT INTO notes VALUES (4, 'b1', 1.00); COMMIT;");
+    cluster.node(BRANCH2).sql(DB, "BEGIN; UPDATE notes SET price = 3.00 WHERE id = 2; UPDATE notes SET body = 'b2' WHERE id = 3; INSERT INTO notes VALUES (4, 'b2', 2.00); COMMIT;");
+    cluster.link(BRANCH1, MAIN).restore();
+    wait_until("branch1's changes on main", Duration::from_secs(60), || Ok(one(&cluster, MAIN, "SELECT count(*) FROM notes WHERE id = 4") == "1"));
+    cluster.link(BRANCH2, MAIN).restore();
+
+    // latest: branch2 wrote last, so its versions win everywhere.
+    let want = "2 orig 3.00|3 b2 1.00|4 b2 2.00";
+    for i in ALL {
+        wait_until("branch2's versions everywhere", Duration::from_secs(60), || {
+            let got = one(&cluster, i, "SELECT string_agg(concat_ws(' ', id, body, price), '|' ORDER BY id) FROM notes");
+            if got == want { Ok(true) } else { Err(format!("{}: {got}", NODE_NAMES[i])) }
+        });
+    }
+    wait_until("main's conflicts logged", Duration::from_secs(30), || Ok(one(&cluster, MAIN, "SELECT count(*) FROM rbucardo.conflicts") == "3"));
+    assert_eq!(
+        one(&cluster, MAIN, "SELECT string_agg(concat_ws(' ', key->>'id', kind, local_version->>'price', remote_version->>'price', rule, winner, remote_origin), '|' ORDER BY key->>'id') FROM rbucardo.conflicts"),
+        "2 update_differs 2.00 3.00 latest remote 3|3 update_missing 1.00 latest remote 3|4 insert_exists 1.00 2.00 latest remote 3"
+    );
+    assert_eq!(one(&cluster, MAIN, "SELECT string_agg(id || ' ' || seen, '|' ORDER BY id) FROM notes"), "2 true|3 false|4 false", "local-only column kept on update, default on insert");
+}

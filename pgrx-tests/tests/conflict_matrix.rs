@@ -1,0 +1,301 @@
+//! Every conflict kind under every strategy, on a star and on a mesh (issue "conflicts without
+//! data loss", test 1). One cluster per topology; each strategy gets its own table (set with
+//! set_table_strategy) and each conflict kind its own row in it, so one partition of branch1
+//! produces every case at once:
+//!
+//! | id | main (while apart)       | branch1 (later)          | kind seen by main |
+//! |----|--------------------------|--------------------------|-------------------|
+//! | 1  | insert (1, main, 10)     | insert (1, b1, 20)       | insert_exists     |
+//! | 2  | update to (main, 10)     | update to (b1, 20)       | update_differs    |
+//! | 3  | update to (main, 10)     | delete                   | delete_differs    |
+//! | 4  | delete                   | update to (b1, 20)       | update_missing    |
+//! | 5  | delete                   | delete                   | delete_missing    |
+//!
+//! branch2 stays connected to main and has main's versions before branch1 comes back, so it
+//! meets branch1's versions as conflicts too. Afterwards the test checks, on every node, the
+//! rows (row by row against the expected winner) and the conflict log: one entry per row, the
+//! rule, the winner, and the discarded version itself.
+//!
+//! latest, the priority list and the custom function converge on every node. source, target
+//! and skip are rules of the node that applies (incoming wins / local wins): set alike on every
+//! node they leave branch1 with another version than main (as docs/sql-reference.md says), and
+//! the test checks exactly that, plus, on the star, the "main decides" setting (target on main,
+//! source on the branches), which converges.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use rbucardo_cluster_tests::{wait_until, Cluster};
+
+fn one(cluster: &Cluster, i: usize, sql: &str) -> String {
+    cluster.node(i).query_one(DB, sql).unwrap_or_default()
+}
+
+/// A version of a row: main's, branch1's, or the custom function's merge of both.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum V {
+    Main,
+    B1,
+    Merged,
+}
+
+/// Which version each node keeps, per strategy table: main, branch1, branch2.
+struct Case {
+    table: &'static str,
+    /// The strategy set on (main, branches).
+    strategy: (&'static str, &'static str),
+    /// The version every row ends with on (main, branch1, branch2), for ids 1-4; `None`: the
+    /// custom function's own choice per row (see `CUSTOM`).
+    keeps: Option<[V; 3]>,
+    star_only: bool,
+}
+
+const CASES: &[Case] = &[
+    // branch1 wrote last: its versions win everywhere.
+    Case { table: "cov_latest", strategy: ("latest", "latest"), keeps: Some([V::B1, V::B1, V::B1]), star_only: false },
+    Case { table: "cov_priority", strategy: ("main,branch1,branch2", "main,branch1,branch2"), keeps: Some([V::Main, V::Main, V::Main]), star_only: false },
+    Case { table: "cov_custom", strategy: ("custom:public.cov_resolve", "custom:public.cov_resolve"), keeps: None, star_only: false },
+    // Local wins: each node keeps the version it had first.
+    Case { table: "cov_target", strategy: ("target", "target"), keeps: Some([V::Main, V::B1, V::Main]), star_only: false },
+    Case { table: "cov_skip", strategy: ("skip", "skip"), keeps: Some([V::Main, V::B1, V::Main]), star_only: false },
+    // Incoming wins: each node takes the version it met second.
+    Case { table: "cov_source", strategy: ("source", "source"), keeps: Some([V::B1, V::Main, V::B1]), star_only: false },
+    // Main decides: it keeps its own, the branches take what comes from it.
+    Case { table: "cov_hub", strategy: ("target", "source"), keeps: Some([V::Main, V::Main, V::Main]), star_only: true },
+];
+
+/// The custom function's choice for ids 1-4, the same on every node: a merge of both inserts,
+/// the update with the larger n, and a deletion over any update.
+const CUSTOM: [V; 4] = [V::Merged, V::B1, V::B1, V::Main];
+
+/// A symmetric, deterministic resolver: deletions win, two inserts merge, otherwise the larger
+/// n wins. Exercises every answer a custom function can give.
+const RESOLVER: &str = "
+CREATE FUNCTION public.cov_resolve(kind text, tbl regclass, local jsonb, remote jsonb,
+                                   local_origin text, local_hlc bigint, remote_origin text, remote_hlc bigint)
+RETURNS jsonb LANGUAGE sql IMMUTABLE AS $$
+  SELECT CASE
+    WHEN local IS NULL OR remote IS NULL THEN to_jsonb('delete'::text)
+    WHEN kind = 'insert_exists' THEN
+      jsonb_build_object('val', least(local->>'val', remote->>'val') || '+' || greatest(local->>'val', remote->>'val'),
+                         'n', greatest((local->>'n')::int, (remote->>'n')::int))
+    WHEN (local->>'n')::int > (remote->>'n')::int THEN to_jsonb('local'::text)
+    ELSE to_jsonb('remote'::text)
+  END
+$$;";
+
+/// Row `id` as main or branch1 left it while apart (None: deleted), and the custom merge.
+fn version(id: i32, v: V) -> Option<(String, i32)> {
+    match (id, v) {
+        (1, V::Merged) => Some(("b1+main".into(), 20)),
+        (1 | 2 | 3, V::Main) => Some(("main".into(), 10)),
+        (1 | 2 | 4, V::B1) => Some(("b1".into(), 20)),
+        _ => None,
+    }
+}
+
+fn version_json(id: i32, v: V) -> String {
+    match version(id, v) {
+        Some((val, n)) => format!("'{{\"id\": \"{id}\", \"val\": \"{val}\", \"n\": \"{n}\"}}'::jsonb"),
+        None => "NULL::jsonb".into(),
+    }
+}
+
+/// What node `node` keeps of row `id` in `case`.
+fn kept(case: &Case, node: usize, id: i32) -> V {
+    match case.keeps {
+        Some(k) => k[node],
+        None => CUSTOM[id as usize - 1],
+    }
+}
+
+/// The version node `node` held before the other one reached it (branch2 had main's).
+fn own(node: usize) -> V {
+    if node == BRANCH1 { V::B1 } else { V::Main }
+}
+
+fn expected_rows(case: &Case, node: usize) -> Vec<String> {
+    (1..=4).filter_map(|id| version(id, kept(case, node, id)).map(|(val, n)| format!("({id},{val},{n})"))).collect()
+}
+
+fn run(topology: Topology) {
+    let name = if topology == Topology::Star { "matrix_star" } else { "matrix_mesh" };
+    let cluster = start_store(name, topology);
+    let cases: Vec<&Case> = CASES.iter().filter(|c| topology == Topology::Star || !c.star_only).collect();
+
+    // The same tables, resolver and strategies on every node, made locally (not replicated).
+    for i in ALL {
+        let mut sql = format!("SET rbucardo.replicate_ddl = off; {RESOLVER}");
+        for case in &cases {
+            let strategy = if i == MAIN { case.strategy.0 } else { case.strategy.1 };
+            sql += &format!(
+                "CREATE TABLE {t} (id int PRIMARY KEY, val text, n int);
+                 SELECT rbucardo.add_table('store', '{t}');
+                 SELECT rbucardo.set_table_strategy('{t}', '{strategy}');",
+                t = case.table
+            );
+        }
+        cluster.node(i).sql(DB, &sql);
+    }
+    assert_eq!(one(&cluster, MAIN, "SELECT strategy FROM rbucardo.table_option WHERE relid = 'cov_custom'::regclass"), "custom:public.cov_resolve");
+    if topology == Topology::Star {
+        check_custom_validation(&cluster);
+    }
+
+    let all_tables = |f: &dyn Fn(&str) -> String| cases.iter().map(|c| f(c.table)).collect::<Vec<_>>().join("\n");
+    cluster.node(MAIN).sql(DB, &all_tables(&|t| format!("INSERT INTO {t} SELECT i, 'orig', 0 FROM generate_series(2, 5) i;")));
+    for i in ALL {
+        wait_until("seed rows everywhere", Duration::from_secs(30), || {
+            Ok(one(&cluster, i, &format!("SELECT count(*) FROM {}", cases.last().unwrap().table)) == "4")
+        });
+    }
+
+    // branch1 apart from everyone.
+    let b1_links: Vec<(usize, usize)> = match topology {
+        Topology::Star => vec![(BRANCH1, MAIN)],
+        Topology::Mesh => vec![(BRANCH1, MAIN), (MAIN, BRANCH1), (BRANCH1, BRANCH2), (BRANCH2, BRANCH1)],
+    };
+    for &(a, b) in &b1_links {
+        cluster.link(a, b).cut();
+    }
+    cluster.node(MAIN).sql(
+        DB,
+        &format!(
+            "BEGIN;\n{}\nCOMMIT;",
+            all_tables(&|t| format!(
+                "INSERT INTO {t} VALUES (1, 'main', 10);
+                 UPDATE {t} SET val = 'main', n = 10 WHERE id IN (2, 3);
+                 DELETE FROM {t} WHERE id IN (4, 5);"
+            ))
+        ),
+    );
+    wait_until("main's versions on branch2", Duration::from_secs(30), || {
+        Ok(one(&cluster, BRANCH2, &format!("SELECT count(*) FROM {} WHERE id = 1", cases.last().unwrap().table)) == "1")
+    });
+    cluster.node(BRANCH1).sql(
+        DB,
+        &format!(
+            "BEGIN;\n{}\nCOMMIT;",
+            all_tables(&|t| format!(
+                "INSERT INTO {t} VALUES (1, 'b1', 20);
+                 UPDATE {t} SET val = 'b1', n = 20 WHERE id IN (2, 4);
+                 DELETE FROM {t} WHERE id IN (3, 5);"
+            ))
+        ),
+    );
+    for &(a, b) in &b1_links {
+        cluster.link(a, b).restore();
+    }
+
+    // Every node ends with the expected version of every row and has logged all five conflicts.
+    wait_until("every row settled and every conflict logged", Duration::from_secs(90), || {
+        let mut off = Vec::new();
+        for case in &cases {
+            for i in ALL {
+                let rows = cluster.node(i).dump_table(DB, case.table, "id");
+                let want = expected_rows(case, i);
+                let logged = one(&cluster, i, &format!("SELECT count(*) FROM rbucardo.conflicts WHERE tbl = 'public.{}'", case.table));
+                if rows != want || logged != "5" {
+                    off.push(format!("{} on {}: rows {rows:?} (want {want:?}), {logged} conflicts", case.table, NODE_NAMES[i]));
+                }
+            }
+        }
+        if off.is_empty() { Ok(true) } else { Err(off.join("; ")) }
+    });
+
+    // The conflict log: each row once, with the rule, the winner and the discarded version.
+    for case in &cases {
+        for i in ALL {
+            let rule = if i == MAIN { case.strategy.0 } else { case.strategy.1 };
+            let (mine, theirs) = (own(i), if own(i) == V::Main { V::B1 } else { V::Main });
+            for id in 1..=4 {
+                let keep = kept(case, i, id);
+                let (winner, local, remote) = if keep == V::Merged {
+                    ("merged", mine, theirs)
+                } else if version(id, keep) == version(id, mine) {
+                    ("local", mine, theirs)
+                } else {
+                    ("remote", mine, theirs)
+                };
+                let check = format!(
+                    "SELECT count(*) FROM rbucardo.conflicts
+                      WHERE tbl = 'public.{t}' AND key = '{{\"id\": \"{id}\"}}' AND sync = 'store_sync'
+                        AND rule = '{rule}' AND winner = '{winner}'
+                        AND local_version IS NOT DISTINCT FROM {lv} AND remote_version IS NOT DISTINCT FROM {rv}",
+                    t = case.table,
+                    lv = version_json(id, local),
+                    rv = version_json(id, remote),
+                );
+                let found = one(&cluster, i, &check);
+                assert_eq!(
+                    found,
+                    "1",
+                    "{} on {}: expected one conflict for id {id} won by {winner} under {rule}; log: {:?}",
+                    case.table,
+                    NODE_NAMES[i],
+                    cluster.node(i).query(DB, &format!("SELECT key, kind, local_version, remote_version, rule, winner FROM rbucardo.conflicts WHERE tbl = 'public.{}' ORDER BY id", case.table))
+                );
+            }
+            assert_eq!(
+                one(&cluster, i, &format!("SELECT count(*) FROM rbucardo.conflicts WHERE tbl = 'public.{}' AND key = '{{\"id\": \"5\"}}' AND kind = 'delete_missing' AND winner = 'none'", case.table)),
+                "1",
+                "{} on {}: both deleted row 5",
+                case.table,
+                NODE_NAMES[i]
+            );
+        }
+    }
+    // The strategies that promise it end with the same rows everywhere.
+    for table in ["cov_latest", "cov_priority", "cov_custom"] {
+        cluster.assert_tables_equal(DB, table, "id", &ALL);
+    }
+    // The local version's origin and clock are logged where they are known: main's own change.
+    assert_eq!(
+        one(&cluster, MAIN, "SELECT local_origin || ' ' || (local_hlc > 0) FROM rbucardo.conflicts WHERE tbl = 'public.cov_latest' AND key = '{\"id\": \"2\"}'"),
+        "1 true"
+    );
+    // branch1 wrote last, so its clock value beats main's in main's log.
+    assert_eq!(
+        one(&cluster, MAIN, "SELECT remote_hlc > local_hlc FROM rbucardo.conflicts WHERE tbl = 'public.cov_latest' AND key = '{\"id\": \"2\"}'"),
+        "t"
+    );
+}
+
+/// A custom strategy is checked when it is set: a missing function, one with other arguments
+/// and one that does not return jsonb are refused with the signature in the hint.
+fn check_custom_validation(cluster: &Cluster) {
+    let mut conn = cluster.node(MAIN).connect(DB);
+    conn.execute(
+        "SET rbucardo.replicate_ddl = off;
+         CREATE FUNCTION public.bad_args(int) RETURNS jsonb LANGUAGE sql AS $$ SELECT NULL::jsonb $$;
+         CREATE FUNCTION public.bad_return(kind text, tbl regclass, local jsonb, remote jsonb, local_origin text,
+                                           local_hlc bigint, remote_origin text, remote_hlc bigint)
+         RETURNS text LANGUAGE sql AS $$ SELECT 'local' $$;",
+    )
+    .unwrap();
+    for (strategy, says) in [
+        ("custom:public.nowhere", "does not exist"),
+        ("custom:public.bad_args", "has the wrong arguments"),
+        ("custom:public.bad_return", "returns text, not jsonb"),
+    ] {
+        let err = conn.execute(&format!("SELECT rbucardo.set_table_strategy('cov_custom', '{strategy}')")).unwrap_err();
+        assert!(err.contains(says) && err.contains("HINT") && err.contains("local_origin text"), "{strategy}: {err}");
+        let err = conn.execute(&format!("SELECT rbucardo.set_conflict_strategy('store_sync', '{strategy}')")).unwrap_err();
+        assert!(err.contains(says), "{strategy} for a sync: {err}");
+    }
+    // Unqualified names are stored qualified: the apply runs with its own search_path.
+    conn.execute("SELECT rbucardo.set_table_strategy('cov_custom', 'custom:cov_resolve')").unwrap();
+    assert_eq!(one(cluster, MAIN, "SELECT strategy FROM rbucardo.table_option WHERE relid = 'cov_custom'::regclass"), "custom:public.cov_resolve");
+}
+
+#[test]
+fn every_conflict_kind_under_every_strategy_on_a_star() {
+    run(Topology::Star);
+}
+
+#[test]
+fn every_conflict_kind_under_every_strategy_on_a_mesh() {
+    run(Topology::Mesh);
+}

@@ -445,6 +445,9 @@ pub struct Origin {
 pub enum Action {
     /// Leave the local row as it is (or absent).
     Nothing,
+    /// The incoming version lost to the local one: leave the local row as it is, and do not
+    /// forward the change, so that nodes behind this one end with what this node kept.
+    Reject,
     /// Make the row hold these values: update the local row found, else insert it.
     Write(Vec<Value>),
     /// Delete the local row found (nothing when there is none).
@@ -467,7 +470,7 @@ enum Outcome {
 #[allow(clippy::too_many_arguments)]
 pub fn decide(p: &Policy, desc: &RelDesc, op: Op, local: Option<&[Value]>, old: Option<&[Value]>, new: Option<&[Value]>, origin: Origin, clocks: &mut Clocks) -> Action {
     let to_action = |outcome: Outcome, incoming: Option<&[Value]>| match outcome {
-        Outcome::Local => Action::Nothing,
+        Outcome::Local => Action::Reject,
         Outcome::Remote => incoming.map_or(Action::Delete, |r| Action::Write(r.to_vec())),
         Outcome::Row(r) => Action::Write(r),
         Outcome::Delete => Action::Delete,

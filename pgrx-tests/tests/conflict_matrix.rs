@@ -11,15 +11,17 @@
 //! | 4  | delete                   | update to (b1, 20)       | update_missing    |
 //! | 5  | delete                   | delete                   | delete_missing    |
 //!
-//! branch2 stays connected to main and has main's versions before branch1 comes back, so it
-//! meets branch1's versions as conflicts too. Afterwards the test checks, on every node, the
-//! rows (row by row against the expected winner) and the conflict log: one entry per row, the
-//! rule, the winner, and the discarded version itself.
+//! branch2 stays connected to main and has main's versions before branch1 comes back. In the
+//! mesh it meets branch1's versions directly (the test lets branch1 reach branch2 first); in the
+//! star through main, which forwards only the versions it did not reject. Afterwards the test
+//! checks, on every node, the rows (row by row against the expected winner) and the conflict
+//! log: one entry per row met, the rule, the winner, and the discarded version itself.
 //!
-//! latest, the priority list and the custom function converge on every node. source, target
-//! and skip are rules of the node that applies (incoming wins / local wins): they leave nodes
-//! with different versions (as docs/sql-reference.md says), and the test checks exactly which
-//! node keeps which, and that each node logged the version it discarded.
+//! latest, the priority list and the custom function converge on every node; so does a star
+//! where main decides (target on main, source on the branches). source, target and skip set
+//! alike everywhere are rules of the node that applies (incoming wins / local wins): they leave
+//! nodes with different versions (as docs/sql-reference.md says), and the test checks exactly
+//! which node keeps which, and that each node logged the version it discarded.
 
 mod common;
 
@@ -43,7 +45,7 @@ enum V {
 /// Which version each node keeps, per strategy table: main, branch1, branch2.
 struct Case {
     table: &'static str,
-    /// The strategy set on every node.
+    /// The strategy set on every node; `MAIN_DECIDES`: target on main, source on the branches.
     strategy: &'static str,
     /// The version every row ends with on (main, branch1, branch2), for ids 1-4; `None`: the
     /// custom function's own choice per row (see `CUSTOM`).
@@ -61,6 +63,11 @@ const CASES: &[Case] = &[
     // Incoming wins: each node takes the version it met second.
     Case { table: "cov_source", strategy: "source", keeps: Some([V::B1, V::Main, V::B1]) },
 ];
+
+/// Star only: main keeps its versions and does not forward the ones it rejected; the branches
+/// take what main sends. Everyone ends with main's versions.
+const MAIN_DECIDES: &str = "main decides";
+const MAIN_DECIDES_CASE: Case = Case { table: "cov_decides", strategy: MAIN_DECIDES, keeps: Some([V::Main, V::Main, V::Main]) };
 
 /// The custom function's choice for ids 1-4, the same on every node: a merge of both inserts,
 /// the update with the larger n, and a deletion over any update.
@@ -116,11 +123,31 @@ fn own(node: usize) -> V {
 /// branch's priority list names main and itself (branch1's versions reach branch2 through main
 /// and rank below main's there, as an unknown node).
 fn strategy_on(topology: Topology, case: &Case, i: usize) -> String {
-    if topology == Topology::Star && case.strategy.contains(',') && i != MAIN {
+    if case.strategy == MAIN_DECIDES {
+        (if i == MAIN { "target" } else { "source" }).to_string()
+    } else if topology == Topology::Star && case.strategy.contains(',') && i != MAIN {
         format!("main,{}", NODE_NAMES[i])
     } else {
         case.strategy.to_string()
     }
+}
+
+/// How a node's conflict entry for row `id` reads: the winner, and which version was local.
+fn winner(case: &Case, node: usize, id: i32) -> &'static str {
+    let keep = kept(case, node, id);
+    if keep == V::Merged {
+        "merged"
+    } else if version(id, keep) == version(id, own(node)) {
+        "local"
+    } else {
+        "remote"
+    }
+}
+
+/// Whether `node` meets branch1's version of row `id` (1-4): in a star, branch2 gets it only
+/// through main, which does not forward a version it rejected (its winner there is local).
+fn meets(topology: Topology, case: &Case, node: usize, id: i32) -> bool {
+    topology == Topology::Mesh || node != BRANCH2 || winner(case, MAIN, id) != "local"
 }
 
 fn expected_rows(case: &Case, node: usize) -> Vec<String> {
@@ -130,7 +157,10 @@ fn expected_rows(case: &Case, node: usize) -> Vec<String> {
 fn run(topology: Topology) {
     let name = if topology == Topology::Star { "matrix_star" } else { "matrix_mesh" };
     let cluster = start_store(name, topology);
-    let cases: Vec<&Case> = CASES.iter().collect();
+    let mut cases: Vec<&Case> = CASES.iter().collect();
+    if topology == Topology::Star {
+        cases.push(&MAIN_DECIDES_CASE);
+    }
 
     // The same tables, resolver and strategies on every node, made locally (not replicated).
     for i in ALL {
@@ -192,6 +222,24 @@ fn run(topology: Topology) {
             ))
         ),
     );
+    // In the mesh, branch1 reaches branch2 and main directly, each before the other can forward
+    // (a node does not forward versions it rejected): main and branch2 talk again last.
+    if topology == Topology::Mesh {
+        cluster.link(MAIN, BRANCH2).cut();
+        cluster.link(BRANCH2, MAIN).cut();
+        let all = (5 * cases.len()).to_string();
+        for (i, links) in [(BRANCH2, [(BRANCH1, BRANCH2), (BRANCH2, BRANCH1)]), (MAIN, [(BRANCH1, MAIN), (MAIN, BRANCH1)])] {
+            for (a, b) in links {
+                cluster.link(a, b).restore();
+            }
+            wait_until(&format!("branch1's versions on {}", NODE_NAMES[i]), Duration::from_secs(60), || {
+                let n = one(&cluster, i, "SELECT count(*) FROM rbucardo.conflicts");
+                if n == all { Ok(true) } else { Err(format!("{n} conflicts")) }
+            });
+        }
+        cluster.link(MAIN, BRANCH2).restore();
+        cluster.link(BRANCH2, MAIN).restore();
+    }
     for &(a, b) in &b1_links {
         cluster.link(a, b).restore();
     }
@@ -204,7 +252,8 @@ fn run(topology: Topology) {
                 let rows = cluster.node(i).dump_table(DB, case.table, "id");
                 let want = expected_rows(case, i);
                 let logged = one(&cluster, i, &format!("SELECT count(*) FROM rbucardo.conflicts WHERE tbl = 'public.{}'", case.table));
-                if rows != want || logged != "5" {
+                let met = 1 + (1..=4).filter(|&id| meets(topology, case, i, id)).count();
+                if rows != want || logged != met.to_string() {
                     off.push(format!("{} on {}: rows {rows:?} (want {want:?}), {logged} conflicts", case.table, NODE_NAMES[i]));
                 }
             }
@@ -218,14 +267,7 @@ fn run(topology: Topology) {
             let rule = strategy_on(topology, case, i);
             let (mine, theirs) = (own(i), if own(i) == V::Main { V::B1 } else { V::Main });
             for id in 1..=4 {
-                let keep = kept(case, i, id);
-                let (winner, local, remote) = if keep == V::Merged {
-                    ("merged", mine, theirs)
-                } else if version(id, keep) == version(id, mine) {
-                    ("local", mine, theirs)
-                } else {
-                    ("remote", mine, theirs)
-                };
+                let (winner, local, remote) = (winner(case, i, id), mine, theirs);
                 let check = format!(
                     "SELECT count(*) FROM rbucardo.conflicts
                       WHERE tbl = 'public.{t}' AND key = '{{\"id\": \"{id}\"}}' AND sync = 'store_sync'
@@ -238,7 +280,7 @@ fn run(topology: Topology) {
                 let found = one(&cluster, i, &check);
                 assert_eq!(
                     found,
-                    "1",
+                    if meets(topology, case, i, id) { "1" } else { "0" },
                     "{} on {}: expected one conflict for id {id} won by {winner} under {rule}; log: {:?}",
                     case.table,
                     NODE_NAMES[i],
@@ -255,8 +297,10 @@ fn run(topology: Topology) {
         }
     }
     // The strategies that promise it end with the same rows everywhere.
-    for table in ["cov_latest", "cov_priority", "cov_custom"] {
-        cluster.assert_tables_equal(DB, table, "id", &ALL);
+    for case in &cases {
+        if case.keeps.is_none_or(|k| k.iter().all(|v| *v == k[0])) {
+            cluster.assert_tables_equal(DB, case.table, "id", &ALL);
+        }
     }
     // The local version's origin and clock are logged where they are known: main's own change.
     assert_eq!(

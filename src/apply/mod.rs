@@ -51,6 +51,9 @@ struct Applier {
     plans: HashMap<String, OwnedPreparedStatement>,
     open: Option<(RelDesc, rows::Target)>,
     clocks: crate::conflicts::Clocks,
+    /// Ordinals of the current transaction's changes that lost a conflict here: they are not
+    /// forwarded.
+    rejected: Vec<u32>,
 }
 
 fn quote(ident: &str) -> String {
@@ -174,6 +177,7 @@ impl Applier {
     /// Applies one remote transaction's changes in capture order, leaving out the schema change
     /// `skip` (exception_skip). A schema change that cannot run here ends it with a [`Stop`].
     fn apply_txn(&mut self, client: &mut SpiClient<'_>, txn: &Txn, skip: Option<u32>) -> Result<(), Stop> {
+        self.rejected.clear();
         let mut changes: Vec<(RelDesc, RowChange)> = Vec::new();
         for bytes in &txn.chunks {
             let chunk = decode_chunk(bytes).unwrap_or_else(|e| panic!("{e}"));
@@ -244,7 +248,9 @@ impl Applier {
         let rel = &self.rels[desc];
         let layout = rel.layout.as_ref().unwrap();
         let (_, target) = self.open.get_or_insert_with(|| (desc.clone(), rows::Target::open(layout)));
-        target.change(layout, &rel.policy, desc, ch, origin, &mut self.clocks);
+        if target.change(layout, &rel.policy, desc, ch, origin, &mut self.clocks) {
+            self.rejected.push(ch.ordinal);
+        }
         // A later change of this batch to the same row compares with this one's clock.
         if let Some(row) = ch.new.as_ref().or(ch.old.as_ref()) {
             self.clocks.note(desc, row, (origin.hlc, origin.node));
@@ -267,41 +273,41 @@ impl Applier {
     }
 }
 
-/// Writes an applied transaction to the local change log under its original origin, so this
-/// node forwards it (never back to `via`).
-fn relog(txn: &Txn, via: i32) {
-    for (i, chunk) in txn.chunks.iter().enumerate() {
-        let source = changelog::Source { origin: txn.origin, origin_pos: txn.origin_pos, via };
-        changelog::append(chunk, i as i32, i + 1 == txn.chunks.len(), Some(source), txn.hlc);
+/// Writes an applied transaction to the local change log so that this node forwards it: under
+/// its original origin (`source`; never back to where it came from), or, with `None`, as a
+/// change of this node. The changes in `leave_out` (a command skipped here, versions that lost
+/// a conflict here) do not travel on.
+fn relog(txn: &Txn, source: Option<changelog::Source>, leave_out: &[u32]) {
+    let filtered: Vec<Vec<u8>>;
+    let chunks = if leave_out.is_empty() {
+        &txn.chunks
+    } else {
+        filtered = txn
+            .chunks
+            .iter()
+            .map(|bytes| {
+                let mut chunk = decode_chunk(bytes).unwrap_or_else(|e| panic!("{e}"));
+                chunk.changes.retain(|c| !leave_out.contains(&c.ordinal));
+                crate::encoding::encode_chunk(&chunk)
+            })
+            .collect();
+        &filtered
+    };
+    for (i, chunk) in chunks.iter().enumerate() {
+        changelog::append(chunk, i as i32, i + 1 == chunks.len(), source, txn.hlc);
     }
-}
-
-/// `txn` without its change `ordinal` (a schema change skipped here).
-fn without_change(txn: &Txn, ordinal: u32) -> Txn {
-    let chunks = txn
-        .chunks
-        .iter()
-        .map(|bytes| {
-            let mut chunk = decode_chunk(bytes).unwrap_or_else(|e| panic!("{e}"));
-            chunk.changes.retain(|c| c.ordinal != ordinal);
-            crate::encoding::encode_chunk(&chunk)
-        })
-        .collect();
-    Txn { chunks, ..txn.clone() }
 }
 
 /// Applies a parked transaction again (its progress was recorded when it was parked).
 pub fn apply_parked(me: i32, txn: &Txn) -> Result<(), String> {
     Spi::run("SET LOCAL session_replication_role = replica").expect("entering replica mode");
-    let mut applier = Applier { rels: HashMap::new(), plans: HashMap::new(), open: None, clocks: crate::conflicts::Clocks::new(me) };
+    let mut applier = Applier { rels: HashMap::new(), plans: HashMap::new(), open: None, clocks: crate::conflicts::Clocks::new(me), rejected: Vec::new() };
     let result = Spi::connect_mut(|client| crate::exceptions::attempt(|| applier.apply_txn(client, txn, None)));
     match result {
         Ok(()) => {
             // Peers have moved past its place in the origin's stream and would skip it as a
             // duplicate: it travels on as a change of this node.
-            for (i, chunk) in txn.chunks.iter().enumerate() {
-                changelog::append(chunk, i as i32, i + 1 == txn.chunks.len(), None, txn.hlc);
-            }
+            relog(txn, None, &applier.rejected);
             Ok(())
         }
         Err(Failure::Park(reason)) => {
@@ -359,7 +365,7 @@ pub fn apply_batch(me: i32, sender_db: &str, sender_node: i32, batch: &Batch) ->
     let mut progress: HashMap<i32, Position> = HashMap::new();
     let mut applied = 0i64;
     let mut stopped = None;
-    let mut applier = Applier { rels: HashMap::new(), plans: HashMap::new(), open: None, clocks: crate::conflicts::Clocks::new(me) };
+    let mut applier = Applier { rels: HashMap::new(), plans: HashMap::new(), open: None, clocks: crate::conflicts::Clocks::new(me), rejected: Vec::new() };
     // Transactions of this stream that stopped it before (a failed schema change); normally none.
     let blocks = crate::exceptions::stopped_in(sender_node);
     Spi::connect_mut(|client| {
@@ -387,11 +393,10 @@ pub fn apply_batch(me: i32, sender_db: &str, sender_node: i32, batch: &Batch) ->
             // stream; one whose schema change fails here stops the stream just before it.
             match crate::exceptions::attempt(|| applier.apply_txn(client, txn, block.and_then(|b| b.skip))) {
                 Ok(()) => {
-                    match block.and_then(|b| b.skip) {
-                        // What this node left out does not travel on either.
-                        Some(ordinal) => relog(&without_change(txn, ordinal), sender_node),
-                        None => relog(txn, sender_node),
-                    }
+                    let mut leave_out = std::mem::take(&mut applier.rejected);
+                    leave_out.extend(block.and_then(|b| b.skip));
+                    let source = changelog::Source { origin: txn.origin, origin_pos: txn.origin_pos, via: sender_node };
+                    relog(txn, Some(source), &leave_out);
                     applied += 1;
                     if let Some(b) = block {
                         crate::exceptions::record_resumed(b);

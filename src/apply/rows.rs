@@ -233,15 +233,17 @@ impl Target {
 
     /// Applies one row change: finds the local row by the change's key (the new key for an
     /// insert, the old one otherwise), lets `conflicts::decide` compare it with what the sender
-    /// saw, and writes what it decided.
-    pub fn change(&self, layout: &Layout, policy: &Policy, desc: &RelDesc, ch: &RowChange, origin: Origin, clocks: &mut Clocks) {
+    /// saw, and writes what it decided. Returns the decision when the incoming version lost.
+    pub fn change(&self, layout: &Layout, policy: &Policy, desc: &RelDesc, ch: &RowChange, origin: Origin, clocks: &mut Clocks) -> bool {
         let (old, new) = (ch.old.as_deref(), ch.new.as_deref());
         let probe = if ch.op == Op::Insert { new } else { old }.expect("row change with its key image");
         unsafe {
             let found = self.find(layout, desc, probe);
             let local = found.then(|| self.local_text(layout));
-            match conflicts::decide(policy, desc, ch.op, local.as_deref(), old, new, origin, clocks) {
-                Action::Nothing => {}
+            let action = conflicts::decide(policy, desc, ch.op, local.as_deref(), old, new, origin, clocks);
+            let rejected = action == Action::Reject;
+            match action {
+                Action::Nothing | Action::Reject => {}
                 Action::Write(row) if found => self.update_found(layout, &row),
                 // Nothing has this key here: a plain insert.
                 Action::Write(row) if ch.op == Op::Insert => {
@@ -252,7 +254,7 @@ impl Target {
                 Action::Write(row) => {
                     self.step_done();
                     self.insert_or_overwrite(layout, desc, &row);
-                    return;
+                    return false;
                 }
                 Action::Delete if found => {
                     let mut epq = pg_sys::EPQState::default();
@@ -263,6 +265,7 @@ impl Target {
                 Action::Delete => {}
             }
             self.step_done();
+            rejected
         }
     }
 }

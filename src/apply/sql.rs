@@ -20,6 +20,7 @@ impl Applier {
         let policy = &self.rels[desc].policy;
         match crate::conflicts::decide(policy, desc, ch.op, local.as_deref(), old, new, origin, &mut self.clocks) {
             Action::Nothing => {}
+            Action::Reject => self.rejected.push(ch.ordinal),
             Action::Write(row) if local.is_some() => self.update(client, desc, probe, &row),
             Action::Write(row) => self.upsert(client, desc, &row),
             Action::Delete if local.is_some() => self.delete(client, desc, probe),

@@ -100,6 +100,7 @@ fn init_node(name: &str, node_id: i32) -> String {
     )
     .expect("recording the node");
     crate::sequences::on_init_node();
+    crate::worker::wake_local_worker_at_commit();
     format!("node {name} is node id {node_id}")
 }
 
@@ -140,6 +141,7 @@ fn remove_db(name: &str) -> String {
     if n == 0 {
         raise(PgSqlErrorCode::ERRCODE_UNDEFINED_OBJECT, format!("no db named {name}"), "See SELECT * FROM rbucardo.dbs.");
     }
+    crate::worker::wake_local_worker_at_commit();
     format!("removed db {name}")
 }
 

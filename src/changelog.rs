@@ -104,7 +104,7 @@ fn arm_wake_at_commit() {
     }
     pgrx::register_xact_callback(pgrx::PgXactCallbackEvent::Commit, || {
         WAKE_ARMED.with(|w| w.set(false));
-        crate::worker::wake_local_worker();
+        crate::worker::note_log_commit();
     });
     pgrx::register_xact_callback(pgrx::PgXactCallbackEvent::Abort, || WAKE_ARMED.with(|w| w.set(false)));
 }

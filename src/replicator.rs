@@ -20,6 +20,17 @@ const MAX_BACKOFF: Duration = Duration::from_secs(5);
 /// us, configuration changes made in another database).
 const IDLE_NAP: Duration = Duration::from_secs(2);
 const TRIM_EVERY: Duration = Duration::from_secs(5);
+/// The configuration is read again when it changes (see `worker::config_generation`), and at
+/// least this often (a node's identity check, catalog rows changed by hand).
+const CONFIG_MAX_AGE: Duration = Duration::from_secs(10);
+
+/// This node and its peers as last read from the catalog.
+struct Config {
+    me: Me,
+    peers: Vec<catalog::Peer>,
+    generation: u64,
+    read_at: Instant,
+}
 
 struct LinkSlot {
     link: Option<Link>,
@@ -34,6 +45,7 @@ struct LinkSlot {
 #[derive(Default)]
 pub struct Replicator {
     links: HashMap<String, LinkSlot>,
+    config: Option<Config>,
     last_trim: Option<Instant>,
     complaint: Option<String>,
 }
@@ -58,12 +70,31 @@ fn report(slot: &mut LinkSlot, name: &str, state: &str, error: Option<String>) {
 }
 
 impl Replicator {
+    /// This node and its active peers, read from the catalog only when they may have changed:
+    /// a round under a steady stream of commits must cost little.
+    fn config(&mut self) -> Result<(Me, Vec<catalog::Peer>), String> {
+        let generation = crate::worker::config_generation();
+        if let Some(c) = self.config.as_ref().filter(|c| c.generation == generation && c.read_at.elapsed() < CONFIG_MAX_AGE) {
+            return Ok((c.me.clone(), c.peers.clone()));
+        }
+        self.config = None;
+        let (me, peers) = in_txn(|| (catalog::me(), catalog::active_peers()))?;
+        let me = me?;
+        self.config = Some(Config { me: me.clone(), peers: peers.clone(), generation, read_at: Instant::now() });
+        Ok((me, peers))
+    }
+
+    /// Whether any peer may be listening for this node's change notifications (peers connect
+    /// to us in a star's hub and in a mesh), as of the last round.
+    pub fn has_peers(&self) -> bool {
+        self.config.as_ref().is_none_or(|c| !c.peers.is_empty())
+    }
+
     /// One round over every active outbound peer. Returns how long the worker may sleep.
     pub fn round(&mut self) -> Duration {
-        let config = in_txn(|| (catalog::me(), catalog::active_peers()));
-        let (me, peers) = match config {
-            Ok((Ok(me), peers)) => (me, peers),
-            Ok((Err(why), _)) | Err(why) => {
+        let (me, peers) = match self.config() {
+            Ok(config) => config,
+            Err(why) => {
                 if self.complaint.as_ref() != Some(&why) {
                     log!("rbucardo worker: not replicating: {why}");
                     self.complaint = Some(why);

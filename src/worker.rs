@@ -9,11 +9,12 @@
 //! by setting their latch (a worker cannot hear NOTIFY of its own database).
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use pgrx::bgworkers::*;
 use pgrx::prelude::*;
-use pgrx::{pg_shmem_init, PGRXSharedMemory, PgLwLock};
+use pgrx::{pg_shmem_init, PGRXSharedMemory, PgAtomic, PgLwLock};
 
 /// Databases per server that can have a worker; more is refused with a log line.
 const MAX_DATABASES: usize = 64;
@@ -34,6 +35,9 @@ struct Slot {
     no_extension: bool,
     /// Replication rounds the worker has completed; wait_for_sync waits for a fresh one.
     rounds: u64,
+    /// Bumped when the replication configuration (nodes, dbs, syncs) changes, so the worker
+    /// reads it again instead of querying it every round.
+    config_gen: u64,
 }
 
 /// The shared registry of background processes.
@@ -55,9 +59,24 @@ unsafe impl PGRXSharedMemory for Registry {}
 
 static REGISTRY: PgLwLock<Registry> = unsafe { PgLwLock::new(c"rbucardo_registry") };
 
+/// Commits that wrote to the change log, per registry slot (database): the worker tells peers
+/// listening on this node (NOTIFY) only when its counter moved, without a query per round.
+pub struct LogCommits([AtomicU64; MAX_DATABASES]);
+
+impl Default for LogCommits {
+    fn default() -> Self {
+        LogCommits(std::array::from_fn(|_| AtomicU64::new(0)))
+    }
+}
+
+unsafe impl PGRXSharedMemory for LogCommits {}
+
+static LOG_COMMITS: PgAtomic<LogCommits> = unsafe { PgAtomic::new(c"rbucardo_log_commits") };
+
 /// Reserves shared memory and registers the launcher; called from `_PG_init` at preload time.
 pub fn init() {
     pg_shmem_init!(REGISTRY);
+    pg_shmem_init!(LOG_COMMITS);
     BackgroundWorkerBuilder::new("rbucardo launcher")
         .set_type("rbucardo launcher")
         .set_library("rbucardo")
@@ -95,12 +114,33 @@ pub fn wake_launcher_at_commit() {
     });
 }
 
-/// Wakes the worker of the current database, e.g. when there is something new to send. Runs
-/// after every commit that wrote to the change log, so it only takes the lock shared.
-pub fn wake_local_worker() {
+/// The registry slot of the current database and its worker's pid (0: none).
+fn local_slot() -> Option<(usize, i32)> {
     let dboid = unsafe { pg_sys::MyDatabaseId }.to_u32();
-    let pid = REGISTRY.share().slots.iter().find(|s| s.dboid == dboid).map_or(0, |s| s.pid);
-    set_latch_of(pid);
+    let reg = REGISTRY.share();
+    reg.slots.iter().position(|s| s.dboid == dboid).map(|i| (i, reg.slots[i].pid))
+}
+
+/// Wakes the worker of the current database now.
+pub fn wake_local_worker() {
+    if let Some((_, pid)) = local_slot() {
+        set_latch_of(pid);
+    }
+}
+
+/// Runs after every commit that wrote to the change log: counts it and wakes the worker, which
+/// sends it and tells listening peers. Takes the registry lock shared only.
+pub fn note_log_commit() {
+    if let Some((i, pid)) = local_slot() {
+        LOG_COMMITS.get().0[i].fetch_add(1, Ordering::AcqRel);
+        set_latch_of(pid);
+    }
+}
+
+/// The current database's replication configuration generation (see [`Slot::config_gen`]).
+pub fn config_generation() -> u64 {
+    let dboid = unsafe { pg_sys::MyDatabaseId }.to_u32();
+    REGISTRY.share().slots.iter().find(|s| s.dboid == dboid).map_or(0, |s| s.config_gen)
 }
 
 /// Rounds completed by the current database's worker, and whether a worker is running.
@@ -116,9 +156,20 @@ fn count_round(dboid: u32) {
     }
 }
 
-/// Wakes this database's worker once the calling transaction commits (configuration changed).
+/// Tells this database's worker, once the calling transaction commits, that the replication
+/// configuration changed: it reads it again and starts a round.
 pub fn wake_local_worker_at_commit() {
-    pgrx::register_xact_callback(pgrx::PgXactCallbackEvent::Commit, wake_local_worker);
+    pgrx::register_xact_callback(pgrx::PgXactCallbackEvent::Commit, || {
+        let dboid = unsafe { pg_sys::MyDatabaseId }.to_u32();
+        let pid = {
+            let mut reg = REGISTRY.exclusive();
+            reg.slots.iter_mut().find(|s| s.dboid == dboid).map_or(0, |s| {
+                s.config_gen = s.config_gen.wrapping_add(1);
+                s.pid
+            })
+        };
+        set_latch_of(pid);
+    });
 }
 
 /// Called by `CREATE EXTENSION` so the new database gets its worker without waiting.
@@ -271,7 +322,8 @@ pub extern "C-unwind" fn rbucardo_worker_main(arg: pg_sys::Datum) {
         }
     }
     let mut replicator = crate::replicator::Replicator::default();
-    let mut told = -1i64;
+    let slot = REGISTRY.share().slots.iter().position(|s| s.dboid == dboid).expect("the launcher gave this database a slot");
+    let mut told = u64::MAX;
     let mut last_round = std::time::Instant::now() - MIN_ROUND_GAP;
     loop {
         if BackgroundWorker::sighup_received() {
@@ -289,16 +341,14 @@ pub extern "C-unwind" fn rbucardo_worker_main(arg: pg_sys::Datum) {
             unsafe { pg_sys::pg_usleep((MIN_ROUND_GAP - since).as_micros() as std::ffi::c_long) };
         }
         last_round = std::time::Instant::now();
-        // Tell peers listening on this node that the change log has grown.
-        let seen = told;
-        if let Ok(Some(now)) = crate::transport::in_txn(move || {
-            let now = Spi::get_one::<i64>("SELECT CASE WHEN is_called THEN last_value ELSE 0 END FROM rbucardo.change_seq").ok().flatten().unwrap_or(0);
-            if now != seen {
-                Spi::run("NOTIFY rbucardo_changes").expect("notify");
-            }
-            Some(now)
-        }) {
-            told = now;
+        // Tell peers listening on this node that the change log has grown. The notification
+        // needs no durable commit of its own.
+        let commits = LOG_COMMITS.get().0[slot].load(Ordering::Acquire);
+        if commits != told
+            && replicator.has_peers()
+            && crate::transport::in_txn(|| Spi::run("SET LOCAL synchronous_commit = off; NOTIFY rbucardo_changes").expect("notify")).is_ok()
+        {
+            told = commits;
         }
         let nap = replicator.round();
         count_round(dboid);

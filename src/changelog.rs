@@ -7,10 +7,9 @@
 //! by the seq of their final chunk, which respects the order of every row they share. A
 //! transaction's position `(tick, final seq)` is the same for every reader.
 
-use std::cell::{Cell, RefCell};
+use std::cell::Cell;
 
 use pgrx::prelude::*;
-use pgrx::spi::OwnedPreparedStatement;
 
 use crate::encoding::{Batch, Position, Txn};
 use crate::error::raise;
@@ -33,7 +32,6 @@ const TICK_NEEDED: &str = "
 const TICK_LOCK: i64 = 0x7262_7563_6b01;
 
 thread_local! {
-    static APPEND: RefCell<Option<OwnedPreparedStatement>> = const { RefCell::new(None) };
     static WAKE_ARMED: Cell<bool> = const { Cell::new(false) };
 }
 
@@ -48,51 +46,62 @@ pub struct Source {
 
 /// Writes one chunk of a transaction: `chunk_no` counts the transaction's chunks from 0, the
 /// last one is `is_final`. `source` is `None` for changes made on this node.
+///
+/// Every captured transaction and every applied one pays for this insert, so it goes straight
+/// to the heap and the indexes (as PostgreSQL writes its own catalogs) instead of through SPI
+/// and the executor. The table has no triggers, constraints beyond NOT NULL, or expression
+/// indexes, and only the extension writes it.
 pub fn append(data: &[u8], chunk_no: i32, is_final: bool, source: Option<Source>, hlc: i64) {
-    // The transaction id must exist before the seq is taken: readers rely on it.
-    unsafe { pg_sys::GetTopTransactionId() };
-    APPEND.with(|cell| {
-        let mut cell = cell.borrow_mut();
-        Spi::connect_mut(|client| {
-            if cell.is_none() {
-                let stmt = client
-                    .prepare_mut(
-                        "INSERT INTO rbucardo.change_log (seq, txid, chunk_no, final, origin, origin_tick, origin_seq, via, hlc, data)
-                         VALUES (nextval('rbucardo.change_seq'), pg_current_xact_id(), $1, $2, $3, $4, $5, $6, $7, $8)",
-                        &[
-                            pg_sys::INT4OID.into(),
-                            pg_sys::BOOLOID.into(),
-                            pg_sys::INT4OID.into(),
-                            pg_sys::INT4OID.into(),
-                            pg_sys::INT8OID.into(),
-                            pg_sys::INT8OID.into(),
-                            pg_sys::INT8OID.into(),
-                            pg_sys::BYTEAOID.into(),
-                        ],
-                    )
-                    .expect("preparing the change log insert")
-                    .keep();
-                *cell = Some(stmt);
+    unsafe {
+        // The transaction id must exist before the seq is taken: readers rely on it.
+        let txid = pg_sys::GetTopFullTransactionId().value;
+        let nsp = pg_sys::get_namespace_oid(c"rbucardo".as_ptr(), false);
+        let log = pg_sys::get_relname_relid(c"change_log".as_ptr(), nsp);
+        let seq_rel = pg_sys::get_relname_relid(c"change_seq".as_ptr(), nsp);
+        if log == pg_sys::InvalidOid || seq_rel == pg_sys::InvalidOid {
+            raise(
+                PgSqlErrorCode::ERRCODE_UNDEFINED_TABLE,
+                "rbucardo.change_log or rbucardo.change_seq is missing",
+                "The extension is damaged: DROP EXTENSION rbucardo CASCADE and create it again.",
+            );
+        }
+        let seq = pgrx::direct_function_call_as_datum(pg_sys::nextval_oid, &[Some(pg_sys::Datum::from(seq_rel))]).expect("nextval");
+        let rel = pg_sys::table_open(log, pg_sys::RowExclusiveLock as i32);
+        let tupdesc = (*rel).rd_att;
+        let natts = (*tupdesc).natts as usize;
+        let mut values = vec![pg_sys::Datum::from(0usize); natts];
+        let mut nulls = vec![true; natts];
+        let data = data.into_datum().expect("a bytea datum");
+        for i in 0..natts {
+            let att = &*(*tupdesc).attrs.as_ptr().add(i);
+            if att.attisdropped {
+                continue;
             }
-            let stmt = cell.as_ref().unwrap();
-            client
-                .update(
-                    stmt,
-                    None,
-                    &[
-                        chunk_no.into(),
-                        is_final.into(),
-                        source.map(|o| o.origin).into(),
-                        source.map(|o| o.origin_pos.tick).into(),
-                        source.map(|o| o.origin_pos.seq).into(),
-                        source.map(|o| o.via).into(),
-                        hlc.into(),
-                        data.into(),
-                    ],
-                )
-                .expect("writing to the change log");
-        });
-    });
+            let value = match std::ffi::CStr::from_ptr(att.attname.data.as_ptr()).to_bytes() {
+                b"seq" => Some(seq),
+                b"txid" => Some(pg_sys::Datum::from(txid)),
+                b"chunk_no" => Some(pg_sys::Datum::from(chunk_no)),
+                b"final" => Some(pg_sys::Datum::from(is_final)),
+                b"origin" => source.map(|o| pg_sys::Datum::from(o.origin)),
+                b"via" => source.map(|o| pg_sys::Datum::from(o.via)),
+                b"origin_tick" => source.map(|o| pg_sys::Datum::from(o.origin_pos.tick)),
+                b"origin_seq" => source.map(|o| pg_sys::Datum::from(o.origin_pos.seq)),
+                b"hlc" => Some(pg_sys::Datum::from(hlc)),
+                b"data" => Some(data),
+                _ => None,
+            };
+            if let Some(v) = value {
+                values[i] = v;
+                nulls[i] = false;
+            }
+        }
+        let tuple = pg_sys::heap_form_tuple(tupdesc, values.as_mut_ptr(), nulls.as_mut_ptr());
+        pg_sys::CatalogTupleInsert(rel, tuple);
+        pg_sys::heap_freetuple(tuple);
+        pg_sys::table_close(rel, pg_sys::NoLock as i32);
+        // Later commands of this transaction (a read of the log, a trim) must see the row.
+        pg_sys::CommandCounterIncrement();
+    }
     arm_wake_at_commit();
 }
 

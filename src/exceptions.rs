@@ -83,6 +83,11 @@ pub fn attempt<R>(f: impl FnOnce() -> Result<R, Stop>) -> Result<R, Failure> {
     }
 }
 
+/// Whether an error is one that parks a remote transaction instead of failing its batch.
+pub fn is_parkable(e: &CaughtError) -> bool {
+    parkable(e).is_some()
+}
+
 fn parkable(e: &CaughtError) -> Option<String> {
     use PgSqlErrorCode::*;
     let report = match e {

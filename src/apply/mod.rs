@@ -29,6 +29,28 @@ pub struct Applied {
     pub stopped: Option<String>,
 }
 
+/// FxHash, as rustc uses it: the applier looks up a table's description (names of its schema,
+/// table and columns) for every row, and SipHash made that cost more than some row writes.
+/// Keys are table descriptions and SQL texts of a batch that passed its checksum.
+#[derive(Default, Clone, Copy)]
+pub(crate) struct FxHasher(u64);
+
+impl std::hash::Hasher for FxHasher {
+    fn write(&mut self, bytes: &[u8]) {
+        for chunk in bytes.chunks(8) {
+            let mut word = [0u8; 8];
+            word[..chunk.len()].copy_from_slice(chunk);
+            self.0 = (self.0.rotate_left(5) ^ u64::from_le_bytes(word)).wrapping_mul(0x51_7c_c1_b7_27_22_0a_95);
+        }
+    }
+
+    fn finish(&self) -> u64 {
+        self.0
+    }
+}
+
+pub(crate) type FastMap<K, V> = HashMap<K, V, std::hash::BuildHasherDefault<FxHasher>>;
+
 /// A replicated table as it exists on this node.
 struct LocalRel {
     qualified: String,
@@ -47,8 +69,8 @@ struct LocalRel {
 struct Applier {
     /// Keyed by the whole description: two transactions of one batch may see a table with
     /// different columns (a column was added in between).
-    rels: HashMap<RelDesc, LocalRel>,
-    plans: HashMap<String, OwnedPreparedStatement>,
+    rels: FastMap<RelDesc, LocalRel>,
+    plans: FastMap<String, OwnedPreparedStatement>,
     open: Option<(RelDesc, rows::Target)>,
     clocks: crate::conflicts::Clocks,
     /// Ordinals of the current transaction's changes that lost a conflict here: they are not
@@ -61,6 +83,10 @@ fn quote(ident: &str) -> String {
 }
 
 impl Applier {
+    fn new(me: i32) -> Applier {
+        Applier { rels: FastMap::default(), plans: FastMap::default(), open: None, clocks: crate::conflicts::Clocks::new(me), rejected: Vec::new() }
+    }
+
     fn local_rel(&mut self, desc: &RelDesc) -> &LocalRel {
         if !self.rels.contains_key(desc) {
             let qualified = format!("{}.{}", quote(&desc.schema), quote(&desc.name));
@@ -178,20 +204,16 @@ impl Applier {
     /// `skip` (exception_skip). A schema change that cannot run here ends it with a [`Stop`].
     fn apply_txn(&mut self, client: &mut SpiClient<'_>, txn: &Txn, skip: Option<u32>) -> Result<(), Stop> {
         self.rejected.clear();
-        let mut changes: Vec<(RelDesc, RowChange)> = Vec::new();
-        for bytes in &txn.chunks {
-            let chunk = decode_chunk(bytes).unwrap_or_else(|e| panic!("{e}"));
-            for ch in chunk.changes {
-                changes.push((chunk.relations[ch.rel as usize].clone(), ch));
-            }
-        }
+        let chunks: Vec<crate::encoding::Chunk> = txn.chunks.iter().map(|bytes| decode_chunk(bytes).unwrap_or_else(|e| panic!("{e}"))).collect();
+        let mut changes: Vec<(&RelDesc, &RowChange)> =
+            chunks.iter().flat_map(|c| c.changes.iter().map(|ch| (&c.relations[ch.rel as usize], ch))).collect();
         changes.sort_by_key(|(_, c)| c.ordinal);
         let origin = crate::conflicts::Origin { node: txn.origin, hlc: txn.hlc };
         // Rows written to tables with foreign keys, checked once the whole transaction is in.
         let mut written = fk::Written::default();
         let mut i = 0;
         while i < changes.len() {
-            let (desc, ch) = &changes[i];
+            let (desc, ch) = changes[i];
             if ch.op == Op::Ddl {
                 // Schema changes run in order with the rows; what was resolved before them
                 // (tables, columns, plans) may have changed.
@@ -224,7 +246,7 @@ impl Applier {
                     while j < changes.len() && changes[j].1.op == Op::Truncate {
                         j += 1;
                     }
-                    let descs: Vec<&RelDesc> = changes[i..j].iter().map(|(d, _)| d).collect();
+                    let descs: Vec<&RelDesc> = changes[i..j].iter().map(|(d, _)| *d).collect();
                     self.truncate(client, &descs);
                     i = j;
                     continue;
@@ -301,7 +323,7 @@ fn relog(txn: &Txn, source: Option<changelog::Source>, leave_out: &[u32]) {
 /// Applies a parked transaction again (its progress was recorded when it was parked).
 pub fn apply_parked(me: i32, txn: &Txn) -> Result<(), String> {
     Spi::run("SET LOCAL session_replication_role = replica").expect("entering replica mode");
-    let mut applier = Applier { rels: HashMap::new(), plans: HashMap::new(), open: None, clocks: crate::conflicts::Clocks::new(me), rejected: Vec::new() };
+    let mut applier = Applier::new(me);
     let result = Spi::connect_mut(|client| crate::exceptions::attempt(|| applier.apply_txn(client, txn, None)));
     match result {
         Ok(()) => {
@@ -331,6 +353,102 @@ fn load_progress(origin: i32) -> Position {
     .unwrap_or(Position { tick: 0, seq: DONE })
 }
 
+/// The stream a batch belongs to, for [`Stream::pass`].
+struct Stream<'a> {
+    me: i32,
+    sender_node: i32,
+    batch: &'a Batch,
+    /// Transactions of this stream that stopped it before (a failed schema change).
+    blocks: &'a [crate::exceptions::Stopped],
+}
+
+/// What a pass over a batch did.
+struct Pass {
+    cursor: Position,
+    progress: HashMap<i32, Position>,
+    applied: i64,
+    stopped: Option<String>,
+}
+
+/// Raised in a fast pass to undo it: a remote transaction needs a subtransaction of its own.
+const NEEDS_CARE: &str = "rbucardo: a remote transaction of the batch needs its own subtransaction";
+
+fn e_needs_care(e: &pgrx::pg_sys::panic::CaughtError) -> bool {
+    use pgrx::pg_sys::panic::CaughtError;
+    match e {
+        CaughtError::PostgresError(r) | CaughtError::ErrorReport(r) => r.message() == NEEDS_CARE || crate::exceptions::is_parkable(e),
+        CaughtError::RustPanic { .. } => false,
+    }
+}
+
+impl Stream<'_> {
+    /// Applies the batch's transactions after `cursor` in order. `careful`: each in a
+    /// subtransaction of its own, so that one that breaks a constraint is parked and one whose
+    /// schema change fails stops the stream; otherwise any such failure raises an error.
+    fn pass(&self, applier: &mut Applier, client: &mut SpiClient<'_>, mut cursor: Position, careful: bool) -> Pass {
+        let mut progress: HashMap<i32, Position> = HashMap::new();
+        let (mut applied, mut stopped) = (0i64, None);
+        for txn in &self.batch.txns {
+            if txn.stream_pos <= cursor {
+                continue;
+            }
+            let before = cursor;
+            cursor = txn.stream_pos;
+            if txn.origin == self.me {
+                continue;
+            }
+            let done = *progress.entry(txn.origin).or_insert_with(|| load_progress(txn.origin));
+            if txn.origin_pos <= done {
+                continue;
+            }
+            let block = self.blocks.iter().find(|b| b.origin == txn.origin && b.origin_pos == txn.origin_pos);
+            if let Some(b) = block.filter(|b| !b.due) {
+                // Not yet time to try it again: the stream stays where it is.
+                stopped = Some(b.reason.clone());
+                cursor = before;
+                break;
+            }
+            let skip = block.and_then(|b| b.skip);
+            let result = if careful {
+                crate::exceptions::attempt(|| applier.apply_txn(client, txn, skip))
+            } else {
+                match applier.apply_txn(client, txn, skip) {
+                    Ok(()) => Ok(()),
+                    Err(_) => raise(PgSqlErrorCode::ERRCODE_DEPENDENT_OBJECTS_STILL_EXIST, NEEDS_CARE, "Handled by apply_batch."),
+                }
+            };
+            match result {
+                Ok(()) => {
+                    let mut leave_out = std::mem::take(&mut applier.rejected);
+                    leave_out.extend(skip);
+                    let source = changelog::Source { origin: txn.origin, origin_pos: txn.origin_pos, via: self.sender_node };
+                    relog(txn, Some(source), &leave_out);
+                    applied += 1;
+                    if let Some(b) = block {
+                        crate::exceptions::record_resumed(b);
+                    }
+                }
+                // A transaction that breaks a constraint here is parked, not allowed to stop
+                // the stream; one whose schema change fails here stops the stream before it.
+                Err(Failure::Park(reason)) => {
+                    applier.forget_target();
+                    crate::exceptions::park(txn, self.sender_node, &reason);
+                }
+                Err(Failure::Stop(stop)) => {
+                    applier.forget_target();
+                    crate::exceptions::record_stop(block.map(|b| b.id), txn, self.sender_node, &stop);
+                    stopped = Some(stop.message);
+                    cursor = before;
+                    break;
+                }
+            }
+            crate::clock::observe(txn.hlc);
+            progress.insert(txn.origin, txn.origin_pos);
+        }
+        Pass { cursor, progress, applied, stopped }
+    }
+}
+
 /// Applies a batch from the peer `sender_db` (node `sender_node`) in the current transaction.
 /// `me` is this node's id. Everything or nothing: any error aborts the caller's transaction.
 pub fn apply_batch(me: i32, sender_db: &str, sender_node: i32, batch: &Batch) -> Applied {
@@ -351,7 +469,7 @@ pub fn apply_batch(me: i32, sender_db: &str, sender_node: i32, batch: &Batch) ->
         &[sender_db.into()],
     )
     .unwrap_or_else(|_| raise(PgSqlErrorCode::ERRCODE_UNDEFINED_OBJECT, format!("no peer state for {sender_db}"), "Add the peer with rbucardo.add_db()."));
-    let mut cursor = Position { tick: tick.unwrap_or(0), seq: seq.unwrap_or(DONE) };
+    let cursor = Position { tick: tick.unwrap_or(0), seq: seq.unwrap_or(DONE) };
     if batch.after > cursor {
         raise(
             PgSqlErrorCode::ERRCODE_PROTOCOL_VIOLATION,
@@ -362,62 +480,22 @@ pub fn apply_batch(me: i32, sender_db: &str, sender_node: i32, batch: &Batch) ->
             "The batch is refused; the sender will resend from this node's position.",
         );
     }
-    let mut progress: HashMap<i32, Position> = HashMap::new();
-    let mut applied = 0i64;
-    let mut stopped = None;
-    let mut applier = Applier { rels: HashMap::new(), plans: HashMap::new(), open: None, clocks: crate::conflicts::Clocks::new(me), rejected: Vec::new() };
-    // Transactions of this stream that stopped it before (a failed schema change); normally none.
     let blocks = crate::exceptions::stopped_in(sender_node);
-    Spi::connect_mut(|client| {
-        for txn in &batch.txns {
-            if txn.stream_pos <= cursor {
-                continue;
-            }
-            let before = cursor;
-            cursor = txn.stream_pos;
-            if txn.origin == me {
-                continue;
-            }
-            let done = *progress.entry(txn.origin).or_insert_with(|| load_progress(txn.origin));
-            if txn.origin_pos <= done {
-                continue;
-            }
-            let block = blocks.iter().find(|b| b.origin == txn.origin && b.origin_pos == txn.origin_pos);
-            if let Some(b) = block.filter(|b| !b.due) {
-                // Not yet time to try it again: the stream stays where it is.
-                stopped = Some(b.reason.clone());
-                cursor = before;
-                break;
-            }
-            // A transaction that breaks a constraint here is parked, not allowed to stop the
-            // stream; one whose schema change fails here stops the stream just before it.
-            match crate::exceptions::attempt(|| applier.apply_txn(client, txn, block.and_then(|b| b.skip))) {
-                Ok(()) => {
-                    let mut leave_out = std::mem::take(&mut applier.rejected);
-                    leave_out.extend(block.and_then(|b| b.skip));
-                    let source = changelog::Source { origin: txn.origin, origin_pos: txn.origin_pos, via: sender_node };
-                    relog(txn, Some(source), &leave_out);
-                    applied += 1;
-                    if let Some(b) = block {
-                        crate::exceptions::record_resumed(b);
-                    }
-                }
-                Err(Failure::Park(reason)) => {
-                    applier.forget_target();
-                    crate::exceptions::park(txn, sender_node, &reason);
-                }
-                Err(Failure::Stop(stop)) => {
-                    applier.forget_target();
-                    crate::exceptions::record_stop(block.map(|b| b.id), txn, sender_node, &stop);
-                    stopped = Some(stop.message);
-                    cursor = before;
-                    break;
-                }
-            }
-            crate::clock::observe(txn.hlc);
-            progress.insert(txn.origin, txn.origin_pos);
+    let stream = Stream { me, sender_node, batch, blocks: &blocks };
+    let mut applier = Applier::new(me);
+    // Fast path: the whole batch in one subtransaction. If a transaction of it breaks a
+    // constraint or a schema change fails, that is undone and the batch is applied again with a
+    // subtransaction per remote transaction, which parks or stops just that one.
+    let fast = Spi::connect_mut(|client| crate::exceptions::subtransaction(std::panic::AssertUnwindSafe(|| stream.pass(&mut applier, client, cursor, false))));
+    let Pass { mut cursor, progress, applied, stopped } = match fast {
+        Ok(pass) => pass,
+        Err(e) if e_needs_care(&e) => {
+            applier.forget_target();
+            let mut applier = Applier::new(me);
+            Spi::connect_mut(|client| stream.pass(&mut applier, client, cursor, true))
         }
-    });
+        Err(e) => e.rethrow(),
+    };
     if stopped.is_none() {
         cursor = cursor.max(batch.upto);
     }

@@ -281,7 +281,7 @@ pub fn read_batch(me: i32, after: Position, to: i32, max_bytes: usize) -> Batch 
                     continue;
                 }
                 bytes += size;
-                txns.push(Txn { origin, origin_pos: t.origin_pos.unwrap_or(pos), hlc: t.hlc, stream_pos: pos, chunks: t.chunks });
+                txns.push(Txn { origin, origin_pos: t.origin_pos.unwrap_or(pos), hlc: t.hlc, stream_pos: pos, chunks: t.chunks, decoded: Default::default() });
             }
         }
         pos = Position { tick: k, seq: DONE };

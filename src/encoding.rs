@@ -79,7 +79,24 @@ pub struct Txn {
     pub stream_pos: Position,
     /// postcard-encoded `Chunk`s in capture order.
     pub chunks: Vec<Vec<u8>>,
+    /// The same chunks decoded, filled by [`decode_batch`] (which decodes every chunk to check
+    /// it anyway) so that the applier does not decode them again. Not sent.
+    #[serde(skip)]
+    pub decoded: Decoded,
 }
+
+/// Decoded chunks kept next to their bytes: a cache, not part of a transaction's value (two
+/// transactions with the same bytes are equal whether or not they were decoded).
+#[derive(Debug, Clone, Default)]
+pub struct Decoded(pub Vec<Chunk>);
+
+impl PartialEq for Decoded {
+    fn eq(&self, _: &Decoded) -> bool {
+        true
+    }
+}
+
+impl Eq for Decoded {}
 
 /// A batch of transactions from one node's stream.
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
@@ -207,11 +224,9 @@ pub fn decode_batch(bytes: &[u8], limit: usize) -> Result<Batch, DecodeError> {
     if actual != crc {
         return Err(DecodeError::Checksum { declared: crc, actual });
     }
-    let batch: Batch = postcard::from_bytes(payload).map_err(|e| DecodeError::Malformed(e.to_string()))?;
-    for txn in &batch.txns {
-        for chunk in &txn.chunks {
-            decode_chunk(chunk)?;
-        }
+    let mut batch: Batch = postcard::from_bytes(payload).map_err(|e| DecodeError::Malformed(e.to_string()))?;
+    for txn in &mut batch.txns {
+        txn.decoded = Decoded(txn.chunks.iter().map(|c| decode_chunk(c)).collect::<Result<_, _>>()?);
     }
     Ok(batch)
 }
@@ -276,7 +291,7 @@ mod tests {
             sender: 2,
             after: Position { tick: 1, seq: 5 },
             upto: Position { tick: 2, seq: 9 },
-            txns: vec![Txn { origin: 2, origin_pos: Position { tick: 2, seq: 9 }, hlc: 42, stream_pos: Position { tick: 2, seq: 9 }, chunks: vec![encode_chunk(&chunk)] }],
+            txns: vec![Txn { origin: 2, origin_pos: Position { tick: 2, seq: 9 }, hlc: 42, stream_pos: Position { tick: 2, seq: 9 }, chunks: vec![encode_chunk(&chunk)], decoded: Decoded::default() }],
         }
     }
 

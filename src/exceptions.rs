@@ -163,6 +163,7 @@ fn retry(me: i32, only: Option<i64>, limit: Option<i64>) -> i64 {
                 hlc: r.get::<i64>(6).unwrap().unwrap(),
                 stream_pos: pos,
                 chunks: postcard::from_bytes(&r.get::<Vec<u8>>(7).unwrap().unwrap_or_default()).unwrap_or_default(),
+                decoded: Default::default(),
             };
             (r.get::<i64>(1).unwrap().unwrap(), txn)
         })
@@ -297,6 +298,7 @@ fn resume_stopped(me: i32, id: i64) -> bool {
                 origin_pos: Position { tick: r.get::<i64>(2).unwrap().unwrap(), seq: r.get::<i64>(3).unwrap().unwrap() },
                 hlc: r.get::<i64>(5).unwrap().unwrap(),
                 chunks: postcard::from_bytes(&r.get::<Vec<u8>>(6).unwrap().unwrap_or_default()).unwrap_or_default(),
+                decoded: Default::default(),
                 stream_pos: Position { tick: r.get::<i64>(7).unwrap().unwrap(), seq: r.get::<i64>(8).unwrap().unwrap() },
             };
             let cursor = Position { tick: r.get::<i64>(10).unwrap().unwrap_or(0), seq: r.get::<i64>(11).unwrap().unwrap_or(crate::changelog::DONE) };

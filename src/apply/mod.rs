@@ -8,6 +8,7 @@
 //! this node forwards them to its other peers, and never back to where they came from.
 
 use std::collections::HashMap;
+use std::rc::Rc;
 
 use pgrx::prelude::*;
 use pgrx::spi::{OwnedPreparedStatement, SpiClient};
@@ -69,7 +70,9 @@ struct LocalRel {
 struct Applier {
     /// Keyed by the whole description: two transactions of one batch may see a table with
     /// different columns (a column was added in between).
-    rels: FastMap<RelDesc, LocalRel>,
+    rels: FastMap<RelDesc, Rc<LocalRel>>,
+    /// The table of the previous row change: most rows follow one of the same table.
+    last: Option<(RelDesc, Rc<LocalRel>)>,
     plans: FastMap<String, OwnedPreparedStatement>,
     open: Option<(RelDesc, rows::Target)>,
     clocks: crate::conflicts::Clocks,
@@ -84,10 +87,15 @@ fn quote(ident: &str) -> String {
 
 impl Applier {
     fn new(me: i32) -> Applier {
-        Applier { rels: FastMap::default(), plans: FastMap::default(), open: None, clocks: crate::conflicts::Clocks::new(me), rejected: Vec::new() }
+        Applier { rels: FastMap::default(), last: None, plans: FastMap::default(), open: None, clocks: crate::conflicts::Clocks::new(me), rejected: Vec::new() }
     }
 
-    fn local_rel(&mut self, desc: &RelDesc) -> &LocalRel {
+    fn local_rel(&mut self, desc: &RelDesc) -> Rc<LocalRel> {
+        if let Some((d, rel)) = &self.last {
+            if d == desc {
+                return rel.clone();
+            }
+        }
         if !self.rels.contains_key(desc) {
             let qualified = format!("{}.{}", quote(&desc.schema), quote(&desc.name));
             let (relid, found) = Spi::get_two_with_args::<pg_sys::Oid, Vec<Option<String>>>(
@@ -124,9 +132,17 @@ impl Applier {
             let layout = rows::layout(relid, desc);
             let policy = crate::conflicts::Policy::for_table(relid, desc);
             let fks = fk::foreign_keys(relid);
-            self.rels.insert(desc.clone(), LocalRel { qualified, types, layout, policy, fks });
+            self.rels.insert(desc.clone(), Rc::new(LocalRel { qualified, types, layout, policy, fks }));
         }
-        &self.rels[desc]
+        let rel = self.rels[desc].clone();
+        self.last = Some((desc.clone(), rel.clone()));
+        rel
+    }
+
+    /// Forgets every resolved table: a schema change ran, or what ran was rolled back.
+    fn forget_tables(&mut self) {
+        self.rels.clear();
+        self.last = None;
     }
 
     /// Runs `sql` (prepared once per batch) with text arguments; returns the rows affected.
@@ -179,7 +195,7 @@ impl Applier {
             .enumerate()
             .map(|(i, (c, t))| format!("{} = ${}::text::{t}", quote(c), i + 1))
             .collect();
-        let sql = format!("UPDATE {} SET {} WHERE {}", rel.qualified, sets.join(", "), Self::key_condition(rel, desc, new.len() + 1));
+        let sql = format!("UPDATE {} SET {} WHERE {}", rel.qualified, sets.join(", "), Self::key_condition(&rel, desc, new.len() + 1));
         let mut args: Vec<Option<&str>> = new.iter().map(|v| v.as_deref()).collect();
         args.extend(desc.key.iter().map(|&k| old[k as usize].as_deref()));
         if self.run(client, sql, args) == 0 {
@@ -190,7 +206,7 @@ impl Applier {
 
     fn delete(&mut self, client: &mut SpiClient<'_>, desc: &RelDesc, old: &[Option<String>]) {
         let rel = self.local_rel(desc);
-        let sql = format!("DELETE FROM {} WHERE {}", rel.qualified, Self::key_condition(rel, desc, 1));
+        let sql = format!("DELETE FROM {} WHERE {}", rel.qualified, Self::key_condition(&rel, desc, 1));
         let args = desc.key.iter().map(|&k| old[k as usize].as_deref()).collect();
         self.run(client, sql, args);
     }
@@ -204,7 +220,13 @@ impl Applier {
     /// `skip` (exception_skip). A schema change that cannot run here ends it with a [`Stop`].
     fn apply_txn(&mut self, client: &mut SpiClient<'_>, txn: &Txn, skip: Option<u32>) -> Result<(), Stop> {
         self.rejected.clear();
-        let chunks: Vec<crate::encoding::Chunk> = txn.chunks.iter().map(|bytes| decode_chunk(bytes).unwrap_or_else(|e| panic!("{e}"))).collect();
+        let decoded;
+        let chunks = if txn.decoded.0.len() == txn.chunks.len() {
+            &txn.decoded.0
+        } else {
+            decoded = txn.chunks.iter().map(|bytes| decode_chunk(bytes).unwrap_or_else(|e| panic!("{e}"))).collect::<Vec<_>>();
+            &decoded
+        };
         let mut changes: Vec<(&RelDesc, &RowChange)> =
             chunks.iter().flat_map(|c| c.changes.iter().map(|ch| (&c.relations[ch.rel as usize], ch))).collect();
         changes.sort_by_key(|(_, c)| c.ordinal);
@@ -223,7 +245,7 @@ impl Applier {
                 if skip != Some(ch.ordinal) {
                     crate::ddl::apply(client, desc, ch)?;
                 }
-                self.rels.clear();
+                self.forget_tables();
                 self.plans.clear();
                 i += 1;
                 continue;
@@ -267,7 +289,7 @@ impl Applier {
         if self.open.as_ref().is_some_and(|(d, _)| d != desc) {
             self.close_target();
         }
-        let rel = &self.rels[desc];
+        let rel = self.local_rel(desc);
         let layout = rel.layout.as_ref().unwrap();
         let (_, target) = self.open.get_or_insert_with(|| (desc.clone(), rows::Target::open(layout)));
         if target.change(layout, &rel.policy, desc, ch, origin, &mut self.clocks) {

@@ -17,7 +17,8 @@ impl Applier {
         let (old, new) = (ch.old.as_deref(), ch.new.as_deref());
         let probe = if ch.op == Op::Insert { new } else { old }.expect("row change with its key image");
         let local = self.sql_local(client, desc, probe);
-        let policy = &self.rels[desc].policy;
+        let rel = self.local_rel(desc);
+        let policy = &rel.policy;
         match crate::conflicts::decide(policy, desc, ch.op, local.as_deref(), old, new, origin, &mut self.clocks) {
             Action::Nothing => {}
             Action::Reject => self.rejected.push(ch.ordinal),
@@ -44,7 +45,7 @@ impl Applier {
                 format!("CASE WHEN {c} IS NULL THEN NULL ELSE format('%s', {c}) END")
             })
             .collect();
-        let sql = format!("SELECT ARRAY[{}]::text[] FROM {} WHERE {} FOR UPDATE", values.join(", "), rel.qualified, Self::key_condition(rel, desc, 1));
+        let sql = format!("SELECT ARRAY[{}]::text[] FROM {} WHERE {} FOR UPDATE", values.join(", "), rel.qualified, Self::key_condition(&rel, desc, 1));
         if !self.plans.contains_key(&sql) {
             let types = vec![PgOid::from(pg_sys::TEXTOID); desc.key.len()];
             let plan = client.prepare_mut(sql.as_str(), &types).unwrap_or_else(|e| panic!("preparing {sql}: {e}")).keep();

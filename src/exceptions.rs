@@ -112,10 +112,18 @@ fn parkable(e: &CaughtError) -> Option<String> {
 
 /// Parks a remote transaction that broke a constraint here.
 pub fn park(txn: &Txn, via: i32, reason: &str) {
+    insert("constraint", txn, via, reason, None);
+    log!("rbucardo: parked a transaction from node {} (position {}, {}): {reason}", txn.origin, txn.origin_pos.tick, txn.origin_pos.seq);
+}
+
+/// Keeps a remote transaction that could not be applied, with the failed command of a stop.
+fn insert(kind: &str, txn: &Txn, via: i32, reason: &str, stop: Option<&Stop>) {
     Spi::run_with_args(
-        "INSERT INTO rbucardo.exceptions (origin, origin_tick, origin_seq, via, hlc, chunks, reason)
-         VALUES ($1, $2, $3, $4, $5, $6, $7)",
+        "INSERT INTO rbucardo.exceptions (kind, origin, origin_tick, origin_seq, via, hlc, chunks, reason,
+                                          stream_tick, stream_seq, command, ddl_ordinal, last_retry)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, CASE WHEN $11 IS NOT NULL THEN pg_catalog.now() END)",
         &[
+            kind.into(),
             txn.origin.into(),
             txn.origin_pos.tick.into(),
             txn.origin_pos.seq.into(),
@@ -123,10 +131,13 @@ pub fn park(txn: &Txn, via: i32, reason: &str) {
             txn.hlc.into(),
             postcard::to_allocvec(&txn.chunks).expect("encoding chunks").into(),
             reason.into(),
+            stop.map(|_| txn.stream_pos.tick).into(),
+            stop.map(|_| txn.stream_pos.seq).into(),
+            stop.map(|s| s.command.as_str()).into(),
+            stop.map(|s| s.ordinal as i32).into(),
         ],
     )
-    .expect("parking a transaction");
-    log!("rbucardo: parked a transaction from node {} (position {}, {}): {reason}", txn.origin, txn.origin_pos.tick, txn.origin_pos.seq);
+    .expect("keeping a transaction that could not be applied");
 }
 
 /// Tries parked transactions again, oldest first; returns how many now applied. One that
@@ -234,35 +245,17 @@ pub fn stream_stopped(via: i32) -> Option<String> {
 /// Records that `txn` (at `stream_pos` in the stream from `via`) stopped that stream: a new
 /// exception, or one more failed try of `existing`.
 pub fn record_stop(existing: Option<i64>, txn: &Txn, via: i32, stop: &Stop) {
-    match existing {
-        Some(id) => Spi::run_with_args(
-            "UPDATE rbucardo.exceptions SET reason = $2, command = $3, ddl_ordinal = $4, skip_ordinal = NULL,
-                    last_retry = pg_catalog.now(), retries = retries + 1 WHERE id = $1",
-            &[id.into(), stop.message.as_str().into(), stop.command.as_str().into(), (stop.ordinal as i32).into()],
-        ),
-        None => Spi::run_with_args(
-            "INSERT INTO rbucardo.exceptions (kind, origin, origin_tick, origin_seq, via, hlc, chunks, reason,
-                                              stream_tick, stream_seq, command, ddl_ordinal, last_retry)
-             VALUES ('ddl', $1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, pg_catalog.now())",
-            &[
-                txn.origin.into(),
-                txn.origin_pos.tick.into(),
-                txn.origin_pos.seq.into(),
-                via.into(),
-                txn.hlc.into(),
-                postcard::to_allocvec(&txn.chunks).expect("encoding chunks").into(),
-                stop.message.as_str().into(),
-                txn.stream_pos.tick.into(),
-                txn.stream_pos.seq.into(),
-                stop.command.as_str().into(),
-                (stop.ordinal as i32).into(),
-            ],
-        ),
-    }
-    .expect("recording a stopped stream");
-    if existing.is_none() {
+    let Some(id) = existing else {
+        insert("ddl", txn, via, &stop.message, Some(stop));
         log!("rbucardo: the stream from node {via} stopped at a transaction of node {}: {}", txn.origin, stop.message);
-    }
+        return;
+    };
+    Spi::run_with_args(
+        "UPDATE rbucardo.exceptions SET reason = $2, command = $3, ddl_ordinal = $4, skip_ordinal = NULL,
+                last_retry = pg_catalog.now(), retries = retries + 1 WHERE id = $1",
+        &[id.into(), stop.message.as_str().into(), stop.command.as_str().into(), (stop.ordinal as i32).into()],
+    )
+    .expect("recording a stopped stream");
 }
 
 /// Marks a stopping transaction applied (or applied without its failing command).

@@ -228,7 +228,7 @@ pub fn set_ddl_shape(key: &str, shape: String) {
         let Some(ordinal) = tx.ddl_queries.iter().find(|q| q.key == key).map(|q| q.ordinal) else { return };
         if let Some((_, ch)) = tx.pending.iter_mut().rev().find(|(_, c)| c.ordinal == ordinal) {
             if let Some(new) = ch.new.as_mut() {
-                new.truncate(2);
+                new.truncate(3);
                 new.push(Some(shape));
             }
         }
@@ -237,7 +237,8 @@ pub fn set_ddl_shape(key: &str, shape: String) {
 
 /// Appends a DDL change (src/ddl.rs) to the transaction's buffer, in order with the row
 /// changes, and remembers `key` (the client query it came from) so it is recorded once.
-pub fn record_ddl(key: String, schema: &str, tag: &str, sql: String, search_path: String) {
+/// `role` is the user that ran it: peers run it as that role.
+pub fn record_ddl(key: String, schema: &str, tag: &str, sql: String, search_path: String, role: String) {
     ensure_hooks();
     let subid = unsafe { pg_sys::GetCurrentSubTransactionId() };
     let spill = TX.with(|tx| {
@@ -250,8 +251,8 @@ pub fn record_ddl(key: String, schema: &str, tag: &str, sql: String, search_path
         tx.relations.push(RelDesc { schema: schema.to_string(), name: tag.to_string(), columns: Vec::new(), key: Vec::new() });
         tx.ordinal += 1;
         let ordinal = tx.ordinal;
-        tx.bytes += sql.len() + search_path.len() + 16;
-        tx.pending.push((subid, RowChange { ordinal, rel: relno, op: Op::Ddl, old: None, new: Some(vec![Some(sql), Some(search_path)]) }));
+        tx.bytes += sql.len() + search_path.len() + role.len() + 16;
+        tx.pending.push((subid, RowChange { ordinal, rel: relno, op: Op::Ddl, old: None, new: Some(vec![Some(sql), Some(search_path), Some(role)]) }));
         tx.ddl_queries.push(DdlQuery { subid, key, ordinal, tables: Vec::new() });
         tx.bytes >= SPILL_BYTES
     });

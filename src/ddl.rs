@@ -222,7 +222,8 @@ fn auto_join(table: pg_sys::Oid) {
         .expect("adding the new table to its herd");
 }
 
-unsafe fn on_event(td: *mut pg_sys::EventTriggerData) {
+/// `role`: the user running the command (before the trigger switched to the extension's owner).
+unsafe fn on_event(td: *mut pg_sys::EventTriggerData, role: &str) {
     let drop = CStr::from_ptr((*td).event).to_bytes() == b"sql_drop";
     let tag = CStr::from_ptr(pg_sys::GetCommandTagName((*td).tag)).to_string_lossy().into_owned();
     let replica = pg_sys::SessionReplicationRole == pg_sys::SESSION_REPLICATION_ROLE_REPLICA as i32;
@@ -266,7 +267,7 @@ unsafe fn on_event(td: *mut pg_sys::EventTriggerData) {
                     let text = replicable_text(&query);
                     if !text.is_empty() {
                         let schema = hit.schema.clone().unwrap_or_default();
-                        crate::capture::record_ddl(key, &schema, &tag, text, search_path);
+                        crate::capture::record_ddl(key, &schema, &tag, text, search_path, role.to_string());
                     }
                 }
             }
@@ -326,7 +327,8 @@ pub unsafe extern "C-unwind" fn rbucardo_ddl_trigger(fcinfo: pg_sys::FunctionCal
     let (mut user, mut context) = (pg_sys::InvalidOid, 0);
     pg_sys::GetUserIdAndSecContext(&mut user, &mut context);
     pg_sys::SetUserIdAndSecContext(pg_sys::Oid::from_u32(pg_sys::BOOTSTRAP_SUPERUSERID), context | pg_sys::SECURITY_LOCAL_USERID_CHANGE as i32);
-    on_event(td);
+    let role = CStr::from_ptr(pg_sys::GetUserNameFromId(user, false)).to_string_lossy().into_owned();
+    on_event(td, &role);
     pg_sys::SetUserIdAndSecContext(user, context);
     pg_sys::Datum::from(0usize)
 }
@@ -360,8 +362,8 @@ fn sqlstate_and_message(e: &CaughtError) -> (Option<PgSqlErrorCode>, String) {
 /// transaction is applied and its stream stops here until the schema is fixed.
 pub fn apply(client: &mut SpiClient<'_>, desc: &RelDesc, ch: &RowChange) -> Result<(), Stop> {
     let new = ch.new.as_ref().expect("checked by decode_chunk");
-    let (sql, search_path) = (new[0].as_deref().unwrap_or_default(), new[1].as_deref().unwrap_or_default());
-    let origin_shape = new.get(2).and_then(|v| v.as_deref());
+    let (sql, search_path, role) = (new[0].as_deref().unwrap_or_default(), new[1].as_deref().unwrap_or_default(), new[2].as_deref().unwrap_or_default());
+    let origin_shape = new.get(3).and_then(|v| v.as_deref());
     let stop = |message: String| Stop {
         ordinal: ch.ordinal,
         command: sql.to_string(),
@@ -369,6 +371,16 @@ pub fn apply(client: &mut SpiClient<'_>, desc: &RelDesc, ch: &RowChange) -> Resu
     };
     let saved = Spi::get_one::<String>("SELECT pg_catalog.current_setting('search_path')").ok().flatten().unwrap_or_default();
     Spi::run_with_args("SELECT pg_catalog.set_config('search_path', $1, true)", &[search_path.into()]).expect("setting the search_path");
+    // The command runs as the role that ran it on its origin: objects get the same owner, and
+    // it can do nothing here that its author could not (roles are not replicated).
+    let Ok(Some(role_oid)) = Spi::get_one_with_args::<pg_sys::Oid>("SELECT oid FROM pg_catalog.pg_roles WHERE rolname = $1", &[role.into()]) else {
+        return Err(stop(format!("role {role:?}, which ran it on its origin, does not exist here (create it; roles are not replicated)")));
+    };
+    let (mut user, mut context) = (pg_sys::InvalidOid, 0);
+    unsafe {
+        pg_sys::GetUserIdAndSecContext(&mut user, &mut context);
+        pg_sys::SetUserIdAndSecContext(role_oid, context | pg_sys::SECURITY_LOCAL_USERID_CHANGE as i32);
+    }
     let mut existed = Vec::new();
     APPLYING.with(|a| a.set(true));
     let mut failure = None;
@@ -387,6 +399,7 @@ pub fn apply(client: &mut SpiClient<'_>, desc: &RelDesc, ch: &RowChange) -> Resu
         }
     }
     APPLYING.with(|a| a.set(false));
+    unsafe { pg_sys::SetUserIdAndSecContext(user, context) };
     if let Some(message) = failure {
         return Err(stop(message));
     }
@@ -464,7 +477,8 @@ fn replicate_ddl(sql: &str) -> String {
     let schema = Spi::get_one::<String>("SELECT pg_catalog.current_schema()::text").ok().flatten().unwrap_or_default();
     let key = format!("replicate_ddl\u{0}{}\u{0}{sql}", unsafe { pg_sys::GetCurrentStatementStartTimestamp() });
     // Recorded before it runs, so that rows it writes come after it in the stream.
-    crate::capture::record_ddl(key.clone(), &schema, "replicate_ddl", text.clone(), search_path);
+    let role = Spi::get_one::<String>("SELECT current_user::text").ok().flatten().unwrap_or_default();
+    crate::capture::record_ddl(key.clone(), &schema, "replicate_ddl", text.clone(), search_path, role);
     EXPLICIT.with(|e| *e.borrow_mut() = Some(key));
     let result = PgTryBuilder::new(|| Spi::run(sql).map_err(|e| e.to_string())).finally(|| EXPLICIT.with(|e| *e.borrow_mut() = None)).execute();
     if let Err(e) = result {

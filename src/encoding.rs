@@ -16,8 +16,8 @@ pub enum Op {
     Update,
     Delete,
     Truncate,
-    /// A schema change (src/ddl.rs): `new` holds `[command text, search_path]` and, when known,
-    /// the shape of the tables it touched on its origin (a third value); `old` is `None`, and
+    /// A schema change (src/ddl.rs): `new` holds `[command text, search_path, role]` and, when
+    /// known, the shape of the tables it touched on its origin (a fourth value); `old` is `None`, and
     /// `rel` points to a description of the schema with no columns.
     Ddl,
 }
@@ -254,7 +254,7 @@ pub fn decode_chunk(bytes: &[u8]) -> Result<Chunk, DecodeError> {
             let well_formed = rel.columns.is_empty()
                 && rel.key.is_empty()
                 && ch.old.is_none()
-                && ch.new.as_ref().is_some_and(|n| (n.len() == 2 || n.len() == 3) && n.iter().all(|v| v.is_some()));
+                && ch.new.as_ref().is_some_and(|n| (n.len() == 3 || n.len() == 4) && n.iter().all(|v| v.is_some()));
             if !well_formed {
                 return Err(DecodeError::Malformed(format!("DDL change {} in schema {} is malformed", ch.ordinal, rel.schema)));
             }
@@ -304,11 +304,12 @@ mod tests {
             };
             decode_chunk(&encode_chunk(&chunk))
         };
-        let good = Some(vec![Some("CREATE TABLE t (id int)".into()), Some("public".into())]);
+        let good = Some(vec![Some("CREATE TABLE t (id int)".into()), Some("public".into()), Some("odoo".into())]);
         assert!(ddl(good.clone(), vec![]).is_ok());
         assert!(ddl(None, vec![]).is_err());
         assert!(ddl(Some(vec![Some("x".into())]), vec![]).is_err());
-        assert!(ddl(Some(vec![None, Some("public".into())]), vec![]).is_err());
+        assert!(ddl(Some(vec![None, Some("public".into()), Some("odoo".into())]), vec![]).is_err());
+        assert!(ddl(Some(vec![Some("x".into()), Some("public".into())]), vec![]).is_err());
         assert!(ddl(good, vec!["id".into()]).is_err());
     }
 

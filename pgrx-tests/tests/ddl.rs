@@ -507,3 +507,43 @@ fn d5_same_column_added_on_two_nodes_while_apart() {
     }
     assert_no_errors(&cluster);
 }
+
+// ---------------------------------------------------------------------------
+// 6. A replicated command runs on the peers as the role that ran it on its origin: objects
+//    get the same owner, and a role missing on a peer stops that stream until it exists.
+
+#[test]
+fn d6_ddl_runs_as_its_author_on_every_node() {
+    let cluster = start_store("d6_ddl_role", Topology::Star);
+    // Odoo's role exists on main and branch1 only; it may create tables in public.
+    for i in [MAIN, BRANCH1] {
+        cluster.node(i).sql(DB, "SET rbucardo.replicate_ddl = off; CREATE ROLE odoo; GRANT CREATE, USAGE ON SCHEMA public TO odoo");
+    }
+    cluster.node(MAIN).sql(
+        DB,
+        "SET ROLE odoo;
+         CREATE TABLE odoo_module (id serial PRIMARY KEY, name text NOT NULL);
+         INSERT INTO odoo_module (name) VALUES ('point_of_sale')",
+    );
+    let owner = "SELECT tableowner FROM pg_tables WHERE tablename = 'odoo_module'";
+    wait_value(&cluster, BRANCH1, "odoo's table", owner, "odoo");
+    wait_table_on(&cluster, BRANCH1, "odoo_module", 1);
+    assert_eq!(one(&cluster, MAIN, owner), "odoo");
+    // branch2 has no such role: its stream from main stops there, naming the role.
+    wait_value(&cluster, BRANCH2, "stopped stream", "SELECT state FROM rbucardo.status WHERE db = 'main'", "stopped");
+    let reason = one(&cluster, BRANCH2, "SELECT reason FROM rbucardo.exceptions WHERE resolved_at IS NULL");
+    assert!(reason.contains("role \"odoo\"") && reason.contains("does not exist here"), "{reason}");
+    assert_eq!(one(&cluster, BRANCH2, "SELECT count(*) FROM pg_tables WHERE tablename = 'odoo_module'"), "0");
+    // Creating the role is the fix; the automatic retry picks it up.
+    cluster.node(BRANCH2).sql(DB, "SET rbucardo.replicate_ddl = off; CREATE ROLE odoo; GRANT CREATE, USAGE ON SCHEMA public TO odoo");
+    wait_value(&cluster, BRANCH2, "odoo's table", owner, "odoo");
+    wait_table(&cluster, "odoo_module", "id", 1);
+    wait_value(&cluster, BRANCH2, "resumed stream", OPEN_DDL_EXCEPTIONS, "0");
+    // A role may not do on a peer what it may not do here: replicate_ddl runs as its caller.
+    let refused = cluster.node(MAIN).connect(DB).execute("SET ROLE odoo; SELECT rbucardo.replicate_ddl('ALTER ROLE odoo SUPERUSER')");
+    assert!(refused.as_ref().is_err_and(|e| e.to_string().contains("permission denied")), "{refused:?}");
+    // Branches write the new table with their own ids.
+    run_on(&cluster, BRANCH2, &["INSERT INTO odoo_module (name) VALUES ('from branch2')".to_string()]);
+    wait_table(&cluster, "odoo_module", "id", 2);
+    assert_no_errors(&cluster);
+}

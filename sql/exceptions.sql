@@ -24,6 +24,6 @@ CREATE TABLE rbucardo.exceptions (
     retries      integer NOT NULL DEFAULT 0,
     last_retry   timestamptz,
     resolved_at  timestamptz,
-    resolution   text CHECK (resolution IN ('applied', 'discarded', 'skipped'))
+    resolution   text CHECK (resolution IN ('applied', 'discarded', 'skipped', 'parked'))
 );
 CREATE INDEX exceptions_open ON rbucardo.exceptions (via) WHERE resolved_at IS NULL;

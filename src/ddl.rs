@@ -152,6 +152,19 @@ fn schema_statements(query: &str) -> Vec<String> {
     out
 }
 
+/// Whether a query string holds a SET statement (search_path, role, ...).
+fn sets_anything(query: &str) -> bool {
+    let Ok(c) = CString::new(query) else { return false };
+    unsafe {
+        let list = pg_sys::raw_parser(c.as_ptr(), pg_sys::RawParseMode::RAW_PARSE_DEFAULT);
+        !list.is_null()
+            && (0..(*list).length as usize).any(|i| {
+                let raw = (*(*list).elements.add(i)).ptr_value as *mut pg_sys::RawStmt;
+                !(*raw).stmt.is_null() && (*(*raw).stmt).type_ == pg_sys::NodeTag::T_VariableSetStmt
+            })
+    }
+}
+
 /// A command seen by the event trigger.
 struct Cmd {
     objid: Option<pg_sys::Oid>,
@@ -410,11 +423,10 @@ pub fn apply(client: &mut SpiClient<'_>, desc: &RelDesc, ch: &RowChange) -> Resu
         };
         let differences = Spi::get_one_with_args::<String>(
             "SELECT pg_catalog.string_agg(format('%s.%s is %s here but %s on the origin', table_name, column_name,
-                                                 coalesce(here, 'missing'), there), '; ')
+                                                 coalesce(here, 'missing'), coalesce(there, 'missing')), '; ')
                FROM rbucardo.shape_differences(rbucardo.table_shape(
                         ARRAY(SELECT pg_catalog.to_regclass(k)::pg_catalog.oid FROM pg_catalog.jsonb_object_keys($1::jsonb) k)),
-                    $1::jsonb)
-              WHERE there IS NOT NULL",
+                    $1::jsonb)",
             &[shape.into()],
         )
         .ok()
@@ -464,6 +476,13 @@ fn replicate_ddl(sql: &str) -> String {
             PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE,
             "rbucardo.replicate_ddl() found no schema change in its argument",
             "Pass DDL such as CREATE, ALTER, DROP or COMMENT; row changes to replicated tables replicate by themselves.",
+        );
+    }
+    if sets_anything(sql) {
+        raise(
+            PgSqlErrorCode::ERRCODE_FEATURE_NOT_SUPPORTED,
+            "rbucardo.replicate_ddl() does not take SET statements",
+            "Peers run the command with the search_path and as the role current at the call: qualify names (schema.table) or SET them before calling.",
         );
     }
     if !REPLICATE_DDL.get() {
@@ -530,6 +549,11 @@ mod tests {
     #[pg_test(error = "sync \"nope\" does not exist")]
     fn validate_schema_refuses_an_unknown_sync() {
         Spi::run("SELECT * FROM rbucardo.validate_schema('nope')").unwrap();
+    }
+
+    #[pg_test(error = "rbucardo.replicate_ddl() does not take SET statements")]
+    fn replicate_ddl_refuses_set() {
+        Spi::run("SELECT rbucardo.replicate_ddl('SET search_path = elsewhere; CREATE TABLE t (id int PRIMARY KEY)')").unwrap();
     }
 
     #[pg_test(error = "rbucardo.replicate_ddl() found no schema change in its argument")]

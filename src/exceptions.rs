@@ -83,6 +83,13 @@ pub fn attempt<R>(f: impl FnOnce() -> Result<R, Stop>) -> Result<R, Failure> {
     }
 }
 
+fn error_message(e: &CaughtError) -> String {
+    match e {
+        CaughtError::PostgresError(r) | CaughtError::ErrorReport(r) => r.message().to_string(),
+        CaughtError::RustPanic { ereport, .. } => ereport.message().to_string(),
+    }
+}
+
 /// Whether an error is one that parks a remote transaction instead of failing its batch.
 pub fn is_parkable(e: &CaughtError) -> bool {
     parkable(e).is_some()
@@ -182,7 +189,10 @@ fn retry(me: i32, only: Option<i64>, limit: Option<i64>) -> i64 {
     });
     let mut applied = 0;
     for (id, txn) in open {
-        match crate::apply::apply_parked(me, &txn) {
+        // Whatever goes wrong with one (its table is gone since, a resolver raised), it stays
+        // parked with that reason: it must not fail the batch or the retry of the others.
+        let outcome = subtransaction(std::panic::AssertUnwindSafe(|| crate::apply::apply_parked(me, &txn))).unwrap_or_else(|e| Err(error_message(&e)));
+        match outcome {
             Ok(()) => {
                 Spi::run_with_args("UPDATE rbucardo.exceptions SET resolved_at = now(), resolution = 'applied', last_retry = now(), retries = retries + 1 WHERE id = $1", &[id.into()])
                     .expect("resolving an exception");
@@ -256,6 +266,17 @@ pub fn record_stop(existing: Option<i64>, txn: &Txn, via: i32, stop: &Stop) {
         &[id.into(), stop.message.as_str().into(), stop.command.as_str().into(), (stop.ordinal as i32).into()],
     )
     .expect("recording a stopped stream");
+}
+
+/// Closes a stopping transaction's exception without applying it through this stream:
+/// `applied` (it arrived by another path and was applied there) or `parked` (it applied its
+/// schema change but broke a constraint, and is parked as a `constraint` exception).
+pub fn record_superseded(s: &Stopped, resolution: &str) {
+    Spi::run_with_args(
+        "UPDATE rbucardo.exceptions SET resolved_at = pg_catalog.now(), resolution = $2 WHERE id = $1 AND resolved_at IS NULL",
+        &[s.id.into(), resolution.into()],
+    )
+    .expect("closing a stopped stream's exception");
 }
 
 /// Marks a stopping transaction applied (or applied without its failing command).

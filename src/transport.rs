@@ -310,6 +310,8 @@ impl Link {
                 .map_err(|e| e.to_string())?;
             let pos = rows.first().and_then(|r| Some(Position { tick: r.i64(0)?, seq: r.i64(1)? })).ok_or("peer_position returned nothing")?;
             if let Some(why) = rows.first().and_then(|r| r.text(2)) {
+                let name = self.peer.name.clone();
+                in_txn(move || record_confirmed(&name, pos))?;
                 self.stopped = Some(format!("{} stopped applying this node's stream: {why}", self.peer.name));
                 return Ok(sent);
             }

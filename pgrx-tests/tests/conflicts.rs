@@ -407,3 +407,36 @@ fn conflicts_are_detected_on_the_sql_apply_path() {
     );
     assert_eq!(one(&cluster, MAIN, "SELECT string_agg(id || ' ' || seen, '|' ORDER BY id) FROM notes"), "2 true|3 false|4 false", "local-only column kept on update, default on insert");
 }
+
+/// A parked transaction that can no longer be applied for another reason (its table was
+/// renamed here since) stays parked with that reason; the batches after it still apply.
+#[test]
+fn a_parked_transaction_that_now_fails_otherwise_does_not_block_the_stream() {
+    let cluster = start_store("conflict_parked_gone", Topology::Star);
+    for i in ALL {
+        cluster.node(i).sql(DB, "SET rbucardo.replicate_ddl = off;
+                                 CREATE TABLE badge (id int PRIMARY KEY, code text NOT NULL UNIQUE);
+                                 SELECT rbucardo.add_table('store', 'badge')");
+    }
+    cluster.link(BRANCH2, MAIN).cut();
+    cluster.node(MAIN).sql(DB, "INSERT INTO badge VALUES (1, 'gold')");
+    cluster.node(BRANCH2).sql(DB, "INSERT INTO badge VALUES (3000001, 'gold')");
+    cluster.link(BRANCH2, MAIN).restore();
+    wait_until("branch2's badge parked on main", Duration::from_secs(60), || {
+        Ok(one(&cluster, MAIN, "SELECT count(*) FROM rbucardo.exceptions WHERE resolved_at IS NULL AND reason LIKE '%duplicate key%'") == "1")
+    });
+    // The table goes away here: retrying the parked transaction now fails with another error.
+    cluster.node(MAIN).sql(DB, "SET rbucardo.replicate_ddl = off; ALTER TABLE badge RENAME TO badge_old");
+    for k in 1..=3 {
+        cluster.node(BRANCH2).sql(DB, &format!("INSERT INTO users (id, login, name) VALUES (300000{k} + 10, 'late{k}', 'after the park')"));
+    }
+    wait_until("branch2's later users on main", Duration::from_secs(60), || Ok(one(&cluster, MAIN, "SELECT count(*) FROM users WHERE login LIKE 'late%'") == "3"));
+    wait_until("the new reason recorded", Duration::from_secs(60), || {
+        let reason = one(&cluster, MAIN, "SELECT reason FROM rbucardo.exceptions WHERE resolved_at IS NULL");
+        if reason.contains("does not exist") { Ok(true) } else { Err(reason) }
+    });
+    for i in ALL {
+        let errors = one(&cluster, i, "SELECT count(*) FROM rbucardo.peer_state WHERE last_error IS NOT NULL");
+        assert_eq!(errors, "0", "{}: {:?}", NODE_NAMES[i], cluster.node(i).query(DB, "SELECT db, last_error FROM rbucardo.peer_state"));
+    }
+}

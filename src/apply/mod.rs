@@ -419,11 +419,16 @@ impl Stream<'_> {
             if txn.origin == self.me {
                 continue;
             }
+            let block = self.blocks.iter().find(|b| b.origin == txn.origin && b.origin_pos == txn.origin_pos);
             let done = *progress.entry(txn.origin).or_insert_with(|| load_progress(txn.origin));
             if txn.origin_pos <= done {
+                // Already here by another path (a mesh): so is a schema change that stopped
+                // this stream at it.
+                if let Some(b) = block {
+                    crate::exceptions::record_superseded(b, "applied");
+                }
                 continue;
             }
-            let block = self.blocks.iter().find(|b| b.origin == txn.origin && b.origin_pos == txn.origin_pos);
             if let Some(b) = block.filter(|b| !b.due) {
                 // Not yet time to try it again: the stream stays where it is.
                 stopped = Some(b.reason.clone());
@@ -453,8 +458,14 @@ impl Stream<'_> {
                 // A transaction that breaks a constraint here is parked, not allowed to stop
                 // the stream; one whose schema change fails here stops the stream before it.
                 Err(Failure::Park(reason)) => {
+                    // What was resolved inside the rolled-back transaction (tables after its
+                    // schema change, row clocks) no longer holds.
                     applier.forget_target();
+                    *applier = Applier::new(self.me);
                     crate::exceptions::park(txn, self.sender_node, &reason);
+                    if let Some(b) = block {
+                        crate::exceptions::record_superseded(b, "parked");
+                    }
                 }
                 Err(Failure::Stop(stop)) => {
                     applier.forget_target();

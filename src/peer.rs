@@ -427,6 +427,18 @@ impl PeerConn {
     /// error becomes `Query` (message, SQLSTATE, detail, hint) and leaves the connection usable;
     /// several-MB parameters are fine (sent with non-blocking flushes).
     pub fn query(&mut self, sql: &str, params: &[Param], timeout: Duration) -> Result<Vec<Row>, PeerError> {
+        self.send(sql, params, timeout)?;
+        self.receive(timeout)
+    }
+
+    /// The second half of [`PeerConn::query`]: waits for the results of the statement sent.
+    pub fn receive(&mut self, timeout: Duration) -> Result<Vec<Row>, PeerError> {
+        self.finish(&Deadline::new(timeout, "peer query"))
+    }
+
+    /// The first half of [`PeerConn::query`]: sends the statement and returns while the peer
+    /// runs it, so the caller can work meanwhile; [`PeerConn::receive`] must follow.
+    pub fn send(&mut self, sql: &str, params: &[Param], timeout: Duration) -> Result<(), PeerError> {
         let deadline = Deadline::new(timeout, "peer query");
         let sql = CString::new(sql).map_err(|_| PeerError::Query("statement contains a NUL byte".into()))?;
         if params.len() > 65535 {
@@ -461,7 +473,7 @@ impl PeerConn {
             lengths.push(len);
             formats.push(fmt);
         }
-        self.run(&deadline, |conn| unsafe {
+        self.start(&deadline, |conn| unsafe {
             pq::PQsendQueryParams(
                 conn,
                 sql.as_ptr(),
@@ -594,6 +606,13 @@ impl PeerConn {
 
     /// Sends with `send`, flushes, and collects every result of the command string.
     fn run(&mut self, deadline: &Deadline, send: impl FnOnce(*mut pq::PGconn) -> c_int) -> Result<Vec<Row>, PeerError> {
+        self.start(deadline, send)?;
+        self.finish(deadline)
+    }
+
+    /// Sends with `send` and pushes the whole command out; [`PeerConn::finish`] collects the
+    /// results. In between the connection is busy (and counts as broken if abandoned).
+    fn start(&mut self, deadline: &Deadline, send: impl FnOnce(*mut pq::PGconn) -> c_int) -> Result<(), PeerError> {
         if self.is_broken() {
             return Err(PeerError::Closed(if self.poisoned {
                 "an earlier operation was abandoned (timeout or shutdown); reconnect".into()
@@ -622,6 +641,12 @@ impl PeerConn {
                 return Err(self.failure(PeerError::Closed));
             }
         }
+        Ok(())
+    }
+
+    /// Collects every result of the command sent by [`PeerConn::start`].
+    fn finish(&mut self, deadline: &Deadline) -> Result<Vec<Row>, PeerError> {
+        let mut latch = LatchRestore(false);
 
         let mut rows = Vec::new();
         let mut first_error = None;

@@ -301,44 +301,57 @@ impl Link {
     }
 
     /// Pushes this node's stream to the peer until it has everything; returns batches sent.
+    /// While the peer applies one batch, the next is read from the change log, so catching up
+    /// after an outage keeps both nodes busy.
     pub fn push(&mut self, me: &Me) -> Result<i64, String> {
         let mut sent = 0;
-        loop {
+        'from_the_peer: loop {
             let rows = self
                 .conn()?
                 .query("SELECT tick, seq, stopped FROM rbucardo.peer_position($1)", &[Param::Text(&me.name)], CALL_TIMEOUT)
                 .map_err(|e| e.to_string())?;
             let pos = rows.first().and_then(|r| Some(Position { tick: r.i64(0)?, seq: r.i64(1)? })).ok_or("peer_position returned nothing")?;
+            let (me_id, name, peer_id) = (me.id, self.peer.name.clone(), self.peer_id);
             if let Some(why) = rows.first().and_then(|r| r.text(2)) {
-                let name = self.peer.name.clone();
                 in_txn(move || record_confirmed(&name, pos))?;
                 self.stopped = Some(format!("{} stopped applying this node's stream: {why}", self.peer.name));
                 return Ok(sent);
             }
-            let (me_id, name, peer_id) = (me.id, self.peer.name.clone(), self.peer_id);
-            let batch = in_txn(move || {
+            let mut batch = in_txn(move || {
                 record_confirmed(&name, pos);
                 crate::changelog::read_batch(me_id, pos, peer_id, BATCH_BYTES)
             })?;
             if batch.txns.is_empty() && batch.upto == pos {
                 return Ok(sent);
             }
-            let empty = batch.txns.is_empty();
-            let bytes = encode_batch(&batch);
-            let rows = self
-                .conn()?
-                .query("SELECT tick, seq, stopped FROM rbucardo.peer_push($1, $2)", &[Param::Text(&me.name), Param::Bytes(&bytes)], CALL_TIMEOUT)
-                .map_err(|e| e.to_string())?;
-            let done = rows.first().and_then(|r| Some(Position { tick: r.i64(0)?, seq: r.i64(1)? })).ok_or("peer_push returned nothing")?;
-            let name = self.peer.name.clone();
-            in_txn(move || record_confirmed(&name, done))?;
-            sent += 1;
-            if let Some(why) = rows.first().and_then(|r| r.text(2)) {
-                self.stopped = Some(format!("{} stopped applying this node's stream: {why}", self.peer.name));
-                return Ok(sent);
-            }
-            if empty {
-                return Ok(sent);
+            loop {
+                let empty = batch.txns.is_empty();
+                let bytes = encode_batch(&batch);
+                self.conn()?
+                    .send("SELECT tick, seq, stopped FROM rbucardo.peer_push($1, $2)", &[Param::Text(&me.name), Param::Bytes(&bytes)], CALL_TIMEOUT)
+                    .map_err(|e| e.to_string())?;
+                drop(bytes);
+                // The peer ends at batch.upto unless it stops short; read on from there.
+                let upto = batch.upto;
+                let next = (!empty).then(|| in_txn(move || crate::changelog::read_batch(me_id, upto, peer_id, BATCH_BYTES)));
+                let rows = self.conn()?.receive(CALL_TIMEOUT).map_err(|e| e.to_string())?;
+                let done = rows.first().and_then(|r| Some(Position { tick: r.i64(0)?, seq: r.i64(1)? })).ok_or("peer_push returned nothing")?;
+                let name = self.peer.name.clone();
+                in_txn(move || record_confirmed(&name, done))?;
+                sent += 1;
+                if let Some(why) = rows.first().and_then(|r| r.text(2)) {
+                    self.stopped = Some(format!("{} stopped applying this node's stream: {why}", self.peer.name));
+                    return Ok(sent);
+                }
+                let Some(next) = next else { return Ok(sent) };
+                let next = next?;
+                if done != upto {
+                    continue 'from_the_peer;
+                }
+                if next.txns.is_empty() && next.upto == upto {
+                    return Ok(sent);
+                }
+                batch = next;
             }
         }
     }

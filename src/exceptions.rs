@@ -83,6 +83,17 @@ pub fn attempt<R>(f: impl FnOnce() -> Result<R, Stop>) -> Result<R, Failure> {
     }
 }
 
+/// The chunks of a kept transaction, as stored by [`insert`]; a damaged value is an error, not
+/// an empty transaction that would "apply".
+fn stored_chunks(bytes: &[u8]) -> Result<Vec<Vec<u8>>, String> {
+    let chunks: Vec<Vec<u8>> = postcard::from_bytes(bytes).map_err(|e| format!("the stored transaction cannot be decoded: {e}"))?;
+    match chunks.iter().find_map(|c| crate::encoding::decode_chunk(c).err()) {
+        Some(e) => Err(format!("the stored transaction cannot be decoded: {e}")),
+        None if chunks.is_empty() => Err("the stored transaction has no changes".into()),
+        None => Ok(chunks),
+    }
+}
+
 fn error_message(e: &CaughtError) -> String {
     match e {
         CaughtError::PostgresError(r) | CaughtError::ErrorReport(r) => r.message().to_string(),
@@ -165,7 +176,7 @@ pub fn retry_after_batch(me: i32) -> i64 {
 }
 
 fn retry(me: i32, only: Option<i64>, limit: Option<i64>) -> i64 {
-    let open: Vec<(i64, Txn)> = Spi::connect(|c| {
+    let open: Vec<(i64, Result<Txn, String>)> = Spi::connect(|c| {
         c.select(
             "SELECT id, origin, origin_tick, origin_seq, via, hlc, chunks FROM rbucardo.exceptions
               WHERE resolved_at IS NULL AND kind = 'constraint' AND ($1::bigint IS NULL OR id = $1) ORDER BY id LIMIT $2",
@@ -175,14 +186,14 @@ fn retry(me: i32, only: Option<i64>, limit: Option<i64>) -> i64 {
         .expect("reading exceptions")
         .map(|r| {
             let pos = Position { tick: r.get::<i64>(3).unwrap().unwrap(), seq: r.get::<i64>(4).unwrap().unwrap() };
-            let txn = Txn {
+            let txn = stored_chunks(&r.get::<Vec<u8>>(7).unwrap().unwrap_or_default()).map(|chunks| Txn {
                 origin: r.get::<i32>(2).unwrap().unwrap(),
                 origin_pos: pos,
                 hlc: r.get::<i64>(6).unwrap().unwrap(),
                 stream_pos: pos,
-                chunks: postcard::from_bytes(&r.get::<Vec<u8>>(7).unwrap().unwrap_or_default()).unwrap_or_default(),
+                chunks,
                 decoded: Default::default(),
-            };
+            });
             (r.get::<i64>(1).unwrap().unwrap(), txn)
         })
         .collect()
@@ -191,7 +202,9 @@ fn retry(me: i32, only: Option<i64>, limit: Option<i64>) -> i64 {
     for (id, txn) in open {
         // Whatever goes wrong with one (its table is gone since, a resolver raised), it stays
         // parked with that reason: it must not fail the batch or the retry of the others.
-        let outcome = subtransaction(std::panic::AssertUnwindSafe(|| crate::apply::apply_parked(me, &txn))).unwrap_or_else(|e| Err(error_message(&e)));
+        let outcome = txn.and_then(|txn| {
+            subtransaction(std::panic::AssertUnwindSafe(|| crate::apply::apply_parked(me, &txn))).unwrap_or_else(|e| Err(error_message(&e)))
+        });
         match outcome {
             Ok(()) => {
                 Spi::run_with_args("UPDATE rbucardo.exceptions SET resolved_at = now(), resolution = 'applied', last_retry = now(), retries = retries + 1 WHERE id = $1", &[id.into()])
@@ -311,7 +324,9 @@ fn resume_stopped(me: i32, id: i64) -> bool {
                 origin: r.get::<i32>(1).unwrap().unwrap(),
                 origin_pos: Position { tick: r.get::<i64>(2).unwrap().unwrap(), seq: r.get::<i64>(3).unwrap().unwrap() },
                 hlc: r.get::<i64>(5).unwrap().unwrap(),
-                chunks: postcard::from_bytes(&r.get::<Vec<u8>>(6).unwrap().unwrap_or_default()).unwrap_or_default(),
+                chunks: stored_chunks(&r.get::<Vec<u8>>(6).unwrap().unwrap_or_default()).unwrap_or_else(|e| {
+                    raise(PgSqlErrorCode::ERRCODE_DATA_CORRUPTED, format!("exception {id}: {e}"), "The stored transaction is damaged; it cannot be applied.")
+                }),
                 decoded: Default::default(),
                 stream_pos: Position { tick: r.get::<i64>(7).unwrap().unwrap(), seq: r.get::<i64>(8).unwrap().unwrap() },
             };

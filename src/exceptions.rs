@@ -94,7 +94,8 @@ fn stored_chunks(bytes: &[u8]) -> Result<Vec<Vec<u8>>, String> {
     }
 }
 
-fn error_message(e: &CaughtError) -> String {
+/// The message of a caught error, for a status or a record.
+pub fn error_message(e: &CaughtError) -> String {
     match e {
         CaughtError::PostgresError(r) | CaughtError::ErrorReport(r) => r.message().to_string(),
         CaughtError::RustPanic { ereport, .. } => ereport.message().to_string(),

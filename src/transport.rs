@@ -178,12 +178,7 @@ pub fn in_txn<R>(f: impl FnOnce() -> R + std::panic::UnwindSafe + std::panic::Re
         pg_sys::PushActiveSnapshot(pg_sys::GetTransactionSnapshot());
     }
     let result = PgTryBuilder::new(|| Ok(f()))
-        .catch_others(|e| {
-            Err(match e {
-                pg_sys::panic::CaughtError::PostgresError(r) | pg_sys::panic::CaughtError::ErrorReport(r) => r.message().to_string(),
-                pg_sys::panic::CaughtError::RustPanic { ereport, .. } => ereport.message().to_string(),
-            })
-        })
+        .catch_others(|e| Err(crate::exceptions::error_message(&e)))
         .execute();
     unsafe {
         if result.is_ok() {

@@ -15,11 +15,26 @@ CREATE TABLE rbucardo.node (
 
 -- Peers this node knows. With a conninfo this node connects out (and does both directions over
 -- that one connection); without one the peer is passive here and connects in.
+-- The seq of the position "all of tick t" (WHOLE_TICK in src/base/wire.rs).
+CREATE FUNCTION rbucardo.whole_tick() RETURNS bigint
+LANGUAGE sql IMMUTABLE PARALLEL SAFE AS 'SELECT 9223372036854775807::bigint';
+
+-- The last tick a position (tick, seq) covers completely.
+CREATE FUNCTION rbucardo.complete_tick(tick bigint, seq bigint) RETURNS bigint
+LANGUAGE sql IMMUTABLE PARALLEL SAFE
+AS 'SELECT CASE WHEN seq = rbucardo.whole_tick() THEN tick ELSE tick - 1 END';
+
 CREATE TABLE rbucardo.db (
     name      text PRIMARY KEY CHECK (name ~ '^[A-Za-z_][A-Za-z0-9_]*$'),
     conninfo  text,
     node_id   integer UNIQUE,          -- learned on first contact
-    created   timestamptz NOT NULL DEFAULT now()
+    created   timestamptz NOT NULL DEFAULT now(),
+    -- what this node lets the peer send it (set_peer_policy, docs/security.md): its schema
+    -- changes (none; limited: as ddl_role, never a superuser; trusted: as their origin's role),
+    -- and whether it may relay other nodes' changes
+    ddl       text NOT NULL DEFAULT 'limited' CHECK (ddl IN ('none', 'limited', 'trusted')),
+    ddl_role  name,
+    relay     boolean NOT NULL DEFAULT false
 );
 
 CREATE TABLE rbucardo.herd (
@@ -77,11 +92,11 @@ INSERT INTO rbucardo.tick VALUES (0, pg_current_snapshot(), 0);
 -- mine (out_*), plus what the worker last saw of the link.
 CREATE TABLE rbucardo.peer_state (
     db            text PRIMARY KEY REFERENCES rbucardo.db ON DELETE CASCADE ON UPDATE CASCADE,
-    -- positions are (tick, seq); (t, 9223372036854775807) means all of tick t
+    -- positions are (tick, seq); (t, rbucardo.whole_tick()) means all of tick t
     in_tick       bigint NOT NULL DEFAULT 0,
-    in_seq        bigint NOT NULL DEFAULT 9223372036854775807,
+    in_seq        bigint NOT NULL DEFAULT rbucardo.whole_tick(),
     out_tick      bigint NOT NULL DEFAULT 0,
-    out_seq       bigint NOT NULL DEFAULT 9223372036854775807,
+    out_seq       bigint NOT NULL DEFAULT rbucardo.whole_tick(),
     applied_in    bigint NOT NULL DEFAULT 0,
     state         text NOT NULL DEFAULT 'disconnected',
     last_contact  timestamptz,
@@ -89,7 +104,10 @@ CREATE TABLE rbucardo.peer_state (
     -- the columns and types of the peer's replicated tables, as it last reported them
     -- (rbucardo.table_shape format), for validate_schema
     schema_shape  jsonb,
-    schema_at     timestamptz
+    schema_at     timestamptz,
+    -- why the last batch from the peer was refused (src/apply/admit.rs), until one applies
+    refused       text,
+    refused_at    timestamptz
 );
 
 -- Per origin node: the position in the origin's own stream up to which its changes are applied

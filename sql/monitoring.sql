@@ -9,7 +9,10 @@ SELECT d.name,
        CASE WHEN d.conninfo IS NULL AND (p.last_contact IS NULL OR p.last_contact < now() - interval '30 seconds')
             THEN 'disconnected' ELSE p.state END AS state,
        p.last_contact,
-       p.last_error
+       coalesce(p.refused, p.last_error) AS last_error,
+       d.ddl,
+       d.ddl_role,
+       d.relay
   FROM rbucardo.db d
   LEFT JOIN rbucardo.peer_state p ON p.db = d.name;
 
@@ -32,6 +35,8 @@ SELECT s.name AS sync,
        CASE WHEN s.paused THEN 'paused'
             -- A schema change from this peer fails here: its stream waits (rbucardo.exceptions).
             WHEN x.reason IS NOT NULL THEN 'stopped'
+            -- Its last batch asked for more than this node lets it do (src/apply/admit.rs).
+            WHEN p.refused IS NOT NULL THEN 'refused'
             -- A passive peer calls in at least every few seconds while it is up.
             WHEN d.conninfo IS NULL AND (p.last_contact IS NULL OR p.last_contact < now() - interval '30 seconds')
                 THEN 'disconnected'
@@ -43,10 +48,10 @@ SELECT s.name AS sync,
            AND l.via IS DISTINCT FROM d.node_id
            AND NOT pg_visible_in_snapshot(l.txid, coalesce(
                  (SELECT t.snap FROM rbucardo.tick t
-                   WHERE t.tick_id = CASE WHEN p.out_seq = 9223372036854775807 THEN p.out_tick ELSE p.out_tick - 1 END),
+                   WHERE t.tick_id = rbucardo.complete_tick(p.out_tick, p.out_seq)),
                  '1:1:'::pg_snapshot))) AS pending_out,
        p.applied_in,
-       coalesce(x.reason, p.last_error) AS last_error,
+       coalesce(x.reason, p.refused, p.last_error) AS last_error,
        -- Transactions from this peer parked here or stopping its stream (rbucardo.exceptions),
        -- not yet resolved.
        (SELECT count(*) FROM rbucardo.exceptions e

@@ -1,26 +1,17 @@
 //! rbucardo: multi-master replication for PostgreSQL, entirely inside the server.
 //!
-//! This file only wires the subsystems together; each module's header says what it owns.
-//! See docs/architecture.md for how the pieces fit.
+//! This file only wires the layers together. Each folder of src/ is a layer and imports only
+//! from the layers below it (base, log, apply, schema, api, runtime; see docs/architecture.md
+//! and scripts/check-layers.sh, which the test command runs).
 
 use pgrx::prelude::*;
 
+pub mod api;
 pub mod apply;
-pub mod capture;
-pub mod catalog;
-pub mod changelog;
-pub mod clock;
-pub mod conflicts;
-pub mod ddl;
-pub mod encoding;
-pub mod error;
-pub mod exceptions;
-pub mod monitor;
-pub mod peer;
-pub mod replicator;
-pub mod sequences;
-pub mod transport;
-pub mod worker;
+pub mod base;
+pub mod log;
+pub mod runtime;
+pub mod schema;
 
 ::pgrx::pg_module_magic!(name, version);
 
@@ -28,7 +19,8 @@ pub mod worker;
 pgrx::extension_sql_file!("../sql/catalog.sql", name = "catalog", bootstrap);
 pgrx::extension_sql_file!("../sql/conflicts.sql", name = "conflicts", requires = ["catalog"]);
 pgrx::extension_sql_file!("../sql/exceptions.sql", name = "exceptions", requires = ["catalog"]);
-pgrx::extension_sql_file!("../sql/monitoring.sql", name = "monitoring", requires = ["catalog", "exceptions", monitor::redact_conninfo]);
+pgrx::extension_sql_file!("../sql/monitoring.sql", name = "monitoring", requires = ["catalog", "exceptions", api::monitor::redact_conninfo]);
+pgrx::extension_sql_file!("../sql/ddl.sql", name = "ddl", requires = ["catalog", "capture_trigger_function"]);
 // Last step of CREATE EXTENSION: have the launcher start this database's worker after commit.
 pgrx::extension_sql!("SELECT rbucardo.wake_launcher();", name = "wake_launcher", finalize);
 
@@ -37,6 +29,7 @@ pgrx::extension_sql!("SELECT rbucardo.wake_launcher();", name = "wake_launcher",
 /// than a clear error.
 #[pg_guard]
 pub extern "C-unwind" fn _PG_init() {
+    // SAFETY: a plain global, set by the postmaster while it loads preloaded libraries.
     if !unsafe { pg_sys::process_shared_preload_libraries_in_progress } {
         ereport!(
             PgLogLevel::ERROR,
@@ -45,9 +38,10 @@ pub extern "C-unwind" fn _PG_init() {
             "Add rbucardo to shared_preload_libraries in postgresql.conf and restart the server."
         );
     }
-    clock::init();
-    ddl::init();
-    worker::init();
+    base::clock::init();
+    base::signals::init();
+    schema::ddl::init();
+    runtime::worker::init();
 }
 
 #[cfg(any(test, feature = "pg_test"))]
@@ -59,6 +53,12 @@ mod tests {
     fn extension_schema_exists() {
         let n = Spi::get_one::<i64>("SELECT count(*) FROM pg_namespace WHERE nspname = 'rbucardo'");
         assert_eq!(n, Ok(Some(1)));
+    }
+
+    #[pg_test]
+    fn sql_and_rust_agree_on_the_whole_tick() {
+        let n = Spi::get_one::<i64>("SELECT rbucardo.whole_tick()");
+        assert_eq!(n, Ok(Some(crate::base::wire::WHOLE_TICK)));
     }
 }
 

@@ -15,8 +15,8 @@ use pgrx::prelude::*;
 use pgrx::spi::SpiClient;
 
 use super::Applier;
-use crate::encoding::{RelDesc, Value};
-use crate::error::raise;
+use crate::base::wire::{RelDesc, Value};
+use crate::base::error::raise;
 
 /// A foreign key from a replicated table, as checked on apply.
 pub struct ForeignKey {

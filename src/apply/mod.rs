@@ -6,6 +6,10 @@
 //! transaction that arrives a second time (by another path in a mesh) is recognised and skipped.
 //! Applied transactions are written to the local change log under their original origin, so
 //! this node forwards them to its other peers, and never back to where they came from.
+//!
+//! Before anything of a batch is applied, [`admit`] checks it against what this node lets the
+//! sending peer do (its tables, the origins it speaks for, its DDL level); a batch that asks for
+//! more is refused whole.
 
 use std::collections::HashMap;
 use std::rc::Rc;
@@ -13,14 +17,25 @@ use std::rc::Rc;
 use pgrx::prelude::*;
 use pgrx::spi::{OwnedPreparedStatement, SpiClient};
 
+pub mod admit;
+pub mod conflicts;
+pub mod ddl;
+pub mod decide;
+pub mod exceptions;
 mod fk;
+pub mod retry;
 mod rows;
 mod sql;
 
-use crate::changelog::{self, DONE};
-use crate::encoding::{decode_chunk, Batch, Op, Position, RelDesc, RowChange, Txn};
-use crate::error::raise;
-use crate::exceptions::{Failure, Stop};
+use crate::apply::decide::{Action, Decision, Forward, Origin};
+use crate::apply::exceptions::{Failure, Stop};
+use crate::base::error::raise;
+use crate::base::locks;
+use crate::base::node::peer_policy;
+use crate::base::wire::{decode_chunk, encode_chunk, Batch, Op, Position, RelDesc, RowChange, Txn, Value};
+use crate::base::xact::{self, LocalSetting};
+use crate::log::changelog;
+use crate::log::clocks::Clocks;
 
 /// What the batch did, for the caller's bookkeeping.
 pub struct Applied {
@@ -60,7 +75,7 @@ struct LocalRel {
     /// Set when rows can be applied through the executor (the fast path).
     layout: Option<rows::Layout>,
     /// How conflicts on this table are resolved (both paths).
-    policy: crate::conflicts::Policy,
+    policy: decide::Policy,
     /// Foreign keys from this table, checked at the end of each remote transaction.
     fks: Vec<fk::ForeignKey>,
 }
@@ -75,10 +90,16 @@ struct Applier {
     last: Option<(RelDesc, Rc<LocalRel>)>,
     plans: FastMap<String, OwnedPreparedStatement>,
     open: Option<(RelDesc, rows::Target)>,
-    clocks: crate::conflicts::Clocks,
-    /// Ordinals of the current transaction's changes that lost a conflict here: they are not
-    /// forwarded.
-    rejected: Vec<u32>,
+    clocks: Clocks,
+    /// Changes of the current transaction that do not travel on as they came: left out
+    /// (`None`: the version lost here, or a command skipped here) or with another new image
+    /// (only what was accepted here). By ordinal.
+    edits: Vec<(u32, Option<Vec<Value>>)>,
+    /// Who this node lets the sender's schema changes run as.
+    run_as: ddl::RunAsRole,
+    /// The role each schema change ran as, by ordinal, when not the one it claims: what it
+    /// carries on when forwarded.
+    ran_as: Vec<(u32, String)>,
 }
 
 fn quote(ident: &str) -> String {
@@ -86,8 +107,8 @@ fn quote(ident: &str) -> String {
 }
 
 impl Applier {
-    fn new(me: i32) -> Applier {
-        Applier { rels: FastMap::default(), last: None, plans: FastMap::default(), open: None, clocks: crate::conflicts::Clocks::new(me), rejected: Vec::new() }
+    fn new(me: i32, run_as: ddl::RunAsRole) -> Applier {
+        Applier { rels: FastMap::default(), last: None, plans: FastMap::default(), open: None, clocks: Clocks::new(me), edits: Vec::new(), run_as, ran_as: Vec::new() }
     }
 
     fn local_rel(&mut self, desc: &RelDesc) -> Rc<LocalRel> {
@@ -130,7 +151,7 @@ impl Applier {
                 })
                 .collect();
             let layout = rows::layout(relid, desc);
-            let policy = crate::conflicts::Policy::for_table(relid, desc);
+            let policy = conflicts::policy_for(relid, desc);
             let fks = fk::foreign_keys(relid);
             self.rels.insert(desc.clone(), Rc::new(LocalRel { qualified, types, layout, policy, fks }));
         }
@@ -219,7 +240,8 @@ impl Applier {
     /// Applies one remote transaction's changes in capture order, leaving out the schema change
     /// `skip` (exception_skip). A schema change that cannot run here ends it with a [`Stop`].
     fn apply_txn(&mut self, client: &mut SpiClient<'_>, txn: &Txn, skip: Option<u32>) -> Result<(), Stop> {
-        self.rejected.clear();
+        self.edits.clear();
+        self.ran_as.clear();
         let decoded;
         let chunks = if txn.decoded.0.len() == txn.chunks.len() {
             &txn.decoded.0
@@ -230,7 +252,7 @@ impl Applier {
         let mut changes: Vec<(&RelDesc, &RowChange)> =
             chunks.iter().flat_map(|c| c.changes.iter().map(|ch| (&c.relations[ch.rel as usize], ch))).collect();
         changes.sort_by_key(|(_, c)| c.ordinal);
-        let origin = crate::conflicts::Origin { node: txn.origin, hlc: txn.hlc };
+        let origin = Origin { node: txn.origin, hlc: txn.hlc };
         // Rows written to tables with foreign keys, checked once the whole transaction is in.
         let mut written = fk::Written::default();
         let mut i = 0;
@@ -243,7 +265,12 @@ impl Applier {
                 self.close_target();
                 written.check(self, client);
                 if skip != Some(ch.ordinal) {
-                    crate::ddl::apply(client, desc, ch)?;
+                    let role = ddl::apply(client, desc, ch, &self.run_as)?;
+                    if ch.new.as_ref().and_then(|n| n[2].as_deref()) != Some(role.as_str()) {
+                        self.ran_as.push((ch.ordinal, role));
+                    }
+                } else {
+                    self.edits.push((ch.ordinal, None));
                 }
                 self.forget_tables();
                 self.plans.clear();
@@ -282,7 +309,7 @@ impl Applier {
     }
 
     /// Applies one row change through the executor if the table allows it.
-    fn executor_apply(&mut self, desc: &RelDesc, ch: &RowChange, origin: crate::conflicts::Origin) -> bool {
+    fn executor_apply(&mut self, desc: &RelDesc, ch: &RowChange, origin: Origin) -> bool {
         if self.local_rel(desc).layout.is_none() {
             return false;
         }
@@ -292,14 +319,21 @@ impl Applier {
         let rel = self.local_rel(desc);
         let layout = rel.layout.as_ref().unwrap();
         let (_, target) = self.open.get_or_insert_with(|| (desc.clone(), rows::Target::open(layout)));
-        if target.change(layout, &rel.policy, desc, ch, origin, &mut self.clocks) {
-            self.rejected.push(ch.ordinal);
-        }
+        let (clocks, edits) = (&mut self.clocks, &mut self.edits);
+        let decision = target.change(layout, desc, ch, |local| decide_change(&rel.policy, desc, ch, local, origin, clocks));
+        settle(decision, ch.ordinal, edits);
         // A later change of this batch to the same row compares with this one's clock.
         if let Some(row) = ch.new.as_ref().or(ch.old.as_ref()) {
             self.clocks.note(desc, row, (origin.hlc, origin.node));
         }
         true
+    }
+
+    /// The decision on one row change of the SQL path; records what travels on.
+    fn decide(&mut self, desc: &RelDesc, ch: &RowChange, local: Option<&[Value]>, origin: Origin) -> Action {
+        let rel = self.local_rel(desc);
+        let decision = decide_change(&rel.policy, desc, ch, local, origin, &mut self.clocks);
+        settle(decision, ch.ordinal, &mut self.edits)
     }
 
     /// Drops the open table without closing it: its subtransaction was rolled back, which
@@ -317,43 +351,81 @@ impl Applier {
     }
 }
 
-/// Writes an applied transaction to the local change log so that this node forwards it: under
-/// its original origin (`source`; never back to where it came from), or, with `None`, as a
-/// change of this node. The changes in `leave_out` (a command skipped here, versions that lost
-/// a conflict here) do not travel on.
-fn relog(txn: &Txn, source: Option<changelog::Source>, leave_out: &[u32]) {
-    let filtered: Vec<Vec<u8>>;
-    let chunks = if leave_out.is_empty() {
+/// Runs the pure conflict decision for one row change with what this node knows (row clocks,
+/// custom functions), writes its conflict log entry, and stops the batch under `abort`.
+fn decide_change(policy: &decide::Policy, desc: &RelDesc, ch: &RowChange, local: Option<&[Value]>, origin: Origin, clocks: &mut Clocks) -> Decision {
+    let mut env = conflicts::NodeEnv { clocks };
+    let decision = decide::decide(policy, desc, ch.op, local, ch.old.as_deref(), ch.new.as_deref(), origin, &mut env);
+    if let Action::Abort(message) = &decision.action {
+        raise(
+            PgSqlErrorCode::ERRCODE_T_R_SERIALIZATION_FAILURE,
+            message.clone(),
+            "Nothing of this batch was applied. Fix the row or change the strategy (rbucardo.set_conflict_strategy), and the stream resumes.",
+        );
+    }
+    if let Some(logged) = &decision.log {
+        conflicts::record(policy, logged);
+    }
+    decision
+}
+
+/// Notes what of a decided change travels on; returns what to do with the local row.
+fn settle(decision: Decision, ordinal: u32, edits: &mut Vec<(u32, Option<Vec<Value>>)>) -> Action {
+    match decision.forward {
+        Forward::AsIs => {}
+        Forward::LeaveOut => edits.push((ordinal, None)),
+        Forward::NewImage(row) => edits.push((ordinal, Some(row))),
+    }
+    decision.action
+}
+
+/// Writes an applied transaction to the local change log under its original origin, so that
+/// this node forwards it (never back to where it came from). `edits` changes what travels on:
+/// a change left out (a command skipped here, a version that lost a conflict here) or carrying
+/// another new image; `ran_as` the role a schema change ran as here.
+fn relog(txn: &Txn, source: changelog::Source, edits: &[(u32, Option<Vec<Value>>)], ran_as: &[(u32, String)]) {
+    let edited: Vec<Vec<u8>>;
+    let chunks = if edits.is_empty() && ran_as.is_empty() {
         &txn.chunks
     } else {
-        filtered = txn
+        edited = txn
             .chunks
             .iter()
             .map(|bytes| {
                 let mut chunk = decode_chunk(bytes).unwrap_or_else(|e| panic!("{e}"));
-                chunk.changes.retain(|c| !leave_out.contains(&c.ordinal));
-                crate::encoding::encode_chunk(&chunk)
+                chunk.changes.retain_mut(|c| match edits.iter().find(|(o, _)| *o == c.ordinal) {
+                    Some((_, None)) => false,
+                    Some((_, Some(row))) => {
+                        c.new = Some(row.clone());
+                        true
+                    }
+                    None => {
+                        if let (Some((_, role)), Some(new)) = (ran_as.iter().find(|(o, _)| *o == c.ordinal), c.new.as_mut()) {
+                            new[2] = Some(role.clone());
+                        }
+                        true
+                    }
+                });
+                encode_chunk(&chunk)
             })
             .collect();
-        &filtered
+        &edited
     };
     for (i, chunk) in chunks.iter().enumerate() {
-        changelog::append(chunk, i as i32, i + 1 == chunks.len(), source, txn.hlc);
+        changelog::append(chunk, i as i32, i + 1 == chunks.len(), Some(source), txn.hlc);
     }
 }
 
-/// Applies a parked transaction again (its progress was recorded when it was parked).
-pub fn apply_parked(me: i32, txn: &Txn) -> Result<(), String> {
-    Spi::run("SET LOCAL session_replication_role = replica").expect("entering replica mode");
-    let mut applier = Applier::new(me);
-    let result = Spi::connect_mut(|client| crate::exceptions::attempt(|| applier.apply_txn(client, txn, None)));
+/// Applies a parked transaction again (its progress was recorded, and it was forwarded, when
+/// it was parked), with the policy of the peer `via` that sent it. It is not forwarded again.
+pub fn apply_parked(me: i32, via: i32, txn: &Txn) -> Result<(), String> {
+    let _replica = LocalSetting::replica_mode();
+    let policy = crate::base::node::peer_policy_by_id(via);
+    let run_as = policy.as_ref().map_or_else(|| ddl::RunAsRole::Nobody(format!("node {via}")), ddl::run_as);
+    let mut applier = Applier::new(me, run_as);
+    let result = Spi::connect_mut(|client| exceptions::attempt(|| applier.apply_txn(client, txn, None)));
     match result {
-        Ok(()) => {
-            // Peers have moved past its place in the origin's stream and would skip it as a
-            // duplicate: it travels on as a change of this node.
-            relog(txn, None, &applier.rejected);
-            Ok(())
-        }
+        Ok(()) => Ok(()),
         Err(Failure::Park(reason)) => {
             applier.forget_target();
             Err(reason)
@@ -365,14 +437,14 @@ pub fn apply_parked(me: i32, txn: &Txn) -> Result<(), String> {
 /// Where this node stands in `origin`'s stream. Locks it until commit: another peer may be
 /// delivering the same origin's transactions by another path at this moment.
 fn load_progress(origin: i32) -> Position {
-    Spi::run_with_args("SELECT pg_advisory_xact_lock(7263, $1)", &[origin.into()]).expect("origin lock");
+    locks::lock_origin(origin);
     Spi::get_two_with_args::<i64, i64>(
         "SELECT tick, seq FROM rbucardo.origin_progress WHERE origin = $1 FOR UPDATE",
         &[origin.into()],
     )
     .ok()
     .and_then(|(t, s)| Some(Position { tick: t?, seq: s? }))
-    .unwrap_or(Position { tick: 0, seq: DONE })
+    .unwrap_or(Position::START)
 }
 
 /// The stream a batch belongs to, for [`Stream::pass`].
@@ -381,7 +453,9 @@ struct Stream<'a> {
     sender_node: i32,
     batch: &'a Batch,
     /// Transactions of this stream that stopped it before (a failed schema change).
-    blocks: &'a [crate::exceptions::Stopped],
+    blocks: &'a [exceptions::Stopped],
+    /// Who the sender's schema changes run as here.
+    run_as: &'a ddl::RunAsRole,
 }
 
 /// What a pass over a batch did.
@@ -392,22 +466,15 @@ struct Pass {
     stopped: Option<String>,
 }
 
-/// Raised in a fast pass to undo it: a remote transaction needs a subtransaction of its own.
-const NEEDS_CARE: &str = "rbucardo: a remote transaction of the batch needs its own subtransaction";
-
-fn e_needs_care(e: &pgrx::pg_sys::panic::CaughtError) -> bool {
-    use pgrx::pg_sys::panic::CaughtError;
-    match e {
-        CaughtError::PostgresError(r) | CaughtError::ErrorReport(r) => r.message() == NEEDS_CARE || crate::exceptions::is_parkable(e),
-        CaughtError::RustPanic { .. } => false,
-    }
-}
+/// A fast pass met a remote transaction that needs a subtransaction of its own (it must be
+/// parked, or it stops the stream): the pass is undone and done again carefully.
+struct NeedsCare;
 
 impl Stream<'_> {
     /// Applies the batch's transactions after `cursor` in order. `careful`: each in a
     /// subtransaction of its own, so that one that breaks a constraint is parked and one whose
     /// schema change fails stops the stream; otherwise any such failure raises an error.
-    fn pass(&self, applier: &mut Applier, client: &mut SpiClient<'_>, mut cursor: Position, careful: bool) -> Pass {
+    fn pass(&self, applier: &mut Applier, client: &mut SpiClient<'_>, mut cursor: Position, careful: bool) -> Result<Pass, NeedsCare> {
         let mut progress: HashMap<i32, Position> = HashMap::new();
         let (mut applied, mut stopped) = (0i64, None);
         for txn in &self.batch.txns {
@@ -425,7 +492,7 @@ impl Stream<'_> {
                 // Already here by another path (a mesh): so is a schema change that stopped
                 // this stream at it.
                 if let Some(b) = block {
-                    crate::exceptions::record_superseded(b, "applied");
+                    exceptions::record_superseded(b, "applied");
                 }
                 continue;
             }
@@ -437,22 +504,19 @@ impl Stream<'_> {
             }
             let skip = block.and_then(|b| b.skip);
             let result = if careful {
-                crate::exceptions::attempt(|| applier.apply_txn(client, txn, skip))
+                exceptions::attempt(|| applier.apply_txn(client, txn, skip))
             } else {
-                match applier.apply_txn(client, txn, skip) {
-                    Ok(()) => Ok(()),
-                    Err(_) => raise(PgSqlErrorCode::ERRCODE_DEPENDENT_OBJECTS_STILL_EXIST, NEEDS_CARE, "Handled by apply_batch."),
-                }
+                // A constraint violation raises out of the whole pass; a stop asks for care.
+                applier.apply_txn(client, txn, skip).map_err(|_| NeedsCare)?;
+                Ok(())
             };
+            let source = changelog::Source { origin: txn.origin, origin_pos: txn.origin_pos, via: self.sender_node };
             match result {
                 Ok(()) => {
-                    let mut leave_out = std::mem::take(&mut applier.rejected);
-                    leave_out.extend(skip);
-                    let source = changelog::Source { origin: txn.origin, origin_pos: txn.origin_pos, via: self.sender_node };
-                    relog(txn, Some(source), &leave_out);
+                    relog(txn, source, &applier.edits, &applier.ran_as);
                     applied += 1;
                     if let Some(b) = block {
-                        crate::exceptions::record_resumed(b);
+                        exceptions::record_resumed(b);
                     }
                 }
                 // A transaction that breaks a constraint here is parked, not allowed to stop
@@ -461,29 +525,36 @@ impl Stream<'_> {
                     // What was resolved inside the rolled-back transaction (tables after its
                     // schema change, row clocks) no longer holds.
                     applier.forget_target();
-                    *applier = Applier::new(self.me);
-                    crate::exceptions::park(txn, self.sender_node, &reason);
+                    *applier = Applier::new(self.me, self.run_as.clone());
+                    exceptions::park(txn, self.sender_node, &reason);
+                    // It travels on now, as it came, under its own origin and position: nodes
+                    // behind this one must not see a later transaction of its origin before it
+                    // (they would take it as applied), and may well apply it at once. When it
+                    // applies here later, it is not forwarded again.
+                    relog(txn, source, &[], &[]);
                     if let Some(b) = block {
-                        crate::exceptions::record_superseded(b, "parked");
+                        exceptions::record_superseded(b, "parked");
                     }
                 }
                 Err(Failure::Stop(stop)) => {
                     applier.forget_target();
-                    crate::exceptions::record_stop(block.map(|b| b.id), txn, self.sender_node, &stop);
+                    exceptions::record_stop(block.map(|b| b.id), txn, self.sender_node, &stop);
                     stopped = Some(stop.message);
                     cursor = before;
                     break;
                 }
             }
-            crate::clock::observe(txn.hlc);
+            crate::base::clock::observe(txn.hlc);
             progress.insert(txn.origin, txn.origin_pos);
         }
-        Pass { cursor, progress, applied, stopped }
+        Ok(Pass { cursor, progress, applied, stopped })
     }
 }
 
 /// Applies a batch from the peer `sender_db` (node `sender_node`) in the current transaction.
-/// `me` is this node's id. Everything or nothing: any error aborts the caller's transaction.
+/// `me` is this node's id. Everything or nothing: any error aborts the caller's transaction. A
+/// batch that asks for more than this node lets that peer do is refused whole before anything
+/// of it is applied: the refusal is the returned `stopped`, and the server log says it too.
 pub fn apply_batch(me: i32, sender_db: &str, sender_node: i32, batch: &Batch) -> Applied {
     if batch.sender != sender_node {
         raise(
@@ -494,15 +565,15 @@ pub fn apply_batch(me: i32, sender_db: &str, sender_node: i32, batch: &Batch) ->
     }
     // Our own changes must not be re-captured by our triggers. The commit must be durable
     // before the sender hears of it: the sender trims what it believes we have.
-    Spi::run("SET LOCAL session_replication_role = replica; SET LOCAL synchronous_commit = local").expect("entering replica mode");
-    // One applier per stream at a time (a peer may push while we pull from it).
-    Spi::run_with_args("SELECT pg_advisory_xact_lock(7262, $1)", &[sender_node.into()]).expect("stream lock");
+    let _replica = LocalSetting::replica_mode();
+    Spi::run("SET LOCAL synchronous_commit = local").expect("durable apply");
+    locks::lock_stream(sender_node);
     let (tick, seq) = Spi::get_two_with_args::<i64, i64>(
         "SELECT in_tick, in_seq FROM rbucardo.peer_state WHERE db = $1 FOR UPDATE",
         &[sender_db.into()],
     )
     .unwrap_or_else(|_| raise(PgSqlErrorCode::ERRCODE_UNDEFINED_OBJECT, format!("no peer state for {sender_db}"), "Add the peer with rbucardo.add_db()."));
-    let cursor = Position { tick: tick.unwrap_or(0), seq: seq.unwrap_or(DONE) };
+    let cursor = Position { tick: tick.unwrap_or(0), seq: seq.unwrap_or(Position::START.seq) };
     if batch.after > cursor {
         raise(
             PgSqlErrorCode::ERRCODE_PROTOCOL_VIOLATION,
@@ -513,39 +584,52 @@ pub fn apply_batch(me: i32, sender_db: &str, sender_node: i32, batch: &Batch) ->
             "The batch is refused; the sender will resend from this node's position.",
         );
     }
-    let blocks = crate::exceptions::stopped_in(sender_node);
-    let stream = Stream { me, sender_node, batch, blocks: &blocks };
-    let mut applier = Applier::new(me);
+    let policy = peer_policy(sender_db);
+    if let Err(why) = admit::admit(me, &policy, batch, cursor) {
+        let why = format!("refused a batch from {sender_db}: {why}");
+        pgrx::warning!("rbucardo: {why}");
+        admit::record_refusal(sender_db, &why);
+        return Applied { cursor, txns: 0, stopped: Some(why) };
+    }
+    let run_as = ddl::run_as(&policy);
+    let blocks = exceptions::stopped_in(sender_node);
+    let stream = Stream { me, sender_node, batch, blocks: &blocks, run_as: &run_as };
+    let mut applier = Applier::new(me, run_as.clone());
     // Fast path: the whole batch in one subtransaction. If a transaction of it breaks a
     // constraint or a schema change fails, that is undone and the batch is applied again with a
     // subtransaction per remote transaction, which parks or stops just that one.
-    let fast = Spi::connect_mut(|client| crate::exceptions::subtransaction(std::panic::AssertUnwindSafe(|| stream.pass(&mut applier, client, cursor, false))));
-    let Pass { mut cursor, progress, applied, stopped } = match fast {
-        Ok(pass) => pass,
-        Err(e) if e_needs_care(&e) => {
-            applier.forget_target();
-            let mut applier = Applier::new(me);
-            Spi::connect_mut(|client| stream.pass(&mut applier, client, cursor, true))
+    let fast = Spi::connect_mut(|client| xact::undoable(std::panic::AssertUnwindSafe(|| stream.pass(&mut applier, client, cursor, false))));
+    let careful = |applier: &mut Applier| {
+        applier.forget_target();
+        let mut applier = Applier::new(me, run_as.clone());
+        match Spi::connect_mut(|client| stream.pass(&mut applier, client, cursor, true)) {
+            Ok(pass) => pass,
+            Err(NeedsCare) => unreachable!("a careful pass handles every transaction"),
         }
+    };
+    let Pass { mut cursor, progress, applied, stopped } = match fast {
+        Ok(Ok(pass)) => pass,
+        Ok(Err(NeedsCare)) => careful(&mut applier),
+        Err(e) if exceptions::is_parkable(&e) => careful(&mut applier),
         Err(e) => e.rethrow(),
     };
     if stopped.is_none() {
         cursor = cursor.max(batch.upto);
     }
     if applied > 0 {
-        crate::exceptions::retry_after_batch(me);
+        retry::retry_after_batch(me);
     }
     for (origin, pos) in &progress {
         Spi::run_with_args(
             "INSERT INTO rbucardo.origin_progress (origin, tick, seq) VALUES ($1, $2, $3)
-             ON CONFLICT (origin) DO UPDATE SET tick = EXCLUDED.tick, seq = EXCLUDED.seq, applied_at = now()",
+             ON CONFLICT (origin) DO UPDATE SET tick = EXCLUDED.tick, seq = EXCLUDED.seq, applied_at = pg_catalog.now()",
             &[(*origin).into(), pos.tick.into(), pos.seq.into()],
         )
         .expect("recording origin progress");
     }
     Spi::run_with_args(
         "UPDATE rbucardo.peer_state SET in_tick = $2, in_seq = $3, applied_in = applied_in + $4,
-                last_contact = now() WHERE db = $1",
+                last_contact = pg_catalog.now(), refused = NULL WHERE db = $1",
         &[sender_db.into(), cursor.tick.into(), cursor.seq.into(), applied.into()],
     )
     .expect("recording the stream cursor");

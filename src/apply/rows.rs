@@ -8,9 +8,10 @@ use std::ffi::CString;
 
 use pgrx::prelude::*;
 
-use crate::conflicts::{self, Action, Clocks, Origin, Policy};
-use crate::encoding::{Op, RelDesc, RowChange, Value};
-use crate::error::raise;
+use crate::apply::decide::{Action, Decision};
+use crate::base::canonical::CanonicalOutput;
+use crate::base::error::raise;
+use crate::base::wire::{Op, RelDesc, RowChange, Value};
 
 /// How one remote column becomes a local datum.
 struct Column {
@@ -202,7 +203,7 @@ impl Target {
         let natts = (*(*self.local).tts_tupleDescriptor).natts as usize;
         let values = std::slice::from_raw_parts((*self.local).tts_values, natts);
         let nulls = std::slice::from_raw_parts((*self.local).tts_isnull, natts);
-        let _canonical = crate::encoding::CanonicalOutput::new();
+        let _canonical = CanonicalOutput::new();
         layout
             .columns
             .iter()
@@ -232,29 +233,29 @@ impl Target {
     }
 
     /// Applies one row change: finds the local row by the change's key (the new key for an
-    /// insert, the old one otherwise), lets `conflicts::decide` compare it with what the sender
-    /// saw, and writes what it decided. Returns the decision when the incoming version lost.
-    pub fn change(&self, layout: &Layout, policy: &Policy, desc: &RelDesc, ch: &RowChange, origin: Origin, clocks: &mut Clocks) -> bool {
-        let (old, new) = (ch.old.as_deref(), ch.new.as_deref());
-        let probe = if ch.op == Op::Insert { new } else { old }.expect("row change with its key image");
+    /// insert, the old one otherwise), lets `decide` compare it with what the sender saw, and
+    /// writes what it decided. Returns the decision.
+    pub fn change(&self, layout: &Layout, desc: &RelDesc, ch: &RowChange, decide: impl FnOnce(Option<&[Value]>) -> Decision) -> Decision {
+        let probe = if ch.op == Op::Insert { ch.new.as_deref() } else { ch.old.as_deref() }.expect("row change with its key image");
+        // SAFETY: the slots, executor state and relation were set up by `open` for this table
+        // (`layout`), and are used on the backend's main thread inside the apply transaction.
         unsafe {
             let found = self.find(layout, desc, probe);
             let local = found.then(|| self.local_text(layout));
-            let action = conflicts::decide(policy, desc, ch.op, local.as_deref(), old, new, origin, clocks);
-            let rejected = action == Action::Reject;
-            match action {
-                Action::Nothing | Action::Reject => {}
-                Action::Write(row) if found => self.update_found(layout, &row),
+            let decision = decide(local.as_deref());
+            match &decision.action {
+                Action::Nothing | Action::Abort(_) => {}
+                Action::Write(row) if found => self.update_found(layout, row),
                 // Nothing has this key here: a plain insert.
                 Action::Write(row) if ch.op == Op::Insert => {
-                    self.fill(layout, self.remote, &row, None);
+                    self.fill(layout, self.remote, row, None);
                     pg_sys::ExecSimpleRelationInsert(self.rri, self.estate, self.remote);
                 }
                 // An update whose row is gone here: the row it writes may have another key.
                 Action::Write(row) => {
                     self.step_done();
-                    self.insert_or_overwrite(layout, desc, &row);
-                    return false;
+                    self.insert_or_overwrite(layout, desc, row);
+                    return decision;
                 }
                 Action::Delete if found => {
                     let mut epq = pg_sys::EPQState::default();
@@ -265,7 +266,7 @@ impl Target {
                 Action::Delete => {}
             }
             self.step_done();
-            rejected
+            decision
         }
     }
 }

@@ -8,8 +8,9 @@ use pgrx::prelude::*;
 use pgrx::spi::SpiClient;
 
 use super::Applier;
-use crate::conflicts::{Action, Origin};
-use crate::encoding::{Op, RelDesc, RowChange, Value};
+use crate::apply::decide::{Action, Origin};
+use crate::base::canonical::CanonicalOutput;
+use crate::base::wire::{Op, RelDesc, RowChange, Value};
 
 impl Applier {
     /// Applies one row change through SQL, with conflict detection.
@@ -17,15 +18,13 @@ impl Applier {
         let (old, new) = (ch.old.as_deref(), ch.new.as_deref());
         let probe = if ch.op == Op::Insert { new } else { old }.expect("row change with its key image");
         let local = self.sql_local(client, desc, probe);
-        let rel = self.local_rel(desc);
-        let policy = &rel.policy;
-        match crate::conflicts::decide(policy, desc, ch.op, local.as_deref(), old, new, origin, &mut self.clocks) {
+        let decision = self.decide(desc, ch, local.as_deref(), origin);
+        match decision {
             Action::Nothing => {}
-            Action::Reject => self.rejected.push(ch.ordinal),
             Action::Write(row) if local.is_some() => self.update(client, desc, probe, &row),
             Action::Write(row) => self.upsert(client, desc, &row),
             Action::Delete if local.is_some() => self.delete(client, desc, probe),
-            Action::Delete => {}
+            Action::Delete | Action::Abort(_) => {}
         }
         // A later change of this batch to the same row compares with this one's clock.
         if let Some(row) = new.or(old) {
@@ -52,7 +51,7 @@ impl Applier {
             self.plans.insert(sql.clone(), plan);
         }
         let args: Vec<pgrx::datum::DatumWithOid> = desc.key.iter().map(|&k| probe[k as usize].as_deref().into()).collect();
-        let _canonical = crate::encoding::CanonicalOutput::new();
+        let _canonical = CanonicalOutput::new();
         client
             .update(&self.plans[&sql], Some(1), &args)
             .unwrap_or_else(|e| panic!("{e}"))

@@ -4,15 +4,16 @@ use std::time::{Duration, Instant};
 
 use pgrx::prelude::*;
 
-use crate::error::raise;
+use crate::base::error::raise;
 
 /// A conninfo without its password, for views and logs.
 #[pg_extern(immutable, parallel_safe)]
 fn redact_conninfo(conninfo: &str) -> String {
-    crate::peer::redact_conninfo(conninfo)
+    crate::base::pq::redact_conninfo(conninfo)
 }
 
 fn sleep_on_latch(d: Duration) {
+    // SAFETY: a plain wait on this backend's own latch, as pg_sleep does.
     unsafe {
         pg_sys::WaitLatch(
             pg_sys::MyLatch,
@@ -50,14 +51,14 @@ fn wait_for_sync(name: &str, timeout: default!(pgrx::datum::Interval, "'60s'")) 
     if Spi::get_one_with_args::<bool>("SELECT EXISTS (SELECT 1 FROM rbucardo.sync WHERE name = $1)", &[name.into()]).ok().flatten() != Some(true) {
         raise(PgSqlErrorCode::ERRCODE_UNDEFINED_OBJECT, format!("no sync named {name}"), "See SELECT * FROM rbucardo.syncs.");
     }
-    let target = crate::changelog::stream_end();
+    let target = crate::log::changelog::stream_end();
     let started_at = Spi::get_one::<pgrx::datum::TimestampWithTimeZone>("SELECT clock_timestamp()").unwrap().unwrap();
-    let (rounds0, _) = crate::worker::rounds_of_local_worker();
-    crate::worker::wake_local_worker();
+    let (rounds0, _) = crate::base::signals::rounds_of_local_worker();
+    crate::base::signals::wake_local_worker();
     loop {
         let out_done = peers.iter().all(|(p, _)| {
             Spi::get_one_with_args::<bool>(
-                "SELECT CASE WHEN out_seq = 9223372036854775807 THEN out_tick ELSE out_tick - 1 END >= $2
+                "SELECT rbucardo.complete_tick(out_tick, out_seq) >= $2
                    FROM rbucardo.peer_state WHERE db = $1",
                 &[p.as_str().into(), target.into()],
             )
@@ -71,7 +72,7 @@ fn wait_for_sync(name: &str, timeout: default!(pgrx::datum::Interval, "'60s'")) 
                 .flatten()
                 == Some(true)
         });
-        let (rounds, running) = crate::worker::rounds_of_local_worker();
+        let (rounds, running) = crate::base::signals::rounds_of_local_worker();
         let pulled = !peers.iter().any(|(_, outbound)| *outbound) || (running && rounds.wrapping_sub(rounds0) >= 2);
         if out_done && passive_seen && pulled {
             return true;

@@ -6,57 +6,10 @@
 
 use pgrx::prelude::*;
 
-use crate::error::raise;
-
-/// Strategies accepted by add_sync; their meaning is in docs/sql-reference.md.
-pub const STRATEGIES: &[&str] = &["latest", "source", "target", "skip", "abort"];
-
-/// This node as it is configured: id and name.
-#[derive(Clone, Debug)]
-pub struct Me {
-    pub id: i32,
-    pub name: String,
-}
-
-/// What tells this server apart from a physical copy of it: host name, system identifier,
-/// data directory and port. A copy keeps the system identifier, so one of the others must
-/// differ; moving a node (new host, directory or port) asks for init_node again, which keeps
-/// its identity if given the same name and id.
-fn fingerprint() -> String {
-    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
-    let server = Spi::get_one::<String>(
-        "SELECT (SELECT system_identifier FROM pg_control_system())::text || ':' ||
-                current_setting('data_directory') || ':' || current_setting('port')",
-    )
-    .expect("reading the server fingerprint")
-    .unwrap_or_default();
-    format!("{}:{server}", host.trim())
-}
-
-/// This node's identity, or why it may not replicate: not initialised, or a physical copy of
-/// another node (its fingerprint differs from the one recorded by init_node).
-pub fn me() -> Result<Me, String> {
-    let row = Spi::get_three::<i32, String, String>("SELECT node_id, name, fingerprint FROM rbucardo.node")
-        .unwrap_or((None, None, None));
-    match row {
-        (Some(id), Some(name), Some(fp)) => {
-            if fp != fingerprint() {
-                Err(format!(
-                    "this database is a copy of node {name} (id {id}) made on another server or data directory; \
-                     it must not replicate as that node. Give it its own identity with rbucardo.init_node(name, node_id)"
-                ))
-            } else {
-                Ok(Me { id, name })
-            }
-        }
-        _ => Err("this node is not initialised: call rbucardo.init_node(name, node_id)".into()),
-    }
-}
-
-/// Like [`me`], but raises the reason as an error for SQL callers.
-pub fn me_or_raise() -> Me {
-    me().unwrap_or_else(|e| raise(PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE, e, "See docs/operations.md, section Nodes."))
-}
+use crate::base::error::raise;
+use crate::base::node::{fingerprint, me, me_or_raise, valid_name};
+use crate::base::signals;
+use crate::schema::herd;
 
 /// Gives this database its identity in the cluster. Node ids are unique in the cluster; a
 /// physical copy of a node must be given a new identity before it replicates.
@@ -87,8 +40,8 @@ fn init_node(name: &str, node_id: i32) -> String {
         Spi::run(
             "DELETE FROM rbucardo.change_log;
              UPDATE rbucardo.db SET node_id = NULL;
-             UPDATE rbucardo.peer_state SET in_tick = 0, in_seq = 9223372036854775807,
-                    out_tick = 0, out_seq = 9223372036854775807, state = 'disconnected', last_error = NULL;",
+             UPDATE rbucardo.peer_state SET in_tick = 0, in_seq = rbucardo.whole_tick(),
+                    out_tick = 0, out_seq = rbucardo.whole_tick(), state = 'disconnected', last_error = NULL;",
         )
         .expect("resetting replication state");
     }
@@ -99,14 +52,9 @@ fn init_node(name: &str, node_id: i32) -> String {
         &[node_id.into(), name.into(), fingerprint().into()],
     )
     .expect("recording the node");
-    crate::sequences::on_init_node();
-    crate::worker::wake_local_worker_at_commit();
+    crate::schema::sequences::on_init_node();
+    signals::wake_local_worker_at_commit();
     format!("node {name} is node id {node_id}")
-}
-
-fn valid_name(name: &str) -> bool {
-    let mut chars = name.chars();
-    matches!(chars.next(), Some(c) if c.is_ascii_alphabetic() || c == '_') && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
 }
 
 /// Adds a peer. With a conninfo this node connects to it and does both directions over that
@@ -117,18 +65,81 @@ fn add_db(name: &str, conninfo: default!(Option<&str>, "NULL")) -> String {
         raise(PgSqlErrorCode::ERRCODE_INVALID_NAME, format!("invalid db name {name:?}"), "Use the peer's node name (letters, digits, underscores).");
     }
     if let Some(c) = conninfo {
-        if crate::peer::redact_conninfo(c) == "<invalid conninfo>" {
+        if crate::base::pq::redact_conninfo(c) == "<invalid conninfo>" {
             raise(PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE, format!("invalid conninfo for {name}"), "Use libpq key=value pairs or a postgresql:// URI.");
         }
     }
     if me().is_ok_and(|m| m.name == name) {
         raise(PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE, format!("{name} is this node"), "add_db() names the other nodes; this node's name is set by init_node().");
     }
-    Spi::run_with_args("INSERT INTO rbucardo.db (name, conninfo) VALUES ($1, $2)", &[name.into(), conninfo.into()])
+    // The defaults for the mission's star: the node this one connects out to (main, seen from
+    // a branch) administers the schema and relays the other branches' changes; a node that
+    // connects in (a branch, seen from main) speaks for itself, and its schema changes wait
+    // for a role to run as. See docs/security.md.
+    let (ddl, relay) = if conninfo.is_some() { ("trusted", true) } else { ("limited", false) };
+    Spi::run_with_args(
+        "INSERT INTO rbucardo.db (name, conninfo, ddl, relay) VALUES ($1, $2, $3, $4)",
+        &[name.into(), conninfo.into(), ddl.into(), relay.into()],
+    )
         .unwrap_or_else(|_| raise(PgSqlErrorCode::ERRCODE_DUPLICATE_OBJECT, format!("db {name} already exists"), "Remove it first with rbucardo.remove_db(), or pick another name."));
     Spi::run_with_args("INSERT INTO rbucardo.peer_state (db) VALUES ($1)", &[name.into()]).expect("peer state");
-    crate::worker::wake_local_worker_at_commit();
+    signals::wake_local_worker_at_commit();
     format!("added db {name}{}", if conninfo.is_some() { "" } else { " (passive: it connects to this node)" })
+}
+
+/// Sets what this node lets a peer send it: its DDL level ('none', 'limited' or 'trusted'),
+/// the role its schema changes run as at the limited level (never a superuser), and whether it
+/// may relay other nodes' changes. NULL leaves a setting as it is.
+#[pg_extern(volatile)]
+fn set_peer_policy(
+    name: &str,
+    ddl: default!(Option<&str>, "NULL"),
+    ddl_role: default!(Option<&str>, "NULL"),
+    relay: default!(Option<bool>, "NULL"),
+) -> String {
+    if let Some(level) = ddl {
+        if crate::base::node::DdlLevel::parse(level).is_none() {
+            raise(PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE, format!("unknown DDL level {level:?}"), "Use 'none', 'limited' or 'trusted' (see docs/security.md).");
+        }
+    }
+    if let Some(role) = ddl_role {
+        let superuser = Spi::get_one_with_args::<bool>("SELECT rolsuper FROM pg_catalog.pg_roles WHERE rolname = $1", &[role.into()]).ok().flatten();
+        match superuser {
+            None => raise(PgSqlErrorCode::ERRCODE_UNDEFINED_OBJECT, format!("role {role:?} does not exist"), "Create a role of limited rights for the peer's schema changes first."),
+            Some(true) => raise(
+                PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE,
+                format!("role {role:?} is a superuser"),
+                "A peer's schema changes never run as a superuser at the limited level: choose a role with only the rights they need, or make the peer trusted.",
+            ),
+            Some(false) => {}
+        }
+    }
+    let n = Spi::connect_mut(|c| {
+        c.update(
+            "UPDATE rbucardo.db SET ddl = coalesce($2, ddl), ddl_role = coalesce($3::name, ddl_role), relay = coalesce($4, relay) WHERE name = $1",
+            None,
+            &[name.into(), ddl.into(), ddl_role.into(), relay.into()],
+        )
+        .map(|t| t.len())
+        .unwrap_or(0)
+    });
+    if n == 0 {
+        raise(PgSqlErrorCode::ERRCODE_UNDEFINED_OBJECT, format!("no db named {name}"), "See SELECT * FROM rbucardo.dbs.");
+    }
+    signals::wake_local_worker_at_commit();
+    let (ddl, role, relay) = Spi::get_three_with_args::<String, String, bool>("SELECT ddl, ddl_role::text, relay FROM rbucardo.db WHERE name = $1", &[name.into()]).unwrap_or((None, None, None));
+    format!(
+        "{name}: DDL {}{}, {}",
+        ddl.unwrap_or_default(),
+        role.map(|r| format!(" as {r}")).unwrap_or_default(),
+        if relay == Some(true) { "may relay other nodes' changes" } else { "speaks only for itself" }
+    )
+}
+
+/// Called by `CREATE EXTENSION` so the new database gets its worker without waiting.
+#[pg_extern(volatile, parallel_unsafe)]
+fn wake_launcher() {
+    signals::wake_launcher_at_commit();
 }
 
 /// Removes a peer; refuses while a sync still lists it.
@@ -141,7 +152,7 @@ fn remove_db(name: &str) -> String {
     if n == 0 {
         raise(PgSqlErrorCode::ERRCODE_UNDEFINED_OBJECT, format!("no db named {name}"), "See SELECT * FROM rbucardo.dbs.");
     }
-    crate::worker::wake_local_worker_at_commit();
+    signals::wake_local_worker_at_commit();
     format!("removed db {name}")
 }
 
@@ -153,82 +164,19 @@ fn add_herd(name: &str) -> String {
     format!("added herd {name}")
 }
 
-fn require_herd(herd: &str) {
-    if Spi::get_one_with_args::<bool>("SELECT EXISTS (SELECT 1 FROM rbucardo.herd WHERE name = $1)", &[herd.into()]).ok().flatten() != Some(true) {
-        raise(PgSqlErrorCode::ERRCODE_UNDEFINED_OBJECT, format!("no herd named {herd}"), "Create it first with rbucardo.add_herd(name).");
-    }
-}
-
 /// Adds a table to a herd and starts capturing its changes. The table needs a primary key or a
 /// unique index on NOT NULL columns (Odoo's many2many tables have only the latter).
 #[pg_extern(sql = "CREATE FUNCTION rbucardo.add_table(herd text, tbl regclass) RETURNS text
                    STRICT VOLATILE LANGUAGE c AS 'MODULE_PATHNAME', '@FUNCTION_NAME@';")]
 fn add_table(herd: &str, tbl: pg_sys::Oid) -> String {
-    require_herd(herd);
-    let (name, kind, persistence) = Spi::get_three_with_args::<String, String, String>(
-        "SELECT c.oid::regclass::text, c.relkind::text, c.relpersistence::text FROM pg_class c WHERE c.oid = $1",
-        &[tbl.into()],
-    )
-    .unwrap_or((None, None, None));
-    let name = name.unwrap_or_else(|| raise(PgSqlErrorCode::ERRCODE_UNDEFINED_TABLE, format!("no table with oid {}", tbl.to_u32()), "Pass a table name, e.g. 'public.orders'."));
-    if kind.as_deref() != Some("r") || persistence.as_deref() != Some("p") {
-        raise(PgSqlErrorCode::ERRCODE_WRONG_OBJECT_TYPE, format!("{name} is not an ordinary permanent table"), "Only ordinary, permanent tables (not views, partitioned parents, temporary or unlogged tables) can be replicated.");
-    }
-    if name.starts_with("rbucardo.") {
-        raise(PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE, format!("{name} belongs to rbucardo itself"), "Replicate your application's tables.");
-    }
-    let Some(key) = crate::capture::replica_key(tbl) else {
-        raise(
-            PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
-            format!("table {name} has no primary key and no unique index on NOT NULL columns"),
-            "Add a primary key, or a unique index on NOT NULL columns, so that rows can be identified on every node.",
-        );
-    };
-    Spi::run_with_args(
-        "INSERT INTO rbucardo.herd_table (herd, relid, key_cols) VALUES ($1, $2, $3::name[]) ON CONFLICT DO NOTHING",
-        &[herd.into(), tbl.into(), key.clone().into()],
-    )
-    .expect("recording the table");
-    let has_trigger = Spi::get_one_with_args::<bool>(
-        "SELECT EXISTS (SELECT 1 FROM pg_trigger WHERE tgrelid = $1 AND tgname = 'rbucardo_capture')",
-        &[tbl.into()],
-    )
-    .ok()
-    .flatten()
-        == Some(true);
-    if !has_trigger {
-        Spi::run(&format!(
-            "CREATE TRIGGER rbucardo_capture AFTER INSERT OR UPDATE OR DELETE ON {name}
-                 FOR EACH ROW EXECUTE FUNCTION rbucardo.capture();
-             CREATE TRIGGER rbucardo_capture_truncate AFTER TRUNCATE ON {name}
-                 FOR EACH STATEMENT EXECUTE FUNCTION rbucardo.capture();"
-        ))
-        .expect("creating the capture triggers");
-    }
-    crate::sequences::on_add_table(herd, tbl);
-    format!("added {name} to herd {herd} (key: {})", key.join(", "))
+    herd::add_table(herd, tbl)
 }
 
 /// Adds every ordinary table of a schema to a herd; stops at the first table that cannot be
 /// replicated, naming it.
 #[pg_extern(volatile)]
 fn add_all_tables(herd: &str, schema: default!(&str, "'public'")) -> i64 {
-    require_herd(herd);
-    let tables: Vec<pg_sys::Oid> = Spi::connect(|c| {
-        c.select(
-            "SELECT c.oid FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
-              WHERE n.nspname = $1 AND c.relkind = 'r' AND c.relpersistence = 'p' ORDER BY c.relname",
-            None,
-            &[schema.into()],
-        )
-        .unwrap()
-        .map(|r| r.get::<pg_sys::Oid>(1).unwrap().unwrap())
-        .collect()
-    });
-    for t in &tables {
-        add_table(herd, *t);
-    }
-    tables.len() as i64
+    herd::add_all_tables(herd, schema)
 }
 
 /// Replicates a herd among the named dbs. The same call can run on every node: the list may
@@ -241,9 +189,9 @@ fn add_sync(
     conflict_strategy: default!(&str, "'latest'"),
     sequence_strategy: default!(&str, "'interleave'"),
 ) -> String {
-    require_herd(herd);
+    herd::require_herd(herd);
     // A named rule, a priority list of node names or a custom function.
-    let conflict_strategy = crate::conflicts::check_strategy(conflict_strategy);
+    let conflict_strategy = crate::apply::conflicts::check_strategy(conflict_strategy);
     let me = me_or_raise();
     for db in &dbs {
         let known = Spi::get_one_with_args::<bool>("SELECT EXISTS (SELECT 1 FROM rbucardo.db WHERE name = $1)", &[db.as_str().into()]).ok().flatten() == Some(true);
@@ -256,8 +204,8 @@ fn add_sync(
         &[name.into(), herd.into(), dbs.into(), conflict_strategy.as_str().into()],
     )
     .unwrap_or_else(|_| raise(PgSqlErrorCode::ERRCODE_DUPLICATE_OBJECT, format!("sync {name} already exists"), "Remove it first with rbucardo.remove_sync(name)."));
-    crate::sequences::on_add_sync(name, herd, sequence_strategy);
-    crate::worker::wake_local_worker_at_commit();
+    crate::schema::sequences::on_add_sync(name, herd, sequence_strategy);
+    signals::wake_local_worker_at_commit();
     format!("added sync {name}")
 }
 
@@ -266,7 +214,7 @@ fn update_sync(name: &str, sql: &str) {
     if n == 0 {
         raise(PgSqlErrorCode::ERRCODE_UNDEFINED_OBJECT, format!("no sync named {name}"), "See SELECT * FROM rbucardo.syncs.");
     }
-    crate::worker::wake_local_worker_at_commit();
+    signals::wake_local_worker_at_commit();
 }
 
 /// Stops replicating a sync (its change log entries are kept until peers confirm them).
@@ -294,54 +242,8 @@ fn resume_sync(name: &str) -> String {
 #[pg_extern(volatile)]
 fn kick(name: &str) -> String {
     update_sync(name, "SELECT 1 FROM rbucardo.sync WHERE name = $1");
-    crate::worker::wake_local_worker();
+    signals::wake_local_worker();
     format!("kicked sync {name}")
-}
-
-/// A peer this node talks to, as the worker and the peer-facing functions see it.
-#[derive(Clone, Debug)]
-pub struct Peer {
-    pub name: String,
-    pub conninfo: Option<String>,
-    pub node_id: Option<i32>,
-}
-
-/// Peers that take part in at least one sync that is not paused.
-pub fn active_peers() -> Vec<Peer> {
-    Spi::connect(|c| {
-        c.select(
-            "SELECT d.name, d.conninfo, d.node_id FROM rbucardo.db d
-              WHERE EXISTS (SELECT 1 FROM rbucardo.sync s WHERE d.name = ANY (s.dbs) AND NOT s.paused)
-              ORDER BY d.name",
-            None,
-            &[],
-        )
-        .unwrap()
-        .map(|r| Peer { name: r.get(1).unwrap().unwrap(), conninfo: r.get(2).unwrap(), node_id: r.get(3).unwrap() })
-        .collect()
-    })
-}
-
-/// Records the node id a peer announced; a different id than the one on record is refused,
-/// because it means two servers claim the same name.
-pub fn learn_peer_id(name: &str, node_id: i32) {
-    let known = Spi::get_one_with_args::<i32>("SELECT node_id FROM rbucardo.db WHERE name = $1", &[name.into()]);
-    match known {
-        Ok(Some(id)) if id == node_id => {}
-        Ok(Some(id)) => raise(
-            PgSqlErrorCode::ERRCODE_PROTOCOL_VIOLATION,
-            format!("peer {name} announced node id {node_id}, but it is known here as node id {id}"),
-            "Two servers use the same node name, or the peer was re-initialised; fix its identity or remove and re-add the db.",
-        ),
-        _ => {
-            let exists = Spi::get_one_with_args::<bool>("SELECT EXISTS (SELECT 1 FROM rbucardo.db WHERE name = $1)", &[name.into()]).ok().flatten() == Some(true);
-            if !exists {
-                raise(PgSqlErrorCode::ERRCODE_UNDEFINED_OBJECT, format!("node {name} is not a known db here"), format!("On this node, run SELECT rbucardo.add_db('{name}');"));
-            }
-            Spi::run_with_args("UPDATE rbucardo.db SET node_id = $2 WHERE name = $1", &[name.into(), node_id.into()])
-                .unwrap_or_else(|_| raise(PgSqlErrorCode::ERRCODE_DUPLICATE_OBJECT, format!("node id {node_id} is already used by another db"), "Node ids must be unique in the cluster."));
-        }
-    }
 }
 
 #[cfg(any(test, feature = "pg_test"))]
@@ -360,7 +262,7 @@ mod tests {
         Spi::run("CREATE TABLE rk_none (x int, y int UNIQUE)").unwrap();
         let key = |t: &str| {
             let oid = Spi::get_one::<pg_sys::Oid>(&format!("SELECT '{t}'::regclass::oid")).unwrap().unwrap();
-            crate::capture::replica_key(oid)
+            crate::base::node::replica_key(oid)
         };
         assert_eq!(key("rk_pk"), Some(vec!["b".to_string()]));
         // z is unique but nullable, so the two-column index on NOT NULL columns is the key.
@@ -416,10 +318,10 @@ mod tests {
     #[pg_test]
     fn a_copied_node_refuses_to_replicate_as_its_source() {
         Spi::run("SELECT rbucardo.init_node('main', 1)").unwrap();
-        assert!(crate::catalog::me().is_ok());
+        assert!(crate::base::node::me().is_ok());
         // What a physical copy on another server looks like: same row, other fingerprint.
         Spi::run("UPDATE rbucardo.node SET fingerprint = '1:/elsewhere:5432'").unwrap();
-        let err = crate::catalog::me().unwrap_err();
+        let err = crate::base::node::me().unwrap_err();
         assert!(err.contains("is a copy of node main"), "{err}");
     }
 
@@ -433,11 +335,11 @@ mod tests {
 
     #[pg_test]
     fn hlc_is_monotonic_and_moves_past_remote_clocks() {
-        let a = crate::clock::now();
-        let b = crate::clock::now();
+        let a = crate::base::clock::now();
+        let b = crate::base::clock::now();
         assert!(b > a);
         let far = b + 1_000_000;
-        crate::clock::observe(far);
-        assert!(crate::clock::now() > far);
+        crate::base::clock::observe(far);
+        assert!(crate::base::clock::now() > far);
     }
 }

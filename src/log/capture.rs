@@ -18,8 +18,9 @@ use std::rc::Rc;
 use pgrx::prelude::*;
 use pgrx::PgTupleDesc;
 
-use crate::changelog;
-use crate::encoding::{Chunk, Op, RelDesc, RowChange, Value};
+use crate::base::xact::{LocalSetting, RunAs};
+use crate::log::changelog;
+use crate::base::wire::{Chunk, Op, RelDesc, RowChange, Value};
 
 /// A chunk is spilled to the log once the buffered row images reach this size.
 const SPILL_BYTES: usize = 8 << 20;
@@ -47,7 +48,12 @@ struct TxState {
     rel_index: HashMap<u32, (u32, Rc<CachedRel>)>,
     /// Buffered changes with the subtransaction that made them.
     pending: Vec<(pg_sys::SubTransactionId, RowChange)>,
+    /// Size of the buffered row images.
     bytes: usize,
+    /// Of those, the bytes that enclosing subtransactions hold and the last spill could not
+    /// write (a chunk written inside a subtransaction is rolled back with it): a spill is due
+    /// when the rest reaches SPILL_BYTES.
+    held: usize,
     /// Client query strings whose DDL is already recorded: a query string holding several
     /// statements is recorded once.
     ddl_queries: Vec<DdlQuery>,
@@ -68,33 +74,6 @@ thread_local! {
     static RELS: RefCell<HashMap<u32, Rc<CachedRel>>> = RefCell::new(HashMap::new());
     static TX: RefCell<TxState> = RefCell::new(TxState::default());
     static HOOKED: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
-}
-
-/// The columns that identify a row on every node: the primary key, else the unique index on
-/// NOT NULL columns with the fewest columns (ties broken by index name, which is the same on
-/// every node). `None` when the table has neither.
-pub fn replica_key(relid: pg_sys::Oid) -> Option<Vec<String>> {
-    Spi::get_one_with_args::<Vec<String>>(
-        "WITH cand AS (
-             SELECT i.indisprimary, i.indnkeyatts, c.relname,
-                    (i.indkey::int2[])[0:i.indnkeyatts - 1] AS cols
-               FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid
-              WHERE i.indrelid = $1 AND i.indisunique AND i.indisvalid AND i.indimmediate
-                AND i.indpred IS NULL AND i.indexprs IS NULL),
-         best AS (
-             SELECT cols FROM cand
-              WHERE NOT EXISTS (SELECT 1 FROM unnest(cols) k
-                                  JOIN pg_attribute a ON a.attrelid = $1 AND a.attnum = k
-                                 WHERE NOT a.attnotnull)
-              ORDER BY indisprimary DESC, indnkeyatts, relname
-              LIMIT 1)
-         SELECT array_agg(a.attname::text ORDER BY k.ord)
-           FROM best, unnest(best.cols) WITH ORDINALITY k(attnum, ord)
-           JOIN pg_attribute a ON a.attrelid = $1 AND a.attnum = k.attnum",
-        &[relid.into()],
-    )
-    .ok()
-    .flatten()
 }
 
 unsafe fn cached_rel(rel: pg_sys::Relation) -> Rc<CachedRel> {
@@ -122,8 +101,13 @@ unsafe fn cached_rel(rel: pg_sys::Relation) -> Rc<CachedRel> {
         pg_sys::fmgr_info_cxt(func, &mut finfo, pg_sys::TopMemoryContext);
         out.push(finfo);
     }
-    let Some(key_names) = replica_key(relid) else {
-        crate::error::raise(
+    let key_names = {
+        // Whatever the session's search_path, the catalog query means the built-ins.
+        let _path = LocalSetting::pinned_search_path();
+        crate::base::node::replica_key(relid)
+    };
+    let Some(key_names) = key_names else {
+        crate::base::error::raise(
             PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
             format!("table {schema}.{name} has no primary key and no unique index on NOT NULL columns"),
             "rbucardo needs one to identify rows on every node; add a primary key, or remove the table from its herd.",
@@ -144,7 +128,7 @@ unsafe fn row_values(rel: &CachedRel, tupdesc: pg_sys::TupleDesc, tuple: pg_sys:
     let mut nulls = vec![false; natts];
     pg_sys::heap_deform_tuple(tuple, tupdesc, datums.as_mut_ptr(), nulls.as_mut_ptr());
     let out = &mut *rel.out.get();
-    let _canonical = crate::encoding::CanonicalOutput::new();
+    let _canonical = crate::base::canonical::CanonicalOutput::new();
     let mut bytes = 0;
     let values = rel
         .attidx
@@ -178,7 +162,7 @@ unsafe fn record(rel: pg_sys::Relation, op: Op, old: pg_sys::HeapTuple, new: pg_
         let mut tx = tx.borrow_mut();
         if !tx.active {
             tx.active = true;
-            tx.hlc = crate::clock::now();
+            tx.hlc = crate::base::clock::now();
         }
         let relno = match tx.rel_index.get(&relid) {
             Some((no, seen)) if Rc::ptr_eq(seen, &cached) => *no,
@@ -193,11 +177,17 @@ unsafe fn record(rel: pg_sys::Relation, op: Op, old: pg_sys::HeapTuple, new: pg_
         let ordinal = tx.ordinal;
         tx.pending.push((subid, RowChange { ordinal, rel: relno, op, old, new }));
         tx.bytes += ob + nb + 16;
-        tx.bytes >= SPILL_BYTES
+        tx.bytes - tx.held >= SPILL_BYTES
     });
     if spill {
         flush(false);
     }
+}
+
+/// What a buffered change counts for the spill threshold.
+fn change_size(c: &RowChange) -> usize {
+    let row = |r: &Option<Vec<Value>>| r.as_ref().map_or(0, |r| r.iter().map(|v| v.as_ref().map_or(0, String::len)).sum());
+    row(&c.old) + row(&c.new) + 16
 }
 
 /// Whether the DDL of the client query `key` is already in this transaction's buffer.
@@ -245,7 +235,7 @@ pub fn record_ddl(key: String, schema: &str, tag: &str, sql: String, search_path
         let mut tx = tx.borrow_mut();
         if !tx.active {
             tx.active = true;
-            tx.hlc = crate::clock::now();
+            tx.hlc = crate::base::clock::now();
         }
         let relno = tx.relations.len() as u32;
         tx.relations.push(RelDesc { schema: schema.to_string(), name: tag.to_string(), columns: Vec::new(), key: Vec::new() });
@@ -254,7 +244,7 @@ pub fn record_ddl(key: String, schema: &str, tag: &str, sql: String, search_path
         tx.bytes += sql.len() + search_path.len() + role.len() + 16;
         tx.pending.push((subid, RowChange { ordinal, rel: relno, op: Op::Ddl, old: None, new: Some(vec![Some(sql), Some(search_path), Some(role)]) }));
         tx.ddl_queries.push(DdlQuery { subid, key, ordinal, tables: Vec::new() });
-        tx.bytes >= SPILL_BYTES
+        tx.bytes - tx.held >= SPILL_BYTES
     });
     if spill {
         flush(false);
@@ -269,25 +259,21 @@ fn flush(is_final: bool) {
         let current = unsafe { pg_sys::GetCurrentSubTransactionId() };
         let (mine, keep): (Vec<_>, Vec<_>) = std::mem::take(&mut tx.pending).into_iter().partition(|(s, _)| *s >= current);
         tx.pending = keep;
-        // What stays buffered belongs to enclosing subtransactions; count it again so a
-        // large parent still spills when it is back at its own level.
-        tx.bytes = tx.pending.len() * 64;
+        // What stays buffered belongs to enclosing subtransactions: it is written when its
+        // own level releases or commits.
+        tx.bytes = tx.pending.iter().map(|(_, c)| change_size(c)).sum();
+        tx.held = tx.bytes;
         if mine.is_empty() && !is_final {
             return None;
         }
         let chunk = Chunk { relations: tx.relations.clone(), changes: mine.into_iter().map(|(_, c)| c).collect() };
         tx.chunks += 1;
-        Some((crate::encoding::encode_chunk(&chunk), tx.chunks - 1, tx.hlc))
+        Some((crate::base::wire::encode_chunk(&chunk), tx.chunks - 1, tx.hlc))
     });
     if let Some((data, chunk_no, hlc)) = written {
         // The change log belongs to the extension, not to the user whose transaction this is.
-        unsafe {
-            let (mut user, mut context) = (pg_sys::InvalidOid, 0);
-            pg_sys::GetUserIdAndSecContext(&mut user, &mut context);
-            pg_sys::SetUserIdAndSecContext(pg_sys::Oid::from_u32(pg_sys::BOOTSTRAP_SUPERUSERID), context | pg_sys::SECURITY_LOCAL_USERID_CHANGE as i32);
-            changelog::append(&data, chunk_no, is_final, None, hlc);
-            pg_sys::SetUserIdAndSecContext(user, context);
-        }
+        let _owner = RunAs::extension_owner();
+        changelog::append(&data, chunk_no, is_final, None, hlc);
     }
 }
 
@@ -309,7 +295,7 @@ unsafe extern "C-unwind" fn xact_callback(event: pg_sys::XactEvent::Type, _arg: 
             TX.with(|tx| *tx.borrow_mut() = TxState::default());
         }
         XACT_EVENT_PRE_PREPARE if active => {
-            crate::error::raise(
+            crate::base::error::raise(
                 PgSqlErrorCode::ERRCODE_FEATURE_NOT_SUPPORTED,
                 "PREPARE TRANSACTION is not supported on tables replicated by rbucardo",
                 "Commit the transaction directly.",
@@ -327,13 +313,30 @@ unsafe extern "C-unwind" fn subxact_callback(
     _parent: pg_sys::SubTransactionId,
     _arg: *mut std::ffi::c_void,
 ) {
-    if event == pg_sys::SubXactEvent::SUBXACT_EVENT_ABORT_SUB {
-        // Every subtransaction with an id at or above the aborted one is inside it.
-        TX.with(|tx| {
-            let mut tx = tx.borrow_mut();
-            tx.pending.retain(|(s, _)| *s < my_subid);
-            tx.ddl_queries.retain(|q| q.subid < my_subid);
-        });
+    match event {
+        pg_sys::SubXactEvent::SUBXACT_EVENT_ABORT_SUB => {
+            // Every subtransaction with an id at or above the aborted one is inside it.
+            TX.with(|tx| {
+                let mut tx = tx.borrow_mut();
+                tx.pending.retain(|(s, _)| *s < my_subid);
+                tx.ddl_queries.retain(|q| q.subid < my_subid);
+                tx.bytes = tx.pending.iter().map(|(_, c)| change_size(c)).sum();
+                tx.held = tx.held.min(tx.bytes);
+            });
+        }
+        // A savepoint being released (ORMs wrap every statement in one): what it and the
+        // savepoints inside it buffered now belongs to its parent, and is written now if it
+        // is large, while the subtransaction can still write, so that memory stays bounded.
+        pg_sys::SubXactEvent::SUBXACT_EVENT_PRE_COMMIT_SUB => {
+            let due = TX.with(|tx| {
+                let tx = tx.borrow();
+                tx.active && tx.bytes - tx.held >= SPILL_BYTES
+            });
+            if due {
+                flush(false);
+            }
+        }
+        _ => {}
     }
 }
 
@@ -375,7 +378,7 @@ pub extern "C" fn pg_finfo_rbucardo_capture() -> &'static pg_sys::Pg_finfo_recor
 pub unsafe extern "C-unwind" fn rbucardo_capture(fcinfo: pg_sys::FunctionCallInfo) -> pg_sys::Datum {
     let td = (*fcinfo).context as *mut pg_sys::TriggerData;
     if td.is_null() || (*td).type_ != pg_sys::NodeTag::T_TriggerData {
-        crate::error::raise(
+        crate::base::error::raise(
             PgSqlErrorCode::ERRCODE_E_R_I_E_TRIGGER_PROTOCOL_VIOLATED,
             "rbucardo.capture() must be called as a trigger",
             "It is attached to tables by rbucardo.add_table(); do not call it directly.",

@@ -23,36 +23,24 @@
 //!   by the `rbucardo_sequences` event trigger and `add_table` (src/sequences.rs).
 //! - **Drops.** A dropped table leaves its herd (`herd_table`) on every node.
 
-use std::cell::Cell;
-use std::ffi::{CStr, CString};
+use std::ffi::CStr;
 
-use pgrx::pg_sys::panic::CaughtError;
 use pgrx::prelude::*;
-use pgrx::spi::SpiClient;
 use pgrx::{GucContext, GucFlags, GucRegistry, GucSetting};
 
-use crate::encoding::{RelDesc, RowChange};
-use crate::error::raise;
-use crate::exceptions::Stop;
+use crate::base::error::raise;
+use crate::base::sqltext::{abbreviate, replicable_text, sets_anything};
+use crate::base::xact::{LocalSetting, RunAs};
+use crate::log::capture;
+use crate::schema::herd;
 
 /// `rbucardo.replicate_ddl`: off makes schema changes local to this node.
 pub static REPLICATE_DDL: GucSetting<bool> = GucSetting::<bool>::new(true);
 
 thread_local! {
-    /// Set while a replicated DDL command runs in [`apply`].
-    static APPLYING: Cell<bool> = const { Cell::new(false) };
     /// Set while [`replicate_ddl`] runs its command: the key under which it recorded it.
     static EXPLICIT: std::cell::RefCell<Option<String>> = const { std::cell::RefCell::new(None) };
 }
-
-/// SQLSTATEs of "already exists": the same change was made here too (while apart).
-const DUPLICATE_STATES: &[PgSqlErrorCode] = &[
-    PgSqlErrorCode::ERRCODE_DUPLICATE_COLUMN,
-    PgSqlErrorCode::ERRCODE_DUPLICATE_TABLE,
-    PgSqlErrorCode::ERRCODE_DUPLICATE_OBJECT,
-    PgSqlErrorCode::ERRCODE_DUPLICATE_SCHEMA,
-    PgSqlErrorCode::ERRCODE_DUPLICATE_FUNCTION,
-];
 
 /// Registers the GUC; called from `_PG_init`.
 pub fn init() {
@@ -64,105 +52,6 @@ pub fn init() {
         GucContext::Suset,
         GucFlags::default(),
     );
-}
-
-/// Statement kinds that are never part of a replicated schema change.
-fn is_skipped(tag: pg_sys::NodeTag) -> bool {
-    use pg_sys::NodeTag::*;
-    matches!(
-        tag,
-        T_TransactionStmt
-            | T_VariableSetStmt
-            | T_VariableShowStmt
-            | T_InsertStmt
-            | T_UpdateStmt
-            | T_DeleteStmt
-            | T_MergeStmt
-            | T_SelectStmt
-            | T_CallStmt
-            | T_CopyStmt
-            | T_NotifyStmt
-            | T_ListenStmt
-            | T_UnlistenStmt
-            | T_VacuumStmt
-            | T_ExplainStmt
-            | T_PrepareStmt
-            | T_ExecuteStmt
-            | T_DeallocateStmt
-            | T_LockStmt
-            | T_CheckPointStmt
-            | T_DiscardStmt
-            | T_FetchStmt
-            | T_ClosePortalStmt
-            | T_DeclareCursorStmt
-    )
-}
-
-/// Whether a statement creates a temporary object (never replicated).
-unsafe fn creates_temp(node: *mut pg_sys::Node) -> bool {
-    use pg_sys::NodeTag::*;
-    let rel: *mut pg_sys::RangeVar = match (*node).type_ {
-        T_CreateStmt => (*(node as *mut pg_sys::CreateStmt)).relation,
-        T_CreateSeqStmt => (*(node as *mut pg_sys::CreateSeqStmt)).sequence,
-        T_ViewStmt => (*(node as *mut pg_sys::ViewStmt)).view,
-        T_CreateTableAsStmt => {
-            let into = (*(node as *mut pg_sys::CreateTableAsStmt)).into;
-            if into.is_null() {
-                std::ptr::null_mut()
-            } else {
-                (*into).rel
-            }
-        }
-        _ => std::ptr::null_mut(),
-    };
-    !rel.is_null() && (*rel).relpersistence as u8 == pg_sys::RELPERSISTENCE_TEMP
-}
-
-/// The schema-changing statements of a client query string, in order, joined by `;`.
-pub fn replicable_text(query: &str) -> String {
-    schema_statements(query).join(";\n")
-}
-
-/// The schema-changing statements of a query string, in order: DML, transaction control, SET
-/// and the like, and statements creating temporary objects are left out.
-fn schema_statements(query: &str) -> Vec<String> {
-    let Ok(c) = CString::new(query) else { return Vec::new() };
-    let bytes = query.as_bytes();
-    let mut out: Vec<String> = Vec::new();
-    unsafe {
-        let list = pg_sys::raw_parser(c.as_ptr(), pg_sys::RawParseMode::RAW_PARSE_DEFAULT);
-        if list.is_null() {
-            return out;
-        }
-        for i in 0..(*list).length as usize {
-            let raw = (*(*list).elements.add(i)).ptr_value as *mut pg_sys::RawStmt;
-            let node = (*raw).stmt;
-            if node.is_null() || is_skipped((*node).type_) || creates_temp(node) {
-                continue;
-            }
-            let start = ((*raw).stmt_location.max(0) as usize).min(bytes.len());
-            let end = if (*raw).stmt_len > 0 { (start + (*raw).stmt_len as usize).min(bytes.len()) } else { bytes.len() };
-            let text = String::from_utf8_lossy(&bytes[start..end]);
-            let text = text.trim().trim_end_matches(';').trim();
-            if !text.is_empty() {
-                out.push(text.to_string());
-            }
-        }
-    }
-    out
-}
-
-/// Whether a query string holds a SET statement (search_path, role, ...).
-fn sets_anything(query: &str) -> bool {
-    let Ok(c) = CString::new(query) else { return false };
-    unsafe {
-        let list = pg_sys::raw_parser(c.as_ptr(), pg_sys::RawParseMode::RAW_PARSE_DEFAULT);
-        !list.is_null()
-            && (0..(*list).length as usize).any(|i| {
-                let raw = (*(*list).elements.add(i)).ptr_value as *mut pg_sys::RawStmt;
-                !(*raw).stmt.is_null() && (*(*raw).stmt).type_ == pg_sys::NodeTag::T_VariableSetStmt
-            })
-    }
 }
 
 /// A command seen by the event trigger.
@@ -221,7 +110,7 @@ fn auto_join(table: pg_sys::Oid) {
     .ok()
     .flatten();
     let Some(herd) = herd else { return };
-    if crate::capture::replica_key(table).is_none() {
+    if crate::base::node::replica_key(table).is_none() {
         let name = Spi::get_one_with_args::<String>("SELECT $1::pg_catalog.regclass::text", &[table.into()]).ok().flatten().unwrap_or_default();
         ereport!(
             PgLogLevel::WARNING,
@@ -231,19 +120,16 @@ fn auto_join(table: pg_sys::Oid) {
         );
         return;
     }
-    Spi::run_with_args("SELECT rbucardo.add_table($1, $2::pg_catalog.regclass)", &[herd.as_str().into(), table.into()])
-        .expect("adding the new table to its herd");
+    herd::add_table(&herd, table);
 }
 
 /// `role`: the user running the command (before the trigger switched to the extension's owner).
-unsafe fn on_event(td: *mut pg_sys::EventTriggerData, role: &str) {
+unsafe fn on_event(td: *mut pg_sys::EventTriggerData, role: &str, search_path: String) {
     let drop = CStr::from_ptr((*td).event).to_bytes() == b"sql_drop";
     let tag = CStr::from_ptr(pg_sys::GetCommandTagName((*td).tag)).to_string_lossy().into_owned();
     let replica = pg_sys::SessionReplicationRole == pg_sys::SESSION_REPLICATION_ROLE_REPLICA as i32;
-    let applying = APPLYING.with(|a| a.get());
+    let applying = crate::apply::ddl::applying();
     let record = !replica && REPLICATE_DDL.get();
-    // What the user's session sees, before anything else runs.
-    let search_path = Spi::get_one::<String>("SELECT pg_catalog.current_setting('search_path')").ok().flatten().unwrap_or_default();
     let query = if pg_sys::debug_query_string.is_null() {
         None
     } else {
@@ -273,14 +159,14 @@ unsafe fn on_event(td: *mut pg_sys::EventTriggerData, role: &str) {
     if record {
         if let (Some(query), Some(key)) = (query, key.as_ref().filter(|_| explicit.is_none())) {
             let key = key.clone();
-            if !crate::capture::ddl_recorded(&key) {
+            if !capture::ddl_recorded(&key) {
                 let schemas = replicated_schemas();
                 let hit = cmds.iter().find(|c| c.schema.as_ref().is_some_and(|s| schemas.contains(s)) || in_herd(c));
                 if let Some(hit) = hit {
                     let text = replicable_text(&query);
                     if !text.is_empty() {
                         let schema = hit.schema.clone().unwrap_or_default();
-                        crate::capture::record_ddl(key, &schema, &tag, text, search_path, role.to_string());
+                        capture::record_ddl(key, &schema, &tag, text, search_path, role.to_string());
                     }
                 }
             }
@@ -292,8 +178,8 @@ unsafe fn on_event(td: *mut pg_sys::EventTriggerData, role: &str) {
         // that it ended the same (see `apply`).
         let tables: Vec<pg_sys::Oid> = cmds.iter().filter(|c| c.is_class).filter_map(|c| c.objid).collect();
         if let Some(key) = key {
-            if let Some(all) = crate::capture::ddl_touched(&key, &tables) {
-                crate::capture::set_ddl_shape(&key, table_shape(&all));
+            if let Some(all) = capture::ddl_touched(&key, &tables) {
+                capture::set_ddl_shape(&key, table_shape(&all));
             }
         }
     }
@@ -333,16 +219,18 @@ pub unsafe extern "C-unwind" fn rbucardo_ddl_trigger(fcinfo: pg_sys::FunctionCal
         );
     }
     let replica = pg_sys::SessionReplicationRole == pg_sys::SESSION_REPLICATION_ROLE_REPLICA as i32;
-    if pg_sys::creating_extension || (replica && !APPLYING.with(|a| a.get()) && CStr::from_ptr((*td).event).to_bytes() != b"sql_drop") {
+    if pg_sys::creating_extension || (replica && !crate::apply::ddl::applying() && CStr::from_ptr((*td).event).to_bytes() != b"sql_drop") {
         return pg_sys::Datum::from(0usize);
     }
-    // The catalog belongs to the extension, not to the user running the DDL.
-    let (mut user, mut context) = (pg_sys::InvalidOid, 0);
-    pg_sys::GetUserIdAndSecContext(&mut user, &mut context);
-    pg_sys::SetUserIdAndSecContext(pg_sys::Oid::from_u32(pg_sys::BOOTSTRAP_SUPERUSERID), context | pg_sys::SECURITY_LOCAL_USERID_CHANGE as i32);
-    let role = CStr::from_ptr(pg_sys::GetUserNameFromId(user, false)).to_string_lossy().into_owned();
-    on_event(td, &role);
-    pg_sys::SetUserIdAndSecContext(user, context);
+    // What the user's session sees, before anything is pinned.
+    let search_path = Spi::get_one::<String>("SELECT pg_catalog.current_setting('search_path')").ok().flatten().unwrap_or_default();
+    // The catalog belongs to the extension, not to the user running the DDL; and while it
+    // runs as the extension's owner, nothing in the user's search_path may stand in for what
+    // its queries call.
+    let owner = RunAs::extension_owner();
+    let _path = LocalSetting::pinned_search_path();
+    let role = CStr::from_ptr(pg_sys::GetUserNameFromId(owner.previous_user(), false)).to_string_lossy().into_owned();
+    on_event(td, &role, search_path);
     pg_sys::Datum::from(0usize)
 }
 
@@ -353,91 +241,6 @@ fn table_shape(tables: &[pg_sys::Oid]) -> String {
         .flatten()
         .map(|j| j.0.to_string())
         .unwrap_or_else(|| "{}".into())
-}
-
-fn sqlstate_and_message(e: &CaughtError) -> (Option<PgSqlErrorCode>, String) {
-    match e {
-        CaughtError::PostgresError(r) | CaughtError::ErrorReport(r) => {
-            let message = match r.detail().map(str::trim).filter(|d| !d.is_empty() && !d.contains("   0: ")) {
-                Some(detail) => format!("{} ({detail})", r.message()),
-                None => r.message().to_string(),
-            };
-            (Some(r.sql_error_code()), message)
-        }
-        CaughtError::RustPanic { ereport, .. } => (None, ereport.message().to_string()),
-    }
-}
-
-/// Runs a replicated DDL change here, with the search_path its origin had, one statement at a
-/// time. A statement that fails because its object exists already (the same change was made
-/// here while apart) is left out, provided the touched tables then have the columns and types
-/// they have on the origin. Any other failure, or a difference, is a [`Stop`]: nothing of the
-/// transaction is applied and its stream stops here until the schema is fixed.
-pub fn apply(client: &mut SpiClient<'_>, desc: &RelDesc, ch: &RowChange) -> Result<(), Stop> {
-    let new = ch.new.as_ref().expect("checked by decode_chunk");
-    let (sql, search_path, role) = (new[0].as_deref().unwrap_or_default(), new[1].as_deref().unwrap_or_default(), new[2].as_deref().unwrap_or_default());
-    let origin_shape = new.get(3).and_then(|v| v.as_deref());
-    let stop = |message: String| Stop {
-        ordinal: ch.ordinal,
-        command: sql.to_string(),
-        message: format!("replicated DDL ({} in schema {}) failed here: {message}; command: {}", desc.name, desc.schema, abbreviate(sql)),
-    };
-    let saved = Spi::get_one::<String>("SELECT pg_catalog.current_setting('search_path')").ok().flatten().unwrap_or_default();
-    Spi::run_with_args("SELECT pg_catalog.set_config('search_path', $1, true)", &[search_path.into()]).expect("setting the search_path");
-    // The command runs as the role that ran it on its origin: objects get the same owner, and
-    // it can do nothing here that its author could not (roles are not replicated).
-    let Ok(Some(role_oid)) = Spi::get_one_with_args::<pg_sys::Oid>("SELECT oid FROM pg_catalog.pg_roles WHERE rolname = $1", &[role.into()]) else {
-        return Err(stop(format!("role {role:?}, which ran it on its origin, does not exist here (create it; roles are not replicated)")));
-    };
-    let (mut user, mut context) = (pg_sys::InvalidOid, 0);
-    unsafe {
-        pg_sys::GetUserIdAndSecContext(&mut user, &mut context);
-        pg_sys::SetUserIdAndSecContext(role_oid, context | pg_sys::SECURITY_LOCAL_USERID_CHANGE as i32);
-    }
-    let mut existed = Vec::new();
-    APPLYING.with(|a| a.set(true));
-    let mut failure = None;
-    for statement in schema_statements(sql) {
-        let result = crate::exceptions::subtransaction(std::panic::AssertUnwindSafe(|| {
-            client.update(statement.as_str(), None, &[]).unwrap_or_else(|e| panic!("{e}"));
-        }));
-        if let Err(e) = result {
-            match sqlstate_and_message(&e) {
-                (Some(code), message) if DUPLICATE_STATES.contains(&code) => existed.push(message),
-                (_, message) => {
-                    failure = Some(message);
-                    break;
-                }
-            }
-        }
-    }
-    APPLYING.with(|a| a.set(false));
-    unsafe { pg_sys::SetUserIdAndSecContext(user, context) };
-    if let Some(message) = failure {
-        return Err(stop(message));
-    }
-    if !existed.is_empty() {
-        let what = existed.join("; ");
-        let Some(shape) = origin_shape else {
-            return Err(stop(format!("{what}, and the origin did not say what the result must look like")));
-        };
-        let differences = Spi::get_one_with_args::<String>(
-            "SELECT pg_catalog.string_agg(format('%s.%s is %s here but %s on the origin', table_name, column_name,
-                                                 coalesce(here, 'missing'), coalesce(there, 'missing')), '; ')
-               FROM rbucardo.shape_differences(rbucardo.table_shape(
-                        ARRAY(SELECT pg_catalog.to_regclass(k)::pg_catalog.oid FROM pg_catalog.jsonb_object_keys($1::jsonb) k)),
-                    $1::jsonb)",
-            &[shape.into()],
-        )
-        .ok()
-        .flatten();
-        if let Some(differences) = differences {
-            return Err(stop(format!("{what}, and it differs: {differences}")));
-        }
-        log!("rbucardo: replicated DDL made here already, left out ({what}): {}", abbreviate(sql));
-    }
-    Spi::run_with_args("SELECT pg_catalog.set_config('search_path', $1, true)", &[saved.into()]).expect("restoring the search_path");
-    Ok(())
 }
 
 /// The shape of every replicated table here, with its md5: what peers compare with theirs.
@@ -468,8 +271,7 @@ pub fn peer_shape_md5(peer_name: &str) -> Option<String> {
 
 /// Runs `sql` here and replicates it to every node, whatever schema it touches (DDL outside the
 /// replicated schemas is otherwise local). Row changes it makes travel as row changes.
-#[pg_extern(volatile)]
-fn replicate_ddl(sql: &str) -> String {
+pub fn replicate(sql: &str) -> String {
     let text = replicable_text(sql);
     if text.is_empty() {
         raise(
@@ -497,7 +299,7 @@ fn replicate_ddl(sql: &str) -> String {
     let key = format!("replicate_ddl\u{0}{}\u{0}{sql}", unsafe { pg_sys::GetCurrentStatementStartTimestamp() });
     // Recorded before it runs, so that rows it writes come after it in the stream.
     let role = Spi::get_one::<String>("SELECT current_user::text").ok().flatten().unwrap_or_default();
-    crate::capture::record_ddl(key.clone(), &schema, "replicate_ddl", text.clone(), search_path, role);
+    capture::record_ddl(key.clone(), &schema, "replicate_ddl", text.clone(), search_path, role);
     EXPLICIT.with(|e| *e.borrow_mut() = Some(key));
     let result = PgTryBuilder::new(|| Spi::run(sql).map_err(|e| e.to_string())).finally(|| EXPLICIT.with(|e| *e.borrow_mut() = None)).execute();
     if let Err(e) = result {
@@ -506,17 +308,6 @@ fn replicate_ddl(sql: &str) -> String {
     format!("replicated: {}", abbreviate(&text))
 }
 
-/// The start of a long command, on one line, for messages.
-pub fn abbreviate(sql: &str) -> String {
-    let flat = sql.split_whitespace().collect::<Vec<_>>().join(" ");
-    if flat.chars().count() > 400 {
-        format!("{}...", flat.chars().take(400).collect::<String>())
-    } else {
-        flat
-    }
-}
-
-pgrx::extension_sql_file!("../sql/ddl.sql", name = "ddl", requires = ["catalog", "capture_trigger_function"]);
 
 #[cfg(any(test, feature = "pg_test"))]
 #[pg_schema]
@@ -525,12 +316,12 @@ mod tests {
 
     #[pg_test]
     fn replicable_text_keeps_schema_changes_only() {
-        let t = crate::ddl::replicable_text(
+        let t = crate::base::sqltext::replicable_text(
             "BEGIN; CREATE TABLE a (id int); INSERT INTO a VALUES (1); CREATE TEMP TABLE tmp (x int);
              SET search_path = public; ALTER TABLE a ADD COLUMN b text DEFAULT 'x;y'; SELECT 1; COMMIT;",
         );
         assert_eq!(t, "CREATE TABLE a (id int);\nALTER TABLE a ADD COLUMN b text DEFAULT 'x;y'");
-        assert_eq!(crate::ddl::replicable_text("SELECT rbucardo.add_table('h', 't')"), "");
+        assert_eq!(crate::base::sqltext::replicable_text("SELECT rbucardo.add_table('h', 't')"), "");
     }
 
     #[pg_test]

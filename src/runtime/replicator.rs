@@ -9,9 +9,10 @@ use std::time::{Duration, Instant};
 
 use pgrx::prelude::*;
 
-use crate::catalog::{self, Me};
-use crate::peer::{wait_for_activity, PeerError};
-use crate::transport::{in_txn, Link};
+use crate::base::node::{self as catalog, Me};
+use crate::base::pq::{wait_for_activity, PeerError};
+use crate::base::xact::in_txn;
+use crate::runtime::link::Link;
 
 /// First retry delay after a failed connection; doubles up to MAX_BACKOFF.
 const MIN_BACKOFF: Duration = Duration::from_millis(200);
@@ -73,7 +74,7 @@ impl Replicator {
     /// This node and its active peers, read from the catalog only when they may have changed:
     /// a round under a steady stream of commits must cost little.
     fn config(&mut self) -> Result<(Me, Vec<catalog::Peer>), String> {
-        let generation = crate::worker::config_generation();
+        let generation = crate::base::signals::config_generation();
         if let Some(c) = self.config.as_ref().filter(|c| c.generation == generation && c.read_at.elapsed() < CONFIG_MAX_AGE) {
             return Ok((c.me.clone(), c.peers.clone()));
         }
@@ -139,7 +140,7 @@ impl Replicator {
                 Ok(()) => match link.stopped.clone() {
                     // A stopped stream is retried every few seconds (src/exceptions.rs).
                     Some(why) => {
-                        nap = nap.min(Duration::from_secs(crate::exceptions::DDL_RETRY_EVERY as u64));
+                        nap = nap.min(Duration::from_secs(crate::apply::exceptions::DDL_RETRY_EVERY as u64));
                         report(slot, &peer.name, "stopped", Some(why));
                     }
                     None => report(slot, &peer.name, "connected", None),
@@ -170,11 +171,11 @@ impl Replicator {
             }
             // Parked transactions may apply now that later ones have arrived.
             let me_id = me.id;
-            if let Err(e) = in_txn(move || crate::exceptions::retry_open(me_id, None)) {
+            if let Err(e) = in_txn(move || crate::apply::retry::retry_open(me_id, None)) {
                 log!("rbucardo worker: retrying parked transactions failed: {e}");
             }
             let me_id = me.id;
-            if let Err(e) = in_txn(move || crate::changelog::trim(me_id)) {
+            if let Err(e) = in_txn(move || crate::log::changelog::trim(me_id)) {
                 log!("rbucardo worker: trimming the change log failed: {e}");
             }
         }

@@ -11,11 +11,10 @@ use std::cell::Cell;
 
 use pgrx::prelude::*;
 
-use crate::encoding::{Batch, Position, Txn};
-use crate::error::raise;
-
-/// `(t, DONE)` is the position "all of tick t".
-pub const DONE: i64 = i64::MAX;
+use crate::base::error::raise;
+use crate::base::locks;
+use crate::base::node::PeerPolicy;
+use crate::base::wire::{decode_chunk, encode_chunk, Batch, Op, Position, Txn, WHOLE_TICK};
 
 /// The newest tick and whether a new one is needed: chunks were written since it, or a
 /// transaction that was running at its snapshot has finished since (one listed in the
@@ -27,9 +26,6 @@ const TICK_NEEDED: &str = "
            OR EXISTS (SELECT 1 FROM pg_snapshot_xip(t.snap) x
                        WHERE pg_xact_status(x) IS DISTINCT FROM 'in progress')
       FROM rbucardo.tick t";
-
-/// Lock key that serialises tick creation.
-const TICK_LOCK: i64 = 0x7262_7563_6b01;
 
 thread_local! {
     static WAKE_ARMED: Cell<bool> = const { Cell::new(false) };
@@ -52,6 +48,9 @@ pub struct Source {
 /// and the executor. The table has no triggers, constraints beyond NOT NULL, or expression
 /// indexes, and only the extension writes it.
 pub fn append(data: &[u8], chunk_no: i32, is_final: bool, source: Option<Source>, hlc: i64) {
+    // SAFETY: inside a transaction, on the main thread: the relation is opened and closed here
+    // with a lock kept to commit, the tuple is formed from the relation's own descriptor with
+    // a datum per column, and CatalogTupleInsert updates the indexes as for a catalog.
     unsafe {
         // The transaction id must exist before the seq is taken: readers rely on it.
         let txid = pg_sys::GetTopFullTransactionId().value;
@@ -113,7 +112,7 @@ fn arm_wake_at_commit() {
     }
     pgrx::register_xact_callback(pgrx::PgXactCallbackEvent::Commit, || {
         WAKE_ARMED.with(|w| w.set(false));
-        crate::worker::note_log_commit();
+        crate::base::signals::note_log_commit();
     });
     pgrx::register_xact_callback(pgrx::PgXactCallbackEvent::Abort, || WAKE_ARMED.with(|w| w.set(false)));
 }
@@ -122,7 +121,7 @@ fn arm_wake_at_commit() {
 /// covers yet: new chunks were written since the last tick, or a transaction that was running
 /// at the last tick has finished since.
 pub fn ensure_tick() -> i64 {
-    Spi::run_with_args("SELECT pg_advisory_xact_lock($1)", &[TICK_LOCK.into()]).expect("tick lock");
+    locks::lock_ticks();
     let (last, needed) =
         Spi::get_two::<i64, bool>(&format!("{} ORDER BY t.tick_id DESC LIMIT 1", TICK_NEEDED)).expect("reading the last tick");
     let last = last.expect("the tick table always holds a tick");
@@ -231,11 +230,17 @@ fn read_tick(k: i64, after_seq: i64, limit: i64) -> Vec<LoggedTxn> {
             let t = &out[i];
             let earlier: Vec<Vec<u8>> = client
                 .select(
-                    "SELECT data FROM rbucardo.change_log
-                      WHERE txid = $1::text::xid8 AND NOT final AND seq < $2
-                        AND origin IS NOT DISTINCT FROM $3 AND origin_tick IS NOT DISTINCT FROM $4
-                        AND origin_seq IS NOT DISTINCT FROM $5
-                      ORDER BY seq",
+                    // Chunks after the previous final chunk of the same transaction and origin:
+                    // one local transaction may hold several.
+                    "SELECT data FROM rbucardo.change_log l
+                      WHERE l.txid = $1::text::xid8 AND NOT l.final AND l.seq < $2
+                        AND l.origin IS NOT DISTINCT FROM $3 AND l.origin_tick IS NOT DISTINCT FROM $4
+                        AND l.origin_seq IS NOT DISTINCT FROM $5
+                        AND l.seq > coalesce((SELECT max(p.seq) FROM rbucardo.change_log p
+                                               WHERE p.txid = l.txid AND p.final AND p.seq < $2
+                                                 AND p.origin IS NOT DISTINCT FROM $3 AND p.origin_tick IS NOT DISTINCT FROM $4
+                                                 AND p.origin_seq IS NOT DISTINCT FROM $5), -1)
+                      ORDER BY l.seq",
                     None,
                     &[txid.into(), t.final_seq.into(), t.origin.into(), t.origin_pos.map(|p| p.tick).into(), t.origin_pos.map(|p| p.seq).into()],
                 )
@@ -251,15 +256,16 @@ fn read_tick(k: i64, after_seq: i64, limit: i64) -> Vec<LoggedTxn> {
 }
 
 /// Reads this node's stream after `after` into a batch of at most about `max_bytes` for the
-/// peer `to`, leaving out what originates there or was received from there. A transaction
-/// bigger than `max_bytes` travels alone.
-pub fn read_batch(me: i32, after: Position, to: i32, max_bytes: usize) -> Batch {
+/// peer `to`, leaving out what originates there or was received from there, and changes to
+/// tables not in a sync shared with it (`policy`). A transaction bigger than `max_bytes`
+/// travels alone.
+pub fn read_batch(me: i32, after: Position, to: i32, max_bytes: usize, policy: &PeerPolicy) -> Batch {
     let mut pos = after;
     let mut txns = Vec::new();
     let mut bytes = 0usize;
     let newest_tick = ensure_tick();
     'ticks: loop {
-        let (k, from_seq) = if pos.seq == DONE { (pos.tick + 1, -1) } else { (pos.tick, pos.seq) };
+        let (k, from_seq) = if pos.seq == WHOLE_TICK { (pos.tick + 1, -1) } else { (pos.tick, pos.seq) };
         if k > newest_tick {
             break;
         }
@@ -280,25 +286,52 @@ pub fn read_batch(me: i32, after: Position, to: i32, max_bytes: usize) -> Batch 
                 if origin == to || t.via == Some(to) {
                     continue;
                 }
+                let Some(chunks) = shared_part(t.chunks, policy) else { continue };
                 bytes += size;
-                txns.push(Txn { origin, origin_pos: t.origin_pos.unwrap_or(pos), hlc: t.hlc, stream_pos: pos, chunks: t.chunks, decoded: Default::default() });
+                txns.push(Txn { origin, origin_pos: t.origin_pos.unwrap_or(pos), hlc: t.hlc, stream_pos: pos, chunks, decoded: Default::default() });
             }
         }
-        pos = Position { tick: k, seq: DONE };
+        pos = Position::whole(k);
     }
     Batch { sender: me, after, upto: pos, txns }
 }
 
+/// The part of a transaction's chunks that the peer with `policy` shares: row changes of its
+/// tables, and schema changes in its schemas (or explicit ones, from replicate_ddl). `None`
+/// when nothing is left. Chunks are decoded only when the peer does not share every table.
+fn shared_part(chunks: Vec<Vec<u8>>, policy: &PeerPolicy) -> Option<Vec<Vec<u8>>> {
+    if policy.shares_all {
+        return Some(chunks);
+    }
+    let mut out = Vec::with_capacity(chunks.len());
+    for bytes in chunks {
+        let Ok(mut chunk) = decode_chunk(&bytes) else { continue };
+        let before = chunk.changes.len();
+        let relations = chunk.relations.clone();
+        chunk.changes.retain(|c| {
+            let rel = &relations[c.rel as usize];
+            if c.op == Op::Ddl {
+                rel.name == "replicate_ddl" || policy.schemas.contains(&rel.schema)
+            } else {
+                policy.tables.contains(&(rel.schema.clone(), rel.name.clone()))
+            }
+        });
+        match chunk.changes.len() {
+            0 => {}
+            n if n == before => out.push(bytes),
+            _ => out.push(encode_chunk(&chunk)),
+        }
+    }
+    (!out.is_empty()).then_some(out)
+}
+
 /// Deletes what every peer has confirmed: the transactions of every tick up to the oldest
-/// tick all peers have completely. Peers of paused syncs hold the log (they will want it);
-/// peers that are in no sync any more do not. Ticks older than that one are dropped too; it stays as the
-/// lower bound of the next tick.
+/// tick all peers have completely. Every peer known here holds the log, in a sync or not (a
+/// sync removed and added again while a peer is offline must not lose it anything), until
+/// `remove_db`. Ticks older than that one are dropped too; it stays as the lower bound of the
+/// next tick.
 pub fn trim(me: i32) -> i64 {
-    let Some(floor) = Spi::get_one::<i64>(
-        "SELECT min(CASE WHEN out_seq = 9223372036854775807 THEN out_tick ELSE out_tick - 1 END)
-           FROM rbucardo.peer_state p
-          WHERE EXISTS (SELECT 1 FROM rbucardo.sync s WHERE p.db = ANY (s.dbs))",
-    )
+    let Some(floor) = Spi::get_one::<i64>("SELECT min(rbucardo.complete_tick(out_tick, out_seq)) FROM rbucardo.peer_state p")
     .expect("reading peer confirmations") else {
         return 0;
     };
@@ -306,7 +339,7 @@ pub fn trim(me: i32) -> i64 {
         return 0;
     }
     const TRIMMED: &str = "pg_visible_in_snapshot(txid, (SELECT snap FROM rbucardo.tick WHERE tick_id = $1))";
-    crate::conflicts::keep_row_clocks(me, TRIMMED, &[floor.into()]);
+    crate::log::clocks::keep_row_clocks(me, TRIMMED, &[floor.into()]);
     let deleted = Spi::connect_mut(|client| {
         let n = client
             .update(

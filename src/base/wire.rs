@@ -6,6 +6,9 @@
 //! stored as postcard-encoded chunks; a batch on the wire is a postcard payload framed by a
 //! magic, a length and a crc32, and it is decoded with bounds so that a corrupt or hostile batch
 //! is refused whole before anything of it is applied.
+//!
+//! Plain Rust, no PostgreSQL: the test harness (pgrx-tests) compiles this very file to forge
+//! batches the way a hostile peer would.
 
 use serde::{Deserialize, Serialize};
 
@@ -16,7 +19,7 @@ pub enum Op {
     Update,
     Delete,
     Truncate,
-    /// A schema change (src/ddl.rs): `new` holds `[command text, search_path, role]` and, when
+    /// A schema change (src/schema/ddl.rs): `new` holds `[command text, search_path, role]` and, when
     /// known, the shape of the tables it touched on its origin (a fourth value); `old` is `None`, and
     /// `rel` points to a description of the schema with no columns.
     Ddl,
@@ -66,6 +69,25 @@ pub struct Position {
     pub seq: i64,
 }
 
+/// The seq of the position "all of tick t": `(t, WHOLE_TICK)` comes after every transaction of
+/// tick t and before those of t + 1. SQL text spells it `rbucardo.whole_tick()`.
+pub const WHOLE_TICK: i64 = i64::MAX;
+
+impl Position {
+    /// The start of every stream: nothing of it seen yet (all of tick 0, which holds nothing).
+    pub const START: Position = Position { tick: 0, seq: WHOLE_TICK };
+
+    /// All of tick `tick`.
+    pub fn whole(tick: i64) -> Position {
+        Position { tick, seq: WHOLE_TICK }
+    }
+
+    /// The last tick this position covers completely.
+    pub fn complete_tick(self) -> i64 {
+        if self.seq == WHOLE_TICK { self.tick } else { self.tick - 1 }
+    }
+}
+
 /// One committed transaction as shipped between nodes.
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
 pub struct Txn {
@@ -109,54 +131,6 @@ pub struct Batch {
     /// it holds no transaction for it (everything up to here was filtered out for it).
     pub upto: Position,
     pub txns: Vec<Txn>,
-}
-
-/// While alive, values print in one canonical text form whatever the session's settings:
-/// ISO dates, UTC time zone, postgres interval style, shortest exact floats. The capturing
-/// session's DateStyle or TimeZone must not change what a value looks like on the wire, and
-/// the applier compares local rows with incoming old images in the same form.
-pub struct CanonicalOutput {
-    date_style: i32,
-    date_order: i32,
-    interval_style: i32,
-    float_digits: i32,
-    timezone: *mut pgrx::pg_sys::pg_tz,
-}
-
-impl CanonicalOutput {
-    pub fn new() -> CanonicalOutput {
-        use pgrx::pg_sys;
-        unsafe {
-            let saved = CanonicalOutput {
-                date_style: pg_sys::DateStyle,
-                date_order: pg_sys::DateOrder,
-                interval_style: pg_sys::IntervalStyle,
-                float_digits: pg_sys::extra_float_digits,
-                timezone: pg_sys::session_timezone,
-            };
-            pg_sys::DateStyle = pg_sys::USE_ISO_DATES as i32;
-            pg_sys::DateOrder = pg_sys::DATEORDER_MDY as i32;
-            pg_sys::IntervalStyle = pg_sys::INTSTYLE_POSTGRES as i32;
-            pg_sys::extra_float_digits = 1;
-            let utc = pg_sys::pg_tzset(c"UTC".as_ptr());
-            if !utc.is_null() {
-                pg_sys::session_timezone = utc;
-            }
-            saved
-        }
-    }
-}
-
-impl Drop for CanonicalOutput {
-    fn drop(&mut self) {
-        unsafe {
-            pgrx::pg_sys::DateStyle = self.date_style;
-            pgrx::pg_sys::DateOrder = self.date_order;
-            pgrx::pg_sys::IntervalStyle = self.interval_style;
-            pgrx::pg_sys::extra_float_digits = self.float_digits;
-            pgrx::pg_sys::session_timezone = self.timezone;
-        }
-    }
 }
 
 const MAGIC: &[u8; 4] = b"RBC1";

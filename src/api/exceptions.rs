@@ -1,0 +1,71 @@
+//! The operator's hand on exceptions: retry, skip a failing schema change, discard.
+
+use pgrx::prelude::*;
+
+use crate::apply::retry::{resume_stopped, retry_open};
+use crate::base::error::raise;
+use crate::base::node::me_or_raise;
+
+fn open_kind(id: i64) -> String {
+    Spi::get_one_with_args::<String>("SELECT kind FROM rbucardo.exceptions WHERE id = $1 AND resolved_at IS NULL", &[id.into()])
+        .ok()
+        .flatten()
+        .unwrap_or_else(|| {
+            raise(PgSqlErrorCode::ERRCODE_UNDEFINED_OBJECT, format!("no open exception {id}"), "See SELECT * FROM rbucardo.exceptions WHERE resolved_at IS NULL.")
+        })
+}
+
+/// Retries one exception now; true if it applied. A transaction that stopped its stream is
+/// applied as the next one of that stream, which then goes on.
+#[pg_extern(volatile)]
+fn exception_retry(id: i64) -> bool {
+    let me = me_or_raise();
+    if open_kind(id) == "ddl" {
+        Spi::run_with_args("UPDATE rbucardo.exceptions SET last_retry = NULL WHERE id = $1", &[id.into()]).expect("marking a retry");
+        return resume_stopped(me.id, id);
+    }
+    retry_open(me.id, Some(id)) == 1
+}
+
+/// Applies the transaction that stopped its stream without its failing schema change, and lets
+/// the stream go on. Its row changes are applied; the command is not run here.
+#[pg_extern(volatile)]
+fn exception_skip(id: i64) -> String {
+    let me = me_or_raise();
+    if open_kind(id) != "ddl" {
+        raise(
+            PgSqlErrorCode::ERRCODE_WRONG_OBJECT_TYPE,
+            format!("exception {id} is a parked transaction, not a stopped schema change"),
+            "Only a failed replicated DDL command can be skipped; use rbucardo.exception_retry() or rbucardo.exception_discard().",
+        );
+    }
+    Spi::run_with_args("UPDATE rbucardo.exceptions SET skip_ordinal = ddl_ordinal WHERE id = $1", &[id.into()]).expect("marking a skip");
+    if !resume_stopped(me.id, id) {
+        let reason = Spi::get_one_with_args::<String>("SELECT reason FROM rbucardo.exceptions WHERE id = $1", &[id.into()]).ok().flatten().unwrap_or_default();
+        raise(
+            PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
+            format!("exception {id}: the transaction still fails without the skipped command: {reason}"),
+            "Another schema change of the same transaction fails here too; fix the schema by hand and use rbucardo.exception_retry().",
+        );
+    }
+    format!("skipped the failed command of exception {id}; the stream goes on")
+}
+
+/// Gives up on one parked transaction; the record stays, marked discarded.
+#[pg_extern(volatile)]
+fn exception_discard(id: i64) -> String {
+    if open_kind(id) == "ddl" {
+        raise(
+            PgSqlErrorCode::ERRCODE_WRONG_OBJECT_TYPE,
+            format!("exception {id} stopped its stream at a schema change and cannot be discarded"),
+            "Discarding it would lose the rows of its transaction and of the stream behind it: fix the schema and use \
+             rbucardo.exception_retry(), or rbucardo.exception_skip() to leave out only the failing command.",
+        );
+    }
+    Spi::run_with_args(
+        "UPDATE rbucardo.exceptions SET resolved_at = pg_catalog.now(), resolution = 'discarded' WHERE id = $1",
+        &[id.into()],
+    )
+    .expect("discarding an exception");
+    format!("discarded exception {id}; its record stays in rbucardo.exceptions")
+}

@@ -1,0 +1,93 @@
+//! Admission: what a peer may send this node is decided here, from this node's configuration
+//! (its [`PeerPolicy`]), never from the batch. A batch is checked whole before anything of it
+//! is applied; one that asks for more than the peer may do is refused whole, and the stream
+//! from that peer waits until the operator changes the configuration (the next try of the same
+//! batch then passes).
+//!
+//! - Tables: only those in a herd of a sync shared with the peer; never rbucardo's own schema
+//!   or a system schema.
+//! - Origins: a peer speaks for itself; it relays other nodes' changes only if this node says
+//!   it may (`relay`). A transaction's origin is also the only progress it can move.
+//! - DDL: per the peer's level; at the limited level, statements that could raise privileges
+//!   are refused whatever role would run them.
+
+use pgrx::prelude::*;
+
+use crate::base::node::{DdlLevel, PeerPolicy};
+use crate::base::sqltext::refused_at_limited;
+use crate::base::wire::{decode_chunk, Batch, Op, Position};
+
+/// Schemas no peer may write into, whatever a herd says.
+fn is_system_schema(schema: &str) -> bool {
+    schema == "rbucardo" || schema == "information_schema" || schema.starts_with("pg_")
+}
+
+/// Checks the transactions of `batch` after `cursor` against what the peer may do here.
+pub fn admit(me: i32, policy: &PeerPolicy, batch: &Batch, cursor: Position) -> Result<(), String> {
+    let Some(peer_id) = policy.node_id else {
+        return Err(format!("{} has not said hello (its node id is unknown here)", policy.name));
+    };
+    for txn in batch.txns.iter().filter(|t| t.stream_pos > cursor) {
+        if txn.origin == me {
+            continue; // this node's own change coming back: skipped by the apply
+        }
+        if txn.origin != peer_id && !policy.relay {
+            return Err(format!(
+                "a transaction claims origin node {} but {} may speak only for itself (node {peer_id}); \
+                 if it relays other nodes' changes, allow it with rbucardo.set_peer_policy('{}', relay => true)",
+                txn.origin, policy.name, policy.name
+            ));
+        }
+        let decoded;
+        let chunks = if txn.decoded.0.len() == txn.chunks.len() {
+            &txn.decoded.0
+        } else {
+            decoded = txn.chunks.iter().map(|c| decode_chunk(c)).collect::<Result<Vec<_>, _>>().map_err(|e| e.to_string())?;
+            &decoded
+        };
+        for chunk in chunks {
+            for ch in &chunk.changes {
+                let rel = &chunk.relations[ch.rel as usize];
+                if ch.op == Op::Ddl {
+                    let sql = ch.new.as_ref().and_then(|n| n[0].as_deref()).unwrap_or_default();
+                    check_ddl(policy, &rel.schema, &rel.name, sql)?;
+                    continue;
+                }
+                if is_system_schema(&rel.schema) || !policy.tables.contains(&(rel.schema.clone(), rel.name.clone())) {
+                    return Err(format!("a change to {}.{}, which is not in a sync shared with {}", rel.schema, rel.name, policy.name));
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// A schema change recorded in `schema` (`tag` "replicate_ddl" for an explicit one).
+fn check_ddl(policy: &PeerPolicy, schema: &str, tag: &str, sql: &str) -> Result<(), String> {
+    match policy.ddl {
+        DdlLevel::None => Err(format!(
+            "a schema change ({tag} in schema {schema}), and {} may send none; allow it with rbucardo.set_peer_policy('{}', ddl => 'limited' or 'trusted')",
+            policy.name, policy.name
+        )),
+        DdlLevel::Trusted => Ok(()),
+        DdlLevel::Limited => {
+            if tag != "replicate_ddl" && !policy.schemas.contains(schema) {
+                return Err(format!("a schema change in schema {schema}, which holds no table shared with {}", policy.name));
+            }
+            match refused_at_limited(sql) {
+                Some(what) => Err(format!(
+                    "a schema change holding {what}, which a peer at the limited DDL level may not run; command: {}",
+                    crate::base::sqltext::abbreviate(sql)
+                )),
+                None => Ok(()),
+            }
+        }
+    }
+}
+
+/// Shows a refused batch in `rbucardo.status` (the refusal stays until a batch from that peer
+/// is applied).
+pub fn record_refusal(peer: &str, why: &str) {
+    Spi::run_with_args("UPDATE rbucardo.peer_state SET refused = $2, refused_at = pg_catalog.now() WHERE db = $1", &[peer.into(), why.into()])
+        .expect("recording a refused batch");
+}

@@ -1,0 +1,53 @@
+//! Canonical text output of values: what a row looks like on the wire does not depend on the
+//! session that captured or compares it.
+
+/// While alive, values print in one canonical text form whatever the session's settings:
+/// ISO dates, UTC time zone, postgres interval style, shortest exact floats. The capturing
+/// session's DateStyle or TimeZone must not change what a value looks like on the wire, and
+/// the applier compares local rows with incoming old images in the same form.
+pub struct CanonicalOutput {
+    date_style: i32,
+    date_order: i32,
+    interval_style: i32,
+    float_digits: i32,
+    timezone: *mut pgrx::pg_sys::pg_tz,
+}
+
+impl CanonicalOutput {
+    pub fn new() -> CanonicalOutput {
+        use pgrx::pg_sys;
+        // SAFETY: these are plain backend-global settings of this process; they are read and
+        // written on the backend's main thread only, and Drop puts the saved values back.
+        unsafe {
+            let saved = CanonicalOutput {
+                date_style: pg_sys::DateStyle,
+                date_order: pg_sys::DateOrder,
+                interval_style: pg_sys::IntervalStyle,
+                float_digits: pg_sys::extra_float_digits,
+                timezone: pg_sys::session_timezone,
+            };
+            pg_sys::DateStyle = pg_sys::USE_ISO_DATES as i32;
+            pg_sys::DateOrder = pg_sys::DATEORDER_MDY as i32;
+            pg_sys::IntervalStyle = pg_sys::INTSTYLE_POSTGRES as i32;
+            pg_sys::extra_float_digits = 1;
+            let utc = pg_sys::pg_tzset(c"UTC".as_ptr());
+            if !utc.is_null() {
+                pg_sys::session_timezone = utc;
+            }
+            saved
+        }
+    }
+}
+
+impl Drop for CanonicalOutput {
+    fn drop(&mut self) {
+        // SAFETY: restores the values saved by `new`, on the same thread.
+        unsafe {
+            pgrx::pg_sys::DateStyle = self.date_style;
+            pgrx::pg_sys::DateOrder = self.date_order;
+            pgrx::pg_sys::IntervalStyle = self.interval_style;
+            pgrx::pg_sys::extra_float_digits = self.float_digits;
+            pgrx::pg_sys::session_timezone = self.timezone;
+        }
+    }
+}

@@ -1,0 +1,224 @@
+//! This node's identity and the peers it knows, as recorded in the catalog (`node`, `db`),
+//! and the replica key that identifies a row on every node.
+
+use pgrx::prelude::*;
+
+use crate::base::error::raise;
+
+/// This node as it is configured: id and name.
+#[derive(Clone, Debug)]
+pub struct Me {
+    pub id: i32,
+    pub name: String,
+}
+
+/// What tells this server apart from a physical copy of it: host name, system identifier,
+/// data directory and port. A copy keeps the system identifier, so one of the others must
+/// differ; moving a node (new host, directory or port) asks for init_node again, which keeps
+/// its identity if given the same name and id.
+pub fn fingerprint() -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+    let server = Spi::get_one::<String>(
+        "SELECT (SELECT system_identifier FROM pg_control_system())::text || ':' ||
+                current_setting('data_directory') || ':' || current_setting('port')",
+    )
+    .expect("reading the server fingerprint")
+    .unwrap_or_default();
+    format!("{}:{server}", host.trim())
+}
+
+/// This node's identity, or why it may not replicate: not initialised, or a physical copy of
+/// another node (its fingerprint differs from the one recorded by init_node).
+pub fn me() -> Result<Me, String> {
+    let row = Spi::get_three::<i32, String, String>("SELECT node_id, name, fingerprint FROM rbucardo.node")
+        .unwrap_or((None, None, None));
+    match row {
+        (Some(id), Some(name), Some(fp)) => {
+            if fp != fingerprint() {
+                Err(format!(
+                    "this database is a copy of node {name} (id {id}) made on another server or data directory; \
+                     it must not replicate as that node. Give it its own identity with rbucardo.init_node(name, node_id)"
+                ))
+            } else {
+                Ok(Me { id, name })
+            }
+        }
+        _ => Err("this node is not initialised: call rbucardo.init_node(name, node_id)".into()),
+    }
+}
+
+/// Like [`me`], but raises the reason as an error for SQL callers.
+pub fn me_or_raise() -> Me {
+    me().unwrap_or_else(|e| raise(PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE, e, "See docs/operations.md, section Nodes."))
+}
+
+/// A peer this node talks to, as the worker and the peer-facing functions see it.
+#[derive(Clone, Debug)]
+pub struct Peer {
+    pub name: String,
+    pub conninfo: Option<String>,
+    pub node_id: Option<i32>,
+}
+
+/// Peers that take part in at least one sync that is not paused.
+pub fn active_peers() -> Vec<Peer> {
+    Spi::connect(|c| {
+        c.select(
+            "SELECT d.name, d.conninfo, d.node_id FROM rbucardo.db d
+              WHERE EXISTS (SELECT 1 FROM rbucardo.sync s WHERE d.name = ANY (s.dbs) AND NOT s.paused)
+              ORDER BY d.name",
+            None,
+            &[],
+        )
+        .unwrap()
+        .map(|r| Peer { name: r.get(1).unwrap().unwrap(), conninfo: r.get(2).unwrap(), node_id: r.get(3).unwrap() })
+        .collect()
+    })
+}
+
+/// Records the node id a peer announced; a different id than the one on record is refused,
+/// because it means two servers claim the same name.
+pub fn learn_peer_id(name: &str, node_id: i32) {
+    let known = Spi::get_one_with_args::<i32>("SELECT node_id FROM rbucardo.db WHERE name = $1", &[name.into()]);
+    match known {
+        Ok(Some(id)) if id == node_id => {}
+        Ok(Some(id)) => raise(
+            PgSqlErrorCode::ERRCODE_PROTOCOL_VIOLATION,
+            format!("peer {name} announced node id {node_id}, but it is known here as node id {id}"),
+            "Two servers use the same node name, or the peer was re-initialised; fix its identity or remove and re-add the db.",
+        ),
+        _ => {
+            let exists = Spi::get_one_with_args::<bool>("SELECT EXISTS (SELECT 1 FROM rbucardo.db WHERE name = $1)", &[name.into()]).ok().flatten() == Some(true);
+            if !exists {
+                raise(PgSqlErrorCode::ERRCODE_UNDEFINED_OBJECT, format!("node {name} is not a known db here"), format!("On this node, run SELECT rbucardo.add_db('{name}');"));
+            }
+            Spi::run_with_args("UPDATE rbucardo.db SET node_id = $2 WHERE name = $1", &[name.into(), node_id.into()])
+                .unwrap_or_else(|_| raise(PgSqlErrorCode::ERRCODE_DUPLICATE_OBJECT, format!("node id {node_id} is already used by another db"), "Node ids must be unique in the cluster."));
+        }
+    }
+}
+
+/// The columns that identify a row on every node: the primary key, else the unique index on
+/// NOT NULL columns with the fewest columns (ties broken by index name, which is the same on
+/// every node). `None` when the table has neither.
+pub fn replica_key(relid: pg_sys::Oid) -> Option<Vec<String>> {
+    Spi::get_one_with_args::<Vec<String>>(
+        "WITH cand AS (
+             SELECT i.indisprimary, i.indnkeyatts, c.relname,
+                    (i.indkey::int2[])[0:i.indnkeyatts - 1] AS cols
+               FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid
+              WHERE i.indrelid = $1 AND i.indisunique AND i.indisvalid AND i.indimmediate
+                AND i.indpred IS NULL AND i.indexprs IS NULL),
+         best AS (
+             SELECT cols FROM cand
+              WHERE NOT EXISTS (SELECT 1 FROM unnest(cols) k
+                                  JOIN pg_attribute a ON a.attrelid = $1 AND a.attnum = k
+                                 WHERE NOT a.attnotnull)
+              ORDER BY indisprimary DESC, indnkeyatts, relname
+              LIMIT 1)
+         SELECT array_agg(a.attname::text ORDER BY k.ord)
+           FROM best, unnest(best.cols) WITH ORDINALITY k(attnum, ord)
+           JOIN pg_attribute a ON a.attrelid = $1 AND a.attnum = k.attnum",
+        &[relid.into()],
+    )
+    .ok()
+    .flatten()
+}
+
+
+/// Node and db names: letters, digits and underscores, starting with a letter or underscore.
+pub fn valid_name(name: &str) -> bool {
+    let mut chars = name.chars();
+    matches!(chars.next(), Some(c) if c.is_ascii_alphabetic() || c == '_') && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
+}
+
+
+/// How far this node trusts a peer's schema changes (`rbucardo.set_peer_policy`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DdlLevel {
+    /// No schema change from this peer is accepted: a batch carrying one is refused.
+    None,
+    /// Schema changes run as a role of limited rights chosen here (`ddl_role`), never as a
+    /// superuser; role commands, ALTER SYSTEM, COPY ... PROGRAM, extensions and untrusted
+    /// languages are refused.
+    Limited,
+    /// Schema changes run as the role that ran them on their origin: for the node that
+    /// administers the schema (main, seen from a branch).
+    Trusted,
+}
+
+impl DdlLevel {
+    pub fn parse(text: &str) -> Option<DdlLevel> {
+        match text {
+            "none" => Some(DdlLevel::None),
+            "limited" => Some(DdlLevel::Limited),
+            "trusted" => Some(DdlLevel::Trusted),
+            _ => None,
+        }
+    }
+}
+
+/// What this node lets one peer send it, from this node's own configuration: never from what
+/// the peer sends.
+#[derive(Clone, Debug)]
+pub struct PeerPolicy {
+    pub name: String,
+    pub node_id: Option<i32>,
+    pub ddl: DdlLevel,
+    /// The role its schema changes run as at the limited level.
+    pub ddl_role: Option<String>,
+    /// Whether it may relay other nodes' changes (a hub, or a mesh peer); otherwise it speaks
+    /// only for itself.
+    pub relay: bool,
+    /// Every table in a herd of a sync shared with this peer, as (schema, name).
+    pub tables: std::collections::HashSet<(String, String)>,
+    /// The schemas of those tables: replicated DDL in them is accepted from this peer.
+    pub schemas: std::collections::HashSet<String>,
+    /// Whether those are all the replicated tables of this node (then nothing needs filtering
+    /// when sending to it).
+    pub shares_all: bool,
+}
+
+/// The policy for the peer named `name`; a peer without a db row here may send nothing.
+pub fn peer_policy(name: &str) -> PeerPolicy {
+    let row = Spi::get_three_with_args::<i32, String, String>(
+        "SELECT node_id, ddl, ddl_role::text FROM rbucardo.db WHERE name = $1",
+        &[name.into()],
+    )
+    .unwrap_or((None, None, None));
+    let relay = Spi::get_one_with_args::<bool>("SELECT relay FROM rbucardo.db WHERE name = $1", &[name.into()]).ok().flatten().unwrap_or(false);
+    let (tables, all): (Vec<(String, String, bool)>, i64) = Spi::connect(|c| {
+        let shared = c
+            .select(
+                "SELECT n.nspname::text, k.relname::text, true
+                   FROM rbucardo.herd_table t
+                   JOIN pg_catalog.pg_class k ON k.oid = t.relid
+                   JOIN pg_catalog.pg_namespace n ON n.oid = k.relnamespace
+                  WHERE EXISTS (SELECT 1 FROM rbucardo.sync s WHERE s.herd = t.herd AND $1 = ANY (s.dbs))",
+                None,
+                &[name.into()],
+            )
+            .map(|t| t.filter_map(|r| Some((r.get::<String>(1).ok()??, r.get::<String>(2).ok()??, true))).collect())
+            .unwrap_or_default();
+        let all = c.select("SELECT count(DISTINCT relid) FROM rbucardo.herd_table", None, &[]).ok().and_then(|t| t.first().get_one::<i64>().ok().flatten()).unwrap_or(0);
+        (shared, all)
+    });
+    let schemas = tables.iter().map(|(s, _, _)| s.clone()).collect();
+    let tables: std::collections::HashSet<(String, String)> = tables.into_iter().map(|(s, n, _)| (s, n)).collect();
+    PeerPolicy {
+        name: name.to_string(),
+        node_id: row.0,
+        ddl: row.1.as_deref().and_then(DdlLevel::parse).unwrap_or(DdlLevel::None),
+        ddl_role: row.2,
+        relay,
+        shares_all: tables.len() as i64 >= all,
+        tables,
+        schemas,
+    }
+}
+
+/// The policy for the peer with node id `node_id`, if it is a known db here.
+pub fn peer_policy_by_id(node_id: i32) -> Option<PeerPolicy> {
+    let name = Spi::get_one_with_args::<String>("SELECT name FROM rbucardo.db WHERE node_id = $1", &[node_id.into()]).ok().flatten()?;
+    Some(peer_policy(&name))
+}

@@ -1,0 +1,226 @@
+//! Shared memory that the launcher, the workers and ordinary backends use to find and wake each
+//! other: one registry slot per database (its worker's pid, rounds done, configuration
+//! generation) and a counter of change-log commits per database.
+//!
+//! Workers and the launcher are found by pid, so any backend can wake them by setting their
+//! latch (a worker cannot hear NOTIFY of its own database).
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use pgrx::prelude::*;
+use pgrx::{pg_shmem_init, PGRXSharedMemory, PgAtomic, PgLwLock};
+
+/// Databases per server that can have a worker; more is refused with a log line.
+pub const MAX_DATABASES: usize = 64;
+
+/// What the launcher and the workers share about one database.
+#[derive(Copy, Clone, Default)]
+struct Slot {
+    dboid: u32,
+    /// pid of the running worker, 0 when none.
+    pid: i32,
+    /// The worker found no extension here and exited; do not restart before a rescan.
+    no_extension: bool,
+    /// Replication rounds the worker has completed; wait_for_sync waits for a fresh one.
+    rounds: u64,
+    /// Bumped when the replication configuration (nodes, dbs, syncs) changes, so the worker
+    /// reads it again instead of querying it every round.
+    config_gen: u64,
+}
+
+/// The shared registry of background processes.
+#[derive(Copy, Clone)]
+pub struct Registry {
+    launcher_pid: i32,
+    /// Set by `CREATE EXTENSION` (after commit): start workers even where none was wanted.
+    rescan_all: bool,
+    slots: [Slot; MAX_DATABASES],
+}
+
+impl Default for Registry {
+    fn default() -> Self {
+        Registry { launcher_pid: 0, rescan_all: false, slots: [Slot::default(); MAX_DATABASES] }
+    }
+}
+
+// SAFETY: plain old data (integers and booleans), no pointers: valid in any process.
+unsafe impl PGRXSharedMemory for Registry {}
+
+// SAFETY: pgrx initialises it in shared memory at preload (pg_shmem_init! in `init`).
+static REGISTRY: PgLwLock<Registry> = unsafe { PgLwLock::new(c"rbucardo_registry") };
+
+/// Commits that wrote to the change log, per registry slot (database): the worker tells peers
+/// listening on this node (NOTIFY) only when its counter moved, without a query per round.
+pub struct LogCommits([AtomicU64; MAX_DATABASES]);
+
+impl Default for LogCommits {
+    fn default() -> Self {
+        LogCommits(std::array::from_fn(|_| AtomicU64::new(0)))
+    }
+}
+
+// SAFETY: atomics only, no pointers.
+unsafe impl PGRXSharedMemory for LogCommits {}
+
+// SAFETY: initialised in shared memory at preload (pg_shmem_init! in `init`).
+static LOG_COMMITS: PgAtomic<LogCommits> = unsafe { PgAtomic::new(c"rbucardo_log_commits") };
+
+/// Reserves the shared memory; called from `_PG_init` at preload time.
+pub fn init() {
+    pg_shmem_init!(REGISTRY);
+    pg_shmem_init!(LOG_COMMITS);
+}
+
+fn my_dboid() -> u32 {
+    // SAFETY: a plain global of this backend, set once it connects to a database.
+    unsafe { pg_sys::MyDatabaseId }.to_u32()
+}
+
+/// Sets the latch of a process of this server, if it is still there.
+fn set_latch_of(pid: i32) {
+    if pid == 0 {
+        return;
+    }
+    // SAFETY: BackendPidGetProc returns a PGPROC of shared memory or NULL; setting the latch of
+    // a process that exited meanwhile is harmless (PostgreSQL's own signalling does the same).
+    unsafe {
+        let proc_ = pg_sys::BackendPidGetProc(pid);
+        if !proc_.is_null() {
+            pg_sys::SetLatch(&mut (*proc_).procLatch);
+        }
+    }
+}
+
+/// Asks the launcher to look at every database again once the calling transaction commits
+/// (before commit, a new worker would not yet see the extension).
+pub fn wake_launcher_at_commit() {
+    pgrx::register_xact_callback(pgrx::PgXactCallbackEvent::Commit, || {
+        let pid = {
+            let mut reg = REGISTRY.exclusive();
+            reg.rescan_all = true;
+            reg.launcher_pid
+        };
+        set_latch_of(pid);
+    });
+}
+
+/// The registry slot of the current database and its worker's pid (0: none).
+fn local_slot() -> Option<(usize, i32)> {
+    let dboid = my_dboid();
+    let reg = REGISTRY.share();
+    reg.slots.iter().position(|s| s.dboid == dboid).map(|i| (i, reg.slots[i].pid))
+}
+
+/// Wakes the worker of the current database now.
+pub fn wake_local_worker() {
+    if let Some((_, pid)) = local_slot() {
+        set_latch_of(pid);
+    }
+}
+
+/// Runs after every commit that wrote to the change log: counts it and wakes the worker, which
+/// sends it and tells listening peers. Takes the registry lock shared only.
+pub fn note_log_commit() {
+    if let Some((i, pid)) = local_slot() {
+        LOG_COMMITS.get().0[i].fetch_add(1, Ordering::AcqRel);
+        set_latch_of(pid);
+    }
+}
+
+/// Change-log commits counted so far in registry slot `slot`.
+pub fn log_commits(slot: usize) -> u64 {
+    LOG_COMMITS.get().0[slot].load(Ordering::Acquire)
+}
+
+/// The current database's replication configuration generation (see `Slot::config_gen`).
+pub fn config_generation() -> u64 {
+    let dboid = my_dboid();
+    REGISTRY.share().slots.iter().find(|s| s.dboid == dboid).map_or(0, |s| s.config_gen)
+}
+
+/// Rounds completed by the current database's worker, and whether a worker is running.
+pub fn rounds_of_local_worker() -> (u64, bool) {
+    let dboid = my_dboid();
+    REGISTRY.share().slots.iter().find(|s| s.dboid == dboid).map_or((0, false), |s| (s.rounds, s.pid != 0))
+}
+
+/// Tells this database's worker, once the calling transaction commits, that the replication
+/// configuration changed: it reads it again and starts a round.
+pub fn wake_local_worker_at_commit() {
+    pgrx::register_xact_callback(pgrx::PgXactCallbackEvent::Commit, || {
+        let dboid = my_dboid();
+        let pid = {
+            let mut reg = REGISTRY.exclusive();
+            reg.slots.iter_mut().find(|s| s.dboid == dboid).map_or(0, |s| {
+                s.config_gen = s.config_gen.wrapping_add(1);
+                s.pid
+            })
+        };
+        set_latch_of(pid);
+    });
+}
+
+// ---------------------------------------------------------------------------------------------
+// The launcher's and the workers' side of the registry.
+
+/// Records the launcher's pid (0 when it exits).
+pub fn set_launcher_pid(pid: i32) {
+    REGISTRY.exclusive().launcher_pid = pid;
+}
+
+/// Whether `CREATE EXTENSION` asked for a rescan since the last call; clears the request.
+pub fn take_rescan_request() -> bool {
+    std::mem::take(&mut REGISTRY.exclusive().rescan_all)
+}
+
+/// Whether database `dboid` should get a worker: it has a slot (one is taken for a new
+/// database) and its worker did not find the extension missing (forgotten on a rescan).
+pub fn wants_worker(dboid: u32, rescan_all: bool) -> bool {
+    let mut reg = REGISTRY.exclusive();
+    match reg.slots.iter_mut().find(|s| s.dboid == dboid) {
+        Some(slot) => {
+            if rescan_all {
+                slot.no_extension = false;
+            }
+            !slot.no_extension
+        }
+        None => match reg.slots.iter_mut().find(|s| s.dboid == 0) {
+            Some(free) => {
+                *free = Slot { dboid, ..Slot::default() };
+                true
+            }
+            None => {
+                log!("rbucardo launcher: more than {MAX_DATABASES} databases; database {dboid} gets no worker");
+                false
+            }
+        },
+    }
+}
+
+/// Frees the slots of databases that are not in `existing`.
+pub fn forget_databases_except(existing: &[u32]) {
+    let mut reg = REGISTRY.exclusive();
+    for slot in reg.slots.iter_mut() {
+        if slot.dboid != 0 && !existing.contains(&slot.dboid) {
+            *slot = Slot::default();
+        }
+    }
+}
+
+/// A worker records itself in its database's slot (pid 0 when it exits; `no_extension` when
+/// it exits because the extension is not there). Returns the slot's index.
+pub fn set_worker(dboid: u32, pid: i32, no_extension: bool) -> Option<usize> {
+    let mut reg = REGISTRY.exclusive();
+    let i = reg.slots.iter().position(|s| s.dboid == dboid)?;
+    reg.slots[i].pid = pid;
+    reg.slots[i].no_extension = no_extension;
+    Some(i)
+}
+
+/// A worker has completed a round.
+pub fn count_round(dboid: u32) {
+    let mut reg = REGISTRY.exclusive();
+    if let Some(slot) = reg.slots.iter_mut().find(|s| s.dboid == dboid) {
+        slot.rounds = slot.rounds.wrapping_add(1);
+    }
+}

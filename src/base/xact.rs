@@ -1,0 +1,180 @@
+//! Transactions, subtransactions, and who runs the code inside them.
+//!
+//! Everything that changes the backend's transaction state or identity goes through here, so
+//! that each save/restore pair is written once and always balanced:
+//! - [`in_txn`]: a worker's own short transaction; an ERROR becomes a value.
+//! - [`subtransaction`] / [`undoable`]: a subtransaction rolled back on an ERROR, or when the
+//!   body decides so by returning `Err`; no error is raised just to unwind.
+//! - [`RunAs`]: run as another role until dropped.
+//! - [`LocalSetting`]: a setting of ours until dropped, e.g. `search_path = pg_catalog,
+//!   pg_temp` for code running with raised privileges, so that no object of a user's schema
+//!   can stand in for a built-in.
+
+use pgrx::pg_sys::panic::CaughtError;
+use pgrx::prelude::*;
+
+/// The message of a caught error, for a status or a record.
+pub fn error_message(e: &CaughtError) -> String {
+    match e {
+        CaughtError::PostgresError(r) | CaughtError::ErrorReport(r) => r.message().to_string(),
+        CaughtError::RustPanic { ereport, .. } => ereport.message().to_string(),
+    }
+}
+
+/// The SQLSTATE of a caught error; `None` for a Rust panic.
+pub fn error_code(e: &CaughtError) -> Option<PgSqlErrorCode> {
+    match e {
+        CaughtError::PostgresError(r) | CaughtError::ErrorReport(r) => Some(r.sql_error_code()),
+        CaughtError::RustPanic { .. } => None,
+    }
+}
+
+/// The message of a caught error with its detail, when the detail says something (pgrx puts
+/// a backtrace in the detail of a panic; that is left out).
+pub fn error_message_with_detail(e: &CaughtError) -> String {
+    match e {
+        CaughtError::PostgresError(r) | CaughtError::ErrorReport(r) => match r.detail().map(str::trim).filter(|d| !d.is_empty() && !d.contains("   0: ")) {
+            Some(detail) => format!("{} ({detail})", r.message()),
+            None => r.message().to_string(),
+        },
+        CaughtError::RustPanic { ereport, .. } => ereport.message().to_string(),
+    }
+}
+
+/// Runs `f` in its own local transaction (a background worker's unit of work); an ERROR
+/// becomes `Err(message)` and the transaction is rolled back, so the worker survives it.
+pub fn in_txn<R>(f: impl FnOnce() -> R + std::panic::UnwindSafe + std::panic::RefUnwindSafe) -> Result<R, String> {
+    // SAFETY: called by a background worker between transactions (never inside one): this is
+    // the sequence PostgreSQL's own workers use to run a transaction with a snapshot.
+    unsafe {
+        pg_sys::SetCurrentStatementStartTimestamp();
+        pg_sys::StartTransactionCommand();
+        pg_sys::PushActiveSnapshot(pg_sys::GetTransactionSnapshot());
+    }
+    let result = PgTryBuilder::new(|| Ok(f())).catch_others(|e| Err(error_message(&e))).execute();
+    // SAFETY: the transaction started above is still current: `f` either returned normally
+    // (its subtransactions and snapshots balanced) or raised, and an abort cleans up anything.
+    unsafe {
+        if result.is_ok() {
+            pg_sys::PopActiveSnapshot();
+            pg_sys::CommitTransactionCommand();
+        } else {
+            pg_sys::AbortCurrentTransaction();
+        }
+    }
+    result
+}
+
+/// Runs `f` in a subtransaction. It is released when `f` returns `Ok`, and rolled back when
+/// `f` returns `Err` (the body asks for its work to be undone) or raises an ERROR (returned as
+/// the outer `Err`).
+pub fn undoable<R, E>(f: impl FnOnce() -> Result<R, E>) -> Result<Result<R, E>, CaughtError> {
+    // SAFETY: the begin/release/rollback calls are balanced on every path, and the memory
+    // context and resource owner are put back as PostgreSQL's PL handlers do after an internal
+    // subtransaction.
+    unsafe {
+        let cx = pg_sys::CurrentMemoryContext;
+        let owner = pg_sys::CurrentResourceOwner;
+        pg_sys::BeginInternalSubTransaction(std::ptr::null());
+        pg_sys::MemoryContextSwitchTo(cx);
+        let result = PgTryBuilder::new(std::panic::AssertUnwindSafe(|| Ok(f()))).catch_others(Err).execute();
+        if matches!(result, Ok(Ok(_))) {
+            pg_sys::ReleaseCurrentSubTransaction();
+        } else {
+            pg_sys::RollbackAndReleaseCurrentSubTransaction();
+        }
+        pg_sys::MemoryContextSwitchTo(cx);
+        pg_sys::CurrentResourceOwner = owner;
+        result
+    }
+}
+
+/// Runs `f` in a subtransaction that is rolled back if `f` raises an error, which is returned.
+pub fn subtransaction<R>(f: impl FnOnce() -> R) -> Result<R, CaughtError> {
+    undoable(|| Ok::<R, std::convert::Infallible>(f())).map(|r| match r {
+        Ok(v) => v,
+        Err(never) => match never {},
+    })
+}
+
+/// While alive, the backend runs as another role (as SECURITY DEFINER functions do: the
+/// session user stays, `current_user` changes). Dropping it, also while an error unwinds,
+/// puts the previous user and security context back.
+pub struct RunAs {
+    user: pg_sys::Oid,
+    context: i32,
+}
+
+impl RunAs {
+    /// Runs as `role`.
+    pub fn role(role: pg_sys::Oid) -> RunAs {
+        let (mut user, mut context) = (pg_sys::InvalidOid, 0);
+        // SAFETY: reads and sets this backend's current user id, on its main thread; Drop
+        // restores what was read here.
+        unsafe {
+            pg_sys::GetUserIdAndSecContext(&mut user, &mut context);
+            pg_sys::SetUserIdAndSecContext(role, context | pg_sys::SECURITY_LOCAL_USERID_CHANGE as i32);
+        }
+        RunAs { user, context }
+    }
+
+    /// Runs as the bootstrap superuser, who owns the extension's tables: for writes to
+    /// rbucardo's own catalog on behalf of a user who has no rights on it.
+    pub fn extension_owner() -> RunAs {
+        RunAs::role(pg_sys::Oid::from_u32(pg_sys::BOOTSTRAP_SUPERUSERID))
+    }
+
+    /// The role that was current before this guard.
+    pub fn previous_user(&self) -> pg_sys::Oid {
+        self.user
+    }
+}
+
+impl Drop for RunAs {
+    fn drop(&mut self) {
+        // SAFETY: restores the values saved in `role`, on the same thread.
+        unsafe { pg_sys::SetUserIdAndSecContext(self.user, self.context) };
+    }
+}
+
+/// While alive, a setting has a value of ours (as a function's `SET` clause does it: a new GUC
+/// nesting level, undone on drop, so the value before comes back whatever it was).
+pub struct LocalSetting {
+    level: i32,
+}
+
+impl LocalSetting {
+    /// Sets `name` to `value` until dropped. `superuser` for settings only superusers may
+    /// change (the caller has checked that it may).
+    pub fn new(name: &std::ffi::CStr, value: &std::ffi::CStr, superuser: bool) -> LocalSetting {
+        let context = if superuser { pg_sys::GucContext::PGC_SUSET } else { pg_sys::GucContext::PGC_USERSET };
+        // SAFETY: NewGUCNestLevel/set_config_option/AtEOXact_GUC are the calls fmgr makes for
+        // a function's SET clause; the level is popped in Drop, in nesting order (guards are
+        // scoped values), and a transaction abort pops it anyway.
+        unsafe {
+            let level = pg_sys::NewGUCNestLevel();
+            pg_sys::set_config_option(name.as_ptr(), value.as_ptr(), context, pg_sys::GucSource::PGC_S_SESSION, pg_sys::GucAction::GUC_ACTION_SAVE, true, 0, false);
+            LocalSetting { level }
+        }
+    }
+
+    /// `search_path = pg_catalog, pg_temp`: code that runs with raised privileges holds one, so
+    /// that unqualified operators, functions and casts in its queries resolve to the built-in
+    /// ones whatever a user put in their search_path.
+    pub fn pinned_search_path() -> LocalSetting {
+        LocalSetting::new(c"search_path", c"pg_catalog, pg_temp", false)
+    }
+
+    /// `session_replication_role = replica`: applied rows fire no capture triggers and no
+    /// foreign-key checks (src/apply/fk.rs checks those).
+    pub fn replica_mode() -> LocalSetting {
+        LocalSetting::new(c"session_replication_role", c"replica", true)
+    }
+}
+
+impl Drop for LocalSetting {
+    fn drop(&mut self) {
+        // SAFETY: pops exactly the level pushed in `new` (see there).
+        unsafe { pg_sys::AtEOXact_GUC(true, self.level) };
+    }
+}

@@ -1,0 +1,170 @@
+//! The peer endpoints: what another node calls on this one, over the one libpq connection it
+//! opened (src/runtime/link.rs is the calling side). A node with a conninfo for its peer both
+//! pulls the peer's stream (peer_fetch) and pushes its own (peer_position, peer_push) over it,
+//! so a branch behind NAT is fully served by its own outbound connection.
+//!
+//! These functions are SECURITY DEFINER with a pinned search_path, and granted only to the role
+//! rbucardo_peer (and superusers). The caller must log in as the role named after the peer it
+//! claims to be; what it may then do is this node's policy for that peer (src/apply/admit.rs).
+
+use pgrx::prelude::*;
+
+use crate::base::error::raise;
+use crate::base::node::{self, me_or_raise};
+use crate::base::wire::{decode_batch, encode_batch, Position};
+
+/// A batch is filled up to about this many bytes.
+pub const BATCH_BYTES: usize = 8 << 20;
+/// A batch larger than this is refused unread (a transaction larger than BATCH_BYTES travels
+/// alone, up to this size).
+pub const MAX_BATCH_BYTES: usize = 512 << 20;
+
+/// The caller must be who it says it is: a superuser, or the login role named after the peer
+/// (each branch connects as its own role, member of rbucardo_peer).
+fn check_caller(peer_name: &str) {
+    let allowed = Spi::get_one_with_args::<bool>(
+        "SELECT r.rolsuper OR r.rolname = $1 FROM pg_catalog.pg_roles r WHERE r.rolname = session_user",
+        &[peer_name.into()],
+    )
+    .ok()
+    .flatten()
+        == Some(true);
+    if !allowed {
+        raise(
+            PgSqlErrorCode::ERRCODE_INSUFFICIENT_PRIVILEGE,
+            format!("this session may not act as peer {peer_name}"),
+            format!("Connect as the role named {peer_name} (a member of rbucardo_peer) or as a superuser."),
+        );
+    }
+}
+
+fn peer_node(peer_name: &str) -> i32 {
+    check_caller(peer_name);
+    Spi::get_one_with_args::<i32>(
+        "SELECT d.node_id FROM rbucardo.db d WHERE d.name = $1
+            AND EXISTS (SELECT 1 FROM rbucardo.sync s WHERE d.name = ANY (s.dbs) AND NOT s.paused)",
+        &[peer_name.into()],
+    )
+    .ok()
+    .flatten()
+    .unwrap_or_else(|| {
+        raise(
+            PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
+            format!("{peer_name} is not an active peer of this node"),
+            "The peer must be added with rbucardo.add_db(), be part of a sync that is not paused, and have said hello.",
+        )
+    })
+}
+
+fn touch(peer_name: &str) {
+    Spi::run_with_args(
+        "UPDATE rbucardo.peer_state SET last_contact = now(), state = 'connected', last_error = NULL WHERE db = $1",
+        &[peer_name.into()],
+    )
+    .expect("peer state");
+}
+
+/// First call of a session: both sides learn each other's node id, and a node that is a copy
+/// of another (or not initialised) is refused before any data moves.
+#[pg_extern(volatile, security_definer)]
+#[search_path(pg_catalog, pg_temp)]
+fn peer_hello(peer_name: &str, peer_node_id: i32) -> TableIterator<'static, (name!(name, String), name!(node_id, i32))> {
+    check_caller(peer_name);
+    let me = me_or_raise();
+    if peer_node_id == me.id {
+        raise(PgSqlErrorCode::ERRCODE_PROTOCOL_VIOLATION, format!("peer {peer_name} uses this node's id {}", me.id), "Every node needs its own node id (rbucardo.init_node).");
+    }
+    node::learn_peer_id(peer_name, peer_node_id);
+    touch(peer_name);
+    TableIterator::once((me.name, me.id))
+}
+
+/// This node's stream after the given position, as a framed batch, leaving out the caller's
+/// own changes. The position is also the caller's confirmation of everything up to it.
+#[pg_extern(volatile, security_definer)]
+#[search_path(pg_catalog, pg_temp)]
+fn peer_fetch(peer_name: &str, after_tick: i64, after_seq: i64, max_bytes: i32) -> Vec<u8> {
+    let me = me_or_raise();
+    let node = peer_node(peer_name);
+    let after = Position { tick: after_tick, seq: after_seq };
+    record_confirmed(peer_name, after);
+    touch(peer_name);
+    let limit = (max_bytes.max(1) as usize).min(BATCH_BYTES);
+    let policy = node::peer_policy(peer_name);
+    encode_batch(&crate::log::changelog::read_batch(me.id, after, node, limit, &policy))
+}
+
+/// Where this node stands in the caller's stream: the caller pushes from there. `stopped` says
+/// why the stream is stopped here (a schema change that fails here), while no retry is due.
+#[pg_extern(volatile, security_definer)]
+#[search_path(pg_catalog, pg_temp)]
+fn peer_position(peer_name: &str) -> TableIterator<'static, (name!(tick, i64), name!(seq, i64), name!(stopped, Option<String>))> {
+    me_or_raise();
+    let node = peer_node(peer_name);
+    touch(peer_name);
+    let (t, s) = Spi::get_two_with_args::<i64, i64>("SELECT in_tick, in_seq FROM rbucardo.peer_state WHERE db = $1", &[peer_name.into()])
+        .expect("peer state");
+    let stopped = crate::apply::exceptions::stream_stopped(node).or_else(|| refused(peer_name));
+    TableIterator::once((t.unwrap_or(0), s.unwrap_or(Position::START.seq), stopped))
+}
+
+/// Applies a batch of the caller's stream here, atomically per transaction; returns the new
+/// position, and why the stream stopped short of the batch's end, if it did.
+#[pg_extern(volatile, security_definer)]
+#[search_path(pg_catalog, pg_temp)]
+fn peer_push(peer_name: &str, batch: &[u8]) -> TableIterator<'static, (name!(tick, i64), name!(seq, i64), name!(stopped, Option<String>))> {
+    let me = me_or_raise();
+    let node = peer_node(peer_name);
+    let batch = decode_batch(batch, MAX_BATCH_BYTES).unwrap_or_else(|e| {
+        raise(PgSqlErrorCode::ERRCODE_DATA_CORRUPTED, format!("refused a batch from {peer_name}: {e}"), "Nothing of it was applied; the sender retries. Persistent errors point at a faulty link or peer.")
+    });
+    let applied = crate::apply::apply_batch(me.id, peer_name, node, &batch);
+    touch(peer_name);
+    TableIterator::once((applied.cursor.tick, applied.cursor.seq, applied.stopped))
+}
+
+/// Schema exchange for validate_schema: stores the caller's table shape (when it sends one)
+/// and returns this node's, unless its md5 is `known_md5`.
+#[pg_extern(volatile, security_definer)]
+#[search_path(pg_catalog, pg_temp)]
+fn peer_schema(
+    peer_name: &str,
+    shape: Option<pgrx::JsonB>,
+    known_md5: Option<&str>,
+) -> TableIterator<'static, (name!(md5, String), name!(shape, Option<pgrx::JsonB>))> {
+    me_or_raise();
+    peer_node(peer_name);
+    if let Some(shape) = shape {
+        crate::schema::ddl::store_peer_shape(peer_name, shape);
+    }
+    let (md5, mine) = crate::schema::ddl::my_shape();
+    let mine = (known_md5 != Some(md5.as_str())).then_some(mine);
+    TableIterator::once((md5, mine))
+}
+
+/// Why the last batch from `peer_name` was refused, while it stays refused.
+fn refused(peer_name: &str) -> Option<String> {
+    Spi::get_one_with_args::<String>("SELECT refused FROM rbucardo.peer_state WHERE db = $1", &[peer_name.into()]).ok().flatten()
+}
+
+/// Records that `peer_name` has everything of this node's stream up to `pos`.
+pub fn record_confirmed(peer_name: &str, pos: Position) {
+    Spi::run_with_args(
+        "UPDATE rbucardo.peer_state SET out_tick = $2, out_seq = $3
+          WHERE db = $1 AND (out_tick, out_seq) < ($2, $3)",
+        &[peer_name.into(), pos.tick.into(), pos.seq.into()],
+    )
+    .expect("recording a confirmation");
+}
+
+pgrx::extension_sql!(
+    "REVOKE ALL ON FUNCTION rbucardo.peer_hello(text, integer), rbucardo.peer_fetch(text, bigint, bigint, integer),
+                            rbucardo.peer_position(text), rbucardo.peer_push(text, bytea),
+                            rbucardo.peer_schema(text, jsonb, text) FROM PUBLIC;
+     GRANT EXECUTE ON FUNCTION rbucardo.peer_hello(text, integer), rbucardo.peer_fetch(text, bigint, bigint, integer),
+                            rbucardo.peer_position(text), rbucardo.peer_push(text, bytea),
+                            rbucardo.peer_schema(text, jsonb, text) TO rbucardo_peer;",
+    name = "peer_grants",
+    requires = [peer_hello, peer_fetch, peer_position, peer_push, peer_schema]
+);
+

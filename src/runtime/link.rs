@@ -1,0 +1,179 @@
+//! The link client: the calling side of the conversation with one peer (src/runtime/
+//! endpoints.rs is the called side). Connects, says hello, pulls the peer's stream and pushes
+//! this node's, trades table shapes.
+
+use std::time::Duration;
+
+use pgrx::prelude::*;
+
+use crate::base::node::{self, Me, Peer};
+use crate::base::pq::{Param, PeerConn};
+use crate::base::wire::{decode_batch, encode_batch, Position};
+use crate::base::xact::in_txn;
+use crate::runtime::endpoints::{record_confirmed, BATCH_BYTES, MAX_BATCH_BYTES};
+
+/// How long one remote call may take before the link is considered dead.
+const CALL_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// One outbound link and what it has learned.
+pub struct Link {
+    pub peer: Peer,
+    pub conn: Option<PeerConn>,
+    pub peer_id: i32,
+    /// Why a direction of this link is stopped (a schema change of the stream that fails on
+    /// the receiving side), as learned in the last round.
+    pub stopped: Option<String>,
+    /// md5 of the table shape the peer last received from us.
+    schema_sent: Option<String>,
+    me_name: String,
+}
+
+impl Link {
+    /// Connects, says hello and listens for the peer's change notifications.
+    pub fn connect(peer: &Peer, me: &Me) -> Result<Link, String> {
+        let conninfo = peer.conninfo.as_deref().unwrap_or_default();
+        let mut conn = PeerConn::connect(conninfo, Duration::from_secs(10)).map_err(|e| e.to_string())?;
+        let rows = conn
+            .query("SELECT name, node_id FROM rbucardo.peer_hello($1, $2)", &[Param::Text(&me.name), Param::Text(&me.id.to_string())], CALL_TIMEOUT)
+            .map_err(|e| e.to_string())?;
+        let (name, id) = rows.first().and_then(|r| Some((r.text(0)?, r.i32(1)?))).ok_or("peer_hello returned nothing")?;
+        if name != peer.name {
+            return Err(format!("the server at this conninfo is node {name}, not {}", peer.name));
+        }
+        let peer_name = peer.name.clone();
+        in_txn(move || node::learn_peer_id(&peer_name, id))?;
+        conn.execute("LISTEN rbucardo_changes", CALL_TIMEOUT).map_err(|e| e.to_string())?;
+        Ok(Link { peer: peer.clone(), conn: Some(conn), peer_id: id, stopped: None, schema_sent: None, me_name: me.name.clone() })
+    }
+
+    fn conn(&mut self) -> Result<&mut PeerConn, String> {
+        self.conn.as_mut().ok_or_else(|| "not connected".to_string())
+    }
+
+    /// Pulls the peer's stream until it has nothing more; returns transactions applied.
+    pub fn pull(&mut self, me: &Me) -> Result<i64, String> {
+        let mut total = 0;
+        loop {
+            let (name, peer_id) = (self.peer.name.clone(), self.peer_id);
+            let (after, stopped) = in_txn(move || {
+                let (t, s) = Spi::get_two_with_args::<i64, i64>("SELECT in_tick, in_seq FROM rbucardo.peer_state WHERE db = $1", &[name.as_str().into()])
+                    .expect("peer state");
+                (Position { tick: t.unwrap_or(0), seq: s.unwrap_or(Position::START.seq) }, crate::apply::exceptions::stream_stopped(peer_id))
+            })?;
+            if stopped.is_some() {
+                self.stopped = stopped;
+                return Ok(total);
+            }
+            let rows = self
+                .conn()?
+                .query(
+                    "SELECT rbucardo.peer_fetch($1, $2, $3, $4)",
+                    &[Param::Text(&me.name), Param::Text(&after.tick.to_string()), Param::Text(&after.seq.to_string()), Param::Text(&BATCH_BYTES.to_string())],
+                    CALL_TIMEOUT,
+                )
+                .map_err(|e| e.to_string())?;
+            let bytes = rows.first().and_then(|r| r.bytes(0)).ok_or("peer_fetch returned nothing")?;
+            let batch = decode_batch(bytes, MAX_BATCH_BYTES).map_err(|e| format!("refused a batch from {}: {e}", self.peer.name))?;
+            if batch.txns.is_empty() && batch.upto == after {
+                return Ok(total);
+            }
+            let (me_id, name, peer_id) = (me.id, self.peer.name.clone(), self.peer_id);
+            let empty = batch.txns.is_empty();
+            let applied = in_txn(move || {
+                let a = crate::apply::apply_batch(me_id, &name, peer_id, &batch);
+                (a.txns, a.stopped)
+            })?;
+            total += applied.0;
+            if applied.1.is_some() {
+                self.stopped = applied.1;
+                return Ok(total);
+            }
+            if empty {
+                return Ok(total);
+            }
+        }
+    }
+
+    /// Trades table shapes with the peer (for validate_schema); sends ours only when it changed
+    /// since the peer last acknowledged it.
+    pub fn exchange_schema(&mut self) -> Result<(), String> {
+        let (md5, shape) = in_txn(crate::schema::ddl::my_shape)?;
+        let send = (self.schema_sent.as_deref() != Some(md5.as_str())).then(|| shape.0.to_string());
+        let name = self.peer.name.clone();
+        let known = in_txn(move || crate::schema::ddl::peer_shape_md5(&name))?;
+        let me = self.me_name.clone();
+        let rows = self
+            .conn()?
+            .query(
+                "SELECT md5, shape::text FROM rbucardo.peer_schema($1, $2::jsonb, $3)",
+                &[Param::Text(&me), send.as_deref().map_or(Param::Null, Param::Text), known.as_deref().map_or(Param::Null, Param::Text)],
+                CALL_TIMEOUT,
+            )
+            .map_err(|e| e.to_string())?;
+        self.schema_sent = Some(md5);
+        if let Some(theirs) = rows.first().and_then(|r| r.text(1)) {
+            let shape: serde_json::Value = serde_json::from_str(&theirs).map_err(|e| format!("peer_schema returned bad JSON: {e}"))?;
+            let name = self.peer.name.clone();
+            in_txn(move || crate::schema::ddl::store_peer_shape(&name, pgrx::JsonB(shape)))?;
+        }
+        Ok(())
+    }
+
+    /// Pushes this node's stream to the peer until it has everything; returns batches sent.
+    /// While the peer applies one batch, the next is read from the change log, so catching up
+    /// after an outage keeps both nodes busy.
+    pub fn push(&mut self, me: &Me) -> Result<i64, String> {
+        let mut sent = 0;
+        'from_the_peer: loop {
+            let rows = self
+                .conn()?
+                .query("SELECT tick, seq, stopped FROM rbucardo.peer_position($1)", &[Param::Text(&me.name)], CALL_TIMEOUT)
+                .map_err(|e| e.to_string())?;
+            let pos = rows.first().and_then(|r| Some(Position { tick: r.i64(0)?, seq: r.i64(1)? })).ok_or("peer_position returned nothing")?;
+            let (me_id, name, peer_id) = (me.id, self.peer.name.clone(), self.peer_id);
+            if let Some(why) = rows.first().and_then(|r| r.text(2)) {
+                in_txn(move || record_confirmed(&name, pos))?;
+                self.stopped = Some(format!("{} stopped applying this node's stream: {why}", self.peer.name));
+                return Ok(sent);
+            }
+            let mut batch = in_txn(move || {
+                record_confirmed(&name, pos);
+                let policy = node::peer_policy(&name);
+                crate::log::changelog::read_batch(me_id, pos, peer_id, BATCH_BYTES, &policy)
+            })?;
+            if batch.txns.is_empty() && batch.upto == pos {
+                return Ok(sent);
+            }
+            loop {
+                let empty = batch.txns.is_empty();
+                let bytes = encode_batch(&batch);
+                self.conn()?
+                    .send("SELECT tick, seq, stopped FROM rbucardo.peer_push($1, $2)", &[Param::Text(&me.name), Param::Bytes(&bytes)], CALL_TIMEOUT)
+                    .map_err(|e| e.to_string())?;
+                drop(bytes);
+                // The peer ends at batch.upto unless it stops short; read on from there.
+                let upto = batch.upto;
+                let name = self.peer.name.clone();
+                let next = (!empty).then(|| in_txn(move || crate::log::changelog::read_batch(me_id, upto, peer_id, BATCH_BYTES, &node::peer_policy(&name))));
+                let rows = self.conn()?.receive(CALL_TIMEOUT).map_err(|e| e.to_string())?;
+                let done = rows.first().and_then(|r| Some(Position { tick: r.i64(0)?, seq: r.i64(1)? })).ok_or("peer_push returned nothing")?;
+                let name = self.peer.name.clone();
+                in_txn(move || record_confirmed(&name, done))?;
+                sent += 1;
+                if let Some(why) = rows.first().and_then(|r| r.text(2)) {
+                    self.stopped = Some(format!("{} stopped applying this node's stream: {why}", self.peer.name));
+                    return Ok(sent);
+                }
+                let Some(next) = next else { return Ok(sent) };
+                let next = next?;
+                if done != upto {
+                    continue 'from_the_peer;
+                }
+                if next.txns.is_empty() && next.upto == upto {
+                    return Ok(sent);
+                }
+                batch = next;
+            }
+        }
+    }
+}

@@ -1,0 +1,201 @@
+//! Background workers: one launcher per server and one worker per database that has the
+//! extension.
+//!
+//! The launcher only knows the list of databases (it reads the shared catalog pg_database, so it
+//! holds no database connection that would block DROP DATABASE or CREATE DATABASE). Each worker
+//! connects to its database, checks that the extension exists there and otherwise exits, leaving
+//! a note in shared memory (src/base/signals.rs) so the launcher does not restart it until
+//! `CREATE EXTENSION` wakes it.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use pgrx::bgworkers::*;
+use pgrx::prelude::*;
+
+use crate::base::signals;
+use crate::base::xact::in_txn;
+
+/// Shortest time between two rounds of a worker.
+const MIN_ROUND_GAP: Duration = Duration::from_millis(10);
+
+/// How often the launcher looks for new databases without being woken.
+const LAUNCHER_NAP: Duration = Duration::from_secs(10);
+
+/// Registers the launcher; called from `_PG_init` at preload time.
+pub fn init() {
+    BackgroundWorkerBuilder::new("rbucardo launcher")
+        .set_type("rbucardo launcher")
+        .set_library("rbucardo")
+        .set_function("rbucardo_launcher_main")
+        .enable_shmem_access(None)
+        .enable_spi_access()
+        .set_start_time(BgWorkerStartTime::RecoveryFinished)
+        .set_restart_time(Some(Duration::from_secs(5)))
+        .load();
+}
+
+/// The databases that could have a worker: they allow connections and are not templates.
+/// Read with a catalog scan because the launcher is connected to no database.
+fn list_databases() -> Vec<pg_sys::Oid> {
+    // SAFETY: a catalog heap scan inside a transaction, opened and closed in the same block,
+    // exactly as PostgreSQL's autovacuum launcher reads pg_database.
+    BackgroundWorker::transaction(|| unsafe {
+        let mut out = Vec::new();
+        let rel = pg_sys::table_open(pg_sys::DatabaseRelationId, pg_sys::AccessShareLock as _);
+        let scan = pg_sys::table_beginscan_catalog(rel, 0, std::ptr::null_mut());
+        loop {
+            let tup = pg_sys::heap_getnext(scan, pg_sys::ScanDirection::ForwardScanDirection);
+            if tup.is_null() {
+                break;
+            }
+            let db = &*pg_sys::heap_tuple_get_struct::<pg_sys::FormData_pg_database>(tup);
+            if db.datallowconn && !db.datistemplate {
+                out.push(db.oid);
+            }
+        }
+        pg_sys::table_endscan(scan);
+        pg_sys::table_close(rel, pg_sys::AccessShareLock as _);
+        out
+    })
+}
+
+fn start_worker(dboid: pg_sys::Oid) -> Option<DynamicBackgroundWorker> {
+    let started = BackgroundWorkerBuilder::new(&format!("rbucardo worker {}", dboid.to_u32()))
+        .set_type("rbucardo worker")
+        .set_library("rbucardo")
+        .set_function("rbucardo_worker_main")
+        .set_argument(Some(pg_sys::Datum::from(dboid.to_u32())))
+        .enable_shmem_access(None)
+        .enable_spi_access()
+        .set_start_time(BgWorkerStartTime::RecoveryFinished)
+        .set_restart_time(None)
+        // SAFETY: MyProcPid is a plain global of this process.
+        .set_notify_pid(unsafe { pg_sys::MyProcPid })
+        .load_dynamic();
+    match started {
+        Ok(handle) => Some(handle),
+        Err(_) => {
+            log!("rbucardo launcher: could not start a worker for database {}; no free background worker slot (raise max_worker_processes)", dboid.to_u32());
+            None
+        }
+    }
+}
+
+/// Entry point of the launcher: keeps one worker running per database that has the extension.
+#[pg_guard]
+#[unsafe(no_mangle)]
+pub extern "C-unwind" fn rbucardo_launcher_main(_arg: pg_sys::Datum) {
+    BackgroundWorker::attach_signal_handlers(SignalWakeFlags::SIGHUP | SignalWakeFlags::SIGTERM);
+    BackgroundWorker::connect_worker_to_spi(None, None);
+    // SAFETY: MyProcPid is a plain global of this process.
+    signals::set_launcher_pid(unsafe { pg_sys::MyProcPid });
+    log!("rbucardo launcher started");
+
+    let mut workers: HashMap<u32, DynamicBackgroundWorker> = HashMap::new();
+    loop {
+        if BackgroundWorker::sighup_received() {
+            // SAFETY: what PostgreSQL's own workers call on SIGHUP, between transactions.
+            unsafe { pg_sys::ProcessConfigFile(pg_sys::GucContext::PGC_SIGHUP) };
+        }
+        // Forget workers that have exited; they are restarted below if still wanted.
+        workers.retain(|_, h| !matches!(h.pid(), Err(BackgroundWorkerStatus::Stopped | BackgroundWorkerStatus::PostmasterDied)));
+
+        let rescan_all = signals::take_rescan_request();
+        let databases = list_databases();
+        for dboid in databases.iter().copied() {
+            let key = dboid.to_u32();
+            if workers.contains_key(&key) {
+                continue;
+            }
+            let wanted = signals::wants_worker(key, rescan_all);
+            if wanted {
+                if let Some(handle) = start_worker(dboid) {
+                    workers.insert(key, handle);
+                }
+            }
+        }
+        // Free the slots of databases that are gone.
+        signals::forget_databases_except(&databases.iter().map(|d| d.to_u32()).collect::<Vec<_>>());
+        if !BackgroundWorker::wait_latch(Some(LAUNCHER_NAP)) {
+            break;
+        }
+    }
+    // Workers get their own SIGTERM from the postmaster at shutdown.
+    signals::set_launcher_pid(0);
+    log!("rbucardo launcher exiting");
+}
+
+fn extension_exists() -> bool {
+    // SAFETY: a syscache lookup inside a transaction.
+    BackgroundWorker::transaction(|| unsafe {
+        pg_sys::get_extension_oid(c"rbucardo".as_ptr(), true) != pg_sys::InvalidOid
+    })
+}
+
+/// Entry point of a database's worker. It runs until SIGTERM, postmaster death or
+/// `DROP EXTENSION`.
+#[pg_guard]
+#[unsafe(no_mangle)]
+pub extern "C-unwind" fn rbucardo_worker_main(arg: pg_sys::Datum) {
+    BackgroundWorker::attach_signal_handlers(SignalWakeFlags::SIGHUP | SignalWakeFlags::SIGTERM);
+    let dboid = arg.value() as u32;
+    BackgroundWorker::connect_worker_to_spi_by_oid(Some(pg_sys::Oid::from_u32(dboid)), None);
+    // SAFETY: MyProcPid is a plain global of this process.
+    let Some(slot) = signals::set_worker(dboid, unsafe { pg_sys::MyProcPid }, false) else {
+        log!("rbucardo worker: database {dboid} has no registry slot, exiting");
+        return;
+    };
+    // The worker runs as a superuser: nothing a database owner puts in search_path (through
+    // ALTER DATABASE or ALTER ROLE settings) may stand in for what its queries call.
+    let _ = in_txn(|| Spi::run("SELECT pg_catalog.set_config('search_path', 'pg_catalog, pg_temp', false)").expect("pinning search_path"));
+    // The clock is kept in shared memory only: after a restart, move it past every value this
+    // database has written, in case the wall clock went backwards meanwhile: the change log
+    // holds the clocks of what is not trimmed yet, row_clock those of trimmed changes.
+    if extension_exists() {
+        if let Ok(Some(h)) = in_txn(crate::log::clocks::highest_known) {
+            crate::base::clock::observe(h);
+        }
+    }
+    let mut replicator = crate::runtime::replicator::Replicator::default();
+    let mut told = u64::MAX;
+    let mut last_round = std::time::Instant::now() - MIN_ROUND_GAP;
+    loop {
+        if BackgroundWorker::sighup_received() {
+            // SAFETY: what PostgreSQL's own workers call on SIGHUP, between transactions.
+            unsafe { pg_sys::ProcessConfigFile(pg_sys::GucContext::PGC_SIGHUP) };
+        }
+        if !extension_exists() {
+            signals::set_worker(dboid, 0, true);
+            log!("rbucardo worker: extension not installed in this database, exiting");
+            return;
+        }
+        // Under a steady stream of commits, each waking us, one round per few milliseconds
+        // carries them all: a round per commit would only burn the CPU the application needs.
+        let since = last_round.elapsed();
+        if since < MIN_ROUND_GAP {
+            // SAFETY: a plain sleep; SIGTERM still sets the flag checked below.
+            unsafe { pg_sys::pg_usleep((MIN_ROUND_GAP - since).as_micros() as std::ffi::c_long) };
+        }
+        last_round = std::time::Instant::now();
+        // Tell peers listening on this node that the change log has grown. The notification
+        // needs no durable commit of its own.
+        let commits = signals::log_commits(slot);
+        if commits != told
+            && replicator.has_peers()
+            && in_txn(|| Spi::run("SET LOCAL synchronous_commit = off; NOTIFY rbucardo_changes").expect("notify")).is_ok()
+        {
+            told = commits;
+        }
+        let nap = replicator.round();
+        signals::count_round(dboid);
+        // SAFETY: a flag set by the SIGTERM handler, read on the main thread.
+        if unsafe { pg_sys::ShutdownRequestPending } != 0 {
+            break;
+        }
+        if replicator.wait(nap).is_err() {
+            break;
+        }
+    }
+    signals::set_worker(dboid, 0, false);
+}

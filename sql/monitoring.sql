@@ -62,3 +62,11 @@ SELECT s.name AS sync,
   LEFT JOIN LATERAL (SELECT e.reason FROM rbucardo.exceptions e
                       WHERE e.kind = 'ddl' AND e.resolved_at IS NULL AND e.via = d.node_id
                       ORDER BY e.id LIMIT 1) x ON true;
+
+-- Every change of every open exception, readable: which table, what operation, the key and the
+-- old and new rows as jsonb. What an operator reads before exception_retry, _skip or _discard.
+CREATE VIEW rbucardo.exception_rows AS
+SELECT e.id, e.kind, e.origin, e.reason, c.ordinal, c.tbl, c.op, c.key, c.old, c.new
+  FROM rbucardo.exceptions e
+ CROSS JOIN LATERAL rbucardo.exception_changes(e.id) c
+ WHERE e.resolved_at IS NULL;

@@ -69,3 +69,47 @@ fn exception_discard(id: i64) -> String {
     .expect("discarding an exception");
     format!("discarded exception {id}; its record stays in rbucardo.exceptions")
 }
+
+/// The changes of a kept transaction as rows a person can read: table, operation, key, and the
+/// old and new row as jsonb (as `rbucardo.conflicts` shows them), in capture order. Schema
+/// changes show their command as `new.command`.
+#[pg_extern(stable)]
+fn exception_changes(
+    id: i64,
+) -> TableIterator<
+    'static,
+    (
+        name!(ordinal, i32),
+        name!(tbl, String),
+        name!(op, String),
+        name!(key, Option<pgrx::JsonB>),
+        name!(old, Option<pgrx::JsonB>),
+        name!(new, Option<pgrx::JsonB>),
+    ),
+> {
+    let stored = Spi::get_one_with_args::<Vec<u8>>("SELECT chunks FROM rbucardo.exceptions WHERE id = $1", &[id.into()]).ok().flatten();
+    let Some(stored) = stored else {
+        raise(PgSqlErrorCode::ERRCODE_UNDEFINED_OBJECT, format!("no exception {id}"), "See SELECT * FROM rbucardo.exceptions.");
+    };
+    let chunks = crate::apply::exceptions::stored_chunks(&stored)
+        .unwrap_or_else(|e| raise(PgSqlErrorCode::ERRCODE_DATA_CORRUPTED, format!("exception {id}: {e}"), "The stored transaction is damaged."));
+    let mut rows = Vec::new();
+    for bytes in &chunks {
+        let chunk = crate::base::wire::decode_chunk(bytes).expect("checked by stored_chunks");
+        for ch in &chunk.changes {
+            let rel = &chunk.relations[ch.rel as usize];
+            let tbl = format!("{}.{}", pgrx::spi::quote_identifier(&rel.schema), pgrx::spi::quote_identifier(&rel.name));
+            let op = format!("{:?}", ch.op).to_lowercase();
+            if ch.op == crate::base::wire::Op::Ddl {
+                let command = ch.new.as_ref().and_then(|n| n[0].clone());
+                rows.push((ch.ordinal as i32, rel.schema.clone(), op, None, None, Some(pgrx::JsonB(serde_json::json!({ "command": command, "tag": rel.name })))));
+                continue;
+            }
+            let image = |r: &Option<Vec<crate::base::wire::Value>>| r.as_ref().map(|r| pgrx::JsonB(crate::apply::decide::row_json(rel, r)));
+            let key = ch.new.as_ref().or(ch.old.as_ref()).filter(|_| !rel.key.is_empty()).map(|r| pgrx::JsonB(crate::apply::decide::key_json(rel, r)));
+            rows.push((ch.ordinal as i32, tbl, op, key, image(&ch.old), image(&ch.new)));
+        }
+    }
+    rows.sort_by_key(|r| r.0);
+    TableIterator::new(rows)
+}

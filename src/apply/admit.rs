@@ -17,6 +17,9 @@ use crate::base::node::{DdlLevel, PeerPolicy};
 use crate::base::sqltext::refused_at_limited;
 use crate::base::wire::{decode_chunk, Batch, Op, Position};
 
+/// How far ahead of this node's wall clock a peer's transaction clock may be.
+const MAX_CLOCK_LEAD_MICROS: i64 = 86_400 * 1_000_000;
+
 /// Schemas no peer may write into, whatever a herd says.
 fn is_system_schema(schema: &str) -> bool {
     schema == "rbucardo" || schema == "information_schema" || schema.starts_with("pg_")
@@ -30,6 +33,11 @@ pub fn admit(me: i32, policy: &PeerPolicy, batch: &Batch, cursor: Position) -> R
     for txn in batch.txns.iter().filter(|t| t.stream_pos > cursor) {
         if txn.origin == me {
             continue; // this node's own change coming back: skipped by the apply
+        }
+        // A clock far in the future would win every `latest` conflict from now on, here and
+        // on every node this one forwards to.
+        if txn.hlc > crate::base::clock::wall_micros().saturating_add(MAX_CLOCK_LEAD_MICROS) {
+            return Err(format!("a transaction's clock is more than a day ahead of this node's ({} > {})", txn.hlc, crate::base::clock::wall_micros()));
         }
         if txn.origin != peer_id && !policy.relay {
             return Err(format!(
@@ -53,8 +61,10 @@ pub fn admit(me: i32, policy: &PeerPolicy, batch: &Batch, cursor: Position) -> R
                     check_ddl(policy, &rel.schema, &rel.name, sql)?;
                     continue;
                 }
-                if is_system_schema(&rel.schema) || !policy.tables.contains(&(rel.schema.clone(), rel.name.clone())) {
-                    return Err(format!("a change to {}.{}, which is not in a sync shared with {}", rel.schema, rel.name, policy.name));
+                // Membership in the shared syncs is checked as the rows apply (a table created by
+                // a schema change of the same batch joins its herd first).
+                if is_system_schema(&rel.schema) {
+                    return Err(format!("a change to {}.{}, which belongs to rbucardo or the system", rel.schema, rel.name));
                 }
             }
         }

@@ -70,6 +70,7 @@ pub fn apply(client: &mut SpiClient<'_>, desc: &RelDesc, ch: &RowChange, run_as:
         ordinal: ch.ordinal,
         command: sql.to_string(),
         message: format!("replicated DDL ({} in schema {}) failed here: {message}; command: {}", desc.name, desc.schema, abbreviate(sql)),
+        refused: false,
     };
     let role = match run_as {
         RunAsRole::Origin => origin_role,

@@ -208,6 +208,11 @@ pub fn add_delta(local: &str, new: &str, old: &str) -> Option<String> {
         let sum = l.at_scale(scale)?.checked_add(n.at_scale(scale)?)?.checked_sub(o.at_scale(scale)?)?;
         return Some(Decimal { units: sum, scale }.to_string());
     }
+    // Floats print large and small values with an exponent; anything else that is not a
+    // decimal (too many digits, NaN) is not added.
+    if ![local, new, old].iter().any(|v| v.contains(['e', 'E'])) {
+        return None;
+    }
     let (l, n, o) = (local.parse::<f64>().ok()?, new.parse::<f64>().ok()?, old.parse::<f64>().ok()?);
     let r = l + (n - o);
     r.is_finite().then(|| format!("{r}"))

@@ -29,6 +29,9 @@ pub struct Stop {
     pub ordinal: u32,
     pub command: String,
     pub message: String,
+    /// The transaction asks for more than the sending peer may do here (a table outside the
+    /// syncs shared with it): the whole batch is refused, not just this stream stopped.
+    pub refused: bool,
 }
 
 /// Why a remote transaction was not applied.

@@ -31,7 +31,7 @@ use crate::apply::decide::{Action, Decision, Forward, Origin};
 use crate::apply::exceptions::{Failure, Stop};
 use crate::base::error::raise;
 use crate::base::locks;
-use crate::base::node::peer_policy;
+use crate::base::node::{peer_policy, PeerPolicy};
 use crate::base::wire::{decode_chunk, encode_chunk, Batch, Op, Position, RelDesc, RowChange, Txn, Value};
 use crate::base::xact::{self, LocalSetting};
 use crate::log::changelog;
@@ -100,6 +100,10 @@ struct Applier {
     /// The role each schema change ran as, by ordinal, when not the one it claims: what it
     /// carries on when forwarded.
     ran_as: Vec<(u32, String)>,
+    /// The sending peer, and the tables of the syncs shared with it (read again after a schema
+    /// change, which may add a table to a herd): a row change to any other table is refused.
+    sender: Option<String>,
+    shared: std::collections::HashSet<(String, String)>,
 }
 
 fn quote(ident: &str) -> String {
@@ -107,8 +111,24 @@ fn quote(ident: &str) -> String {
 }
 
 impl Applier {
-    fn new(me: i32, run_as: ddl::RunAsRole) -> Applier {
-        Applier { rels: FastMap::default(), last: None, plans: FastMap::default(), open: None, clocks: Clocks::new(me), edits: Vec::new(), run_as, ran_as: Vec::new() }
+    fn new(me: i32, run_as: ddl::RunAsRole, sender: Option<&PeerPolicy>) -> Applier {
+        Applier {
+            rels: FastMap::default(),
+            last: None,
+            plans: FastMap::default(),
+            open: None,
+            clocks: Clocks::new(me),
+            edits: Vec::new(),
+            run_as,
+            ran_as: Vec::new(),
+            sender: sender.map(|p| p.name.clone()),
+            shared: sender.map(|p| p.tables.clone()).unwrap_or_default(),
+        }
+    }
+
+    /// Whether the sending peer may change this table here.
+    fn shared(&self, desc: &RelDesc) -> bool {
+        self.shared.contains(&(desc.schema.clone(), desc.name.clone()))
     }
 
     fn local_rel(&mut self, desc: &RelDesc) -> Rc<LocalRel> {
@@ -232,9 +252,24 @@ impl Applier {
         self.run(client, sql, args);
     }
 
+    /// Empties the tables of a replicated TRUNCATE. A table that a local-only table references
+    /// here cannot be truncated without CASCADE, which would empty the local table too: then
+    /// its rows are deleted instead (in replica mode, as every applied delete, without
+    /// foreign-key actions), so the stream goes on and no local data is lost.
     fn truncate(&mut self, client: &mut SpiClient<'_>, descs: &[&RelDesc]) {
         let names: Vec<String> = descs.iter().map(|d| self.local_rel(d).qualified.clone()).collect();
-        client.update(format!("TRUNCATE {}", names.join(", ")).as_str(), None, &[]).unwrap_or_else(|e| panic!("{e}"));
+        let truncated = xact::subtransaction(std::panic::AssertUnwindSafe(|| {
+            client.update(format!("TRUNCATE {}", names.join(", ")).as_str(), None, &[]).unwrap_or_else(|e| panic!("{e}"));
+        }));
+        match truncated {
+            Ok(()) => {}
+            Err(e) if xact::error_code(&e) == Some(PgSqlErrorCode::ERRCODE_FEATURE_NOT_SUPPORTED) => {
+                for name in &names {
+                    client.update(format!("DELETE FROM {name}").as_str(), None, &[]).unwrap_or_else(|e| panic!("{e}"));
+                }
+            }
+            Err(e) => e.rethrow(),
+        }
     }
 
     /// Applies one remote transaction's changes in capture order, leaving out the schema change
@@ -274,8 +309,19 @@ impl Applier {
                 }
                 self.forget_tables();
                 self.plans.clear();
+                if let Some(sender) = &self.sender {
+                    self.shared = peer_policy(sender).tables;
+                }
                 i += 1;
                 continue;
+            }
+            if !self.shared(desc) {
+                return Err(Stop {
+                    ordinal: ch.ordinal,
+                    command: String::new(),
+                    message: format!("a change to {}.{}, which is not in a sync shared with {}", desc.schema, desc.name, self.sender.as_deref().unwrap_or("the sender")),
+                    refused: true,
+                });
             }
             if matches!(ch.op, Op::Insert | Op::Update) && !self.local_rel(desc).fks.is_empty() {
                 written.note(desc, ch.new.as_ref().unwrap());
@@ -422,7 +468,7 @@ pub fn apply_parked(me: i32, via: i32, txn: &Txn) -> Result<(), String> {
     let _replica = LocalSetting::replica_mode();
     let policy = crate::base::node::peer_policy_by_id(via);
     let run_as = policy.as_ref().map_or_else(|| ddl::RunAsRole::Nobody(format!("node {via}")), ddl::run_as);
-    let mut applier = Applier::new(me, run_as);
+    let mut applier = Applier::new(me, run_as, policy.as_ref());
     let result = Spi::connect_mut(|client| exceptions::attempt(|| applier.apply_txn(client, txn, None)));
     match result {
         Ok(()) => Ok(()),
@@ -456,6 +502,7 @@ struct Stream<'a> {
     blocks: &'a [exceptions::Stopped],
     /// Who the sender's schema changes run as here.
     run_as: &'a ddl::RunAsRole,
+    policy: &'a PeerPolicy,
 }
 
 /// What a pass over a batch did.
@@ -466,15 +513,20 @@ struct Pass {
     stopped: Option<String>,
 }
 
-/// A fast pass met a remote transaction that needs a subtransaction of its own (it must be
-/// parked, or it stops the stream): the pass is undone and done again carefully.
-struct NeedsCare;
+/// Why a pass over a batch ended early, undone.
+enum PassEnd {
+    /// A fast pass met a remote transaction that needs a subtransaction of its own (it must be
+    /// parked, or it stops the stream): the pass is done again carefully.
+    NeedsCare,
+    /// A transaction asks for more than the sender may do here: the batch is refused whole.
+    Refused(String),
+}
 
 impl Stream<'_> {
     /// Applies the batch's transactions after `cursor` in order. `careful`: each in a
     /// subtransaction of its own, so that one that breaks a constraint is parked and one whose
     /// schema change fails stops the stream; otherwise any such failure raises an error.
-    fn pass(&self, applier: &mut Applier, client: &mut SpiClient<'_>, mut cursor: Position, careful: bool) -> Result<Pass, NeedsCare> {
+    fn pass(&self, applier: &mut Applier, client: &mut SpiClient<'_>, mut cursor: Position, careful: bool) -> Result<Pass, PassEnd> {
         let mut progress: HashMap<i32, Position> = HashMap::new();
         let (mut applied, mut stopped) = (0i64, None);
         for txn in &self.batch.txns {
@@ -507,8 +559,11 @@ impl Stream<'_> {
                 exceptions::attempt(|| applier.apply_txn(client, txn, skip))
             } else {
                 // A constraint violation raises out of the whole pass; a stop asks for care.
-                applier.apply_txn(client, txn, skip).map_err(|_| NeedsCare)?;
-                Ok(())
+                match applier.apply_txn(client, txn, skip) {
+                    Ok(()) => Ok(()),
+                    Err(stop) if stop.refused => return Err(PassEnd::Refused(stop.message)),
+                    Err(_) => return Err(PassEnd::NeedsCare),
+                }
             };
             let source = changelog::Source { origin: txn.origin, origin_pos: txn.origin_pos, via: self.sender_node };
             match result {
@@ -525,7 +580,7 @@ impl Stream<'_> {
                     // What was resolved inside the rolled-back transaction (tables after its
                     // schema change, row clocks) no longer holds.
                     applier.forget_target();
-                    *applier = Applier::new(self.me, self.run_as.clone());
+                    *applier = Applier::new(self.me, self.run_as.clone(), Some(self.policy));
                     exceptions::park(txn, self.sender_node, &reason);
                     // It travels on now, as it came, under its own origin and position: nodes
                     // behind this one must not see a later transaction of its origin before it
@@ -536,6 +591,7 @@ impl Stream<'_> {
                         exceptions::record_superseded(b, "parked");
                     }
                 }
+                Err(Failure::Stop(stop)) if stop.refused => return Err(PassEnd::Refused(stop.message)),
                 Err(Failure::Stop(stop)) => {
                     applier.forget_target();
                     exceptions::record_stop(block.map(|b| b.id), txn, self.sender_node, &stop);
@@ -593,24 +649,33 @@ pub fn apply_batch(me: i32, sender_db: &str, sender_node: i32, batch: &Batch) ->
     }
     let run_as = ddl::run_as(&policy);
     let blocks = exceptions::stopped_in(sender_node);
-    let stream = Stream { me, sender_node, batch, blocks: &blocks, run_as: &run_as };
-    let mut applier = Applier::new(me, run_as.clone());
+    let stream = Stream { me, sender_node, batch, blocks: &blocks, run_as: &run_as, policy: &policy };
     // Fast path: the whole batch in one subtransaction. If a transaction of it breaks a
     // constraint or a schema change fails, that is undone and the batch is applied again with a
-    // subtransaction per remote transaction, which parks or stops just that one.
-    let fast = Spi::connect_mut(|client| xact::undoable(std::panic::AssertUnwindSafe(|| stream.pass(&mut applier, client, cursor, false))));
-    let careful = |applier: &mut Applier| {
-        applier.forget_target();
-        let mut applier = Applier::new(me, run_as.clone());
-        match Spi::connect_mut(|client| stream.pass(&mut applier, client, cursor, true)) {
-            Ok(pass) => pass,
-            Err(NeedsCare) => unreachable!("a careful pass handles every transaction"),
+    // subtransaction per remote transaction, which parks or stops just that one. Either pass is
+    // undone whole when the batch turns out to ask for more than the sender may do.
+    let pass = |careful: bool| {
+        let mut applier = Applier::new(me, run_as.clone(), Some(&policy));
+        let result = Spi::connect_mut(|client| xact::undoable(std::panic::AssertUnwindSafe(|| stream.pass(&mut applier, client, cursor, careful))));
+        if result.is_err() || matches!(result, Ok(Err(_))) {
+            applier.forget_target();
         }
+        result
     };
-    let Pass { mut cursor, progress, applied, stopped } = match fast {
+    let outcome = match pass(false) {
+        Ok(Err(PassEnd::NeedsCare)) => pass(true),
+        Err(e) if exceptions::is_parkable(&e) => pass(true),
+        other => other,
+    };
+    let Pass { mut cursor, progress, applied, stopped } = match outcome {
         Ok(Ok(pass)) => pass,
-        Ok(Err(NeedsCare)) => careful(&mut applier),
-        Err(e) if exceptions::is_parkable(&e) => careful(&mut applier),
+        Ok(Err(PassEnd::Refused(why))) => {
+            let why = format!("refused a batch from {sender_db}: {why}");
+            pgrx::warning!("rbucardo: {why}");
+            admit::record_refusal(sender_db, &why);
+            return Applied { cursor, txns: 0, stopped: Some(why) };
+        }
+        Ok(Err(PassEnd::NeedsCare)) => unreachable!("a careful pass handles every transaction"),
         Err(e) => e.rethrow(),
     };
     if stopped.is_none() {

@@ -1,8 +1,15 @@
 //! Canonical text output of values: what a row looks like on the wire does not depend on the
 //! session that captured or compares it.
 
+// utils/bytea.h, which pgrx does not bind: the server's `bytea_output` setting.
+unsafe extern "C" {
+    static mut bytea_output: i32;
+}
+/// `BYTEA_OUTPUT_HEX` of utils/bytea.h.
+const BYTEA_OUTPUT_HEX: i32 = 1;
+
 /// While alive, values print in one canonical text form whatever the session's settings:
-/// ISO dates, UTC time zone, postgres interval style, shortest exact floats. The capturing
+/// ISO dates, UTC time zone, postgres interval style, shortest exact floats, hex bytea. The capturing
 /// session's DateStyle or TimeZone must not change what a value looks like on the wire, and
 /// the applier compares local rows with incoming old images in the same form.
 pub struct CanonicalOutput {
@@ -10,6 +17,7 @@ pub struct CanonicalOutput {
     date_order: i32,
     interval_style: i32,
     float_digits: i32,
+    bytea_output: i32,
     timezone: *mut pgrx::pg_sys::pg_tz,
 }
 
@@ -24,12 +32,14 @@ impl CanonicalOutput {
                 date_order: pg_sys::DateOrder,
                 interval_style: pg_sys::IntervalStyle,
                 float_digits: pg_sys::extra_float_digits,
+                bytea_output,
                 timezone: pg_sys::session_timezone,
             };
             pg_sys::DateStyle = pg_sys::USE_ISO_DATES as i32;
             pg_sys::DateOrder = pg_sys::DATEORDER_MDY as i32;
             pg_sys::IntervalStyle = pg_sys::INTSTYLE_POSTGRES as i32;
             pg_sys::extra_float_digits = 1;
+            bytea_output = BYTEA_OUTPUT_HEX;
             let utc = pg_sys::pg_tzset(c"UTC".as_ptr());
             if !utc.is_null() {
                 pg_sys::session_timezone = utc;
@@ -47,6 +57,7 @@ impl Drop for CanonicalOutput {
             pgrx::pg_sys::DateOrder = self.date_order;
             pgrx::pg_sys::IntervalStyle = self.interval_style;
             pgrx::pg_sys::extra_float_digits = self.float_digits;
+            bytea_output = self.bytea_output;
             pgrx::pg_sys::session_timezone = self.timezone;
         }
     }

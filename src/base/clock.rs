@@ -29,7 +29,8 @@ pub fn init() {
     );
 }
 
-fn wall_micros() -> i64 {
+/// The wall clock as rbucardo reads it (with `rbucardo.clock_skew`), in microseconds.
+pub fn wall_micros() -> i64 {
     let wall = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_micros() as i64)
@@ -43,7 +44,7 @@ pub fn now() -> i64 {
     let last = LAST.get();
     let mut cur = last.load(Ordering::Relaxed);
     loop {
-        let next = wall.max(cur + 1);
+        let next = wall.max(cur.saturating_add(1));
         match last.compare_exchange_weak(cur, next, Ordering::AcqRel, Ordering::Relaxed) {
             Ok(_) => return next,
             Err(seen) => cur = seen,

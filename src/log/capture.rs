@@ -254,9 +254,16 @@ pub fn record_ddl(key: String, schema: &str, tag: &str, sql: String, search_path
 /// Writes the buffered changes that belong to the current subtransaction (all of them at top
 /// level) to the change log as one chunk.
 fn flush(is_final: bool) {
+    // SAFETY: reads this backend's transaction state.
+    flush_from(is_final, unsafe { pg_sys::GetCurrentSubTransactionId() });
+}
+
+/// Writes the buffered changes of subtransactions numbered `from` or later: those of the
+/// current subtransaction and of the ones released into it.
+fn flush_from(is_final: bool, from: pg_sys::SubTransactionId) {
     let written = TX.with(|tx| {
         let mut tx = tx.borrow_mut();
-        let current = unsafe { pg_sys::GetCurrentSubTransactionId() };
+        let current = from;
         let (mine, keep): (Vec<_>, Vec<_>) = std::mem::take(&mut tx.pending).into_iter().partition(|(s, _)| *s >= current);
         tx.pending = keep;
         // What stays buffered belongs to enclosing subtransactions: it is written when its
@@ -310,7 +317,7 @@ unsafe extern "C-unwind" fn xact_callback(event: pg_sys::XactEvent::Type, _arg: 
 unsafe extern "C-unwind" fn subxact_callback(
     event: pg_sys::SubXactEvent::Type,
     my_subid: pg_sys::SubTransactionId,
-    _parent: pg_sys::SubTransactionId,
+    parent: pg_sys::SubTransactionId,
     _arg: *mut std::ffi::c_void,
 ) {
     match event {
@@ -324,16 +331,21 @@ unsafe extern "C-unwind" fn subxact_callback(
                 tx.held = tx.held.min(tx.bytes);
             });
         }
-        // A savepoint being released (ORMs wrap every statement in one): what it and the
-        // savepoints inside it buffered now belongs to its parent, and is written now if it
-        // is large, while the subtransaction can still write, so that memory stays bounded.
+        // A savepoint being released (ORMs wrap every statement in one): what it, the
+        // savepoints inside it and its released siblings buffered belongs to its parent (every
+        // subtransaction numbered after the parent is in the parent's subtree), and is written
+        // now if it is large, while this subtransaction can still write and commits into the
+        // parent: memory stays bounded.
         pg_sys::SubXactEvent::SUBXACT_EVENT_PRE_COMMIT_SUB => {
+            let _ = my_subid;
             let due = TX.with(|tx| {
                 let tx = tx.borrow();
-                tx.active && tx.bytes - tx.held >= SPILL_BYTES
+                tx.active
+                    && tx.bytes >= SPILL_BYTES
+                    && tx.pending.iter().filter(|(s, _)| *s > parent).map(|(_, c)| change_size(c)).sum::<usize>() >= SPILL_BYTES
             });
             if due {
-                flush(false);
+                flush_from(false, parent + 1);
             }
         }
         _ => {}
@@ -402,3 +414,32 @@ pgrx::extension_sql!(
     name = "capture_trigger_function",
     requires = ["catalog"]
 );
+
+#[cfg(any(test, feature = "pg_test"))]
+#[pgrx::pg_schema]
+mod tests {
+    use pgrx::prelude::*;
+
+    /// An ORM wraps every statement in a savepoint and releases it: the changes of released
+    /// savepoints must reach the log once they are large, not stay in backend memory until
+    /// commit.
+    #[pg_test]
+    fn released_savepoints_spill_to_the_log() {
+        Spi::run(
+            "CREATE TABLE cap_sp (id int PRIMARY KEY, pad text);
+             SELECT rbucardo.add_herd('cap_sp_h');
+             SELECT rbucardo.add_table('cap_sp_h', 'cap_sp');",
+        )
+        .unwrap();
+        for k in 0..24 {
+            crate::base::xact::subtransaction(|| {
+                Spi::run(&format!("INSERT INTO cap_sp SELECT g, repeat('x', 1000) FROM generate_series({}, {}) g", k * 500, k * 500 + 499)).unwrap();
+            })
+            .unwrap();
+        }
+        // 12 MB of row images in 24 released savepoints: at least one 8 MB spill, written
+        // when a savepoint was released, holding the changes of all of them so far.
+        let spilled = Spi::get_one::<i64>("SELECT coalesce(sum(length(data)), 0)::bigint FROM rbucardo.change_log WHERE txid = pg_current_xact_id()").unwrap().unwrap();
+        assert!(spilled >= 4 << 20, "only {spilled} bytes of released savepoints reached the log");
+    }
+}

@@ -142,9 +142,17 @@ fn peer_schema(
     TableIterator::once((md5, mine))
 }
 
-/// Why the last batch from `peer_name` was refused, while it stays refused.
+/// Why the last batch from `peer_name` was refused, for a few seconds after the refusal: the
+/// sender then tries again (the operator may have changed the configuration), so that a
+/// refusal never stops a stream for good.
 fn refused(peer_name: &str) -> Option<String> {
-    Spi::get_one_with_args::<String>("SELECT refused FROM rbucardo.peer_state WHERE db = $1", &[peer_name.into()]).ok().flatten()
+    Spi::get_one_with_args::<String>(
+        "SELECT refused FROM rbucardo.peer_state
+          WHERE db = $1 AND refused_at > pg_catalog.now() - pg_catalog.make_interval(secs => $2)",
+        &[peer_name.into(), crate::apply::exceptions::DDL_RETRY_EVERY.into()],
+    )
+    .ok()
+    .flatten()
 }
 
 /// Records that `peer_name` has everything of this node's stream up to `pos`.

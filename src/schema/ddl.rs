@@ -375,4 +375,46 @@ mod tests {
         let left = Spi::get_one::<i64>("SELECT count(*) FROM rbucardo.herd_table WHERE herd = 'ddl_h'");
         assert_eq!(left, Ok(Some(1)));
     }
+
+    /// A user who may create objects shadows `=` on oids (used by the event trigger's catalog
+    /// queries) with a function that makes them superuser, puts their schema first in
+    /// search_path and runs DDL in a replicated schema. The trigger runs as the bootstrap
+    /// superuser, but with search_path pinned: the shadow is never called with its rights.
+    #[pg_test]
+    fn a_shadowing_operator_does_not_run_inside_the_event_trigger() {
+        Spi::run(
+            "CREATE SCHEMA sec_t;
+             CREATE TABLE sec_t.base (id int PRIMARY KEY);
+             SELECT rbucardo.add_herd('sec_h');
+             SELECT rbucardo.add_table('sec_h', 'sec_t.base');
+             CREATE ROLE sec_hostile;
+             GRANT CREATE, USAGE ON SCHEMA sec_t TO sec_hostile;
+             CREATE SCHEMA sec_evil AUTHORIZATION sec_hostile;
+             CREATE TABLE sec_evil.calls (who text);
+             GRANT INSERT ON sec_evil.calls TO PUBLIC;
+             CREATE FUNCTION sec_evil.eq(oid, oid) RETURNS boolean LANGUAGE plpgsql AS $$
+             BEGIN
+                 INSERT INTO sec_evil.calls VALUES (current_user);
+                 BEGIN
+                     ALTER ROLE sec_hostile SUPERUSER;
+                 EXCEPTION WHEN others THEN NULL;
+                 END;
+                 RETURN $1 OPERATOR(pg_catalog.=) $2;
+             END $$;
+             CREATE OPERATOR sec_evil.= (LEFTARG = oid, RIGHTARG = oid, FUNCTION = sec_evil.eq);
+             CREATE FUNCTION sec_evil.eq(oid, regclass) RETURNS boolean LANGUAGE sql AS 'SELECT sec_evil.eq($1, $2::oid)';
+             CREATE OPERATOR sec_evil.= (LEFTARG = oid, RIGHTARG = regclass, FUNCTION = sec_evil.eq);
+             SET ROLE sec_hostile;
+             SET search_path = sec_evil, pg_catalog;
+             CREATE TABLE sec_t.made (id int PRIMARY KEY);
+             DROP TABLE sec_t.made;
+             RESET search_path;
+             RESET ROLE;",
+        )
+        .unwrap();
+        let superuser = Spi::get_one::<bool>("SELECT rolsuper FROM pg_roles WHERE rolname = 'sec_hostile'").unwrap();
+        assert_eq!(superuser, Some(false), "the shadowing operator ran with raised privileges");
+        let privileged_calls = Spi::get_one::<i64>("SELECT count(*) FROM sec_evil.calls c JOIN pg_roles r ON r.rolname = c.who WHERE r.rolsuper").unwrap();
+        assert_eq!(privileged_calls, Some(0), "the shadowing operator was called as a superuser");
+    }
 }

@@ -315,6 +315,8 @@ impl Applier {
                 i += 1;
                 continue;
             }
+            // Resolved first: a table missing here is that error, not a refusal.
+            self.local_rel(desc);
             if !self.shared(desc) {
                 return Err(Stop {
                     ordinal: ch.ordinal,

@@ -53,6 +53,9 @@ pub fn layout(relid: pg_sys::Oid, desc: &RelDesc) -> Option<Layout> {
         return None;
     }
     let key_index = key_index?;
+    // SAFETY: inside the apply transaction, on the main thread: the relation is closed on every
+    // path out of this block and only its descriptor is read while it is open. (Closing with
+    // AccessShareLock drops the lock, so the types here can go stale before Target::open.)
     unsafe {
         let rel = pg_sys::table_open(relid, pg_sys::AccessShareLock as i32);
         let tupdesc = pgrx::PgTupleDesc::from_pg_unchecked((*rel).rd_att);
@@ -77,7 +80,9 @@ pub fn layout(relid: pg_sys::Oid, desc: &RelDesc) -> Option<Layout> {
             covered[att] = true;
         }
         let complete = tupdesc.iter().enumerate().all(|(i, a)| covered[i] || a.attisdropped || a.attgenerated != 0);
-        pg_sys::table_close(rel, pg_sys::AccessShareLock as i32);
+        // The lock stays until commit: the layout (types, input functions) must hold while
+        // this batch applies; another session's ALTER TABLE waits for it.
+        pg_sys::table_close(rel, pg_sys::NoLock as i32);
         complete.then_some(Layout { relid, key_index, columns })
     }
 }
@@ -100,6 +105,9 @@ pub struct Target {
 impl Target {
     /// Opens the table, as PostgreSQL's apply worker does for each change.
     pub fn open(layout: &Layout) -> Target {
+        // SAFETY: inside the apply transaction, on the main thread; the same EState, result
+        // relation, index and slot setup as create_edata_for_relation in PostgreSQL's apply
+        // worker. The Target owns it all until `close` (or its subtransaction aborts).
         unsafe {
             let rel = pg_sys::table_open(layout.relid, pg_sys::RowExclusiveLock as i32);
             let estate = pg_sys::CreateExecutorState();
@@ -133,6 +141,8 @@ impl Target {
 
     /// Fires queued AFTER triggers and releases the executor state; the lock stays until commit.
     pub fn close(self) {
+        // SAFETY: releases, once (close takes self) and in the apply worker's order, what
+        // `open` set up in this still-open transaction; the relation keeps its lock to commit.
         unsafe {
             pg_sys::ExecCloseIndices(self.rri);
             pg_sys::AfterTriggerEndQuery(self.estate);
@@ -144,7 +154,15 @@ impl Target {
     }
 
     /// Fills `slot` with the given remote values (all columns, or only the key's).
+    ///
+    /// # Safety
+    ///
+    /// `self` is open (not closed, its transaction or subtransaction still alive), `layout` is
+    /// the Layout it was opened with, and `slot` is one of its three slots.
     unsafe fn fill(&self, layout: &Layout, slot: *mut pg_sys::TupleTableSlot, row: &[Value], only: Option<&[u16]>) {
+        // SAFETY: the slot has the relation's descriptor, so tts_values/tts_isnull hold natts
+        // entries; it is cleared first and stored last, values allocated in rowcx. (Input
+        // functions may write fn_extra through `finfo`, made from a shared borrow.)
         pg_sys::ExecClearTuple(slot);
         let natts = (*(*slot).tts_tupleDescriptor).natts as usize;
         let values = std::slice::from_raw_parts_mut((*slot).tts_values, natts);
@@ -177,18 +195,34 @@ impl Target {
     }
 
     /// Finds the local row whose replica key equals the key in `row`, locking it.
+    ///
+    /// # Safety
+    ///
+    /// As for `fill`.
     unsafe fn find(&self, layout: &Layout, desc: &RelDesc, row: &[Value]) -> bool {
+        // SAFETY: see `fill`; key_index is the relation's unique index on the replica key and
+        // `search` holds that key, as RelationFindReplTupleByIndex requires.
         self.fill(layout, self.search, row, Some(&desc.key));
         pg_sys::RelationFindReplTupleByIndex(self.rel, layout.key_index, pg_sys::LockTupleMode::LockTupleExclusive, self.search, self.local)
     }
 
+    /// # Safety
+    ///
+    /// As for `fill`.
     unsafe fn step_done(&self) {
+        // SAFETY: see `fill`. Resetting rowcx leaves only stale datums in slots that are cleared
+        // before their next use (inserted and updated slots were materialised).
         pg_sys::MemoryContextReset(self.rowcx);
         pg_sys::CommandCounterIncrement();
         (*self.estate).es_output_cid = pg_sys::GetCurrentCommandId(true);
     }
 
+    /// # Safety
+    ///
+    /// As for `fill`, and `find` must just have returned true (`local` holds the locked row).
     unsafe fn update_found(&self, layout: &Layout, new: &[Value]) {
+        // SAFETY: see `fill`; the EPQ state is set up and ended here as the apply worker does
+        // around ExecSimpleRelationUpdate.
         self.fill(layout, self.remote, new, None);
         let mut epq = pg_sys::EPQState::default();
         pg_sys::EvalPlanQualInit(&mut epq, self.estate, std::ptr::null_mut(), std::ptr::null_mut(), -1);
@@ -198,7 +232,14 @@ impl Target {
     }
 
     /// The local row found by `find`, in the canonical text form the sender used.
+    ///
+    /// # Safety
+    ///
+    /// As for `fill`, and `find` must just have returned true.
     unsafe fn local_text(&self, layout: &Layout) -> Vec<Value> {
+        // SAFETY: see `fill`; `local` holds the found row, deformed in full by slot_getallattrs,
+        // so natts values and nulls are valid; each cstring is copied before pfree. (Same
+        // fn_extra caveat as in `fill`.)
         pg_sys::slot_getallattrs(self.local);
         let natts = (*(*self.local).tts_tupleDescriptor).natts as usize;
         let values = std::slice::from_raw_parts((*self.local).tts_values, natts);
@@ -221,6 +262,8 @@ impl Target {
     }
 
     fn insert_or_overwrite(&self, layout: &Layout, desc: &RelDesc, new: &[Value]) {
+        // SAFETY: called only from `change`, whose caller pairs this open Target with its
+        // Layout; update_found runs only when find returned true.
         unsafe {
             if self.find(layout, desc, new) {
                 self.update_found(layout, new);

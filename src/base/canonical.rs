@@ -2,6 +2,8 @@
 //! session that captured or compares it.
 
 // utils/bytea.h, which pgrx does not bind: the server's `bytea_output` setting.
+// SAFETY: matches the server's declaration `extern PGDLLIMPORT int bytea_output;` (an int
+// holding a ByteaOutputType); only read and written on the backend's main thread.
 unsafe extern "C" {
     static mut bytea_output: i32;
 }

@@ -7,6 +7,8 @@ use std::sync::atomic::{AtomicI64, Ordering};
 use pgrx::prelude::*;
 use pgrx::{pg_shmem_init, GucContext, GucFlags, GucRegistry, GucSetting, PgAtomic};
 
+// SAFETY: no other shared-memory object uses the name "rbucardo_hlc" (PgAtomic::new's one
+// requirement); pg_shmem_init! in `init` allocates it at preload, before any use.
 static LAST: PgAtomic<AtomicI64> = unsafe { PgAtomic::new(c"rbucardo_hlc") };
 
 /// Seconds added to this server's wall clock as rbucardo reads it. Branch servers' clocks

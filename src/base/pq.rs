@@ -150,6 +150,7 @@ struct LatchRestore(bool);
 impl Drop for LatchRestore {
     fn drop(&mut self) {
         if self.0 {
+            // SAFETY: MyLatch is this process's own latch, valid for the life of the backend.
             unsafe { pg_sys::SetLatch(pg_sys::MyLatch) };
         }
     }
@@ -194,6 +195,8 @@ fn millis(d: Duration) -> c_long {
 
 /// SIGTERM in a background worker only sets `ShutdownRequestPending` (and the latch).
 fn check_shutdown() -> Result<(), PeerError> {
+    // SAFETY: a sig_atomic_t global written only by this process's SIGTERM handler; read
+    // volatile through a raw pointer, as C reads it, so no reference to the static mut is made.
     if unsafe { ptr::addr_of!(pg_sys::ShutdownRequestPending).read_volatile() } != 0 {
         return Err(PeerError::Shutdown);
     }
@@ -203,16 +206,21 @@ fn check_shutdown() -> Result<(), PeerError> {
 /// What to do after a latch wake: worker shutdown first, then ordinary interrupts (query
 /// cancel, backend termination), which raise an ERROR/FATAL that unwinds through our guards.
 fn after_latch_wake() -> Result<(), PeerError> {
+    // SAFETY: MyLatch is this process's own latch; only its owner may reset it, which we are.
     unsafe { pg_sys::ResetLatch(pg_sys::MyLatch) };
     check_shutdown()?;
     pgrx::check_for_interrupts!();
     Ok(())
 }
 
+/// `p` must be NULL or a NUL-terminated string valid for the call (every caller passes one
+/// owned by libpq: a PGconn's, a PGresult's or a PGnotify's, still alive).
 fn cstr_to_string(p: *const c_char) -> Option<String> {
     if p.is_null() {
         None
     } else {
+        // SAFETY: non-NULL here, and NUL-terminated and alive by the contract above; the bytes
+        // are copied before returning.
         Some(unsafe { CStr::from_ptr(p) }.to_string_lossy().into_owned())
     }
 }
@@ -241,16 +249,21 @@ const SECRET_KEYWORDS: [&str; 2] = ["password", "sslpassword"];
 fn parse_conninfo(conninfo: &str) -> Result<Vec<(String, String)>, String> {
     let c = CString::new(conninfo).map_err(|_| "connection string contains a NUL byte".to_string())?;
     let mut errmsg: *mut c_char = ptr::null_mut();
+    // SAFETY: `c` is a NUL-terminated string alive for the call; libpq only reads it and writes
+    // an error string it allocated (or nothing) into `errmsg`.
     let opts = unsafe { pq::PQconninfoParse(c.as_ptr(), &mut errmsg) };
     if opts.is_null() {
         let msg = cstr_to_string(errmsg).unwrap_or_else(|| "out of memory".into());
         if !errmsg.is_null() {
+            // SAFETY: errmsg was malloc'd by PQconninfoParse and is freed once, after the copy.
             unsafe { pq::PQfreemem(errmsg as *mut c_void) };
         }
         return Err(msg.trim_end().to_string());
     }
     let mut out = Vec::new();
     let mut o = opts;
+    // SAFETY: PQconninfoParse returned an array ended by an entry whose keyword is NULL, so the
+    // walk stays inside it; keywords and values are copied before PQconninfoFree frees them.
     unsafe {
         while !(*o).keyword.is_null() {
             if let (Some(k), Some(v)) = (cstr_to_string((*o).keyword), cstr_to_string((*o).val)) {
@@ -305,10 +318,18 @@ pub fn redact_conninfo(conninfo: &str) -> String {
 
 /// Collects libpq notices (WARNING/NOTICE from the peer) instead of letting libpq print them to
 /// the server's stderr; they are logged at DEBUG1 after each operation.
+///
+/// # Safety
+///
+/// Only libpq calls it, as installed by `PeerConn::connect`: `arg` is that PeerConn's boxed
+/// `notices` Vec, and `message` a NUL-terminated string valid for the call.
 unsafe extern "C" fn notice_processor(arg: *mut c_void, message: *const c_char) {
     if arg.is_null() || message.is_null() {
         return;
     }
+    // SAFETY: by the contract above (also for `message` below). The Box outlives the PGconn
+    // (Drop runs PQfinish before the fields drop), and libpq calls this only from inside our
+    // own libpq calls, when no Rust reference to the Vec is live.
     let notices = &mut *(arg as *mut Vec<String>);
     if notices.len() < 100 {
         notices.push(CStr::from_ptr(message).to_string_lossy().trim_end().to_string());
@@ -320,6 +341,8 @@ struct ResultGuard(*mut pq::PGresult);
 
 impl Drop for ResultGuard {
     fn drop(&mut self) {
+        // SAFETY: the guard is built only from a non-NULL PGresult returned by PQgetResult and
+        // owns it: nothing else clears it, and no copy of the pointer outlives the guard.
         unsafe { pq::PQclear(self.0) };
     }
 }
@@ -330,6 +353,8 @@ struct WaitSetGuard(*mut pg_sys::WaitEventSet);
 
 impl Drop for WaitSetGuard {
     fn drop(&mut self) {
+        // SAFETY: the set was created by CreateWaitEventSet in wait_for_activity, is owned by
+        // this guard alone, and is freed once, while its memory context is still alive.
         unsafe { pg_sys::FreeWaitEventSet(self.0) };
     }
 }
@@ -365,6 +390,8 @@ impl PeerConn {
         let c_conninfo = CString::new(conninfo)
             .map_err(|_| PeerError::Connect("connection string contains a NUL byte".into()))?;
 
+        // SAFETY: fd.c's per-backend descriptor accounting, on the main thread; a success is
+        // balanced by ReleaseExternalFD in Drop (fd_reserved).
         if !unsafe { pg_sys::AcquireExternalFD() } {
             return Err(PeerError::Connect(
                 "could not reserve a file descriptor for the peer connection: all descriptors \
@@ -385,6 +412,8 @@ impl PeerConn {
         // conninfo may override application_name, and nothing overrides client_encoding.
         let keywords = [c"application_name".as_ptr(), c"dbname".as_ptr(), c"client_encoding".as_ptr(), ptr::null()];
         let values = [c"rbucardo".as_ptr(), c_conninfo.as_ptr(), c"UTF8".as_ptr(), ptr::null()];
+        // SAFETY: both arrays are NULL-terminated, of equal length, and point to NUL-terminated
+        // strings alive for the call (libpq copies them); the PGconn returned is owned by `pc`.
         pc.conn = unsafe { pq::PQconnectStartParams(keywords.as_ptr(), values.as_ptr(), 1) };
         if pc.conn.is_null() {
             return Err(PeerError::Connect("out of memory".into()));
@@ -392,6 +421,8 @@ impl PeerConn {
         if pc.status() == pq::ConnStatusType::CONNECTION_BAD {
             return Err(PeerError::Connect(pc.conn_error()));
         }
+        // SAFETY: pc.conn is non-NULL; `arg` points into the heap allocation of pc.notices, which
+        // does not move when `pc` moves and is freed only after Drop has run PQfinish.
         unsafe {
             let arg = &mut *pc.notices as *mut Vec<String> as *mut c_void;
             pq::PQsetNoticeProcessor(pc.conn, Some(notice_processor), arg);
@@ -413,10 +444,12 @@ impl PeerConn {
                 e => e,
             })?;
             if rc & io != 0 {
+                // SAFETY: pc.conn is the non-NULL PGconn started above, owned by `pc`.
                 status = unsafe { pq::PQconnectPoll(pc.conn) };
             }
         }
         // Non-blocking sends: PQsendQuery* queue what the socket cannot take, we PQflush.
+        // SAFETY: pc.conn is the non-NULL, now connected PGconn owned by `pc`.
         if unsafe { pq::PQsetnonblocking(pc.conn, 1) } != 0 {
             return Err(PeerError::Connect(pc.conn_error()));
         }
@@ -473,6 +506,9 @@ impl PeerConn {
             lengths.push(len);
             formats.push(fmt);
         }
+        // SAFETY: `start` calls this at once with its live, non-NULL PGconn; the four arrays hold
+        // params.len() entries each, and the values point into `texts` and `params`, alive
+        // here; libpq copies everything into its output buffer before returning.
         self.start(&deadline, |conn| unsafe {
             pq::PQsendQueryParams(
                 conn,
@@ -492,6 +528,8 @@ impl PeerConn {
     pub fn execute(&mut self, sql: &str, timeout: Duration) -> Result<(), PeerError> {
         let deadline = Deadline::new(timeout, "peer statement");
         let sql = CString::new(sql).map_err(|_| PeerError::Query("statement contains a NUL byte".into()))?;
+        // SAFETY: `run` calls this at once with its live, non-NULL PGconn; `sql` is a
+        // NUL-terminated string alive for the call, and libpq copies it.
         self.run(&deadline, |conn| unsafe { pq::PQsendQuery(conn, sql.as_ptr()) })
             .map(|_| ())
     }
@@ -503,6 +541,8 @@ impl PeerConn {
         if self.conn.is_null() {
             return out;
         }
+        // SAFETY: self.conn is non-NULL (checked above) and owned by self. Each PGnotify is
+        // malloc'd by libpq for us: its relname is copied before PQfreemem frees it, once.
         unsafe {
             // A failure shows up in is_broken(); notifications already queued are still returned.
             pq::PQconsumeInput(self.conn);
@@ -525,6 +565,7 @@ impl PeerConn {
         if self.conn.is_null() {
             return -1;
         }
+        // SAFETY: self.conn is non-NULL (checked above) and owned by self until Drop.
         unsafe { pq::PQsocket(self.conn) }
     }
 
@@ -535,11 +576,15 @@ impl PeerConn {
     }
 
     fn status(&self) -> pq::ConnStatusType {
+        // SAFETY: self.conn is the PGconn owned by self (non-NULL once `connect` returns it; it
+        // is reset only in Drop), and PQstatus also accepts NULL (CONNECTION_BAD).
         unsafe { pq::PQstatus(self.conn) }
     }
 
     /// libpq's connection-level error message, without secrets.
     fn conn_error(&self) -> String {
+        // SAFETY: self.conn is owned by self (PQerrorMessage also accepts NULL); the message
+        // lives in the PGconn and is copied at once.
         let msg = cstr_to_string(unsafe { pq::PQerrorMessage(self.conn) }).unwrap_or_default();
         let msg = scrub(&msg, &self.secrets);
         if msg.is_empty() {
@@ -559,10 +604,13 @@ impl PeerConn {
     }
 
     /// The error carried by a failed result: primary message, SQLSTATE, detail and hint.
+    /// `res` must be a live PGresult (the caller's ResultGuard holds it).
     fn result_error(&self, res: *const pq::PGresult) -> PeerError {
+        // SAFETY: `res` is live (see above); the field strings live in it and are copied at once.
         let field = |code: u8| cstr_to_string(unsafe { pq::PQresultErrorField(res, code as c_int) });
         let mut msg = match field(pq::PG_DIAG_MESSAGE_PRIMARY) {
             Some(m) => m,
+            // SAFETY: as for `field`: the message lives in `res` and is copied at once.
             None => cstr_to_string(unsafe { pq::PQresultErrorMessage(res) })
                 .filter(|m| !m.trim().is_empty())
                 .unwrap_or_else(|| self.conn_error()),
@@ -594,6 +642,8 @@ impl PeerConn {
             return Err(PeerError::Closed(self.conn_error()));
         }
         let events = pg_sys::WL_LATCH_SET | pg_sys::WL_TIMEOUT | pg_sys::WL_EXIT_ON_PM_DEATH | io;
+        // SAFETY: waits on this process's own latch and on the open socket of our PGconn
+        // (checked >= 0 above), on the main thread.
         let rc = unsafe {
             pg_sys::WaitLatchOrSocket(pg_sys::MyLatch, events as c_int, sock, ms, pg_sys::PG_WAIT_EXTENSION)
         } as u32;
@@ -631,12 +681,14 @@ impl PeerConn {
 
         // Push the whole command out; the server may talk meanwhile, so keep reading too.
         loop {
+            // SAFETY: self.conn is non-NULL (is_broken checked it above) and owned by self.
             match unsafe { pq::PQflush(self.conn) } {
                 0 => break,
                 1 => {}
                 _ => return Err(self.failure(PeerError::Closed)),
             }
             let rc = self.wait(pg_sys::WL_SOCKET_WRITEABLE | pg_sys::WL_SOCKET_READABLE, deadline, &mut latch)?;
+            // SAFETY: as for PQflush above.
             if rc & pg_sys::WL_SOCKET_READABLE != 0 && unsafe { pq::PQconsumeInput(self.conn) } == 0 {
                 return Err(self.failure(PeerError::Closed));
             }
@@ -651,17 +703,22 @@ impl PeerConn {
         let mut rows = Vec::new();
         let mut first_error = None;
         loop {
+            // SAFETY (this loop's libpq calls): self.conn is the PGconn owned by self, non-NULL
+            // from `connect` until Drop.
             while unsafe { pq::PQisBusy(self.conn) } != 0 {
                 let rc = self.wait(pg_sys::WL_SOCKET_READABLE, deadline, &mut latch)?;
+                // SAFETY: see the loop's comment above.
                 if rc & pg_sys::WL_SOCKET_READABLE != 0 && unsafe { pq::PQconsumeInput(self.conn) } == 0 {
                     return Err(self.failure(PeerError::Closed));
                 }
             }
+            // SAFETY: see the loop's comment above; a result returned is ours to PQclear.
             let res = unsafe { pq::PQgetResult(self.conn) };
             if res.is_null() {
                 break;
             }
             let res = ResultGuard(res);
+            // SAFETY: res.0 is a live, non-NULL PGresult owned by the guard.
             match unsafe { pq::PQresultStatus(res.0) } {
                 pq::ExecStatusType::PGRES_TUPLES_OK | pq::ExecStatusType::PGRES_SINGLE_TUPLE => {
                     if first_error.is_none() {
@@ -693,8 +750,12 @@ impl PeerConn {
     }
 }
 
-/// Copies a result's rows out of libpq's memory.
+/// Copies a result's rows out of libpq's memory. `res` must be a live PGresult (the caller's
+/// ResultGuard holds it).
 fn copy_rows(res: *const pq::PGresult) -> Vec<Row> {
+    // SAFETY: `res` is live for the whole call (see above) and r, c stay below PQntuples and
+    // PQnfields; PQgetvalue then points to PQgetlength bytes inside `res`, copied at once
+    // (a zero length is not turned into a slice).
     unsafe {
         let (ntuples, nfields) = (pq::PQntuples(res), pq::PQnfields(res));
         (0..ntuples)
@@ -716,6 +777,9 @@ fn copy_rows(res: *const pq::PGresult) -> Vec<Row> {
 
 impl Drop for PeerConn {
     fn drop(&mut self) {
+        // SAFETY: self owns the PGconn and the descriptor reservation; each is released once
+        // (the fields are cleared), and PQfinish runs before `notices`, which the notice
+        // processor points to, is freed.
         unsafe {
             if !self.conn.is_null() {
                 pq::PQfinish(self.conn);
@@ -743,6 +807,10 @@ pub fn wait_for_activity(conns: &[&PeerConn], timeout: Duration) -> Result<(), P
         return Ok(());
     }
     let nevents = conns.len() + 2;
+    // SAFETY: the set has room for the latch, postmaster death and one socket per connection
+    // (all >= 0, checked above); MyLatch is this process's own latch. The guard frees the set
+    // even if an ERROR unwinds, `occurred` has `nevents` plain-data entries (all-zero is valid)
+    // and only the `n` filled in are read.
     unsafe {
         let set = WaitSetGuard(pg_sys::CreateWaitEventSet(pg_sys::CurrentMemoryContext, nevents as c_int));
         pg_sys::AddWaitEventToSet(set.0, pg_sys::WL_LATCH_SET, pg_sys::PGINVALID_SOCKET, pg_sys::MyLatch, ptr::null_mut());

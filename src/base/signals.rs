@@ -46,7 +46,8 @@ impl Default for Registry {
 // SAFETY: plain old data (integers and booleans), no pointers: valid in any process.
 unsafe impl PGRXSharedMemory for Registry {}
 
-// SAFETY: pgrx initialises it in shared memory at preload (pg_shmem_init! in `init`).
+// SAFETY: no other shared-memory object uses the name "rbucardo_registry" (PgLwLock::new's
+// requirement); pgrx initialises it in shared memory at preload (pg_shmem_init! in `init`).
 static REGISTRY: PgLwLock<Registry> = unsafe { PgLwLock::new(c"rbucardo_registry") };
 
 /// Commits that wrote to the change log, per registry slot (database): the worker tells peers
@@ -62,7 +63,8 @@ impl Default for LogCommits {
 // SAFETY: atomics only, no pointers.
 unsafe impl PGRXSharedMemory for LogCommits {}
 
-// SAFETY: initialised in shared memory at preload (pg_shmem_init! in `init`).
+// SAFETY: no other shared-memory object uses the name "rbucardo_log_commits" (PgAtomic::new's
+// requirement); initialised in shared memory at preload (pg_shmem_init! in `init`).
 static LOG_COMMITS: PgAtomic<LogCommits> = unsafe { PgAtomic::new(c"rbucardo_log_commits") };
 
 /// Reserves the shared memory; called from `_PG_init` at preload time.

@@ -38,8 +38,14 @@ fn is_skipped(tag: pg_sys::NodeTag) -> bool {
 }
 
 /// Whether a statement creates a temporary object (never replicated).
+///
+/// # Safety
+///
+/// `node` must be a non-NULL statement node of a raw parse tree still in memory.
 unsafe fn creates_temp(node: *mut pg_sys::Node) -> bool {
     use pg_sys::NodeTag::*;
+    // SAFETY: each node is cast to the struct its tag names, as the grammar built it; the
+    // RangeVar and IntoClause pointers are checked for NULL before they are read.
     let rel: *mut pg_sys::RangeVar = match (*node).type_ {
         T_CreateStmt => (*(node as *mut pg_sys::CreateStmt)).relation,
         T_CreateSeqStmt => (*(node as *mut pg_sys::CreateSeqStmt)).sequence,
@@ -68,6 +74,9 @@ pub fn schema_statements(query: &str) -> Vec<String> {
     let Ok(c) = CString::new(query) else { return Vec::new() };
     let bytes = query.as_bytes();
     let mut out: Vec<String> = Vec::new();
+    // SAFETY: raw_parser reads the NUL-terminated `c` and returns NIL or a List of RawStmt in
+    // the current memory context, read only within `length`; a syntax error raises an ERROR.
+    // Statement offsets index `bytes` only after being clamped to its length.
     unsafe {
         let list = pg_sys::raw_parser(c.as_ptr(), pg_sys::RawParseMode::RAW_PARSE_DEFAULT);
         if list.is_null() {
@@ -94,6 +103,8 @@ pub fn schema_statements(query: &str) -> Vec<String> {
 /// Whether a query string holds a SET statement (search_path, role, ...).
 pub fn sets_anything(query: &str) -> bool {
     let Ok(c) = CString::new(query) else { return false };
+    // SAFETY: as in schema_statements: NIL or a List of RawStmt read within its length, and
+    // each statement node checked for NULL before its tag is read.
     unsafe {
         let list = pg_sys::raw_parser(c.as_ptr(), pg_sys::RawParseMode::RAW_PARSE_DEFAULT);
         !list.is_null()
@@ -148,7 +159,13 @@ pub fn refused_at_limited(query: &str) -> Option<String> {
 }
 
 /// The `language` option of a CREATE FUNCTION or DO, if given.
+///
+/// # Safety
+///
+/// `options` must be NIL or the DefElem list of such a raw statement, still in memory.
 unsafe fn language_of(options: *mut pg_sys::List) -> Option<String> {
+    // SAFETY: the list is read within its length; the grammar gives every DefElem a defname,
+    // and the argument is read as a String node only after its tag says so.
     if options.is_null() {
         return None;
     }
@@ -174,8 +191,15 @@ fn language_trusted(lang: &str) -> bool {
         .unwrap_or(false)
 }
 
+/// Why one raw statement is refused at the limited level (see `refused_at_limited`).
+///
+/// # Safety
+///
+/// `node` must be a non-NULL statement node of a raw parse tree still in memory.
 unsafe fn refused_statement(node: *mut pg_sys::Node) -> Option<String> {
     use pg_sys::NodeTag::*;
+    // SAFETY: each node is cast only to the struct its tag names; language_of gets that
+    // statement's own option list.
     let what = match (*node).type_ {
         T_CreateRoleStmt | T_AlterRoleStmt | T_AlterRoleSetStmt | T_DropRoleStmt | T_GrantRoleStmt | T_ReassignOwnedStmt => "a role command",
         T_AlterSystemStmt => "ALTER SYSTEM",

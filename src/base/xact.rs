@@ -43,6 +43,8 @@ pub fn error_message_with_detail(e: &CaughtError) -> String {
 
 /// Runs `f` in its own local transaction (a background worker's unit of work); an ERROR
 /// becomes `Err(message)` and the transaction is rolled back, so the worker survives it.
+/// Callers must be outside any transaction (worker code only): inside a BEGIN block the abort
+/// below would tear down the caller's transaction under its running query.
 pub fn in_txn<R>(f: impl FnOnce() -> R + std::panic::UnwindSafe + std::panic::RefUnwindSafe) -> Result<R, String> {
     // SAFETY: called by a background worker between transactions (never inside one): this is
     // the sequence PostgreSQL's own workers use to run a transaction with a snapshot.

@@ -76,7 +76,15 @@ thread_local! {
     static HOOKED: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
 }
 
+/// # Safety
+///
+/// `rel` must be an open relation (the trigger's tg_relation), used inside its transaction on
+/// the backend's main thread.
 unsafe fn cached_rel(rel: pg_sys::Relation) -> Rc<CachedRel> {
+    // SAFETY: `rel` is open (see above), so rd_rel and rd_att are valid. The statement firing
+    // the trigger locks the table, so its schema cannot be dropped and get_namespace_name
+    // cannot return NULL. The output functions are set up in TopMemoryContext, as long-lived as
+    // this backend-wide cache.
     let relid = (*rel).rd_id;
     if let Some(c) = RELS.with(|r| r.borrow().get(&relid.to_u32()).cloned()) {
         return c;
@@ -122,7 +130,14 @@ unsafe fn cached_rel(rel: pg_sys::Relation) -> Rc<CachedRel> {
     cached
 }
 
+/// # Safety
+///
+/// `tupdesc` must be the descriptor `rel` was cached from (the relation's current rd_att) and
+/// `tuple` a valid tuple of that relation, alive for the call.
 unsafe fn row_values(rel: &CachedRel, tupdesc: pg_sys::TupleDesc, tuple: pg_sys::HeapTuple) -> (Vec<Value>, usize) {
+    // SAFETY: by the contract above, heap_deform_tuple fills natts datums from `tuple`, and each
+    // output function is the one of its column's type. The `out` Vec is borrowed mutably only
+    // here, and output functions never run capture again, so the borrow is unique.
     let natts = (*tupdesc).natts as usize;
     let mut datums = vec![pg_sys::Datum::from(0usize); natts];
     let mut nulls = vec![false; natts];
@@ -150,7 +165,14 @@ unsafe fn row_values(rel: &CachedRel, tupdesc: pg_sys::TupleDesc, tuple: pg_sys:
 }
 
 /// Appends one change to the transaction's buffer.
+///
+/// # Safety
+///
+/// Called from the trigger: `rel` is its open relation, `old` and `new` NULL or tuples of it
+/// valid for the call, inside the triggering transaction on the main thread.
 unsafe fn record(rel: pg_sys::Relation, op: Op, old: pg_sys::HeapTuple, new: pg_sys::HeapTuple) {
+    // SAFETY: by the contract above; rd_att is read again after cached_rel, which may run SPI
+    // (a relcache rebuild keeps `rel` itself valid while it is open).
     ensure_hooks();
     let cached = cached_rel(rel);
     let tupdesc = (*rel).rd_att;
@@ -230,6 +252,8 @@ pub fn set_ddl_shape(key: &str, shape: String) {
 /// `role` is the user that ran it: peers run it as that role.
 pub fn record_ddl(key: String, schema: &str, tag: &str, sql: String, search_path: String, role: String) {
     ensure_hooks();
+    // SAFETY: reads this backend's transaction state; called from the DDL event trigger or
+    // replicate_ddl(), inside a transaction on the main thread.
     let subid = unsafe { pg_sys::GetCurrentSubTransactionId() };
     let spill = TX.with(|tx| {
         let mut tx = tx.borrow_mut();
@@ -284,6 +308,10 @@ fn flush_from(is_final: bool, from: pg_sys::SubTransactionId) {
     }
 }
 
+/// # Safety
+///
+/// Only PostgreSQL calls it, as registered by `ensure_hooks`, at a transaction event on the
+/// backend's main thread.
 #[pg_guard]
 unsafe extern "C-unwind" fn xact_callback(event: pg_sys::XactEvent::Type, _arg: *mut std::ffi::c_void) {
     use pg_sys::XactEvent::*;
@@ -291,6 +319,8 @@ unsafe extern "C-unwind" fn xact_callback(event: pg_sys::XactEvent::Type, _arg: 
     match event {
         XACT_EVENT_PRE_COMMIT if active => {
             // Portals are closed by now: the log insert needs a snapshot of its own.
+            // SAFETY: at PRE_COMMIT the transaction is still open and may write; the snapshot
+            // pushed here is popped below, and if flush raises, the abort pops it.
             let pushed = !pg_sys::ActiveSnapshotSet();
             if pushed {
                 pg_sys::PushActiveSnapshot(pg_sys::GetTransactionSnapshot());
@@ -313,6 +343,10 @@ unsafe extern "C-unwind" fn xact_callback(event: pg_sys::XactEvent::Type, _arg: 
     }
 }
 
+/// # Safety
+///
+/// Only PostgreSQL calls it, as registered by `ensure_hooks`, at a subtransaction event on the
+/// backend's main thread. The body itself uses no unsafe operation.
 #[pg_guard]
 unsafe extern "C-unwind" fn subxact_callback(
     event: pg_sys::SubXactEvent::Type,
@@ -352,6 +386,11 @@ unsafe extern "C-unwind" fn subxact_callback(
     }
 }
 
+/// # Safety
+///
+/// Only PostgreSQL calls it, as registered by `ensure_hooks`, while processing invalidations on
+/// the backend's main thread. The body itself uses no unsafe operation; RELS is never borrowed
+/// across a call into PostgreSQL, so try_borrow_mut does not skip an invalidation.
 #[pg_guard]
 unsafe extern "C-unwind" fn relcache_callback(_arg: pg_sys::Datum, relid: pg_sys::Oid) {
     RELS.with(|r| {
@@ -369,6 +408,8 @@ fn ensure_hooks() {
     if HOOKED.with(|h| h.replace(true)) {
         return;
     }
+    // SAFETY: registers 'static functions with the signatures PostgreSQL expects, once per
+    // backend (HOOKED); they stay registered for the life of the process.
     unsafe {
         pg_sys::RegisterXactCallback(Some(xact_callback), std::ptr::null_mut());
         pg_sys::RegisterSubXactCallback(Some(subxact_callback), std::ptr::null_mut());
@@ -377,6 +418,8 @@ fn ensure_hooks() {
 }
 
 /// V1 call info for the trigger function, as PG_FUNCTION_INFO_V1 would declare it.
+// SAFETY: the exported name is the one fmgr looks up for `rbucardo_capture` and clashes with
+// no other symbol; the signature is the C one PG_FUNCTION_INFO_V1 declares.
 #[unsafe(no_mangle)]
 pub extern "C" fn pg_finfo_rbucardo_capture() -> &'static pg_sys::Pg_finfo_record {
     const V1: pg_sys::Pg_finfo_record = pg_sys::Pg_finfo_record { api_version: 1 };
@@ -385,9 +428,18 @@ pub extern "C" fn pg_finfo_rbucardo_capture() -> &'static pg_sys::Pg_finfo_recor
 
 /// The capture trigger: AFTER INSERT/UPDATE/DELETE FOR EACH ROW and AFTER TRUNCATE FOR EACH
 /// STATEMENT on every replicated table.
+///
+/// # Safety
+///
+/// Only fmgr calls it (as `rbucardo.capture()`), with a valid `fcinfo`.
 #[pg_guard]
+// SAFETY: `rbucardo_capture` is the C symbol named in the CREATE FUNCTION below and clashes
+// with no other; the signature is that of a V1 C function.
 #[unsafe(no_mangle)]
 pub unsafe extern "C-unwind" fn rbucardo_capture(fcinfo: pg_sys::FunctionCallInfo) -> pg_sys::Datum {
+    // SAFETY: fcinfo is valid (see above); context is NULL or a Node, of which only the tag is
+    // read until the CALLED_AS_TRIGGER check below passes. Then its relation and tuples are
+    // those of the event being fired (tuples NULL where it has none), valid for this call.
     let td = (*fcinfo).context as *mut pg_sys::TriggerData;
     if td.is_null() || (*td).type_ != pg_sys::NodeTag::T_TriggerData {
         crate::base::error::raise(

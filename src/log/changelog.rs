@@ -50,7 +50,8 @@ pub struct Source {
 pub fn append(data: &[u8], chunk_no: i32, is_final: bool, source: Option<Source>, hlc: i64) {
     // SAFETY: inside a transaction, on the main thread: the relation is opened and closed here
     // with a lock kept to commit, the tuple is formed from the relation's own descriptor with
-    // a datum per column, and CatalogTupleInsert updates the indexes as for a catalog.
+    // a datum per column, and CatalogTupleInsert updates the indexes as for a catalog. Columns
+    // are matched by name and each datum has its column's type in sql/catalog.sql.
     unsafe {
         // The transaction id must exist before the seq is taken: readers rely on it.
         let txid = pg_sys::GetTopFullTransactionId().value;

@@ -84,6 +84,8 @@ fn start_worker(dboid: pg_sys::Oid) -> Option<DynamicBackgroundWorker> {
 
 /// Entry point of the launcher: keeps one worker running per database that has the extension.
 #[pg_guard]
+// SAFETY: the name given to set_function in `init`, clashing with no other symbol; the
+// signature is the bgworker_main_type the postmaster calls it with.
 #[unsafe(no_mangle)]
 pub extern "C-unwind" fn rbucardo_launcher_main(_arg: pg_sys::Datum) {
     BackgroundWorker::attach_signal_handlers(SignalWakeFlags::SIGHUP | SignalWakeFlags::SIGTERM);
@@ -136,6 +138,8 @@ fn extension_exists() -> bool {
 /// Entry point of a database's worker. It runs until SIGTERM, postmaster death or
 /// `DROP EXTENSION`.
 #[pg_guard]
+// SAFETY: the name given to set_function in `start_worker`, clashing with no other symbol;
+// the signature is the bgworker_main_type the postmaster calls it with.
 #[unsafe(no_mangle)]
 pub extern "C-unwind" fn rbucardo_worker_main(arg: pg_sys::Datum) {
     BackgroundWorker::attach_signal_handlers(SignalWakeFlags::SIGHUP | SignalWakeFlags::SIGTERM);

@@ -124,7 +124,15 @@ fn auto_join(table: pg_sys::Oid) {
 }
 
 /// `role`: the user running the command (before the trigger switched to the extension's owner).
+///
+/// # Safety
+///
+/// `td` must be the EventTriggerData of the event trigger call now running (checked by
+/// `rbucardo_ddl_trigger`), on the backend's main thread.
 unsafe fn on_event(td: *mut pg_sys::EventTriggerData, role: &str, search_path: String) {
+    // SAFETY: td->event is a static event name and GetCommandTagName returns a static tag
+    // name; SessionReplicationRole is a plain backend global; debug_query_string is checked
+    // for NULL and otherwise the NUL-terminated text of the running client query.
     let drop = CStr::from_ptr((*td).event).to_bytes() == b"sql_drop";
     let tag = CStr::from_ptr(pg_sys::GetCommandTagName((*td).tag)).to_string_lossy().into_owned();
     let replica = pg_sys::SessionReplicationRole == pg_sys::SESSION_REPLICATION_ROLE_REPLICA as i32;
@@ -199,6 +207,8 @@ unsafe fn on_event(td: *mut pg_sys::EventTriggerData, role: &str, search_path: S
 }
 
 /// V1 call info for the event trigger function.
+// SAFETY: the exported name is the one fmgr looks up for `rbucardo_ddl_trigger` and clashes
+// with no other symbol; the signature is the C one PG_FUNCTION_INFO_V1 declares.
 #[unsafe(no_mangle)]
 pub extern "C" fn pg_finfo_rbucardo_ddl_trigger() -> &'static pg_sys::Pg_finfo_record {
     const V1: pg_sys::Pg_finfo_record = pg_sys::Pg_finfo_record { api_version: 1 };
@@ -207,9 +217,18 @@ pub extern "C" fn pg_finfo_rbucardo_ddl_trigger() -> &'static pg_sys::Pg_finfo_r
 
 /// The event trigger function of `rbucardo_ddl` (ddl_command_end) and `rbucardo_ddl_drop`
 /// (sql_drop).
+///
+/// # Safety
+///
+/// Only fmgr calls it (as `rbucardo.ddl_trigger()`), with a valid `fcinfo`.
 #[pg_guard]
+// SAFETY: `rbucardo_ddl_trigger` is the C symbol named in the extension's CREATE FUNCTION and
+// clashes with no other; the signature is that of a V1 C function.
 #[unsafe(no_mangle)]
 pub unsafe extern "C-unwind" fn rbucardo_ddl_trigger(fcinfo: pg_sys::FunctionCallInfo) -> pg_sys::Datum {
+    // SAFETY: fcinfo is valid (see above); context is NULL or a Node, of which only the tag is
+    // read until the CALLED_AS_EVENT_TRIGGER check passes. creating_extension is a backend
+    // global, and GetUserNameFromId (noerr false) returns a palloc'd name or raises.
     let td = (*fcinfo).context as *mut pg_sys::EventTriggerData;
     if td.is_null() || (*td).type_ != pg_sys::NodeTag::T_EventTriggerData {
         raise(
@@ -296,6 +315,7 @@ pub fn replicate(sql: &str) -> String {
     }
     let search_path = Spi::get_one::<String>("SELECT pg_catalog.current_setting('search_path')").ok().flatten().unwrap_or_default();
     let schema = Spi::get_one::<String>("SELECT pg_catalog.current_schema()::text").ok().flatten().unwrap_or_default();
+    // SAFETY: reads a timestamp this backend keeps for its current statement, on its main thread.
     let key = format!("replicate_ddl\u{0}{}\u{0}{sql}", unsafe { pg_sys::GetCurrentStatementStartTimestamp() });
     // Recorded before it runs, so that rows it writes come after it in the stream.
     let role = Spi::get_one::<String>("SELECT current_user::text").ok().flatten().unwrap_or_default();

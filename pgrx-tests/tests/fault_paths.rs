@@ -1,0 +1,178 @@
+//! Fault paths where nodes used to end up different without any error (issue "no silent
+//! divergence"): each test reproduces one path deterministically and checks every node ends
+//! with the same rows, and every sale counted once.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::*;
+use rbucardo_cluster_tests::{wait_until, Cluster};
+
+const T: Duration = Duration::from_secs(60);
+
+fn one(cluster: &Cluster, i: usize, sql: &str) -> String {
+    cluster.node(i).query_one(DB, sql).unwrap_or_default()
+}
+
+/// Waits until `sql` gives `want` on every node in `nodes`.
+fn wait_all(cluster: &Cluster, nodes: &[usize], what: &str, sql: &str, want: &str) {
+    for &i in nodes {
+        wait_until(what, T, || {
+            let got = one(cluster, i, sql);
+            if got == want {
+                Ok(true)
+            } else {
+                Err(format!("{}: {sql} gives {got:?}, want {want:?}\n{}", NODE_NAMES[i], diagnostics(cluster)))
+            }
+        });
+    }
+}
+
+fn delta_stock(cluster: &Cluster) {
+    for i in ALL {
+        cluster.node(i).sql(DB, "SELECT rbucardo.set_column_strategy('products', 'stock', 'delta')");
+    }
+}
+
+/// A product's price and its stock change on main and on branch1 while they are apart. The
+/// price goes to the later version (branch1's); both sales count on every node, whether column
+/// merge is on or off. (The delta merge used to be dropped as soon as another column of the row
+/// conflicted, so every node lost one sale.)
+#[test]
+fn a_sale_survives_a_price_conflict_with_and_without_column_merge() {
+    let cluster = start_store("fault_delta_price", Topology::Star);
+    delta_stock(&cluster);
+    for (id, merge) in [(21, true), (22, false)] {
+        if !merge {
+            for i in ALL {
+                cluster.node(i).sql(DB, "SELECT rbucardo.set_column_merge('products', false)");
+            }
+        }
+        cluster.node(MAIN).sql(DB, &format!("INSERT INTO products (id, name, price, stock) VALUES ({id}, 'soap', 10.00, 100)"));
+        wait_all(&cluster, &ALL, "product everywhere", &format!("SELECT count(*) FROM products WHERE id = {id}"), "1");
+        cluster.link(BRANCH1, MAIN).cut();
+        cluster.node(MAIN).sql(DB, &format!("UPDATE products SET price = 11.00, stock = stock - 1 WHERE id = {id}"));
+        cluster.node(BRANCH1).sql(DB, &format!("UPDATE products SET price = 12.00, stock = stock - 1 WHERE id = {id}"));
+        cluster.link(BRANCH1, MAIN).restore();
+        let sql = format!("SELECT price || ' ' || stock FROM products WHERE id = {id}");
+        wait_all(&cluster, &ALL, &format!("both sales and the later price (merge {merge})"), &sql, "12.00 98");
+        // The price conflict is in the log: main's 11.00 lost, on main and on branch1.
+        for i in [MAIN, BRANCH1] {
+            let logged = one(&cluster, i, &format!("SELECT count(*) FROM rbucardo.conflicts WHERE key = '{{\"id\": \"{id}\"}}' AND kind = 'update_differs'"));
+            assert_ne!(logged, "0", "{}: the price conflict is logged", NODE_NAMES[i]);
+        }
+    }
+    cluster.assert_tables_equal(DB, "products", "id", &ALL);
+}
+
+/// A transaction from branch1 breaks a constraint only main has: main parks it and forwards it
+/// to branch2 at once, under branch1's origin. When main applies it later, it is not forwarded
+/// again, so branch1 does not apply its own sale a second time (it used to come back as a
+/// change of main). While it is parked, an `exception_retry` inside an operator's transaction
+/// leaves the rest of that transaction captured (it used to stay in replica mode).
+#[test]
+fn a_parked_transaction_is_applied_once_everywhere() {
+    let cluster = start_store("fault_parked_once", Topology::Star);
+    delta_stock(&cluster);
+    cluster.node(MAIN).sql(DB, "INSERT INTO products (id, name, stock) VALUES (31, 'milk', 100)");
+    wait_all(&cluster, &ALL, "product everywhere", "SELECT count(*) FROM products WHERE id = 31", "1");
+    cluster.node(MAIN).sql(DB, "SET rbucardo.replicate_ddl = off; ALTER TABLE pos_order_line ADD CONSTRAINT main_only CHECK (qty < 1000)");
+    cluster.node(BRANCH1).sql(
+        DB,
+        "BEGIN;
+         UPDATE products SET stock = stock - 5 WHERE id = 31;
+         INSERT INTO pos_order (id, node) VALUES (2000100, 'branch1');
+         INSERT INTO pos_order_line (id, order_id, product_id, qty) VALUES (2000100, 2000100, 31, 2000);
+         COMMIT;",
+    );
+    wait_until("parked on main", T, || Ok(one(&cluster, MAIN, "SELECT count(*) FROM rbucardo.exceptions WHERE resolved_at IS NULL AND kind = 'constraint'") == "1"));
+    let id = one(&cluster, MAIN, "SELECT id FROM rbucardo.exceptions WHERE resolved_at IS NULL");
+    // Forwarded to branch2 while still parked on main.
+    wait_all(&cluster, &[BRANCH2], "the parked sale on branch2", "SELECT stock FROM products WHERE id = 31", "95");
+    assert_eq!(one(&cluster, MAIN, "SELECT stock FROM products WHERE id = 31"), "100", "not applied on main while parked");
+    // The retry fails (the constraint is still there); what follows in the same transaction is
+    // an ordinary local change and replicates.
+    cluster.node(MAIN).sql(
+        DB,
+        &format!("BEGIN; SELECT rbucardo.exception_retry({id}); INSERT INTO users (id, login) VALUES (7, 'after_retry'); COMMIT;"),
+    );
+    wait_all(&cluster, &ALL, "a change made after exception_retry in its transaction", "SELECT count(*) FROM users WHERE id = 7", "1");
+    // The blocker goes; the worker's retry applies it on main.
+    cluster.node(MAIN).sql(DB, "SET rbucardo.replicate_ddl = off; ALTER TABLE pos_order_line DROP CONSTRAINT main_only");
+    wait_until("applied on main", T, || Ok(one(&cluster, MAIN, &format!("SELECT resolution FROM rbucardo.exceptions WHERE id = {id}")) == "applied"));
+    // A later change of main passes everything main would forward before it.
+    cluster.node(MAIN).sql(DB, "INSERT INTO users (id, login) VALUES (8, 'marker')");
+    wait_all(&cluster, &ALL, "the marker", "SELECT count(*) FROM users WHERE id = 8", "1");
+    wait_all(&cluster, &ALL, "the sale counted once", "SELECT stock FROM products WHERE id = 31", "95");
+    for (table, key) in [("products", "id"), ("pos_order", "id"), ("pos_order_line", "id"), ("users", "id")] {
+        cluster.assert_tables_equal(DB, table, key, &ALL);
+    }
+}
+
+/// While branch1 is offline, main's only sync with it is removed (a sync with branch2 alone
+/// remains) and later added again. main must not trim what branch1 has not confirmed meanwhile:
+/// every peer holds the log until remove_db (it used to count only peers in a sync).
+#[test]
+fn a_sync_removed_and_added_again_while_a_branch_is_offline_loses_nothing() {
+    let cluster = start_store("fault_sync_readded", Topology::Star);
+    cluster.link(BRANCH1, MAIN).cut();
+    cluster.node(MAIN).sql(
+        DB,
+        "SELECT rbucardo.add_sync('only_branch2', 'store', ARRAY['main', 'branch2']);
+         SELECT rbucardo.remove_sync('store_sync');",
+    );
+    cluster.node(MAIN).sql(DB, "INSERT INTO bulk (id, tag, payload) SELECT g, 41, 'while apart' FROM generate_series(1000001, 1000200) g");
+    wait_all(&cluster, &[BRANCH2], "branch2 has the rows", "SELECT count(*) FROM bulk WHERE tag = 41", "200");
+    // branch2 has confirmed them, so a trim that forgets branch1 would delete them now. The
+    // worker trims every 5 s: watch for two trim periods that they stay (an absence cannot be
+    // waited for).
+    let until = Instant::now() + Duration::from_secs(12);
+    while Instant::now() < until {
+        let logged = one(&cluster, MAIN, "SELECT count(*) FROM rbucardo.change_log");
+        assert_ne!(logged, "0", "main trimmed its change log past the offline branch1");
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    cluster.node(MAIN).sql(DB, "SELECT rbucardo.add_sync('store_sync', 'store', ARRAY['main', 'branch1', 'branch2'])");
+    cluster.link(BRANCH1, MAIN).restore();
+    wait_all(&cluster, &[BRANCH1], "branch1 gets what was written while its sync was gone", "SELECT count(*) FROM bulk WHERE tag = 41", "200");
+    cluster.assert_tables_equal(DB, "bulk", "id", &ALL);
+}
+
+/// A session that prints bytea in the escape format changes another column of a row with a
+/// bytea value: the peers compare the old image in one canonical form (hex), so this is no
+/// conflict (it used to be one, logged as update_differs).
+#[test]
+fn bytea_images_compare_whatever_the_session_prints() {
+    let cluster = start_store("fault_bytea", Topology::Star);
+    cluster.node(MAIN).sql(DB, "INSERT INTO products (id, name, photo) VALUES (41, 'lamp', '\\x00ff41'::bytea)");
+    wait_all(&cluster, &ALL, "product everywhere", "SELECT count(*) FROM products WHERE id = 41", "1");
+    cluster.node(BRANCH1).sql(DB, "SET bytea_output = escape; UPDATE products SET name = 'lamp b1' WHERE id = 41");
+    wait_all(&cluster, &ALL, "the new name", "SELECT name FROM products WHERE id = 41", "lamp b1");
+    for i in ALL {
+        assert_eq!(one(&cluster, i, "SELECT count(*) FROM rbucardo.conflicts"), "0", "{}: a false conflict was logged", NODE_NAMES[i]);
+    }
+    cluster.assert_tables_equal(DB, "products", "id", &ALL);
+}
+
+/// branch1 has a local-only table that references a replicated one. main truncates the
+/// replicated table: branch1 cannot TRUNCATE it without CASCADE (which would empty its local
+/// table), so it deletes its rows instead, and the stream goes on (it used to stop for good).
+#[test]
+fn a_truncate_of_a_table_a_local_table_references_does_not_stop_the_stream() {
+    let cluster = start_store("fault_truncate_local_fk", Topology::Star);
+    cluster.node(MAIN).sql(DB, "INSERT INTO cash_session (id, opened_by) VALUES (1, 'ana'), (2, 'bob')");
+    wait_all(&cluster, &ALL, "sessions everywhere", "SELECT count(*) FROM cash_session", "2");
+    cluster.node(BRANCH1).sql(
+        DB,
+        "SET rbucardo.replicate_ddl = off;
+         CREATE TABLE public.till_note (id int PRIMARY KEY, session_id int REFERENCES cash_session (id), note text);
+         INSERT INTO till_note VALUES (1, 1, 'counted twice');",
+    );
+    assert_eq!(one(&cluster, BRANCH1, "SELECT count(*) FROM rbucardo.herd_table WHERE relid = 'public.till_note'::regclass"), "0", "the local table stays local");
+    cluster.node(MAIN).sql(DB, "TRUNCATE cash_session");
+    cluster.node(MAIN).sql(DB, "INSERT INTO cash_session (id, opened_by) VALUES (3, 'cleo')");
+    wait_all(&cluster, &ALL, "the truncate and the row after it", "SELECT string_agg(id::text, ',') FROM cash_session", "3");
+    assert_eq!(one(&cluster, BRANCH1, "SELECT note FROM till_note WHERE id = 1"), "counted twice", "the local table keeps its rows");
+    cluster.assert_tables_equal(DB, "cash_session", "id", &ALL);
+}

@@ -497,7 +497,7 @@ fn forged_ddl_runs_only_as_mains_ddl_role() {
         }
         // Recorded in rbucardo's schema, where branch1 shares no table.
         let pushed = forger.send_one(|pos| txn(ids.branch1, pos, vec![ddl("rbucardo", "CREATE TABLE", "CREATE TABLE rbucardo.evil (id int PRIMARY KEY)", "postgres")]));
-        assert_refused(&cluster, &format!("{policy}: DDL in schema rbucardo"), &pushed, "a schema change in schema rbucardo, which holds no table shared with branch1", &before, &[]);
+        assert_refused(&cluster, &format!("{policy}: DDL in schema rbucardo"), &pushed, "a schema change recorded in schema rbucardo", &before, &[]);
         assert_not_superuser(&cluster, "victim");
         for table in ["public.x", "public.y", "rbucardo.evil"] {
             assert_eq!(one(&cluster, MAIN, &format!("SELECT to_regclass('{table}') IS NULL")), "t", "{policy}: {table} was created on main");
@@ -514,7 +514,7 @@ fn forged_ddl_runs_only_as_mains_ddl_role() {
 
     // The operator picks a role of limited rights; a superuser is not accepted as one.
     let superuser_role = main.connect(DB).execute("SELECT rbucardo.set_peer_policy('branch1', ddl_role => 'postgres')");
-    assert!(superuser_role.as_ref().is_err_and(|e| e.contains("is a superuser")), "ddl_role => postgres: {superuser_role:?}");
+    assert!(superuser_role.as_ref().is_err_and(|e| e.contains("is too strong") && e.contains("a superuser")), "ddl_role => postgres: {superuser_role:?}");
     main.sql(DB, "SELECT rbucardo.set_peer_policy('branch1', ddl => 'limited', ddl_role => 'store_ddl')");
     check_all(&mut forger, "limited as store_ddl");
 

@@ -103,15 +103,14 @@ fn set_peer_policy(
         }
     }
     if let Some(role) = ddl_role {
-        let superuser = Spi::get_one_with_args::<bool>("SELECT rolsuper FROM pg_catalog.pg_roles WHERE rolname = $1", &[role.into()]).ok().flatten();
-        match superuser {
-            None => raise(PgSqlErrorCode::ERRCODE_UNDEFINED_OBJECT, format!("role {role:?} does not exist"), "Create a role of limited rights for the peer's schema changes first."),
-            Some(true) => raise(
+        match crate::base::node::too_strong_for_limited(role) {
+            Err(why) => raise(PgSqlErrorCode::ERRCODE_UNDEFINED_OBJECT, why, "Create a role of limited rights for the peer's schema changes first."),
+            Ok(Some(why)) => raise(
                 PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE,
-                format!("role {role:?} is a superuser"),
-                "A peer's schema changes never run as a superuser at the limited level: choose a role with only the rights they need, or make the peer trusted.",
+                format!("role {role:?} is too strong to run a peer's schema changes: {why}"),
+                "Choose a role with only the rights those changes need (CREATE on the replicated schemas, ownership of their tables), or make the peer trusted.",
             ),
-            Some(false) => {}
+            Ok(None) => {}
         }
     }
     let n = Spi::connect_mut(|c| {

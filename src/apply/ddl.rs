@@ -11,7 +11,7 @@ use crate::apply::exceptions::Stop;
 use crate::base::node::{DdlLevel, PeerPolicy};
 use crate::base::sqltext::{abbreviate, schema_statements};
 use crate::base::wire::{RelDesc, RowChange};
-use crate::base::xact::{self, RunAs};
+use crate::base::xact::{self, RunAs, SettingsSandbox};
 
 thread_local! {
     /// Set while a replicated DDL command runs in [`apply`].
@@ -91,15 +91,26 @@ pub fn apply(client: &mut SpiClient<'_>, desc: &RelDesc, ch: &RowChange, run_as:
             _ => format!("role {role:?}, which this node runs the peer's schema changes as, does not exist here (create it, or change it with rbucardo.set_peer_policy)"),
         }));
     };
-    if superuser && matches!(run_as, RunAsRole::Role(_)) {
-        return Err(stop(format!("role {role:?} is a superuser, and the limited level never runs a peer's schema changes as one (choose another with rbucardo.set_peer_policy)")));
+    let _ = superuser;
+    if matches!(run_as, RunAsRole::Role(_)) {
+        if let Ok(Some(why)) = crate::base::node::too_strong_for_limited(role) {
+            return Err(stop(format!("role {role:?} is too strong for the limited level ({why}); choose another with rbucardo.set_peer_policy")));
+        }
     }
-    let saved = Spi::get_one::<String>("SELECT pg_catalog.current_setting('search_path')").ok().flatten().unwrap_or_default();
-    Spi::run_with_args("SELECT pg_catalog.set_config('search_path', $1, true)", &[search_path.into()]).expect("setting the search_path");
+    // The command's settings live in a sandbox: the origin's search_path, and whatever the
+    // command itself sets, are gone when it ends.
+    let sandbox = SettingsSandbox::new();
+    let path = xact::subtransaction(|| Spi::run_with_args("SELECT pg_catalog.set_config('search_path', $1, true)", &[search_path.into()]).map_err(|e| e.to_string()));
+    if !matches!(path, Ok(Ok(()))) {
+        drop(sandbox);
+        return Err(stop(format!("its search_path {search_path:?} cannot be set here")));
+    }
     let mut existed = Vec::new();
     let mut failure = None;
     {
-        let _role = RunAs::role(role_oid);
+        // As the role the policy names, restricted: it cannot change role or leave anything
+        // behind for the applying (superuser) session.
+        let _role = RunAs::restricted(role_oid);
         APPLYING.with(|a| a.set(true));
         for statement in schema_statements(sql) {
             let result = xact::subtransaction(std::panic::AssertUnwindSafe(|| {
@@ -117,7 +128,7 @@ pub fn apply(client: &mut SpiClient<'_>, desc: &RelDesc, ch: &RowChange, run_as:
         }
         APPLYING.with(|a| a.set(false));
     }
-    Spi::run_with_args("SELECT pg_catalog.set_config('search_path', $1, true)", &[saved.into()]).expect("restoring the search_path");
+    drop(sandbox);
     if let Some(message) = failure {
         return Err(stop(message));
     }

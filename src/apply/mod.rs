@@ -33,7 +33,7 @@ use crate::base::error::raise;
 use crate::base::locks;
 use crate::base::node::{peer_policy, PeerPolicy};
 use crate::base::wire::{decode_chunk, encode_chunk, Batch, Op, Position, RelDesc, RowChange, Txn, Value};
-use crate::base::xact::{self, LocalSetting};
+use crate::base::xact::{self, LocalSetting, RunAs};
 use crate::log::changelog;
 use crate::log::clocks::Clocks;
 
@@ -78,6 +78,8 @@ struct LocalRel {
     policy: decide::Policy,
     /// Foreign keys from this table, checked at the end of each remote transaction.
     fks: Vec<fk::ForeignKey>,
+    /// The table's owner: rows are written as the owner, restricted (see rows::Layout).
+    owner: pg_sys::Oid,
 }
 
 /// Per-batch state: resolved tables, prepared statements, the table open for the executor,
@@ -139,17 +141,17 @@ impl Applier {
         }
         if !self.rels.contains_key(desc) {
             let qualified = format!("{}.{}", quote(&desc.schema), quote(&desc.name));
-            let (relid, found) = Spi::get_two_with_args::<pg_sys::Oid, Vec<Option<String>>>(
-                "SELECT c.oid, array_agg((SELECT format_type(a.atttypid, a.atttypmod) FROM pg_attribute a
+            let (relid, owner, found) = Spi::get_three_with_args::<pg_sys::Oid, pg_sys::Oid, Vec<Option<String>>>(
+                "SELECT c.oid, c.relowner, array_agg((SELECT format_type(a.atttypid, a.atttypmod) FROM pg_attribute a
                                            WHERE a.attrelid = c.oid AND a.attname = col AND a.attnum > 0
                                              AND NOT a.attisdropped) ORDER BY o)
                    FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace,
                         unnest($3::text[]) WITH ORDINALITY u(col, o)
                   WHERE n.nspname = $1 AND c.relname = $2
-                  GROUP BY c.oid",
+                  GROUP BY c.oid, c.relowner",
                 &[desc.schema.as_str().into(), desc.name.as_str().into(), desc.columns.clone().into()],
             )
-            .unwrap_or((None, None));
+            .unwrap_or((None, None, None));
             let (Some(relid), Some(types)) = (relid, found) else {
                 raise(
                     PgSqlErrorCode::ERRCODE_UNDEFINED_TABLE,
@@ -173,7 +175,8 @@ impl Applier {
             let layout = rows::layout(relid, desc);
             let policy = conflicts::policy_for(relid, desc);
             let fks = fk::foreign_keys(relid);
-            self.rels.insert(desc.clone(), Rc::new(LocalRel { qualified, types, layout, policy, fks }));
+            let owner = owner.unwrap_or(pg_sys::Oid::from_u32(pg_sys::BOOTSTRAP_SUPERUSERID));
+            self.rels.insert(desc.clone(), Rc::new(LocalRel { qualified, types, layout, policy, fks, owner }));
         }
         let rel = self.rels[desc].clone();
         self.last = Some((desc.clone(), rel.clone()));
@@ -258,6 +261,9 @@ impl Applier {
     /// foreign-key actions), so the stream goes on and no local data is lost.
     fn truncate(&mut self, client: &mut SpiClient<'_>, descs: &[&RelDesc]) {
         let names: Vec<String> = descs.iter().map(|d| self.local_rel(d).qualified.clone()).collect();
+        // As the first table's owner (a TRUNCATE of several tables has them all from one
+        // origin command; triggers and rules run with the owner's rights, not the applier's).
+        let _owner = RunAs::restricted(self.local_rel(descs[0]).owner);
         let truncated = xact::subtransaction(std::panic::AssertUnwindSafe(|| {
             client.update(format!("TRUNCATE {}", names.join(", ")).as_str(), None, &[]).unwrap_or_else(|e| panic!("{e}"));
         }));
@@ -482,6 +488,47 @@ pub fn apply_parked(me: i32, via: i32, txn: &Txn) -> Result<(), String> {
     }
 }
 
+/// The transaction without its change `ordinal` (a schema change skipped by the operator).
+fn leave_out(txn: &Txn, ordinal: u32) -> Txn {
+    let chunks = txn
+        .chunks
+        .iter()
+        .map(|bytes| {
+            let mut chunk = decode_chunk(bytes).unwrap_or_else(|e| panic!("{e}"));
+            chunk.changes.retain(|c| c.ordinal != ordinal);
+            encode_chunk(&chunk)
+        })
+        .collect();
+    Txn { chunks, decoded: Default::default(), ..txn.clone() }
+}
+
+/// What a transaction holds, checked without applying it: its first schema change (ordinal
+/// and command), and the first table of its row changes not in `shared`.
+fn inspect(txn: &Txn, shared: &std::collections::HashSet<(String, String)>) -> (Option<(u32, String)>, Option<String>) {
+    let decoded;
+    let chunks = if txn.decoded.0.len() == txn.chunks.len() {
+        &txn.decoded.0
+    } else {
+        decoded = txn.chunks.iter().map(|bytes| decode_chunk(bytes).unwrap_or_else(|e| panic!("{e}"))).collect::<Vec<_>>();
+        &decoded
+    };
+    let mut ddl: Option<(u32, String)> = None;
+    let mut unshared = None;
+    for chunk in chunks {
+        for ch in &chunk.changes {
+            let rel = &chunk.relations[ch.rel as usize];
+            if ch.op == Op::Ddl {
+                if ddl.as_ref().is_none_or(|(o, _)| ch.ordinal < *o) {
+                    ddl = Some((ch.ordinal, ch.new.as_ref().and_then(|n| n[0].clone()).unwrap_or_default()));
+                }
+            } else if unshared.is_none() && !shared.contains(&(rel.schema.clone(), rel.name.clone())) {
+                unshared = Some(format!("{}.{}", rel.schema, rel.name));
+            }
+        }
+    }
+    (ddl, unshared)
+}
+
 /// Where this node stands in `origin`'s stream. Locks it until commit: another peer may be
 /// delivering the same origin's transactions by another path at this moment.
 fn load_progress(origin: i32) -> Position {
@@ -578,11 +625,36 @@ impl Stream<'_> {
                 }
                 // A transaction that breaks a constraint here is parked, not allowed to stop
                 // the stream; one whose schema change fails here stops the stream before it.
+                // A parked transaction is forwarded as it came, unapplied, so it must be checked
+                // whole first (its apply stopped at the failing row): every row to a shared
+                // table, else the batch is refused. One with a schema change is not parked but
+                // stops the stream (retried every few seconds), so that the change is run here,
+                // as this node's policy says, before anything forwards it.
                 Err(Failure::Park(reason)) => {
                     // What was resolved inside the rolled-back transaction (tables after its
                     // schema change, row clocks) no longer holds.
                     applier.forget_target();
                     *applier = Applier::new(self.me, self.run_as.clone(), Some(self.policy));
+                    // A schema change skipped by the operator stays left out, here and downstream.
+                    let without_skipped;
+                    let txn = match skip {
+                        Some(ordinal) => {
+                            without_skipped = leave_out(txn, ordinal);
+                            &without_skipped
+                        }
+                        None => txn,
+                    };
+                    let (ddl, unshared) = inspect(txn, &self.policy.tables);
+                    if let Some(table) = unshared {
+                        return Err(PassEnd::Refused(format!("a change to {table}, which is not in a sync shared with {}", self.policy.name)));
+                    }
+                    if let Some((ordinal, command)) = ddl {
+                        let stop = Stop { ordinal, command, message: format!("a transaction with a schema change broke a constraint here: {reason}"), refused: false };
+                        exceptions::record_stop(block.map(|b| b.id), txn, self.sender_node, &stop);
+                        stopped = Some(stop.message);
+                        cursor = before;
+                        break;
+                    }
                     exceptions::park(txn, self.sender_node, &reason);
                     // It travels on now, as it came, under its own origin and position: nodes
                     // behind this one must not see a later transaction of its origin before it

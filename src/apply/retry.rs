@@ -55,7 +55,9 @@ fn retry(me: i32, only: Option<i64>, limit: Option<i64>) -> i64 {
         // Whatever goes wrong with one (its table is gone since, a resolver raised), it stays
         // parked with that reason: it must not fail the batch or the retry of the others.
         let outcome = txn.and_then(|txn| {
-            xact::subtransaction(std::panic::AssertUnwindSafe(|| super::apply_parked(me, via, &txn))).unwrap_or_else(|e| Err(xact::error_message(&e)))
+            xact::subtransaction(std::panic::AssertUnwindSafe(|| super::apply_parked(me, via, &txn)))
+                .unwrap_or_else(|e| Err(xact::error_message(&e)))
+                .map(|()| crate::log::clocks::remember(&txn.chunks, txn.hlc, txn.origin))
         });
         match outcome {
             Ok(()) => {

@@ -12,6 +12,7 @@ use crate::apply::decide::{Action, Decision};
 use crate::base::canonical::CanonicalOutput;
 use crate::base::error::raise;
 use crate::base::wire::{Op, RelDesc, RowChange, Value};
+use crate::base::xact::RunAs;
 
 /// How one remote column becomes a local datum.
 struct Column {
@@ -27,6 +28,10 @@ struct Column {
 /// What the executor path needs to know about a table, resolved once per batch.
 pub struct Layout {
     pub relid: pg_sys::Oid,
+    /// The table's owner: rows are written as the owner, in a security-restricted operation,
+    /// so that triggers, constraints and index expressions run with its rights, not the
+    /// applier's (a superuser).
+    owner: pg_sys::Oid,
     key_index: pg_sys::Oid,
     columns: Vec<Column>,
 }
@@ -80,10 +85,11 @@ pub fn layout(relid: pg_sys::Oid, desc: &RelDesc) -> Option<Layout> {
             covered[att] = true;
         }
         let complete = tupdesc.iter().enumerate().all(|(i, a)| covered[i] || a.attisdropped || a.attgenerated != 0);
+        let owner = (*(*rel).rd_rel).relowner;
         // The lock stays until commit: the layout (types, input functions) must hold while
         // this batch applies; another session's ALTER TABLE waits for it.
         pg_sys::table_close(rel, pg_sys::NoLock as i32);
-        complete.then_some(Layout { relid, key_index, columns })
+        complete.then_some(Layout { relid, owner, key_index, columns })
     }
 }
 
@@ -100,6 +106,8 @@ pub struct Target {
     remote: *mut pg_sys::TupleTableSlot,
     /// Per-row memory for converted values, reset after every row.
     rowcx: pg_sys::MemoryContext,
+    /// The table's owner, whom its AFTER triggers run as at close.
+    owner: pg_sys::Oid,
 }
 
 impl Target {
@@ -135,12 +143,14 @@ impl Target {
                 pg_sys::ALLOCSET_DEFAULT_INITSIZE as usize,
                 pg_sys::ALLOCSET_DEFAULT_MAXSIZE as usize,
             );
-            Target { rel, estate, rri, search, local, remote, rowcx }
+            Target { rel, estate, rri, search, local, remote, rowcx, owner: layout.owner }
         }
     }
 
-    /// Fires queued AFTER triggers and releases the executor state; the lock stays until commit.
+    /// Fires queued AFTER triggers (as the table's owner) and releases the executor state; the
+    /// lock stays until commit.
     pub fn close(self) {
+        let _owner = RunAs::restricted(self.owner);
         // SAFETY: releases, once (close takes self) and in the apply worker's order, what
         // `open` set up in this still-open transaction; the relation keeps its lock to commit.
         unsafe {
@@ -283,9 +293,14 @@ impl Target {
         // SAFETY: the slots, executor state and relation were set up by `open` for this table
         // (`layout`), and are used on the backend's main thread inside the apply transaction.
         unsafe {
+            let owner = RunAs::restricted(layout.owner);
             let found = self.find(layout, desc, probe);
             let local = found.then(|| self.local_text(layout));
+            // The decision reads rbucardo's own tables and may call a resolver the operator
+            // chose: it runs as the applier.
+            drop(owner);
             let decision = decide(local.as_deref());
+            let _owner = RunAs::restricted(layout.owner);
             match &decision.action {
                 Action::Nothing | Action::Abort(_) => {}
                 Action::Write(row) if found => self.update_found(layout, row),

@@ -11,14 +11,21 @@ use super::Applier;
 use crate::apply::decide::{Action, Origin};
 use crate::base::canonical::CanonicalOutput;
 use crate::base::wire::{Op, RelDesc, RowChange, Value};
+use crate::base::xact::RunAs;
 
 impl Applier {
     /// Applies one row change through SQL, with conflict detection.
     pub(super) fn sql_change(&mut self, client: &mut SpiClient<'_>, desc: &RelDesc, ch: &RowChange, origin: Origin) {
         let (old, new) = (ch.old.as_deref(), ch.new.as_deref());
         let probe = if ch.op == Op::Insert { new } else { old }.expect("row change with its key image");
-        let local = self.sql_local(client, desc, probe);
+        // Reads and writes run as the table's owner, restricted; the decision as the applier.
+        let owner = self.local_rel(desc).owner;
+        let local = {
+            let _owner = RunAs::restricted(owner);
+            self.sql_local(client, desc, probe)
+        };
         let decision = self.decide(desc, ch, local.as_deref(), origin);
+        let _owner = RunAs::restricted(owner);
         match decision {
             Action::Nothing => {}
             Action::Write(row) if local.is_some() => self.update(client, desc, probe, &row),

@@ -172,8 +172,10 @@ pub struct PeerPolicy {
     pub relay: bool,
     /// Every table in a herd of a sync shared with this peer, as (schema, name).
     pub tables: std::collections::HashSet<(String, String)>,
-    /// The schemas of those tables: replicated DDL in them is accepted from this peer.
+    /// The schemas of those tables.
     pub schemas: std::collections::HashSet<String>,
+    /// Every replicated table of this node, shared with this peer or not.
+    pub replicated: std::collections::HashSet<(String, String)>,
     /// Whether those are all the replicated tables of this node (then nothing needs filtering
     /// when sending to it).
     pub shares_all: bool,
@@ -181,39 +183,61 @@ pub struct PeerPolicy {
 
 /// The policy for the peer named `name`; a peer without a db row here may send nothing.
 pub fn peer_policy(name: &str) -> PeerPolicy {
-    let row = Spi::get_three_with_args::<i32, String, String>(
+    let (node_id, ddl, ddl_role) = Spi::get_three_with_args::<i32, String, String>(
         "SELECT node_id, ddl, ddl_role::text FROM rbucardo.db WHERE name = $1",
         &[name.into()],
     )
     .unwrap_or((None, None, None));
     let relay = Spi::get_one_with_args::<bool>("SELECT relay FROM rbucardo.db WHERE name = $1", &[name.into()]).ok().flatten().unwrap_or(false);
-    let (tables, all): (Vec<(String, String, bool)>, i64) = Spi::connect(|c| {
-        let shared = c
-            .select(
-                "SELECT n.nspname::text, k.relname::text, true
-                   FROM rbucardo.herd_table t
-                   JOIN pg_catalog.pg_class k ON k.oid = t.relid
-                   JOIN pg_catalog.pg_namespace n ON n.oid = k.relnamespace
-                  WHERE EXISTS (SELECT 1 FROM rbucardo.sync s WHERE s.herd = t.herd AND $1 = ANY (s.dbs))",
-                None,
-                &[name.into()],
-            )
-            .map(|t| t.filter_map(|r| Some((r.get::<String>(1).ok()??, r.get::<String>(2).ok()??, true))).collect())
-            .unwrap_or_default();
-        let all = c.select("SELECT count(DISTINCT relid) FROM rbucardo.herd_table", None, &[]).ok().and_then(|t| t.first().get_one::<i64>().ok().flatten()).unwrap_or(0);
-        (shared, all)
+    // Every replicated table, and whether a sync with this peer holds it.
+    let tables: Vec<(String, String, bool)> = Spi::connect(|c| {
+        c.select(
+            "SELECT n.nspname::text, k.relname::text,
+                    bool_or(EXISTS (SELECT 1 FROM rbucardo.sync s WHERE s.herd = t.herd AND $1 = ANY (s.dbs)))
+               FROM rbucardo.herd_table t
+               JOIN pg_catalog.pg_class k ON k.oid = t.relid
+               JOIN pg_catalog.pg_namespace n ON n.oid = k.relnamespace
+              GROUP BY 1, 2",
+            None,
+            &[name.into()],
+        )
+        .map(|t| t.filter_map(|r| Some((r.get::<String>(1).ok()??, r.get::<String>(2).ok()??, r.get::<bool>(3).ok()??))).collect())
+        .unwrap_or_default()
     });
-    let schemas = tables.iter().map(|(s, _, _)| s.clone()).collect();
-    let tables: std::collections::HashSet<(String, String)> = tables.into_iter().map(|(s, n, _)| (s, n)).collect();
+    let shared: std::collections::HashSet<(String, String)> = tables.iter().filter(|t| t.2).map(|(s, n, _)| (s.clone(), n.clone())).collect();
     PeerPolicy {
         name: name.to_string(),
-        node_id: row.0,
-        ddl: row.1.as_deref().and_then(DdlLevel::parse).unwrap_or(DdlLevel::None),
-        ddl_role: row.2,
+        node_id,
+        ddl: ddl.as_deref().and_then(DdlLevel::parse).unwrap_or(DdlLevel::None),
+        ddl_role,
         relay,
-        shares_all: tables.len() as i64 >= all,
-        tables,
-        schemas,
+        shares_all: shared.len() == tables.len(),
+        schemas: shared.iter().map(|(s, _)| s.clone()).collect(),
+        replicated: tables.into_iter().map(|(s, n, _)| (s, n)).collect(),
+        tables: shared,
+    }
+}
+
+/// Why `role` may not run a peer's schema changes at the limited level: a superuser, or a role
+/// that can create roles, bypass row security, replicate, or read, write or run programs on
+/// the server. `None` when it may; raises if it does not exist.
+pub fn too_strong_for_limited(role: &str) -> Result<Option<String>, String> {
+    let found = Spi::get_one_with_args::<String>(
+        "SELECT concat_ws(', ',
+                    CASE WHEN r.rolsuper THEN 'a superuser' END,
+                    CASE WHEN r.rolcreaterole THEN 'may create roles' END,
+                    CASE WHEN r.rolreplication THEN 'may replicate' END,
+                    CASE WHEN r.rolbypassrls THEN 'bypasses row security' END,
+                    CASE WHEN pg_catalog.pg_has_role(r.oid, 'pg_execute_server_program', 'MEMBER') THEN 'may run server programs' END,
+                    CASE WHEN pg_catalog.pg_has_role(r.oid, 'pg_read_server_files', 'MEMBER') THEN 'may read server files' END,
+                    CASE WHEN pg_catalog.pg_has_role(r.oid, 'pg_write_server_files', 'MEMBER') THEN 'may write server files' END)
+           FROM pg_catalog.pg_roles r WHERE r.rolname = $1",
+        &[role.into()],
+    );
+    match found {
+        Ok(Some(why)) if why.is_empty() => Ok(None),
+        Ok(Some(why)) => Ok(Some(why)),
+        _ => Err(format!("role {role:?} does not exist")),
     }
 }
 

@@ -53,7 +53,14 @@ pub fn in_txn<R>(f: impl FnOnce() -> R + std::panic::UnwindSafe + std::panic::Re
         pg_sys::StartTransactionCommand();
         pg_sys::PushActiveSnapshot(pg_sys::GetTransactionSnapshot());
     }
-    let result = PgTryBuilder::new(|| Ok(f())).catch_others(|e| Err(error_message(&e))).execute();
+    // Whatever a command run earlier in this session set, the worker's own queries mean the
+    // built-ins (the guard drops before the commit; SET LOCAL made inside survives it).
+    let result = PgTryBuilder::new(|| {
+        let _path = LocalSetting::pinned_search_path();
+        Ok(f())
+    })
+    .catch_others(|e| Err(error_message(&e)))
+    .execute();
     // SAFETY: the transaction started above is still current: `f` either returned normally
     // (its subtransactions and snapshots balanced) or raised, and an abort cleans up anything.
     unsafe {
@@ -120,6 +127,20 @@ impl RunAs {
         RunAs { user, context }
     }
 
+    /// Runs as `role` in a security-restricted operation (as PostgreSQL runs maintenance and
+    /// logical replication as a table's owner): code that role owns (triggers, CHECK
+    /// constraints, index expressions) runs with its rights only, and can neither change the
+    /// role nor leave state behind for the superuser session.
+    pub fn restricted(role: pg_sys::Oid) -> RunAs {
+        let (mut user, mut context) = (pg_sys::InvalidOid, 0);
+        // SAFETY: as in `role`.
+        unsafe {
+            pg_sys::GetUserIdAndSecContext(&mut user, &mut context);
+            pg_sys::SetUserIdAndSecContext(role, context | pg_sys::SECURITY_LOCAL_USERID_CHANGE as i32 | pg_sys::SECURITY_RESTRICTED_OPERATION as i32);
+        }
+        RunAs { user, context }
+    }
+
     /// Runs as the bootstrap superuser, who owns the extension's tables: for writes to
     /// rbucardo's own catalog on behalf of a user who has no rights on it.
     pub fn extension_owner() -> RunAs {
@@ -171,6 +192,33 @@ impl LocalSetting {
     /// foreign-key checks (src/apply/fk.rs checks those).
     pub fn replica_mode() -> LocalSetting {
         LocalSetting::new(c"session_replication_role", c"replica", true)
+    }
+}
+
+/// While alive, every setting changed (with SET, SET LOCAL or set_config, at any level) is
+/// undone when it drops, as if its transaction had aborted: replicated DDL runs inside one, so
+/// that nothing it sets outlives it in the applying session.
+pub struct SettingsSandbox {
+    level: i32,
+}
+
+impl SettingsSandbox {
+    pub fn new() -> SettingsSandbox {
+        // SAFETY: a GUC nesting level, popped in Drop in nesting order (see LocalSetting).
+        SettingsSandbox { level: unsafe { pg_sys::NewGUCNestLevel() } }
+    }
+}
+
+impl Default for SettingsSandbox {
+    fn default() -> Self {
+        SettingsSandbox::new()
+    }
+}
+
+impl Drop for SettingsSandbox {
+    fn drop(&mut self) {
+        // SAFETY: pops the level pushed in `new`; `false` reverts whatever was set at it.
+        unsafe { pg_sys::AtEOXact_GUC(false, self.level) };
     }
 }
 

@@ -80,7 +80,15 @@ impl Clocks {
 fn logged_clocks(me: i32, where_sql: &str, args: &[pgrx::datum::DatumWithOid]) -> HashMap<(String, String, String), (i64, i32)> {
     let mut latest: HashMap<(String, String, String), (i64, i32)> = HashMap::new();
     Spi::connect(|c| {
-        let sql = format!("SELECT data, hlc, origin FROM rbucardo.change_log WHERE {where_sql}");
+        // A parked transaction is in the log (forwarded) but not applied here: its clock is not
+        // that of any local version until a retry applies it (see `remember`).
+        let sql = format!(
+            "SELECT data, hlc, origin FROM rbucardo.change_log
+              WHERE ({where_sql})
+                AND NOT EXISTS (SELECT 1 FROM rbucardo.exceptions e
+                                 WHERE e.resolved_at IS NULL AND e.kind = 'constraint' AND e.origin = change_log.origin
+                                   AND e.origin_tick = change_log.origin_tick AND e.origin_seq = change_log.origin_seq)"
+        );
         for row in c.select(sql.as_str(), None, args).expect("reading the change log") {
             let data = row.get::<Vec<u8>>(1).unwrap().unwrap_or_default();
             let clock = (row.get::<i64>(2).unwrap().unwrap_or(0), row.get::<i32>(3).unwrap().unwrap_or(me));
@@ -101,7 +109,25 @@ fn logged_clocks(me: i32, where_sql: &str, args: &[pgrx::datum::DatumWithOid]) -
 /// Keeps the clocks of rows whose changes are about to leave the change log (`where_sql`
 /// selects the change log rows being trimmed).
 pub fn keep_row_clocks(me: i32, where_sql: &str, args: &[pgrx::datum::DatumWithOid]) {
-    let latest = logged_clocks(me, where_sql, args);
+    store(logged_clocks(me, where_sql, args));
+}
+
+/// Records the clock of every row a transaction applied here without a change-log entry of
+/// its own (a parked transaction applied by a retry: it was forwarded when it was parked).
+pub fn remember(chunks: &[Vec<u8>], hlc: i64, origin: i32) {
+    let mut latest: HashMap<(String, String, String), (i64, i32)> = HashMap::new();
+    for chunk in chunks.iter().filter_map(|c| decode_chunk(c).ok()) {
+        for ch in &chunk.changes {
+            let desc = &chunk.relations[ch.rel as usize];
+            if let Some(r) = ch.new.as_ref().or(ch.old.as_ref()).filter(|_| !desc.key.is_empty()) {
+                latest.insert((desc.schema.clone(), desc.name.clone(), key_text(desc, r)), (hlc, origin));
+            }
+        }
+    }
+    store(latest);
+}
+
+fn store(latest: HashMap<(String, String, String), (i64, i32)>) {
     if latest.is_empty() {
         return;
     }

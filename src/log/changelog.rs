@@ -162,9 +162,10 @@ struct LoggedTxn {
 }
 
 /// The transactions of tick `k` whose final chunk comes after `after_seq`, in order, at most
-/// `limit` of them. A transaction is identified by its local xid and, for forwarded ones, its
-/// origin position: one local apply transaction can hold several remote transactions.
-fn read_tick(k: i64, after_seq: i64, limit: i64) -> Vec<LoggedTxn> {
+/// `limit` of them and no more than fit in about `budget` bytes (the first always comes). A
+/// transaction is identified by its local xid and, for forwarded ones, its origin position:
+/// one local apply transaction can hold several remote transactions.
+fn read_tick(k: i64, after_seq: i64, limit: i64, budget: usize) -> Vec<LoggedTxn> {
     Spi::connect(|client| {
         let (plast, xip, xmax) = client
             .select(
@@ -194,19 +195,27 @@ fn read_tick(k: i64, after_seq: i64, limit: i64) -> Vec<LoggedTxn> {
         } else {
             "(l.txid >= $6::text::xid8 OR l.txid = ANY ($5::bigint[]::text[]::xid8[]))"
         };
+        // The transactions' sizes are read first (octet_length does not fetch a value stored
+        // out of line), and only those that fit `budget` are read whole: a batch of a few huge
+        // transactions does not read a thousand of them to ship one.
         let finals = format!(
-            "SELECT l.txid::text::bigint, l.seq, l.chunk_no, l.origin, l.origin_tick, l.origin_seq, l.via, l.hlc, l.data
-               FROM rbucardo.change_log l
-              WHERE l.final AND l.seq > $2
-                AND (l.seq > $4 OR {running})
-                AND pg_visible_in_snapshot(l.txid, (SELECT snap FROM rbucardo.tick WHERE tick_id = $1))
-                AND NOT pg_visible_in_snapshot(l.txid, (SELECT snap FROM rbucardo.tick WHERE tick_id = $1 - 1))
-              ORDER BY l.seq LIMIT $3"
+            "WITH c AS (SELECT l.seq, octet_length(l.data) AS len
+                          FROM rbucardo.change_log l
+                         WHERE l.final AND l.seq > $2
+                           AND (l.seq > $4 OR {running})
+                           AND pg_visible_in_snapshot(l.txid, (SELECT snap FROM rbucardo.tick WHERE tick_id = $1))
+                           AND NOT pg_visible_in_snapshot(l.txid, (SELECT snap FROM rbucardo.tick WHERE tick_id = $1 - 1))
+                         ORDER BY l.seq LIMIT $3),
+                  f AS (SELECT c.seq, sum(c.len) OVER (ORDER BY c.seq) - c.len AS before FROM c)
+             SELECT l.txid::text::bigint, l.seq, l.chunk_no, l.origin, l.origin_tick, l.origin_seq, l.via, l.hlc, l.data
+               FROM f JOIN rbucardo.change_log l ON l.seq = f.seq
+              WHERE f.before < $7
+              ORDER BY l.seq"
         );
         let mut out = Vec::new();
         let mut multi = Vec::new();
         for row in client
-            .select(finals.as_str(), None, &[k.into(), after_seq.into(), limit.into(), plast.into(), xip.into(), xmax.into()])
+            .select(finals.as_str(), None, &[k.into(), after_seq.into(), limit.into(), plast.into(), xip.into(), xmax.into(), (budget.max(1) as i64).into()])
             .expect("reading a tick's transactions")
         {
             let origin_pos = match (row.get::<i64>(5).unwrap(), row.get::<i64>(6).unwrap()) {
@@ -272,7 +281,7 @@ pub fn read_batch(me: i32, after: Position, to: i32, max_bytes: usize, policy: &
         }
         let mut seq = from_seq;
         loop {
-            let part = read_tick(k, seq, 1000);
+            let part = read_tick(k, seq, 1000, max_bytes.saturating_sub(bytes));
             if part.is_empty() {
                 break;
             }

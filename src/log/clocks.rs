@@ -31,59 +31,108 @@ pub fn highest_known() -> Option<i64> {
     .flatten()
 }
 
-/// The clocks of the local versions of rows, for the `latest` rule: the last change to each row
-/// still in the change log (read once per batch, when the first conflict needs it, then kept up
-/// to date as the batch applies), else `rbucardo.row_clock`.
+type Key = (String, String, String);
+
+/// The clocks of the rows in the change log, as this backend last read them: read whole once,
+/// then only what committed since (by transaction id), and forgotten once trimmed (their clocks
+/// are in `row_clock` then). A hub holding a week of log for an offline branch decodes it once
+/// per session, not once per batch.
+struct Session {
+    /// The change log's oid: a re-created extension starts afresh.
+    log: pg_sys::Oid,
+    /// Transactions from this id on may have committed since the last read.
+    mark: i64,
+    /// Clock and change-log seq of the latest version of each row.
+    rows: HashMap<Key, ((i64, i32), i64)>,
+}
+
+thread_local! {
+    static SESSION: std::cell::RefCell<Option<Session>> = const { std::cell::RefCell::new(None) };
+}
+
+/// Brings the session's clocks up to date with the committed change log.
+fn refresh(me: i32) {
+    let log = Spi::get_one::<pg_sys::Oid>("SELECT pg_catalog.to_regclass('rbucardo.change_log')::pg_catalog.oid").ok().flatten().unwrap_or(pg_sys::InvalidOid);
+    // Taken before the read: a transaction running now has an id at or above it.
+    let mark = Spi::get_one::<i64>("SELECT pg_catalog.pg_snapshot_xmin(pg_catalog.pg_current_snapshot())::text::bigint").ok().flatten().unwrap_or(0);
+    SESSION.with(|cell| {
+        let mut cell = cell.borrow_mut();
+        let fresh = cell.as_ref().is_none_or(|s| s.log != log);
+        if fresh {
+            *cell = Some(Session { log, mark: 0, rows: HashMap::new() });
+        }
+        let session = cell.as_mut().unwrap();
+        // This transaction's own rows are not read: they are not committed (the batch notes
+        // its changes itself).
+        let since = if fresh { "true".to_string() } else { format!("txid >= '{}'::pg_catalog.xid8", session.mark) };
+        let rows = logged_clocks(me, &format!("{since} AND txid IS DISTINCT FROM pg_catalog.pg_current_xact_id_if_assigned()"), &[]);
+        for (k, (clock, seq)) in rows {
+            let slot = session.rows.entry(k).or_insert((clock, seq));
+            if clock > slot.0 {
+                *slot = (clock, seq);
+            }
+        }
+        let floor = Spi::get_one::<i64>("SELECT pg_catalog.min(seq) FROM rbucardo.change_log").ok().flatten();
+        match floor {
+            Some(floor) => session.rows.retain(|_, (_, seq)| *seq >= floor),
+            None => session.rows.clear(),
+        }
+        session.mark = mark;
+    });
+}
+
+/// The clocks of the local versions of rows, for the `latest` rule: those of this batch's own
+/// changes, else the latest change to each row still in the change log (brought up to date
+/// once per batch, when the first conflict needs it), else `rbucardo.row_clock`.
 pub struct Clocks {
     me: i32,
-    pending: Option<HashMap<(String, String, String), (i64, i32)>>,
+    refreshed: bool,
+    batch: HashMap<Key, (i64, i32)>,
 }
 
 impl Clocks {
     pub fn new(me: i32) -> Clocks {
-        Clocks { me, pending: None }
-    }
-
-    fn load(&mut self) -> &mut HashMap<(String, String, String), (i64, i32)> {
-        let me = self.me;
-        self.pending.get_or_insert_with(|| logged_clocks(me, "true", &[]))
+        Clocks { me, refreshed: false, batch: HashMap::new() }
     }
 
     /// The clock of the local version of the row with this key.
     pub fn local(&mut self, desc: &RelDesc, key: &serde_json::Value) -> Option<(i64, i32)> {
         let k = (desc.schema.clone(), desc.name.clone(), key.to_string());
-        if let Some(c) = self.load().get(&k) {
-            return Some(*c);
+        if !self.refreshed {
+            refresh(self.me);
+            self.refreshed = true;
         }
-        Spi::get_two_with_args::<i64, i32>(
+        let logged = SESSION.with(|s| s.borrow().as_ref().and_then(|s| s.rows.get(&k).map(|(c, _)| *c)));
+        let mine = self.batch.get(&k).copied();
+        // Kept clocks count too: a trimmed change, or a parked transaction a retry applied.
+        let kept = Spi::get_two_with_args::<i64, i32>(
             "SELECT hlc, origin FROM rbucardo.row_clock
               WHERE relid = pg_catalog.to_regclass(pg_catalog.format('%I.%I', $1::text, $2::text)) AND key = $3",
             &[desc.schema.as_str().into(), desc.name.as_str().into(), k.2.as_str().into()],
         )
         .ok()
-        .and_then(|(h, o)| Some((h?, o?)))
+        .and_then(|(h, o)| Some((h?, o?)));
+        logged.max(mine).max(kept)
     }
 
     /// Records an applied change's clock for its row. The larger clock stays: under `latest` the
     /// version with the larger clock is the one the row holds.
     pub fn note(&mut self, desc: &RelDesc, row: &[Value], clock: (i64, i32)) {
-        if let Some(map) = self.pending.as_mut() {
-            let slot = map.entry((desc.schema.clone(), desc.name.clone(), key_text(desc, row))).or_insert(clock);
-            *slot = (*slot).max(clock);
-        }
+        let slot = self.batch.entry((desc.schema.clone(), desc.name.clone(), key_text(desc, row))).or_insert(clock);
+        *slot = (*slot).max(clock);
     }
 }
 
 /// The latest clock of every row changed by the change log rows that `where_sql` selects.
 /// The largest clock per row: the log also keeps changes that lost here, for forwarding, and
 /// the row holds the version with the largest clock.
-fn logged_clocks(me: i32, where_sql: &str, args: &[pgrx::datum::DatumWithOid]) -> HashMap<(String, String, String), (i64, i32)> {
-    let mut latest: HashMap<(String, String, String), (i64, i32)> = HashMap::new();
+fn logged_clocks(me: i32, where_sql: &str, args: &[pgrx::datum::DatumWithOid]) -> HashMap<Key, ((i64, i32), i64)> {
+    let mut latest: HashMap<Key, ((i64, i32), i64)> = HashMap::new();
     Spi::connect(|c| {
         // A parked transaction is in the log (forwarded) but not applied here: its clock is not
         // that of any local version until a retry applies it (see `remember`).
         let sql = format!(
-            "SELECT data, hlc, origin FROM rbucardo.change_log
+            "SELECT data, hlc, origin, seq FROM rbucardo.change_log
               WHERE ({where_sql})
                 AND NOT EXISTS (SELECT 1 FROM rbucardo.exceptions e
                                  WHERE e.resolved_at IS NULL AND e.kind = 'constraint' AND e.origin = change_log.origin
@@ -92,12 +141,15 @@ fn logged_clocks(me: i32, where_sql: &str, args: &[pgrx::datum::DatumWithOid]) -
         for row in c.select(sql.as_str(), None, args).expect("reading the change log") {
             let data = row.get::<Vec<u8>>(1).unwrap().unwrap_or_default();
             let clock = (row.get::<i64>(2).unwrap().unwrap_or(0), row.get::<i32>(3).unwrap().unwrap_or(me));
+            let seq = row.get::<i64>(4).unwrap().unwrap_or(0);
             if let Ok(chunk) = decode_chunk(&data) {
                 for ch in &chunk.changes {
                     let desc = &chunk.relations[ch.rel as usize];
                     if let Some(r) = ch.new.as_ref().or(ch.old.as_ref()) {
-                        let slot = latest.entry((desc.schema.clone(), desc.name.clone(), key_text(desc, r))).or_insert(clock);
-                        *slot = (*slot).max(clock);
+                        let slot = latest.entry((desc.schema.clone(), desc.name.clone(), key_text(desc, r))).or_insert((clock, seq));
+                        if clock > slot.0 {
+                            *slot = (clock, seq);
+                        }
                     }
                 }
             }
@@ -109,7 +161,7 @@ fn logged_clocks(me: i32, where_sql: &str, args: &[pgrx::datum::DatumWithOid]) -
 /// Keeps the clocks of rows whose changes are about to leave the change log (`where_sql`
 /// selects the change log rows being trimmed).
 pub fn keep_row_clocks(me: i32, where_sql: &str, args: &[pgrx::datum::DatumWithOid]) {
-    store(logged_clocks(me, where_sql, args));
+    store(logged_clocks(me, where_sql, args).into_iter().map(|(k, (clock, _))| (k, clock)).collect());
 }
 
 /// Records the clock of every row a transaction applied here without a change-log entry of

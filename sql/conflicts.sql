@@ -1,6 +1,10 @@
 -- The conflict log: every time an incoming row change met a local row that was not what the
--- sender had seen, both versions are kept here with the rule applied and the winner, so that
--- no version is ever discarded silently. conflict_reapply(id) writes the loser back.
+-- sender had seen and one version lost (or a custom function decided), both versions are kept
+-- here with the rule applied and the winner, so that no version is ever discarded silently.
+-- conflict_reapply(id) writes the loser back. Outcomes that discard nothing (a clean column
+-- merge, delta columns adding up, a change arriving identical to the row) are only counted in
+-- conflict_counts, unless set_conflict_logging(tbl, true) asks for them here too. Entries
+-- older than rbucardo.conflict_retention_days are pruned by the worker.
 CREATE TABLE rbucardo.conflicts (
     id             bigserial PRIMARY KEY,
     at             timestamptz NOT NULL DEFAULT now(),
@@ -16,10 +20,31 @@ CREATE TABLE rbucardo.conflicts (
     remote_origin  integer NOT NULL,         -- node that made the incoming change
     remote_hlc     bigint NOT NULL,          -- its clock value
     rule           text NOT NULL,            -- the strategy applied ('merge' for a column merge)
-    winner         text NOT NULL CHECK (winner IN ('local', 'remote', 'merged', 'none')),
+    winner         text NOT NULL CHECK (winner IN ('local', 'remote', 'merged', 'none')),  -- 'none': nothing kept or nothing to keep
     reapplied_at   timestamptz               -- set by conflict_reapply
 );
 CREATE INDEX conflicts_at ON rbucardo.conflicts (at);
+
+-- How many conflicts of each kind met each table, by outcome, logged or not: what monitoring
+-- reads (rbucardo.conflict_stats). Written once per applied batch, not per row.
+CREATE TABLE rbucardo.conflict_counts (
+    tbl       text NOT NULL,
+    kind      text NOT NULL,
+    outcome   text NOT NULL,              -- local, remote, merged, none; column_merge, identical, both_deleted
+    n         bigint NOT NULL,
+    first_at  timestamptz NOT NULL DEFAULT now(),
+    last_at   timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (tbl, kind, outcome)
+);
+
+-- Conflicts per table, kind and outcome, and whether that outcome reaches the conflict log
+-- (one that discarded a version, or a custom decision); the clean ones reach it only for tables
+-- with set_conflict_logging(tbl, true).
+CREATE VIEW rbucardo.conflict_stats AS
+SELECT c.tbl, c.kind, c.outcome, c.n AS conflicts,
+       c.outcome IN ('local', 'remote', 'merged', 'none') AS logged,
+       c.first_at, c.last_at
+  FROM rbucardo.conflict_counts c;
 
 -- The clock of the last change to every replicated row whose change has left the change log
 -- (trimmed once every peer had it): the `latest` rule compares an incoming change with the
@@ -36,7 +61,8 @@ CREATE TABLE rbucardo.row_clock (
 CREATE TABLE rbucardo.table_option (
     relid     oid PRIMARY KEY,
     strategy  text,                        -- overrides the sync's conflict strategy
-    merge     boolean NOT NULL DEFAULT true -- column-level merge of non-overlapping changes
+    merge     boolean NOT NULL DEFAULT true, -- column-level merge of non-overlapping changes
+    log_merges boolean NOT NULL DEFAULT false -- log clean outcomes too, not only count them
 );
 CREATE TABLE rbucardo.column_option (
     relid     oid NOT NULL,

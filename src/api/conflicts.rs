@@ -39,6 +39,25 @@ fn set_column_merge(tbl: pg_sys::Oid, enabled: bool) -> String {
     format!("column-level merge {} for {}", if enabled { "on" } else { "off" }, table_oid_name(tbl))
 }
 
+/// Whether a table's conflicts that discard nothing (clean column merges, delta columns adding
+/// up, identical arrivals, rows both sides deleted) are logged in `rbucardo.conflicts` too, for
+/// an auditor. By default they are only counted (`rbucardo.conflict_stats`).
+#[pg_extern(sql = "CREATE FUNCTION rbucardo.set_conflict_logging(tbl regclass, all_outcomes boolean) RETURNS text
+                   STRICT VOLATILE LANGUAGE c AS 'MODULE_PATHNAME', '@FUNCTION_NAME@';")]
+fn set_conflict_logging(tbl: pg_sys::Oid, all_outcomes: bool) -> String {
+    Spi::run_with_args(
+        "INSERT INTO rbucardo.table_option (relid, log_merges) VALUES ($1, $2)
+         ON CONFLICT (relid) DO UPDATE SET log_merges = EXCLUDED.log_merges",
+        &[tbl.into(), all_outcomes.into()],
+    )
+    .expect("recording the logging option");
+    format!(
+        "{} logs {}",
+        table_oid_name(tbl),
+        if all_outcomes { "every conflict, clean merges included" } else { "conflicts that discarded something; clean merges are counted" }
+    )
+}
+
 /// Makes a numeric column a delta column ('delta': concurrent changes add up, as stock counts
 /// must) or an ordinary one again ('default').
 #[pg_extern(sql = "CREATE FUNCTION rbucardo.set_column_strategy(tbl regclass, col text, strategy text) RETURNS text

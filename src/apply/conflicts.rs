@@ -8,7 +8,7 @@ use std::collections::HashMap;
 
 use pgrx::prelude::*;
 
-use crate::apply::decide::{Answer, Conflict, Env, Logged, Policy, Strategy, STRATEGIES};
+use crate::apply::decide::{Answer, Conflict, Env, Kind, Logged, Policy, Strategy, STRATEGIES};
 use crate::base::error::raise;
 use crate::base::wire::RelDesc;
 use crate::log::clocks::Clocks;
@@ -31,8 +31,9 @@ pub fn policy_for(relid: pg_sys::Oid, desc: &RelDesc) -> Policy {
     .unwrap_or((None, None));
     let rule_name = name.unwrap_or_else(|| "source".into());
     let (merge, delta) = column_rules(relid, desc);
+    let log_merges = Spi::get_one_with_args::<bool>("SELECT log_merges FROM rbucardo.table_option WHERE relid = $1", &[relid.into()]).ok().flatten().unwrap_or(false);
     let table = format!("{}.{}", pgrx::spi::quote_identifier(&desc.schema), pgrx::spi::quote_identifier(&desc.name));
-    Policy { table, strategy: Strategy::parse(&rule_name), rule_name, sync, merge, delta, node_names: node_names() }
+    Policy { table, strategy: Strategy::parse(&rule_name), rule_name, sync, merge, delta, node_names: node_names(), log_merges }
 }
 
 /// Every node name this node knows, by node id.
@@ -58,6 +59,58 @@ fn column_rules(relid: pg_sys::Oid, desc: &RelDesc) -> (bool, Vec<bool>) {
     (merge, desc.columns.iter().map(|c| deltas.contains(c)).collect())
 }
 
+
+/// Conflicts of one batch, counted by table, kind and outcome: written to `conflict_counts`
+/// once per batch, so a catch-up full of merges pays a few upserts, not one per row.
+#[derive(Default)]
+pub struct Tally(HashMap<(String, &'static str, &'static str), i64>);
+
+impl Tally {
+    pub fn count(&mut self, table: &str, kind: Kind, outcome: &'static str) {
+        *self.0.entry((table.to_string(), kind.as_str(), outcome)).or_insert(0) += 1;
+    }
+
+    /// Adds another tally (of a remote transaction that applied) to this one.
+    pub fn absorb(&mut self, other: Tally) {
+        for (k, n) in other.0 {
+            *self.0.entry(k).or_insert(0) += n;
+        }
+    }
+
+    pub fn write(self) {
+        if self.0.is_empty() {
+            return;
+        }
+        let (mut tbls, mut kinds, mut outcomes, mut ns) = (vec![], vec![], vec![], vec![]);
+        for ((t, k, o), n) in self.0 {
+            tbls.push(t);
+            kinds.push(k.to_string());
+            outcomes.push(o.to_string());
+            ns.push(n);
+        }
+        Spi::run_with_args(
+            "INSERT INTO rbucardo.conflict_counts AS c (tbl, kind, outcome, n)
+             SELECT * FROM pg_catalog.unnest($1::text[], $2::text[], $3::text[], $4::bigint[])
+             ON CONFLICT (tbl, kind, outcome) DO UPDATE SET n = c.n + EXCLUDED.n, last_at = pg_catalog.now()",
+            &[tbls.into(), kinds.into(), outcomes.into(), ns.into()],
+        )
+        .expect("counting conflicts");
+    }
+}
+
+/// Deletes conflict log entries older than `days`, at most `limit` of them; returns how many.
+pub fn prune(days: i32, limit: i64) -> i64 {
+    Spi::connect_mut(|c| {
+        c.update(
+            "DELETE FROM rbucardo.conflicts WHERE id IN (
+                 SELECT id FROM rbucardo.conflicts WHERE at < pg_catalog.now() - pg_catalog.make_interval(days => $1) ORDER BY at LIMIT $2)",
+            None,
+            &[days.into(), limit.into()],
+        )
+        .map(|t| t.len() as i64)
+        .unwrap_or(0)
+    })
+}
 
 /// Writes one row of the conflict log.
 pub fn record(policy: &Policy, logged: &Logged) {

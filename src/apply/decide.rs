@@ -92,6 +92,9 @@ pub struct Policy {
     pub delta: Vec<bool>,
     /// Node names by node id, for priority lists.
     pub node_names: HashMap<i32, String>,
+    /// Whether outcomes that discard nothing (clean merges, identical arrivals) are logged
+    /// too, not only counted.
+    pub log_merges: bool,
 }
 
 /// The node and hybrid clock of the remote transaction a row change belongs to.
@@ -173,13 +176,32 @@ pub struct Logged {
 pub struct Decision {
     pub action: Action,
     pub forward: Forward,
+    /// The conflict log entry: every outcome that discarded something (a version that lost,
+    /// a delete that lost, a custom decision), and clean ones too when the table asks for it.
     pub log: Option<Logged>,
+    /// What `rbucardo.conflict_stats` counts: the kind and outcome of every conflict, logged
+    /// or not. Outcomes: local, remote (a version lost), merged, none (a custom function's
+    /// row or delete), and the clean ones: column_merge, identical, both_deleted.
+    pub tally: Option<(Kind, &'static str)>,
 }
 
 impl Decision {
     fn plain(action: Action) -> Decision {
-        Decision { action, forward: Forward::AsIs, log: None }
+        Decision { action, forward: Forward::AsIs, log: None, tally: None }
     }
+}
+
+/// An outcome that discarded nothing: counted, and logged only when the table's policy says
+/// `log_merges` (an auditor's setting); the JSON of the versions is made only then.
+#[allow(clippy::too_many_arguments)]
+fn clean(p: &Policy, desc: &RelDesc, action: Action, kind: Kind, outcome: &'static str, local: Option<&[Value]>, remote: Option<&[Value]>, key_of: &[Value], origin: Origin) -> Decision {
+    let (rule, winner) = match outcome {
+        "column_merge" => ("merge", "merged"),
+        "identical" => ("identical", "none"),
+        _ => (p.rule_name.as_str(), "none"),
+    };
+    let log = p.log_merges.then(|| Logged { conflict: conflict(desc, kind, local, remote, key_of, origin, None), rule: rule.to_string(), winner });
+    Decision { action, forward: Forward::AsIs, log, tally: Some((kind, outcome)) }
 }
 
 /// A row's replica key as a JSON object of column name to text value: the same on every node.
@@ -305,7 +327,7 @@ pub fn decide(p: &Policy, desc: &RelDesc, op: Op, local: Option<&[Value]>, old: 
             let new = new.expect("insert has a new image");
             match local {
                 None => Decision::plain(Action::Write(new.to_vec())),
-                Some(l) if l == new => Decision::plain(Action::Nothing),
+                Some(l) if l == new => clean(p, desc, Action::Nothing, Kind::InsertExists, "identical", Some(l), Some(new), new, origin),
                 Some(l) => resolve(p, desc, Kind::InsertExists, Some(l), Some(new), new, origin, env),
             }
         }
@@ -314,7 +336,7 @@ pub fn decide(p: &Policy, desc: &RelDesc, op: Op, local: Option<&[Value]>, old: 
             match local {
                 None => resolve(p, desc, Kind::UpdateMissing, None, Some(new), old, origin, env),
                 Some(l) if l == old => Decision::plain(Action::Write(new.to_vec())),
-                Some(l) if l == new && !p.delta.iter().any(|d| *d) => Decision::plain(Action::Nothing),
+                Some(l) if l == new && !p.delta.iter().any(|d| *d) => clean(p, desc, Action::Nothing, Kind::UpdateDiffers, "identical", Some(l), Some(new), old, origin),
                 Some(l) => both_changed(p, desc, l, old, new, origin, env),
             }
         }
@@ -340,9 +362,8 @@ fn both_changed(p: &Policy, desc: &RelDesc, l: &[Value], old: &[Value], new: &[V
         return resolve(p, desc, Kind::UpdateDiffers, Some(l), Some(new), old, origin, env);
     }
     if p.merge && cols.conflicting.is_empty() {
-        let logged = Logged { conflict: conflict(desc, Kind::UpdateDiffers, Some(l), Some(new), old, origin, None), rule: "merge".into(), winner: "merged" };
-        let action = if cols.merged != l { Action::Write(cols.merged) } else { Action::Nothing };
-        return Decision { action, forward: Forward::AsIs, log: Some(logged) };
+        let action = if cols.merged != l { Action::Write(cols.merged.clone()) } else { Action::Nothing };
+        return clean(p, desc, action, Kind::UpdateDiffers, "column_merge", Some(l), Some(new), old, origin);
     }
     // Without column merge every column changed on both sides is in conflict.
     let contested: Vec<usize> = if p.merge {
@@ -438,16 +459,16 @@ fn incoming_wins(p: &Policy, incoming: (i64, i32), local: Option<(i64, i32)>) ->
 /// Decides a conflict by the table's rule.
 #[allow(clippy::too_many_arguments)]
 fn resolve(p: &Policy, desc: &RelDesc, kind: Kind, local: Option<&[Value]>, remote: Option<&[Value]>, key_of: &[Value], origin: Origin, env: &mut dyn Env) -> Decision {
+    if kind == Kind::DeleteMissing && p.strategy != Strategy::Abort {
+        // Both sides deleted the row: nothing is left to choose between.
+        return clean(p, desc, Action::Nothing, kind, "both_deleted", None, None, key_of, origin);
+    }
     let key = key_json(desc, key_of);
     let local_clock = env.local_clock(desc, &key);
     let c = conflict(desc, kind, local, remote, key_of, origin, local_clock);
     if p.strategy == Strategy::Abort {
         let message = format!("conflict ({}) on {} key {} from node {}; the sync's strategy is abort", kind.as_str(), p.table, c.key, c.origin);
-        return Decision { action: Action::Abort(message), forward: Forward::LeaveOut, log: None };
-    }
-    if kind == Kind::DeleteMissing {
-        // Both sides deleted the row: nothing is left to choose between.
-        return Decision { action: Action::Nothing, forward: Forward::AsIs, log: Some(Logged { conflict: c, rule: p.rule_name.clone(), winner: "none" }) };
+        return Decision { action: Action::Abort(message), forward: Forward::LeaveOut, log: None, tally: None };
     }
     let outcome = match &p.strategy {
         Strategy::Custom(func) => match env.custom(func, p, &c) {
@@ -488,7 +509,7 @@ fn resolve(p: &Policy, desc: &RelDesc, kind: Kind, local: Option<&[Value]>, remo
         // Both versions existed and the custom function deleted the row.
         Outcome::Delete => (Action::Delete, Forward::AsIs, "none"),
     };
-    Decision { action, forward, log: Some(Logged { conflict: c, rule: p.rule_name.clone(), winner }) }
+    Decision { action, forward, log: Some(Logged { conflict: c, rule: p.rule_name.clone(), winner }), tally: Some((kind, winner)) }
 }
 
 #[cfg(test)]
@@ -508,6 +529,7 @@ mod tests {
             merge,
             delta: vec![false, false, true, false],
             node_names: HashMap::from([(1, "main".to_string()), (2, "branch1".to_string()), (3, "branch2".to_string())]),
+            log_merges: false,
         }
     }
 
@@ -575,7 +597,14 @@ mod tests {
         let d = update(&p, &["1", "7", "9", "a"], &["1", "5", "10", "a"], &["1", "5", "9", "b"], &mut e);
         assert_eq!(d.action, Action::Write(row(&["1", "7", "8", "b"])));
         assert_eq!(d.forward, Forward::AsIs);
+        // A clean merge discards nothing: counted, not logged, unless the table asks for it.
+        assert_eq!((d.log.is_none(), d.tally), (true, Some((Kind::UpdateDiffers, "column_merge"))));
+        let audited = Policy { log_merges: true, ..p.clone() };
+        let d = update(&audited, &["1", "7", "9", "a"], &["1", "5", "10", "a"], &["1", "5", "9", "b"], &mut e);
         assert_eq!(d.log.as_ref().map(|l| (l.rule.as_str(), l.winner)), Some(("merge", "merged")));
+        // An identical arrival is counted the same way.
+        let d = update(&p, &["1", "6", "10", "a"], &["1", "5", "10", "a"], &["1", "6", "10", "a"], &mut e);
+        assert_eq!((d.action, d.log.is_none(), d.tally), (Action::Nothing, true, Some((Kind::UpdateDiffers, "identical"))));
     }
 
     #[test]
@@ -686,7 +715,7 @@ mod tests {
         assert_eq!((d.action, d.log.unwrap().conflict.kind), (Action::Write(row(&["1", "6", "10", "a"])), Kind::UpdateMissing));
         // Delete of a row gone here: logged, nothing to do.
         let d = decide(&p, &desc(), Op::Delete, None, Some(&row(&["1", "5", "10", "a"])), None, FROM_BRANCH1, &mut env(None));
-        assert_eq!((d.action, d.log.unwrap().winner), (Action::Nothing, "none"));
+        assert_eq!((d.action, d.log.is_none(), d.tally), (Action::Nothing, true, Some((Kind::DeleteMissing, "both_deleted"))));
         // Delete of a row changed here, local newer: the row stays and the delete does not travel.
         let d = decide(&p, &desc(), Op::Delete, Some(&row(&["1", "7", "10", "a"])), Some(&row(&["1", "5", "10", "a"])), None, FROM_BRANCH1, &mut env(Some((300, 1))));
         assert_eq!((d.action, d.forward), (Action::Nothing, Forward::LeaveOut));

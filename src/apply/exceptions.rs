@@ -204,3 +204,19 @@ pub fn record_resumed(s: &Stopped) {
     .expect("resolving a stopped stream");
 }
 
+/// Deletes resolved exceptions older than `days` (by when they were resolved), at most `limit`
+/// of them; an open one is never deleted. Returns how many.
+pub fn prune(days: i32, limit: i64) -> i64 {
+    Spi::connect_mut(|c| {
+        c.update(
+            "DELETE FROM rbucardo.exceptions WHERE id IN (
+                 SELECT id FROM rbucardo.exceptions
+                  WHERE resolved_at IS NOT NULL AND resolved_at < pg_catalog.now() - pg_catalog.make_interval(days => $1)
+                  ORDER BY resolved_at LIMIT $2)",
+            None,
+            &[days.into(), limit.into()],
+        )
+        .map(|t| t.len() as i64)
+        .unwrap_or(0)
+    })
+}

@@ -97,6 +97,8 @@ struct Applier {
     /// (`None`: the version lost here, or a command skipped here) or with another new image
     /// (only what was accepted here). By ordinal.
     edits: Vec<(u32, Option<Vec<Value>>)>,
+    /// Conflicts of the current transaction, counted (src/apply/conflicts.rs).
+    tally: conflicts::Tally,
     /// Who this node lets the sender's schema changes run as.
     run_as: ddl::RunAsRole,
     /// The role each schema change ran as, by ordinal, when not the one it claims: what it
@@ -121,6 +123,7 @@ impl Applier {
             open: None,
             clocks: Clocks::new(me),
             edits: Vec::new(),
+            tally: conflicts::Tally::default(),
             run_as,
             ran_as: Vec::new(),
             sender: sender.map(|p| p.name.clone()),
@@ -283,6 +286,7 @@ impl Applier {
     fn apply_txn(&mut self, client: &mut SpiClient<'_>, txn: &Txn, skip: Option<u32>) -> Result<(), Stop> {
         self.edits.clear();
         self.ran_as.clear();
+        self.tally = conflicts::Tally::default();
         let decoded;
         let chunks = if txn.decoded.0.len() == txn.chunks.len() {
             &txn.decoded.0
@@ -373,8 +377,8 @@ impl Applier {
         let rel = self.local_rel(desc);
         let layout = rel.layout.as_ref().unwrap();
         let (_, target) = self.open.get_or_insert_with(|| (desc.clone(), rows::Target::open(layout)));
-        let (clocks, edits) = (&mut self.clocks, &mut self.edits);
-        let decision = target.change(layout, desc, ch, |local| decide_change(&rel.policy, desc, ch, local, origin, clocks));
+        let (clocks, edits, tally) = (&mut self.clocks, &mut self.edits, &mut self.tally);
+        let decision = target.change(layout, desc, ch, |local| decide_change(&rel.policy, desc, ch, local, origin, clocks, tally));
         settle(decision, ch.ordinal, edits);
         // A later change of this batch to the same row compares with this one's clock.
         if let Some(row) = ch.new.as_ref().or(ch.old.as_ref()) {
@@ -386,7 +390,7 @@ impl Applier {
     /// The decision on one row change of the SQL path; records what travels on.
     fn decide(&mut self, desc: &RelDesc, ch: &RowChange, local: Option<&[Value]>, origin: Origin) -> Action {
         let rel = self.local_rel(desc);
-        let decision = decide_change(&rel.policy, desc, ch, local, origin, &mut self.clocks);
+        let decision = decide_change(&rel.policy, desc, ch, local, origin, &mut self.clocks, &mut self.tally);
         settle(decision, ch.ordinal, &mut self.edits)
     }
 
@@ -406,8 +410,9 @@ impl Applier {
 }
 
 /// Runs the pure conflict decision for one row change with what this node knows (row clocks,
-/// custom functions), writes its conflict log entry, and stops the batch under `abort`.
-fn decide_change(policy: &decide::Policy, desc: &RelDesc, ch: &RowChange, local: Option<&[Value]>, origin: Origin, clocks: &mut Clocks) -> Decision {
+/// custom functions), writes its conflict log entry, counts it, and stops the batch under
+/// `abort`.
+fn decide_change(policy: &decide::Policy, desc: &RelDesc, ch: &RowChange, local: Option<&[Value]>, origin: Origin, clocks: &mut Clocks, tally: &mut conflicts::Tally) -> Decision {
     let mut env = conflicts::NodeEnv { clocks };
     let decision = decide::decide(policy, desc, ch.op, local, ch.old.as_deref(), ch.new.as_deref(), origin, &mut env);
     if let Action::Abort(message) = &decision.action {
@@ -419,6 +424,9 @@ fn decide_change(policy: &decide::Policy, desc: &RelDesc, ch: &RowChange, local:
     }
     if let Some(logged) = &decision.log {
         conflicts::record(policy, logged);
+    }
+    if let Some((kind, outcome)) = decision.tally {
+        tally.count(&policy.table, kind, outcome);
     }
     decision
 }
@@ -479,7 +487,10 @@ pub fn apply_parked(me: i32, via: i32, txn: &Txn) -> Result<(), String> {
     let mut applier = Applier::new(me, run_as, policy.as_ref());
     let result = Spi::connect_mut(|client| exceptions::attempt(|| applier.apply_txn(client, txn, None)));
     match result {
-        Ok(()) => Ok(()),
+        Ok(()) => {
+            std::mem::take(&mut applier.tally).write();
+            Ok(())
+        }
         Err(Failure::Park(reason)) => {
             applier.forget_target();
             Err(reason)
@@ -556,6 +567,8 @@ struct Stream<'a> {
 
 /// What a pass over a batch did.
 struct Pass {
+    /// Conflicts of the transactions that applied, counted.
+    tally: conflicts::Tally,
     cursor: Position,
     progress: HashMap<i32, Position>,
     applied: i64,
@@ -578,6 +591,7 @@ impl Stream<'_> {
     fn pass(&self, applier: &mut Applier, client: &mut SpiClient<'_>, mut cursor: Position, careful: bool) -> Result<Pass, PassEnd> {
         let mut progress: HashMap<i32, Position> = HashMap::new();
         let (mut applied, mut stopped) = (0i64, None);
+        let mut tally = conflicts::Tally::default();
         for txn in &self.batch.txns {
             if txn.stream_pos <= cursor {
                 continue;
@@ -618,6 +632,7 @@ impl Stream<'_> {
             match result {
                 Ok(()) => {
                     relog(txn, source, &applier.edits, &applier.ran_as);
+                    tally.absorb(std::mem::take(&mut applier.tally));
                     applied += 1;
                     if let Some(b) = block {
                         exceptions::record_resumed(b);
@@ -677,7 +692,7 @@ impl Stream<'_> {
             crate::base::clock::observe(txn.hlc);
             progress.insert(txn.origin, txn.origin_pos);
         }
-        Ok(Pass { cursor, progress, applied, stopped })
+        Ok(Pass { tally, cursor, progress, applied, stopped })
     }
 }
 
@@ -741,7 +756,7 @@ pub fn apply_batch(me: i32, sender_db: &str, sender_node: i32, batch: &Batch) ->
         Err(e) if exceptions::is_parkable(&e) => pass(true),
         other => other,
     };
-    let Pass { mut cursor, progress, applied, stopped } = match outcome {
+    let Pass { tally, mut cursor, progress, applied, stopped } = match outcome {
         Ok(Ok(pass)) => pass,
         Ok(Err(PassEnd::Refused(why))) => {
             let why = format!("refused a batch from {sender_db}: {why}");
@@ -755,6 +770,7 @@ pub fn apply_batch(me: i32, sender_db: &str, sender_node: i32, batch: &Batch) ->
     if stopped.is_none() {
         cursor = cursor.max(batch.upto);
     }
+    tally.write();
     if applied > 0 {
         retry::retry_after_batch(me);
     }

@@ -8,6 +8,7 @@ use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use pgrx::prelude::*;
+use pgrx::{GucContext, GucFlags, GucRegistry, GucSetting};
 
 use crate::base::node::{self as catalog, Me};
 use crate::base::pq::{wait_for_activity, PeerError};
@@ -24,6 +25,27 @@ const TRIM_EVERY: Duration = Duration::from_secs(5);
 /// The configuration is read again when it changes (see `worker::config_generation`), and at
 /// least this often (a node's identity check, catalog rows changed by hand).
 const CONFIG_MAX_AGE: Duration = Duration::from_secs(10);
+
+/// `rbucardo.conflict_retention_days`: conflict log entries and resolved exceptions older than
+/// this are pruned (0 keeps them for ever). Open exceptions are never pruned.
+pub static CONFLICT_RETENTION_DAYS: GucSetting<i32> = GucSetting::<i32>::new(90);
+
+/// At most this many rows of each are pruned per trim period.
+const PRUNE_BATCH: i64 = 1000;
+
+/// Registers the settings of the worker's round; called from `_PG_init`.
+pub fn init() {
+    GucRegistry::define_int_guc(
+        c"rbucardo.conflict_retention_days",
+        c"Days the conflict log and resolved exceptions are kept (0: for ever).",
+        c"The worker prunes older entries in small batches; open exceptions are never pruned.",
+        &CONFLICT_RETENTION_DAYS,
+        0,
+        36_500,
+        GucContext::Sighup,
+        GucFlags::default(),
+    );
+}
 
 /// This node and its peers as last read from the catalog.
 struct Config {
@@ -177,6 +199,13 @@ impl Replicator {
             let me_id = me.id;
             if let Err(e) = in_txn(move || crate::log::changelog::trim(me_id)) {
                 log!("rbucardo worker: trimming the change log failed: {e}");
+            }
+            // Retention of the conflict log and of resolved exceptions, in small batches.
+            let days = CONFLICT_RETENTION_DAYS.get();
+            if days > 0 {
+                if let Err(e) = in_txn(move || (crate::apply::conflicts::prune(days, PRUNE_BATCH), crate::apply::exceptions::prune(days, PRUNE_BATCH))) {
+                    log!("rbucardo worker: pruning the conflict log failed: {e}");
+                }
             }
         }
         nap

@@ -555,3 +555,50 @@ fn forged_ddl_runs_only_as_mains_ddl_role() {
     assert_not_superuser(&cluster, "victim");
     assert_eq!(one(&cluster, MAIN, owner), "store_ddl");
 }
+
+/// The worker runs as a superuser. A database owner sets the database's search_path to a schema
+/// whose `=` on text (used by the worker's own catalog queries) tries to make a role superuser,
+/// and the worker is restarted so it picks that setting up. It pins search_path in every
+/// transaction: the shadow never runs with its rights, and replication goes on.
+#[test]
+fn a_database_search_path_does_not_reach_the_worker() {
+    let cluster = start_store("security_worker_path", Topology::Star);
+    let main = cluster.node(MAIN);
+    main.sql(
+        DB,
+        "CREATE ROLE wk_victim NOLOGIN;
+         CREATE SCHEMA wk_evil;
+         CREATE TABLE wk_evil.calls (who text, backend text);
+         GRANT INSERT ON wk_evil.calls TO PUBLIC;
+         -- Acts only inside the worker (this test's own sessions resolve `=` to it too).
+         CREATE FUNCTION wk_evil.eq(text, text) RETURNS boolean LANGUAGE plpgsql AS $$
+         DECLARE
+             backend text := (SELECT a.backend_type FROM pg_catalog.pg_stat_activity a
+                               WHERE a.pid OPERATOR(pg_catalog.=) pg_catalog.pg_backend_pid());
+         BEGIN
+             IF backend OPERATOR(pg_catalog.=) 'rbucardo worker' THEN
+                 INSERT INTO wk_evil.calls VALUES (current_user, backend);
+                 BEGIN
+                     ALTER ROLE wk_victim SUPERUSER;
+                 EXCEPTION WHEN others THEN NULL;
+                 END;
+             END IF;
+             RETURN $1 OPERATOR(pg_catalog.=) $2;
+         END $$;
+         CREATE OPERATOR wk_evil.= (LEFTARG = text, RIGHTARG = text, FUNCTION = wk_evil.eq);
+         ALTER DATABASE store SET search_path = wk_evil, pg_catalog;",
+    );
+    // A new worker session reads the database's settings.
+    main.sql(DB, "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE backend_type = 'rbucardo worker'");
+    wait_until("the worker back", Duration::from_secs(60), || {
+        Ok(one(&cluster, MAIN, "SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'rbucardo worker' AND datname = 'store'") == "1")
+    });
+    for (i, id) in [(MAIN, 1_000_901), (BRANCH1, 2_000_901), (BRANCH2, 3_000_901)] {
+        cluster.node(i).sql(DB, &format!("INSERT INTO users (id, login, name) VALUES ({id}, 'wk{id}', 'after the setting')"));
+    }
+    for i in ALL {
+        wait_until("every user everywhere", Duration::from_secs(60), || Ok(one(&cluster, i, "SELECT count(*) FROM users WHERE name = 'after the setting'") == "3"));
+    }
+    assert_not_superuser(&cluster, "wk_victim");
+    assert_eq!(one(&cluster, MAIN, "SELECT count(*) FROM wk_evil.calls"), "0", "the shadowing operator ran inside the worker");
+}

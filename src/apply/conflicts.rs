@@ -90,7 +90,7 @@ impl Tally {
         }
         Spi::run_with_args(
             "INSERT INTO rbucardo.conflict_counts AS c (tbl, kind, outcome, n)
-             SELECT * FROM pg_catalog.unnest($1::text[], $2::text[], $3::text[], $4::bigint[])
+             SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::bigint[])
              ON CONFLICT (tbl, kind, outcome) DO UPDATE SET n = c.n + EXCLUDED.n, last_at = pg_catalog.now()",
             &[tbls.into(), kinds.into(), outcomes.into(), ns.into()],
         )

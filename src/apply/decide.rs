@@ -336,7 +336,9 @@ pub fn decide(p: &Policy, desc: &RelDesc, op: Op, local: Option<&[Value]>, old: 
             match local {
                 None => resolve(p, desc, Kind::UpdateMissing, None, Some(new), old, origin, env),
                 Some(l) if l == old => Decision::plain(Action::Write(new.to_vec())),
-                Some(l) if l == new && !p.delta.iter().any(|d| *d) => clean(p, desc, Action::Nothing, Kind::UpdateDiffers, "identical", Some(l), Some(new), old, origin),
+                // Identical, unless a delta column changed: two sales that leave the same count
+                // still both count.
+                Some(l) if l == new && !(0..new.len()).any(|i| p.delta.get(i) == Some(&true) && new[i] != old[i]) => clean(p, desc, Action::Nothing, Kind::UpdateDiffers, "identical", Some(l), Some(new), old, origin),
                 Some(l) => both_changed(p, desc, l, old, new, origin, env),
             }
         }

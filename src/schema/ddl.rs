@@ -398,8 +398,9 @@ mod tests {
 
     /// A user who may create objects shadows `=` on oids (used by the event trigger's catalog
     /// queries) with a function that makes them superuser, puts their schema first in
-    /// search_path and runs DDL in a replicated schema. The trigger runs as the bootstrap
-    /// superuser, but with search_path pinned: the shadow is never called with its rights.
+    /// search_path, runs DDL in a replicated schema and writes a replicated table (the capture
+    /// trigger). Both run parts of their work as the bootstrap superuser, with search_path
+    /// pinned: the shadow is never called with their rights.
     #[pg_test]
     fn a_shadowing_operator_does_not_run_inside_the_event_trigger() {
         Spi::run(
@@ -424,10 +425,12 @@ mod tests {
              CREATE OPERATOR sec_evil.= (LEFTARG = oid, RIGHTARG = oid, FUNCTION = sec_evil.eq);
              CREATE FUNCTION sec_evil.eq(oid, regclass) RETURNS boolean LANGUAGE sql AS 'SELECT sec_evil.eq($1, $2::oid)';
              CREATE OPERATOR sec_evil.= (LEFTARG = oid, RIGHTARG = regclass, FUNCTION = sec_evil.eq);
+             GRANT INSERT ON sec_t.base TO sec_hostile;
              SET ROLE sec_hostile;
              SET search_path = sec_evil, pg_catalog;
              CREATE TABLE sec_t.made (id int PRIMARY KEY);
              DROP TABLE sec_t.made;
+             INSERT INTO sec_t.base VALUES (1);
              RESET search_path;
              RESET ROLE;",
         )

@@ -3,6 +3,7 @@
 //!
 //!   cargo run --release -p rbucardo-bench -- latency [rounds]
 //!   cargo run --release -p rbucardo-bench -- catchup [transactions]
+//!   cargo run --release -p rbucardo-bench -- merge-catchup [transactions]
 //!
 //! The extension must be installed (`bash scripts/test.sh` or `cargo pgrx install --release`).
 
@@ -123,14 +124,65 @@ fn catchup(txns: usize) {
     println!("  replicating them to main after restore   {:>8.2?}  ({:>9.0} changes/s)", catch, changes / catch.as_secs_f64());
 }
 
+/// The cost of conflicts in a catch-up: branch1, cut off, sells from every row of a stock table
+/// (one update of a delta column per transaction) while main sold one of each too, so every
+/// transaction branch1 sends merges a delta on main (counted, not logged). Baseline in the same
+/// run: the same catch-up where main sold nothing (no conflict at all).
+fn merge_catchup(txns: usize) {
+    let mut rates = Vec::new();
+    for conflicting in [false, true] {
+        let cluster = star(if conflicting { "bench-merge" } else { "bench-nomerge" }, 1);
+        let (mut main, mut b1) = (cluster.node(0).connect(DB), cluster.node(1).connect(DB));
+        for c in [&mut main, &mut b1] {
+            c.execute("SELECT rbucardo.set_column_strategy('item', 'qty', 'delta')").unwrap();
+        }
+        wait_until("branch connected", Duration::from_secs(60), || {
+            Ok(count(&mut main, "SELECT count(*) FROM rbucardo.peer_state WHERE last_contact IS NOT NULL") == 1)
+        });
+        main.execute(&format!("INSERT INTO item (id, node, qty) SELECT g, 1, 1000000 FROM generate_series(0, {}) g", txns - 1)).unwrap();
+        wait_until("stock on branch1", Duration::from_secs(600), || Ok(count(&mut b1, "SELECT count(*) FROM item") == txns as i64));
+        cluster.link(1, 0).cut();
+        if conflicting {
+            main.execute("UPDATE item SET qty = qty - 1").unwrap();
+        }
+        b1.execute(&format!(
+            "DO $$ BEGIN FOR t IN 0 .. {} LOOP UPDATE item SET qty = qty - 2 WHERE id = t; COMMIT; END LOOP; END $$",
+            txns - 1
+        ))
+        .unwrap();
+        let applied_before = count(&mut main, "SELECT coalesce(sum(applied_in), 0) FROM rbucardo.peer_state");
+        cluster.link(1, 0).restore();
+        let t0 = Instant::now();
+        wait_until("main caught up", Duration::from_secs(1800), || {
+            Ok(count(&mut main, "SELECT coalesce(sum(applied_in), 0) FROM rbucardo.peer_state") >= applied_before + txns as i64)
+        });
+        let took = t0.elapsed();
+        let want = txns as i64 * (1_000_000 - 2 - i64::from(conflicting));
+        assert_eq!(count(&mut main, "SELECT sum(qty) FROM item"), want, "every sale counted on main");
+        let merged = count(&mut main, "SELECT coalesce(sum(conflicts), 0) FROM rbucardo.conflict_stats WHERE outcome = 'column_merge'");
+        let logged = count(&mut main, "SELECT count(*) FROM rbucardo.conflicts");
+        rates.push((conflicting, took, merged, logged));
+    }
+    println!("catch-up of {txns} single-row stock transactions:");
+    for (conflicting, took, merged, logged) in rates {
+        println!(
+            "  {:<44} {:>8.2?}  ({:>8.0} txns/s; {merged} merges counted, {logged} logged)",
+            if conflicting { "every transaction merges a delta on main" } else { "baseline: no conflict" },
+            took,
+            txns as f64 / took.as_secs_f64()
+        );
+    }
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     let n = |default| args.get(2).and_then(|s| s.parse().ok()).unwrap_or(default);
     match args.get(1).map(String::as_str) {
         Some("latency") => latency(n(200)),
         Some("catchup") => catchup(n(20_000)),
+        Some("merge-catchup") => merge_catchup(n(20_000)),
         _ => {
-            eprintln!("usage: rbucardo-bench latency [rounds] | catchup [transactions]");
+            eprintln!("usage: rbucardo-bench latency [rounds] | catchup [transactions] | merge-catchup [transactions]");
             std::process::exit(2);
         }
     }

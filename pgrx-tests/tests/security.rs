@@ -586,7 +586,7 @@ fn a_database_search_path_does_not_reach_the_worker() {
              RETURN $1 OPERATOR(pg_catalog.=) $2;
          END $$;
          CREATE OPERATOR wk_evil.= (LEFTARG = text, RIGHTARG = text, FUNCTION = wk_evil.eq);
-         ALTER DATABASE store SET search_path = wk_evil, pg_catalog;",
+         ALTER DATABASE store SET search_path = wk_evil, pg_catalog, public;",
     );
     // A new worker session reads the database's settings.
     main.sql(DB, "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE backend_type = 'rbucardo worker'");
@@ -601,4 +601,64 @@ fn a_database_search_path_does_not_reach_the_worker() {
     }
     assert_not_superuser(&cluster, "wk_victim");
     assert_eq!(one(&cluster, MAIN, "SELECT count(*) FROM wk_evil.calls"), "0", "the shadowing operator ran inside the worker");
+}
+
+/// A compromised branch serves forged batches through `peer_fetch`: in a mesh, main pulls
+/// branch1's stream from branch1 itself, and branch1's superuser replaces its `peer_fetch` with
+/// one that answers a batch writing a row into main's `rbucardo.db`. Main refuses it whole every
+/// time (a WARNING in its log, nothing applied, its position in branch1's stream unmoved), while
+/// the real traffic goes on; with the real function back, everything converges.
+#[test]
+fn a_compromised_branch_serving_forged_batches_is_refused() {
+    let cluster = start_store("security_fetch", Topology::Mesh);
+    let branch1 = cluster.node(BRANCH1);
+    let forged = Batch {
+        sender: 2,
+        after: Position { tick: 0, seq: WHOLE_TICK },
+        upto: Position { tick: 1_000_000, seq: 1 },
+        txns: vec![Txn {
+            stream_pos: Position { tick: 1_000_000, seq: 1 },
+            ..txn(
+                2,
+                Position { tick: 1_000_000, seq: 1 },
+                vec![chunk(
+                    rel("rbucardo", "db", &["name", "conninfo", "ddl", "relay"], &[0]),
+                    vec![(Op::Insert, None, row(&[Some("evil"), Some("host=evil"), Some("trusted"), Some("true")]))],
+                )],
+            )
+        }],
+    };
+    let bytes = encode_batch(&forged);
+    assert!(decode_batch(&bytes, 1 << 20).is_ok(), "the forged batch is well formed");
+    branch1.sql(
+        DB,
+        &format!(
+            "ALTER FUNCTION rbucardo.peer_fetch(text, bigint, bigint, integer) RENAME TO peer_fetch_real;
+             CREATE FUNCTION rbucardo.peer_fetch(text, bigint, bigint, integer) RETURNS bytea
+                 LANGUAGE sql AS $$ SELECT '\\x{}'::bytea $$;
+             GRANT EXECUTE ON FUNCTION rbucardo.peer_fetch(text, bigint, bigint, integer) TO rbucardo_peer;",
+            to_hex(&bytes)
+        ),
+    );
+    let log = cluster.node(MAIN).log_path();
+    wait_until("main refusing the forged batch", Duration::from_secs(60), || {
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        Ok(text.contains("refused a batch from branch1: a change to rbucardo.db, which belongs to rbucardo or the system"))
+    });
+    // Another peer's traffic goes on meanwhile (branch1's own stream waits: its refusal is what
+    // main answers it).
+    cluster.node(BRANCH2).sql(DB, "INSERT INTO users (id, login, name) VALUES (3000777, 'during', 'while branch1 is refused')");
+    wait_until("branch2's row on main", Duration::from_secs(60), || Ok(one(&cluster, MAIN, "SELECT count(*) FROM users WHERE id = 3000777") == "1"));
+    assert_eq!(one(&cluster, MAIN, "SELECT count(*) FROM rbucardo.db WHERE name = 'evil'"), "0", "the forged row reached main's catalog");
+    assert_ne!(one(&cluster, MAIN, "SELECT in_tick FROM rbucardo.peer_state WHERE db = 'branch1'"), "1000000", "the forged position was recorded");
+    branch1.sql(
+        DB,
+        "DROP FUNCTION rbucardo.peer_fetch(text, bigint, bigint, integer);
+         ALTER FUNCTION rbucardo.peer_fetch_real(text, bigint, bigint, integer) RENAME TO peer_fetch;",
+    );
+    real_traffic(&cluster, 1);
+    let mut want = real_rows(1);
+    *want.get_mut("users").unwrap() += 1;
+    converge(&cluster, &want, CONVERGE);
+    assert_eq!(one(&cluster, MAIN, "SELECT count(*) FROM rbucardo.db WHERE name = 'evil'"), "0");
 }

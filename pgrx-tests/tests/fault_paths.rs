@@ -88,6 +88,12 @@ fn a_parked_transaction_is_applied_once_everywhere() {
     );
     wait_until("parked on main", T, || Ok(one(&cluster, MAIN, "SELECT count(*) FROM rbucardo.exceptions WHERE resolved_at IS NULL AND kind = 'constraint'") == "1"));
     let id = one(&cluster, MAIN, "SELECT id FROM rbucardo.exceptions WHERE resolved_at IS NULL");
+    // The operator reads the parked transaction as rows, not bytes.
+    assert_eq!(
+        one(&cluster, MAIN, &format!("SELECT string_agg(concat_ws(' ', tbl, op, key->>'id', new->>'qty', old->>'stock', new->>'stock'), '; ' ORDER BY ordinal) FROM rbucardo.exception_rows WHERE id = {id}")),
+        "public.products update 31 100 95; public.pos_order insert 2000100; public.pos_order_line insert 2000100 2000",
+        "the parked transaction as readable rows"
+    );
     // Forwarded to branch2 while still parked on main.
     wait_all(&cluster, &[BRANCH2], "the parked sale on branch2", "SELECT stock FROM products WHERE id = 31", "95");
     assert_eq!(one(&cluster, MAIN, "SELECT stock FROM products WHERE id = 31"), "100", "not applied on main while parked");

@@ -82,7 +82,10 @@ impl Tally {
             return;
         }
         let (mut tbls, mut kinds, mut outcomes, mut ns) = (vec![], vec![], vec![], vec![]);
-        for ((t, k, o), n) in self.0 {
+        // In key order: two appliers upserting the same counters lock them in the same order.
+        let mut entries: Vec<_> = self.0.into_iter().collect();
+        entries.sort();
+        for ((t, k, o), n) in entries {
             tbls.push(t);
             kinds.push(k.to_string());
             outcomes.push(o.to_string());

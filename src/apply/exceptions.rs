@@ -1,5 +1,6 @@
 //! Exceptions: remote transactions that cannot be applied yet. Two kinds, both kept in
-//! `rbucardo.exceptions` and never dropped:
+//! `rbucardo.exceptions` (an open one for ever; a resolved one, discarded included, until
+//! `rbucardo.conflict_retention_days`):
 //!
 //! - **constraint**: the transaction's rows break an integrity constraint here (a unique index
 //!   that is not the key, a foreign key whose parent has not arrived, a check). It is parked

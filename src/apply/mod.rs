@@ -108,6 +108,8 @@ struct Applier {
     /// change, which may add a table to a herd): a row change to any other table is refused.
     sender: Option<String>,
     shared: std::collections::HashSet<(String, String)>,
+    /// Applying a parked transaction again (see `shared`).
+    retrying: bool,
 }
 
 fn quote(ident: &str) -> String {
@@ -128,12 +130,15 @@ impl Applier {
             ran_as: Vec::new(),
             sender: sender.map(|p| p.name.clone()),
             shared: sender.map(|p| p.tables.clone()).unwrap_or_default(),
+            retrying: false,
         }
     }
 
-    /// Whether the sending peer may change this table here.
+    /// Whether the sending peer may change this table here. A parked transaction being
+    /// retried was checked whole when it was parked: its table may have been renamed since,
+    /// which is then its error, not a refusal.
     fn shared(&self, desc: &RelDesc) -> bool {
-        self.shared.contains(&(desc.schema.clone(), desc.name.clone()))
+        self.retrying || self.shared.contains(&(desc.schema.clone(), desc.name.clone()))
     }
 
     fn local_rel(&mut self, desc: &RelDesc) -> Rc<LocalRel> {
@@ -179,6 +184,15 @@ impl Applier {
             let policy = conflicts::policy_for(relid, desc);
             let fks = fk::foreign_keys(relid);
             let owner = owner.unwrap_or(pg_sys::Oid::from_u32(pg_sys::BOOTSTRAP_SUPERUSERID));
+            // Rows are written as the owner, whom FORCE ROW LEVEL SECURITY would hide rows
+            // from: refused, as PostgreSQL's own apply refuses it.
+            if Spi::get_one_with_args::<bool>("SELECT relrowsecurity AND relforcerowsecurity FROM pg_catalog.pg_class WHERE oid = $1", &[relid.into()]).ok().flatten() == Some(true) {
+                raise(
+                    PgSqlErrorCode::ERRCODE_FEATURE_NOT_SUPPORTED,
+                    format!("replicated table {qualified} has FORCE ROW LEVEL SECURITY"),
+                    "rbucardo writes replicated rows as the table's owner; ALTER TABLE ... NO FORCE ROW LEVEL SECURITY, then the stream resumes.",
+                );
+            }
             self.rels.insert(desc.clone(), Rc::new(LocalRel { qualified, types, layout, policy, fks, owner }));
         }
         let rel = self.rels[desc].clone();
@@ -264,9 +278,10 @@ impl Applier {
     /// foreign-key actions), so the stream goes on and no local data is lost.
     fn truncate(&mut self, client: &mut SpiClient<'_>, descs: &[&RelDesc]) {
         let names: Vec<String> = descs.iter().map(|d| self.local_rel(d).qualified.clone()).collect();
-        // As the first table's owner (a TRUNCATE of several tables has them all from one
-        // origin command; triggers and rules run with the owner's rights, not the applier's).
-        let _owner = RunAs::restricted(self.local_rel(descs[0]).owner);
+        // As the tables' owner when they have one (their TRUNCATE triggers then run with its
+        // rights, not the applier's); tables of several owners are truncated as the applier.
+        let owners: Vec<pg_sys::Oid> = descs.iter().map(|d| self.local_rel(d).owner).collect();
+        let _owner = owners.iter().all(|o| *o == owners[0]).then(|| RunAs::restricted(owners[0]));
         let truncated = xact::subtransaction(std::panic::AssertUnwindSafe(|| {
             client.update(format!("TRUNCATE {}", names.join(", ")).as_str(), None, &[]).unwrap_or_else(|e| panic!("{e}"));
         }));
@@ -325,8 +340,6 @@ impl Applier {
                 i += 1;
                 continue;
             }
-            // Resolved first: a table missing here is that error, not a refusal.
-            self.local_rel(desc);
             if !self.shared(desc) {
                 return Err(Stop {
                     ordinal: ch.ordinal,
@@ -485,9 +498,11 @@ pub fn apply_parked(me: i32, via: i32, txn: &Txn) -> Result<(), String> {
     let policy = crate::base::node::peer_policy_by_id(via);
     let run_as = policy.as_ref().map_or_else(|| ddl::RunAsRole::Nobody(format!("node {via}")), ddl::run_as);
     let mut applier = Applier::new(me, run_as, policy.as_ref());
+    applier.retrying = true;
     let result = Spi::connect_mut(|client| exceptions::attempt(|| applier.apply_txn(client, txn, None)));
     match result {
         Ok(()) => {
+            applier.clocks.commit_txn();
             std::mem::take(&mut applier.tally).write();
             Ok(())
         }
@@ -632,6 +647,7 @@ impl Stream<'_> {
             match result {
                 Ok(()) => {
                     relog(txn, source, &applier.edits, &applier.ran_as);
+                    applier.clocks.commit_txn();
                     tally.absorb(std::mem::take(&mut applier.tally));
                     applied += 1;
                     if let Some(b) = block {
@@ -660,7 +676,8 @@ impl Stream<'_> {
                         None => txn,
                     };
                     let (ddl, unshared) = inspect(txn, &self.policy.tables);
-                    if let Some(table) = unshared {
+                    // A schema change first: its tables may join a herd only once it runs.
+                    if let (None, Some(table)) = (&ddl, unshared) {
                         return Err(PassEnd::Refused(format!("a change to {table}, which is not in a sync shared with {}", self.policy.name)));
                     }
                     if let Some((ordinal, command)) = ddl {
@@ -743,6 +760,9 @@ pub fn apply_batch(me: i32, sender_db: &str, sender_node: i32, batch: &Batch) ->
     // constraint or a schema change fails, that is undone and the batch is applied again with a
     // subtransaction per remote transaction, which parks or stops just that one. Either pass is
     // undone whole when the batch turns out to ask for more than the sender may do.
+    // The clocks of what this transaction applied before the batch: a pass that is undone
+    // puts them back.
+    let clocks_before = crate::log::clocks::applied_so_far();
     let pass = |careful: bool| {
         let mut applier = Applier::new(me, run_as.clone(), Some(&policy));
         let result = Spi::connect_mut(|client| xact::undoable(std::panic::AssertUnwindSafe(|| stream.pass(&mut applier, client, cursor, careful))));
@@ -752,13 +772,20 @@ pub fn apply_batch(me: i32, sender_db: &str, sender_node: i32, batch: &Batch) ->
         result
     };
     let outcome = match pass(false) {
-        Ok(Err(PassEnd::NeedsCare)) => pass(true),
-        Err(e) if exceptions::is_parkable(&e) => pass(true),
+        Ok(Err(PassEnd::NeedsCare)) => {
+            crate::log::clocks::restore(crate::log::clocks::Applied::clone_of(&clocks_before));
+            pass(true)
+        }
+        Err(e) if exceptions::is_parkable(&e) => {
+            crate::log::clocks::restore(crate::log::clocks::Applied::clone_of(&clocks_before));
+            pass(true)
+        }
         other => other,
     };
     let Pass { tally, mut cursor, progress, applied, stopped } = match outcome {
         Ok(Ok(pass)) => pass,
         Ok(Err(PassEnd::Refused(why))) => {
+            crate::log::clocks::restore(clocks_before);
             let why = format!("refused a batch from {sender_db}: {why}");
             pgrx::warning!("rbucardo: {why}");
             admit::record_refusal(sender_db, &why);

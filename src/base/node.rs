@@ -230,7 +230,9 @@ pub fn too_strong_for_limited(role: &str) -> Result<Option<String>, String> {
                     CASE WHEN r.rolbypassrls THEN 'bypasses row security' END,
                     CASE WHEN pg_catalog.pg_has_role(r.oid, 'pg_execute_server_program', 'MEMBER') THEN 'may run server programs' END,
                     CASE WHEN pg_catalog.pg_has_role(r.oid, 'pg_read_server_files', 'MEMBER') THEN 'may read server files' END,
-                    CASE WHEN pg_catalog.pg_has_role(r.oid, 'pg_write_server_files', 'MEMBER') THEN 'may write server files' END)
+                    CASE WHEN pg_catalog.pg_has_role(r.oid, 'pg_write_server_files', 'MEMBER') THEN 'may write server files' END,
+                    CASE WHEN pg_catalog.pg_has_role(r.oid, 'pg_write_all_data', 'MEMBER') THEN 'may write every table' END,
+                    CASE WHEN pg_catalog.pg_has_role(r.oid, 'pg_read_all_data', 'MEMBER') THEN 'may read every table' END)
            FROM pg_catalog.pg_roles r WHERE r.rolname = $1",
         &[role.into()],
     );

@@ -112,6 +112,8 @@ pub fn subtransaction<R>(f: impl FnOnce() -> R) -> Result<R, CaughtError> {
 pub struct RunAs {
     user: pg_sys::Oid,
     context: i32,
+    /// For a restricted guard: the settings level whose changes are undone on drop.
+    sandbox: Option<i32>,
 }
 
 impl RunAs {
@@ -124,21 +126,24 @@ impl RunAs {
             pg_sys::GetUserIdAndSecContext(&mut user, &mut context);
             pg_sys::SetUserIdAndSecContext(role, context | pg_sys::SECURITY_LOCAL_USERID_CHANGE as i32);
         }
-        RunAs { user, context }
+        RunAs { user, context, sandbox: None }
     }
 
     /// Runs as `role` in a security-restricted operation (as PostgreSQL runs maintenance and
     /// logical replication as a table's owner): code that role owns (triggers, CHECK
     /// constraints, index expressions) runs with its rights only, and can neither change the
-    /// role nor leave state behind for the superuser session.
+    /// role nor leave settings behind for the superuser session: whatever it sets (SET,
+    /// set_config, at any level) is undone when the guard drops, as PostgreSQL does around its
+    /// own restricted operations.
     pub fn restricted(role: pg_sys::Oid) -> RunAs {
         let (mut user, mut context) = (pg_sys::InvalidOid, 0);
-        // SAFETY: as in `role`.
+        // SAFETY: as in `role`; the settings level is popped in Drop, in nesting order.
         unsafe {
             pg_sys::GetUserIdAndSecContext(&mut user, &mut context);
+            let sandbox = pg_sys::NewGUCNestLevel();
             pg_sys::SetUserIdAndSecContext(role, context | pg_sys::SECURITY_LOCAL_USERID_CHANGE as i32 | pg_sys::SECURITY_RESTRICTED_OPERATION as i32);
+            RunAs { user, context, sandbox: Some(sandbox) }
         }
-        RunAs { user, context }
     }
 
     /// Runs as the bootstrap superuser, who owns the extension's tables: for writes to
@@ -155,8 +160,14 @@ impl RunAs {
 
 impl Drop for RunAs {
     fn drop(&mut self) {
-        // SAFETY: restores the values saved in `role`, on the same thread.
-        unsafe { pg_sys::SetUserIdAndSecContext(self.user, self.context) };
+        // SAFETY: restores the values saved in `role`/`restricted`, on the same thread; the
+        // settings level (if any) is reverted as on abort, before the user is restored.
+        unsafe {
+            if let Some(level) = self.sandbox {
+                pg_sys::AtEOXact_GUC(false, level);
+            }
+            pg_sys::SetUserIdAndSecContext(self.user, self.context);
+        }
     }
 }
 

@@ -306,11 +306,11 @@ pub fn read_batch(me: i32, after: Position, to: i32, max_bytes: usize, policy: &
     Batch { sender: me, after, upto: pos, txns }
 }
 
-/// The part of a transaction's chunks that the peer with `policy` shares: everything but row
-/// changes of tables replicated here in syncs it does not share. Schema changes always travel
-/// (the receiver's policy decides about them), and so do rows of a table this node no longer
-/// knows by the name they were captured under (renamed or moved since: the receiver decides
-/// rather than this node dropping them unseen). `None` when nothing is left. Chunks are
+/// The part of a transaction's chunks that the peer with `policy` shares: row changes of the
+/// tables of the syncs shared with it, and of tables this node no longer knows by the name they
+/// were captured under (renamed or dropped since: the receiver decides, and refuses them
+/// visibly if it does not share them, rather than this node dropping them unseen); schema
+/// changes recorded in a schema of those tables, or made with replicate_ddl. `None` when nothing is left. Chunks are
 /// decoded only when the peer does not share every table.
 fn shared_part(chunks: Vec<Vec<u8>>, policy: &PeerPolicy) -> Option<Vec<Vec<u8>>> {
     if policy.shares_all {
@@ -327,7 +327,11 @@ fn shared_part(chunks: Vec<Vec<u8>>, policy: &PeerPolicy) -> Option<Vec<Vec<u8>>
         chunk.changes.retain(|c| {
             let rel = &relations[c.rel as usize];
             let name = (rel.schema.clone(), rel.name.clone());
-            c.op == Op::Ddl || policy.tables.contains(&name) || !policy.replicated.contains(&name)
+            if c.op == Op::Ddl {
+                rel.name == "replicate_ddl" || policy.schemas.contains(&rel.schema)
+            } else {
+                policy.tables.contains(&name) || !policy.replicated.contains(&name)
+            }
         });
         match chunk.changes.len() {
             0 => {}

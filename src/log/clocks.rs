@@ -48,6 +48,47 @@ struct Session {
 
 thread_local! {
     static SESSION: std::cell::RefCell<Option<Session>> = const { std::cell::RefCell::new(None) };
+    /// Clocks of the changes applied so far in the current transaction (its top-level xid,
+    /// and the clocks), which the session's read leaves out: every applier of the transaction
+    /// sees them (a batch, the parked transactions retried after it, another push).
+    static APPLIED: std::cell::RefCell<(pg_sys::TransactionId, HashMap<Key, (i64, i32)>)> = std::cell::RefCell::new((pg_sys::InvalidTransactionId, HashMap::new()));
+}
+
+/// This transaction's applied clocks, as they stand (to put back if what follows is undone).
+pub struct Applied(HashMap<Key, (i64, i32)>);
+
+impl Applied {
+    pub fn clone_of(a: &Applied) -> Applied {
+        Applied(a.0.clone())
+    }
+}
+
+fn top_xid() -> pg_sys::TransactionId {
+    // SAFETY: reads this backend's transaction state.
+    unsafe { pg_sys::GetTopTransactionIdIfAny() }
+}
+
+/// The clocks this transaction applied so far, to `restore` if a pass is undone.
+pub fn applied_so_far() -> Applied {
+    let xid = top_xid();
+    APPLIED.with(|a| {
+        let a = a.borrow();
+        Applied(if a.0 == xid { a.1.clone() } else { HashMap::new() })
+    })
+}
+
+/// Puts back what `applied_so_far` saw: the changes applied since were undone.
+pub fn restore(saved: Applied) {
+    let xid = top_xid();
+    APPLIED.with(|a| *a.borrow_mut() = (xid, saved.0));
+}
+
+fn applied_clock(k: &Key) -> Option<(i64, i32)> {
+    let xid = top_xid();
+    APPLIED.with(|a| {
+        let a = a.borrow();
+        if a.0 == xid { a.1.get(k).copied() } else { None }
+    })
 }
 
 /// Brings the session's clocks up to date with the committed change log.
@@ -87,12 +128,35 @@ fn refresh(me: i32) {
 pub struct Clocks {
     me: i32,
     refreshed: bool,
-    batch: HashMap<Key, (i64, i32)>,
+    /// The current remote transaction's changes, until `commit_txn` (or dropped with it).
+    txn: HashMap<Key, (i64, i32)>,
 }
 
 impl Clocks {
     pub fn new(me: i32) -> Clocks {
-        Clocks { me, refreshed: false, batch: HashMap::new() }
+        Clocks { me, refreshed: false, txn: HashMap::new() }
+    }
+
+    /// The current remote transaction applied: its clocks count for the rest of this local
+    /// transaction, for every applier.
+    pub fn commit_txn(&mut self) {
+        let xid = top_xid();
+        let txn = std::mem::take(&mut self.txn);
+        APPLIED.with(|a| {
+            let mut a = a.borrow_mut();
+            if a.0 != xid {
+                *a = (xid, HashMap::new());
+            }
+            for (k, c) in txn {
+                let slot = a.1.entry(k).or_insert(c);
+                *slot = (*slot).max(c);
+            }
+        });
+    }
+
+    /// The current remote transaction was undone (parked): its clocks never counted.
+    pub fn discard_txn(&mut self) {
+        self.txn.clear();
     }
 
     /// The clock of the local version of the row with this key.
@@ -103,7 +167,7 @@ impl Clocks {
             self.refreshed = true;
         }
         let logged = SESSION.with(|s| s.borrow().as_ref().and_then(|s| s.rows.get(&k).map(|(c, _)| *c)));
-        let mine = self.batch.get(&k).copied();
+        let mine = self.txn.get(&k).copied().max(applied_clock(&k));
         // Kept clocks count too: a trimmed change, or a parked transaction a retry applied.
         let kept = Spi::get_two_with_args::<i64, i32>(
             "SELECT hlc, origin FROM rbucardo.row_clock
@@ -118,7 +182,7 @@ impl Clocks {
     /// Records an applied change's clock for its row. The larger clock stays: under `latest` the
     /// version with the larger clock is the one the row holds.
     pub fn note(&mut self, desc: &RelDesc, row: &[Value], clock: (i64, i32)) {
-        let slot = self.batch.entry((desc.schema.clone(), desc.name.clone(), key_text(desc, row))).or_insert(clock);
+        let slot = self.txn.entry((desc.schema.clone(), desc.name.clone(), key_text(desc, row))).or_insert(clock);
         *slot = (*slot).max(clock);
     }
 }

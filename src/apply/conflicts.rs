@@ -146,8 +146,9 @@ pub struct NodeEnv<'a> {
 }
 
 impl Env for NodeEnv<'_> {
-    fn local_clock(&mut self, desc: &RelDesc, key: &serde_json::Value) -> Option<(i64, i32)> {
-        self.clocks.local(desc, key)
+    fn local_clock(&mut self, desc: &RelDesc, key: &serde_json::Value, contested: Option<&[usize]>) -> Option<(i64, i32)> {
+        let names: Option<Vec<&str>> = contested.map(|c| c.iter().map(|&i| desc.columns[i].as_str()).collect());
+        self.clocks.local(desc, key, names.as_deref())
     }
 
     /// Asks a custom resolver function which version to keep. Its answer is a jsonb string

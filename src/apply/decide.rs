@@ -130,8 +130,9 @@ pub enum Answer {
 
 /// What the decision needs from the node: asked only when there is a conflict.
 pub trait Env {
-    /// The clock of the local version of the row with this key.
-    fn local_clock(&mut self, desc: &RelDesc, key: &serde_json::Value) -> Option<(i64, i32)>;
+    /// The clock of the local version of the row with this key: of the columns `contested`
+    /// (the conflict is about them), or of the whole row.
+    fn local_clock(&mut self, desc: &RelDesc, key: &serde_json::Value, contested: Option<&[usize]>) -> Option<(i64, i32)>;
     /// Calls a custom resolver function.
     fn custom(&mut self, func: &str, policy: &Policy, conflict: &Conflict) -> Answer;
 }
@@ -328,13 +329,13 @@ pub fn decide(p: &Policy, desc: &RelDesc, op: Op, local: Option<&[Value]>, old: 
             match local {
                 None => Decision::plain(Action::Write(new.to_vec())),
                 Some(l) if l == new => clean(p, desc, Action::Nothing, Kind::InsertExists, "identical", Some(l), Some(new), new, origin),
-                Some(l) => resolve(p, desc, Kind::InsertExists, Some(l), Some(new), new, origin, env),
+                Some(l) => resolve(p, desc, Kind::InsertExists, Some(l), Some(new), new, origin, None, env),
             }
         }
         Op::Update => {
             let (old, new) = (old.expect("update has an old image"), new.expect("update has a new image"));
             match local {
-                None => resolve(p, desc, Kind::UpdateMissing, None, Some(new), old, origin, env),
+                None => resolve(p, desc, Kind::UpdateMissing, None, Some(new), old, origin, None, env),
                 Some(l) if l == old => Decision::plain(Action::Write(new.to_vec())),
                 // Identical, unless a delta column changed: two sales that leave the same count
                 // still both count.
@@ -345,9 +346,9 @@ pub fn decide(p: &Policy, desc: &RelDesc, op: Op, local: Option<&[Value]>, old: 
         Op::Delete => {
             let old = old.expect("delete has an old image");
             match local {
-                None => resolve(p, desc, Kind::DeleteMissing, None, None, old, origin, env),
+                None => resolve(p, desc, Kind::DeleteMissing, None, None, old, origin, None, env),
                 Some(l) if l == old => Decision::plain(Action::Delete),
-                Some(l) => resolve(p, desc, Kind::DeleteDiffers, Some(l), None, old, origin, env),
+                Some(l) => resolve(p, desc, Kind::DeleteDiffers, Some(l), None, old, origin, None, env),
             }
         }
         Op::Truncate | Op::Ddl => unreachable!("not a row change"),
@@ -361,7 +362,7 @@ fn both_changed(p: &Policy, desc: &RelDesc, l: &[Value], old: &[Value], new: &[V
     let cols = columns(l, old, new, &p.delta);
     if cols.bad_delta {
         // A delta that cannot be added (NULL, not a number): the row goes by the rule.
-        return resolve(p, desc, Kind::UpdateDiffers, Some(l), Some(new), old, origin, env);
+        return resolve(p, desc, Kind::UpdateDiffers, Some(l), Some(new), old, origin, None, env);
     }
     if p.merge && cols.conflicting.is_empty() {
         let action = if cols.merged != l { Action::Write(cols.merged.clone()) } else { Action::Nothing };
@@ -373,7 +374,7 @@ fn both_changed(p: &Policy, desc: &RelDesc, l: &[Value], old: &[Value], new: &[V
     } else {
         (0..new.len()).filter(|&i| new[i] != old[i] && l[i] != old[i] && p.delta.get(i) != Some(&true)).collect()
     };
-    let mut d = resolve(p, desc, Kind::UpdateDiffers, Some(l), Some(new), old, origin, env);
+    let mut d = resolve(p, desc, Kind::UpdateDiffers, Some(l), Some(new), old, origin, Some(&contested), env);
     // Every delta column takes the sum, whichever side changed it: what a side sold counts even
     // when the rest of its version loses.
     let delta_cols: Vec<usize> = (0..new.len()).filter(|&i| p.delta.get(i) == Some(&true)).collect();
@@ -460,13 +461,13 @@ fn incoming_wins(p: &Policy, incoming: (i64, i32), local: Option<(i64, i32)>) ->
 
 /// Decides a conflict by the table's rule.
 #[allow(clippy::too_many_arguments)]
-fn resolve(p: &Policy, desc: &RelDesc, kind: Kind, local: Option<&[Value]>, remote: Option<&[Value]>, key_of: &[Value], origin: Origin, env: &mut dyn Env) -> Decision {
+fn resolve(p: &Policy, desc: &RelDesc, kind: Kind, local: Option<&[Value]>, remote: Option<&[Value]>, key_of: &[Value], origin: Origin, contested: Option<&[usize]>, env: &mut dyn Env) -> Decision {
     if kind == Kind::DeleteMissing && p.strategy != Strategy::Abort {
         // Both sides deleted the row: nothing is left to choose between.
         return clean(p, desc, Action::Nothing, kind, "both_deleted", None, None, key_of, origin);
     }
     let key = key_json(desc, key_of);
-    let local_clock = env.local_clock(desc, &key);
+    let local_clock = env.local_clock(desc, &key, contested);
     let c = conflict(desc, kind, local, remote, key_of, origin, local_clock);
     if p.strategy == Strategy::Abort {
         let message = format!("conflict ({}) on {} key {} from node {}; the sync's strategy is abort", kind.as_str(), p.table, c.key, c.origin);
@@ -547,7 +548,7 @@ mod tests {
     }
 
     impl Env for Fake {
-        fn local_clock(&mut self, _: &RelDesc, _: &serde_json::Value) -> Option<(i64, i32)> {
+        fn local_clock(&mut self, _: &RelDesc, _: &serde_json::Value, _: Option<&[usize]>) -> Option<(i64, i32)> {
             self.clock
         }
         fn custom(&mut self, _: &str, _: &Policy, _: &Conflict) -> Answer {

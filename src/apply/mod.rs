@@ -393,11 +393,21 @@ impl Applier {
         let (clocks, edits, tally) = (&mut self.clocks, &mut self.edits, &mut self.tally);
         let decision = target.change(layout, desc, ch, |local| decide_change(&rel.policy, desc, ch, local, origin, clocks, tally));
         settle(decision, ch.ordinal, edits);
-        // A later change of this batch to the same row compares with this one's clock.
-        if let Some(row) = ch.new.as_ref().or(ch.old.as_ref()) {
-            self.clocks.note(desc, row, (origin.hlc, origin.node));
-        }
+        self.note_clock(desc, ch, origin);
         true
+    }
+
+    /// A later change of this batch to the same row compares with this one's clock: for what
+    /// was accepted of it (nothing when it lost here, its accepted columns when it lost some).
+    fn note_clock(&mut self, desc: &RelDesc, ch: &RowChange, origin: Origin) {
+        match self.edits.last().filter(|(o, _)| *o == ch.ordinal) {
+            Some((_, None)) => {}
+            Some((_, Some(image))) => {
+                let accepted = RowChange { new: Some(image.clone()), ..ch.clone() };
+                self.clocks.note(desc, &accepted, (origin.hlc, origin.node));
+            }
+            None => self.clocks.note(desc, ch, (origin.hlc, origin.node)),
+        }
     }
 
     /// The decision on one row change of the SQL path; records what travels on.

@@ -28,10 +28,13 @@ pub fn retry_after_batch(me: i32) -> i64 {
 }
 
 fn retry(me: i32, only: Option<i64>, limit: Option<i64>) -> i64 {
-    let open: Vec<(i64, i32, Result<Txn, String>)> = Spi::connect(|c| {
-        c.select(
+    // Locked, and skipped when another transaction holds them: two retriers at once (the
+    // worker, a push's retry after its batch, exception_retry) must never apply one twice.
+    let open: Vec<(i64, i32, Result<Txn, String>)> = Spi::connect_mut(|c| {
+        c.update(
             "SELECT id, origin, origin_tick, origin_seq, via, hlc, chunks FROM rbucardo.exceptions
-              WHERE resolved_at IS NULL AND kind = 'constraint' AND ($1::bigint IS NULL OR id = $1) ORDER BY id LIMIT $2",
+              WHERE resolved_at IS NULL AND kind = 'constraint' AND ($1::bigint IS NULL OR id = $1)
+              ORDER BY id LIMIT $2 FOR UPDATE SKIP LOCKED",
             None,
             &[only.into(), limit.into()],
         )
@@ -61,7 +64,7 @@ fn retry(me: i32, only: Option<i64>, limit: Option<i64>) -> i64 {
         });
         match outcome {
             Ok(()) => {
-                Spi::run_with_args("UPDATE rbucardo.exceptions SET resolved_at = pg_catalog.now(), resolution = 'applied', last_retry = pg_catalog.now(), retries = retries + 1 WHERE id = $1", &[id.into()])
+                Spi::run_with_args("UPDATE rbucardo.exceptions SET resolved_at = pg_catalog.now(), resolution = 'applied', last_retry = pg_catalog.now(), retries = retries + 1 WHERE id = $1 AND resolved_at IS NULL", &[id.into()])
                     .expect("resolving an exception");
                 applied += 1;
             }

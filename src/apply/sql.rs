@@ -35,9 +35,7 @@ impl Applier {
             Action::Delete | Action::Abort(_) => {}
         }
         // A later change of this batch to the same row compares with this one's clock.
-        if let Some(row) = new.or(old) {
-            self.clocks.note(desc, row, (origin.hlc, origin.node));
-        }
+        self.note_clock(desc, ch, origin);
     }
 
     /// The local row with the key of `probe`, locked, as the sender's text values of its

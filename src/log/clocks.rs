@@ -1,12 +1,16 @@
 //! Row clocks: the hybrid clock and origin of the version of a row this node holds, which the
 //! `latest` rule compares with an incoming version's. The change log holds the clocks of
 //! recent changes; `rbucardo.row_clock` keeps those of changes trimmed from it.
+//!
+//! Clocks are kept per column: a conflict on a row's price compares with the clock of the last
+//! change here that set the price, not with a later sale that only touched the stock (which
+//! would make each node keep its own price). An insert or delete sets every column.
 
 use std::collections::HashMap;
 
 use pgrx::prelude::*;
 
-use crate::base::wire::{decode_chunk, RelDesc, Value};
+use crate::base::wire::{decode_chunk, Op, RelDesc, RowChange, Value};
 
 /// A row's replica key as JSON text, the form row clocks are kept under (the same as the
 /// conflict log's key).
@@ -33,6 +37,57 @@ pub fn highest_known() -> Option<i64> {
 
 type Key = (String, String, String);
 
+type Clock = (i64, i32);
+
+/// The clocks of one row's columns: `all` for changes that set every column (inserts, deletes,
+/// clocks kept per row), `cols` for updates, by column name.
+#[derive(Clone, Debug, Default)]
+pub struct RowClock {
+    all: Option<Clock>,
+    cols: HashMap<String, Clock>,
+}
+
+impl RowClock {
+    /// Records a change that set `changed` (None: every column).
+    fn set(&mut self, changed: Option<Vec<&str>>, clock: Clock) {
+        match changed {
+            None => self.all = self.all.max(Some(clock)),
+            Some(cols) => {
+                for c in cols {
+                    let slot = self.cols.entry(c.to_string()).or_insert(clock);
+                    *slot = (*slot).max(clock);
+                }
+            }
+        }
+    }
+
+    fn absorb(&mut self, other: &RowClock) {
+        self.all = self.all.max(other.all);
+        for (c, clock) in &other.cols {
+            let slot = self.cols.entry(c.clone()).or_insert(*clock);
+            *slot = (*slot).max(*clock);
+        }
+    }
+
+    /// The clock of the version of `columns` (None: of any column).
+    fn of(&self, columns: Option<&[&str]>) -> Option<Clock> {
+        let cols = match columns {
+            None => self.cols.values().copied().max(),
+            Some(names) => names.iter().filter_map(|c| self.cols.get(*c).copied()).max(),
+        };
+        self.all.max(cols)
+    }
+}
+
+/// The columns a change set: every column for an insert or delete, those whose value changed
+/// for an update.
+fn changed_columns<'a>(desc: &'a RelDesc, ch: &RowChange) -> Option<Vec<&'a str>> {
+    match (ch.op, ch.old.as_ref(), ch.new.as_ref()) {
+        (Op::Update, Some(old), Some(new)) => Some(desc.columns.iter().zip(old.iter().zip(new)).filter(|(_, (o, n))| o != n).map(|(c, _)| c.as_str()).collect()),
+        _ => None,
+    }
+}
+
 /// The clocks of the rows in the change log, as this backend last read them: read whole once,
 /// then only what committed since (by transaction id), and forgotten once trimmed (their clocks
 /// are in `row_clock` then). A hub holding a week of log for an offline branch decodes it once
@@ -42,8 +97,8 @@ struct Session {
     log: pg_sys::Oid,
     /// Transactions from this id on may have committed since the last read.
     mark: i64,
-    /// Clock and change-log seq of the latest version of each row.
-    rows: HashMap<Key, ((i64, i32), i64)>,
+    /// Clocks of each row's columns, and the change-log seq of its latest change.
+    rows: HashMap<Key, (RowClock, i64)>,
 }
 
 thread_local! {
@@ -51,11 +106,11 @@ thread_local! {
     /// Clocks of the changes applied so far in the current transaction (its top-level xid,
     /// and the clocks), which the session's read leaves out: every applier of the transaction
     /// sees them (a batch, the parked transactions retried after it, another push).
-    static APPLIED: std::cell::RefCell<(pg_sys::TransactionId, HashMap<Key, (i64, i32)>)> = std::cell::RefCell::new((pg_sys::InvalidTransactionId, HashMap::new()));
+    static APPLIED: std::cell::RefCell<(pg_sys::TransactionId, HashMap<Key, RowClock>)> = std::cell::RefCell::new((pg_sys::InvalidTransactionId, HashMap::new()));
 }
 
 /// This transaction's applied clocks, as they stand (to put back if what follows is undone).
-pub struct Applied(HashMap<Key, (i64, i32)>);
+pub struct Applied(HashMap<Key, RowClock>);
 
 impl Applied {
     pub fn clone_of(a: &Applied) -> Applied {
@@ -83,11 +138,11 @@ pub fn restore(saved: Applied) {
     APPLIED.with(|a| *a.borrow_mut() = (xid, saved.0));
 }
 
-fn applied_clock(k: &Key) -> Option<(i64, i32)> {
+fn applied_clock(k: &Key, columns: Option<&[&str]>) -> Option<Clock> {
     let xid = top_xid();
     APPLIED.with(|a| {
         let a = a.borrow();
-        if a.0 == xid { a.1.get(k).copied() } else { None }
+        if a.0 == xid { a.1.get(k).and_then(|r| r.of(columns)) } else { None }
     })
 }
 
@@ -108,10 +163,9 @@ fn refresh(me: i32) {
         let since = if fresh { "true".to_string() } else { format!("txid >= '{}'::pg_catalog.xid8", session.mark) };
         let rows = logged_clocks(me, &format!("{since} AND txid IS DISTINCT FROM pg_catalog.pg_current_xact_id_if_assigned()"), &[]);
         for (k, (clock, seq)) in rows {
-            let slot = session.rows.entry(k).or_insert((clock, seq));
-            if clock > slot.0 {
-                *slot = (clock, seq);
-            }
+            let slot = session.rows.entry(k).or_default();
+            slot.0.absorb(&clock);
+            slot.1 = slot.1.max(seq);
         }
         let floor = Spi::get_one::<i64>("SELECT pg_catalog.min(seq) FROM rbucardo.change_log").ok().flatten();
         match floor {
@@ -129,7 +183,7 @@ pub struct Clocks {
     me: i32,
     refreshed: bool,
     /// The current remote transaction's changes, until `commit_txn` (or dropped with it).
-    txn: HashMap<Key, (i64, i32)>,
+    txn: HashMap<Key, RowClock>,
 }
 
 impl Clocks {
@@ -148,8 +202,7 @@ impl Clocks {
                 *a = (xid, HashMap::new());
             }
             for (k, c) in txn {
-                let slot = a.1.entry(k).or_insert(c);
-                *slot = (*slot).max(c);
+                a.1.entry(k).or_default().absorb(&c);
             }
         });
     }
@@ -159,16 +212,17 @@ impl Clocks {
         self.txn.clear();
     }
 
-    /// The clock of the local version of the row with this key.
-    pub fn local(&mut self, desc: &RelDesc, key: &serde_json::Value) -> Option<(i64, i32)> {
+    /// The clock of the local version of `columns` (None: of the row) of the row with this key.
+    pub fn local(&mut self, desc: &RelDesc, key: &serde_json::Value, columns: Option<&[&str]>) -> Option<Clock> {
         let k = (desc.schema.clone(), desc.name.clone(), key.to_string());
         if !self.refreshed {
             refresh(self.me);
             self.refreshed = true;
         }
-        let logged = SESSION.with(|s| s.borrow().as_ref().and_then(|s| s.rows.get(&k).map(|(c, _)| *c)));
-        let mine = self.txn.get(&k).copied().max(applied_clock(&k));
-        // Kept clocks count too: a trimmed change, or a parked transaction a retry applied.
+        let logged = SESSION.with(|s| s.borrow().as_ref().and_then(|s| s.rows.get(&k).and_then(|(c, _)| c.of(columns))));
+        let mine = self.txn.get(&k).and_then(|r| r.of(columns)).max(applied_clock(&k, columns));
+        // Kept clocks count too, per row: a trimmed change, or a parked transaction a retry
+        // applied.
         let kept = Spi::get_two_with_args::<i64, i32>(
             "SELECT hlc, origin FROM rbucardo.row_clock
               WHERE relid = pg_catalog.to_regclass(pg_catalog.format('%I.%I', $1::text, $2::text)) AND key = $3",
@@ -179,19 +233,20 @@ impl Clocks {
         logged.max(mine).max(kept)
     }
 
-    /// Records an applied change's clock for its row. The larger clock stays: under `latest` the
-    /// version with the larger clock is the one the row holds.
-    pub fn note(&mut self, desc: &RelDesc, row: &[Value], clock: (i64, i32)) {
-        let slot = self.txn.entry((desc.schema.clone(), desc.name.clone(), key_text(desc, row))).or_insert(clock);
-        *slot = (*slot).max(clock);
+    /// Records an applied change's clock for the columns it set. The larger clock stays: under
+    /// `latest` the version with the larger clock is the one the row holds.
+    pub fn note(&mut self, desc: &RelDesc, ch: &RowChange, clock: Clock) {
+        if let Some(row) = ch.new.as_ref().or(ch.old.as_ref()) {
+            self.txn.entry((desc.schema.clone(), desc.name.clone(), key_text(desc, row))).or_default().set(changed_columns(desc, ch), clock);
+        }
     }
 }
 
 /// The latest clock of every row changed by the change log rows that `where_sql` selects.
 /// The largest clock per row: the log also keeps changes that lost here, for forwarding, and
 /// the row holds the version with the largest clock.
-fn logged_clocks(me: i32, where_sql: &str, args: &[pgrx::datum::DatumWithOid]) -> HashMap<Key, ((i64, i32), i64)> {
-    let mut latest: HashMap<Key, ((i64, i32), i64)> = HashMap::new();
+fn logged_clocks(me: i32, where_sql: &str, args: &[pgrx::datum::DatumWithOid]) -> HashMap<Key, (RowClock, i64)> {
+    let mut latest: HashMap<Key, (RowClock, i64)> = HashMap::new();
     Spi::connect(|c| {
         // A parked transaction is in the log (forwarded) but not applied here: its clock is not
         // that of any local version until a retry applies it (see `remember`).
@@ -210,10 +265,9 @@ fn logged_clocks(me: i32, where_sql: &str, args: &[pgrx::datum::DatumWithOid]) -
                 for ch in &chunk.changes {
                     let desc = &chunk.relations[ch.rel as usize];
                     if let Some(r) = ch.new.as_ref().or(ch.old.as_ref()) {
-                        let slot = latest.entry((desc.schema.clone(), desc.name.clone(), key_text(desc, r))).or_insert((clock, seq));
-                        if clock > slot.0 {
-                            *slot = (clock, seq);
-                        }
+                        let slot = latest.entry((desc.schema.clone(), desc.name.clone(), key_text(desc, r))).or_default();
+                        slot.0.set(changed_columns(desc, ch), clock);
+                        slot.1 = slot.1.max(seq);
                     }
                 }
             }
@@ -225,7 +279,7 @@ fn logged_clocks(me: i32, where_sql: &str, args: &[pgrx::datum::DatumWithOid]) -
 /// Keeps the clocks of rows whose changes are about to leave the change log (`where_sql`
 /// selects the change log rows being trimmed).
 pub fn keep_row_clocks(me: i32, where_sql: &str, args: &[pgrx::datum::DatumWithOid]) {
-    store(logged_clocks(me, where_sql, args).into_iter().map(|(k, (clock, _))| (k, clock)).collect());
+    store(logged_clocks(me, where_sql, args).into_iter().filter_map(|(k, (clock, _))| Some((k, clock.of(None)?))).collect());
 }
 
 /// Records the clock of every row a transaction applied here without a change-log entry of
@@ -267,3 +321,24 @@ fn store(latest: HashMap<(String, String, String), (i64, i32)>) {
     .expect("keeping row clocks");
 }
 
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A sale after a price change does not make the row's price newer.
+    #[test]
+    fn clocks_are_per_column() {
+        let mut r = RowClock::default();
+        r.set(None, (100, 1)); // insert
+        r.set(Some(vec!["price"]), (200, 2));
+        r.set(Some(vec!["stock"]), (300, 2));
+        assert_eq!(r.of(Some(&["price"])), Some((200, 2)));
+        assert_eq!(r.of(Some(&["name"])), Some((100, 1)), "an untouched column has the insert's clock");
+        assert_eq!(r.of(None), Some((300, 2)));
+        let mut other = RowClock::default();
+        other.set(Some(vec!["price"]), (250, 3));
+        r.absorb(&other);
+        assert_eq!(r.of(Some(&["price", "name"])), Some((250, 3)));
+    }
+}

@@ -1,50 +1,62 @@
 //! Seeded randomized fault test: writers on every node at once while links are cut, stalled
-//! and cut mid-batch, nodes are SIGKILLed (also while applying a catch-up) and restarted, and
-//! clocks are skewed; after healing, every node must hold the same rows, and exactly what the
-//! committed transactions say.
+//! and cut mid-batch, nodes are SIGKILLed (also while applying a catch-up, and with a COMMIT in
+//! flight) and restarted, and clocks are skewed; after healing, every node must hold the same
+//! rows, and exactly what the committed transactions say.
 //!
 //! One seed drives everything that is chosen: the workload of each node (which operation, which
 //! rows, which amounts) and the fault timeline of each cycle (which fault, when, on which link
 //! or node, for how long). The plan is printed at the start of every cycle, and a failure names
-//! the seed; running with `RBUCARDO_FAULT_SEED=<seed>` replays the same plan (the exact
-//! interleaving with the servers' own timing cannot be replayed, so a timing-dependent failure
-//! may need a few runs).
+//! the seed and the command that replays it (`RBUCARDO_FAULT_SEED=<seed>`): the same plan again.
+//! The interleaving with the servers' own timing cannot be replayed exactly, so a
+//! timing-dependent failure may need a few runs.
 //!
-//! Per seed and topology (star and mesh): a fresh three-node store cluster, then
-//! `RBUCARDO_FAULT_CYCLES` cycles (default 2) of
+//! Per seed and topology (star and mesh): a fresh three-node store cluster (tests/common:
+//! main, branch1, branch2), then `RBUCARDO_FAULT_CYCLES` cycles (default 2) of
 //!
-//! 1. **workload and faults at once**: one writer thread per node commits transactions on its
+//! 1. **Workload and faults at once.** One writer thread per node commits transactions on its
 //!    own node: sales (an order, its lines, and a stock decrement per line, in one transaction),
-//!    stock decrements alone, lines on another node's order, new users, updates and deletes of
-//!    its own rows, drafts created and deleted with their lines, bulk rows (larger batches), and
-//!    now and then DDL (`ADD COLUMN` on products from main; in a mesh the branches also create
-//!    and drop indexes). `products.stock` is a delta column on every node and every node
-//!    decrements the same products. Meanwhile a fault thread plays the timeline: link cuts,
-//!    stalls, cuts after N bytes (mid-batch), SIGKILL + start, SIGKILL of a node while it is
-//!    applying a peer's catch-up, clean restarts, clock skew, and "the same login on two nodes":
-//!    two users with one login committed on two nodes at the same moment.
-//! 2. **heal**: every link restored, every node up, skew reset.
-//! 3. **checks**: each same-login user is, on every node, either there or parked in
-//!    `rbucardo.exceptions`; the test then renames the first one's login on its own node (the
-//!    operator's fix), and the parked transactions apply by themselves. Then: every table is
-//!    identical row by row on every node; every row is exactly what the committed transactions
-//!    left (so every committed insert is there, and nothing else); each product's stock is its
-//!    start minus every committed decrement; the schema is the same everywhere; no conflict on a
-//!    row that only one node writes (except rows of parked transactions); every open exception
-//!    is resolved; applied counts: on every node, transactions applied from peers plus those
-//!    parked there equal the transactions the other nodes committed (nothing applied twice, none
-//!    lost); and the change logs drain.
+//!    stock decrements alone, lines on another node's order (foreign-key children), new users,
+//!    updates and deletes of its own rows, drafts created and deleted with their lines, bulk
+//!    rows (larger batches), and now and then DDL (`ADD COLUMN` on products from main; in a
+//!    mesh the branches also create and drop indexes). `products.stock` is a delta column on
+//!    every node and every node decrements the same products. Meanwhile a fault thread plays
+//!    the cycle's timeline: link cuts (one or two links), stalls, cuts after N bytes in either
+//!    direction (mid-batch), SIGKILL and start, SIGKILL of a node while it applies a peer's
+//!    catch-up, SIGKILL while a COMMIT waits for a synchronous standby that never comes
+//!    (committed locally, never acknowledged), clean restarts, clock skew (±30 s to ±1 h), and
+//!    "the same login on two nodes": two users with one login committed on two nodes at the
+//!    same moment, sometimes with a sale, sometimes with an order whose line follows in the
+//!    next transaction (where the user's transaction is parked, the line is parked too: its
+//!    parent has not arrived). Faults overlap; one that would touch a link or node another
+//!    fault holds is skipped (and says so).
+//! 2. **Heal**: every link restored, every node up, skew reset.
+//! 3. **Checks.** Each same-login user is, on every node, either there or parked in
+//!    `rbucardo.exceptions` (exactly one of the two is there); the test then renames the first
+//!    one's login on its own node (the operator's fix), and the parked transactions apply by
+//!    themselves. Then: no exception is left open; every table is identical row by row on every
+//!    node, with the same columns and indexes; every row is exactly what the committed
+//!    transactions left (each committed insert is there unless a committed delete removed it,
+//!    nothing else is, every committed update shows, every committed DDL is there); each
+//!    product's stock is its start minus every committed decrement; no conflict is logged on a
+//!    row only one node writes, unless a parked transaction touched it; applied counts: on
+//!    every node, transactions applied from peers plus transactions parked there equal the
+//!    transactions the other nodes committed (none applied twice, none lost); the change logs
+//!    drain; the applied counts hold again after the drain.
 //!
-//! A transaction counts as committed only if its COMMIT succeeded; when the COMMIT's answer was
-//! lost (node killed or restarted), the writer asks the restarted node with `pg_xact_status`.
+//! A transaction counts as committed only if its COMMIT succeeded; when the answer to a COMMIT
+//! was lost (node killed or restarted), the writer asks the node, once it is back, with
+//! `pg_xact_status`.
 //!
 //! Environment:
-//! - `RBUCARDO_FAULT_SEED=<n|0xhex>`: run this seed only (default: a fixed list of seeds).
+//! - `RBUCARDO_FAULT_SEED=<n|0xhex>`: run this seed only (default: three fixed seeds).
 //! - `RBUCARDO_FAULT_CYCLES=<n>`: cycles per seed (default 2).
-//! - `RBUCARDO_FAULT_SECONDS=<s>`: long run: new random seeds (or the given seed, repeated with
-//!   new derived seeds) until `s` seconds have passed, per topology.
+//! - `RBUCARDO_FAULT_SECONDS=<s>`: long run: random seeds (the given seed first, if any), each
+//!   on a fresh cluster, until `s` seconds have passed; per topology, and the two topologies
+//!   run in parallel. E.g. `RBUCARDO_FAULT_SECONDS=14400 RBUCARDO_FAULT_CYCLES=10`.
 //!
-//! The cluster has three nodes (main, branch1, branch2), the store cluster of tests/common.
+//! The default run (3 seeds x 2 cycles x star and mesh) takes under two minutes on two cores.
+//! A run during which the extension library is reinstalled is void (its servers die with
+//! SIGBUS/SIGILL) and is run again.
 
 mod common;
 
@@ -58,7 +70,7 @@ use common::*;
 use rbucardo_cluster_tests::{poll_every, wait_until, Cluster, Conn, Direction};
 
 /// Seeds of the default (CI) run.
-const DEFAULT_SEEDS: [u64; 2] = [0x5eed_f417_0001, 0x5eed_f417_0002];
+const DEFAULT_SEEDS: [u64; 3] = [0x5eed_f417_0001, 0x5eed_f417_0002, 0x5eed_f417_0003];
 const DEFAULT_CYCLES: usize = 2;
 /// Products every node sells from; their stock is a delta column.
 const PRODUCTS: i64 = 12;
@@ -230,30 +242,84 @@ fn run_topology(topology: Topology) {
 }
 
 /// Runs one seed; any failure is re-raised with the seed and how to replay it.
+///
+/// A run during which the extension library was reinstalled is void (every server that had the
+/// old library loaded dies with SIGBUS or SIGILL): it is run again, up to twice.
 fn run_with_seed(seed: u64, topology: Topology, cycles: usize) {
     let test = format!("fault_{}", topology_name(topology));
     let replay = format!(
         "RBUCARDO_FAULT_SEED={seed:#x} RBUCARDO_FAULT_CYCLES={cycles} cargo test --release -p rbucardo-cluster-tests --test fault {test} -- --nocapture"
     );
-    eprintln!("=== {test}: seed {seed:#x}, {cycles} cycles (replay: {replay})");
-    if let Err(payload) = std::panic::catch_unwind(AssertUnwindSafe(|| run_seed(seed, topology, cycles))) {
-        let message = payload_text(payload.as_ref());
+    for attempt in 1..=3 {
+        eprintln!("=== {test}: seed {seed:#x}, {cycles} cycles (replay: {replay})");
+        wait_library_stable();
+        let library = library_stamp();
+        let Err(payload) = std::panic::catch_unwind(AssertUnwindSafe(|| run_seed(seed, topology, cycles, library))) else {
+            return;
+        };
+        let mut message = payload_text(payload.as_ref());
+        if library_stamp() != library {
+            let note = format!(
+                "the extension library {} was replaced during this run; servers that had it loaded \
+                 die with SIGBUS or SIGILL (\"terminated by signal 7\" or \"4\" in their logs)",
+                library_path().display()
+            );
+            if attempt < 3 {
+                eprintln!("=== {test}: seed {seed:#x}: run void, {note}; running it again");
+                continue;
+            }
+            message += &format!("\nNOTE: {note}. Run again before suspecting rbucardo.");
+        }
         eprintln!("=== {test}: FAILED with seed {seed:#x}; replay with: {replay}");
         panic!("{test} failed with seed {seed:#x} (replay: {replay}):\n{message}");
     }
 }
 
-fn run_seed(seed: u64, topology: Topology, cycles: usize) {
+/// Panics at once when the library changed since `stamp`: the servers are dying.
+fn check_library(stamp: Option<std::time::SystemTime>) {
+    if library_stamp() != stamp {
+        panic!("the extension library {} was replaced during the run", library_path().display());
+    }
+}
+
+/// Waits (up to a minute) until the library has not been written for 15 seconds: an install
+/// in progress.
+fn wait_library_stable() {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while Instant::now() < deadline {
+        let age = library_stamp().and_then(|t| t.elapsed().ok()).unwrap_or(Duration::MAX);
+        if age > Duration::from_secs(15) {
+            return;
+        }
+        std::thread::sleep(Duration::from_secs(1));
+    }
+}
+
+/// The installed extension library (next to the binaries the harness runs).
+fn library_path() -> std::path::PathBuf {
+    let bin = std::env::var_os("RBUCARDO_PG_BIN").map_or_else(|| "/usr/lib/postgresql/15/bin".into(), std::path::PathBuf::from);
+    bin.join("../lib/rbucardo.so")
+}
+
+/// When the library was last written: a reinstall during a run kills its servers.
+fn library_stamp() -> Option<std::time::SystemTime> {
+    std::fs::metadata(library_path()).and_then(|m| m.modified()).ok()
+}
+
+fn run_seed(seed: u64, topology: Topology, cycles: usize, library: Option<std::time::SystemTime>) {
     let started = Instant::now();
     let name = format!("fault_{}_{:x}", topology_name(topology), seed & 0xffff_ffff);
-    let cluster = start_store(&name, topology);
-    let mut world = World::new(seed, topology);
+    // A synchronous standby that never connects: a session that asks for synchronous_commit =
+    // on then waits in COMMIT, committed locally but not acknowledged (KillInDoubt). Everything
+    // else, rbucardo included, commits with `local` and never waits.
+    let cluster = start_store_with(&name, topology, "synchronous_standby_names = 'nobody'\nsynchronous_commit = local");
+    let mut world = World::new(seed, topology, library);
     world.setup(&cluster);
-    eprintln!("[{}] cluster up and seeded in {:.1}s", world.tag(None), started.elapsed().as_secs_f64());
+    eprintln!("[{}] cluster up and seeded in {:.1}s", world.tag(), started.elapsed().as_secs_f64());
     for cycle in 0..cycles {
         world.cycle(&cluster, cycle);
     }
-    eprintln!("[{}] all {cycles} cycles passed in {:.1}s", world.tag(None), started.elapsed().as_secs_f64());
+    eprintln!("[{}] all {cycles} cycles passed in {:.1}s", world.tag(), started.elapsed().as_secs_f64());
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -291,6 +357,12 @@ struct NodeModel {
     next_ddl: i64,
     /// Committed decrements, per product.
     sold: BTreeMap<i64, i64>,
+    /// Prices this node's committed transactions set, per product (every node sets prices of
+    /// the same products: under `latest`, one of them wins everywhere).
+    prices: BTreeMap<i64, BTreeSet<String>>,
+    next_price: i64,
+    /// The last marker of a writer transaction (see `mark`).
+    next_marker: i64,
     /// Transactions committed here that wrote something (each replicates as one transaction).
     committed: i64,
     /// Columns added to products (name, default), indexes created and not dropped.
@@ -325,6 +397,7 @@ enum Effect {
     InsBulk(i64, Vec<i64>),
     DelBulk(i64),
     Sold(i64, i64),
+    Price(i64, String),
     AddColumn(String, i64),
     AddIndex(String),
     DropIndex(String),
@@ -341,6 +414,7 @@ impl NodeModel {
             next_line: b + 1,
             next_bulk: b + 1,
             next_tag: b + 1,
+            next_price: b + 1,
             ..Default::default()
         }
     }
@@ -382,6 +456,9 @@ impl NodeModel {
                     }
                 }
                 Effect::Sold(p, q) => *self.sold.entry(p).or_default() += q,
+                Effect::Price(p, price) => {
+                    self.prices.entry(p).or_default().insert(price);
+                }
                 Effect::AddColumn(c, d) => self.columns.push((c, d)),
                 Effect::AddIndex(i) => {
                     self.indexes.insert(i);
@@ -410,17 +487,21 @@ struct World {
     seed: u64,
     topology: Topology,
     models: Vec<NodeModel>,
-    /// Sale orders per node, present on every node since the last healed cycle.
+    /// Committed sale orders per node (other nodes add lines to them; those of earlier cycles
+    /// are on every node).
     sales: Vec<Vec<i64>>,
-    /// Same-login users (node, id) -> (login, name) as they should end.
+    /// Same-login users, by id: (login, name) as they should end.
     dup_users: BTreeMap<i64, (String, String)>,
     dup_count: i64,
     cycle: Option<usize>,
+    /// The extension library's stamp when the run started (see `check_library`).
+    library: Option<std::time::SystemTime>,
 }
 
 impl World {
-    fn new(seed: u64, topology: Topology) -> World {
+    fn new(seed: u64, topology: Topology, library: Option<std::time::SystemTime>) -> World {
         World {
+            library,
             seed,
             topology,
             models: ALL.iter().map(|&k| NodeModel::new(k)).collect(),
@@ -431,8 +512,8 @@ impl World {
         }
     }
 
-    fn tag(&self, cycle: Option<usize>) -> String {
-        match cycle.or(self.cycle) {
+    fn tag(&self) -> String {
+        match self.cycle {
             Some(c) => format!("seed {:#x} {} cycle {c}", self.seed, topology_name(self.topology)),
             None => format!("seed {:#x} {}", self.seed, topology_name(self.topology)),
         }
@@ -442,6 +523,7 @@ impl World {
     fn setup(&mut self, cluster: &Cluster) {
         for i in ALL {
             cluster.node(i).sql(DB, "SELECT rbucardo.set_column_strategy('products', 'stock', 'delta')");
+            cluster.node(i).sql(DB, MARKERS);
         }
         cluster.node(MAIN).sql(
             DB,
@@ -453,7 +535,7 @@ impl World {
         self.models[MAIN].committed += 1;
         let mut probe = Probe::new(cluster);
         for i in ALL {
-            wait_until(&format!("{}: products on {}", self.tag(None), NODE_NAMES[i]), Duration::from_secs(60), || {
+            wait_until(&format!("{}: products on {}", self.tag(), NODE_NAMES[i]), Duration::from_secs(60), || {
                 Ok(probe.int(i, "SELECT count(*) FROM products")? == PRODUCTS)
             });
         }
@@ -466,12 +548,18 @@ impl World {
 
     fn cycle(&mut self, cluster: &Cluster, cycle: usize) {
         self.cycle = Some(cycle);
-        let tag = self.tag(None);
+        let tag = self.tag();
         let started = Instant::now();
-        let plan = plan_faults(self.seed, self.topology, cycle, &mut self.dup_count);
+        let (plan, aftershock) = plan_faults(self.seed, self.topology, cycle, &mut self.dup_count);
         eprintln!("[{tag}] fault plan ({} events over {}ms):", plan.len(), plan.last().map_or(0, |e| e.at_ms));
         for e in &plan {
             eprintln!("[{tag}]   +{:>5}ms  {}", e.at_ms, e.action.describe());
+        }
+        if let Some(a) = aftershock {
+            eprintln!(
+                "[{tag}]   after healing and the same-login fix: SIGKILL {} {}ms later, start it {}ms after that",
+                NODE_NAMES[a.node], a.after_ms, a.down_ms
+            );
         }
         eprintln!(
             "[{tag}] workload: one writer per node until the plan has played, operations drawn from the seed \
@@ -482,12 +570,13 @@ impl World {
 
         // 1. Writers and faults at once.
         let stop = AtomicBool::new(false);
+        let holds = [AtomicBool::new(false), AtomicBool::new(false), AtomicBool::new(false)];
         let shared_sales: Mutex<Vec<Vec<i64>>> = Mutex::new(self.sales.clone());
-        let (seed, topology) = (self.seed, self.topology);
+        let (seed, topology, library) = (self.seed, self.topology, self.library);
         let (faulter, stats) = std::thread::scope(|scope| {
             let mut writers = Vec::new();
             for (k, model) in self.models.iter_mut().enumerate() {
-                let (stop, shared_sales, tag) = (&stop, &shared_sales, tag.clone());
+                let (stop, shared_sales, tag, holds) = (&stop, &shared_sales, tag.clone(), &holds);
                 let ddl = k == MAIN || topology == Topology::Mesh;
                 writers.push(scope.spawn(move || {
                     let mut w = Writer {
@@ -498,6 +587,8 @@ impl World {
                         tag,
                         ddl,
                         ddl_this_cycle: 0,
+                        holds,
+                        library,
                     };
                     let before = model.stats.clone();
                     // A writer that panics stops the others too.
@@ -510,9 +601,9 @@ impl World {
                 }));
             }
             let faults = {
-                let (stop, tag) = (&stop, tag.clone());
+                let (stop, tag, holds) = (&stop, tag.clone(), &holds);
                 scope.spawn(move || {
-                    let mut f = Faulter::new(cluster, topology, tag);
+                    let mut f = Faulter::new(cluster, topology, tag, holds);
                     let result = std::panic::catch_unwind(AssertUnwindSafe(|| f.play(&plan, stop)));
                     stop.store(true, Ordering::SeqCst);
                     match result {
@@ -533,8 +624,7 @@ impl World {
         let mut faulter = faulter;
         for (k, effects) in std::mem::take(&mut faulter.effects) {
             self.models[k].committed += 1;
-            let mut ignored = Vec::new();
-            self.models[k].apply(&effects, &mut ignored);
+            self.models[k].apply(&effects, &mut self.sales[k]);
         }
         eprintln!(
             "[{tag}] workload and faults done in {:.1}s; writers: {}",
@@ -570,6 +660,13 @@ impl World {
         // 3. Same-login users: each there or parked on every node; then the operator's rename.
         let dups = std::mem::take(&mut faulter.dups);
         self.resolve_dups(cluster, &dups);
+        if let Some(a) = aftershock {
+            std::thread::sleep(Duration::from_millis(a.after_ms));
+            cluster.node(a.node).kill9();
+            std::thread::sleep(Duration::from_millis(a.down_ms));
+            cluster.node(a.node).start();
+            eprintln!("[{tag}] after healing: SIGKILLed {} and started it again", NODE_NAMES[a.node]);
+        }
 
         // 4. Convergence and the checks.
         self.converge(cluster);
@@ -593,7 +690,7 @@ impl World {
     /// the first one's login is renamed on its own node, as an operator would, which lets the
     /// parked transactions apply by themselves.
     fn resolve_dups(&mut self, cluster: &Cluster, dups: &[Dup]) {
-        let tag = self.tag(None);
+        let tag = self.tag();
         let mut pairs = Vec::new();
         for dup in dups {
             for &(k, id, committed) in &dup.sides {
@@ -618,6 +715,7 @@ impl World {
         let mut probe = Probe::new(cluster);
         let mut last = Vec::new();
         let result = poll_every(CONVERGE, Duration::from_millis(250), || {
+            check_library(self.library);
             let mut state = Vec::new();
             let mut missing = Vec::new();
             for i in ALL {
@@ -677,11 +775,24 @@ impl World {
         }
     }
 
+    /// Each product's stock: its start minus every committed decrement.
+    fn expected_stock(&self) -> BTreeMap<i64, String> {
+        (1..=PRODUCTS)
+            .map(|p| {
+                let sold: i64 = self.models.iter().map(|m| m.sold.get(&p).copied().unwrap_or(0)).sum();
+                (p, (START_STOCK - sold).to_string())
+            })
+            .collect()
+    }
+
     /// Waits until every table has the same content on every node and no exception is open.
+    ///
+    /// Gives up early when the nodes differ while nothing is left to replicate (no change log
+    /// row, no open exception) and nothing has moved for `SETTLED`: a divergence for good.
     fn converge(&self, cluster: &Cluster) {
-        let tag = self.tag(None);
+        const SETTLED: Duration = Duration::from_secs(45);
         let sql = format!(
-            "SELECT {}, (SELECT count(*) FROM rbucardo.exceptions WHERE resolved_at IS NULL)",
+            "SELECT {}, (SELECT count(*) FROM rbucardo.change_log), (SELECT count(*) FROM rbucardo.exceptions WHERE resolved_at IS NULL)",
             TABLES
                 .iter()
                 .map(|(t, key)| format!("(SELECT md5(coalesce(string_agg(t::text, E'\\n' ORDER BY {key}), '')) FROM {t} t)"))
@@ -689,13 +800,17 @@ impl World {
                 .join(", ")
         );
         let mut probe = Probe::new(cluster);
+        let mut last: Option<(Vec<Vec<Option<String>>>, Instant)> = None;
         let result = poll_every(CONVERGE, Duration::from_millis(500), || {
+            check_library(self.library);
             let mut states = Vec::new();
             for i in ALL {
                 let rows = probe.query(i, &sql)?;
                 states.push(rows.into_iter().next().ok_or("no row")?);
             }
-            let open: Vec<String> = states.iter().map(|s| s.last().cloned().flatten().unwrap_or_default()).collect();
+            let n = TABLES.len();
+            let logs: Vec<String> = states.iter().map(|s| s[n].clone().unwrap_or_default()).collect();
+            let open: Vec<String> = states.iter().map(|s| s[n + 1].clone().unwrap_or_default()).collect();
             let differing: Vec<&str> = TABLES
                 .iter()
                 .enumerate()
@@ -703,29 +818,49 @@ impl World {
                 .map(|(_, (t, _))| *t)
                 .collect();
             if differing.is_empty() && open.iter().all(|o| o == "0") {
-                Ok(true)
-            } else {
-                Err(format!("tables differing: {differing:?}; open exceptions per node: {open:?}"))
+                return Ok(true);
             }
+            let why = format!("tables differing: {differing:?}; change log rows per node: {logs:?}; open exceptions per node: {open:?}");
+            match &last {
+                Some((seen, since)) if *seen == states => {
+                    if since.elapsed() >= SETTLED && logs.iter().chain(&open).all(|c| c == "0") {
+                        panic!("{}", self.divergence(cluster, &format!("the nodes differ for good (nothing left to replicate, nothing moved for {SETTLED:?}): {why}")));
+                    }
+                }
+                _ => last = Some((states, Instant::now())),
+            }
+            Err(why)
         });
         if let Err(state) = result {
-            let mut diffs = String::new();
-            for (table, key) in TABLES {
-                if let Some(d) = table_diff(cluster, table, key) {
-                    diffs += &format!("table {table}:\n{d}");
+            panic!("{}", self.divergence(cluster, &format!("no convergence within {CONVERGE:?} after healing: {state}")));
+        }
+    }
+
+    /// What differs between the nodes, the conflicts they logged on those rows, what the
+    /// model expects, and each node's replication state.
+    fn divergence(&self, cluster: &Cluster, what: &str) -> String {
+        let mut diffs = String::new();
+        for (table, key) in TABLES {
+            if let Some(d) = table_diff(cluster, table, key) {
+                diffs += &format!("table {table}:\n{d}");
+                if *key == "id" {
+                    diffs += &conflicts_on_differing_rows(cluster, table);
                 }
             }
-            panic!(
-                "{tag}: no convergence within {CONVERGE:?} after healing: {state}\n{diffs}{}\n{}",
-                open_exceptions(cluster),
-                diagnostics(cluster)
-            );
         }
+        let stock: Vec<String> = self.expected_stock().iter().map(|(p, s)| format!("{p}: {s}")).collect();
+        format!(
+            "{}: {what}\n{diffs}stock the committed transactions leave (product: stock): {}\n{}\n{}",
+            self.tag(),
+            stock.join(", "),
+            open_exceptions(cluster),
+            diagnostics(cluster)
+        )
     }
 
     /// Row by row equality, then every row against what the committed transactions left.
     fn check_rows(&self, cluster: &Cluster) {
-        let tag = self.tag(None);
+        let tag = self.tag();
         for (table, key) in TABLES {
             if let Err(e) = std::panic::catch_unwind(AssertUnwindSafe(|| cluster.assert_tables_equal(DB, table, key, &ALL))) {
                 panic!("{tag}: {}", payload_text(e.as_ref()));
@@ -773,12 +908,18 @@ impl World {
         for (id, (login, name)) in &self.dup_users {
             users.insert(*id, format!("{login}|{name}"));
         }
-        let mut stock = BTreeMap::new();
-        for p in 1..=PRODUCTS {
-            let sold: i64 = self.models.iter().map(|m| m.sold.get(&p).copied().unwrap_or(0)).sum();
-            stock.insert(p, (START_STOCK - sold).to_string());
-        }
+        let stock = self.expected_stock();
         let main = cluster.node(MAIN);
+        // Each product's price is its first one or one a committed transaction set.
+        for row in main.query(DB, "SELECT id, price::text FROM products ORDER BY id") {
+            let (p, price): (i64, String) = (row[0].as_deref().unwrap().parse().unwrap(), row[1].clone().unwrap_or_default());
+            let first = cents(p * 150);
+            let set: Vec<&String> = self.models.iter().filter_map(|m| m.prices.get(&p)).flatten().collect();
+            assert!(
+                price == first || set.contains(&&price),
+                "{tag}: product {p} has price {price}, which no committed transaction set (first {first}, committed {set:?})"
+            );
+        }
         let checks: [(&str, &str, &BTreeMap<i64, String>); 5] = [
             ("users", "SELECT id, concat_ws('|', login, name) FROM users", &users),
             ("pos_order", "SELECT id, concat_ws('|', node, ref, total) FROM pos_order", &orders),
@@ -807,7 +948,7 @@ impl World {
     /// them was parked on that node (later changes then find the row missing or older): a
     /// conflict elsewhere means a change applied twice or out of order.
     fn check_conflicts(&self, cluster: &Cluster) {
-        let tag = self.tag(None);
+        let tag = self.tag();
         for i in ALL {
             let odd = cluster.node(i).query(
                 DB,
@@ -831,7 +972,7 @@ impl World {
     /// On every node: transactions applied from peers plus those parked there equal the
     /// transactions the other nodes committed: none applied twice, none lost.
     fn check_applied_counts(&self, cluster: &Cluster) {
-        let tag = self.tag(None);
+        let tag = self.tag();
         let committed = self.committed();
         let mut probe = Probe::new(cluster);
         let count = |probe: &mut Probe, i: usize| -> Result<(i64, i64), String> {
@@ -842,6 +983,7 @@ impl World {
         for i in ALL {
             let want: i64 = ALL.iter().filter(|&&j| j != i).map(|&j| committed[j]).sum();
             let _ = poll_every(Duration::from_secs(30), Duration::from_millis(200), || {
+                check_library(self.library);
                 let (applied, parked) = count(&mut probe, i)?;
                 Ok(applied + parked >= want)
             });
@@ -861,12 +1003,20 @@ impl World {
         ALL.iter()
             .map(|&i| {
                 let node = cluster.node(i);
+                // Newer builds count conflicts (rbucardo.conflict_counts) and log only some.
+                let counted = node.query_one(DB, "SELECT to_regclass('rbucardo.conflict_counts') IS NOT NULL").as_deref() == Some("t");
                 let conflicts = node
                     .query_one(
                         DB,
-                        "SELECT coalesce(string_agg(n || ' ' || what, ', '), 'none') FROM
-                           (SELECT count(*) n, split_part(tbl, '.', 2) || ' ' || kind || '/' || winner AS what
-                              FROM rbucardo.conflicts GROUP BY 2 ORDER BY 2) x",
+                        if counted {
+                            "SELECT coalesce(string_agg(n || ' ' || what, ', '), 'none') FROM
+                               (SELECT sum(n) n, split_part(tbl, '.', 2) || ' ' || kind || '/' || outcome AS what
+                                  FROM rbucardo.conflict_counts GROUP BY 2 ORDER BY 2) x"
+                        } else {
+                            "SELECT coalesce(string_agg(n || ' ' || what, ', '), 'none') FROM
+                               (SELECT count(*) n, split_part(tbl, '.', 2) || ' ' || kind || '/' || winner AS what
+                                  FROM rbucardo.conflicts GROUP BY 2 ORDER BY 2) x"
+                        },
                     )
                     .unwrap_or_default();
                 let parked = node
@@ -952,6 +1102,46 @@ fn table_diff(cluster: &Cluster, table: &str, key: &str) -> Option<String> {
     Some(out)
 }
 
+/// The conflicts each node logged on the rows of `table` (keyed by `id`) that differ between
+/// the nodes: which versions met, with which clocks, and who won.
+fn conflicts_on_differing_rows(cluster: &Cluster, table: &str) -> String {
+    let rows: Vec<BTreeMap<String, String>> = ALL
+        .iter()
+        .map(|&i| {
+            cluster
+                .node(i)
+                .query(DB, &format!("SELECT id::text, md5(t::text) FROM {table} t"))
+                .into_iter()
+                .map(|r| (r[0].clone().unwrap_or_default(), r[1].clone().unwrap_or_default()))
+                .collect()
+        })
+        .collect();
+    let ids: BTreeSet<&String> = rows.iter().flat_map(|r| r.keys()).filter(|id| rows.iter().any(|r| r.get(*id) != rows[0].get(*id))).take(10).collect();
+    if ids.is_empty() {
+        return String::new();
+    }
+    let list = ids.iter().map(|id| lit(id)).collect::<Vec<_>>().join(", ");
+    let mut out = String::from(
+        "  conflicts logged on those rows (key | kind | columns that differ: local/remote | local origin/clock | remote origin/clock | rule | winner):\n",
+    );
+    for i in ALL {
+        for r in cluster.node(i).query(
+            DB,
+            &format!(
+                "SELECT concat_ws(' | ', key->>'id', kind,
+                                  (SELECT string_agg(k || '=' || coalesce(local_version->>k, 'NULL') || '/' || coalesce(remote_version->>k, 'NULL'), ' ')
+                                     FROM jsonb_object_keys(coalesce(local_version, remote_version)) k
+                                    WHERE local_version->k IS DISTINCT FROM remote_version->k),
+                                  local_origin || '/' || local_hlc, remote_origin || '/' || remote_hlc, rule, winner)
+                   FROM rbucardo.conflicts WHERE tbl = 'public.{table}' AND key->>'id' IN ({list}) ORDER BY id"
+            ),
+        ) {
+            out += &format!("    {}: {}\n", NODE_NAMES[i], r[0].clone().unwrap_or_default());
+        }
+    }
+    out
+}
+
 /// Every node's open exceptions, for failure messages.
 fn open_exceptions(cluster: &Cluster) -> String {
     let mut out = String::new();
@@ -1000,9 +1190,10 @@ impl Stats {
 // Writers: one per node, on a direct connection to its node (the application's own link).
 
 /// Operations and their weights.
-const OPS: [(&str, u64); 13] = [
+const OPS: [(&str, u64); 14] = [
     ("sale", 22),
     ("decrement", 14),
+    ("reprice", 5),
     ("new users", 10),
     ("update users", 10),
     ("delete user", 5),
@@ -1017,6 +1208,8 @@ const OPS: [(&str, u64); 13] = [
 ];
 /// DDL transactions per writer and cycle, at most.
 const DDL_PER_CYCLE: usize = 2;
+/// Columns main adds to products in one run, at most.
+const MAX_COLUMNS: usize = 40;
 
 struct Writer<'a> {
     k: usize,
@@ -1027,13 +1220,17 @@ struct Writer<'a> {
     /// Whether this node writes DDL.
     ddl: bool,
     ddl_this_cycle: usize,
+    /// Set by the fault thread: make the next COMMIT wait for the standby.
+    holds: &'a [AtomicBool; 3],
+    library: Option<std::time::SystemTime>,
 }
 
 impl Writer<'_> {
     fn run(&mut self, model: &mut NodeModel, stop: &AtomicBool, sales: &Mutex<Vec<Vec<i64>>>) {
         while !stop.load(Ordering::SeqCst) {
             let (op, sql, effects) = self.next_txn(model, sales);
-            let committed = self.execute(&sql, &mut model.stats);
+            model.next_marker += 1;
+            let committed = self.execute(&sql, model.next_marker, &mut model.stats);
             let counts = model.stats.ops.entry(op).or_default();
             if committed {
                 counts.0 += 1;
@@ -1066,6 +1263,7 @@ impl Writer<'_> {
                         self.conn = Some(c);
                         break;
                     }
+                    Err(_) if library_stamp() != self.library => check_library(self.library),
                     Err(e) if Instant::now() > deadline => {
                         panic!("{}: writer on {}: node not back within {NODE_BACK:?}: {e}", self.tag, node.name())
                     }
@@ -1079,9 +1277,14 @@ impl Writer<'_> {
 
     /// Runs one transaction; true if it committed. A COMMIT whose answer was lost is resolved
     /// with pg_xact_status once the node answers again.
-    fn execute(&mut self, body: &str, stats: &mut Stats) -> bool {
+    fn execute(&mut self, body: &str, marker: i64, stats: &mut Stats) -> bool {
+        let k = self.k;
+        let holds = self.holds;
         let conn = self.connection(stats);
-        let xid = match conn.query_one(&format!("BEGIN; {body}; SELECT pg_current_xact_id()::text")) {
+        // Read once connected: a flag raised before a kill must not hold a COMMIT after it.
+        let hold = if holds[k].load(Ordering::SeqCst) { "SET LOCAL synchronous_commit = on; " } else { "" };
+        let sql = format!("BEGIN; {hold}{}; {body}; SELECT pg_current_xact_id()::text", mark(marker));
+        let xid = match conn.query_one(&sql) {
             Ok(Some(xid)) => xid,
             Ok(None) => panic!("{}: no xid", self.tag),
             Err(_) => {
@@ -1098,16 +1301,22 @@ impl Writer<'_> {
         self.conn = None;
         loop {
             let conn = self.connection(stats);
-            match conn.query_one(&format!("SELECT pg_xact_status('{xid}'::xid8)")) {
-                Ok(Some(s)) if s == "committed" => {
-                    stats.in_doubt.0 += 1;
-                    return true;
+            match in_doubt(conn, marker, &xid) {
+                Ok((committed, status)) => {
+                    eprintln!(
+                        "[{}] {}: COMMIT of transaction {marker} (xid {xid}) in doubt: {}; pg_xact_status says {status}{}",
+                        self.tag,
+                        self.node_name(),
+                        if committed { "committed" } else { "not committed" },
+                        if (status == "committed") != committed { " (the xid was handed out again after the crash)" } else { "" }
+                    );
+                    if committed {
+                        stats.in_doubt.0 += 1;
+                    } else {
+                        stats.in_doubt.1 += 1;
+                    }
+                    return committed;
                 }
-                Ok(Some(s)) if s == "aborted" => {
-                    stats.in_doubt.1 += 1;
-                    return false;
-                }
-                Ok(other) => panic!("{}: {}: transaction {xid} is {other:?} after its COMMIT failed", self.tag, self.node_name()),
                 Err(_) => self.conn = None,
             }
         }
@@ -1179,6 +1388,18 @@ impl Writer<'_> {
                 let n = self.rng.range(1, 3);
                 let sold = self.products(n, 9);
                 Self::decrements(&sold, &mut sql, &mut fx);
+            }
+            "reprice" => {
+                // A price no other transaction sets: the one every node ends with names its
+                // transaction. Sometimes with a sale of the same product (a merge with deltas).
+                let p = self.rng.range(1, PRODUCTS);
+                let price = format!("{}.00", m.next_price);
+                m.next_price += 1;
+                sql.push(format!("UPDATE products SET price = {price} WHERE id = {p}"));
+                fx.push(Effect::Price(p, price));
+                if self.rng.chance(50) {
+                    Self::decrements(&BTreeMap::from([(p, self.rng.range(1, 3))]), &mut sql, &mut fx);
+                }
             }
             "new users" => {
                 for _ in 0..self.rng.range(1, 3) {
@@ -1286,7 +1507,9 @@ impl Writer<'_> {
                 self.ddl_this_cycle += 1;
                 let n = m.next_ddl;
                 m.next_ddl += 1;
-                if k == MAIN {
+                // Columns stay far below PostgreSQL's 1600 (dropped ones count too): past
+                // MAX_COLUMNS, main changes indexes as the branches of a mesh do.
+                if k == MAIN && m.columns.len() < MAX_COLUMNS {
                     let col = format!("fx{n}");
                     sql.push(format!("ALTER TABLE products ADD COLUMN {col} integer DEFAULT {n}"));
                     fx.push(Effect::AddColumn(col, n));
@@ -1325,9 +1548,36 @@ enum Action {
     /// receiving node `link.1` while it applies the catch-up; start it after `down_ms`.
     KillMidApply { link: (usize, usize), backlog_ms: u64, down_ms: u64 },
     Skew { node: usize, secs: i64 },
-    /// Two users with one login, committed on nodes `sides[0].0` and `sides[1].0` at once;
-    /// each transaction may also sell (product, qty).
-    SameLogin { login: String, sides: [(usize, i64, Option<(i64, i64)>); 2] },
+    /// Two users with one login, committed on two nodes at once.
+    SameLogin { login: String, sides: [Side; 2] },
+    /// Makes the next COMMIT on `node` wait (for a synchronous standby that never comes),
+    /// committed locally but not acknowledged, and SIGKILLs the node then; start after `down_ms`.
+    KillInDoubt { node: usize, down_ms: u64 },
+}
+
+/// One node's transaction of a same-login pair.
+#[derive(Clone, Copy, Debug)]
+struct Side {
+    node: usize,
+    /// The user's id; also the id of its order and of that order's line.
+    id: i64,
+    /// Also sells (product, qty) in the same transaction.
+    sale: Option<(i64, i64)>,
+    /// Also creates an order in the same transaction, and a line on it in the next one: where
+    /// the user's transaction is parked, the line arrives before its order and is parked too.
+    order: bool,
+}
+
+impl Side {
+    fn describe(&self) -> String {
+        format!(
+            "user {} on {}{}{}",
+            self.id,
+            NODE_NAMES[self.node],
+            self.sale.map_or(String::new(), |(p, q)| format!(", sells {q} of product {p}")),
+            if self.order { ", with an order, then a line on it" } else { "" }
+        )
+    }
 }
 
 impl Action {
@@ -1347,14 +1597,10 @@ impl Action {
                 NODE_NAMES[link.1]
             ),
             Action::Skew { node, secs } => format!("clock skew {secs:+}s on {}", NODE_NAMES[*node]),
-            Action::SameLogin { login, sides } => format!(
-                "same login {login:?}: user {} on {}{} and user {} on {}{}",
-                sides[0].1,
-                NODE_NAMES[sides[0].0],
-                sides[0].2.map_or(String::new(), |(p, q)| format!(" (sells {q} of product {p})")),
-                sides[1].1,
-                NODE_NAMES[sides[1].0],
-                sides[1].2.map_or(String::new(), |(p, q)| format!(" (sells {q} of product {p})")),
+            Action::SameLogin { login, sides } => format!("same login {login:?}: {} / {}", sides[0].describe(), sides[1].describe()),
+            Action::KillInDoubt { node, down_ms } => format!(
+                "hold the next COMMIT on {0} unacknowledged, SIGKILL {0} while it waits, start it {down_ms}ms later",
+                NODE_NAMES[*node]
             ),
         }
     }
@@ -1365,8 +1611,16 @@ struct Event {
     action: Action,
 }
 
-/// The fault timeline of one cycle.
-fn plan_faults(seed: u64, topology: Topology, cycle: usize, dup_count: &mut i64) -> Vec<Event> {
+/// A SIGKILL after healing, while the nodes catch up and retry parked transactions.
+#[derive(Clone, Copy, Debug)]
+struct Aftershock {
+    node: usize,
+    after_ms: u64,
+    down_ms: u64,
+}
+
+/// The fault timeline of one cycle, and whether a node is killed again after healing.
+fn plan_faults(seed: u64, topology: Topology, cycle: usize, dup_count: &mut i64) -> (Vec<Event>, Option<Aftershock>) {
     let mut rng = Rng::derive(seed, &[topology as u64, cycle as u64, 1]);
     let links = topology_links(topology);
     let span = rng.range(5_000, 9_000);
@@ -1374,8 +1628,9 @@ fn plan_faults(seed: u64, topology: Topology, cycle: usize, dup_count: &mut i64)
     let faults = rng.range(3, 6) as usize;
     for id in 0..faults {
         let at = rng.range(0, span - 1_000);
-        // Cut, stall, cut after N bytes, kill, kill mid-apply, restart, skew.
-        match rng.weighted(&[3, 2, 3, 2, 2, 1, 1]) {
+        // Cut, stall, cut after N bytes, kill, kill mid-apply, kill with a COMMIT in doubt,
+        // restart, skew.
+        match rng.weighted(&[3, 2, 3, 2, 2, 2, 1, 1]) {
             0 => {
                 let mut cut = vec![rng.pick(&links)];
                 if rng.chance(40) {
@@ -1417,7 +1672,8 @@ fn plan_faults(seed: u64, topology: Topology, cycle: usize, dup_count: &mut i64)
                 let (backlog_ms, down_ms) = (rng.range(800, 2_500) as u64, rng.range(200, 1_500) as u64);
                 events.push((at, Action::KillMidApply { link, backlog_ms, down_ms }));
             }
-            5 => events.push((at, Action::Restart { node: rng.pick(&ALL) })),
+            5 => events.push((at, Action::KillInDoubt { node: rng.pick(&ALL), down_ms: rng.range(200, 1_500) as u64 })),
+            6 => events.push((at, Action::Restart { node: rng.pick(&ALL) })),
             _ => {
                 let secs = rng.range(30, 3_600) * if rng.chance(50) { 1 } else { -1 };
                 events.push((at, Action::Skew { node: rng.pick(&ALL), secs }));
@@ -1431,12 +1687,22 @@ fn plan_faults(seed: u64, topology: Topology, cycle: usize, dup_count: &mut i64)
         let n = *dup_count;
         *dup_count += 1;
         let login = format!("same_{seed:x}_{n}");
-        let side = |k: usize, rng: &mut Rng| (k, base(k) + DUP_USERS + n, rng.chance(50).then(|| (rng.range(1, PRODUCTS), rng.range(1, 5))));
+        let side = |node: usize, rng: &mut Rng| Side {
+            node,
+            id: base(node) + DUP_USERS + n,
+            sale: rng.chance(50).then(|| (rng.range(1, PRODUCTS), rng.range(1, 5))),
+            order: rng.chance(50),
+        };
         let sides = [side(a, &mut rng), side(b, &mut rng)];
         events.push((at, Action::SameLogin { login, sides }));
     }
+    let aftershock = rng.chance(40).then(|| Aftershock {
+        node: rng.pick(&ALL),
+        after_ms: rng.range(0, 1_500) as u64,
+        down_ms: rng.range(200, 1_500) as u64,
+    });
     events.sort_by_key(|(at, _)| *at);
-    events.into_iter().map(|(at, action)| Event { at_ms: at as u64, action }).collect()
+    (events.into_iter().map(|(at, action)| Event { at_ms: at as u64, action }).collect(), aftershock)
 }
 
 /// Plays a fault timeline, keeping track of what is broken so that overlapping faults never
@@ -1455,11 +1721,14 @@ struct Faulter<'a> {
     /// Same-login transactions: what each committed one did, by node.
     effects: Vec<(usize, Vec<Effect>)>,
     dups: Vec<Dup>,
+    /// Per node: the writer's next COMMIT waits for the standby (see `KillInDoubt`).
+    holds: &'a [AtomicBool; 3],
 }
 
 impl<'a> Faulter<'a> {
-    fn new(cluster: &'a Cluster, topology: Topology, tag: String) -> Faulter<'a> {
+    fn new(cluster: &'a Cluster, topology: Topology, tag: String, holds: &'a [AtomicBool; 3]) -> Faulter<'a> {
         Faulter {
+            holds,
             cluster,
             topology,
             tag,
@@ -1608,8 +1877,34 @@ impl<'a> Faulter<'a> {
                 self.skewed.insert(*node);
                 self.note(action.describe());
             }
+            Action::KillInDoubt { node, down_ms } => {
+                if !self.is_up(*node) {
+                    return self.note(format!("{} (skipped: down)", action.describe()));
+                }
+                let mut probe = Conn::connect(&c.node(*node).conninfo(DB)).ok();
+                self.holds[*node].store(true, Ordering::SeqCst);
+                let waited = Instant::now();
+                let mut caught = false;
+                while waited.elapsed() < Duration::from_secs(3) {
+                    let waiting = probe.as_mut().and_then(|p| p.query_one(SYNC_REP_WAITERS).ok().flatten());
+                    if waiting.is_some_and(|n| n != "0") {
+                        caught = true;
+                        break;
+                    }
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+                drop(probe);
+                c.node(*node).kill9();
+                self.holds[*node].store(false, Ordering::SeqCst);
+                std::thread::sleep(Duration::from_millis(*down_ms));
+                c.node(*node).start();
+                // A writer that read the flag just before the kill may wait again: release it.
+                release_waiters(c, *node);
+                let what = if caught { "killed with a COMMIT waiting" } else { "killed (no COMMIT caught waiting in 3s)" };
+                self.note(format!("{}: {what}", action.describe()));
+            }
             Action::SameLogin { login, sides } => {
-                if !sides.iter().all(|s| self.is_up(s.0)) {
+                if !sides.iter().all(|s| self.is_up(s.node)) {
                     return self.note(format!("{} (skipped: a node is down)", action.describe()));
                 }
                 self.same_login(login, sides);
@@ -1619,37 +1914,63 @@ impl<'a> Faulter<'a> {
 
     /// Both inserts run before either commits, so neither node can see the other's user
     /// yet: both commit, and each one's transaction breaks the unique login on the other node.
-    fn same_login(&mut self, login: &str, sides: &[(usize, i64, Option<(i64, i64)>); 2]) {
+    fn same_login(&mut self, login: &str, sides: &[Side; 2]) {
         let mut open = Vec::new();
-        for &(k, id, sale) in sides {
+        for side in sides {
+            let (k, id) = (side.node, side.id);
             let mut conn = Conn::connect(&self.cluster.node(k).conninfo(DB)).unwrap_or_else(|e| panic!("{}: {e}", self.tag));
             let mut sql = format!(
-                "BEGIN; INSERT INTO users (id, login, name) VALUES ({id}, {}, 'same login, made on {}')",
+                "BEGIN; {}; INSERT INTO users (id, login, name) VALUES ({id}, {}, 'same login, made on {}')",
+                mark(-2 * id),
                 lit(login),
                 NODE_NAMES[k]
             );
-            let mut effects = Vec::new();
-            if let Some((p, q)) = sale {
+            let mut effects = vec![];
+            if let Some((p, q)) = side.sale {
                 sql += &format!("; UPDATE products SET stock = stock - {q} WHERE id = {p}");
                 effects.push(Effect::Sold(p, q));
+            }
+            if side.order {
+                sql += &format!("; INSERT INTO pos_order (id, node, ref, total) VALUES ({id}, '{}', 0, 0)", NODE_NAMES[k]);
+                effects.push(Effect::InsOrder(id, Order { reference: 0, total_cents: 0, draft: false }));
+                effects.push(Effect::Sale(id));
             }
             let xid = conn
                 .query_one(&format!("{sql}; SELECT pg_current_xact_id()::text"))
                 .unwrap_or_else(|e| panic!("{}: same login on {}: {e}", self.tag, NODE_NAMES[k]))
                 .unwrap();
-            open.push((k, id, conn, xid, effects));
+            open.push((side, conn, xid, effects));
         }
         let mut committed = [false; 2];
-        for (n, (k, _, conn, xid, effects)) in open.iter_mut().enumerate() {
+        for (n, (side, conn, xid, effects)) in open.iter_mut().enumerate() {
             committed[n] = conn.execute("COMMIT").is_ok() || {
-                let status = self.cluster.node(*k).query_one(DB, &format!("SELECT pg_xact_status('{xid}'::xid8)"));
-                status.as_deref() == Some("committed")
+                let mut conn = self.cluster.node(side.node).connect(DB);
+                in_doubt(&mut conn, -2 * side.id, xid).unwrap_or_else(|e| panic!("{}: {e}", self.tag)).0
             };
             if committed[n] {
-                self.effects.push((*k, std::mem::take(effects)));
+                self.effects.push((side.node, std::mem::take(effects)));
             }
         }
-        let dup = Dup { login: login.to_string(), sides: [(sides[0].0, sides[0].1, committed[0]), (sides[1].0, sides[1].1, committed[1])] };
+        // The line on the new order, in a transaction of its own.
+        for (n, side) in sides.iter().enumerate() {
+            if side.order && committed[n] {
+                let note = "after the same login".to_string();
+                self.cluster.node(side.node).sql(
+                    DB,
+                    &format!(
+                        "BEGIN; {1}; INSERT INTO pos_order_line (id, order_id, product_id, qty, note) VALUES ({0}, {0}, 1, 1, '{note}');
+                         UPDATE products SET stock = stock - 1 WHERE id = 1; COMMIT;",
+                        side.id,
+                        mark(-2 * side.id - 1)
+                    ),
+                );
+                self.effects.push((
+                    side.node,
+                    vec![Effect::InsLine(side.id, Line { order_id: side.id, product_id: 1, qty: 1, note }), Effect::Sold(1, 1)],
+                ));
+            }
+        }
+        let dup = Dup { login: login.to_string(), sides: [(sides[0].node, sides[0].id, committed[0]), (sides[1].node, sides[1].id, committed[1])] };
         self.note(format!("{} (committed: {committed:?})", Action::SameLogin { login: login.to_string(), sides: *sides }.describe()));
         self.dups.push(dup);
     }
@@ -1666,11 +1987,43 @@ impl<'a> Faulter<'a> {
             }
             self.down[i] = None;
         }
+        for i in ALL {
+            self.holds[i].store(false, Ordering::SeqCst);
+            release_waiters(self.cluster, i);
+        }
         for node in std::mem::take(&mut self.skewed) {
             set_skew(self.cluster, node, 0);
         }
         eprintln!("[{}] healed: links restored, nodes up, clock skew reset", self.tag);
     }
+}
+
+/// Every test transaction also inserts its marker into a local table (in a schema no herd
+/// holds: never captured, never replicated), so that whether a COMMIT whose answer was lost
+/// committed can be read on the node once it is back. (`pg_xact_status` cannot tell: an xid
+/// none of whose WAL reached the disk before a SIGKILL is handed out again after recovery.)
+const MARKERS: &str = "SET rbucardo.replicate_ddl = off;
+                       CREATE SCHEMA fault_local;
+                       CREATE TABLE fault_local.committed (txn bigint PRIMARY KEY)";
+
+fn mark(marker: i64) -> String {
+    format!("INSERT INTO fault_local.committed VALUES ({marker})")
+}
+
+/// Whether the transaction with `marker` committed, and what pg_xact_status says of its xid.
+fn in_doubt(conn: &mut Conn, marker: i64, xid: &str) -> Result<(bool, String), String> {
+    let committed = conn.query_one(&format!("SELECT count(*) FROM fault_local.committed WHERE txn = {marker}"))?;
+    let status = conn.query_one(&format!("SELECT pg_xact_status('{xid}'::xid8)"))?;
+    Ok((committed.as_deref() == Some("1"), status.unwrap_or_else(|| "NULL".into())))
+}
+
+/// Backends whose COMMIT waits for the synchronous standby that never comes.
+const SYNC_REP_WAITERS: &str = "SELECT count(*) FROM pg_stat_activity WHERE wait_event = 'SyncRep'";
+
+/// Lets every COMMIT that waits for the standby on `node` finish (it is committed locally).
+fn release_waiters(cluster: &Cluster, node: usize) {
+    std::thread::sleep(Duration::from_millis(100));
+    cluster.node(node).sql(DB, "SELECT pg_cancel_backend(pid) FROM pg_stat_activity WHERE wait_event = 'SyncRep'");
 }
 
 fn set_skew(cluster: &Cluster, node: usize, secs: i64) {

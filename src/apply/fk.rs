@@ -16,6 +16,7 @@ use pgrx::spi::SpiClient;
 
 use super::Applier;
 use crate::base::wire::{RelDesc, Value};
+use crate::base::xact::RunAs;
 use crate::base::error::raise;
 
 /// A foreign key from a replicated table, as checked on apply.
@@ -99,6 +100,10 @@ impl Written {
                     (sql, fk.name.clone(), format!("({}) of {child} referencing {}", fk.columns.join(", "), fk.parent))
                 })
                 .collect();
+            // As the child table's owner, restricted, as PostgreSQL runs its own foreign-key
+            // checks as a table's owner: a domain or operator of the key's type is someone's
+            // code, which must not run with the applier's rights.
+            let _owner = RunAs::restricted(rel.owner);
             for (sql, name, what) in checks {
                 if !applier.plans.contains_key(&sql) {
                     let types = vec![PgOid::from(pg_sys::TEXTARRAYOID); key_cols.len()];

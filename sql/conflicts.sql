@@ -46,15 +46,17 @@ SELECT c.tbl, c.kind, c.outcome, c.n AS conflicts,
        c.first_at, c.last_at
   FROM rbucardo.conflict_counts c;
 
--- The clock of the last change to every replicated row whose change has left the change log
--- (trimmed once every peer had it): the `latest` rule compares an incoming change with the
--- local version's clock, found in the change log while the change is there, here afterwards.
+-- The clock of the last change to each column of every replicated row whose change has left
+-- the change log (trimmed once every peer had it): the `latest` rule compares an incoming
+-- change with the clock of the local version of the columns in conflict, found in the change
+-- log while the change is there, here afterwards. col '*': a change that set every column.
 CREATE TABLE rbucardo.row_clock (
     relid   oid NOT NULL,
     key     text NOT NULL,      -- the replica key as a JSON object of column to text value
+    col     text NOT NULL,      -- the column this clock set ('*': every column)
     hlc     bigint NOT NULL,
     origin  integer NOT NULL,
-    PRIMARY KEY (relid, key)
+    PRIMARY KEY (relid, key, col)
 );
 
 -- Per-table and per-column overrides of how conflicts are resolved.

@@ -221,12 +221,14 @@ impl Clocks {
         }
         let logged = SESSION.with(|s| s.borrow().as_ref().and_then(|s| s.rows.get(&k).and_then(|(c, _)| c.of(columns))));
         let mine = self.txn.get(&k).and_then(|r| r.of(columns)).max(applied_clock(&k, columns));
-        // Kept clocks count too, per row: a trimmed change, or a parked transaction a retry
-        // applied.
+        // Kept clocks count too: a trimmed change, or a parked transaction a retry applied.
+        let cols: Option<Vec<String>> = columns.map(|c| c.iter().map(|s| s.to_string()).collect());
         let kept = Spi::get_two_with_args::<i64, i32>(
             "SELECT hlc, origin FROM rbucardo.row_clock
-              WHERE relid = pg_catalog.to_regclass(pg_catalog.format('%I.%I', $1::text, $2::text)) AND key = $3",
-            &[desc.schema.as_str().into(), desc.name.as_str().into(), k.2.as_str().into()],
+              WHERE relid = pg_catalog.to_regclass(pg_catalog.format('%I.%I', $1::text, $2::text)) AND key = $3
+                AND (col = '*' OR $4::text[] IS NULL OR col = ANY ($4::text[]))
+              ORDER BY hlc DESC, origin DESC LIMIT 1",
+            &[desc.schema.as_str().into(), desc.name.as_str().into(), k.2.as_str().into(), cols.into()],
         )
         .ok()
         .and_then(|(h, o)| Some((h?, o?)));
@@ -279,44 +281,49 @@ fn logged_clocks(me: i32, where_sql: &str, args: &[pgrx::datum::DatumWithOid]) -
 /// Keeps the clocks of rows whose changes are about to leave the change log (`where_sql`
 /// selects the change log rows being trimmed).
 pub fn keep_row_clocks(me: i32, where_sql: &str, args: &[pgrx::datum::DatumWithOid]) {
-    store(logged_clocks(me, where_sql, args).into_iter().filter_map(|(k, (clock, _))| Some((k, clock.of(None)?))).collect());
+    store(logged_clocks(me, where_sql, args).into_iter().map(|(k, (clock, _))| (k, clock)).collect());
 }
 
 /// Records the clock of every row a transaction applied here without a change-log entry of
 /// its own (a parked transaction applied by a retry: it was forwarded when it was parked).
 pub fn remember(chunks: &[Vec<u8>], hlc: i64, origin: i32) {
-    let mut latest: HashMap<(String, String, String), (i64, i32)> = HashMap::new();
+    let mut latest: HashMap<Key, RowClock> = HashMap::new();
     for chunk in chunks.iter().filter_map(|c| decode_chunk(c).ok()) {
         for ch in &chunk.changes {
             let desc = &chunk.relations[ch.rel as usize];
             if let Some(r) = ch.new.as_ref().or(ch.old.as_ref()).filter(|_| !desc.key.is_empty()) {
-                latest.insert((desc.schema.clone(), desc.name.clone(), key_text(desc, r)), (hlc, origin));
+                latest.entry((desc.schema.clone(), desc.name.clone(), key_text(desc, r))).or_default().set(changed_columns(desc, ch), (hlc, origin));
             }
         }
     }
     store(latest);
 }
 
-fn store(latest: HashMap<(String, String, String), (i64, i32)>) {
+/// Keeps row clocks in `row_clock`, per column as they were kept in memory.
+fn store(latest: HashMap<Key, RowClock>) {
     if latest.is_empty() {
         return;
     }
-    let (mut schemas, mut names, mut keys, mut hlcs, mut origins) = (vec![], vec![], vec![], vec![], vec![]);
-    for ((s, n, k), (h, o)) in latest {
-        schemas.push(s);
-        names.push(n);
-        keys.push(k);
-        hlcs.push(h);
-        origins.push(o);
+    let (mut schemas, mut names, mut keys, mut cols, mut hlcs, mut origins) = (vec![], vec![], vec![], vec![], vec![], vec![]);
+    for ((s, n, k), clock) in latest {
+        let entries = clock.all.map(|c| ("*".to_string(), c)).into_iter().chain(clock.cols);
+        for (col, (h, o)) in entries {
+            schemas.push(s.clone());
+            names.push(n.clone());
+            keys.push(k.clone());
+            cols.push(col);
+            hlcs.push(h);
+            origins.push(o);
+        }
     }
     Spi::run_with_args(
-        "INSERT INTO rbucardo.row_clock (relid, key, hlc, origin)
-         SELECT to_regclass(format('%I.%I', s, n)), k, h, o
-           FROM unnest($1::text[], $2::text[], $3::text[], $4::bigint[], $5::int[]) AS u(s, n, k, h, o)
+        "INSERT INTO rbucardo.row_clock (relid, key, col, hlc, origin)
+         SELECT to_regclass(format('%I.%I', s, n)), k, c, h, o
+           FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::bigint[], $6::int[]) AS u(s, n, k, c, h, o)
           WHERE to_regclass(format('%I.%I', s, n)) IS NOT NULL
-         ON CONFLICT (relid, key) DO UPDATE SET hlc = EXCLUDED.hlc, origin = EXCLUDED.origin
+         ON CONFLICT (relid, key, col) DO UPDATE SET hlc = EXCLUDED.hlc, origin = EXCLUDED.origin
           WHERE (EXCLUDED.hlc, EXCLUDED.origin) > (row_clock.hlc, row_clock.origin)",
-        &[schemas.into(), names.into(), keys.into(), hlcs.into(), origins.into()],
+        &[schemas.into(), names.into(), keys.into(), cols.into(), hlcs.into(), origins.into()],
     )
     .expect("keeping row clocks");
 }

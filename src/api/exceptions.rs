@@ -63,7 +63,7 @@ fn exception_discard(id: i64) -> String {
         );
     }
     Spi::run_with_args(
-        "UPDATE rbucardo.exceptions SET resolved_at = pg_catalog.now(), resolution = 'discarded' WHERE id = $1",
+        "UPDATE rbucardo.exceptions SET resolved_at = pg_catalog.now(), resolution = 'discarded' WHERE id = $1 AND resolved_at IS NULL",
         &[id.into()],
     )
     .expect("discarding an exception");

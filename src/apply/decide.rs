@@ -374,7 +374,8 @@ fn both_changed(p: &Policy, desc: &RelDesc, l: &[Value], old: &[Value], new: &[V
     } else {
         (0..new.len()).filter(|&i| new[i] != old[i] && l[i] != old[i] && p.delta.get(i) != Some(&true)).collect()
     };
-    let mut d = resolve(p, desc, Kind::UpdateDiffers, Some(l), Some(new), old, origin, Some(&contested), env);
+    // With merge off the version is the whole row: its clock is the row's.
+    let mut d = resolve(p, desc, Kind::UpdateDiffers, Some(l), Some(new), old, origin, if p.merge { Some(&contested) } else { None }, env);
     // Every delta column takes the sum, whichever side changed it: what a side sold counts even
     // when the rest of its version loses.
     let delta_cols: Vec<usize> = (0..new.len()).filter(|&i| p.delta.get(i) == Some(&true)).collect();

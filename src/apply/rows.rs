@@ -296,13 +296,11 @@ impl Target {
             let owner = RunAs::restricted(layout.owner);
             let found = self.find(layout, desc, probe);
             let local = found.then(|| self.local_text(layout));
-            // The decision reads and writes rbucardo's own tables: it runs as the applier
-            // (still restricted, inside the owner's settings sandbox).
-            let decision = {
-                let _applier = RunAs::role(owner.previous_user());
-                decide(local.as_deref())
-            };
-            let _owner = owner;
+            // The decision reads and writes rbucardo's own tables: it runs as the applier,
+            // after the owner's sandbox is gone (nothing the owner's code set reaches it).
+            drop(owner);
+            let decision = decide(local.as_deref());
+            let _owner = RunAs::restricted(layout.owner);
             match &decision.action {
                 Action::Nothing | Action::Abort(_) => {}
                 Action::Write(row) if found => self.update_found(layout, row),

@@ -19,14 +19,14 @@ impl Applier {
         let (old, new) = (ch.old.as_deref(), ch.new.as_deref());
         let probe = if ch.op == Op::Insert { new } else { old }.expect("row change with its key image");
         // Reads and writes run as the table's owner, restricted; the decision as the applier.
-        let owner = RunAs::restricted(self.local_rel(desc).owner);
-        let local = self.sql_local(client, desc, probe);
-        // The decision runs as the applier (still restricted, inside the owner's sandbox).
-        let decision = {
-            let _applier = RunAs::role(owner.previous_user());
-            self.decide(desc, ch, local.as_deref(), origin)
+        let owner = self.local_rel(desc).owner;
+        let local = {
+            let _owner = RunAs::restricted(owner);
+            self.sql_local(client, desc, probe)
         };
-        let _owner = owner;
+        // The decision runs as the applier, after the owner's sandbox is gone.
+        let decision = self.decide(desc, ch, local.as_deref(), origin);
+        let _owner = RunAs::restricted(owner);
         match decision {
             Action::Nothing => {}
             Action::Write(row) if local.is_some() => self.update(client, desc, probe, &row),

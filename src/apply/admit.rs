@@ -15,7 +15,7 @@ use pgrx::prelude::*;
 
 use crate::base::node::{DdlLevel, PeerPolicy};
 use crate::base::sqltext::refused_at_limited;
-use crate::base::wire::{decode_chunk, Batch, Op, Position};
+use crate::base::wire::{Batch, Op, Position};
 
 /// How far ahead of this node's wall clock a peer's transaction clock may be.
 const MAX_CLOCK_LEAD_MICROS: i64 = 86_400 * 1_000_000;
@@ -52,14 +52,8 @@ pub fn admit(me: i32, policy: &PeerPolicy, batch: &Batch, cursor: Position) -> R
                 txn.origin, policy.name, policy.name
             ));
         }
-        let decoded;
-        let chunks = if txn.decoded.0.len() == txn.chunks.len() {
-            &txn.decoded.0
-        } else {
-            decoded = txn.chunks.iter().map(|c| decode_chunk(c)).collect::<Result<Vec<_>, _>>().map_err(|e| e.to_string())?;
-            &decoded
-        };
-        for chunk in chunks {
+        let chunks = txn.decoded_chunks().map_err(|e| e.to_string())?;
+        for chunk in chunks.iter() {
             for ch in &chunk.changes {
                 let rel = &chunk.relations[ch.rel as usize];
                 if ch.op == Op::Ddl {

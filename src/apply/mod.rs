@@ -302,13 +302,7 @@ impl Applier {
         self.edits.clear();
         self.ran_as.clear();
         self.tally = conflicts::Tally::default();
-        let decoded;
-        let chunks = if txn.decoded.0.len() == txn.chunks.len() {
-            &txn.decoded.0
-        } else {
-            decoded = txn.chunks.iter().map(|bytes| decode_chunk(bytes).unwrap_or_else(|e| panic!("{e}"))).collect::<Vec<_>>();
-            &decoded
-        };
+        let chunks = txn.decoded_chunks().unwrap_or_else(|e| panic!("{e}"));
         let mut changes: Vec<(&RelDesc, &RowChange)> =
             chunks.iter().flat_map(|c| c.changes.iter().map(|ch| (&c.relations[ch.rel as usize], ch))).collect();
         changes.sort_by_key(|(_, c)| c.ordinal);
@@ -541,16 +535,10 @@ fn leave_out(txn: &Txn, ordinal: u32) -> Txn {
 /// What a transaction holds, checked without applying it: its first schema change (ordinal
 /// and command), and the first table of its row changes not in `shared`.
 fn inspect(txn: &Txn, shared: &std::collections::HashSet<(String, String)>) -> (Option<(u32, String)>, Option<String>) {
-    let decoded;
-    let chunks = if txn.decoded.0.len() == txn.chunks.len() {
-        &txn.decoded.0
-    } else {
-        decoded = txn.chunks.iter().map(|bytes| decode_chunk(bytes).unwrap_or_else(|e| panic!("{e}"))).collect::<Vec<_>>();
-        &decoded
-    };
+    let chunks = txn.decoded_chunks().unwrap_or_else(|e| panic!("{e}"));
     let mut ddl: Option<(u32, String)> = None;
     let mut unshared = None;
-    for chunk in chunks {
+    for chunk in chunks.iter() {
         for ch in &chunk.changes {
             let rel = &chunk.relations[ch.rel as usize];
             if ch.op == Op::Ddl {

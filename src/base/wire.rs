@@ -107,6 +107,16 @@ pub struct Txn {
     pub decoded: Decoded,
 }
 
+impl Txn {
+    /// The transaction's chunks decoded: those `decode_batch` kept, else decoded now.
+    pub fn decoded_chunks(&self) -> Result<std::borrow::Cow<'_, [Chunk]>, DecodeError> {
+        if self.decoded.0.len() == self.chunks.len() {
+            return Ok(std::borrow::Cow::Borrowed(&self.decoded.0));
+        }
+        self.chunks.iter().map(|c| decode_chunk(c)).collect::<Result<Vec<_>, _>>().map(std::borrow::Cow::Owned)
+    }
+}
+
 /// Decoded chunks kept next to their bytes: a cache, not part of a transaction's value (two
 /// transactions with the same bytes are equal whether or not they were decoded).
 #[derive(Debug, Clone, Default)]

@@ -12,7 +12,7 @@ CREATE TABLE rbucardo.conflicts (
     tbl            text NOT NULL,            -- schema-qualified table name
     key            jsonb NOT NULL,           -- replica key of the row
     kind           text NOT NULL CHECK (kind IN ('insert_exists', 'update_differs', 'update_missing',
-                                                  'delete_differs', 'delete_missing')),
+                                                  'delete_differs', 'delete_missing', 'unique_collision')),
     local_version  jsonb,                    -- the row here before the change (NULL: missing)
     remote_version jsonb,                    -- the incoming row (NULL for a delete)
     local_origin   integer,                  -- node that made the local version (NULL: unknown)
@@ -65,6 +65,15 @@ CREATE TABLE rbucardo.table_option (
     strategy  text,                        -- overrides the sync's conflict strategy
     merge     boolean NOT NULL DEFAULT true, -- column-level merge of non-overlapping changes
     log_merges boolean NOT NULL DEFAULT false -- log clean outcomes too, not only count them
+);
+-- Unique indexes other than the replica key whose collisions (one login made at two stores)
+-- are settled without an operator: the later row's value is renamed on every node. An index
+-- without a row here parks the transaction that collides (the default).
+CREATE TABLE rbucardo.index_option (
+    indexrelid oid PRIMARY KEY,
+    relid      oid NOT NULL,
+    strategy   text NOT NULL CHECK (strategy IN ('rename')),
+    col        name NOT NULL              -- the text column the later row renames
 );
 CREATE TABLE rbucardo.column_option (
     relid     oid NOT NULL,

@@ -269,6 +269,73 @@ fn unique_violation_is_parked_and_retried() {
     assert_eq!(one(&cluster, MAIN, "SELECT resolution FROM rbucardo.exceptions ORDER BY id DESC LIMIT 1"), "discarded");
 }
 
+/// The same login made on all three nodes while apart, with the login index set to `rename`
+/// (star, then mesh): nothing parks, every user stays, and every node renames the same two,
+/// the later ones, to login~id, whichever order the rows reach it in. An order made with the
+/// renamed cashier arrives too, and the collisions are in the conflict log.
+#[test]
+fn unique_collision_renames_the_later_row_on_every_node() {
+    for topology in [Topology::Star, Topology::Mesh] {
+        let cluster = start_store(&format!("conflict_rename_{topology:?}").to_lowercase(), topology);
+        for i in ALL {
+            let set = one(&cluster, i, "SELECT rbucardo.set_unique_strategy('users_login_key', 'rename')");
+            assert_eq!(set, "a collision on users_login_key renames the later row's login");
+        }
+        let links: Vec<(usize, usize)> = ALL.iter().flat_map(|&a| ALL.iter().map(move |&b| (a, b))).filter(|(a, b)| a != b).collect();
+        for &(a, b) in &links {
+            cluster.link(a, b).cut();
+        }
+        // In this order, so each is later than the one before (one clock per node, all near
+        // the same time; each insert commits before the next starts).
+        cluster.node(MAIN).sql(DB, "INSERT INTO users (id, login, name) VALUES (1000001, 'ana', 'Ana of main')");
+        cluster.node(BRANCH1).sql(DB, "INSERT INTO users (id, login, name) VALUES (2000001, 'ana', 'Ana of branch1')");
+        cluster.node(BRANCH2).sql(DB, "BEGIN; INSERT INTO users (id, login, name) VALUES (3000001, 'ana', 'Ana of branch2');
+                                       INSERT INTO pos_order (id, cashier, total) VALUES (3000001, 3000001, 5); COMMIT;");
+        for &(a, b) in &links {
+            cluster.link(a, b).restore();
+        }
+        let want = "1000001 ana, 2000001 ana~2000001, 3000001 ana~3000001";
+        for i in ALL {
+            wait_until("every ana, the later two renamed", Duration::from_secs(60), || {
+                let got = one(&cluster, i, "SELECT string_agg(id || ' ' || login, ', ' ORDER BY id) FROM users WHERE login LIKE 'ana%'");
+                let order = one(&cluster, i, "SELECT count(*) FROM pos_order WHERE cashier = 3000001");
+                if got == want && order == "1" {
+                    Ok(true)
+                } else {
+                    Err(format!("{}: {got}; order {order}; exceptions {}", NODE_NAMES[i], one(&cluster, i, "SELECT string_agg(reason, '; ') FROM rbucardo.exceptions")))
+                }
+            });
+            assert_eq!(one(&cluster, i, "SELECT count(*) FROM rbucardo.exceptions"), "0", "{}: nothing parked", NODE_NAMES[i]);
+        }
+        cluster.assert_tables_equal(DB, "users", "id", &ALL);
+        // Each node that met a collision logged it: main met both branches' ana.
+        let logged = one(&cluster, MAIN, "SELECT string_agg(key->>'id' || ' ' || rule || ' ' || winner, ', ' ORDER BY key->>'id') FROM rbucardo.conflicts WHERE kind = 'unique_collision'");
+        assert!(logged.contains("2000001 rename on users_login_key") && logged.contains("3000001 rename on users_login_key"), "main's log: {logged}");
+        // Nothing was lost, so there is nothing to reapply; 'park' puts the default back.
+        let reapply = cluster.node(MAIN).connect(DB).execute("SELECT rbucardo.conflict_reapply(min(id)) FROM rbucardo.conflicts WHERE kind = 'unique_collision'");
+        assert!(reapply.unwrap_err().contains("keeps both rows"));
+        assert_eq!(one(&cluster, MAIN, "SELECT rbucardo.set_unique_strategy('users_login_key', 'park')"), "a collision on users_login_key parks the transaction");
+    }
+}
+
+/// `set_unique_strategy` refuses what it cannot do, with a clear error.
+#[test]
+fn set_unique_strategy_refuses_bad_input() {
+    let cluster = start_store("conflict_rename_bad", Topology::Star);
+    let node = cluster.node(MAIN);
+    node.sql(DB, "CREATE UNIQUE INDEX products_price_key ON products (price); CREATE UNIQUE INDEX users_lower_login ON users (lower(login))");
+    for (sql, want) in [
+        ("SELECT rbucardo.set_unique_strategy('users_pkey', 'rename')", "users_pkey is the table's replica key"),
+        ("SELECT rbucardo.set_unique_strategy('products_price_key', 'rename')", "products_price_key has no text column to rename"),
+        ("SELECT rbucardo.set_unique_strategy('users_lower_login', 'rename')", "users_lower_login is not a plain unique index"),
+        ("SELECT rbucardo.set_unique_strategy('users', 'rename')", "users is not an index"),
+        ("SELECT rbucardo.set_unique_strategy('users_login_key', 'drop')", "unknown unique strategy \"drop\""),
+    ] {
+        let err = node.connect(DB).execute(sql).unwrap_err();
+        assert!(err.contains(want), "{sql}: {err}");
+    }
+}
+
 /// branch1's clock is an hour behind. It changes a price after seeing main's change; branch2,
 /// cut off, had changed the same price a little before main did. Under `latest` branch1's
 /// change wins everywhere: it was made after main's, which was made after branch2's. A

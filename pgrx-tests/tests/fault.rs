@@ -33,7 +33,9 @@
 //! 3. **Checks.** Each same-login user is, on every node, either there or parked in
 //!    `rbucardo.exceptions` (exactly one of the two is there); the test then renames the first
 //!    one's login on its own node (the operator's fix), and the parked transactions apply by
-//!    themselves. Then: no exception is left open; every table is identical row by row on every
+//!    themselves. Half the seeds set the login index to `rename` instead
+//!    (`set_unique_strategy`): then nothing parks, both users of a pair end on every node, one
+//!    with the login and the later one with login~id, and every node holds the same. Then: no exception is left open; every table is identical row by row on every
 //!    node, with the same columns and indexes; every row is exactly what the committed
 //!    transactions left (each committed insert is there unless a committed delete removed it,
 //!    nothing else is, every committed update shows, every committed DDL is there); each
@@ -493,6 +495,9 @@ struct World {
     /// Same-login users, by id: (login, name) as they should end.
     dup_users: BTreeMap<i64, (String, String)>,
     dup_count: i64,
+    /// Whether the login index renames the later of two same-login users (drawn per seed)
+    /// rather than parking it.
+    rename: bool,
     cycle: Option<usize>,
     /// The extension library's stamp when the run started (see `check_library`).
     library: Option<std::time::SystemTime>,
@@ -508,6 +513,7 @@ impl World {
             sales: vec![Vec::new(); 3],
             dup_users: BTreeMap::new(),
             dup_count: 0,
+            rename: Rng::derive(seed, &[topology as u64, 0x7e4a]).chance(50),
             cycle: None,
         }
     }
@@ -524,7 +530,11 @@ impl World {
         for i in ALL {
             cluster.node(i).sql(DB, "SELECT rbucardo.set_column_strategy('products', 'stock', 'delta')");
             cluster.node(i).sql(DB, MARKERS);
+            if self.rename {
+                cluster.node(i).sql(DB, "SELECT rbucardo.set_unique_strategy('users_login_key', 'rename')");
+            }
         }
+        eprintln!("[{}] same-login users: {}", self.tag(), if self.rename { "the later one renamed" } else { "parked, then renamed by the operator" });
         cluster.node(MAIN).sql(
             DB,
             &format!(
@@ -707,6 +717,9 @@ impl World {
         }
         let ids: Vec<String> = pairs.iter().flat_map(|d| d.sides.iter().map(|s| s.1.to_string())).collect();
         let ids = ids.join(", ");
+        if self.rename {
+            return self.renamed_dups(cluster, &pairs, &ids);
+        }
         let present_sql = format!("SELECT coalesce(string_agg(id::text, ' '), '') FROM users WHERE id IN ({ids})");
         let parked_sql = format!(
             "SELECT coalesce(string_agg(DISTINCT key->>'id', ' '), '') FROM rbucardo.exception_rows
@@ -772,6 +785,36 @@ impl World {
             cluster.node(a).sql(DB, &format!("UPDATE users SET login = {} WHERE id = {id}", lit(&renamed)));
             self.models[a].committed += 1;
             self.dup_users.get_mut(&id).unwrap().0 = renamed;
+        }
+    }
+
+    /// With the login index on `rename`: both users of each pair end on every node, one with
+    /// the login and the other with login~id; which one is the nodes' choice (the later by
+    /// clock), and `check_rows` then checks every node made the same.
+    fn renamed_dups(&mut self, cluster: &Cluster, pairs: &[Dup], ids: &str) {
+        let tag = self.tag();
+        let sql = format!("SELECT id, login FROM users WHERE id IN ({ids}) ORDER BY id");
+        let mut probe = Probe::new(cluster);
+        let result = poll_every(CONVERGE, Duration::from_millis(250), || {
+            check_library(self.library);
+            let got: Vec<usize> = ALL.iter().map(|&i| probe.query(i, &sql).map(|r| r.len())).collect::<Result<_, _>>()?;
+            if got.iter().all(|&n| n == pairs.len() * 2) { Ok(true) } else { Err(format!("same-login users per node: {got:?} of {}", pairs.len() * 2)) }
+        });
+        if let Err(why) = result {
+            panic!("{tag}: same-login users not all there within {CONVERGE:?}: {why}\n{}\n{}", open_exceptions(cluster), diagnostics(cluster));
+        }
+        let logins: BTreeMap<i64, String> = probe
+            .query(MAIN, &sql)
+            .unwrap_or_else(|e| panic!("{tag}: {e}"))
+            .into_iter()
+            .map(|r| (r[0].as_deref().unwrap().parse().unwrap(), r[1].clone().unwrap_or_default()))
+            .collect();
+        for d in pairs {
+            let kept: Vec<i64> = d.sides.iter().map(|s| s.1).filter(|id| logins[id] == d.login).collect();
+            let renamed: Vec<i64> = d.sides.iter().map(|s| s.1).filter(|id| logins[id] == format!("{}~{id}", d.login)).collect();
+            assert!(kept.len() == 1 && renamed.len() == 1, "{tag}: login {}: main holds {logins:?}", d.login);
+            eprintln!("[{tag}] same login {:?}: user {} keeps it, user {} renamed", d.login, kept[0], renamed[0]);
+            self.dup_users.get_mut(&renamed[0]).unwrap().0 = logins[&renamed[0]].clone();
         }
     }
 
@@ -949,17 +992,20 @@ impl World {
     /// conflict elsewhere means a change applied twice or out of order.
     fn check_conflicts(&self, cluster: &Cluster) {
         let tag = self.tag();
+        // Same-login users meet as unique collisions when the login index renames.
+        let dups = lit(&self.dup_users.keys().map(|id| id.to_string()).collect::<Vec<_>>().join(","));
         for i in ALL {
             let odd = cluster.node(i).query(
                 DB,
-                "WITH parked AS (SELECT DISTINCT c.tbl, c.key->>'id' AS id
+                &format!("WITH parked AS (SELECT DISTINCT c.tbl, c.key->>'id' AS id
                                    FROM rbucardo.exceptions e CROSS JOIN LATERAL rbucardo.exception_changes(e.id) c
                                   WHERE c.key IS NOT NULL)
                  SELECT c.id, c.tbl, c.key::text, c.kind, c.rule, c.winner, c.local_version::text, c.remote_version::text, c.remote_origin
                    FROM rbucardo.conflicts c
                   WHERE c.tbl <> 'public.products'
+                    AND NOT (c.kind = 'unique_collision' AND c.key->>'id' = ANY (string_to_array({dups}, ',')))
                     AND NOT EXISTS (SELECT 1 FROM parked p WHERE p.tbl = c.tbl AND p.id = c.key->>'id')
-                  ORDER BY c.id LIMIT 20",
+                  ORDER BY c.id LIMIT 20"),
             );
             assert!(
                 odd.is_empty(),

@@ -3,7 +3,7 @@
 
 use pgrx::prelude::*;
 
-use crate::apply::conflicts::check_strategy;
+use crate::apply::conflicts::{check_strategy, check_unique_rename};
 use crate::base::error::raise;
 use crate::base::signals;
 
@@ -89,6 +89,31 @@ fn set_column_strategy(tbl: pg_sys::Oid, col: &str, strategy: &str) -> String {
     format!("column {col} of {} is now {strategy}", table_oid_name(tbl))
 }
 
+/// How collisions on a unique index other than the replica key are settled: 'park' (the
+/// default: the colliding transaction waits in rbucardo.exceptions for an operator) or 'rename'
+/// (the later of the two rows gives up its value, renamed to value~key, on every node, and
+/// rbucardo.conflicts logs it). Set it on every node of the sync.
+#[pg_extern(sql = "CREATE FUNCTION rbucardo.set_unique_strategy(idx regclass, strategy text) RETURNS text
+                   STRICT VOLATILE LANGUAGE c AS 'MODULE_PATHNAME', '@FUNCTION_NAME@';")]
+fn set_unique_strategy(idx: pg_sys::Oid, strategy: &str) -> String {
+    let (relid, col) = check_unique_rename(idx);
+    match strategy {
+        "rename" => Spi::run_with_args(
+            "INSERT INTO rbucardo.index_option (indexrelid, relid, strategy, col) VALUES ($1, $2, 'rename', $3)
+             ON CONFLICT (indexrelid) DO UPDATE SET strategy = EXCLUDED.strategy, col = EXCLUDED.col",
+            &[idx.into(), relid.into(), col.as_str().into()],
+        ),
+        "park" => Spi::run_with_args("DELETE FROM rbucardo.index_option WHERE indexrelid = $1", &[idx.into()]),
+        _ => raise(PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE, format!("unknown unique strategy {strategy:?}"), "Use 'park' (the default) or 'rename'."),
+    }
+    .expect("recording the unique strategy");
+    signals::wake_local_worker_at_commit();
+    match strategy {
+        "rename" => format!("a collision on {} renames the later row's {col}", table_oid_name(idx)),
+        _ => format!("a collision on {} parks the transaction", table_oid_name(idx)),
+    }
+}
+
 /// Changes the conflict strategy of a sync.
 #[pg_extern(volatile)]
 fn set_conflict_strategy(sync: &str, strategy: &str) -> String {
@@ -110,7 +135,8 @@ fn set_conflict_strategy(sync: &str, strategy: &str) -> String {
 #[pg_extern(volatile)]
 fn conflict_reapply(id: i64) -> String {
     let row = Spi::get_three_with_args::<String, pgrx::JsonB, String>(
-        "SELECT tbl, jsonb_build_object('key', key, 'local', local_version, 'remote', remote_version), winner
+        "SELECT tbl, jsonb_build_object('key', key, 'local', local_version, 'remote', remote_version),
+                CASE WHEN kind = 'unique_collision' THEN 'renamed' ELSE winner END
            FROM rbucardo.conflicts WHERE id = $1 AND reapplied_at IS NULL",
         &[id.into()],
     )
@@ -122,6 +148,11 @@ fn conflict_reapply(id: i64) -> String {
     let loser = match winner.as_str() {
         "remote" => v.get("local").cloned(),
         "local" => v.get("remote").cloned(),
+        "renamed" => raise(
+            PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE,
+            format!("conflict {id} is a unique collision, which keeps both rows"),
+            "The later row was renamed (value~key) on every node; UPDATE its value if another one suits better.",
+        ),
         _ => raise(PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE, format!("conflict {id} has no losing version"), "A delete of a row that was already gone loses nothing."),
     }
     .filter(|l| !l.is_null());

@@ -2,13 +2,14 @@
 //! (src/apply/decide.rs), answering what the decision asks ([`NodeEnv`]: row clocks, custom
 //! resolver functions), and writing the conflict log.
 //!
-//! Owns the table `conflicts` (sql/conflicts.sql) and reads `table_option`, `column_option`.
+//! Owns the table `conflicts` (sql/conflicts.sql) and reads `table_option`, `column_option`,
+//! `index_option`.
 
 use std::collections::HashMap;
 
 use pgrx::prelude::*;
 
-use crate::apply::decide::{Answer, Conflict, Env, Kind, Logged, Policy, Strategy, STRATEGIES};
+use crate::apply::decide::{Answer, Conflict, Env, Kind, Logged, Policy, Strategy, UniqueRename, STRATEGIES};
 use crate::base::error::raise;
 use crate::base::wire::RelDesc;
 use crate::log::clocks::Clocks;
@@ -33,7 +34,82 @@ pub fn policy_for(relid: pg_sys::Oid, desc: &RelDesc) -> Policy {
     let (merge, delta) = column_rules(relid, desc);
     let log_merges = Spi::get_one_with_args::<bool>("SELECT log_merges FROM rbucardo.table_option WHERE relid = $1", &[relid.into()]).ok().flatten().unwrap_or(false);
     let table = format!("{}.{}", pgrx::spi::quote_identifier(&desc.schema), pgrx::spi::quote_identifier(&desc.name));
-    Policy { table, strategy: Strategy::parse(&rule_name), rule_name, sync, merge, delta, node_names: node_names(), log_merges }
+    let renames = unique_renames(relid, desc);
+    Policy { table, strategy: Strategy::parse(&rule_name), rule_name, sync, merge, delta, node_names: node_names(), log_merges, renames }
+}
+
+/// The table's unique indexes set to `rename`, with their columns in the remote column order;
+/// an index with a column the peer does not send is left to park.
+fn unique_renames(relid: pg_sys::Oid, desc: &RelDesc) -> Vec<UniqueRename> {
+    let rows: Vec<(String, Vec<String>, String)> = Spi::connect(|c| {
+        c.select(
+            "SELECT o.indexrelid::pg_catalog.regclass::text,
+                    ARRAY(SELECT a.attname::text FROM unnest((i.indkey::int2[])[0:i.indnkeyatts - 1]) k
+                            JOIN pg_catalog.pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k),
+                    o.col::text
+               FROM rbucardo.index_option o JOIN pg_catalog.pg_index i ON i.indexrelid = o.indexrelid
+              WHERE o.relid = $1 AND o.strategy = 'rename' AND i.indisunique AND i.indisvalid
+              ORDER BY 1",
+            None,
+            &[relid.into()],
+        )
+        .map(|t| t.filter_map(|r| Some((r.get::<String>(1).ok()??, r.get::<Vec<String>>(2).ok()??, r.get::<String>(3).ok()??))).collect())
+        .unwrap_or_default()
+    });
+    let at = |name: &str| desc.columns.iter().position(|c| c == name);
+    rows.into_iter()
+        .filter_map(|(index, cols, col)| Some(UniqueRename { index, columns: cols.iter().map(|c| at(c)).collect::<Option<_>>()?, renamed: at(&col)? }))
+        .collect()
+}
+
+/// Checks that a unique index can settle its collisions by renaming, and returns its table and
+/// the column renamed: the first text column of the index. Not the replica key (collisions on
+/// it are row conflicts), no expressions, no predicate (the lookup matches plain columns).
+pub fn check_unique_rename(index: pg_sys::Oid) -> (pg_sys::Oid, String) {
+    let found = Spi::get_three_with_args::<pg_sys::Oid, bool, String>(
+        "SELECT i.indrelid, i.indisunique AND i.indpred IS NULL AND i.indexprs IS NULL,
+                (SELECT a.attname::text FROM unnest((i.indkey::int2[])[0:i.indnkeyatts - 1]) WITH ORDINALITY k(attnum, o)
+                   JOIN pg_catalog.pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum
+                   JOIN pg_catalog.pg_type t ON t.oid = a.atttypid
+                  WHERE t.typcategory = 'S' ORDER BY k.o LIMIT 1)
+           FROM pg_catalog.pg_index i WHERE i.indexrelid = $1",
+        &[index.into()],
+    )
+    .unwrap_or((None, None, None));
+    let name = Spi::get_one_with_args::<String>("SELECT $1::pg_catalog.regclass::text", &[index.into()]).ok().flatten().unwrap_or_default();
+    let (Some(relid), Some(plain)) = (found.0, found.1) else {
+        raise(PgSqlErrorCode::ERRCODE_WRONG_OBJECT_TYPE, format!("{name} is not an index"), "Name a unique index, e.g. 'users_login_key'.");
+    };
+    if !plain {
+        raise(
+            PgSqlErrorCode::ERRCODE_FEATURE_NOT_SUPPORTED,
+            format!("{name} is not a plain unique index"),
+            "Only unique indexes on plain columns, without a WHERE clause, can rename; others park the colliding transaction.",
+        );
+    }
+    let is_key = Spi::get_one_with_args::<bool>(
+        "SELECT (i.indkey::int2[])[0:i.indnkeyatts - 1] = ARRAY(SELECT a.attnum FROM unnest($2::text[]) WITH ORDINALITY k(name, o)
+                   JOIN pg_catalog.pg_attribute a ON a.attrelid = i.indrelid AND a.attname = k.name ORDER BY k.o)::int2[]
+           FROM pg_catalog.pg_index i WHERE i.indexrelid = $1",
+        &[index.into(), crate::base::node::replica_key(relid).unwrap_or_default().into()],
+    )
+    .ok()
+    .flatten();
+    if is_key == Some(true) {
+        raise(
+            PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE,
+            format!("{name} is the table's replica key"),
+            "Two versions of one key are a row conflict, resolved by the conflict strategy (rbucardo.set_table_strategy).",
+        );
+    }
+    let Some(col) = found.2 else {
+        raise(
+            PgSqlErrorCode::ERRCODE_DATATYPE_MISMATCH,
+            format!("{name} has no text column to rename"),
+            "Renaming appends the row's key to a text value (login -> login~id); an index without a text column parks the colliding transaction.",
+        );
+    };
+    (relid, col)
 }
 
 /// Every node name this node knows, by node id.

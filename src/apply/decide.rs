@@ -22,6 +22,8 @@ pub enum Kind {
     UpdateMissing,
     DeleteDiffers,
     DeleteMissing,
+    /// Two rows hold one value of a unique index that is not the replica key.
+    UniqueCollision,
 }
 
 impl Kind {
@@ -32,6 +34,7 @@ impl Kind {
             Kind::UpdateMissing => "update_missing",
             Kind::DeleteDiffers => "delete_differs",
             Kind::DeleteMissing => "delete_missing",
+            Kind::UniqueCollision => "unique_collision",
         }
     }
 }
@@ -95,6 +98,50 @@ pub struct Policy {
     /// Whether outcomes that discard nothing (clean merges, identical arrivals) are logged
     /// too, not only counted.
     pub log_merges: bool,
+    /// Unique indexes (not the replica key) whose collisions rename the later row's value
+    /// instead of parking its transaction.
+    pub renames: Vec<UniqueRename>,
+}
+
+/// A unique index set to `rename` (rbucardo.set_unique_strategy): when an incoming row takes
+/// a value another row holds here, the later of the two rows gives it up.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct UniqueRename {
+    /// The index, schema-qualified, for the conflict log.
+    pub index: String,
+    /// Its columns, as positions in the remote column order.
+    pub columns: Vec<usize>,
+    /// The text column whose value the later row gives up.
+    pub renamed: usize,
+}
+
+/// Which of two rows holding one value of a unique index gives it up.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Yields {
+    Incoming,
+    Local,
+}
+
+/// Decides which of two rows colliding on a unique index gives its value up: the later one,
+/// by the clock of the value (an unknown clock counts as older than any), ties broken by the
+/// key text. It depends only on the two versions, not on which one arrived first, so every
+/// node that holds both makes the same choice; the `tests` check it from both sides.
+pub fn unique_yields(incoming: ((i64, i32), &str), local: (Option<(i64, i32)>, &str)) -> Yields {
+    let a = (Some(incoming.0), incoming.1);
+    let b = (local.0, local.1);
+    if a > b { Yields::Incoming } else { Yields::Local }
+}
+
+/// The value a row that gave up a unique value takes: its old value and its own key, which no
+/// other row has. The same on every node, so renaming twice (here and where the rename came
+/// from) ends the same.
+pub fn renamed_value(value: &str, key_text: &str) -> String {
+    format!("{value}~{key_text}")
+}
+
+/// A row's replica key as one text: its key values joined by commas.
+pub fn key_text(desc: &RelDesc, row: &[Value]) -> String {
+    desc.key.iter().map(|&k| row[k as usize].as_deref().unwrap_or("")).collect::<Vec<_>>().join(",")
 }
 
 /// The node and hybrid clock of the remote transaction a row change belongs to.
@@ -534,6 +581,7 @@ mod tests {
             delta: vec![false, false, true, false],
             node_names: HashMap::from([(1, "main".to_string()), (2, "branch1".to_string()), (3, "branch2".to_string())]),
             log_merges: false,
+            renames: Vec::new(),
         }
     }
 
@@ -776,5 +824,31 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// Two rows collide on a unique value: whichever of them arrives at a node second, that
+    /// node renames the same one, to the same value; an unknown clock is the oldest.
+    #[test]
+    fn unique_collisions_rename_the_same_row_from_both_sides() {
+        let rows = [((Some((100, 2)), "7")), (Some((100, 3)), "8"), (Some((90, 9)), "9"), (None, "10"), (None, "11")];
+        for (i, a) in rows.iter().enumerate() {
+            for (j, b) in rows.iter().enumerate() {
+                if i == j || a.0.is_none() {
+                    continue;
+                }
+                // Here a arrives while b is local; elsewhere b arrives while a is local.
+                let here = unique_yields((a.0.unwrap(), a.1), (b.0, b.1));
+                let renamed_here = if here == Yields::Incoming { a.1 } else { b.1 };
+                if let Some(bc) = b.0 {
+                    let there = unique_yields((bc, b.1), (a.0, a.1));
+                    let renamed_there = if there == Yields::Incoming { b.1 } else { a.1 };
+                    assert_eq!(renamed_here, renamed_there, "{a:?} vs {b:?}");
+                }
+                let later = if (a.0, a.1) > (b.0, b.1) { a.1 } else { b.1 };
+                assert_eq!(renamed_here, later, "{a:?} vs {b:?}: the later row gives way");
+            }
+        }
+        assert_eq!(renamed_value("anna", "3900002"), "anna~3900002");
+        assert_ne!(renamed_value("anna", "7"), renamed_value("anna", "8"));
     }
 }

@@ -26,6 +26,7 @@ mod fk;
 pub mod retry;
 mod rows;
 mod sql;
+mod unique;
 
 use crate::apply::decide::{Action, Decision, Forward, Origin};
 use crate::apply::exceptions::{Failure, Stop};
@@ -180,8 +181,10 @@ impl Applier {
                     })
                 })
                 .collect();
-            let layout = rows::layout(relid, desc);
             let policy = conflicts::policy_for(relid, desc);
+            // Renaming a colliding row writes a second row of the table mid-change: only the
+            // SQL path, whose every statement sees the one before, serves such a table.
+            let layout = if policy.renames.is_empty() { rows::layout(relid, desc) } else { None };
             let fks = fk::foreign_keys(relid);
             let owner = owner.unwrap_or(pg_sys::Oid::from_u32(pg_sys::BOOTSTRAP_SUPERUSERID));
             // Rows are written as the owner, whom FORCE ROW LEVEL SECURITY would hide rows
@@ -407,7 +410,14 @@ impl Applier {
     /// The decision on one row change of the SQL path; records what travels on.
     fn decide(&mut self, desc: &RelDesc, ch: &RowChange, local: Option<&[Value]>, origin: Origin) -> Action {
         let rel = self.local_rel(desc);
-        let decision = decide_change(&rel.policy, desc, ch, local, origin, &mut self.clocks, &mut self.tally);
+        let mut decision = decide_change(&rel.policy, desc, ch, local, origin, &mut self.clocks, &mut self.tally);
+        if let (false, Action::Write(row)) = (rel.policy.renames.is_empty(), &mut decision.action) {
+            let before = row.clone();
+            let table = unique::Table { qualified: &rel.qualified, types: &rel.types, owner: rel.owner };
+            if unique::settle(&table, &rel.policy, desc, row, origin, &mut self.clocks, &mut self.tally) {
+                decision.forward = renamed_forward(decision.forward, ch, &before, row);
+            }
+        }
         settle(decision, ch.ordinal, &mut self.edits)
     }
 
@@ -446,6 +456,24 @@ fn decide_change(policy: &decide::Policy, desc: &RelDesc, ch: &RowChange, local:
         tally.count(&policy.table, kind, outcome);
     }
     decision
+}
+
+/// What travels on of a change whose written image had a unique value renamed here: the
+/// renamed value wherever the forwarded image carries the value it replaced.
+fn renamed_forward(forward: Forward, ch: &RowChange, before: &[Value], after: &[Value]) -> Forward {
+    let patch = |mut image: Vec<Value>| {
+        for (i, v) in image.iter_mut().enumerate() {
+            if before[i] != after[i] && *v == before[i] {
+                *v = after[i].clone();
+            }
+        }
+        Forward::NewImage(image)
+    };
+    match forward {
+        Forward::AsIs => patch(ch.new.clone().expect("a written change has a new image")),
+        Forward::NewImage(image) => patch(image),
+        Forward::LeaveOut => Forward::LeaveOut,
+    }
 }
 
 /// Notes what of a decided change travels on; returns what to do with the local row.

@@ -27,3 +27,15 @@ CREATE TABLE rbucardo.exceptions (
     resolution   text CHECK (resolution IN ('applied', 'discarded', 'skipped', 'parked'))
 );
 CREATE INDEX exceptions_open ON rbucardo.exceptions (via) WHERE resolved_at IS NULL;
+
+-- Parts of a transaction too large for one batch, kept until its last part arrives and it is
+-- applied whole (src/apply/parts.rs); at most one transaction per sender.
+CREATE TABLE rbucardo.incoming_part (
+    sender       integer NOT NULL,        -- node id of the peer that sends it
+    stream_tick  bigint NOT NULL,         -- its position in the sender's stream
+    stream_seq   bigint NOT NULL,
+    part_start   integer NOT NULL,        -- its log chunks part_start .. part_end - 1
+    part_end     integer NOT NULL,
+    chunks       bytea NOT NULL,          -- those chunks (postcard)
+    PRIMARY KEY (sender, part_start)
+);

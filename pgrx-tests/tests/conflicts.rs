@@ -271,8 +271,8 @@ fn unique_violation_is_parked_and_retried() {
 
 /// The same login made on all three nodes while apart, with the login index set to `rename`
 /// (star, then mesh): nothing parks, every user stays, and every node renames the same two,
-/// the later ones, to login~id, whichever order the rows reach it in. An order made with the
-/// renamed cashier arrives too, and the collisions are in the conflict log.
+/// the later ones, to login~id, whichever order the rows reach it in. The order made in the
+/// same transaction as a renamed user arrives too, and the collisions are in the conflict log.
 #[test]
 fn unique_collision_renames_the_later_row_on_every_node() {
     for topology in [Topology::Star, Topology::Mesh] {
@@ -290,7 +290,7 @@ fn unique_collision_renames_the_later_row_on_every_node() {
         cluster.node(MAIN).sql(DB, "INSERT INTO users (id, login, name) VALUES (1000001, 'ana', 'Ana of main')");
         cluster.node(BRANCH1).sql(DB, "INSERT INTO users (id, login, name) VALUES (2000001, 'ana', 'Ana of branch1')");
         cluster.node(BRANCH2).sql(DB, "BEGIN; INSERT INTO users (id, login, name) VALUES (3000001, 'ana', 'Ana of branch2');
-                                       INSERT INTO pos_order (id, cashier, total) VALUES (3000001, 3000001, 5); COMMIT;");
+                                       INSERT INTO pos_order (id, node, ref, total) VALUES (3000001, 'branch2', 3000001, 5); COMMIT;");
         for &(a, b) in &links {
             cluster.link(a, b).restore();
         }
@@ -298,11 +298,11 @@ fn unique_collision_renames_the_later_row_on_every_node() {
         for i in ALL {
             wait_until("every ana, the later two renamed", Duration::from_secs(60), || {
                 let got = one(&cluster, i, "SELECT string_agg(id || ' ' || login, ', ' ORDER BY id) FROM users WHERE login LIKE 'ana%'");
-                let order = one(&cluster, i, "SELECT count(*) FROM pos_order WHERE cashier = 3000001");
+                let order = one(&cluster, i, "SELECT count(*) FROM pos_order WHERE ref = 3000001");
                 if got == want && order == "1" {
                     Ok(true)
                 } else {
-                    Err(format!("{}: {got}; order {order}; exceptions {}", NODE_NAMES[i], one(&cluster, i, "SELECT string_agg(reason, '; ') FROM rbucardo.exceptions")))
+                    Err(format!("{}: {got}; order {order}; exceptions {}\n{}", NODE_NAMES[i], one(&cluster, i, "SELECT string_agg(reason, '; ') FROM rbucardo.exceptions"), diagnostics(&cluster)))
                 }
             });
             assert_eq!(one(&cluster, i, "SELECT count(*) FROM rbucardo.exceptions"), "0", "{}: nothing parked", NODE_NAMES[i]);
@@ -310,7 +310,7 @@ fn unique_collision_renames_the_later_row_on_every_node() {
         cluster.assert_tables_equal(DB, "users", "id", &ALL);
         // Each node that met a collision logged it: main met both branches' ana.
         let logged = one(&cluster, MAIN, "SELECT string_agg(key->>'id' || ' ' || rule || ' ' || winner, ', ' ORDER BY key->>'id') FROM rbucardo.conflicts WHERE kind = 'unique_collision'");
-        assert!(logged.contains("2000001 rename on users_login_key") && logged.contains("3000001 rename on users_login_key"), "main's log: {logged}");
+        assert!(logged.contains("2000001 rename on public.users_login_key local") && logged.contains("3000001 rename on public.users_login_key local"), "main's log: {logged}");
         // Nothing was lost, so there is nothing to reapply; 'park' puts the default back.
         let reapply = cluster.node(MAIN).connect(DB).execute("SELECT rbucardo.conflict_reapply(min(id)) FROM rbucardo.conflicts WHERE kind = 'unique_collision'");
         assert!(reapply.unwrap_err().contains("keeps both rows"));

@@ -203,3 +203,53 @@ fn a_later_sale_does_not_make_an_older_price_win() {
     cluster.assert_tables_equal(DB, "products", "id", &ALL);
 }
 
+
+/// A transaction far larger than a batch travels in parts of about 8 MB. main keeps the parts
+/// it has while branch1's link is cut, and keeps them through a crash; when the link is back,
+/// branch1 goes on from there, and main applies the transaction whole, once, and forwards it
+/// to branch2 in parts too, through a cut mid-fetch. Then an UPDATE of every row from main
+/// travels the other way. (A transaction used to travel whole: one over 512 MB was refused by
+/// every receiver, for good.)
+#[test]
+fn a_transaction_larger_than_a_batch_travels_in_parts() {
+    use rbucardo_cluster_tests::Direction;
+    let cluster = start_store("fault_big_txn", Topology::Star);
+    let sum = "SELECT count(*) || ' ' || md5(string_agg(id || ' ' || tag || ' ' || payload, ',' ORDER BY id)) FROM bulk";
+    // About 40 MB of change data in one transaction: 20,000 rows of 2 kB.
+    cluster.link(BRANCH1, MAIN).cut_after_bytes(20 << 20, Direction::ClientToServer);
+    cluster.node(BRANCH1).sql(DB, "INSERT INTO bulk (id, tag, payload) SELECT i, 1, repeat(md5(i::text), 64) FROM generate_series(1, 20000) i");
+    let want = one(&cluster, BRANCH1, sum);
+    assert!(want.starts_with("20000 "), "{want}");
+    wait_until("main holds parts of the transaction", T, || {
+        let parts = one(&cluster, MAIN, "SELECT count(*) FROM rbucardo.incoming_part");
+        if parts.parse::<i64>().unwrap_or(0) >= 2 { Ok(true) } else { Err(format!("{parts} parts; {}", diagnostics(&cluster))) }
+    });
+    assert_eq!(one(&cluster, MAIN, "SELECT count(*) FROM bulk"), "0", "nothing is applied before the last part");
+    let held = one(&cluster, MAIN, "SELECT max(part_end) FROM rbucardo.incoming_part");
+    cluster.node(MAIN).kill9();
+    cluster.node(MAIN).start();
+    assert_eq!(one(&cluster, MAIN, "SELECT max(part_end) FROM rbucardo.incoming_part"), held, "the parts survive a crash");
+    let pushed = cluster.link(BRANCH1, MAIN).bytes_forwarded(Direction::ClientToServer);
+    cluster.link(BRANCH1, MAIN).restore();
+    // branch2 fetches it from main in parts, through a cut in the middle.
+    cluster.link(BRANCH2, MAIN).cut_after(12 << 20);
+    wait_until("branch2's link cut mid-transaction", T, || Ok(one(&cluster, MAIN, "SELECT count(*) FROM bulk") == "20000"));
+    cluster.link(BRANCH2, MAIN).restore();
+    wait_all(&cluster, &ALL, "the whole transaction everywhere", sum, &want);
+    // branch1 went on from the parts main held: it sent far less than the transaction again.
+    let resent = cluster.link(BRANCH1, MAIN).bytes_forwarded(Direction::ClientToServer) - pushed;
+    assert!(resent < 35 << 20, "branch1 sent {resent} bytes after the link came back: it started the transaction again");
+
+    // An UPDATE of every row (old and new images: about 80 MB) from main to both branches.
+    cluster.node(MAIN).sql(DB, "UPDATE bulk SET tag = 2, payload = upper(payload)");
+    let want = one(&cluster, MAIN, sum);
+    cluster.link(BRANCH1, MAIN).cut_after(30 << 20);
+    wait_all(&cluster, &[BRANCH2], "the update on branch2", sum, &want);
+    cluster.link(BRANCH1, MAIN).restore();
+    wait_all(&cluster, &ALL, "the update everywhere", sum, &want);
+    for i in ALL {
+        // Applied once: a second apply would have met its own rows (insert_exists, identical).
+        assert_eq!(one(&cluster, i, "SELECT count(*) FROM rbucardo.conflict_counts WHERE tbl = 'public.bulk'"), "0", "{}", NODE_NAMES[i]);
+        wait_all(&cluster, &[i], "no part left", "SELECT count(*) FROM rbucardo.incoming_part", "0");
+    }
+}

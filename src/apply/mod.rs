@@ -23,6 +23,7 @@ pub mod ddl;
 pub mod decide;
 pub mod exceptions;
 mod fk;
+pub mod parts;
 pub mod retry;
 mod rows;
 mod sql;
@@ -772,6 +773,15 @@ pub fn apply_batch(me: i32, sender_db: &str, sender_node: i32, batch: &Batch) ->
             "The batch is refused; the sender will resend from this node's position.",
         );
     }
+    // A part of a large transaction is kept; its last part brings the whole transaction.
+    let batch = parts::take_in(sender_node, batch, cursor).unwrap_or_else(|why| {
+        raise(
+            PgSqlErrorCode::ERRCODE_PROTOCOL_VIOLATION,
+            format!("refused a batch from {sender_db}: {why}"),
+            "Nothing of it was kept; the sender goes on from the parts this node holds.",
+        )
+    });
+    let batch: &Batch = &batch;
     let policy = peer_policy(sender_db);
     if let Err(why) = admit::admit(me, &policy, batch, cursor) {
         let why = format!("refused a batch from {sender_db}: {why}");

@@ -47,6 +47,7 @@ fn retry(me: i32, only: Option<i64>, limit: Option<i64>) -> i64 {
                 hlc: r.get::<i64>(6).unwrap().unwrap(),
                 stream_pos: pos,
                 chunks,
+                part: None,
                 decoded: Default::default(),
             });
             (r.get::<i64>(1).unwrap().unwrap(), r.get::<i32>(5).unwrap().unwrap_or(0), txn)
@@ -101,6 +102,7 @@ pub fn resume_stopped(me: i32, id: i64) -> bool {
                 chunks: stored_chunks(&r.get::<Vec<u8>>(6).unwrap().unwrap_or_default()).unwrap_or_else(|e| {
                     raise(PgSqlErrorCode::ERRCODE_DATA_CORRUPTED, format!("exception {id}: {e}"), "The stored transaction is damaged; it cannot be applied.")
                 }),
+                part: None,
                 decoded: Default::default(),
                 stream_pos: Position { tick: r.get::<i64>(7).unwrap().unwrap(), seq: r.get::<i64>(8).unwrap().unwrap() },
             };

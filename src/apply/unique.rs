@@ -94,7 +94,11 @@ fn colliding(table: &Table, desc: &RelDesc, rule: &UniqueRename, image: &[Value]
     );
     let _owner = RunAs::restricted(table.owner);
     let _canonical = CanonicalOutput::new();
-    Spi::get_one_with_args::<Vec<Option<String>>>(&sql, &args).unwrap_or_else(|e| panic!("{e}"))
+    match Spi::get_one_with_args::<Vec<Option<String>>>(&sql, &args) {
+        Ok(row) => row,
+        Err(pgrx::spi::SpiError::InvalidPosition) => None, // no row holds the values
+        Err(e) => panic!("{e}"),
+    }
 }
 
 /// Gives the local row's value up. Not captured (the apply runs in replica mode): each node

@@ -88,6 +88,16 @@ impl Position {
     }
 }
 
+/// A part of a transaction that travels in several batches: its log chunks `start..end` (in
+/// the sender's numbering, before chunks of unshared tables are left out), and whether more
+/// follow. A batch holding a part holds nothing else.
+#[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Part {
+    pub start: u32,
+    pub end: u32,
+    pub more: bool,
+}
+
 /// One committed transaction as shipped between nodes.
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
 pub struct Txn {
@@ -101,6 +111,10 @@ pub struct Txn {
     pub stream_pos: Position,
     /// postcard-encoded `Chunk`s in capture order.
     pub chunks: Vec<Vec<u8>>,
+    /// Set when the transaction is too large for one batch and travels in parts: which of its
+    /// chunks this part carries. The receiver keeps parts until the last one and applies the
+    /// transaction whole.
+    pub part: Option<Part>,
     /// The same chunks decoded, filled by [`decode_batch`] (which decodes every chunk to check
     /// it anyway) so that the applier does not decode them again. Not sent.
     #[serde(skip)]
@@ -275,7 +289,7 @@ mod tests {
             sender: 2,
             after: Position { tick: 1, seq: 5 },
             upto: Position { tick: 2, seq: 9 },
-            txns: vec![Txn { origin: 2, origin_pos: Position { tick: 2, seq: 9 }, hlc: 42, stream_pos: Position { tick: 2, seq: 9 }, chunks: vec![encode_chunk(&chunk)], decoded: Decoded::default() }],
+            txns: vec![Txn { origin: 2, origin_pos: Position { tick: 2, seq: 9 }, hlc: 42, stream_pos: Position { tick: 2, seq: 9 }, chunks: vec![encode_chunk(&chunk)], part: None, decoded: Decoded::default() }],
         }
     }
 

@@ -14,7 +14,7 @@ use pgrx::prelude::*;
 use crate::base::error::raise;
 use crate::base::locks;
 use crate::base::node::PeerPolicy;
-use crate::base::wire::{decode_chunk, encode_chunk, Batch, Op, Position, Txn, WHOLE_TICK};
+use crate::base::wire::{decode_chunk, encode_chunk, Batch, Op, Part, Position, Txn, WHOLE_TICK};
 
 /// The newest tick and whether a new one is needed: chunks were written since it, or a
 /// transaction that was running at its snapshot has finished since (one listed in the
@@ -151,14 +151,46 @@ pub fn stream_end() -> i64 {
     last.unwrap_or(0) + i64::from(needed.unwrap_or(false))
 }
 
-/// One transaction's chunks as read from the log.
+/// One transaction as read from the log: its final chunk, and the seq and size of the chunks
+/// it spilled before it (read when it is shipped, whole or a part at a time).
 struct LoggedTxn {
     final_seq: i64,
     origin: Option<i32>,
     origin_pos: Option<Position>,
     via: Option<i32>,
     hlc: i64,
-    chunks: Vec<Vec<u8>>,
+    last: Vec<u8>,
+    earlier: Vec<(i64, usize)>,
+}
+
+impl LoggedTxn {
+    /// Number of log chunks, and the size of chunk `i` of them.
+    fn chunks(&self) -> usize {
+        self.earlier.len() + 1
+    }
+
+    fn len(&self, i: usize) -> usize {
+        self.earlier.get(i).map_or(self.last.len(), |e| e.1)
+    }
+
+    /// Its chunks `range`, read from the log.
+    fn read(&self, range: std::ops::Range<usize>) -> Vec<Vec<u8>> {
+        let seqs: Vec<i64> = range.clone().filter(|&i| i < self.earlier.len()).map(|i| self.earlier[i].0).collect();
+        let mut out: Vec<Vec<u8>> = if seqs.is_empty() {
+            Vec::new()
+        } else {
+            Spi::connect(|c| {
+                c.select("SELECT data FROM rbucardo.change_log WHERE seq = ANY ($1) ORDER BY seq", None, &[seqs.into()])
+                    .expect("reading spilled chunks")
+                    .map(|r| r.get::<Vec<u8>>(1).unwrap().unwrap())
+                    .collect()
+            })
+        };
+        if range.end == self.chunks() {
+            out.push(self.last.clone());
+        }
+        out
+    }
 }
 
 /// The transactions of tick `k` whose final chunk comes after `after_seq`, in order, at most
@@ -228,21 +260,23 @@ fn read_tick(k: i64, after_seq: i64, limit: i64, budget: usize) -> Vec<LoggedTxn
                 origin_pos,
                 via: row.get::<i32>(7).unwrap(),
                 hlc: row.get::<i64>(8).unwrap().unwrap(),
-                chunks: vec![row.get::<Vec<u8>>(9).unwrap().unwrap()],
+                last: row.get::<Vec<u8>>(9).unwrap().unwrap(),
+                earlier: Vec::new(),
             };
             if row.get::<i32>(3).unwrap().unwrap_or(0) > 0 {
                 multi.push((out.len(), row.get::<i64>(1).unwrap().unwrap()));
             }
             out.push(t);
         }
-        // Transactions that spilled earlier chunks: fetch those, in order, before the final one.
+        // Transactions that spilled earlier chunks: find those, in order, before the final one
+        // (their sizes only: octet_length does not fetch a value stored out of line).
         for (i, txid) in multi {
             let t = &out[i];
-            let earlier: Vec<Vec<u8>> = client
+            let earlier: Vec<(i64, usize)> = client
                 .select(
                     // Chunks after the previous final chunk of the same transaction and origin:
                     // one local transaction may hold several.
-                    "SELECT data FROM rbucardo.change_log l
+                    "SELECT seq, octet_length(data) FROM rbucardo.change_log l
                       WHERE l.txid = $1::text::xid8 AND NOT l.final AND l.seq < $2
                         AND l.origin IS NOT DISTINCT FROM $3 AND l.origin_tick IS NOT DISTINCT FROM $4
                         AND l.origin_seq IS NOT DISTINCT FROM $5
@@ -255,11 +289,9 @@ fn read_tick(k: i64, after_seq: i64, limit: i64, budget: usize) -> Vec<LoggedTxn
                     &[txid.into(), t.final_seq.into(), t.origin.into(), t.origin_pos.map(|p| p.tick).into(), t.origin_pos.map(|p| p.seq).into()],
                 )
                 .expect("reading spilled chunks")
-                .map(|r| r.get::<Vec<u8>>(1).unwrap().unwrap())
+                .map(|r| (r.get::<i64>(1).unwrap().unwrap(), r.get::<i32>(2).unwrap().unwrap_or(0) as usize))
                 .collect();
-            let last = out[i].chunks.pop().unwrap();
-            out[i].chunks = earlier;
-            out[i].chunks.push(last);
+            out[i].earlier = earlier;
         }
         out
     })
@@ -268,8 +300,10 @@ fn read_tick(k: i64, after_seq: i64, limit: i64, budget: usize) -> Vec<LoggedTxn
 /// Reads this node's stream after `after` into a batch of at most about `max_bytes` for the
 /// peer `to`, leaving out what originates there or was received from there, and changes to
 /// tables not in a sync shared with it (`policy`). A transaction bigger than `max_bytes`
-/// travels alone.
-pub fn read_batch(me: i32, after: Position, to: i32, max_bytes: usize, policy: &PeerPolicy) -> Batch {
+/// travels in parts of about `max_bytes`, each alone in its batch; `resume` is where the
+/// peer's parts of the next one end, when it holds some: (that transaction's position, the
+/// number of its chunks it has).
+pub fn read_batch(me: i32, after: Position, to: i32, max_bytes: usize, policy: &PeerPolicy, resume: Option<(Position, u32)>) -> Batch {
     let mut pos = after;
     let mut txns = Vec::new();
     let mut bytes = 0usize;
@@ -286,19 +320,46 @@ pub fn read_batch(me: i32, after: Position, to: i32, max_bytes: usize, policy: &
                 break;
             }
             for t in part {
-                let size: usize = t.chunks.iter().map(Vec::len).sum();
-                if !txns.is_empty() && bytes + size > max_bytes {
+                let at = Position { tick: k, seq: t.final_seq };
+                let n = t.chunks();
+                let size: usize = (0..n).map(|i| t.len(i)).sum();
+                let start = match resume {
+                    Some((p, have)) if p == at => (have as usize).min(n - 1),
+                    _ => 0,
+                };
+                let whole = start == 0 && size <= max_bytes;
+                if !txns.is_empty() && (!whole || bytes + size > max_bytes) {
                     break 'ticks;
                 }
-                seq = t.final_seq;
-                pos = Position { tick: k, seq };
                 let origin = t.origin.unwrap_or(me);
+                let origin_pos = t.origin_pos.unwrap_or(at);
                 if origin == to || t.via == Some(to) {
+                    (seq, pos) = (t.final_seq, at);
                     continue;
                 }
-                let Some(chunks) = shared_part(t.chunks, policy) else { continue };
-                bytes += size;
-                txns.push(Txn { origin, origin_pos: t.origin_pos.unwrap_or(pos), hlc: t.hlc, stream_pos: pos, chunks, decoded: Default::default() });
+                if whole {
+                    (seq, pos) = (t.final_seq, at);
+                    let Some(chunks) = shared_part(t.read(0..n), policy) else { continue };
+                    bytes += size;
+                    txns.push(Txn { origin, origin_pos, hlc: t.hlc, stream_pos: at, chunks, part: None, decoded: Default::default() });
+                    continue;
+                }
+                // Too large for one batch: the next part, alone. Until its last part, the
+                // batch ends before it.
+                let mut end = start + 1;
+                let mut part_bytes = t.len(start);
+                while end < n && part_bytes + t.len(end) <= max_bytes {
+                    part_bytes += t.len(end);
+                    end += 1;
+                }
+                let more = end < n;
+                let chunks = shared_part(t.read(start..end), policy).unwrap_or_default();
+                let part = Some(Part { start: start as u32, end: end as u32, more });
+                txns.push(Txn { origin, origin_pos, hlc: t.hlc, stream_pos: at, chunks, part, decoded: Default::default() });
+                if !more {
+                    pos = at;
+                }
+                break 'ticks;
             }
         }
         pos = Position::whole(k);

@@ -83,7 +83,7 @@ fn peer_hello(peer_name: &str, peer_node_id: i32) -> TableIterator<'static, (nam
 /// own changes. The position is also the caller's confirmation of everything up to it.
 #[pg_extern(volatile, security_definer)]
 #[search_path(pg_catalog, pg_temp)]
-fn peer_fetch(peer_name: &str, after_tick: i64, after_seq: i64, max_bytes: i32) -> Vec<u8> {
+fn peer_fetch(peer_name: &str, after_tick: i64, after_seq: i64, max_bytes: i32, held_tick: i64, held_seq: i64, held_chunks: i32) -> Vec<u8> {
     let me = me_or_raise();
     let node = peer_node(peer_name);
     let after = Position { tick: after_tick, seq: after_seq };
@@ -91,21 +91,28 @@ fn peer_fetch(peer_name: &str, after_tick: i64, after_seq: i64, max_bytes: i32) 
     touch(peer_name);
     let limit = (max_bytes.max(1) as usize).min(BATCH_BYTES);
     let policy = node::peer_policy(peer_name);
-    encode_batch(&crate::log::changelog::read_batch(me.id, after, node, limit, &policy))
+    let held = (held_chunks > 0).then_some((Position { tick: held_tick, seq: held_seq }, held_chunks as u32));
+    encode_batch(&crate::log::changelog::read_batch(me.id, after, node, limit, &policy, held))
 }
 
-/// Where this node stands in the caller's stream: the caller pushes from there. `stopped` says
-/// why the stream is stopped here (a schema change that fails here), while no retry is due.
+/// Where this node stands in the caller's stream: the caller pushes from there, and goes on
+/// with the transaction of which this node holds `held_chunks` chunks (at held_tick,
+/// held_seq), if any. `stopped` says why the stream is stopped here (a schema change that
+/// fails here), while no retry is due.
 #[pg_extern(volatile, security_definer)]
 #[search_path(pg_catalog, pg_temp)]
-fn peer_position(peer_name: &str) -> TableIterator<'static, (name!(tick, i64), name!(seq, i64), name!(stopped, Option<String>))> {
+#[allow(clippy::type_complexity)]
+fn peer_position(
+    peer_name: &str,
+) -> TableIterator<'static, (name!(tick, i64), name!(seq, i64), name!(stopped, Option<String>), name!(held_tick, i64), name!(held_seq, i64), name!(held_chunks, i32))> {
     me_or_raise();
     let node = peer_node(peer_name);
     touch(peer_name);
     let (t, s) = Spi::get_two_with_args::<i64, i64>("SELECT in_tick, in_seq FROM rbucardo.peer_state WHERE db = $1", &[peer_name.into()])
         .expect("peer state");
     let stopped = crate::apply::exceptions::stream_stopped(node).or_else(|| refused(peer_name));
-    TableIterator::once((t.unwrap_or(0), s.unwrap_or(Position::START.seq), stopped))
+    let (held, chunks) = crate::apply::parts::resume_point(node).unwrap_or((Position { tick: 0, seq: 0 }, 0));
+    TableIterator::once((t.unwrap_or(0), s.unwrap_or(Position::START.seq), stopped, held.tick, held.seq, chunks as i32))
 }
 
 /// Applies a batch of the caller's stream here, atomically per transaction; returns the new
@@ -166,10 +173,10 @@ pub fn record_confirmed(peer_name: &str, pos: Position) {
 }
 
 pgrx::extension_sql!(
-    "REVOKE ALL ON FUNCTION rbucardo.peer_hello(text, integer), rbucardo.peer_fetch(text, bigint, bigint, integer),
+    "REVOKE ALL ON FUNCTION rbucardo.peer_hello(text, integer), rbucardo.peer_fetch(text, bigint, bigint, integer, bigint, bigint, integer),
                             rbucardo.peer_position(text), rbucardo.peer_push(text, bytea),
                             rbucardo.peer_schema(text, jsonb, text) FROM PUBLIC;
-     GRANT EXECUTE ON FUNCTION rbucardo.peer_hello(text, integer), rbucardo.peer_fetch(text, bigint, bigint, integer),
+     GRANT EXECUTE ON FUNCTION rbucardo.peer_hello(text, integer), rbucardo.peer_fetch(text, bigint, bigint, integer, bigint, bigint, integer),
                             rbucardo.peer_position(text), rbucardo.peer_push(text, bytea),
                             rbucardo.peer_schema(text, jsonb, text) TO rbucardo_peer;",
     name = "peer_grants",

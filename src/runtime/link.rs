@@ -55,10 +55,11 @@ impl Link {
         let mut total = 0;
         loop {
             let (name, peer_id) = (self.peer.name.clone(), self.peer_id);
-            let (after, stopped) = in_txn(move || {
+            let (after, stopped, held) = in_txn(move || {
                 let (t, s) = Spi::get_two_with_args::<i64, i64>("SELECT in_tick, in_seq FROM rbucardo.peer_state WHERE db = $1", &[name.as_str().into()])
                     .expect("peer state");
-                (Position { tick: t.unwrap_or(0), seq: s.unwrap_or(Position::START.seq) }, crate::apply::exceptions::stream_stopped(peer_id))
+                let held = crate::apply::parts::resume_point(peer_id).unwrap_or((Position { tick: 0, seq: 0 }, 0));
+                (Position { tick: t.unwrap_or(0), seq: s.unwrap_or(Position::START.seq) }, crate::apply::exceptions::stream_stopped(peer_id), held)
             })?;
             if stopped.is_some() {
                 self.stopped = stopped;
@@ -67,8 +68,16 @@ impl Link {
             let rows = self
                 .conn()?
                 .query(
-                    "SELECT rbucardo.peer_fetch($1, $2, $3, $4)",
-                    &[Param::Text(&me.name), Param::Text(&after.tick.to_string()), Param::Text(&after.seq.to_string()), Param::Text(&BATCH_BYTES.to_string())],
+                    "SELECT rbucardo.peer_fetch($1, $2, $3, $4, $5, $6, $7)",
+                    &[
+                        Param::Text(&me.name),
+                        Param::Text(&after.tick.to_string()),
+                        Param::Text(&after.seq.to_string()),
+                        Param::Text(&BATCH_BYTES.to_string()),
+                        Param::Text(&held.0.tick.to_string()),
+                        Param::Text(&held.0.seq.to_string()),
+                        Param::Text(&held.1.to_string()),
+                    ],
                     CALL_TIMEOUT,
                 )
                 .map_err(|e| e.to_string())?;
@@ -127,9 +136,15 @@ impl Link {
         'from_the_peer: loop {
             let rows = self
                 .conn()?
-                .query("SELECT tick, seq, stopped FROM rbucardo.peer_position($1)", &[Param::Text(&me.name)], CALL_TIMEOUT)
+                .query("SELECT tick, seq, stopped, held_tick, held_seq, held_chunks FROM rbucardo.peer_position($1)", &[Param::Text(&me.name)], CALL_TIMEOUT)
                 .map_err(|e| e.to_string())?;
             let pos = rows.first().and_then(|r| Some(Position { tick: r.i64(0)?, seq: r.i64(1)? })).ok_or("peer_position returned nothing")?;
+            // The parts of a large transaction the peer holds already.
+            let held = rows
+                .first()
+                .and_then(|r| Some((Position { tick: r.i64(3)?, seq: r.i64(4)? }, r.i64(5)?)))
+                .filter(|(_, n)| *n > 0)
+                .map(|(p, n)| (p, n as u32));
             let (me_id, name, peer_id) = (me.id, self.peer.name.clone(), self.peer_id);
             if let Some(why) = rows.first().and_then(|r| r.text(2)) {
                 in_txn(move || record_confirmed(&name, pos))?;
@@ -139,7 +154,7 @@ impl Link {
             let mut batch = in_txn(move || {
                 record_confirmed(&name, pos);
                 let policy = node::peer_policy(&name);
-                crate::log::changelog::read_batch(me_id, pos, peer_id, BATCH_BYTES, &policy)
+                crate::log::changelog::read_batch(me_id, pos, peer_id, BATCH_BYTES, &policy, held)
             })?;
             if batch.txns.is_empty() && batch.upto == pos {
                 return Ok(sent);
@@ -154,7 +169,9 @@ impl Link {
                 // The peer ends at batch.upto unless it stops short; read on from there.
                 let upto = batch.upto;
                 let name = self.peer.name.clone();
-                let next = (!empty).then(|| in_txn(move || crate::log::changelog::read_batch(me_id, upto, peer_id, BATCH_BYTES, &node::peer_policy(&name))));
+                // After a part that more follow, the next part.
+                let held = batch.txns.last().and_then(|t| t.part.filter(|p| p.more).map(|p| (t.stream_pos, p.end)));
+                let next = (!empty).then(|| in_txn(move || crate::log::changelog::read_batch(me_id, upto, peer_id, BATCH_BYTES, &node::peer_policy(&name), held)));
                 let rows = self.conn()?.receive(CALL_TIMEOUT).map_err(|e| e.to_string())?;
                 let done = rows.first().and_then(|r| Some(Position { tick: r.i64(0)?, seq: r.i64(1)? })).ok_or("peer_push returned nothing")?;
                 let name = self.peer.name.clone();

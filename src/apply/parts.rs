@@ -1,0 +1,119 @@
+//! Transactions too large for one batch (an UPDATE of millions of wide rows) travel in parts:
+//! the sender ships their log chunks a batch at a time (changelog::read_batch), and this node
+//! keeps each part, in the same transaction that records the stream cursor, until the last one
+//! arrives; then it applies the transaction whole, like any other. No batch ever comes near the
+//! wire ceiling, and a link cut or a restart between parts loses only the part in flight: the
+//! sender is told where the parts held here end ([`resume_point`]) and goes on from there.
+//!
+//! The whole transaction is still put together in memory to be applied (about twice its size);
+//! [`MAX_TXN_BYTES`] bounds what a peer can make this node keep.
+//!
+//! Owns the table `incoming_part` (sql/exceptions.sql).
+
+use std::borrow::Cow;
+
+use pgrx::prelude::*;
+
+use crate::base::wire::{Batch, Position, Txn};
+
+/// The largest transaction this node keeps parts of.
+pub const MAX_TXN_BYTES: i64 = 4 << 30;
+
+/// Where the parts this node holds of the sender's next transaction end: that transaction's
+/// position in the sender's stream and how many of its chunks are here. None when it holds
+/// none, or when they do not chain from its first chunk.
+pub fn resume_point(sender: i32) -> Option<(Position, u32)> {
+    let parts: Vec<(i64, i64, i32, i32)> = Spi::connect(|c| {
+        c.select(
+            "SELECT stream_tick, stream_seq, part_start, part_end FROM rbucardo.incoming_part WHERE sender = $1 ORDER BY part_start",
+            None,
+            &[sender.into()],
+        )
+        .expect("reading kept parts")
+        .map(|r| (r.get::<i64>(1).unwrap().unwrap(), r.get::<i64>(2).unwrap().unwrap(), r.get::<i32>(3).unwrap().unwrap(), r.get::<i32>(4).unwrap().unwrap()))
+        .collect()
+    });
+    let first = parts.first()?;
+    let mut end = 0;
+    for &(tick, seq, start, e) in &parts {
+        if (tick, seq) != (first.0, first.1) || start != end {
+            return None;
+        }
+        end = e;
+    }
+    Some((Position { tick: first.0, seq: first.1 }, end as u32))
+}
+
+/// Takes in the batch's part, if it holds one: keeps a part that more follow (it leaves the
+/// batch, which ends before its transaction), and puts a last part together with the parts
+/// kept before it into the whole transaction. Returns the batch to apply: the same one when it
+/// holds no part. An error refuses the batch, nothing kept; the sender starts again from
+/// [`resume_point`].
+pub fn take_in(sender: i32, batch: &Batch, cursor: Position) -> Result<Cow<'_, Batch>, String> {
+    let Some(txn) = batch.txns.iter().find(|t| t.part.is_some()) else {
+        return Ok(Cow::Borrowed(batch));
+    };
+    let part = txn.part.unwrap();
+    if batch.txns.len() != 1 {
+        return Err("a batch holding a part of a transaction holds other transactions too".into());
+    }
+    if part.start >= part.end || (part.more && batch.upto >= txn.stream_pos) || (!part.more && batch.upto < txn.stream_pos) {
+        return Err(format!("a malformed part of a transaction (chunks {}..{}, more {})", part.start, part.end, part.more));
+    }
+    let mut out = Batch { sender: batch.sender, after: batch.after, upto: batch.upto, txns: Vec::new() };
+    if txn.stream_pos <= cursor {
+        return Ok(Cow::Owned(out));
+    }
+    // Parts of another transaction are stale: the sender moved on, or starts again.
+    Spi::run_with_args(
+        "DELETE FROM rbucardo.incoming_part WHERE sender = $1 AND (stream_tick, stream_seq) <> ($2, $3)",
+        &[sender.into(), txn.stream_pos.tick.into(), txn.stream_pos.seq.into()],
+    )
+    .expect("dropping stale parts");
+    let held = resume_point(sender).map_or(0, |(_, n)| n);
+    if part.start > held {
+        return Err(format!("a part from chunk {} of a transaction of which this node holds {held} chunks", part.start));
+    }
+    // A part sent again (its answer was lost) replaces what it covers.
+    Spi::run_with_args("DELETE FROM rbucardo.incoming_part WHERE sender = $1 AND part_start >= $2", &[sender.into(), (part.start as i32).into()])
+        .expect("dropping parts sent again");
+    if part.more {
+        let size: usize = txn.chunks.iter().map(Vec::len).sum();
+        let kept = Spi::get_one_with_args::<i64>("SELECT coalesce(sum(octet_length(chunks)), 0)::bigint FROM rbucardo.incoming_part WHERE sender = $1", &[sender.into()])
+            .ok()
+            .flatten()
+            .unwrap_or(0);
+        if kept + size as i64 > MAX_TXN_BYTES {
+            return Err(format!("a transaction larger than {} GB", MAX_TXN_BYTES >> 30));
+        }
+        Spi::run_with_args(
+            "INSERT INTO rbucardo.incoming_part (sender, stream_tick, stream_seq, part_start, part_end, chunks) VALUES ($1, $2, $3, $4, $5, $6)",
+            &[
+                sender.into(),
+                txn.stream_pos.tick.into(),
+                txn.stream_pos.seq.into(),
+                (part.start as i32).into(),
+                (part.end as i32).into(),
+                postcard::to_allocvec(&txn.chunks).expect("encoding chunks").into(),
+            ],
+        )
+        .expect("keeping a part of a transaction");
+        return Ok(Cow::Owned(out));
+    }
+    let mut chunks: Vec<Vec<u8>> = Vec::new();
+    Spi::connect(|c| {
+        for row in c.select("SELECT chunks FROM rbucardo.incoming_part WHERE sender = $1 ORDER BY part_start", None, &[sender.into()]).expect("reading kept parts") {
+            let bytes = row.get::<Vec<u8>>(1).unwrap().unwrap_or_default();
+            let kept: Vec<Vec<u8>> = postcard::from_bytes(&bytes).map_err(|e| format!("a kept part cannot be decoded: {e}"))?;
+            chunks.extend(kept);
+        }
+        Ok::<(), String>(())
+    })?;
+    Spi::run_with_args("DELETE FROM rbucardo.incoming_part WHERE sender = $1", &[sender.into()]).expect("dropping applied parts");
+    chunks.extend(txn.chunks.iter().cloned());
+    // Every chunk of it was of tables not shared with this node: nothing to apply.
+    if !chunks.is_empty() {
+        out.txns.push(Txn { chunks, part: None, decoded: Default::default(), ..txn.clone() });
+    }
+    Ok(Cow::Owned(out))
+}

@@ -4,6 +4,7 @@
 //!   cargo run --release -p rbucardo-bench -- latency [rounds]
 //!   cargo run --release -p rbucardo-bench -- catchup [transactions]
 //!   cargo run --release -p rbucardo-bench -- merge-catchup [transactions]
+//!   cargo run --release -p rbucardo-bench -- fanin [branches] [seconds]
 //!
 //! The extension must be installed (`bash scripts/test.sh` or `cargo pgrx install --release`).
 
@@ -174,6 +175,140 @@ fn merge_catchup(txns: usize) {
     }
 }
 
+/// Lag in a star of many stores. main is one server; the branches are databases on a second
+/// server, each its own node with its own link to main (one proxy for all). Every node inserts
+/// one order per 200 ms over one connection for `seconds`. Each row records its commit time
+/// (`at`, set where it was made) and its arrival (`arrived`, set on every node by an ALWAYS
+/// trigger), so lag comes from both ends' timestamps, not from polling: one hop is a branch's
+/// row on main, two hops a branch's row on another branch. Also main's CPU time (all its
+/// processes) per row it received. Runs 2 branches and then `branches`, in one run.
+fn fanin(branches: usize, seconds: u64) {
+    let mut rows = Vec::new();
+    for n in [2, branches] {
+        rows.push((n, fanin_run(n, seconds)));
+    }
+    println!("fan-in: every node inserts one order per 200 ms for {seconds} s; lag from commit to arrival (p50 / p99)");
+    println!("  branches  orders/s   one hop (branch -> main)   two hops (branch -> main -> branch)   main CPU per received row");
+    for (n, r) in rows {
+        println!(
+            "  {n:>8}  {:>8.1}   {:>9.1} / {:>9.1} ms     {:>9.1} / {:>9.1} ms                {:>7.3} ms",
+            r.rate, r.one.0, r.one.1, r.two.0, r.two.1, r.cpu_ms_per_row
+        );
+    }
+}
+
+struct FanIn {
+    rate: f64,
+    one: (f64, f64),
+    two: (f64, f64),
+    cpu_ms_per_row: f64,
+}
+
+/// CPU seconds used so far by a server: its postmaster and every child process.
+fn server_cpu(postmaster: u32) -> f64 {
+    let tick = 100.0; // USER_HZ on Linux
+    let mut total = 0.0;
+    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else { continue };
+        // pid (comm) state ppid ... utime(14) stime(15)
+        let Some(rest) = stat.rsplit_once(") ").map(|(_, r)| r) else { continue };
+        let f: Vec<&str> = rest.split_whitespace().collect();
+        let pid: u32 = entry.file_name().to_string_lossy().parse().unwrap_or(0);
+        let ppid: u32 = f.get(1).and_then(|v| v.parse().ok()).unwrap_or(0);
+        if pid == postmaster || ppid == postmaster {
+            total += (f[11].parse::<f64>().unwrap_or(0.0) + f[12].parse::<f64>().unwrap_or(0.0)) / tick;
+        }
+    }
+    total
+}
+
+fn fanin_run(branches: usize, seconds: u64) -> FanIn {
+    let cluster = Cluster::builder(&format!("bench-fanin-{branches}"))
+        .node_names(&["main", "stores"])
+        .extra_conf("shared_buffers = 128MB\nmax_worker_processes = 64\nmax_connections = 200")
+        .start();
+    let names: Vec<String> = std::iter::once("main".to_string()).chain((1..=branches).map(|i| format!("b{i}"))).collect();
+    // (server, database) of each rbucardo node.
+    let place = |k: usize| if k == 0 { (0, DB.to_string()) } else { (1, names[k].clone()) };
+    let schema = "CREATE TABLE item (id bigint PRIMARY KEY, node int NOT NULL, qty int NOT NULL, note text,
+                                     at timestamptz NOT NULL, arrived timestamptz);
+                  CREATE FUNCTION arrived() RETURNS trigger LANGUAGE plpgsql AS
+                    $$ BEGIN NEW.arrived := clock_timestamp(); RETURN NEW; END $$;
+                  CREATE TRIGGER arrived BEFORE INSERT ON item FOR EACH ROW EXECUTE FUNCTION arrived();
+                  ALTER TABLE item ENABLE ALWAYS TRIGGER arrived;";
+    for (k, name) in names.iter().enumerate() {
+        let (server, db) = place(k);
+        let node = cluster.node(server);
+        node.createdb(&db);
+        node.sql(&db, "CREATE EXTENSION rbucardo");
+        node.sql(&db, schema);
+        node.sql(&db, &format!("SELECT rbucardo.init_node('{name}', {})", k + 1));
+        node.sql(&db, "SELECT rbucardo.add_herd('h'); SELECT rbucardo.add_table('h', 'item')");
+        if k > 0 {
+            cluster.node(0).sql(DB, &format!("SELECT rbucardo.add_db('{name}')"));
+            let conninfo = cluster.link_conninfo(1, 0, DB);
+            node.sql(&db, &format!("SELECT rbucardo.add_db('main', '{}')", conninfo.replace('\'', "''")));
+            node.sql(&db, &format!("SELECT rbucardo.add_sync('s', 'h', ARRAY['main', '{name}'])"));
+        }
+    }
+    let all: Vec<String> = names.iter().map(|n| format!("'{n}'")).collect();
+    cluster.node(0).sql(DB, &format!("SELECT rbucardo.add_sync('s', 'h', ARRAY[{}])", all.join(", ")));
+    let mut main = cluster.node(0).connect(DB);
+    wait_until("every branch connected", Duration::from_secs(120), || {
+        Ok(count(&mut main, "SELECT count(*) FROM rbucardo.peer_state WHERE last_contact IS NOT NULL") == branches as i64)
+    });
+    let postmaster = cluster.node(0).postmaster_pid().expect("main runs");
+    let cpu0 = server_cpu(postmaster);
+    let t0 = Instant::now();
+    let per_node = (seconds * 5) as i64;
+    std::thread::scope(|scope| {
+        for k in 0..names.len() {
+            let (server, db) = place(k);
+            let cluster = &cluster;
+            scope.spawn(move || {
+                let mut conn = cluster.node(server).connect(&db);
+                let start = Instant::now();
+                for i in 0..per_node {
+                    let due = start + Duration::from_millis(200 * i as u64);
+                    if let Some(wait) = due.checked_duration_since(Instant::now()) {
+                        std::thread::sleep(wait);
+                    }
+                    conn.execute(&format!("INSERT INTO item (id, node, qty, note, at) VALUES ({}, {k}, 1, 'order', clock_timestamp())", k as i64 * 10_000_000 + i))
+                        .unwrap();
+                }
+            });
+        }
+    });
+    let total = per_node * names.len() as i64;
+    for k in 0..names.len() {
+        let (server, db) = place(k);
+        let mut conn = cluster.node(server).connect(&db);
+        wait_until(&format!("every order on {}", names[k]), Duration::from_secs(600), || Ok(count(&mut conn, "SELECT count(*) FROM item") == total));
+    }
+    let elapsed = t0.elapsed();
+    let cpu = server_cpu(postmaster) - cpu0;
+    let lags = |conn: &mut Conn, sql: &str| -> Vec<f64> {
+        conn.query(sql).expect("lags").into_iter().filter_map(|r| r[0].as_deref()?.parse().ok()).collect()
+    };
+    let mut one = lags(&mut main, "SELECT extract(epoch FROM arrived - at) * 1000 FROM item WHERE node <> 0");
+    let mut two = Vec::new();
+    for k in 1..names.len() {
+        let (server, db) = place(k);
+        let mut conn = cluster.node(server).connect(&db);
+        two.extend(lags(&mut conn, &format!("SELECT extract(epoch FROM arrived - at) * 1000 FROM item WHERE node NOT IN (0, {k})")));
+    }
+    let pct = |v: &mut Vec<f64>| {
+        v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+        if v.is_empty() {
+            return (0.0, 0.0);
+        }
+        let at = |p: f64| v[((v.len() as f64 - 1.0) * p).round() as usize];
+        (at(0.5), at(0.99))
+    };
+    let received = per_node * branches as i64;
+    FanIn { rate: total as f64 / elapsed.as_secs_f64(), one: pct(&mut one), two: pct(&mut two), cpu_ms_per_row: cpu * 1000.0 / received as f64 }
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     let n = |default| args.get(2).and_then(|s| s.parse().ok()).unwrap_or(default);
@@ -181,8 +316,9 @@ fn main() {
         Some("latency") => latency(n(200)),
         Some("catchup") => catchup(n(20_000)),
         Some("merge-catchup") => merge_catchup(n(20_000)),
+        Some("fanin") => fanin(n(20), args.get(3).and_then(|s| s.parse().ok()).unwrap_or(30)),
         _ => {
-            eprintln!("usage: rbucardo-bench latency [rounds] | catchup [transactions] | merge-catchup [transactions]");
+            eprintln!("usage: rbucardo-bench latency [rounds] | catchup [transactions] | merge-catchup [transactions] | fanin [branches] [seconds]");
             std::process::exit(2);
         }
     }

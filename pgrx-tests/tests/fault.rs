@@ -17,7 +17,7 @@
 //!    own node: sales (an order, its lines, and a stock decrement per line, in one transaction),
 //!    stock decrements alone, lines on another node's order (foreign-key children), new users,
 //!    updates and deletes of its own rows, drafts created and deleted with their lines, bulk
-//!    rows (larger batches), and now and then DDL (`ADD COLUMN` on products from main; in a
+//!    rows (larger batches; now and then about 10 MB in one transaction, which travels in parts), and now and then DDL (`ADD COLUMN` on products from main; in a
 //!    mesh the branches also create and drop indexes). `products.stock` is a delta column on
 //!    every node and every node decrements the same products. Meanwhile a fault thread plays
 //!    the cycle's timeline: link cuts (one or two links), stalls, cuts after N bytes in either
@@ -1236,7 +1236,7 @@ impl Stats {
 // Writers: one per node, on a direct connection to its node (the application's own link).
 
 /// Operations and their weights.
-const OPS: [(&str, u64); 14] = [
+const OPS: [(&str, u64); 15] = [
     ("sale", 22),
     ("decrement", 14),
     ("reprice", 5),
@@ -1249,6 +1249,7 @@ const OPS: [(&str, u64); 14] = [
     ("delete draft", 4),
     ("line on another node's order", 7),
     ("bulk", 4),
+    ("huge bulk", 1),
     ("delete bulk", 3),
     ("ddl", 2),
 ];
@@ -1526,10 +1527,11 @@ impl Writer<'_> {
                 fx.push(Effect::InsLine(id, Line { order_id: o, product_id: p, qty: q, note }));
                 Self::decrements(&BTreeMap::from([(p, q)]), &mut sql, &mut fx);
             }
-            "bulk" => {
+            "bulk" | "huge bulk" => {
                 let tag = m.next_tag;
                 m.next_tag += 1;
-                let n = self.rng.range(3, 12);
+                // A huge one (about 10 MB) is larger than a batch: it travels in parts.
+                let n = if op == "bulk" { self.rng.range(3, 12) } else { self.rng.range(2000, 2600) };
                 let first = m.next_bulk;
                 m.next_bulk += n;
                 let last = first + n - 1;

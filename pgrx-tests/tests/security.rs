@@ -188,7 +188,7 @@ impl<'a> Forger<'a> {
         for (t, pos) in txns.iter_mut().zip(&plan.slots) {
             t.stream_pos = *pos;
         }
-        let batch = Batch { sender: self.sender, after: plan.after, upto: *plan.slots.last().unwrap(), txns };
+        let batch = Batch { sender: self.sender, after: plan.after, upto: *plan.slots.last().unwrap(), txns, complete: false };
         let bytes = encode_batch(&batch);
         // Well formed: whatever main refuses, it refuses for what the batch asks.
         decode_batch(&bytes, 64 << 20).unwrap_or_else(|e| panic!("the forged batch does not decode: {e}"));
@@ -627,16 +627,17 @@ fn a_compromised_branch_serving_forged_batches_is_refused() {
                 )],
             )
         }],
+        complete: true,
     };
     let bytes = encode_batch(&forged);
     assert!(decode_batch(&bytes, 1 << 20).is_ok(), "the forged batch is well formed");
     branch1.sql(
         DB,
         &format!(
-            "ALTER FUNCTION rbucardo.peer_fetch(text, bigint, bigint, integer) RENAME TO peer_fetch_real;
-             CREATE FUNCTION rbucardo.peer_fetch(text, bigint, bigint, integer) RETURNS bytea
+            "ALTER FUNCTION rbucardo.peer_fetch(text, bigint, bigint, integer, bigint, bigint, integer) RENAME TO peer_fetch_real;
+             CREATE FUNCTION rbucardo.peer_fetch(text, bigint, bigint, integer, bigint, bigint, integer) RETURNS bytea
                  LANGUAGE sql AS $$ SELECT '\\x{}'::bytea $$;
-             GRANT EXECUTE ON FUNCTION rbucardo.peer_fetch(text, bigint, bigint, integer) TO rbucardo_peer;",
+             GRANT EXECUTE ON FUNCTION rbucardo.peer_fetch(text, bigint, bigint, integer, bigint, bigint, integer) TO rbucardo_peer;",
             to_hex(&bytes)
         ),
     );
@@ -653,8 +654,8 @@ fn a_compromised_branch_serving_forged_batches_is_refused() {
     assert_ne!(one(&cluster, MAIN, "SELECT in_tick FROM rbucardo.peer_state WHERE db = 'branch1'"), "1000000", "the forged position was recorded");
     branch1.sql(
         DB,
-        "DROP FUNCTION rbucardo.peer_fetch(text, bigint, bigint, integer);
-         ALTER FUNCTION rbucardo.peer_fetch_real(text, bigint, bigint, integer) RENAME TO peer_fetch;",
+        "DROP FUNCTION rbucardo.peer_fetch(text, bigint, bigint, integer, bigint, bigint, integer);
+         ALTER FUNCTION rbucardo.peer_fetch_real(text, bigint, bigint, integer, bigint, bigint, integer) RENAME TO peer_fetch;",
     );
     real_traffic(&cluster, 1);
     let mut want = real_rows(1);

@@ -139,27 +139,26 @@ pub struct Stopped {
 
 /// The open exceptions stopping the stream from node `via`; normally none.
 pub fn stopped_in(via: i32) -> Vec<Stopped> {
-    Spi::connect(|c| {
-        c.select(
-            "SELECT id, origin, origin_tick, origin_seq,
-                    skip_ordinal IS NOT NULL OR last_retry IS NULL
-                      OR last_retry < pg_catalog.now() - pg_catalog.make_interval(secs => $2),
-                    skip_ordinal, reason
-               FROM rbucardo.exceptions WHERE kind = 'ddl' AND resolved_at IS NULL AND via = $1",
-            None,
-            &[via.into(), DDL_RETRY_EVERY.into()],
-        )
-        .expect("reading stopped streams")
-        .map(|r| Stopped {
+    crate::base::plans::run(
+        "SELECT id, origin, origin_tick, origin_seq,
+                skip_ordinal IS NOT NULL OR last_retry IS NULL
+                  OR last_retry < pg_catalog.now() - pg_catalog.make_interval(secs => $2),
+                skip_ordinal, reason
+           FROM rbucardo.exceptions WHERE kind = 'ddl' AND resolved_at IS NULL AND via = $1",
+        &[pg_sys::INT4OID, pg_sys::INT4OID],
+        &[via.into(), DDL_RETRY_EVERY.into()],
+        |t| {
+            t.map(|r| Stopped {
             id: r.get::<i64>(1).unwrap().unwrap(),
             origin: r.get::<i32>(2).unwrap().unwrap(),
             origin_pos: Position { tick: r.get::<i64>(3).unwrap().unwrap(), seq: r.get::<i64>(4).unwrap().unwrap() },
             due: r.get::<bool>(5).unwrap().unwrap_or(true),
             skip: r.get::<i32>(6).unwrap().map(|o| o as u32),
             reason: r.get::<String>(7).unwrap().unwrap_or_default(),
-        })
-        .collect()
-    })
+            })
+            .collect()
+        },
+    )
 }
 
 /// Why the stream from node `via` is stopped, while it is not yet time to try again.

@@ -586,13 +586,10 @@ fn inspect(txn: &Txn, shared: &std::collections::HashSet<(String, String)>) -> (
 /// delivering the same origin's transactions by another path at this moment.
 fn load_progress(origin: i32) -> Position {
     locks::lock_origin(origin);
-    Spi::get_two_with_args::<i64, i64>(
-        "SELECT tick, seq FROM rbucardo.origin_progress WHERE origin = $1 FOR UPDATE",
-        &[origin.into()],
-    )
-    .ok()
-    .and_then(|(t, s)| Some(Position { tick: t?, seq: s? }))
-    .unwrap_or(Position::START)
+    match crate::base::plans::two::<i64, i64>("SELECT tick, seq FROM rbucardo.origin_progress WHERE origin = $1 FOR UPDATE", &[pg_sys::INT4OID], &[origin.into()]) {
+        (Some(tick), Some(seq)) => Position { tick, seq },
+        _ => Position::START,
+    }
 }
 
 /// The stream a batch belongs to, for [`Stream::pass`].
@@ -757,11 +754,10 @@ pub fn apply_batch(me: i32, sender_db: &str, sender_node: i32, batch: &Batch) ->
     let _replica = LocalSetting::replica_mode();
     Spi::run("SET LOCAL synchronous_commit = local").expect("durable apply");
     locks::lock_stream(sender_node);
-    let (tick, seq) = Spi::get_two_with_args::<i64, i64>(
-        "SELECT in_tick, in_seq FROM rbucardo.peer_state WHERE db = $1 FOR UPDATE",
-        &[sender_db.into()],
-    )
-    .unwrap_or_else(|_| raise(PgSqlErrorCode::ERRCODE_UNDEFINED_OBJECT, format!("no peer state for {sender_db}"), "Add the peer with rbucardo.add_db()."));
+    let (tick, seq) = match crate::base::plans::two::<i64, i64>("SELECT in_tick, in_seq FROM rbucardo.peer_state WHERE db = $1 FOR UPDATE", &[pg_sys::TEXTOID], &[sender_db.into()]) {
+        (Some(tick), Some(seq)) => (Some(tick), Some(seq)),
+        _ => raise(PgSqlErrorCode::ERRCODE_UNDEFINED_OBJECT, format!("no peer state for {sender_db}"), "Add the peer with rbucardo.add_db()."),
+    };
     let cursor = Position { tick: tick.unwrap_or(0), seq: seq.unwrap_or(Position::START.seq) };
     if batch.after > cursor {
         raise(
@@ -838,18 +834,20 @@ pub fn apply_batch(me: i32, sender_db: &str, sender_node: i32, batch: &Batch) ->
         retry::retry_after_batch(me);
     }
     for (origin, pos) in &progress {
-        Spi::run_with_args(
+        crate::base::plans::run(
             "INSERT INTO rbucardo.origin_progress (origin, tick, seq) VALUES ($1, $2, $3)
              ON CONFLICT (origin) DO UPDATE SET tick = EXCLUDED.tick, seq = EXCLUDED.seq, applied_at = pg_catalog.now()",
+            &[pg_sys::INT4OID, pg_sys::INT8OID, pg_sys::INT8OID],
             &[(*origin).into(), pos.tick.into(), pos.seq.into()],
-        )
-        .expect("recording origin progress");
+            |_| (),
+        );
     }
-    Spi::run_with_args(
+    crate::base::plans::run(
         "UPDATE rbucardo.peer_state SET in_tick = $2, in_seq = $3, applied_in = applied_in + $4,
                 last_contact = pg_catalog.now(), refused = NULL WHERE db = $1",
+        &[pg_sys::TEXTOID, pg_sys::INT8OID, pg_sys::INT8OID, pg_sys::INT8OID],
         &[sender_db.into(), cursor.tick.into(), cursor.seq.into(), applied.into()],
-    )
-    .expect("recording the stream cursor");
+        |_| (),
+    );
     Applied { cursor, txns: applied, stopped }
 }

@@ -60,7 +60,7 @@ pub fn take_in(sender: i32, batch: &Batch, cursor: Position) -> Result<Cow<'_, B
     if part.start >= part.end || (part.more && batch.upto >= txn.stream_pos) || (!part.more && batch.upto < txn.stream_pos) {
         return Err(format!("a malformed part of a transaction (chunks {}..{}, more {})", part.start, part.end, part.more));
     }
-    let mut out = Batch { sender: batch.sender, after: batch.after, upto: batch.upto, txns: Vec::new() };
+    let mut out = Batch { sender: batch.sender, after: batch.after, upto: batch.upto, txns: Vec::new(), complete: batch.complete };
     if txn.stream_pos <= cursor {
         return Ok(Cow::Owned(out));
     }

@@ -118,7 +118,7 @@ pub fn resume_stopped(me: i32, id: i64) -> bool {
         );
     };
     let upto = txn.stream_pos;
-    let batch = Batch { sender: via, after: cursor, upto, txns: vec![txn] };
+    let batch = Batch { sender: via, after: cursor, upto, txns: vec![txn], complete: true };
     super::apply_batch(me, &sender_db, via, &batch).stopped.is_none()
 }
 

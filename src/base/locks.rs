@@ -12,16 +12,21 @@ const ORIGIN_LOCK: i32 = 7263;
 
 /// Only one transaction makes ticks at a time.
 pub fn lock_ticks() {
-    Spi::run_with_args("SELECT pg_catalog.pg_advisory_xact_lock($1)", &[TICK_LOCK.into()]).expect("tick lock");
+    crate::base::plans::run("SELECT pg_catalog.pg_advisory_xact_lock($1)", &[pg_sys::INT4OID], &[TICK_LOCK.into()], |_| ());
+}
+
+/// The tick lock if it is free (see changelog::served_tick).
+pub fn try_lock_ticks() -> bool {
+    crate::base::plans::one::<bool>("SELECT pg_catalog.pg_try_advisory_xact_lock($1)", &[pg_sys::INT4OID], &[TICK_LOCK.into()]) == Some(true)
 }
 
 /// One applier per stream at a time (a peer may push while this node pulls from it).
 pub fn lock_stream(sender_node: i32) {
-    Spi::run_with_args("SELECT pg_catalog.pg_advisory_xact_lock($1, $2)", &[STREAM_LOCK.into(), sender_node.into()]).expect("stream lock");
+    crate::base::plans::run("SELECT pg_catalog.pg_advisory_xact_lock($1, $2)", &[pg_sys::INT4OID, pg_sys::INT4OID], &[STREAM_LOCK.into(), sender_node.into()], |_| ());
 }
 
 /// One writer of an origin's progress at a time: two peers may deliver the same origin's
 /// transactions by two paths at once.
 pub fn lock_origin(origin: i32) {
-    Spi::run_with_args("SELECT pg_catalog.pg_advisory_xact_lock($1, $2)", &[ORIGIN_LOCK.into(), origin.into()]).expect("origin lock");
+    crate::base::plans::run("SELECT pg_catalog.pg_advisory_xact_lock($1, $2)", &[pg_sys::INT4OID, pg_sys::INT4OID], &[ORIGIN_LOCK.into(), origin.into()], |_| ());
 }

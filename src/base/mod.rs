@@ -7,6 +7,7 @@ pub mod clock;
 pub mod error;
 pub mod locks;
 pub mod node;
+pub mod plans;
 pub mod pq;
 pub mod signals;
 pub mod sqltext;

@@ -3,6 +3,8 @@
 
 use pgrx::prelude::*;
 
+use crate::base::plans;
+
 use crate::base::error::raise;
 
 /// This node as it is configured: id and name.
@@ -183,27 +185,28 @@ pub struct PeerPolicy {
 
 /// The policy for the peer named `name`; a peer without a db row here may send nothing.
 pub fn peer_policy(name: &str) -> PeerPolicy {
-    let (node_id, ddl, ddl_role) = Spi::get_three_with_args::<i32, String, String>(
-        "SELECT node_id, ddl, ddl_role::text FROM rbucardo.db WHERE name = $1",
+    let (node_id, ddl, ddl_role, relay) = plans::run(
+        "SELECT node_id, ddl, ddl_role::text, relay FROM rbucardo.db WHERE name = $1",
+        &[pg_sys::TEXTOID],
         &[name.into()],
-    )
-    .unwrap_or((None, None, None));
-    let relay = Spi::get_one_with_args::<bool>("SELECT relay FROM rbucardo.db WHERE name = $1", &[name.into()]).ok().flatten().unwrap_or(false);
+        |t| match t.into_iter().next() {
+            Some(r) => (r.get::<i32>(1).ok().flatten(), r.get::<String>(2).ok().flatten(), r.get::<String>(3).ok().flatten(), r.get::<bool>(4).ok().flatten()),
+            None => (None, None, None, None),
+        },
+    );
+    let relay = relay.unwrap_or(false);
     // Every replicated table, and whether a sync with this peer holds it.
-    let tables: Vec<(String, String, bool)> = Spi::connect(|c| {
-        c.select(
-            "SELECT n.nspname::text, k.relname::text,
-                    bool_or(EXISTS (SELECT 1 FROM rbucardo.sync s WHERE s.herd = t.herd AND $1 = ANY (s.dbs)))
-               FROM rbucardo.herd_table t
-               JOIN pg_catalog.pg_class k ON k.oid = t.relid
-               JOIN pg_catalog.pg_namespace n ON n.oid = k.relnamespace
-              GROUP BY 1, 2",
-            None,
-            &[name.into()],
-        )
-        .map(|t| t.filter_map(|r| Some((r.get::<String>(1).ok()??, r.get::<String>(2).ok()??, r.get::<bool>(3).ok()??))).collect())
-        .unwrap_or_default()
-    });
+    let tables: Vec<(String, String, bool)> = plans::run(
+        "SELECT n.nspname::text, k.relname::text,
+                bool_or(EXISTS (SELECT 1 FROM rbucardo.sync s WHERE s.herd = t.herd AND $1 = ANY (s.dbs)))
+           FROM rbucardo.herd_table t
+           JOIN pg_catalog.pg_class k ON k.oid = t.relid
+           JOIN pg_catalog.pg_namespace n ON n.oid = k.relnamespace
+          GROUP BY 1, 2",
+        &[pg_sys::TEXTOID],
+        &[name.into()],
+        |t| t.filter_map(|r| Some((r.get::<String>(1).ok()??, r.get::<String>(2).ok()??, r.get::<bool>(3).ok()??))).collect(),
+    );
     let shared: std::collections::HashSet<(String, String)> = tables.iter().filter(|t| t.2).map(|(s, n, _)| (s.clone(), n.clone())).collect();
     PeerPolicy {
         name: name.to_string(),

@@ -155,6 +155,9 @@ pub struct Batch {
     /// it holds no transaction for it (everything up to here was filtered out for it).
     pub upto: Position,
     pub txns: Vec<Txn>,
+    /// The sender read its stream up to its newest tick: asking again at once would bring
+    /// nothing.
+    pub complete: bool,
 }
 
 const MAGIC: &[u8; 4] = b"RBC1";
@@ -290,6 +293,7 @@ mod tests {
             after: Position { tick: 1, seq: 5 },
             upto: Position { tick: 2, seq: 9 },
             txns: vec![Txn { origin: 2, origin_pos: Position { tick: 2, seq: 9 }, hlc: 42, stream_pos: Position { tick: 2, seq: 9 }, chunks: vec![encode_chunk(&chunk)], part: None, decoded: Decoded::default() }],
+            complete: true,
         }
     }
 

@@ -13,19 +13,26 @@ use pgrx::prelude::*;
 
 use crate::base::error::raise;
 use crate::base::locks;
+use crate::base::plans;
 use crate::base::node::PeerPolicy;
 use crate::base::wire::{decode_chunk, encode_chunk, Batch, Op, Part, Position, Txn, WHOLE_TICK};
 
 /// The newest tick and whether a new one is needed: chunks were written since it, or a
 /// transaction that was running at its snapshot has finished since (one listed in the
 /// snapshot, or one past its xmax: then the xmax of a snapshot taken now is higher).
-const TICK_NEEDED: &str = "
+macro_rules! tick_needed {
+    () => {
+        "
     SELECT t.tick_id,
            (SELECT CASE WHEN is_called THEN last_value ELSE 0 END FROM rbucardo.change_seq) > t.last_seq
            OR pg_snapshot_xmax(pg_current_snapshot()) > pg_snapshot_xmax(t.snap)
            OR EXISTS (SELECT 1 FROM pg_snapshot_xip(t.snap) x
                        WHERE pg_xact_status(x) IS DISTINCT FROM 'in progress')
-      FROM rbucardo.tick t";
+      FROM rbucardo.tick t"
+    };
+}
+/// The newest tick, and whether the log needs a newer one.
+const LAST_TICK: &str = concat!(tick_needed!(), " ORDER BY t.tick_id DESC LIMIT 1");
 
 thread_local! {
     static WAKE_ARMED: Cell<bool> = const { Cell::new(false) };
@@ -123,8 +130,7 @@ fn arm_wake_at_commit() {
 /// at the last tick has finished since.
 pub fn ensure_tick() -> i64 {
     locks::lock_ticks();
-    let (last, needed) =
-        Spi::get_two::<i64, bool>(&format!("{} ORDER BY t.tick_id DESC LIMIT 1", TICK_NEEDED)).expect("reading the last tick");
+    let (last, needed) = plans::two::<i64, bool>(LAST_TICK, &[], &[]);
     let last = last.expect("the tick table always holds a tick");
     if !needed.unwrap_or(false) {
         return last;
@@ -144,10 +150,23 @@ pub fn ensure_tick() -> i64 {
     last + 1
 }
 
+/// The newest tick for a peer's fetch: a new one when the log needs one and no one else is
+/// cutting one, else the newest there is. Ticks used to be cut under a lock held to the end of
+/// the fetch (its durable commit included), so the fetches of many peers at once queued on it
+/// one behind the other. Now a fetch that finds the lock taken reads up to the newest tick; it
+/// misses nothing for long, since after every commit to the log this node's worker cuts a tick
+/// and only then tells listening peers (worker.rs).
+pub fn served_tick() -> i64 {
+    if locks::try_lock_ticks() {
+        return ensure_tick();
+    }
+    plans::one::<i64>("SELECT max(tick_id) FROM rbucardo.tick", &[], &[]).expect("the tick table always holds a tick")
+}
+
 /// The tick that will hold every transaction committed so far: the newest tick, or the next
 /// one if the log has grown since. Takes no lock, so callers that only wait can use it.
 pub fn stream_end() -> i64 {
-    let (last, needed) = Spi::get_two::<i64, bool>(&format!("{} ORDER BY t.tick_id DESC LIMIT 1", TICK_NEEDED)).expect("reading the last tick");
+    let (last, needed) = plans::two::<i64, bool>(LAST_TICK, &[], &[]);
     last.unwrap_or(0) + i64::from(needed.unwrap_or(false))
 }
 
@@ -198,58 +217,61 @@ impl LoggedTxn {
 /// transaction is identified by its local xid and, for forwarded ones, its origin position:
 /// one local apply transaction can hold several remote transactions.
 fn read_tick(k: i64, after_seq: i64, limit: i64, budget: usize) -> Vec<LoggedTxn> {
-    Spi::connect(|client| {
-        let (plast, xip, xmax) = client
-            .select(
-                "SELECT last_seq, ARRAY(SELECT x::text::bigint FROM pg_snapshot_xip(snap) x),
-                        pg_snapshot_xmax(snap)::text::bigint
-                   FROM rbucardo.tick WHERE tick_id = $1 - 1",
-                None,
-                &[k.into()],
+    let previous = plans::run(
+        "SELECT last_seq, ARRAY(SELECT x::text::bigint FROM pg_snapshot_xip(snap) x),
+                pg_snapshot_xmax(snap)::text::bigint
+           FROM rbucardo.tick WHERE tick_id = $1 - 1",
+        &[pg_sys::INT8OID],
+        &[k.into()],
+        |t| if t.is_empty() { None } else { t.first().get_three::<i64, Vec<i64>, i64>().ok() },
+    );
+    let Some((plast, xip, xmax)) = previous else {
+        raise(
+            PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
+            format!("stream position in tick {} is older than the change log kept on this node", k - 1),
+            "The peer asks for changes this node has already trimmed (was it restored from a backup?). \
+             Re-create that peer from a copy of a current node, then give it its own identity with init_node.",
+        )
+    };
+    let (plast, xip, xmax) = (plast.unwrap_or(0), xip.unwrap_or_default(), xmax.unwrap_or(0));
+    // A chunk written before the previous tick read last_seq belongs to this tick only if
+    // its transaction was running at the previous tick: listed in its snapshot, or at or
+    // past its xmax. Both are found by the txid index; everything else by the seq index.
+    // The transactions' sizes are read first (octet_length does not fetch a value stored
+    // out of line), and only those that fit `budget` are read whole: a batch of a few huge
+    // transactions does not read a thousand of them to ship one.
+    macro_rules! finals {
+        ($running:literal) => {
+            concat!(
+                "WITH c AS (SELECT l.seq, octet_length(l.data) AS len
+                              FROM rbucardo.change_log l
+                             WHERE l.final AND l.seq > $2
+                               AND (l.seq > $4 OR ",
+                $running,
+                ")
+                               AND pg_visible_in_snapshot(l.txid, (SELECT snap FROM rbucardo.tick WHERE tick_id = $1))
+                               AND NOT pg_visible_in_snapshot(l.txid, (SELECT snap FROM rbucardo.tick WHERE tick_id = $1 - 1))
+                             ORDER BY l.seq LIMIT $3),
+                      f AS (SELECT c.seq, sum(c.len) OVER (ORDER BY c.seq) - c.len AS before FROM c)
+                 SELECT l.txid::text::bigint, l.seq, l.chunk_no, l.origin, l.origin_tick, l.origin_seq, l.via, l.hlc, l.data
+                   FROM f JOIN rbucardo.change_log l ON l.seq = f.seq
+                  WHERE f.before < $7
+                  ORDER BY l.seq"
             )
-            .expect("reading the previous tick")
-            .first()
-            .get_three::<i64, Vec<i64>, i64>()
-            .unwrap_or_else(|_| {
-                raise(
-                    PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
-                    format!("stream position in tick {} is older than the change log kept on this node", k - 1),
-                    "The peer asks for changes this node has already trimmed (was it restored from a backup?). \
-                     Re-create that peer from a copy of a current node, then give it its own identity with init_node.",
-                )
-            });
-        let (plast, xip, xmax) = (plast.unwrap_or(0), xip.unwrap_or_default(), xmax.unwrap_or(0));
-        // A chunk written before the previous tick read last_seq belongs to this tick only if
-        // its transaction was running at the previous tick: listed in its snapshot, or at or
-        // past its xmax. Both are found by the txid index; everything else by the seq index.
-        let running = if xip.is_empty() {
-            "l.txid >= $6::text::xid8"
-        } else {
-            "(l.txid >= $6::text::xid8 OR l.txid = ANY ($5::bigint[]::text[]::xid8[]))"
         };
-        // The transactions' sizes are read first (octet_length does not fetch a value stored
-        // out of line), and only those that fit `budget` are read whole: a batch of a few huge
-        // transactions does not read a thousand of them to ship one.
-        let finals = format!(
-            "WITH c AS (SELECT l.seq, octet_length(l.data) AS len
-                          FROM rbucardo.change_log l
-                         WHERE l.final AND l.seq > $2
-                           AND (l.seq > $4 OR {running})
-                           AND pg_visible_in_snapshot(l.txid, (SELECT snap FROM rbucardo.tick WHERE tick_id = $1))
-                           AND NOT pg_visible_in_snapshot(l.txid, (SELECT snap FROM rbucardo.tick WHERE tick_id = $1 - 1))
-                         ORDER BY l.seq LIMIT $3),
-                  f AS (SELECT c.seq, sum(c.len) OVER (ORDER BY c.seq) - c.len AS before FROM c)
-             SELECT l.txid::text::bigint, l.seq, l.chunk_no, l.origin, l.origin_tick, l.origin_seq, l.via, l.hlc, l.data
-               FROM f JOIN rbucardo.change_log l ON l.seq = f.seq
-              WHERE f.before < $7
-              ORDER BY l.seq"
-        );
+    }
+    let finals: &'static str = if xip.is_empty() {
+        finals!("l.txid >= $6::text::xid8")
+    } else {
+        finals!("(l.txid >= $6::text::xid8 OR l.txid = ANY ($5::bigint[]::text[]::xid8[]))")
+    };
+    let i8 = pg_sys::INT8OID;
+    let types = [i8, i8, i8, i8, pg_sys::INT8ARRAYOID, i8, i8];
+    let args = [k.into(), after_seq.into(), limit.into(), plast.into(), xip.into(), xmax.into(), (budget.max(1) as i64).into()];
+    let (mut out, multi) = plans::run(finals, &types, &args, |rows| {
         let mut out = Vec::new();
         let mut multi = Vec::new();
-        for row in client
-            .select(finals.as_str(), None, &[k.into(), after_seq.into(), limit.into(), plast.into(), xip.into(), xmax.into(), (budget.max(1) as i64).into()])
-            .expect("reading a tick's transactions")
-        {
+        for row in rows {
             let origin_pos = match (row.get::<i64>(5).unwrap(), row.get::<i64>(6).unwrap()) {
                 (Some(tick), Some(seq)) => Some(Position { tick, seq }),
                 _ => None,
@@ -268,6 +290,9 @@ fn read_tick(k: i64, after_seq: i64, limit: i64, budget: usize) -> Vec<LoggedTxn
             }
             out.push(t);
         }
+        (out, multi)
+    });
+    Spi::connect(|client| {
         // Transactions that spilled earlier chunks: find those, in order, before the final one
         // (their sizes only: octet_length does not fetch a value stored out of line).
         for (i, txid) in multi {
@@ -302,15 +327,17 @@ fn read_tick(k: i64, after_seq: i64, limit: i64, budget: usize) -> Vec<LoggedTxn
 /// tables not in a sync shared with it (`policy`). A transaction bigger than `max_bytes`
 /// travels in parts of about `max_bytes`, each alone in its batch; `resume` is where the
 /// peer's parts of the next one end, when it holds some: (that transaction's position, the
-/// number of its chunks it has).
-pub fn read_batch(me: i32, after: Position, to: i32, max_bytes: usize, policy: &PeerPolicy, resume: Option<(Position, u32)>) -> Batch {
+/// number of its chunks it has). It reads up to tick `newest_tick` (`ensure_tick` or
+/// `served_tick`).
+pub fn read_batch(me: i32, after: Position, to: i32, max_bytes: usize, policy: &PeerPolicy, resume: Option<(Position, u32)>, newest_tick: i64) -> Batch {
     let mut pos = after;
     let mut txns = Vec::new();
     let mut bytes = 0usize;
-    let newest_tick = ensure_tick();
+    let mut complete = false;
     'ticks: loop {
         let (k, from_seq) = if pos.seq == WHOLE_TICK { (pos.tick + 1, -1) } else { (pos.tick, pos.seq) };
         if k > newest_tick {
+            complete = true;
             break;
         }
         let mut seq = from_seq;
@@ -364,7 +391,7 @@ pub fn read_batch(me: i32, after: Position, to: i32, max_bytes: usize, policy: &
         }
         pos = Position::whole(k);
     }
-    Batch { sender: me, after, upto: pos, txns }
+    Batch { sender: me, after, upto: pos, txns, complete }
 }
 
 /// The part of a transaction's chunks that the peer with `policy` shares: row changes of the

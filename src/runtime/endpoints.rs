@@ -11,6 +11,7 @@ use pgrx::prelude::*;
 
 use crate::base::error::raise;
 use crate::base::node::{self, me_or_raise};
+use crate::base::plans;
 use crate::base::wire::{decode_batch, encode_batch, Position};
 
 /// A batch is filled up to about this many bytes.
@@ -22,13 +23,11 @@ pub const MAX_BATCH_BYTES: usize = 512 << 20;
 /// The caller must be who it says it is: a superuser, or the login role named after the peer
 /// (each branch connects as its own role, member of rbucardo_peer).
 fn check_caller(peer_name: &str) {
-    let allowed = Spi::get_one_with_args::<bool>(
+    let allowed = plans::one::<bool>(
         "SELECT r.rolsuper OR r.rolname = $1 FROM pg_catalog.pg_roles r WHERE r.rolname = session_user",
+        &[pg_sys::TEXTOID],
         &[peer_name.into()],
-    )
-    .ok()
-    .flatten()
-        == Some(true);
+    ) == Some(true);
     if !allowed {
         raise(
             PgSqlErrorCode::ERRCODE_INSUFFICIENT_PRIVILEGE,
@@ -40,13 +39,12 @@ fn check_caller(peer_name: &str) {
 
 fn peer_node(peer_name: &str) -> i32 {
     check_caller(peer_name);
-    Spi::get_one_with_args::<i32>(
+    plans::one::<i32>(
         "SELECT d.node_id FROM rbucardo.db d WHERE d.name = $1
             AND EXISTS (SELECT 1 FROM rbucardo.sync s WHERE d.name = ANY (s.dbs) AND NOT s.paused)",
+        &[pg_sys::TEXTOID],
         &[peer_name.into()],
     )
-    .ok()
-    .flatten()
     .unwrap_or_else(|| {
         raise(
             PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
@@ -57,11 +55,12 @@ fn peer_node(peer_name: &str) -> i32 {
 }
 
 fn touch(peer_name: &str) {
-    Spi::run_with_args(
+    plans::run(
         "UPDATE rbucardo.peer_state SET last_contact = now(), state = 'connected', last_error = NULL WHERE db = $1",
+        &[pg_sys::TEXTOID],
         &[peer_name.into()],
-    )
-    .expect("peer state");
+        |_| (),
+    );
 }
 
 /// First call of a session: both sides learn each other's node id, and a node that is a copy
@@ -83,16 +82,20 @@ fn peer_hello(peer_name: &str, peer_node_id: i32) -> TableIterator<'static, (nam
 /// own changes. The position is also the caller's confirmation of everything up to it.
 #[pg_extern(volatile, security_definer)]
 #[search_path(pg_catalog, pg_temp)]
-fn peer_fetch(peer_name: &str, after_tick: i64, after_seq: i64, max_bytes: i32, held_tick: i64, held_seq: i64, held_chunks: i32) -> Vec<u8> {
+fn peer_fetch(peer_name: &str, after_tick: i64, after_seq: i64, max_bytes: i32, held_tick: default!(i64, 0), held_seq: default!(i64, 0), held_chunks: default!(i32, 0)) -> Vec<u8> {
     let me = me_or_raise();
     let node = peer_node(peer_name);
     let after = Position { tick: after_tick, seq: after_seq };
+    // A fetch writes only the peer's confirmation and its last contact: both may be lost in a
+    // crash (the peer sends them again), so its commit does not wait for the disk.
+    Spi::run("SET LOCAL synchronous_commit = off").expect("fetch commit");
     record_confirmed(peer_name, after);
     touch(peer_name);
     let limit = (max_bytes.max(1) as usize).min(BATCH_BYTES);
     let policy = node::peer_policy(peer_name);
     let held = (held_chunks > 0).then_some((Position { tick: held_tick, seq: held_seq }, held_chunks as u32));
-    encode_batch(&crate::log::changelog::read_batch(me.id, after, node, limit, &policy, held))
+    let newest = crate::log::changelog::served_tick();
+    encode_batch(&crate::log::changelog::read_batch(me.id, after, node, limit, &policy, held, newest))
 }
 
 /// Where this node stands in the caller's stream: the caller pushes from there, and goes on
@@ -164,12 +167,13 @@ fn refused(peer_name: &str) -> Option<String> {
 
 /// Records that `peer_name` has everything of this node's stream up to `pos`.
 pub fn record_confirmed(peer_name: &str, pos: Position) {
-    Spi::run_with_args(
+    plans::run(
         "UPDATE rbucardo.peer_state SET out_tick = $2, out_seq = $3
           WHERE db = $1 AND (out_tick, out_seq) < ($2, $3)",
+        &[pg_sys::TEXTOID, pg_sys::INT8OID, pg_sys::INT8OID],
         &[peer_name.into(), pos.tick.into(), pos.seq.into()],
-    )
-    .expect("recording a confirmation");
+        |_| (),
+    );
 }
 
 pgrx::extension_sql!(

@@ -2,7 +2,7 @@
 //! endpoints.rs is the called side). Connects, says hello, pulls the peer's stream and pushes
 //! this node's, trades table shapes.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use pgrx::prelude::*;
 
@@ -14,6 +14,9 @@ use crate::runtime::endpoints::{record_confirmed, BATCH_BYTES, MAX_BATCH_BYTES};
 
 /// How long one remote call may take before the link is considered dead.
 const CALL_TIMEOUT: Duration = Duration::from_secs(120);
+/// How long the peer's position in this node's stream, as learned from the last push, is
+/// trusted without asking again (see `push`).
+const POSITION_TRUSTED: Duration = Duration::from_secs(1);
 
 /// One outbound link and what it has learned.
 pub struct Link {
@@ -26,6 +29,9 @@ pub struct Link {
     /// md5 of the table shape the peer last received from us.
     schema_sent: Option<String>,
     me_name: String,
+    /// Where the peer stood in this node's stream after the last push that ended cleanly (no
+    /// error, no stop, no part in flight), and when.
+    peer_has: Option<(Position, Instant)>,
 }
 
 impl Link {
@@ -43,7 +49,7 @@ impl Link {
         let peer_name = peer.name.clone();
         in_txn(move || node::learn_peer_id(&peer_name, id))?;
         conn.execute("LISTEN rbucardo_changes", CALL_TIMEOUT).map_err(|e| e.to_string())?;
-        Ok(Link { peer: peer.clone(), conn: Some(conn), peer_id: id, stopped: None, schema_sent: None, me_name: me.name.clone() })
+        Ok(Link { peer: peer.clone(), conn: Some(conn), peer_id: id, stopped: None, schema_sent: None, me_name: me.name.clone(), peer_has: None })
     }
 
     fn conn(&mut self) -> Result<&mut PeerConn, String> {
@@ -87,7 +93,9 @@ impl Link {
                 return Ok(total);
             }
             let (me_id, name, peer_id) = (me.id, self.peer.name.clone(), self.peer_id);
-            let empty = batch.txns.is_empty();
+            // A batch that holds the sender's whole stream ends the pull: asking again at once
+            // would cost the sender a fetch for nothing (a hub serves many peers per round).
+            let empty = batch.txns.is_empty() || batch.complete;
             let applied = in_txn(move || {
                 let a = crate::apply::apply_batch(me_id, &name, peer_id, &batch);
                 (a.txns, a.stopped)
@@ -132,6 +140,27 @@ impl Link {
     /// While the peer applies one batch, the next is read from the change log, so catching up
     /// after an outage keeps both nodes busy.
     pub fn push(&mut self, me: &Me) -> Result<i64, String> {
+        // A round woken by the peer's notification usually has nothing of ours to send. Where
+        // the peer stood after our last clean push is trusted for a moment: if nothing for it
+        // was committed here since, the round asks the peer nothing (a hub serving many
+        // stores is not asked once per store and round). A batch that would only move the
+        // peer's cursor past changes it does not get waits for the next full push.
+        if let Some((pos, _)) = self.peer_has.filter(|(_, at)| at.elapsed() < POSITION_TRUSTED) {
+            let (me_id, peer_id, name) = (me.id, self.peer_id, self.peer.name.clone());
+            let nothing = in_txn(move || {
+                let newest = crate::log::changelog::ensure_tick();
+                crate::log::changelog::read_batch(me_id, pos, peer_id, BATCH_BYTES, &node::peer_policy(&name), None, newest).txns.is_empty()
+            })?;
+            if nothing {
+                return Ok(0);
+            }
+        }
+        self.peer_has = None;
+        let sent = self.push_from_peer_position(me)?;
+        Ok(sent)
+    }
+
+    fn push_from_peer_position(&mut self, me: &Me) -> Result<i64, String> {
         let mut sent = 0;
         'from_the_peer: loop {
             let rows = self
@@ -154,9 +183,10 @@ impl Link {
             let mut batch = in_txn(move || {
                 record_confirmed(&name, pos);
                 let policy = node::peer_policy(&name);
-                crate::log::changelog::read_batch(me_id, pos, peer_id, BATCH_BYTES, &policy, held)
+                crate::log::changelog::read_batch(me_id, pos, peer_id, BATCH_BYTES, &policy, held, crate::log::changelog::ensure_tick())
             })?;
             if batch.txns.is_empty() && batch.upto == pos {
+                self.peer_has = Some((pos, Instant::now()));
                 return Ok(sent);
             }
             loop {
@@ -171,7 +201,10 @@ impl Link {
                 let name = self.peer.name.clone();
                 // After a part that more follow, the next part.
                 let held = batch.txns.last().and_then(|t| t.part.filter(|p| p.more).map(|p| (t.stream_pos, p.end)));
-                let next = (!empty).then(|| in_txn(move || crate::log::changelog::read_batch(me_id, upto, peer_id, BATCH_BYTES, &node::peer_policy(&name), held)));
+                let next = (!empty).then(|| in_txn(move || {
+                    let newest = crate::log::changelog::ensure_tick();
+                    crate::log::changelog::read_batch(me_id, upto, peer_id, BATCH_BYTES, &node::peer_policy(&name), held, newest)
+                }));
                 let rows = self.conn()?.receive(CALL_TIMEOUT).map_err(|e| e.to_string())?;
                 let done = rows.first().and_then(|r| Some(Position { tick: r.i64(0)?, seq: r.i64(1)? })).ok_or("peer_push returned nothing")?;
                 let name = self.peer.name.clone();
@@ -181,12 +214,16 @@ impl Link {
                     self.stopped = Some(format!("{} stopped applying this node's stream: {why}", self.peer.name));
                     return Ok(sent);
                 }
-                let Some(next) = next else { return Ok(sent) };
+                let Some(next) = next else {
+                    self.peer_has = (done == upto && held.is_none()).then(|| (done, Instant::now()));
+                    return Ok(sent);
+                };
                 let next = next?;
                 if done != upto {
                     continue 'from_the_peer;
                 }
                 if next.txns.is_empty() && next.upto == upto {
+                    self.peer_has = held.is_none().then(|| (done, Instant::now()));
                     return Ok(sent);
                 }
                 batch = next;

@@ -182,12 +182,19 @@ pub extern "C-unwind" fn rbucardo_worker_main(arg: pg_sys::Datum) {
             unsafe { pg_sys::pg_usleep((MIN_ROUND_GAP - since).as_micros() as std::ffi::c_long) };
         }
         last_round = std::time::Instant::now();
-        // Tell peers listening on this node that the change log has grown. The notification
-        // needs no durable commit of its own.
+        // Tell peers listening on this node that the change log has grown, with a tick that
+        // holds the new transactions already made: their fetches then read without cutting
+        // one (changelog::served_tick). The tick's commit is durable (ensure_tick asks for it);
+        // a notification alone needs no durable commit.
         let commits = signals::log_commits(slot);
         if commits != told
             && replicator.has_peers()
-            && in_txn(|| Spi::run("SET LOCAL synchronous_commit = off; NOTIFY rbucardo_changes").expect("notify")).is_ok()
+            && in_txn(|| {
+                Spi::run("SET LOCAL synchronous_commit = off").expect("notify");
+                crate::log::changelog::ensure_tick();
+                Spi::run("NOTIFY rbucardo_changes").expect("notify")
+            })
+            .is_ok()
         {
             told = commits;
         }

@@ -225,7 +225,7 @@ fn server_cpu(postmaster: u32) -> f64 {
 fn fanin_run(branches: usize, seconds: u64) -> FanIn {
     let cluster = Cluster::builder(&format!("bench-fanin-{branches}"))
         .node_names(&["main", "stores"])
-        .extra_conf("shared_buffers = 128MB\nmax_worker_processes = 64\nmax_connections = 200")
+        .extra_conf("shared_buffers = 128MB\nmax_worker_processes = 64\nmax_connections = 200\ntrack_functions = all")
         .start();
     let names: Vec<String> = std::iter::once("main".to_string()).chain((1..=branches).map(|i| format!("b{i}"))).collect();
     // (server, database) of each rbucardo node.
@@ -306,6 +306,11 @@ fn fanin_run(branches: usize, seconds: u64) -> FanIn {
         (at(0.5), at(0.99))
     };
     let received = per_node * branches as i64;
+    let calls = main
+        .query("SELECT funcname || ' ' || calls FROM pg_stat_user_functions WHERE schemaname = 'rbucardo' AND funcname LIKE 'peer_%' ORDER BY 1")
+        .expect("function stats");
+    let calls: Vec<String> = calls.into_iter().filter_map(|r| r[0].clone()).collect();
+    println!("  ({branches} branches: main served {} over {:.0} s)", calls.join(", "), elapsed.as_secs_f64());
     FanIn { rate: total as f64 / elapsed.as_secs_f64(), one: pct(&mut one), two: pct(&mut two), cpu_ms_per_row: cpu * 1000.0 / received as f64 }
 }
 

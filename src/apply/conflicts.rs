@@ -11,6 +11,7 @@ use pgrx::prelude::*;
 
 use crate::apply::decide::{Answer, Conflict, Env, Kind, Logged, Policy, Strategy, UniqueRename, STRATEGIES};
 use crate::base::error::raise;
+use crate::base::plans;
 use crate::base::wire::RelDesc;
 use crate::log::clocks::Clocks;
 
@@ -22,17 +23,17 @@ const CUSTOM_ARGS: &str = "(text,regclass,jsonb,jsonb,text,bigint,text,bigint)";
 /// of a sync whose herd holds the table (the first by name), `source` when it is in no sync;
 /// column merge and delta columns; the names of the nodes, for priority lists.
 pub fn policy_for(relid: pg_sys::Oid, desc: &RelDesc) -> Policy {
-    let (name, sync) = Spi::get_two_with_args::<String, String>(
+    let (name, sync) = plans::two::<String, String>(
         "SELECT coalesce((SELECT strategy FROM rbucardo.table_option WHERE relid = $1), s.conflict_strategy), s.name
            FROM (SELECT NULL) dummy
            LEFT JOIN LATERAL (SELECT s.name, s.conflict_strategy FROM rbucardo.sync s JOIN rbucardo.herd_table t ON t.herd = s.herd
                                WHERE t.relid = $1 ORDER BY s.name LIMIT 1) s ON true",
+        &[pg_sys::OIDOID],
         &[relid.into()],
-    )
-    .unwrap_or((None, None));
+    );
     let rule_name = name.unwrap_or_else(|| "source".into());
     let (merge, delta) = column_rules(relid, desc);
-    let log_merges = Spi::get_one_with_args::<bool>("SELECT log_merges FROM rbucardo.table_option WHERE relid = $1", &[relid.into()]).ok().flatten().unwrap_or(false);
+    let log_merges = plans::one::<bool>("SELECT log_merges FROM rbucardo.table_option WHERE relid = $1", &[pg_sys::OIDOID], &[relid.into()]).unwrap_or(false);
     let table = format!("{}.{}", pgrx::spi::quote_identifier(&desc.schema), pgrx::spi::quote_identifier(&desc.name));
     let renames = unique_renames(relid, desc);
     Policy { table, strategy: Strategy::parse(&rule_name), rule_name, sync, merge, delta, node_names: node_names(), log_merges, renames }
@@ -41,8 +42,7 @@ pub fn policy_for(relid: pg_sys::Oid, desc: &RelDesc) -> Policy {
 /// The table's unique indexes set to `rename`, with their columns in the remote column order;
 /// an index with a column the peer does not send is left to park.
 fn unique_renames(relid: pg_sys::Oid, desc: &RelDesc) -> Vec<UniqueRename> {
-    let rows: Vec<(String, Vec<String>, String)> = Spi::connect(|c| {
-        c.select(
+    let rows: Vec<(String, Vec<String>, String)> = plans::run(
             "SELECT o.indexrelid::pg_catalog.regclass::text,
                     ARRAY(SELECT a.attname::text FROM unnest((i.indkey::int2[])[0:i.indnkeyatts - 1]) k
                             JOIN pg_catalog.pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k),
@@ -50,12 +50,10 @@ fn unique_renames(relid: pg_sys::Oid, desc: &RelDesc) -> Vec<UniqueRename> {
                FROM rbucardo.index_option o JOIN pg_catalog.pg_index i ON i.indexrelid = o.indexrelid
               WHERE o.relid = $1 AND o.strategy = 'rename' AND i.indisunique AND i.indisvalid
               ORDER BY 1",
-            None,
-            &[relid.into()],
-        )
-        .map(|t| t.filter_map(|r| Some((r.get::<String>(1).ok()??, r.get::<Vec<String>>(2).ok()??, r.get::<String>(3).ok()??))).collect())
-        .unwrap_or_default()
-    });
+        &[pg_sys::OIDOID],
+        &[relid.into()],
+        |t| t.filter_map(|r| Some((r.get::<String>(1).ok()??, r.get::<Vec<String>>(2).ok()??, r.get::<String>(3).ok()??))).collect(),
+    );
     let at = |name: &str| desc.columns.iter().position(|c| c == name);
     rows.into_iter()
         .filter_map(|(index, cols, col)| Some(UniqueRename { index, columns: cols.iter().map(|c| at(c)).collect::<Option<_>>()?, renamed: at(&col)? }))
@@ -114,24 +112,23 @@ pub fn check_unique_rename(index: pg_sys::Oid) -> (pg_sys::Oid, String) {
 
 /// Every node name this node knows, by node id.
 fn node_names() -> HashMap<i32, String> {
-    Spi::connect(|c| {
-        c.select("SELECT node_id, name FROM rbucardo.db WHERE node_id IS NOT NULL UNION ALL SELECT node_id, name FROM rbucardo.node", None, &[])
-            .map(|t| t.filter_map(|r| Some((r.get::<i32>(1).ok()??, r.get::<String>(2).ok()??))).collect())
-            .unwrap_or_default()
-    })
+    plans::run(
+        "SELECT node_id, name FROM rbucardo.db WHERE node_id IS NOT NULL UNION ALL SELECT node_id, name FROM rbucardo.node",
+        &[],
+        &[],
+        |t| t.filter_map(|r| Some((r.get::<i32>(1).ok()??, r.get::<String>(2).ok()??))).collect(),
+    )
 }
 
 /// Column-level merge setting and delta columns of a table, in the remote column order.
 fn column_rules(relid: pg_sys::Oid, desc: &RelDesc) -> (bool, Vec<bool>) {
-    let merge = Spi::get_one_with_args::<bool>("SELECT merge FROM rbucardo.table_option WHERE relid = $1", &[relid.into()])
-        .ok()
-        .flatten()
-        .unwrap_or(true);
-    let deltas: Vec<String> = Spi::connect(|c| {
-        c.select("SELECT col::text FROM rbucardo.column_option WHERE relid = $1 AND strategy = 'delta'", None, &[relid.into()])
-            .map(|t| t.filter_map(|r| r.get::<String>(1).ok().flatten()).collect())
-            .unwrap_or_default()
-    });
+    let merge = plans::one::<bool>("SELECT merge FROM rbucardo.table_option WHERE relid = $1", &[pg_sys::OIDOID], &[relid.into()]).unwrap_or(true);
+    let deltas: Vec<String> = plans::run(
+        "SELECT col::text FROM rbucardo.column_option WHERE relid = $1 AND strategy = 'delta'",
+        &[pg_sys::OIDOID],
+        &[relid.into()],
+        |t| t.filter_map(|r| r.get::<String>(1).ok().flatten()).collect(),
+    );
     (merge, desc.columns.iter().map(|c| deltas.contains(c)).collect())
 }
 

@@ -149,12 +149,12 @@ pub fn stopped_in(via: i32) -> Vec<Stopped> {
         &[via.into(), DDL_RETRY_EVERY.into()],
         |t| {
             t.map(|r| Stopped {
-            id: r.get::<i64>(1).unwrap().unwrap(),
-            origin: r.get::<i32>(2).unwrap().unwrap(),
-            origin_pos: Position { tick: r.get::<i64>(3).unwrap().unwrap(), seq: r.get::<i64>(4).unwrap().unwrap() },
-            due: r.get::<bool>(5).unwrap().unwrap_or(true),
-            skip: r.get::<i32>(6).unwrap().map(|o| o as u32),
-            reason: r.get::<String>(7).unwrap().unwrap_or_default(),
+                id: r.get::<i64>(1).unwrap().unwrap(),
+                origin: r.get::<i32>(2).unwrap().unwrap(),
+                origin_pos: Position { tick: r.get::<i64>(3).unwrap().unwrap(), seq: r.get::<i64>(4).unwrap().unwrap() },
+                due: r.get::<bool>(5).unwrap().unwrap_or(true),
+                skip: r.get::<i32>(6).unwrap().map(|o| o as u32),
+                reason: r.get::<String>(7).unwrap().unwrap_or_default(),
             })
             .collect()
         },

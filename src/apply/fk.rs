@@ -33,28 +33,27 @@ pub struct ForeignKey {
 /// The foreign keys whose child is the table `relid` (MATCH SIMPLE and FULL alike: a key with
 /// a NULL column is not checked, which is MATCH SIMPLE's rule).
 pub fn foreign_keys(relid: pg_sys::Oid) -> Vec<ForeignKey> {
-    Spi::connect(|c| {
-        c.select(
-            "SELECT con.conname::text, con.confrelid::regclass::text,
-                    ARRAY(SELECT quote_ident(a.attname) FROM unnest(con.conkey) WITH ORDINALITY k(n, o)
-                            JOIN pg_attribute a ON a.attrelid = con.conrelid AND a.attnum = k.n ORDER BY k.o),
-                    ARRAY(SELECT quote_ident(a.attname) FROM unnest(con.confkey) WITH ORDINALITY k(n, o)
-                            JOIN pg_attribute a ON a.attrelid = con.confrelid AND a.attnum = k.n ORDER BY k.o)
-               FROM pg_constraint con
-              WHERE con.conrelid = $1 AND con.contype = 'f'
-              ORDER BY con.conname",
-            None,
-            &[relid.into()],
-        )
-        .expect("reading foreign keys")
-        .map(|r| ForeignKey {
-            name: r.get::<String>(1).ok().flatten().unwrap_or_default(),
-            parent: r.get::<String>(2).ok().flatten().unwrap_or_default(),
-            columns: r.get::<Vec<String>>(3).ok().flatten().unwrap_or_default(),
-            referenced: r.get::<Vec<String>>(4).ok().flatten().unwrap_or_default(),
-        })
-        .collect()
-    })
+    crate::base::plans::run(
+        "SELECT con.conname::text, con.confrelid::regclass::text,
+                ARRAY(SELECT quote_ident(a.attname) FROM unnest(con.conkey) WITH ORDINALITY k(n, o)
+                        JOIN pg_attribute a ON a.attrelid = con.conrelid AND a.attnum = k.n ORDER BY k.o),
+                ARRAY(SELECT quote_ident(a.attname) FROM unnest(con.confkey) WITH ORDINALITY k(n, o)
+                        JOIN pg_attribute a ON a.attrelid = con.confrelid AND a.attnum = k.n ORDER BY k.o)
+           FROM pg_constraint con
+          WHERE con.conrelid = $1 AND con.contype = 'f'
+          ORDER BY con.conname",
+        &[pg_sys::OIDOID],
+        &[relid.into()],
+        |t| {
+            t.map(|r| ForeignKey {
+                name: r.get::<String>(1).ok().flatten().unwrap_or_default(),
+                parent: r.get::<String>(2).ok().flatten().unwrap_or_default(),
+                columns: r.get::<Vec<String>>(3).ok().flatten().unwrap_or_default(),
+                referenced: r.get::<Vec<String>>(4).ok().flatten().unwrap_or_default(),
+            })
+            .collect()
+        },
+    )
 }
 
 /// The keys of the rows a remote transaction wrote to tables with foreign keys.

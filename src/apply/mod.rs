@@ -151,7 +151,7 @@ impl Applier {
         }
         if !self.rels.contains_key(desc) {
             let qualified = format!("{}.{}", quote(&desc.schema), quote(&desc.name));
-            let (relid, owner, found) = Spi::get_three_with_args::<pg_sys::Oid, pg_sys::Oid, Vec<Option<String>>>(
+            let (relid, owner, found) = crate::base::plans::run(
                 "SELECT c.oid, c.relowner, array_agg((SELECT format_type(a.atttypid, a.atttypmod) FROM pg_attribute a
                                            WHERE a.attrelid = c.oid AND a.attname = col AND a.attnum > 0
                                              AND NOT a.attisdropped) ORDER BY o)
@@ -159,9 +159,10 @@ impl Applier {
                         unnest($3::text[]) WITH ORDINALITY u(col, o)
                   WHERE n.nspname = $1 AND c.relname = $2
                   GROUP BY c.oid, c.relowner",
+                &[pg_sys::TEXTOID, pg_sys::TEXTOID, pg_sys::TEXTARRAYOID],
                 &[desc.schema.as_str().into(), desc.name.as_str().into(), desc.columns.clone().into()],
-            )
-            .unwrap_or((None, None, None));
+                |t| if t.is_empty() { (None, None, None) } else { t.first().get_three::<pg_sys::Oid, pg_sys::Oid, Vec<Option<String>>>().unwrap_or((None, None, None)) },
+            );
             let (Some(relid), Some(types)) = (relid, found) else {
                 raise(
                     PgSqlErrorCode::ERRCODE_UNDEFINED_TABLE,
@@ -190,7 +191,7 @@ impl Applier {
             let owner = owner.unwrap_or(pg_sys::Oid::from_u32(pg_sys::BOOTSTRAP_SUPERUSERID));
             // Rows are written as the owner, whom FORCE ROW LEVEL SECURITY would hide rows
             // from: refused, as PostgreSQL's own apply refuses it.
-            if Spi::get_one_with_args::<bool>("SELECT relrowsecurity AND relforcerowsecurity FROM pg_catalog.pg_class WHERE oid = $1", &[relid.into()]).ok().flatten() == Some(true) {
+            if crate::base::plans::one::<bool>("SELECT relrowsecurity AND relforcerowsecurity FROM pg_catalog.pg_class WHERE oid = $1", &[pg_sys::OIDOID], &[relid.into()]) == Some(true) {
                 raise(
                     PgSqlErrorCode::ERRCODE_FEATURE_NOT_SUPPORTED,
                     format!("replicated table {qualified} has FORCE ROW LEVEL SECURITY"),

@@ -23,7 +23,7 @@ const RETRY_AFTER_BATCH: i64 = 100;
 /// Called after a batch applied something, in its transaction: what it brought (a parent row,
 /// a renamed login) may be what a parked transaction was waiting for.
 pub fn retry_after_batch(me: i32) -> i64 {
-    let any = Spi::get_one::<bool>("SELECT EXISTS (SELECT 1 FROM rbucardo.exceptions WHERE resolved_at IS NULL AND kind = 'constraint')").ok().flatten();
+    let any = crate::base::plans::one::<bool>("SELECT EXISTS (SELECT 1 FROM rbucardo.exceptions WHERE resolved_at IS NULL AND kind = 'constraint')", &[], &[]);
     if any == Some(true) { retry(me, None, Some(RETRY_AFTER_BATCH)) } else { 0 }
 }
 

@@ -40,7 +40,7 @@ pub struct Layout {
 /// every local column (but generated ones) must come from the peer, and the replica key must
 /// have its unique index here.
 pub fn layout(relid: pg_sys::Oid, desc: &RelDesc) -> Option<Layout> {
-    let (kind, key_index) = Spi::get_two_with_args::<String, pg_sys::Oid>(
+    let (kind, key_index) = crate::base::plans::two::<String, pg_sys::Oid>(
         "SELECT c.relkind::text,
                 (SELECT i.indexrelid FROM pg_index i
                   WHERE i.indrelid = c.oid AND i.indisunique AND i.indisvalid AND i.indimmediate
@@ -51,9 +51,9 @@ pub fn layout(relid: pg_sys::Oid, desc: &RelDesc) -> Option<Layout> {
                                ORDER BY k.o)::int2[]
                   ORDER BY i.indisprimary DESC LIMIT 1)
            FROM pg_class c WHERE c.oid = $1",
+        &[pg_sys::OIDOID, pg_sys::TEXTARRAYOID],
         &[relid.into(), desc.key.iter().map(|&k| desc.columns[k as usize].clone()).collect::<Vec<_>>().into()],
-    )
-    .ok()?;
+    );
     if kind.as_deref() != Some("r") {
         return None;
     }

@@ -8,7 +8,7 @@ use pgrx::prelude::*;
 
 use crate::base::node::{self, Me, Peer};
 use crate::base::pq::{Param, PeerConn};
-use crate::base::wire::{decode_batch, encode_batch, Position};
+use crate::base::wire::{decode_batch, encode_batch, Batch, Position};
 use crate::base::xact::in_txn;
 use crate::runtime::endpoints::{record_confirmed, BATCH_BYTES, MAX_BATCH_BYTES};
 
@@ -111,6 +111,34 @@ impl Link {
         }
     }
 
+    /// Asks the peer where it stands in this node's stream and reads the batch from there;
+    /// None when the peer's stream is stopped (then `stopped` says why).
+    fn batch_from_peer_position(&mut self, me: &Me) -> Result<Option<Batch>, String> {
+        let rows = self
+            .conn()?
+            .query("SELECT tick, seq, stopped, held_tick, held_seq, held_chunks FROM rbucardo.peer_position($1)", &[Param::Text(&me.name)], CALL_TIMEOUT)
+            .map_err(|e| e.to_string())?;
+        let pos = rows.first().and_then(|r| Some(Position { tick: r.i64(0)?, seq: r.i64(1)? })).ok_or("peer_position returned nothing")?;
+        // The parts of a large transaction the peer holds already.
+        let held = rows
+            .first()
+            .and_then(|r| Some((Position { tick: r.i64(3)?, seq: r.i64(4)? }, r.i64(5)?)))
+            .filter(|(_, n)| *n > 0)
+            .map(|(p, n)| (p, n as u32));
+        let (me_id, name, peer_id) = (me.id, self.peer.name.clone(), self.peer_id);
+        if let Some(why) = rows.first().and_then(|r| r.text(2)) {
+            in_txn(move || record_confirmed(&name, pos))?;
+            self.stopped = Some(format!("{} stopped applying this node's stream: {why}", self.peer.name));
+            return Ok(None);
+        }
+        let batch = in_txn(move || {
+            record_confirmed(&name, pos);
+            let policy = node::peer_policy(&name);
+            crate::log::changelog::read_batch(me_id, pos, peer_id, BATCH_BYTES, &policy, held, crate::log::changelog::ensure_tick())
+        })?;
+        Ok(Some(batch))
+    }
+
     /// Trades table shapes with the peer (for validate_schema); sends ours only when it changed
     /// since the peer last acknowledged it.
     pub fn exchange_schema(&mut self) -> Result<(), String> {
@@ -141,54 +169,47 @@ impl Link {
     /// after an outage keeps both nodes busy.
     pub fn push(&mut self, me: &Me) -> Result<i64, String> {
         // A round woken by the peer's notification usually has nothing of ours to send. Where
-        // the peer stood after our last clean push is trusted for a moment: if nothing for it
-        // was committed here since, the round asks the peer nothing (a hub serving many
-        // stores is not asked once per store and round). A batch that would only move the
-        // peer's cursor past changes it does not get waits for the next full push.
-        if let Some((pos, _)) = self.peer_has.filter(|(_, at)| at.elapsed() < POSITION_TRUSTED) {
+        // the peer stood after our last clean push is trusted for a moment: the round reads
+        // from there, asks the peer nothing when nothing for it was committed here since, and
+        // sends what was without asking where the peer stands first (a hub serving many stores
+        // is not asked once per store and round). A batch that would only move the peer's
+        // cursor past changes it does not get waits for the next full push. A wrong guess
+        // costs nothing: the peer skips what it has, and refuses a batch that starts past its
+        // cursor, after which the next round asks.
+        let mut trusted = None;
+        if let Some((pos, at)) = self.peer_has.take().filter(|(_, at)| at.elapsed() < POSITION_TRUSTED) {
             let (me_id, peer_id, name) = (me.id, self.peer_id, self.peer.name.clone());
-            let nothing = in_txn(move || {
+            let batch = in_txn(move || {
                 let newest = crate::log::changelog::ensure_tick();
-                crate::log::changelog::read_batch(me_id, pos, peer_id, BATCH_BYTES, &node::peer_policy(&name), None, newest).txns.is_empty()
+                crate::log::changelog::read_batch(me_id, pos, peer_id, BATCH_BYTES, &node::peer_policy(&name), None, newest)
             })?;
-            if nothing {
+            if batch.txns.is_empty() {
+                self.peer_has = Some((pos, at));
                 return Ok(0);
             }
+            trusted = Some(batch);
         }
-        self.peer_has = None;
-        let sent = self.push_from_peer_position(me)?;
-        Ok(sent)
+        self.push_batches(me, trusted)
     }
 
-    fn push_from_peer_position(&mut self, me: &Me) -> Result<i64, String> {
+    /// Pushes this node's stream, from `first` (read from a trusted position), else from where
+    /// the peer says it stands.
+    fn push_batches(&mut self, me: &Me, mut first: Option<Batch>) -> Result<i64, String> {
         let mut sent = 0;
         'from_the_peer: loop {
-            let rows = self
-                .conn()?
-                .query("SELECT tick, seq, stopped, held_tick, held_seq, held_chunks FROM rbucardo.peer_position($1)", &[Param::Text(&me.name)], CALL_TIMEOUT)
-                .map_err(|e| e.to_string())?;
-            let pos = rows.first().and_then(|r| Some(Position { tick: r.i64(0)?, seq: r.i64(1)? })).ok_or("peer_position returned nothing")?;
-            // The parts of a large transaction the peer holds already.
-            let held = rows
-                .first()
-                .and_then(|r| Some((Position { tick: r.i64(3)?, seq: r.i64(4)? }, r.i64(5)?)))
-                .filter(|(_, n)| *n > 0)
-                .map(|(p, n)| (p, n as u32));
-            let (me_id, name, peer_id) = (me.id, self.peer.name.clone(), self.peer_id);
-            if let Some(why) = rows.first().and_then(|r| r.text(2)) {
-                in_txn(move || record_confirmed(&name, pos))?;
-                self.stopped = Some(format!("{} stopped applying this node's stream: {why}", self.peer.name));
+            let mut batch = match first.take() {
+                Some(batch) => batch,
+                None => match self.batch_from_peer_position(me)? {
+                    Some(batch) => batch,
+                    None => return Ok(sent),
+                },
+            };
+            if batch.txns.is_empty() && batch.upto == batch.after {
+                self.peer_has = Some((batch.after, Instant::now()));
                 return Ok(sent);
             }
-            let mut batch = in_txn(move || {
-                record_confirmed(&name, pos);
-                let policy = node::peer_policy(&name);
-                crate::log::changelog::read_batch(me_id, pos, peer_id, BATCH_BYTES, &policy, held, crate::log::changelog::ensure_tick())
-            })?;
-            if batch.txns.is_empty() && batch.upto == pos {
-                self.peer_has = Some((pos, Instant::now()));
-                return Ok(sent);
-            }
+            let me_id = me.id;
+            let peer_id = self.peer_id;
             loop {
                 let empty = batch.txns.is_empty();
                 let bytes = encode_batch(&batch);
@@ -222,7 +243,9 @@ impl Link {
                 if done != upto {
                     continue 'from_the_peer;
                 }
-                if next.txns.is_empty() && next.upto == upto {
+                // Nothing more to apply there: a batch that would only move the peer's cursor
+                // waits for the next full push.
+                if next.txns.is_empty() {
                     self.peer_has = held.is_none().then(|| (done, Instant::now()));
                     return Ok(sent);
                 }

@@ -113,6 +113,12 @@ impl Replicator {
         self.config.as_ref().is_none_or(|c| !c.peers.is_empty())
     }
 
+    /// How many peers may be listening for this node's change notifications, as of the last
+    /// round.
+    pub fn listeners(&self) -> usize {
+        self.config.as_ref().map_or(0, |c| c.peers.len())
+    }
+
     /// One round over every active outbound peer. Returns how long the worker may sleep.
     pub fn round(&mut self) -> Duration {
         let (me, peers) = match self.config() {

@@ -18,6 +18,16 @@ use crate::base::xact::in_txn;
 
 /// Shortest time between two rounds of a worker.
 const MIN_ROUND_GAP: Duration = Duration::from_millis(10);
+/// Every notification makes each listening peer fetch once. A hub with many stores holds its
+/// notifications back to one per `MIN_ROUND_GAP` per this many listeners, so that under a
+/// steady stream each fetch carries several transactions instead of one; an idle hub still
+/// notifies at once. (Measured with `bench fanin`: see docs/performance.md.)
+const LISTENERS_PER_GAP: usize = 8;
+
+/// The least time between two change notifications with `listeners` peers.
+fn notify_gap(listeners: usize) -> Duration {
+    MIN_ROUND_GAP * listeners.div_ceil(LISTENERS_PER_GAP).max(1) as u32
+}
 
 /// How often the launcher looks for new databases without being woken.
 const LAUNCHER_NAP: Duration = Duration::from_secs(10);
@@ -163,6 +173,7 @@ pub extern "C-unwind" fn rbucardo_worker_main(arg: pg_sys::Datum) {
     }
     let mut replicator = crate::runtime::replicator::Replicator::default();
     let mut told = u64::MAX;
+    let mut last_notify = std::time::Instant::now() - MIN_ROUND_GAP;
     let mut last_round = std::time::Instant::now() - MIN_ROUND_GAP;
     loop {
         if BackgroundWorker::sighup_received() {
@@ -187,8 +198,11 @@ pub extern "C-unwind" fn rbucardo_worker_main(arg: pg_sys::Datum) {
         // one (changelog::served_tick). The tick's commit is durable (ensure_tick asks for it);
         // a notification alone needs no durable commit.
         let commits = signals::log_commits(slot);
+        let notify_gap = notify_gap(replicator.listeners());
+        let notify_due = last_notify.elapsed() >= notify_gap;
         if commits != told
             && replicator.has_peers()
+            && notify_due
             && in_txn(|| {
                 Spi::run("SET LOCAL synchronous_commit = off").expect("notify");
                 crate::log::changelog::ensure_tick();
@@ -197,8 +211,13 @@ pub extern "C-unwind" fn rbucardo_worker_main(arg: pg_sys::Datum) {
             .is_ok()
         {
             told = commits;
+            last_notify = std::time::Instant::now();
         }
-        let nap = replicator.round();
+        let mut nap = replicator.round();
+        if commits != told {
+            // A notification held back by the gap goes out when it is due.
+            nap = nap.min(notify_gap.saturating_sub(last_notify.elapsed()));
+        }
         signals::count_round(dboid);
         // SAFETY: a flag set by the SIGTERM handler, read on the main thread.
         if unsafe { pg_sys::ShutdownRequestPending } != 0 {

@@ -702,3 +702,73 @@ fn t9_wait_for_sync_waits_for_peers_and_times_out_on_a_cut_link() {
         Some("1")
     );
 }
+
+// ---------------------------------------------------------------------------
+// 11. Tiered hubs: main <- hub <- store1, and main <- store2.
+
+/// A regional hub between main and its stores: store1 reaches main only through the hub, store2
+/// connects to main directly. Every node writes orders, the hub's link to main is cut for a
+/// while in the middle; every order reaches every node once (three hops from store1 to
+/// store2), and the tables end identical.
+#[test]
+fn t11_tiered_hubs_carry_every_order_three_hops_once() {
+    const NAMES: [&str; 4] = ["main", "hub", "store1", "store2"];
+    let (main, hub, store1, store2) = (0, 1, 2, 3);
+    let cluster = Cluster::builder("t11_tiers").node_names(&NAMES).start();
+    // Each node's peers: (peer, connects to it).
+    let peers: [&[(usize, bool)]; 4] = [&[(hub, false), (store2, false)], &[(main, true), (store1, false)], &[(hub, true)], &[(main, true)]];
+    for (i, mine) in peers.iter().enumerate() {
+        let node = cluster.node(i);
+        node.createdb(DB);
+        node.sql(DB, SCHEMA);
+        node.sql(DB, "CREATE EXTENSION rbucardo");
+        node.sql(DB, &format!("SELECT rbucardo.init_node({}, {})", lit(NAMES[i]), i + 1));
+        let mut dbs = vec![lit(NAMES[i])];
+        for &(j, outbound) in mine.iter() {
+            let conninfo = if outbound { lit(&cluster.link_conninfo(i, j, DB)) } else { "NULL".to_string() };
+            node.sql(DB, &format!("SELECT rbucardo.add_db({}, {conninfo})", lit(NAMES[j])));
+            dbs.push(lit(NAMES[j]));
+        }
+        node.sql(
+            DB,
+            &format!(
+                "SELECT rbucardo.add_herd('store'); SELECT rbucardo.add_all_tables('store', 'public');
+                 SELECT rbucardo.add_sync('store_sync', 'store', ARRAY[{}])",
+                dbs.join(", ")
+            ),
+        );
+    }
+    let per_node = 150;
+    let write = |i: usize, from: i64, to: i64| {
+        let mut conn = cluster.node(i).connect(DB);
+        for n in from..to {
+            let id = (i as i64 + 1) * 1_000_000 + n;
+            conn.execute(&format!("INSERT INTO pos_order (id, node, ref, total) VALUES ({id}, {}, {n}, {n})", lit(NAMES[i]))).unwrap();
+        }
+    };
+    std::thread::scope(|s| {
+        for i in 0..4 {
+            s.spawn(move || write(i, 0, per_node / 2));
+        }
+    });
+    cluster.link(hub, main).cut();
+    std::thread::scope(|s| {
+        for i in 0..4 {
+            s.spawn(move || write(i, per_node / 2, per_node));
+        }
+    });
+    cluster.link(hub, main).restore();
+    let want = (per_node * 4).to_string();
+    for i in 0..4 {
+        wait_until(&format!("every order on {}", NAMES[i]), CONVERGE, || {
+            let got = cluster.node(i).query_one(DB, "SELECT count(*) FROM pos_order").unwrap_or_default();
+            if got == want { Ok(true) } else { Err(format!("{got} of {want}")) }
+        });
+    }
+    cluster.assert_tables_equal(DB, "pos_order", "id", &[main, hub, store1, store2]);
+    for i in 0..4 {
+        // Once: a second apply of an order would have met it already there.
+        let met = cluster.node(i).query_one(DB, "SELECT count(*) FROM rbucardo.conflict_counts WHERE tbl = 'public.pos_order'").unwrap_or_default();
+        assert_eq!(met, "0", "{}: an order arrived twice", NAMES[i]);
+    }
+}

@@ -341,7 +341,7 @@ fn d3_drop_rename_temp_local_only_and_failing_ddl() {
     for i in ALL {
         let want = if i == BRANCH2 { "reports.daily,scratch_b2.t" } else { "reports.daily" };
         assert_eq!(
-            one(&cluster, i, "SELECT string_agg(oid::regclass::text, ',' ORDER BY 1) FROM pg_class
+            one(&cluster, i, "SELECT string_agg(oid::regclass::text, ',' ORDER BY oid::regclass::text) FROM pg_class
                                WHERE relnamespace::regnamespace::text IN ('reports', 'scratch_b2') AND relkind = 'r'"),
             want,
             "{}",

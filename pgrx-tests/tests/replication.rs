@@ -738,6 +738,9 @@ fn t11_tiered_hubs_carry_every_order_three_hops_once() {
             ),
         );
     }
+    // main lets the hub speak for the stores behind it (a peer speaks only for itself unless
+    // allowed to relay).
+    cluster.node(main).sql(DB, "SELECT rbucardo.set_peer_policy('hub', relay => true)");
     let per_node = 150;
     let write = |i: usize, from: i64, to: i64| {
         let mut conn = cluster.node(i).connect(DB);

@@ -1983,14 +1983,18 @@ impl<'a> Faulter<'a> {
                 effects.push(Effect::InsOrder(id, Order { reference: 0, total_cents: 0, draft: false }));
                 effects.push(Effect::Sale(id));
             }
-            let xid = conn
-                .query_one(&format!("{sql}; SELECT pg_current_xact_id()::text"))
-                .unwrap_or_else(|e| panic!("{}: same login on {}: {e}", self.tag, NODE_NAMES[k]))
-                .unwrap();
-            open.push((side, conn, xid, effects));
+            // It can fail like any transaction (a deadlock with a schema change being applied):
+            // then that side did not commit, and the other one is just a user.
+            match conn.query_one(&format!("{sql}; SELECT pg_current_xact_id()::text")) {
+                Ok(xid) => open.push(Some((side, conn, xid.unwrap(), effects))),
+                Err(e) => {
+                    self.note(format!("same login {login:?} on {} failed before its commit: {e}", NODE_NAMES[k]));
+                    open.push(None);
+                }
+            }
         }
         let mut committed = [false; 2];
-        for (n, (side, conn, xid, effects)) in open.iter_mut().enumerate() {
+        for (n, (side, conn, xid, effects)) in open.iter_mut().enumerate().filter_map(|(n, o)| Some((n, o.as_mut()?))) {
             committed[n] = conn.execute("COMMIT").is_ok() || {
                 let mut conn = self.cluster.node(side.node).connect(DB);
                 in_doubt(&mut conn, -2 * side.id, xid).unwrap_or_else(|e| panic!("{}: {e}", self.tag)).0

@@ -160,7 +160,7 @@ pub struct Batch {
     pub complete: bool,
 }
 
-const MAGIC: &[u8; 4] = b"RBC1";
+const MAGIC: &[u8; 4] = b"RBC2";
 const HEADER_LEN: usize = 12;
 
 /// Why a batch was refused.

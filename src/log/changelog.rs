@@ -151,16 +151,26 @@ pub fn ensure_tick() -> i64 {
 }
 
 /// The newest tick for a peer's fetch: a new one when the log needs one and no one else is
-/// cutting one, else the newest there is. Ticks used to be cut under a lock held to the end of
+/// cutting one, else the newest there is. (The lock is taken only when a tick is needed: the
+/// fetch that takes it holds it to its commit.) Ticks used to be cut under a lock held to the end of
 /// the fetch (its durable commit included), so the fetches of many peers at once queued on it
 /// one behind the other. Now a fetch that finds the lock taken reads up to the newest tick; it
 /// misses nothing for long, since after every commit to the log this node's worker cuts a tick
 /// and only then tells listening peers (worker.rs).
 pub fn served_tick() -> i64 {
-    if locks::try_lock_ticks() {
+    let (last, needed) = plans::two::<i64, bool>(LAST_TICK, &[], &[]);
+    let last = last.expect("the tick table always holds a tick");
+    if needed == Some(true) && locks::try_lock_ticks() {
         return ensure_tick();
     }
-    plans::one::<i64>("SELECT max(tick_id) FROM rbucardo.tick", &[], &[]).expect("the tick table always holds a tick")
+    last
+}
+
+/// `ensure_tick` unless another transaction holds the tick lock (a peer's fetch that is cutting
+/// one): then None, and the worker tries again in its next round instead of waiting behind a
+/// fetch that may be streaming a large batch over a slow link.
+pub fn ensure_tick_nowait() -> Option<i64> {
+    locks::try_lock_ticks().then(ensure_tick)
 }
 
 /// The tick that will hold every transaction committed so far: the newest tick, or the next

@@ -89,6 +89,9 @@ fn peer_fetch(peer_name: &str, after_tick: i64, after_seq: i64, max_bytes: i32, 
     // A fetch writes only the peer's confirmation and its last contact: both may be lost in a
     // crash (the peer sends them again), so its commit does not wait for the disk.
     Spi::run("SET LOCAL synchronous_commit = off").expect("fetch commit");
+    // A fetch may hold the tick lock to its commit: a caller that leaves its transaction open
+    // would stop every tick on this node. It is ended after a minute idle.
+    Spi::run("SET LOCAL idle_in_transaction_session_timeout = '60s'").expect("fetch timeout");
     record_confirmed(peer_name, after);
     touch(peer_name);
     let limit = (max_bytes.max(1) as usize).min(BATCH_BYTES);

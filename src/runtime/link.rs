@@ -180,6 +180,12 @@ impl Link {
         if let Some((pos, at)) = self.peer_has.take().filter(|(_, at)| at.elapsed() < POSITION_TRUSTED) {
             let (me_id, peer_id, name) = (me.id, self.peer_id, self.peer.name.clone());
             let batch = in_txn(move || {
+                // In a mesh the peer also pulls this stream: start from what it confirmed by
+                // fetching, when that is further.
+                let (t, s) = Spi::get_two_with_args::<i64, i64>("SELECT out_tick, out_seq FROM rbucardo.peer_state WHERE db = $1", &[name.as_str().into()])
+                    .unwrap_or((None, None));
+                let fetched = Position { tick: t.unwrap_or(0), seq: s.unwrap_or(0) };
+                let pos = pos.max(fetched);
                 let newest = crate::log::changelog::ensure_tick();
                 crate::log::changelog::read_batch(me_id, pos, peer_id, BATCH_BYTES, &node::peer_policy(&name), None, newest)
             })?;
@@ -187,7 +193,10 @@ impl Link {
                 self.peer_has = Some((pos, at));
                 return Ok(0);
             }
-            trusted = Some(batch);
+            // A large transaction's parts go from where the peer says it holds them.
+            if batch.txns.iter().all(|t| t.part.is_none()) {
+                trusted = Some(batch);
+            }
         }
         self.push_batches(me, trusted)
     }

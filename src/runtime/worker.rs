@@ -205,13 +205,19 @@ pub extern "C-unwind" fn rbucardo_worker_main(arg: pg_sys::Datum) {
             && notify_due
             && in_txn(|| {
                 Spi::run("SET LOCAL synchronous_commit = off").expect("notify");
-                crate::log::changelog::ensure_tick();
-                Spi::run("NOTIFY rbucardo_changes").expect("notify")
-            })
-            .is_ok()
+                // A peer's fetch holding the tick lock cuts the tick itself: try again next round.
+                let ticked = crate::log::changelog::ensure_tick_nowait().is_some();
+                if ticked {
+                    Spi::run("NOTIFY rbucardo_changes").expect("notify");
+                }
+                ticked
+            }) == Ok(true)
         {
             told = commits;
             last_notify = std::time::Instant::now();
+        } else if !replicator.has_peers() {
+            // Nobody to tell: do not keep waking up for it.
+            told = commits;
         }
         let mut nap = replicator.round();
         if commits != told {

@@ -416,7 +416,8 @@ impl Applier {
         if let (false, Action::Write(row)) = (rel.policy.renames.is_empty(), &mut decision.action) {
             let before = row.clone();
             let table = unique::Table { qualified: &rel.qualified, types: &rel.types, owner: rel.owner };
-            if unique::settle(&table, &rel.policy, desc, row, origin, &mut self.clocks, &mut self.tally) {
+            let old = if ch.op == Op::Update { ch.old.as_deref() } else { None };
+            if unique::settle(&table, &rel.policy, desc, row, old, origin, &mut self.clocks, &mut self.tally) {
                 decision.forward = renamed_forward(decision.forward, ch, &before, row);
             }
         }

@@ -71,12 +71,15 @@ pub fn take_in(sender: i32, batch: &Batch, cursor: Position) -> Result<Cow<'_, B
     )
     .expect("dropping stale parts");
     let held = resume_point(sender).map_or(0, |(_, n)| n);
-    if part.start > held {
+    // Parts join up exactly: the next one starts where those kept end, or the transaction
+    // starts again from its first chunk. Anything else (a part sent again with other
+    // boundaries) is refused; the sender then goes on from resume_point.
+    if part.start != held && part.start != 0 {
         return Err(format!("a part from chunk {} of a transaction of which this node holds {held} chunks", part.start));
     }
-    // A part sent again (its answer was lost) replaces what it covers.
-    Spi::run_with_args("DELETE FROM rbucardo.incoming_part WHERE sender = $1 AND part_start >= $2", &[sender.into(), (part.start as i32).into()])
-        .expect("dropping parts sent again");
+    if part.start == 0 {
+        Spi::run_with_args("DELETE FROM rbucardo.incoming_part WHERE sender = $1", &[sender.into()]).expect("starting a transaction's parts again");
+    }
     if part.more {
         let size: usize = txn.chunks.iter().map(Vec::len).sum();
         let kept = Spi::get_one_with_args::<i64>("SELECT coalesce(sum(octet_length(chunks)), 0)::bigint FROM rbucardo.incoming_part WHERE sender = $1", &[sender.into()])

@@ -29,13 +29,16 @@ pub struct Table<'a> {
 
 /// Settles the collisions of `image`, about to be written, on the policy's `rename` indexes:
 /// renames the local row that collides, or the image. Returns whether the image changed.
-pub fn settle(table: &Table, policy: &Policy, desc: &RelDesc, image: &mut [Value], origin: Origin, clocks: &mut Clocks, tally: &mut Tally) -> bool {
+/// `old` is the row's old image for an update (the row at its old key is the row itself, not a
+/// collision, when the key changes).
+#[allow(clippy::too_many_arguments)]
+pub fn settle(table: &Table, policy: &Policy, desc: &RelDesc, image: &mut [Value], old: Option<&[Value]>, origin: Origin, clocks: &mut Clocks, tally: &mut Tally) -> bool {
     let mut changed = false;
     for rule in &policy.renames {
         // A renamed value could itself be taken: look again, a few times, then let the write
         // meet the index (and park) rather than loop.
         for _ in 0..3 {
-            let Some(local) = colliding(table, desc, rule, image) else { break };
+            let Some(local) = colliding(table, desc, rule, image, old) else { break };
             let column = desc.columns[rule.renamed].as_str();
             let local_clock = clocks.local(desc, &key_json(desc, &local), Some(&[column]));
             let (image_key, local_key) = (key_text(desc, image), key_text(desc, &local));
@@ -56,7 +59,9 @@ pub fn settle(table: &Table, policy: &Policy, desc: &RelDesc, image: &mut [Value
             };
             conflicts::record(policy, &logged);
             tally.count(&policy.table, Kind::UniqueCollision, "renamed");
-            let value = image[rule.renamed].clone().unwrap_or_default();
+            // The value of the row that gives it up (the two may differ in text and still be
+            // equal for the index: citext, a collation).
+            let value = if yields == Yields::Incoming { image[rule.renamed].clone() } else { local[rule.renamed].clone() }.unwrap_or_default();
             let renamed = decide::renamed_value(&value, renamed_key);
             match yields {
                 Yields::Incoming => {
@@ -72,7 +77,7 @@ pub fn settle(table: &Table, policy: &Policy, desc: &RelDesc, image: &mut [Value
 
 /// The row other than the image's own (by key) that holds the image's values of the index,
 /// in canonical text form; None when a value is NULL (NULLs never collide) or no row does.
-fn colliding(table: &Table, desc: &RelDesc, rule: &UniqueRename, image: &[Value]) -> Option<Vec<Value>> {
+fn colliding(table: &Table, desc: &RelDesc, rule: &UniqueRename, image: &[Value], old: Option<&[Value]>) -> Option<Vec<Value>> {
     let mut args: Vec<pgrx::datum::DatumWithOid> = Vec::new();
     let mut conds = Vec::new();
     for &c in &rule.columns {
@@ -80,9 +85,13 @@ fn colliding(table: &Table, desc: &RelDesc, rule: &UniqueRename, image: &[Value]
         conds.push(format!("{} = ${}::pg_catalog.text::{}", quote(&desc.columns[c]), args.len(), table.types[c]));
     }
     let mut mine = Vec::new();
-    for &k in &desc.key {
-        args.push(image[k as usize].as_deref().into());
-        mine.push(format!("{} = ${}::pg_catalog.text::{}", quote(&desc.columns[k as usize]), args.len(), table.types[k as usize]));
+    for row in std::iter::once(image).chain(old) {
+        let mut conds = Vec::new();
+        for &k in &desc.key {
+            args.push(row[k as usize].as_deref().into());
+            conds.push(format!("{} = ${}::pg_catalog.text::{}", quote(&desc.columns[k as usize]), args.len(), table.types[k as usize]));
+        }
+        mine.push(format!("({})", conds.join(" AND ")));
     }
     let values: Vec<String> = desc.columns.iter().map(|c| format!("CASE WHEN {0} IS NULL THEN NULL ELSE pg_catalog.format('%s', {0}) END", quote(c))).collect();
     let sql = format!(
@@ -90,7 +99,7 @@ fn colliding(table: &Table, desc: &RelDesc, rule: &UniqueRename, image: &[Value]
         values.join(", "),
         table.qualified,
         conds.join(" AND "),
-        mine.join(" AND ")
+        mine.join(" OR ")
     );
     let _owner = RunAs::restricted(table.owner);
     let _canonical = CanonicalOutput::new();

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs what rbucardo needs on a Debian 12 machine and skips what is already there:
-# PostgreSQL 15 server and headers, clang/libclang (bindgen), sudo, cargo-pgrx (pinned to the
+# PostgreSQL 15 server and headers, clang/libclang (bindgen), sudo, the Prometheus PostgreSQL
+# exporter (monitoring/, tested by pgrx-tests/tests/prometheus.rs), cargo-pgrx (pinned to the
 # pgrx version in Cargo.toml), `cargo pgrx init` against the system PostgreSQL 15.
 # Works as root and as a normal user who may use sudo.
 set -euo pipefail
@@ -8,7 +9,8 @@ cd "$(dirname "$0")/.."
 . scripts/common.sh
 
 need_pkgs=()
-for pkg in postgresql-15 postgresql-server-dev-15 libpq-dev libclang-dev clang sudo; do
+for pkg in postgresql-15 postgresql-server-dev-15 libpq-dev libclang-dev clang sudo \
+           prometheus-postgres-exporter; do
     dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || need_pkgs+=("$pkg")
 done
 if [ ${#need_pkgs[@]} -gt 0 ]; then
@@ -33,5 +35,7 @@ if ! grep -qs "pg15 = \"$PG_CONFIG\"" "${PGRX_HOME:-$HOME/.pgrx}/config.toml"; t
 fi
 
 # Debian starts a default cluster on port 5432 when postgresql-15 is installed; rbucardo's
-# scripts run their own clusters and do not need it, so it is left as it is.
+# scripts run their own clusters and do not need it, so it is left as it is. Likewise the
+# exporter package enables its own service (port 9187, /etc/default/prometheus-postgres-exporter);
+# the tests run the binary themselves on a free port.
 say "setup complete"

@@ -324,17 +324,91 @@ fn unique_collision_renames_the_later_row_on_every_node() {
     }
 }
 
+/// A user transaction on main holds a row while main applies a batch from branch1. An earlier
+/// conflict in that batch made main read its row clocks already; the user transaction commits
+/// after that, while the applier waits for the row. The user's price is the later one (it was
+/// made after branch1's), so it must win on main as on branch1: main has to judge the row by
+/// the clock of the version it finds once it holds the row, not by what it read before.
+#[test]
+fn a_local_change_that_commits_while_the_applier_waits_is_judged_by_its_own_clock() {
+    let cluster = start_store("conflict_waited_row", Topology::Star);
+    for (id, price) in [(61, "1.00"), (62, "2.00")] {
+        cluster.node(MAIN).sql(DB, &format!("INSERT INTO products (id, name, price, stock) VALUES ({id}, 'p{id}', {price}, 10)"));
+    }
+    for i in ALL {
+        wait_until("the products everywhere", Duration::from_secs(30), || Ok(one(&cluster, i, "SELECT count(*) FROM products WHERE id IN (61, 62)") == "2"));
+    }
+    cluster.link(BRANCH1, MAIN).cut();
+    // A price conflict on 61, which makes main read row clocks; then branch1's price for 62.
+    cluster.node(MAIN).sql(DB, "UPDATE products SET price = 11.00 WHERE id = 61");
+    cluster.node(BRANCH1).sql(DB, "UPDATE products SET price = 12.00 WHERE id = 61");
+    cluster.node(BRANCH1).sql(DB, "UPDATE products SET price = 22.00 WHERE id = 62");
+    // Later than branch1's: main's own price for 62, held open.
+    let mut user = cluster.node(MAIN).connect(DB);
+    user.execute("BEGIN; UPDATE products SET price = 33.00 WHERE id = 62").unwrap();
+    cluster.link(BRANCH1, MAIN).restore();
+    wait_until("the applier waits for row 62", Duration::from_secs(60), || {
+        let waiting = one(&cluster, MAIN, "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND query LIKE '%peer_push%'");
+        if waiting == "1" { Ok(true) } else { Err(format!("{waiting} appliers waiting; 61 on main: {}", one(&cluster, MAIN, "SELECT price FROM products WHERE id = 61"))) }
+    });
+    user.execute("COMMIT").unwrap();
+    for i in ALL {
+        wait_until("main's later price for 62 everywhere", Duration::from_secs(60), || {
+            let got = one(&cluster, i, "SELECT string_agg(id || ' ' || price, ', ' ORDER BY id) FROM products WHERE id IN (61, 62)");
+            if got == "61 12.00, 62 33.00" { Ok(true) } else { Err(format!("{}: {got}", NODE_NAMES[i])) }
+        });
+    }
+    cluster.assert_tables_equal(DB, "products", "id", &ALL);
+}
+
+/// branch1 makes a user `ana` and deletes it again while cut off; main made its own `ana`
+/// meanwhile. Only main ever holds both rows (when branch1's insert arrives, before its
+/// delete): main's row sorts last, so main renames it. The branches never see a collision, so
+/// they rename nothing themselves: main's rename is main's own change, and reaches them as one.
+/// Were it not captured, the branches would keep main's row as `ana` for good.
+#[test]
+fn a_rename_reaches_the_nodes_that_never_met_the_other_row() {
+    let cluster = start_store("conflict_rename_gone", Topology::Star);
+    for i in ALL {
+        one(&cluster, i, "SELECT rbucardo.set_unique_strategy('users_login_key', 'rename')");
+    }
+    cluster.link(BRANCH1, MAIN).cut();
+    cluster.node(BRANCH1).sql(DB, "INSERT INTO users (id, login, name) VALUES (1000001, 'ana', 'Ana of branch1')");
+    cluster.node(BRANCH1).sql(DB, "DELETE FROM users WHERE id = 1000001");
+    cluster.node(MAIN).sql(DB, "INSERT INTO users (id, login, name) VALUES (2000001, 'ana', 'Ana of main')");
+    wait_until("main's ana on branch2", Duration::from_secs(60), || Ok(one(&cluster, BRANCH2, "SELECT count(*) FROM users WHERE id = 2000001") == "1"));
+    cluster.link(BRANCH1, MAIN).restore();
+    wait_until("main met branch1's ana", Duration::from_secs(60), || {
+        Ok(one(&cluster, MAIN, "SELECT count(*) FROM rbucardo.conflicts WHERE kind = 'unique_collision' AND key->>'id' = '2000001'") == "1")
+    });
+    cluster.node(MAIN).sql(DB, "INSERT INTO users (id, login, name) VALUES (2000009, 'after', 'marker')");
+    for i in ALL {
+        wait_until("the marker and main's renamed ana everywhere", Duration::from_secs(60), || {
+            let got = one(&cluster, i, "SELECT string_agg(id || ' ' || login, ', ' ORDER BY id) FROM users WHERE id IN (1000001, 2000001, 2000009)");
+            if got == "2000001 ana~2000001, 2000009 after" { Ok(true) } else { Err(format!("{}: {got}", NODE_NAMES[i])) }
+        });
+        assert_eq!(one(&cluster, i, "SELECT count(*) FROM rbucardo.exceptions"), "0", "{}: nothing parked", NODE_NAMES[i]);
+    }
+    cluster.assert_tables_equal(DB, "users", "id", &ALL);
+}
+
 /// `set_unique_strategy` refuses what it cannot do, with a clear error.
 #[test]
 fn set_unique_strategy_refuses_bad_input() {
     let cluster = start_store("conflict_rename_bad", Topology::Star);
     let node = cluster.node(MAIN);
-    node.sql(DB, "CREATE UNIQUE INDEX products_price_key ON products (price); CREATE UNIQUE INDEX users_lower_login ON users (lower(login))");
+    node.sql(
+        DB,
+        "CREATE UNIQUE INDEX products_price_key ON products (price); CREATE UNIQUE INDEX users_lower_login ON users (lower(login));
+         ALTER TABLE products ADD CONSTRAINT products_name_key UNIQUE (name) DEFERRABLE",
+    );
     for (sql, want) in [
         ("SELECT rbucardo.set_unique_strategy('users_pkey', 'rename')", "users_pkey is the table's replica key"),
         ("SELECT rbucardo.set_unique_strategy('products_price_key', 'rename')", "products_price_key has no text column to rename"),
         ("SELECT rbucardo.set_unique_strategy('users_lower_login', 'rename')", "users_lower_login is not a plain unique index"),
         ("SELECT rbucardo.set_unique_strategy('users', 'rename')", "users is not an index"),
+        // A deferred check cannot be looked up before the write.
+        ("SELECT rbucardo.set_unique_strategy('products_name_key', 'rename')", "products_name_key is not a plain unique index"),
         ("SELECT rbucardo.set_unique_strategy('users_login_key', 'drop')", "unknown unique strategy \"drop\""),
     ] {
         let err = node.connect(DB).execute(sql).unwrap_err();

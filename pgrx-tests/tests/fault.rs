@@ -1016,11 +1016,18 @@ impl World {
     }
 
     /// On every node: transactions applied from peers plus those parked there equal the
-    /// transactions the other nodes committed: none applied twice, none lost.
+    /// transactions the other nodes committed: none applied twice, none lost. A node that
+    /// renamed a row of its own on a unique collision committed that rename as a transaction
+    /// of its own (logged as a collision the incoming row won).
     fn check_applied_counts(&self, cluster: &Cluster) {
         let tag = self.tag();
-        let committed = self.committed();
+        let mut committed = self.committed();
         let mut probe = Probe::new(cluster);
+        for i in ALL {
+            committed[i] += probe
+                .int(i, "SELECT count(*) FROM rbucardo.conflicts WHERE kind = 'unique_collision' AND winner = 'remote'")
+                .unwrap_or_else(|e| panic!("{tag}: {e}"));
+        }
         let count = |probe: &mut Probe, i: usize| -> Result<(i64, i64), String> {
             let applied = applied_txns(probe, i)?;
             let parked = probe.int(i, "SELECT count(*) FROM rbucardo.exceptions WHERE kind = 'constraint'")?;

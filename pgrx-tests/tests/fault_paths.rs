@@ -253,3 +253,35 @@ fn a_transaction_larger_than_a_batch_travels_in_parts() {
         wait_all(&cluster, &[i], "no part left", "SELECT count(*) FROM rbucardo.incoming_part", "0");
     }
 }
+
+/// main takes transactions of at most 16 MB from its peers. branch1 makes one of about 40 MB,
+/// then a small one. The stream from branch1 stops at the large one, visibly in main's status,
+/// and nothing after it is applied (it is not skipped); once the limit is raised, both arrive.
+#[test]
+fn a_transaction_over_the_limit_stops_the_stream_visibly_until_it_is_raised() {
+    let cluster = start_store("fault_txn_limit", Topology::Star);
+    cluster.node(MAIN).sql("postgres", "ALTER SYSTEM SET rbucardo.max_transaction_mb = 16");
+    cluster.node(MAIN).sql("postgres", "SELECT pg_reload_conf()");
+    wait_all(&cluster, &[MAIN], "the limit in effect", "SHOW rbucardo.max_transaction_mb", "16MB");
+    let sum = "SELECT count(*) || ' ' || md5(string_agg(id || ' ' || tag || ' ' || payload, ',' ORDER BY id)) FROM bulk";
+    cluster.node(BRANCH1).sql(DB, "INSERT INTO bulk (id, tag, payload) SELECT i, 1, repeat(md5(i::text), 64) FROM generate_series(1, 20000) i");
+    cluster.node(BRANCH1).sql(DB, "INSERT INTO users (id, login, name) VALUES (2000077, 'after-bulk', 'marker')");
+    let want = one(&cluster, BRANCH1, sum);
+    wait_until("main refuses the large transaction", T, || {
+        let st = one(&cluster, MAIN, "SELECT state || ': ' || coalesce(last_error, '') FROM rbucardo.status WHERE db = 'branch1'");
+        if st.starts_with("refused: ") && st.contains("rbucardo.max_transaction_mb (16 MB)") { Ok(true) } else { Err(st) }
+    });
+    for i in [MAIN, BRANCH2] {
+        assert_eq!(one(&cluster, i, "SELECT count(*) FROM bulk"), "0", "{}: nothing of it", NODE_NAMES[i]);
+        assert_eq!(one(&cluster, i, "SELECT count(*) FROM users WHERE id = 2000077"), "0", "{}: nothing after it either", NODE_NAMES[i]);
+    }
+    cluster.node(MAIN).sql("postgres", "ALTER SYSTEM SET rbucardo.max_transaction_mb = 1024");
+    cluster.node(MAIN).sql("postgres", "SELECT pg_reload_conf()");
+    wait_all(&cluster, &ALL, "the large transaction everywhere", sum, &want);
+    wait_all(&cluster, &ALL, "the marker everywhere", "SELECT count(*) FROM users WHERE id = 2000077", "1");
+    wait_all(&cluster, &[MAIN], "main's status clear again", "SELECT state FROM rbucardo.status WHERE db = 'branch1'", "connected");
+    for i in ALL {
+        assert_eq!(one(&cluster, i, "SELECT count(*) FROM rbucardo.conflict_counts WHERE tbl = 'public.bulk'"), "0", "{}", NODE_NAMES[i]);
+        wait_all(&cluster, &[i], "no part left", "SELECT count(*) FROM rbucardo.incoming_part", "0");
+    }
+}

@@ -65,7 +65,7 @@ fn unique_renames(relid: pg_sys::Oid, desc: &RelDesc) -> Vec<UniqueRename> {
 /// it are row conflicts), no expressions, no predicate (the lookup matches plain columns).
 pub fn check_unique_rename(index: pg_sys::Oid) -> (pg_sys::Oid, String) {
     let found = Spi::get_three_with_args::<pg_sys::Oid, bool, String>(
-        "SELECT i.indrelid, i.indisunique AND i.indpred IS NULL AND i.indexprs IS NULL,
+        "SELECT i.indrelid, i.indisunique AND i.indimmediate AND i.indpred IS NULL AND i.indexprs IS NULL,
                 (SELECT a.attname::text FROM unnest((i.indkey::int2[])[0:i.indnkeyatts - 1]) WITH ORDINALITY k(attnum, o)
                    JOIN pg_catalog.pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum
                    JOIN pg_catalog.pg_type t ON t.oid = a.atttypid
@@ -82,7 +82,8 @@ pub fn check_unique_rename(index: pg_sys::Oid) -> (pg_sys::Oid, String) {
         raise(
             PgSqlErrorCode::ERRCODE_FEATURE_NOT_SUPPORTED,
             format!("{name} is not a plain unique index"),
-            "Only unique indexes on plain columns, without a WHERE clause, can rename; others park the colliding transaction.",
+            "Only immediate (not deferrable) unique indexes on plain columns, without a WHERE clause, can rename: a deferred check \
+             cannot be looked up before the write. Others park the colliding transaction.",
         );
     }
     let is_key = Spi::get_one_with_args::<bool>(

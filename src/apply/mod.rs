@@ -771,21 +771,33 @@ pub fn apply_batch(me: i32, sender_db: &str, sender_node: i32, batch: &Batch) ->
             "The batch is refused; the sender will resend from this node's position.",
         );
     }
-    // A part of a large transaction is kept; its last part brings the whole transaction.
-    let batch = parts::take_in(sender_node, batch, cursor).unwrap_or_else(|why| {
-        raise(
-            PgSqlErrorCode::ERRCODE_PROTOCOL_VIOLATION,
-            format!("refused a batch from {sender_db}: {why}"),
-            "Nothing of it was kept; the sender goes on from the parts this node holds.",
-        )
-    });
-    let batch: &Batch = &batch;
     let policy = peer_policy(sender_db);
-    if let Err(why) = admit::admit(me, &policy, batch, cursor) {
+    let refuse = |why: String| {
         let why = format!("refused a batch from {sender_db}: {why}");
         pgrx::warning!("rbucardo: {why}");
         admit::record_refusal(sender_db, &why);
-        return Applied { cursor, txns: 0, stopped: Some(why) };
+        Applied { cursor, txns: 0, stopped: Some(why) }
+    };
+    // A part that more parts follow is checked before it is kept, not only when the last one
+    // brings the whole transaction.
+    if batch.txns.iter().any(|t| t.part.is_some_and(|p| p.more)) {
+        if let Err(why) = admit::admit(me, &policy, batch, cursor) {
+            return refuse(why);
+        }
+    }
+    // A part of a large transaction is kept; its last part brings the whole transaction.
+    let batch = match parts::take_in(sender_node, batch, cursor) {
+        Ok(batch) => batch,
+        Err(parts::Refusal::TooLarge(why)) => return refuse(why),
+        Err(parts::Refusal::Malformed(why)) => raise(
+            PgSqlErrorCode::ERRCODE_PROTOCOL_VIOLATION,
+            format!("refused a batch from {sender_db}: {why}"),
+            "Nothing of it was kept; the sender goes on from the parts this node holds.",
+        ),
+    };
+    let batch: &Batch = &batch;
+    if let Err(why) = admit::admit(me, &policy, batch, cursor) {
+        return refuse(why);
     }
     let run_as = ddl::run_as(&policy);
     let blocks = exceptions::stopped_in(sender_node);

@@ -6,18 +6,41 @@
 //! sender is told where the parts held here end ([`resume_point`]) and goes on from there.
 //!
 //! The whole transaction is still put together in memory to be applied (about twice its size);
-//! [`MAX_TXN_BYTES`] bounds what a peer can make this node keep.
+//! `rbucardo.max_transaction_mb` bounds what a peer can make this node keep and load. A
+//! transaction over it stops the stream from that peer, with the error and a hint in
+//! `rbucardo.status`, until the setting is raised: it is never skipped.
 //!
 //! Owns the table `incoming_part` (sql/exceptions.sql).
 
 use std::borrow::Cow;
 
+use pgrx::guc::{GucContext, GucFlags, GucRegistry, GucSetting};
 use pgrx::prelude::*;
 
 use crate::base::wire::{Batch, Position, Txn};
 
-/// The largest transaction this node keeps parts of.
-pub const MAX_TXN_BYTES: i64 = 4 << 30;
+/// `rbucardo.max_transaction_mb`: the largest transaction, in MB of change data, this node
+/// keeps parts of and applies.
+pub static MAX_TXN_MB: GucSetting<i32> = GucSetting::<i32>::new(1024);
+
+/// What each kept part counts besides its data: a peer cannot keep this node storing parts
+/// that hold nothing (every change of a table not shared with it) without end.
+const PART_OVERHEAD: i64 = 64 << 10;
+
+/// Registers `rbucardo.max_transaction_mb`; called from `_PG_init`.
+pub fn init() {
+    GucRegistry::define_int_guc(
+        c"rbucardo.max_transaction_mb",
+        c"Largest transaction (MB of change data) this node receives from a peer.",
+        c"A larger one stops the stream from that peer, visibly in rbucardo.status, until this is raised. \
+          Applying a transaction takes about twice its size in memory.",
+        &MAX_TXN_MB,
+        16,
+        1 << 20,
+        GucContext::Sighup,
+        GucFlags::UNIT_MB,
+    );
+}
 
 /// Where the parts this node holds of the sender's next transaction end: that transaction's
 /// position in the sender's stream and how many of its chunks are here. None when it holds
@@ -44,24 +67,33 @@ pub fn resume_point(sender: i32) -> Option<(Position, u32)> {
     Some((Position { tick: first.0, seq: first.1 }, end as u32))
 }
 
+/// Why a part was not taken in; nothing of the batch is kept either way.
+pub enum Refusal {
+    /// The part does not fit what this node holds: the sender goes on from [`resume_point`].
+    Malformed(String),
+    /// The transaction is over `rbucardo.max_transaction_mb`: the stream waits for the operator.
+    TooLarge(String),
+}
+
 /// Takes in the batch's part, if it holds one: keeps a part that more follow (it leaves the
 /// batch, which ends before its transaction), and puts a last part together with the parts
 /// kept before it into the whole transaction. Returns the batch to apply: the same one when it
 /// holds no part. An error refuses the batch, nothing kept; the sender starts again from
 /// [`resume_point`].
-pub fn take_in(sender: i32, batch: &Batch, cursor: Position) -> Result<Cow<'_, Batch>, String> {
+pub fn take_in(sender: i32, batch: &Batch, cursor: Position) -> Result<Cow<'_, Batch>, Refusal> {
     let Some(txn) = batch.txns.iter().find(|t| t.part.is_some()) else {
         return Ok(Cow::Borrowed(batch));
     };
     let part = txn.part.unwrap();
     if batch.txns.len() != 1 {
-        return Err("a batch holding a part of a transaction holds other transactions too".into());
+        return Err(Refusal::Malformed("a batch holding a part of a transaction holds other transactions too".into()));
     }
     if part.start >= part.end || (part.more && batch.upto >= txn.stream_pos) || (!part.more && batch.upto < txn.stream_pos) {
-        return Err(format!("a malformed part of a transaction (chunks {}..{}, more {})", part.start, part.end, part.more));
+        return Err(Refusal::Malformed(format!("a malformed part of a transaction (chunks {}..{}, more {})", part.start, part.end, part.more)));
     }
     let mut out = Batch { sender: batch.sender, after: batch.after, upto: batch.upto, txns: Vec::new(), complete: batch.complete };
     if txn.stream_pos <= cursor {
+        drop_passed(sender, cursor);
         return Ok(Cow::Owned(out));
     }
     // Parts of another transaction are stale: the sender moved on, or starts again.
@@ -71,23 +103,36 @@ pub fn take_in(sender: i32, batch: &Batch, cursor: Position) -> Result<Cow<'_, B
     )
     .expect("dropping stale parts");
     let held = resume_point(sender).map_or(0, |(_, n)| n);
+    // A part this node already holds (push and pull both delivered it, or the sender went back
+    // to a point before what is kept) changes nothing.
+    if part.end <= held {
+        return Ok(Cow::Owned(out));
+    }
     // Parts join up exactly: the next one starts where those kept end, or the transaction
     // starts again from its first chunk. Anything else (a part sent again with other
     // boundaries) is refused; the sender then goes on from resume_point.
     if part.start != held && part.start != 0 {
-        return Err(format!("a part from chunk {} of a transaction of which this node holds {held} chunks", part.start));
+        return Err(Refusal::Malformed(format!("a part from chunk {} of a transaction of which this node holds {held} chunks", part.start)));
     }
     if part.start == 0 {
         Spi::run_with_args("DELETE FROM rbucardo.incoming_part WHERE sender = $1", &[sender.into()]).expect("starting a transaction's parts again");
     }
     if part.more {
-        let size: usize = txn.chunks.iter().map(Vec::len).sum();
-        let kept = Spi::get_one_with_args::<i64>("SELECT coalesce(sum(octet_length(chunks)), 0)::bigint FROM rbucardo.incoming_part WHERE sender = $1", &[sender.into()])
-            .ok()
-            .flatten()
-            .unwrap_or(0);
-        if kept + size as i64 > MAX_TXN_BYTES {
-            return Err(format!("a transaction larger than {} GB", MAX_TXN_BYTES >> 30));
+        let size = txn.chunks.iter().map(Vec::len).sum::<usize>() as i64 + PART_OVERHEAD;
+        let kept = Spi::get_one_with_args::<i64>(
+            "SELECT coalesce(sum(octet_length(chunks)), 0)::bigint + count(*) * $2 FROM rbucardo.incoming_part WHERE sender = $1",
+            &[sender.into(), PART_OVERHEAD.into()],
+        )
+        .ok()
+        .flatten()
+        .unwrap_or(0);
+        let max = i64::from(MAX_TXN_MB.get()) << 20;
+        if kept + size > max {
+            return Err(Refusal::TooLarge(format!(
+                "a transaction larger than rbucardo.max_transaction_mb ({} MB): the stream from this peer waits. \
+                 Raise rbucardo.max_transaction_mb (and reload) to take it in; it takes about twice its size in memory to apply",
+                MAX_TXN_MB.get()
+            )));
         }
         Spi::run_with_args(
             "INSERT INTO rbucardo.incoming_part (sender, stream_tick, stream_seq, part_start, part_end, chunks) VALUES ($1, $2, $3, $4, $5, $6)",
@@ -107,10 +152,10 @@ pub fn take_in(sender: i32, batch: &Batch, cursor: Position) -> Result<Cow<'_, B
     Spi::connect(|c| {
         for row in c.select("SELECT chunks FROM rbucardo.incoming_part WHERE sender = $1 ORDER BY part_start", None, &[sender.into()]).expect("reading kept parts") {
             let bytes = row.get::<Vec<u8>>(1).unwrap().unwrap_or_default();
-            let kept: Vec<Vec<u8>> = postcard::from_bytes(&bytes).map_err(|e| format!("a kept part cannot be decoded: {e}"))?;
+            let kept: Vec<Vec<u8>> = postcard::from_bytes(&bytes).map_err(|e| Refusal::Malformed(format!("a kept part cannot be decoded: {e}")))?;
             chunks.extend(kept);
         }
-        Ok::<(), String>(())
+        Ok::<(), Refusal>(())
     })?;
     Spi::run_with_args("DELETE FROM rbucardo.incoming_part WHERE sender = $1", &[sender.into()]).expect("dropping applied parts");
     chunks.extend(txn.chunks.iter().cloned());
@@ -119,4 +164,13 @@ pub fn take_in(sender: i32, batch: &Batch, cursor: Position) -> Result<Cow<'_, B
         out.txns.push(Txn { chunks, part: None, decoded: Default::default(), ..txn.clone() });
     }
     Ok(Cow::Owned(out))
+}
+
+/// Drops kept parts of transactions the stream cursor has passed (they came whole another way).
+fn drop_passed(sender: i32, cursor: Position) {
+    Spi::run_with_args(
+        "DELETE FROM rbucardo.incoming_part WHERE sender = $1 AND (stream_tick, stream_seq) <= ($2, $3)",
+        &[sender.into(), cursor.tick.into(), cursor.seq.into()],
+    )
+    .expect("dropping passed parts");
 }

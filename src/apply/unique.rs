@@ -2,21 +2,25 @@
 //! while they were apart. By default the transaction that collides parks (exceptions.rs) and
 //! waits for an operator. An index set to `rename` (rbucardo.set_unique_strategy) settles it
 //! here instead: before a row image is written, the row already holding its value is looked
-//! up, and the later of the two (decide::unique_yields) gives its value up, renamed to
-//! `value~key`. Both rows stay, nothing is lost, and every node that holds both rows renames
-//! the same one to the same value, whichever arrived first; rbucardo.conflicts logs it.
+//! up, and the one of the two whose key sorts last (decide::unique_yields) gives its value up,
+//! renamed to `value~key`. Both rows stay, nothing is lost, and rbucardo.conflicts logs it.
 //!
-//! A rename of the incoming row travels on with it (its new image is what this node forwards).
-//! A rename of the local row is not captured: every other node renames it by the same rule when
-//! the two rows meet there.
+//! The decision and the new value depend only on the two rows' keys and values, so every node
+//! that meets both rows renames the same one to the same value. A node may never meet both (one
+//! was deleted or changed before it arrived there), so a rename is also a change that travels:
+//! a renamed incoming row is forwarded renamed, and a rename of a local row is captured as this
+//! node's own change (capture::log_own_update), one transaction per rename,, which every other node applies like any update.
+//! A renamed value that the column cannot hold whole (varchar(n)) is not written: the write
+//! meets the index and the transaction parks instead.
 
 use pgrx::prelude::*;
 
 use crate::apply::conflicts::{self, Tally};
-use crate::apply::decide::{self, key_json, key_text, row_json, Conflict, Kind, Logged, Origin, Policy, UniqueRename, Yields};
+use crate::apply::decide::{self, key_json, key_label, key_values, row_json, Conflict, Kind, Logged, Origin, Policy, UniqueRename, Yields};
 use crate::base::canonical::CanonicalOutput;
-use crate::base::wire::{RelDesc, Value};
+use crate::base::wire::{Op, RelDesc, RowChange, Value};
 use crate::base::xact::RunAs;
+use crate::log::capture;
 use crate::log::clocks::Clocks;
 
 /// The local table the image goes to.
@@ -41,13 +45,18 @@ pub fn settle(table: &Table, policy: &Policy, desc: &RelDesc, image: &mut [Value
             let Some(local) = colliding(table, desc, rule, image, old) else { break };
             let column = desc.columns[rule.renamed].as_str();
             let local_clock = clocks.local(desc, &key_json(desc, &local), Some(&[column]));
-            let (image_key, local_key) = (key_text(desc, image), key_text(desc, &local));
-            let yields = decide::unique_yields(((origin.hlc, origin.node), &image_key), (local_clock, &local_key));
-            let renamed_key = if yields == Yields::Incoming { &image_key } else { &local_key };
+            let yields = decide::unique_yields(&key_values(desc, image), &key_values(desc, &local));
+            let loser: &[Value] = if yields == Yields::Incoming { image } else { &local };
+            // The value of the row that gives it up (the two may differ in text and still be
+            // equal for the index: citext, a collation).
+            let renamed = decide::renamed_value(loser[rule.renamed].as_deref().unwrap_or_default(), &key_label(&key_values(desc, loser)));
+            if !fits(table, rule, &renamed) {
+                break;
+            }
             let logged = Logged {
                 conflict: Conflict {
                     kind: Kind::UniqueCollision,
-                    key: if yields == Yields::Incoming { key_json(desc, image) } else { key_json(desc, &local) },
+                    key: key_json(desc, loser),
                     local: Some(row_json(desc, &local)),
                     remote: Some(row_json(desc, image)),
                     local_clock,
@@ -59,16 +68,20 @@ pub fn settle(table: &Table, policy: &Policy, desc: &RelDesc, image: &mut [Value
             };
             conflicts::record(policy, &logged);
             tally.count(&policy.table, Kind::UniqueCollision, "renamed");
-            // The value of the row that gives it up (the two may differ in text and still be
-            // equal for the index: citext, a collation).
-            let value = if yields == Yields::Incoming { image[rule.renamed].clone() } else { local[rule.renamed].clone() }.unwrap_or_default();
-            let renamed = decide::renamed_value(&value, renamed_key);
             match yields {
                 Yields::Incoming => {
                     image[rule.renamed] = Some(renamed);
                     changed = true;
                 }
-                Yields::Local => rename_local(table, desc, rule, &local, &renamed),
+                Yields::Local => {
+                    let mut new = local.clone();
+                    new[rule.renamed] = Some(renamed);
+                    rename_local(table, desc, rule, &local, &new);
+                    // The rename comes after both versions it settles.
+                    crate::base::clock::observe(origin.hlc.max(local_clock.map_or(0, |c| c.0)));
+                    let hlc = capture::log_own_update(desc, local.clone(), new.clone());
+                    clocks.note_own(desc, &RowChange { ordinal: 0, rel: 0, op: Op::Update, old: Some(local), new: Some(new) }, hlc);
+                }
             }
         }
     }
@@ -110,10 +123,18 @@ fn colliding(table: &Table, desc: &RelDesc, rule: &UniqueRename, image: &[Value]
     }
 }
 
-/// Gives the local row's value up. Not captured (the apply runs in replica mode): each node
-/// renames it itself.
-fn rename_local(table: &Table, desc: &RelDesc, rule: &UniqueRename, local: &[Value], renamed: &str) {
-    let mut args: Vec<pgrx::datum::DatumWithOid> = vec![renamed.into()];
+/// Whether the column holds `renamed` whole: an explicit cast to varchar(n) would cut it,
+/// and a cut value is no longer a function of the row alone.
+fn fits(table: &Table, rule: &UniqueRename, renamed: &str) -> bool {
+    let sql = format!("SELECT pg_catalog.format('%s', $1::pg_catalog.text::{}) = $1", table.types[rule.renamed]);
+    let _canonical = CanonicalOutput::new();
+    Spi::get_one_with_args::<bool>(&sql, &[renamed.into()]).ok().flatten().unwrap_or(false)
+}
+
+/// Gives the local row's value up: writes `new` (the local row with its renamed value). The
+/// caller captures it as this node's change.
+fn rename_local(table: &Table, desc: &RelDesc, rule: &UniqueRename, local: &[Value], new: &[Value]) {
+    let mut args: Vec<pgrx::datum::DatumWithOid> = vec![new[rule.renamed].as_deref().into()];
     let mut conds = Vec::new();
     for &k in &desc.key {
         args.push(local[k as usize].as_deref().into());
@@ -127,6 +148,8 @@ fn rename_local(table: &Table, desc: &RelDesc, rule: &UniqueRename, local: &[Val
         conds.join(" AND ")
     );
     let _owner = RunAs::restricted(table.owner);
+    // Key values are read back in the canonical text forms they were printed in.
+    let _canonical = CanonicalOutput::new();
     Spi::run_with_args(&sql, &args).unwrap_or_else(|e| panic!("{e}"));
 }
 

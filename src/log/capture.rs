@@ -206,6 +206,19 @@ unsafe fn record(rel: pg_sys::Relation, op: Op, old: pg_sys::HeapTuple, new: pg_
     }
 }
 
+/// Logs a change the applier itself makes to a local row (a unique rename, see
+/// apply/unique.rs) as a transaction of this node's own, as the trigger would have had the
+/// applier not run in replica mode. It is written at once, in the current subtransaction (so
+/// it is undone with it), as one chunk of its own: every such change is one transaction to
+/// the peers. The images are text in `desc`'s column order. Returns the change's clock.
+pub fn log_own_update(desc: &RelDesc, old: Vec<Value>, new: Vec<Value>) -> i64 {
+    let hlc = crate::base::clock::now();
+    let chunk = Chunk { relations: vec![desc.clone()], changes: vec![RowChange { ordinal: 1, rel: 0, op: Op::Update, old: Some(old), new: Some(new) }] };
+    let _owner = RunAs::extension_owner();
+    changelog::append(&crate::base::wire::encode_chunk(&chunk), 0, true, None, hlc);
+    hlc
+}
+
 /// What a buffered change counts for the spill threshold.
 fn change_size(c: &RowChange) -> usize {
     let row = |r: &Option<Vec<Value>>| r.as_ref().map_or(0, |r| r.iter().map(|v| v.as_ref().map_or(0, String::len)).sum());

@@ -177,18 +177,17 @@ fn refresh(me: i32) {
 }
 
 /// The clocks of the local versions of rows, for the `latest` rule: those of this batch's own
-/// changes, else the latest change to each row still in the change log (brought up to date
-/// once per batch, when the first conflict needs it), else `rbucardo.row_clock`.
+/// changes, else the latest change to each row still in the change log, else
+/// `rbucardo.row_clock`.
 pub struct Clocks {
     me: i32,
-    refreshed: bool,
     /// The current remote transaction's changes, until `commit_txn` (or dropped with it).
     txn: HashMap<Key, RowClock>,
 }
 
 impl Clocks {
     pub fn new(me: i32) -> Clocks {
-        Clocks { me, refreshed: false, txn: HashMap::new() }
+        Clocks { me, txn: HashMap::new() }
     }
 
     /// The current remote transaction applied: its clocks count for the rest of this local
@@ -213,12 +212,15 @@ impl Clocks {
     }
 
     /// The clock of the local version of `columns` (None: of the row) of the row with this key.
+    ///
+    /// The caller has locked the row, so every transaction that wrote the version it read has
+    /// committed: the session's clocks are brought up to date now (with what committed since
+    /// the last call only), not once per batch. A user transaction that changed the row after
+    /// the batch started, and held the row until it committed, would otherwise be judged by
+    /// the row's previous clock, and this node alone would let an older change win.
     pub fn local(&mut self, desc: &RelDesc, key: &serde_json::Value, columns: Option<&[&str]>) -> Option<Clock> {
         let k = (desc.schema.clone(), desc.name.clone(), key.to_string());
-        if !self.refreshed {
-            refresh(self.me);
-            self.refreshed = true;
-        }
+        refresh(self.me);
         let logged = SESSION.with(|s| s.borrow().as_ref().and_then(|s| s.rows.get(&k).and_then(|(c, _)| c.of(columns))));
         let mine = self.txn.get(&k).and_then(|r| r.of(columns)).max(applied_clock(&k, columns));
         // Kept clocks count too: a trimmed change, or a parked transaction a retry applied.
@@ -233,6 +235,13 @@ impl Clocks {
         .ok()
         .and_then(|(h, o)| Some((h?, o?)));
         logged.max(mine).max(kept)
+    }
+
+    /// Records the clock of a change this node made itself while applying (a unique rename),
+    /// captured with `hlc`.
+    pub fn note_own(&mut self, desc: &RelDesc, ch: &RowChange, hlc: i64) {
+        let me = self.me;
+        self.note(desc, ch, (hlc, me));
     }
 
     /// Records an applied change's clock for the columns it set. The larger clock stays: under

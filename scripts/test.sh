@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The whole test suite: installs what is missing, builds and installs the extension, runs the
-# single-node #[pg_test] tests, then the multi-node harness tests in pgrx-tests/.
+# single-node #[pg_test] tests, then the multi-node harness tests in pgrx-tests/, then the
+# Debian package and upgrade-path test (scripts/test-package.sh).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/common.sh
@@ -24,3 +25,6 @@ install_extension
 
 say "multi-node tests (pgrx-tests/)"
 cargo test --release -p rbucardo-cluster-tests -- --test-threads="${RBUCARDO_TEST_THREADS:-2}"
+
+say "Debian package and upgrade path (scripts/test-package.sh)"
+bash scripts/test-package.sh

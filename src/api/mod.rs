@@ -2,6 +2,7 @@
 //! below that does the work, and signals the worker. Uses every layer but runtime.
 
 pub mod catalog;
+pub mod cluster;
 pub mod conflicts;
 pub mod ddl;
 pub mod exceptions;

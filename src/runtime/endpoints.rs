@@ -155,6 +155,18 @@ fn peer_schema(
     TableIterator::once((md5, mine))
 }
 
+/// Report exchange for the rbucardo.cluster view (sql/cluster.sql): keeps the reports the
+/// caller passes on (its own and those it holds of nodes beyond it) and returns this node's
+/// own and those it holds, except the caller's.
+#[pg_extern(volatile, security_definer)]
+#[search_path(pg_catalog, pg_temp)]
+fn peer_report(peer_name: &str, reports: pgrx::JsonB) -> pgrx::JsonB {
+    me_or_raise();
+    peer_node(peer_name);
+    touch(peer_name);
+    crate::api::cluster::exchange(peer_name, reports.0)
+}
+
 /// Why the last batch from `peer_name` was refused, for a few seconds after the refusal: the
 /// sender then tries again (the operator may have changed the configuration), so that a
 /// refusal never stops a stream for good.
@@ -182,11 +194,11 @@ pub fn record_confirmed(peer_name: &str, pos: Position) {
 pgrx::extension_sql!(
     "REVOKE ALL ON FUNCTION rbucardo.peer_hello(text, integer), rbucardo.peer_fetch(text, bigint, bigint, integer, bigint, bigint, integer),
                             rbucardo.peer_position(text), rbucardo.peer_push(text, bytea),
-                            rbucardo.peer_schema(text, jsonb, text) FROM PUBLIC;
+                            rbucardo.peer_schema(text, jsonb, text), rbucardo.peer_report(text, jsonb) FROM PUBLIC;
      GRANT EXECUTE ON FUNCTION rbucardo.peer_hello(text, integer), rbucardo.peer_fetch(text, bigint, bigint, integer, bigint, bigint, integer),
                             rbucardo.peer_position(text), rbucardo.peer_push(text, bytea),
-                            rbucardo.peer_schema(text, jsonb, text) TO rbucardo_peer;",
+                            rbucardo.peer_schema(text, jsonb, text), rbucardo.peer_report(text, jsonb) TO rbucardo_peer;",
     name = "peer_grants",
-    requires = [peer_hello, peer_fetch, peer_position, peer_push, peer_schema]
+    requires = [peer_hello, peer_fetch, peer_position, peer_push, peer_schema, peer_report]
 );
 

@@ -164,6 +164,20 @@ impl Link {
         Ok(())
     }
 
+    /// Trades state reports with the peer, for the rbucardo.cluster view.
+    pub fn exchange_reports(&mut self) -> Result<(), String> {
+        let name = self.peer.name.clone();
+        let mine = in_txn(move || crate::api::cluster::reports_for(&name))?;
+        let me = self.me_name.clone();
+        let rows = self
+            .conn()?
+            .query("SELECT rbucardo.peer_report($1, $2::jsonb)::text", &[Param::Text(&me), Param::Text(&mine)], CALL_TIMEOUT)
+            .map_err(|e| e.to_string())?;
+        let theirs = rows.first().and_then(|r| r.text(0)).ok_or("peer_report returned nothing")?.to_string();
+        let name = self.peer.name.clone();
+        in_txn(move || crate::api::cluster::store(&name, &theirs))?
+    }
+
     /// Pushes this node's stream to the peer until it has everything; returns batches sent.
     /// While the peer applies one batch, the next is read from the change log, so catching up
     /// after an outage keeps both nodes busy.

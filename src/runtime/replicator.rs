@@ -195,6 +195,9 @@ impl Replicator {
                     if let Err(e) = link.exchange_schema() {
                         log!("rbucardo worker: exchanging table shapes with {name} failed: {e}");
                     }
+                    if let Err(e) = link.exchange_reports() {
+                        log!("rbucardo worker: exchanging state reports with {name} failed: {e}");
+                    }
                 }
             }
             // Parked transactions may apply now that later ones have arrived.

@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Installs what rbucardo needs on a Debian 12 machine and skips what is already there:
 # PostgreSQL 15 server and headers, clang/libclang (bindgen), sudo, the Prometheus PostgreSQL
-# exporter (monitoring/, tested by pgrx-tests/tests/prometheus.rs), dpkg-dev (dpkg-shlibdeps, for
+# exporter (monitoring/, tested by pgrx-tests/tests/prometheus.rs), Bucardo 5 with PL/Perl and
+# DBD::Pg (bucardo, postgresql-plperl-15, libdbd-pg-perl: pgrx-tests/tests/bucardo.rs imports a
+# real Bucardo configuration without starting its daemon), dpkg-dev (dpkg-shlibdeps, for
 # scripts/package-deb.sh), cargo-pgrx (pinned to the
 # pgrx version in Cargo.toml), `cargo pgrx init` against the system PostgreSQL 15.
 # Works as root and as a normal user who may use sudo.
@@ -11,7 +13,7 @@ cd "$(dirname "$0")/.."
 
 need_pkgs=()
 for pkg in postgresql-15 postgresql-server-dev-15 libpq-dev libclang-dev clang sudo \
-           prometheus-postgres-exporter dpkg-dev; do
+           prometheus-postgres-exporter dpkg-dev bucardo postgresql-plperl-15 libdbd-pg-perl; do
     dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || need_pkgs+=("$pkg")
 done
 if [ ${#need_pkgs[@]} -gt 0 ]; then

@@ -107,7 +107,11 @@ CREATE TABLE rbucardo.peer_state (
     schema_at     timestamptz,
     -- why the last batch from the peer was refused (src/apply/admit.rs), until one applies
     refused       text,
-    refused_at    timestamptz
+    refused_at    timestamptz,
+    -- when this node stopped keeping its change log for the peer (src/log/retention.rs), and
+    -- why; the peer must rejoin
+    expired_at    timestamptz,
+    expired_why   text
 );
 
 -- Per origin node: the position in the origin's own stream up to which its changes are applied

@@ -28,26 +28,17 @@ SELECT jsonb_build_object(
     'log_bytes', pg_total_relation_size('rbucardo.change_log'),
     'log_oldest', (SELECT to_timestamp(min(l.hlc) / 1e6) FROM rbucardo.change_log l),
     'schema_differences', (SELECT count(*) FROM rbucardo.sync s CROSS JOIN LATERAL rbucardo.validate_schema(s.name) v),
+    'retention', nullif(nullif(current_setting('rbucardo.peer_retention', true), ''), '0'),
     'peers', coalesce((
         SELECT jsonb_agg(jsonb_build_object(
                    'name', d.name, 'node_id', d.node_id, 'state', st.state, 'last_contact', p.last_contact,
-                   'pending_out', st.pending_out, 'oldest_pending', w.oldest, 'exceptions', st.exceptions,
+                   'pending_out', st.pending_out, 'oldest_pending', st.held_since, 'exceptions', st.exceptions,
                    'last_error', st.last_error) ORDER BY d.name)
           FROM rbucardo.db d
           LEFT JOIN rbucardo.peer_state p ON p.db = d.name
           LEFT JOIN LATERAL (SELECT max(s.state) AS state, max(s.pending_out) AS pending_out, max(s.exceptions) AS exceptions,
-                                    max(s.last_error) AS last_error
-                               FROM rbucardo.status s WHERE s.db = d.name) st ON true
-          -- The oldest of this node's transactions the peer has not confirmed (as status counts them).
-          LEFT JOIN LATERAL (SELECT to_timestamp(min(l.hlc) / 1e6) AS oldest
-                               FROM rbucardo.change_log l
-                              WHERE l.final
-                                AND l.origin IS DISTINCT FROM d.node_id
-                                AND l.via IS DISTINCT FROM d.node_id
-                                AND NOT pg_visible_in_snapshot(l.txid, coalesce(
-                                      (SELECT t.snap FROM rbucardo.tick t
-                                        WHERE t.tick_id = rbucardo.complete_tick(p.out_tick, p.out_seq)),
-                                      '1:1:'::pg_snapshot))) w ON true), '[]'::jsonb))
+                                    max(s.last_error) AS last_error, min(s.held_since) AS held_since
+                               FROM rbucardo.status s WHERE s.db = d.name) st ON true), '[]'::jsonb))
   FROM rbucardo.node n
 $$;
 
@@ -119,7 +110,12 @@ WITH here AS (
            now() - (n.report->>'log_oldest')::timestamptz AS log_oldest_age,
            (n.report->>'schema_differences')::bigint AS schema_differences,
            (SELECT string_agg((p->>'name') || ' ' || (p->>'state'), ', ' ORDER BY p->>'name')
-              FROM jsonb_array_elements(n.report->'peers') p WHERE p->>'state' IS DISTINCT FROM 'connected') AS peers_not_connected
+              FROM jsonb_array_elements(n.report->'peers') p WHERE p->>'state' IS DISTINCT FROM 'connected') AS peers_not_connected,
+           -- Peers it keeps its log for longer than half its retention: they expire next.
+           (SELECT string_agg((p->>'name') || ' since ' || date_trunc('second', (p->>'oldest_pending')::timestamptz), ', ' ORDER BY p->>'name')
+              FROM jsonb_array_elements(n.report->'peers') p
+             WHERE n.report->>'retention' IS NOT NULL
+               AND (p->>'oldest_pending')::timestamptz < now() - (n.report->>'retention')::interval / 2) AS expiring
       FROM nodes n
 )
 SELECT r.*,
@@ -128,6 +124,7 @@ SELECT r.*,
            CASE WHEN r.exceptions > 0 THEN r.exceptions || ' open exceptions' END,
            CASE WHEN r.lag > interval '5 minutes' THEN 'changes for it wait for ' || date_trunc('second', r.lag) END,
            CASE WHEN r.schema_differences > 0 THEN r.schema_differences || ' schema differences' END,
+           CASE WHEN r.expiring IS NOT NULL THEN 'holds its log past half its retention for ' || r.expiring END,
            CASE WHEN r.version IS DISTINCT FROM (SELECT extversion FROM pg_extension WHERE extname = 'rbucardo') THEN 'extension ' || coalesce(r.version, '?') END
        ), '') AS attention
   FROM rows r;

@@ -27,12 +27,14 @@ SELECT s.name,
   FROM rbucardo.sync s;
 
 -- One row per sync and peer. pending_out counts this node's transactions (its own and those it
--- forwards) that the peer has not confirmed yet; applied_in counts the peer's transactions
--- applied here; exceptions counts the peer's transactions parked here and still open.
+-- forwards) that the peer has not confirmed yet, held_since is when the oldest of them was
+-- made; applied_in counts the peer's transactions applied here; exceptions counts the peer's
+-- transactions parked here and still open.
 CREATE VIEW rbucardo.status AS
 SELECT s.name AS sync,
        d.name AS db,
-       CASE WHEN s.paused THEN 'paused'
+       CASE WHEN p.expired_at IS NOT NULL THEN 'expired'
+            WHEN s.paused THEN 'paused'
             -- A schema change from this peer fails here: its stream waits (rbucardo.exceptions).
             WHEN x.reason IS NOT NULL THEN 'stopped'
             -- Its last batch asked for more than this node lets it do (src/apply/admit.rs).
@@ -42,23 +44,26 @@ SELECT s.name AS sync,
                 THEN 'disconnected'
             ELSE coalesce(p.state, 'disconnected') END AS state,
        p.last_contact,
-       (SELECT count(*) FROM rbucardo.change_log l
-         WHERE l.final
-           AND l.origin IS DISTINCT FROM d.node_id
-           AND l.via IS DISTINCT FROM d.node_id
-           AND NOT pg_visible_in_snapshot(l.txid, coalesce(
-                 (SELECT t.snap FROM rbucardo.tick t
-                   WHERE t.tick_id = rbucardo.complete_tick(p.out_tick, p.out_seq)),
-                 '1:1:'::pg_snapshot))) AS pending_out,
+       w.pending AS pending_out,
        p.applied_in,
-       coalesce(x.reason, p.refused, p.last_error) AS last_error,
+       coalesce(p.expired_why, x.reason, p.refused, p.last_error) AS last_error,
        -- Transactions from this peer parked here or stopping its stream (rbucardo.exceptions),
        -- not yet resolved.
        (SELECT count(*) FROM rbucardo.exceptions e
-         WHERE e.resolved_at IS NULL AND e.via = d.node_id) AS exceptions
+         WHERE e.resolved_at IS NULL AND e.via = d.node_id) AS exceptions,
+       w.held_since
   FROM rbucardo.sync s
   JOIN rbucardo.db d ON d.name = ANY (s.dbs)
   LEFT JOIN rbucardo.peer_state p ON p.db = d.name
+  LEFT JOIN LATERAL (SELECT count(*) AS pending, to_timestamp(min(l.hlc) / 1e6) AS held_since
+                       FROM rbucardo.change_log l
+                      WHERE l.final
+                        AND l.origin IS DISTINCT FROM d.node_id
+                        AND l.via IS DISTINCT FROM d.node_id
+                        AND NOT pg_visible_in_snapshot(l.txid, coalesce(
+                              (SELECT t.snap FROM rbucardo.tick t
+                                WHERE t.tick_id = rbucardo.complete_tick(p.out_tick, p.out_seq)),
+                              '1:1:'::pg_snapshot))) w ON true
   LEFT JOIN LATERAL (SELECT e.reason FROM rbucardo.exceptions e
                       WHERE e.kind = 'ddl' AND e.resolved_at IS NULL AND e.via = d.node_id
                       ORDER BY e.id LIMIT 1) x ON true;

@@ -41,6 +41,7 @@ pub extern "C-unwind" fn _PG_init() {
     base::clock::init();
     base::signals::init();
     schema::ddl::init();
+    log::retention::init();
     apply::parts::init();
     runtime::replicator::init();
     runtime::worker::init();

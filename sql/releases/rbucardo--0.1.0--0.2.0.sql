@@ -8,6 +8,51 @@
 
 \echo Use "ALTER EXTENSION rbucardo UPDATE" to load this file. \quit
 
+-- Retention (src/log/retention.rs): a peer away too long is expired and must rejoin.
+ALTER TABLE rbucardo.peer_state ADD COLUMN expired_at timestamptz, ADD COLUMN expired_why text;
+
+-- One row per sync and peer. pending_out counts this node's transactions (its own and those it
+-- forwards) that the peer has not confirmed yet, held_since is when the oldest of them was
+-- made; applied_in counts the peer's transactions applied here; exceptions counts the peer's
+-- transactions parked here and still open.
+CREATE OR REPLACE VIEW rbucardo.status AS
+SELECT s.name AS sync,
+       d.name AS db,
+       CASE WHEN p.expired_at IS NOT NULL THEN 'expired'
+            WHEN s.paused THEN 'paused'
+            -- A schema change from this peer fails here: its stream waits (rbucardo.exceptions).
+            WHEN x.reason IS NOT NULL THEN 'stopped'
+            -- Its last batch asked for more than this node lets it do (src/apply/admit.rs).
+            WHEN p.refused IS NOT NULL THEN 'refused'
+            -- A passive peer calls in at least every few seconds while it is up.
+            WHEN d.conninfo IS NULL AND (p.last_contact IS NULL OR p.last_contact < now() - interval '30 seconds')
+                THEN 'disconnected'
+            ELSE coalesce(p.state, 'disconnected') END AS state,
+       p.last_contact,
+       w.pending AS pending_out,
+       p.applied_in,
+       coalesce(p.expired_why, x.reason, p.refused, p.last_error) AS last_error,
+       -- Transactions from this peer parked here or stopping its stream (rbucardo.exceptions),
+       -- not yet resolved.
+       (SELECT count(*) FROM rbucardo.exceptions e
+         WHERE e.resolved_at IS NULL AND e.via = d.node_id) AS exceptions,
+       w.held_since
+  FROM rbucardo.sync s
+  JOIN rbucardo.db d ON d.name = ANY (s.dbs)
+  LEFT JOIN rbucardo.peer_state p ON p.db = d.name
+  LEFT JOIN LATERAL (SELECT count(*) AS pending, to_timestamp(min(l.hlc) / 1e6) AS held_since
+                       FROM rbucardo.change_log l
+                      WHERE l.final
+                        AND l.origin IS DISTINCT FROM d.node_id
+                        AND l.via IS DISTINCT FROM d.node_id
+                        AND NOT pg_visible_in_snapshot(l.txid, coalesce(
+                              (SELECT t.snap FROM rbucardo.tick t
+                                WHERE t.tick_id = rbucardo.complete_tick(p.out_tick, p.out_seq)),
+                              '1:1:'::pg_snapshot))) w ON true
+  LEFT JOIN LATERAL (SELECT e.reason FROM rbucardo.exceptions e
+                      WHERE e.kind = 'ddl' AND e.resolved_at IS NULL AND e.via = d.node_id
+                      ORDER BY e.id LIMIT 1) x ON true;
+
 -- The cluster view: node reports traded between peers (sql/cluster.sql, as it is there).
 -- One view of the whole chain. Every node sums up its own state in a report (local_report) and
 -- trades reports with each peer it talks to, over the link it already has, every few seconds
@@ -39,26 +84,17 @@ SELECT jsonb_build_object(
     'log_bytes', pg_total_relation_size('rbucardo.change_log'),
     'log_oldest', (SELECT to_timestamp(min(l.hlc) / 1e6) FROM rbucardo.change_log l),
     'schema_differences', (SELECT count(*) FROM rbucardo.sync s CROSS JOIN LATERAL rbucardo.validate_schema(s.name) v),
+    'retention', nullif(nullif(current_setting('rbucardo.peer_retention', true), ''), '0'),
     'peers', coalesce((
         SELECT jsonb_agg(jsonb_build_object(
                    'name', d.name, 'node_id', d.node_id, 'state', st.state, 'last_contact', p.last_contact,
-                   'pending_out', st.pending_out, 'oldest_pending', w.oldest, 'exceptions', st.exceptions,
+                   'pending_out', st.pending_out, 'oldest_pending', st.held_since, 'exceptions', st.exceptions,
                    'last_error', st.last_error) ORDER BY d.name)
           FROM rbucardo.db d
           LEFT JOIN rbucardo.peer_state p ON p.db = d.name
           LEFT JOIN LATERAL (SELECT max(s.state) AS state, max(s.pending_out) AS pending_out, max(s.exceptions) AS exceptions,
-                                    max(s.last_error) AS last_error
-                               FROM rbucardo.status s WHERE s.db = d.name) st ON true
-          -- The oldest of this node's transactions the peer has not confirmed (as status counts them).
-          LEFT JOIN LATERAL (SELECT to_timestamp(min(l.hlc) / 1e6) AS oldest
-                               FROM rbucardo.change_log l
-                              WHERE l.final
-                                AND l.origin IS DISTINCT FROM d.node_id
-                                AND l.via IS DISTINCT FROM d.node_id
-                                AND NOT pg_visible_in_snapshot(l.txid, coalesce(
-                                      (SELECT t.snap FROM rbucardo.tick t
-                                        WHERE t.tick_id = rbucardo.complete_tick(p.out_tick, p.out_seq)),
-                                      '1:1:'::pg_snapshot))) w ON true), '[]'::jsonb))
+                                    max(s.last_error) AS last_error, min(s.held_since) AS held_since
+                               FROM rbucardo.status s WHERE s.db = d.name) st ON true), '[]'::jsonb))
   FROM rbucardo.node n
 $$;
 
@@ -130,7 +166,12 @@ WITH here AS (
            now() - (n.report->>'log_oldest')::timestamptz AS log_oldest_age,
            (n.report->>'schema_differences')::bigint AS schema_differences,
            (SELECT string_agg((p->>'name') || ' ' || (p->>'state'), ', ' ORDER BY p->>'name')
-              FROM jsonb_array_elements(n.report->'peers') p WHERE p->>'state' IS DISTINCT FROM 'connected') AS peers_not_connected
+              FROM jsonb_array_elements(n.report->'peers') p WHERE p->>'state' IS DISTINCT FROM 'connected') AS peers_not_connected,
+           -- Peers it keeps its log for longer than half its retention: they expire next.
+           (SELECT string_agg((p->>'name') || ' since ' || date_trunc('second', (p->>'oldest_pending')::timestamptz), ', ' ORDER BY p->>'name')
+              FROM jsonb_array_elements(n.report->'peers') p
+             WHERE n.report->>'retention' IS NOT NULL
+               AND (p->>'oldest_pending')::timestamptz < now() - (n.report->>'retention')::interval / 2) AS expiring
       FROM nodes n
 )
 SELECT r.*,
@@ -139,6 +180,7 @@ SELECT r.*,
            CASE WHEN r.exceptions > 0 THEN r.exceptions || ' open exceptions' END,
            CASE WHEN r.lag > interval '5 minutes' THEN 'changes for it wait for ' || date_trunc('second', r.lag) END,
            CASE WHEN r.schema_differences > 0 THEN r.schema_differences || ' schema differences' END,
+           CASE WHEN r.expiring IS NOT NULL THEN 'holds its log past half its retention for ' || r.expiring END,
            CASE WHEN r.version IS DISTINCT FROM (SELECT extversion FROM pg_extension WHERE extname = 'rbucardo') THEN 'extension ' || coalesce(r.version, '?') END
        ), '') AS attention
   FROM rows r;

@@ -151,6 +151,10 @@ fn remove_db(name: &str) -> String {
     if n == 0 {
         raise(PgSqlErrorCode::ERRCODE_UNDEFINED_OBJECT, format!("no db named {name}"), "See SELECT * FROM rbucardo.dbs.");
     }
+    // The log it held back goes at once, not at the worker's next trim.
+    if let Ok(me) = crate::base::node::me() {
+        crate::log::changelog::trim(me.id);
+    }
     signals::wake_local_worker_at_commit();
     format!("removed db {name}")
 }

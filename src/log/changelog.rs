@@ -443,10 +443,11 @@ fn shared_part(chunks: Vec<Vec<u8>>, policy: &PeerPolicy) -> Option<Vec<Vec<u8>>
 /// Deletes what every peer has confirmed: the transactions of every tick up to the oldest
 /// tick all peers have completely. Every peer known here holds the log, in a sync or not (a
 /// sync removed and added again while a peer is offline must not lose it anything), until
-/// `remove_db`. Ticks older than that one are dropped too; it stays as the lower bound of the
+/// `remove_db`, or until it expires (src/log/retention.rs). Ticks older than that one are dropped too; it stays as the lower bound of the
 /// next tick.
 pub fn trim(me: i32) -> i64 {
-    let Some(floor) = Spi::get_one::<i64>("SELECT min(rbucardo.complete_tick(out_tick, out_seq)) FROM rbucardo.peer_state p")
+    // An expired peer (src/log/retention.rs) no longer holds the log back.
+    let Some(floor) = Spi::get_one::<i64>("SELECT min(rbucardo.complete_tick(out_tick, out_seq)) FROM rbucardo.peer_state p WHERE p.expired_at IS NULL")
     .expect("reading peer confirmations") else {
         return 0;
     };

@@ -4,3 +4,4 @@
 pub mod capture;
 pub mod changelog;
 pub mod clocks;
+pub mod retention;

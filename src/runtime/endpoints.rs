@@ -39,6 +39,17 @@ fn check_caller(peer_name: &str) {
 
 fn peer_node(peer_name: &str) -> i32 {
     check_caller(peer_name);
+    if let Some(why) = crate::log::retention::expired(peer_name) {
+        raise(
+            PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
+            format!("{peer_name} must rejoin: {why}"),
+            format!(
+                "The changes {peer_name} missed are gone from this node, so it would receive a stream with a hole in it. \
+                 Re-create {peer_name} from a copy of a current node (docs/operations.md, \"A copied node\"), \
+                 or remove it from its syncs and with remove_db('{peer_name}')."
+            ),
+        );
+    }
     plans::one::<i32>(
         "SELECT d.node_id FROM rbucardo.db d WHERE d.name = $1
             AND EXISTS (SELECT 1 FROM rbucardo.sync s WHERE d.name = ANY (s.dbs) AND NOT s.paused)",

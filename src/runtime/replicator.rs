@@ -189,6 +189,15 @@ impl Replicator {
         }
         if self.last_trim.is_none_or(|t| t.elapsed() >= TRIM_EVERY) {
             self.last_trim = Some(Instant::now());
+            // Peers away past retention stop holding the log back (before the trim below).
+            match in_txn(crate::log::retention::expire_peers) {
+                Ok(expired) => {
+                    for (peer, why) in expired {
+                        warning!("rbucardo worker: {peer} expired: {why}; it must rejoin");
+                    }
+                }
+                Err(e) => log!("rbucardo worker: checking peer retention failed: {e}"),
+            }
             // Table shapes for validate_schema; a failure shows up in the next round.
             for (name, slot) in self.links.iter_mut() {
                 if let Some(link) = slot.link.as_mut() {
@@ -237,6 +246,11 @@ impl Replicator {
 }
 
 fn exchange(link: &mut Link, me: &Me) -> Result<(), String> {
+    // An expired peer gets nothing more from this node: it must rejoin.
+    let name = link.peer.name.clone();
+    if let Some(why) = in_txn(move || crate::log::retention::expired(&name))? {
+        return Err(format!("{} must rejoin: {why}", link.peer.name));
+    }
     link.pull(me)?;
     link.push(me)?;
     Ok(())

@@ -1,0 +1,77 @@
+//! Retention: a peer away longer than rbucardo.peer_retention stops holding the change log
+//! back; when it returns it is told it must rejoin, and never receives a stream with a hole.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use rbucardo_cluster_tests::{wait_until, Cluster};
+
+const T: Duration = Duration::from_secs(60);
+
+fn one(cluster: &Cluster, i: usize, sql: &str) -> String {
+    cluster.node(i).query_one(DB, sql).unwrap_or_default()
+}
+
+fn wait_for(cluster: &Cluster, i: usize, what: &str, sql: &str, want: &str) {
+    wait_until(what, T, || {
+        let got = one(cluster, i, sql);
+        if got == want { Ok(true) } else { Err(format!("{}: {sql} gives {got:?}, want {want:?}", NODE_NAMES[i])) }
+    });
+}
+
+fn set_retention(cluster: &Cluster, i: usize, value: &str) {
+    cluster.node(i).sql("postgres", &format!("ALTER SYSTEM SET rbucardo.peer_retention = '{value}'"));
+    cluster.node(i).sql("postgres", "SELECT pg_reload_conf()");
+    wait_for(cluster, i, "the retention in effect", "SHOW rbucardo.peer_retention", value);
+}
+
+#[test]
+fn a_peer_away_past_retention_expires_and_must_rejoin() {
+    let cluster = start_store("retention_expire", Topology::Star);
+    cluster.link(BRANCH2, MAIN).cut();
+    cluster.node(MAIN).sql(DB, "INSERT INTO products (id, name, price, stock) VALUES (81, 'held', 1, 1)");
+    // Warned well before: past half the retention, main's row in the cluster view says so.
+    set_retention(&cluster, MAIN, "16s");
+    wait_until("the warning", T, || {
+        let a = one(&cluster, MAIN, "SELECT coalesce(attention, '') FROM rbucardo.cluster WHERE node = 'main'");
+        if a.contains("holds its log past half its retention for branch2 since ") { Ok(true) } else { Err(a) }
+    });
+    set_retention(&cluster, MAIN, "3s");
+    wait_for(&cluster, MAIN, "branch2 expired", "SELECT state || ' ' || (last_error LIKE 'not in contact since % longer than rbucardo.peer_retention (3s)%')::text FROM rbucardo.status WHERE db = 'branch2'", "expired true");
+    // The log is trimmed without it (branch1 has everything).
+    wait_for(&cluster, MAIN, "the log trimmed", "SELECT count(*) FROM rbucardo.change_log", "0");
+    // branch1 carries on both ways.
+    cluster.node(MAIN).sql(DB, "INSERT INTO products (id, name, price, stock) VALUES (83, 'after', 1, 1)");
+    cluster.node(BRANCH1).sql(DB, "INSERT INTO products (id, name, price, stock) VALUES (2000084, 'from branch1', 1, 1)");
+    wait_for(&cluster, BRANCH1, "main's product on branch1", "SELECT count(*) FROM products WHERE id IN (81, 83)", "2");
+    wait_for(&cluster, MAIN, "branch1's product on main", "SELECT count(*) FROM products WHERE id = 2000084", "1");
+    // branch2 comes back: it is told to rejoin, and nothing moves either way.
+    cluster.node(BRANCH2).sql(DB, "INSERT INTO products (id, name, price, stock) VALUES (3000082, 'from branch2', 1, 1)");
+    cluster.link(BRANCH2, MAIN).restore();
+    wait_until("branch2 told to rejoin", T, || {
+        let e = one(&cluster, BRANCH2, "SELECT coalesce(last_error, '') FROM rbucardo.status WHERE db = 'main'");
+        if e.contains("branch2 must rejoin") { Ok(true) } else { Err(e) }
+    });
+    assert_eq!(one(&cluster, BRANCH2, "SELECT count(*) FROM products WHERE id IN (81, 83, 2000084)"), "0", "no stream with a hole");
+    assert_eq!(one(&cluster, MAIN, "SELECT count(*) FROM products WHERE id = 3000082"), "0");
+    assert_eq!(one(&cluster, MAIN, "SELECT state FROM rbucardo.status WHERE db = 'branch2'"), "expired");
+}
+
+#[test]
+fn remove_db_frees_the_log_at_once() {
+    let cluster = start_store("retention_remove", Topology::Star);
+    cluster.link(BRANCH2, MAIN).cut();
+    cluster.node(MAIN).sql(DB, "INSERT INTO products (id, name, price, stock) SELECT 900 + i, 'held', 1, 1 FROM generate_series(1, 5) i");
+    wait_for(&cluster, BRANCH1, "the products on branch1", "SELECT count(*) FROM products WHERE id BETWEEN 901 AND 905", "5");
+    wait_for(&cluster, MAIN, "branch1 confirmed", "SELECT pending_out FROM rbucardo.status WHERE db = 'branch1'", "0");
+    assert_eq!(one(&cluster, MAIN, "SELECT (count(*) > 0)::text FROM rbucardo.change_log"), "true", "held for branch2");
+    let freed = one(
+        &cluster,
+        MAIN,
+        "SELECT rbucardo.remove_sync('store_sync'); SELECT rbucardo.add_sync('store_sync', 'store', ARRAY['main', 'branch1']);
+         SELECT rbucardo.remove_db('branch2'); SELECT count(*) FROM rbucardo.change_log",
+    );
+    assert_eq!(freed, "0");
+}

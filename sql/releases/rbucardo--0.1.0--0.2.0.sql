@@ -199,3 +199,18 @@ LANGUAGE c
 AS 'MODULE_PATHNAME', 'peer_report_wrapper';
 REVOKE ALL ON FUNCTION rbucardo.peer_report(text, jsonb) FROM PUBLIC;
 GRANT EXECUTE ON FUNCTION rbucardo.peer_report(text, jsonb) TO rbucardo_peer;
+
+-- Off Bucardo (src/api/bucardo.rs).
+CREATE FUNCTION rbucardo."import_bucardo"(
+	"conninfo" TEXT,
+	"dry_run" bool DEFAULT true,
+	"this_db" TEXT DEFAULT NULL
+) RETURNS TABLE (
+	"step" INT,
+	"action" TEXT,
+	"sql" TEXT,
+	"note" TEXT
+)
+VOLATILE
+LANGUAGE c
+AS 'MODULE_PATHNAME', 'import_bucardo_wrapper';

@@ -14,6 +14,14 @@ CREATE TABLE rbucardo.node_report (
     report      jsonb NOT NULL
 );
 
+-- The latest report of this node, made at most every 5 seconds however many peers ask for it
+-- (each report reads rbucardo.status, which scans the change log once per peer).
+CREATE TABLE rbucardo.own_report (
+    singleton boolean PRIMARY KEY DEFAULT true CHECK (singleton),
+    made_at   timestamptz NOT NULL,
+    report    jsonb NOT NULL
+);
+
 -- This node's state, as it reports it to its peers.
 CREATE FUNCTION rbucardo.local_report() RETURNS jsonb
 LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
@@ -28,46 +36,115 @@ SELECT jsonb_build_object(
     'log_bytes', pg_total_relation_size('rbucardo.change_log'),
     'log_oldest', (SELECT to_timestamp(min(l.hlc) / 1e6) FROM rbucardo.change_log l),
     'schema_differences', (SELECT count(*) FROM rbucardo.sync s CROSS JOIN LATERAL rbucardo.validate_schema(s.name) v),
-    'retention', nullif(nullif(current_setting('rbucardo.peer_retention', true), ''), '0'),
+    'retention_seconds', rbucardo.peer_retention_seconds(),
     'peers', coalesce((
         SELECT jsonb_agg(jsonb_build_object(
                    'name', d.name, 'node_id', d.node_id, 'state', st.state, 'last_contact', p.last_contact,
-                   'pending_out', st.pending_out, 'oldest_pending', st.held_since, 'exceptions', st.exceptions,
-                   'last_error', st.last_error) ORDER BY d.name)
+                   'pending_out', st.pending_out, 'oldest_pending', st.held_since, 'exceptions', st.exceptions) ORDER BY d.name)
           FROM rbucardo.db d
           LEFT JOIN rbucardo.peer_state p ON p.db = d.name
           LEFT JOIN LATERAL (SELECT max(s.state) AS state, max(s.pending_out) AS pending_out, max(s.exceptions) AS exceptions,
-                                    max(s.last_error) AS last_error, min(s.held_since) AS held_since
+                                    min(s.held_since) AS held_since
                                FROM rbucardo.status s WHERE s.db = d.name) st ON true), '[]'::jsonb))
   FROM rbucardo.node n
+$$;
+
+-- local_report, made again only when the one kept is older than 5 seconds.
+CREATE FUNCTION rbucardo.cached_report() RETURNS jsonb
+LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    r jsonb;
+BEGIN
+    SELECT o.report INTO r FROM rbucardo.own_report o WHERE o.made_at > clock_timestamp() - interval '5 seconds';
+    IF r IS NULL THEN
+        r := rbucardo.local_report();
+        INSERT INTO rbucardo.own_report AS o (made_at, report) VALUES (clock_timestamp(), r)
+            ON CONFLICT (singleton) DO UPDATE SET made_at = excluded.made_at, report = excluded.report;
+    END IF;
+    RETURN r;
+END
 $$;
 
 -- The reports this node passes to `peer`: its own, and every other one it holds except the
 -- peer's own.
 CREATE FUNCTION rbucardo.reports_for(peer text) RETURNS jsonb
-LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
-SELECT jsonb_build_array(jsonb_build_object('hops', 0, 'report', rbucardo.local_report()))
+LANGUAGE sql VOLATILE SET search_path = pg_catalog, pg_temp AS $$
+SELECT jsonb_build_array(jsonb_build_object('hops', 0, 'report', rbucardo.cached_report()))
        || coalesce((SELECT jsonb_agg(jsonb_build_object('hops', r.hops, 'report', r.report) ORDER BY r.node_id)
                       FROM rbucardo.node_report r
                      WHERE r.name IS DISTINCT FROM peer), '[]'::jsonb)
 $$;
 
--- Keeps the reports `peer` passed on that are newer than those held. A peer speaks for itself
--- and for nodes this one does not talk to directly: what it says about this node or about
--- another direct peer is ignored (that peer reports for itself).
+-- A report's value as a time, or NULL when it is not a finite one (a report is a peer's word).
+CREATE FUNCTION rbucardo.report_time(v jsonb) RETURNS timestamptz
+LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    IF jsonb_typeof(v) IS DISTINCT FROM 'string' OR length(v #>> '{}') > 40 THEN
+        RETURN NULL;
+    END IF;
+    RETURN CASE WHEN isfinite((v #>> '{}')::timestamptz) THEN (v #>> '{}')::timestamptz END;
+EXCEPTION WHEN others THEN
+    RETURN NULL;
+END
+$$;
+
+-- A report's value as a count, or NULL when it is not a whole number a bigint holds.
+CREATE FUNCTION rbucardo.report_count(v jsonb) RETURNS bigint
+LANGUAGE sql IMMUTABLE SET search_path = pg_catalog, pg_temp AS $$
+SELECT CASE WHEN jsonb_typeof(v) = 'number' AND v::text ~ '^[0-9]{1,18}$' THEN v::text::bigint END
+$$;
+
+-- A report rebuilt from the fields a report has, each checked: what the view reads is never
+-- malformed, whatever a peer sent. Nothing else of it is kept.
+CREATE FUNCTION rbucardo.clean_report(r jsonb) RETURNS jsonb
+LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
+SELECT jsonb_build_object(
+    'node_id', rbucardo.report_count(r->'node_id'),
+    'name', r->>'name',
+    'at', rbucardo.report_time(r->'at'),
+    'version', left(r->>'version', 32),
+    'exceptions', rbucardo.report_count(r->'exceptions'),
+    'conflicts_hour', rbucardo.report_count(r->'conflicts_hour'),
+    'log_rows', rbucardo.report_count(r->'log_rows'),
+    'log_bytes', rbucardo.report_count(r->'log_bytes'),
+    'log_oldest', rbucardo.report_time(r->'log_oldest'),
+    'schema_differences', rbucardo.report_count(r->'schema_differences'),
+    'retention_seconds', rbucardo.report_count(r->'retention_seconds'),
+    'peers', coalesce((
+        SELECT jsonb_agg(jsonb_build_object(
+                   'name', p->>'name', 'node_id', rbucardo.report_count(p->'node_id'), 'state', left(p->>'state', 16),
+                   'last_contact', rbucardo.report_time(p->'last_contact'), 'pending_out', rbucardo.report_count(p->'pending_out'),
+                   'oldest_pending', rbucardo.report_time(p->'oldest_pending'), 'exceptions', rbucardo.report_count(p->'exceptions')))
+          FROM (SELECT p FROM jsonb_array_elements(CASE WHEN jsonb_typeof(r->'peers') = 'array' THEN r->'peers' ELSE '[]' END) p
+                 WHERE jsonb_typeof(p) = 'object' AND p->>'name' ~ '^[A-Za-z_][A-Za-z0-9_]*$'
+                 LIMIT 256) x), '[]'::jsonb))
+$$;
+
+-- Keeps the reports `peer` passed on that are newer than those held, cleaned. A peer speaks
+-- for itself and for nodes this one does not talk to directly: a report that names this node,
+-- or a direct peer (by name or by node id) other than the sender as itself, is ignored. A
+-- report from the future (beyond 5 minutes of clock difference), older than 30 days, or beyond
+-- the first 1000 nodes is ignored too. Reports not renewed for 30 days are dropped.
 CREATE FUNCTION rbucardo.store_reports(peer text, reports jsonb) RETURNS void
 LANGUAGE sql VOLATILE SET search_path = pg_catalog, pg_temp AS $$
+DELETE FROM rbucardo.node_report WHERE reported_at < now() - interval '30 days';
 INSERT INTO rbucardo.node_report AS r (node_id, name, via, hops, reported_at, report)
-SELECT (x.report->>'node_id')::integer, x.report->>'name', peer, (x.hops)::integer + 1, (x.report->>'at')::timestamptz, x.report
-  FROM jsonb_to_recordset(CASE WHEN jsonb_typeof(reports) = 'array' THEN reports ELSE '[]' END) AS x(hops integer, report jsonb)
- WHERE jsonb_typeof(x.report) = 'object'
-   AND x.report->>'node_id' ~ '^[0-9]{1,4}$'
-   AND x.report->>'name' ~ '^[A-Za-z_][A-Za-z0-9_]*$'
-   AND x.hops BETWEEN 0 AND 64
-   AND (x.report->>'node_id')::integer IS DISTINCT FROM (SELECT node_id FROM rbucardo.node)
-   AND (x.report->>'name' = peer
-        OR NOT EXISTS (SELECT 1 FROM rbucardo.db d
-                        WHERE d.name = x.report->>'name' OR d.node_id = (x.report->>'node_id')::integer))
+SELECT c.node_id, c.name, peer, x.hops + 1, c.at, c.report
+  FROM (SELECT x.hops, x.report FROM jsonb_to_recordset(CASE WHEN jsonb_typeof(reports) = 'array' THEN reports ELSE '[]' END)
+                                      AS x(hops integer, report jsonb)
+         WHERE jsonb_typeof(x.report) = 'object' AND x.hops BETWEEN 0 AND 64
+         LIMIT 1000) x
+ CROSS JOIN LATERAL (SELECT k.report, (k.report->>'node_id')::integer AS node_id, k.report->>'name' AS name,
+                            (k.report->>'at')::timestamptz AS at
+                       FROM (SELECT rbucardo.clean_report(x.report) AS report) k) c
+ WHERE c.node_id BETWEEN 1 AND 1023
+   AND c.name ~ '^[A-Za-z_][A-Za-z0-9_]*$'
+   AND c.at BETWEEN now() - interval '30 days' AND now() + interval '5 minutes'
+   AND c.node_id IS DISTINCT FROM (SELECT node_id FROM rbucardo.node)
+   AND c.name IS DISTINCT FROM (SELECT name FROM rbucardo.node)
+   AND CASE WHEN c.name = peer THEN c.node_id = (SELECT d.node_id FROM rbucardo.db d WHERE d.name = peer)
+            ELSE NOT EXISTS (SELECT 1 FROM rbucardo.db d WHERE d.name = c.name OR d.node_id = c.node_id) END
+   AND ((SELECT count(*) FROM rbucardo.node_report) < 1000 OR EXISTS (SELECT 1 FROM rbucardo.node_report o WHERE o.node_id = c.node_id))
 ON CONFLICT (node_id) DO UPDATE
    SET name = excluded.name, via = excluded.via, hops = excluded.hops, reported_at = excluded.reported_at,
        received_at = now(), report = excluded.report
@@ -114,8 +191,8 @@ WITH here AS (
            -- Peers it keeps its log for longer than half its retention: they expire next.
            (SELECT string_agg((p->>'name') || ' since ' || date_trunc('second', (p->>'oldest_pending')::timestamptz), ', ' ORDER BY p->>'name')
               FROM jsonb_array_elements(n.report->'peers') p
-             WHERE n.report->>'retention' IS NOT NULL
-               AND (p->>'oldest_pending')::timestamptz < now() - (n.report->>'retention')::interval / 2) AS expiring
+             WHERE (n.report->>'retention_seconds')::bigint > 0
+               AND (p->>'oldest_pending')::timestamptz < now() - make_interval(secs => (n.report->>'retention_seconds')::bigint / 2.0)) AS expiring
       FROM nodes n
 )
 SELECT r.*,
@@ -129,4 +206,5 @@ SELECT r.*,
        ), '') AS attention
   FROM rows r;
 
-REVOKE ALL ON FUNCTION rbucardo.store_reports(text, jsonb), rbucardo.reports_for(text), rbucardo.local_report() FROM PUBLIC;
+REVOKE ALL ON FUNCTION rbucardo.store_reports(text, jsonb), rbucardo.reports_for(text), rbucardo.local_report(), rbucardo.cached_report(),
+                       rbucardo.clean_report(jsonb) FROM PUBLIC;

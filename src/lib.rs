@@ -21,6 +21,7 @@ pgrx::extension_sql_file!("../sql/conflicts.sql", name = "conflicts", requires =
 pgrx::extension_sql_file!("../sql/exceptions.sql", name = "exceptions", requires = ["catalog"]);
 pgrx::extension_sql_file!("../sql/monitoring.sql", name = "monitoring", requires = ["catalog", "exceptions", api::monitor::redact_conninfo, api::exceptions::exception_changes]);
 pgrx::extension_sql_file!("../sql/ddl.sql", name = "ddl", requires = ["catalog", "capture_trigger_function"]);
+pgrx::extension_sql_file!("../sql/cluster.sql", name = "cluster", requires = ["catalog", "conflicts", "exceptions", "monitoring", "ddl", api::monitor::peer_retention_seconds]);
 // Last step of CREATE EXTENSION: have the launcher start this database's worker after commit.
 pgrx::extension_sql!("SELECT rbucardo.wake_launcher();", name = "wake_launcher", finalize);
 

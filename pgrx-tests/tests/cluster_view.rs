@@ -56,9 +56,23 @@ fn main_sees_every_node_and_which_need_an_operator() {
     wait_for(&cluster, MAIN, "nobody needs an operator again", "SELECT coalesce(string_agg(node || ': ' || attention, '; '), '') FROM rbucardo.cluster WHERE attention IS NOT NULL", "");
     wait_for(&cluster, MAIN, "nothing waits for branch2", "SELECT waiting_in FROM rbucardo.cluster WHERE node = 'branch2'", "0");
 
-    // A peer may not speak for another direct peer of main: what branch1 says about branch2
-    // is ignored.
-    let forged = r#"[{"hops": 0, "report": {"node_id": 3, "name": "branch2", "at": "2999-01-01T00:00:00Z", "exceptions": 99, "peers": []}}]"#;
-    cluster.node(MAIN).sql(DB, &format!("SELECT rbucardo.store_reports('branch1', '{forged}')"));
-    assert_eq!(one(&cluster, MAIN, "SELECT exceptions FROM rbucardo.cluster WHERE node = 'branch2'"), "0");
+    // A peer may not speak for another direct peer of main, by name or by node id, nor send a
+    // report from the future; a malformed report is kept cleaned, never breaking the view.
+    for forged in [
+        r#"{"node_id": 3, "name": "branch2", "at": "2999-01-01T00:00:00Z", "exceptions": 99, "peers": []}"#,
+        r#"{"node_id": 3, "name": "branch1", "at": "NOW", "exceptions": 99, "peers": []}"#,
+        r#"{"node_id": 3, "name": "store9", "at": "NOW", "exceptions": 99, "peers": []}"#,
+        r#"{"node_id": 9, "name": "store9", "at": "infinity", "exceptions": 99, "peers": []}"#,
+    ] {
+        let forged = forged.replace("NOW", &one(&cluster, MAIN, "SELECT now()::text"));
+        cluster.node(MAIN).sql(DB, &format!("SELECT rbucardo.store_reports('branch1', '[{{\"hops\": 0, \"report\": {forged}}}]')"));
+        assert_eq!(one(&cluster, MAIN, "SELECT string_agg(node || ' ' || exceptions, ', ' ORDER BY node) FROM rbucardo.cluster WHERE exceptions > 0 OR node = 'store9'"), "", "{forged}");
+    }
+    let odd = r#"{"node_id": 9, "name": "store9", "at": "NOW", "exceptions": "x", "log_oldest": "infinity", "peers": {"a": 1}, "version": 7}"#
+        .replace("NOW", &one(&cluster, MAIN, "SELECT now()::text"));
+    cluster.node(MAIN).sql(DB, &format!("SELECT rbucardo.store_reports('branch1', '[{{\"hops\": 1, \"report\": {odd}}}]')"));
+    assert_eq!(
+        one(&cluster, MAIN, "SELECT node || ' ' || hops || ' ' || via || ' ' || coalesce(exceptions::text, '-') || ' ' || coalesce(log_oldest_age::text, '-') FROM rbucardo.cluster WHERE node = 'store9'"),
+        "store9 2 branch1 - -"
+    );
 }

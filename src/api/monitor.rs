@@ -6,6 +6,12 @@ use pgrx::prelude::*;
 
 use crate::base::error::raise;
 
+/// `rbucardo.peer_retention` in seconds, as the worker reads it (NULL: the log is kept for ever).
+#[pg_extern(stable)]
+fn peer_retention_seconds() -> Option<i64> {
+    crate::log::retention::retention_seconds()
+}
+
 /// A conninfo without its password, for views and logs.
 #[pg_extern(immutable, parallel_safe)]
 fn redact_conninfo(conninfo: &str) -> String {

@@ -446,9 +446,18 @@ fn shared_part(chunks: Vec<Vec<u8>>, policy: &PeerPolicy) -> Option<Vec<Vec<u8>>
 /// `remove_db`, or until it expires (src/log/retention.rs). Ticks older than that one are dropped too; it stays as the lower bound of the
 /// next tick.
 pub fn trim(me: i32) -> i64 {
-    // An expired peer (src/log/retention.rs) no longer holds the log back.
-    let Some(floor) = Spi::get_one::<i64>("SELECT min(rbucardo.complete_tick(out_tick, out_seq)) FROM rbucardo.peer_state p WHERE p.expired_at IS NULL")
-    .expect("reading peer confirmations") else {
+    // An expired peer (src/log/retention.rs) no longer holds the log back; when every peer
+    // has expired, nobody needs the log up to the newest tick.
+    let floor = if crate::log::retention::ready() {
+        Spi::get_one::<i64>(
+            "SELECT CASE WHEN bool_and(p.expired_at IS NOT NULL) THEN (SELECT max(tick_id) FROM rbucardo.tick)
+                         ELSE min(rbucardo.complete_tick(out_tick, out_seq)) FILTER (WHERE p.expired_at IS NULL) END
+               FROM rbucardo.peer_state p",
+        )
+    } else {
+        Spi::get_one::<i64>("SELECT min(rbucardo.complete_tick(out_tick, out_seq)) FROM rbucardo.peer_state p")
+    };
+    let Some(floor) = floor.expect("reading peer confirmations") else {
         return 0;
     };
     if floor <= 0 {

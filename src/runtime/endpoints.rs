@@ -37,8 +37,9 @@ fn check_caller(peer_name: &str) {
     }
 }
 
-fn peer_node(peer_name: &str) -> i32 {
-    check_caller(peer_name);
+/// A peer expired here (src/log/retention.rs) gets nothing more of this node's stream: it
+/// would have a hole. What it sends still comes in.
+fn check_not_expired(peer_name: &str) {
     if let Some(why) = crate::log::retention::expired(peer_name) {
         raise(
             PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
@@ -50,6 +51,10 @@ fn peer_node(peer_name: &str) -> i32 {
             ),
         );
     }
+}
+
+fn peer_node(peer_name: &str) -> i32 {
+    check_caller(peer_name);
     plans::one::<i32>(
         "SELECT d.node_id FROM rbucardo.db d WHERE d.name = $1
             AND EXISTS (SELECT 1 FROM rbucardo.sync s WHERE d.name = ANY (s.dbs) AND NOT s.paused)",
@@ -96,6 +101,7 @@ fn peer_hello(peer_name: &str, peer_node_id: i32) -> TableIterator<'static, (nam
 fn peer_fetch(peer_name: &str, after_tick: i64, after_seq: i64, max_bytes: i32, held_tick: default!(i64, 0), held_seq: default!(i64, 0), held_chunks: default!(i32, 0)) -> Vec<u8> {
     let me = me_or_raise();
     let node = peer_node(peer_name);
+    check_not_expired(peer_name);
     let after = Position { tick: after_tick, seq: after_seq };
     // A fetch writes only the peer's confirmation and its last contact: both may be lost in a
     // crash (the peer sends them again), so its commit does not wait for the disk.
@@ -171,11 +177,11 @@ fn peer_schema(
 /// own and those it holds, except the caller's.
 #[pg_extern(volatile, security_definer)]
 #[search_path(pg_catalog, pg_temp)]
-fn peer_report(peer_name: &str, reports: pgrx::JsonB) -> pgrx::JsonB {
+fn peer_report(peer_name: &str, reports: &str) -> String {
     me_or_raise();
     peer_node(peer_name);
     touch(peer_name);
-    crate::api::cluster::exchange(peer_name, reports.0)
+    crate::api::cluster::exchange(peer_name, reports)
 }
 
 /// Why the last batch from `peer_name` was refused, for a few seconds after the refusal: the
@@ -205,10 +211,10 @@ pub fn record_confirmed(peer_name: &str, pos: Position) {
 pgrx::extension_sql!(
     "REVOKE ALL ON FUNCTION rbucardo.peer_hello(text, integer), rbucardo.peer_fetch(text, bigint, bigint, integer, bigint, bigint, integer),
                             rbucardo.peer_position(text), rbucardo.peer_push(text, bytea),
-                            rbucardo.peer_schema(text, jsonb, text), rbucardo.peer_report(text, jsonb) FROM PUBLIC;
+                            rbucardo.peer_schema(text, jsonb, text), rbucardo.peer_report(text, text) FROM PUBLIC;
      GRANT EXECUTE ON FUNCTION rbucardo.peer_hello(text, integer), rbucardo.peer_fetch(text, bigint, bigint, integer, bigint, bigint, integer),
                             rbucardo.peer_position(text), rbucardo.peer_push(text, bytea),
-                            rbucardo.peer_schema(text, jsonb, text), rbucardo.peer_report(text, jsonb) TO rbucardo_peer;",
+                            rbucardo.peer_schema(text, jsonb, text), rbucardo.peer_report(text, text) TO rbucardo_peer;",
     name = "peer_grants",
     requires = [peer_hello, peer_fetch, peer_position, peer_push, peer_schema, peer_report]
 );

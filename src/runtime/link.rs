@@ -14,6 +14,8 @@ use crate::runtime::endpoints::{record_confirmed, BATCH_BYTES, MAX_BATCH_BYTES};
 
 /// How long one remote call may take before the link is considered dead.
 const CALL_TIMEOUT: Duration = Duration::from_secs(120);
+/// How long a report exchange may take: it is monitoring, and must not hold up a round.
+const REPORT_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long the peer's position in this node's stream, as learned from the last push, is
 /// trusted without asking again (see `push`).
 const POSITION_TRUSTED: Duration = Duration::from_secs(1);
@@ -171,7 +173,7 @@ impl Link {
         let me = self.me_name.clone();
         let rows = self
             .conn()?
-            .query("SELECT rbucardo.peer_report($1, $2::jsonb)::text", &[Param::Text(&me), Param::Text(&mine)], CALL_TIMEOUT)
+            .query("SELECT rbucardo.peer_report($1, $2)", &[Param::Text(&me), Param::Text(&mine)], REPORT_TIMEOUT)
             .map_err(|e| e.to_string())?;
         let theirs = rows.first().and_then(|r| r.text(0)).ok_or("peer_report returned nothing")?.to_string();
         let name = self.peer.name.clone();

@@ -246,12 +246,20 @@ impl Replicator {
 }
 
 fn exchange(link: &mut Link, me: &Me) -> Result<(), String> {
-    // An expired peer gets nothing more from this node: it must rejoin.
+    // Each direction goes on when the other fails: a peer that expired this node (it must
+    // rejoin, see src/log/retention.rs) refuses the pull, but what this node made still goes.
+    let pulled = link.pull(me);
+    if link.conn.as_ref().is_none_or(|c| c.is_broken()) {
+        return pulled.map(|_| ());
+    }
+    // An expired peer gets nothing more from this node; what it made while away still came in.
     let name = link.peer.name.clone();
     if let Some(why) = in_txn(move || crate::log::retention::expired(&name))? {
+        pulled?;
         return Err(format!("{} must rejoin: {why}", link.peer.name));
     }
-    link.pull(me)?;
-    link.push(me)?;
+    let pushed = link.push(me);
+    pulled?;
+    pushed?;
     Ok(())
 }

@@ -158,6 +158,7 @@ fn a_real_bucardo_configuration_imports_and_replicates_both_ways() {
     let want_a = vec![
         "SELECT rbucardo.init_node('shop_a', 1)".to_string(),
         format!("SELECT rbucardo.add_db('shop_b', 'host=127.0.0.1 port={pb} dbname=shop sslmode=disable user=postgres')"),
+        "SELECT rbucardo.set_peer_policy('shop_b', ddl => 'limited')".to_string(),
         "SELECT rbucardo.add_herd('shop')".to_string(),
         "SELECT rbucardo.add_table('shop', 'public.items'::regclass)".to_string(),
         "SELECT rbucardo.add_table('shop', 'public.notes'::regclass)".to_string(),
@@ -195,6 +196,7 @@ fn a_real_bucardo_configuration_imports_and_replicates_both_ways() {
         vec![
             "SELECT rbucardo.init_node('shop_b', 2)".to_string(),
             format!("SELECT rbucardo.add_db('shop_a', 'host=127.0.0.1 port={pa} dbname=shop user=postgres')"),
+            "SELECT rbucardo.set_peer_policy('shop_a', ddl => 'limited')".to_string(),
             "SELECT rbucardo.add_herd('shop')".to_string(),
             "SELECT rbucardo.add_table('shop', 'public.items'::regclass)".to_string(),
             "SELECT rbucardo.add_table('shop', 'public.notes'::regclass)".to_string(),

@@ -126,19 +126,27 @@ pub struct Local {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Step {
     pub action: String,
+    /// The statement as shown (a password in it redacted).
     pub sql: Option<String>,
     pub note: String,
+    /// The statement as run, with `$1` standing for a secret passed apart (a conninfo), so it
+    /// reaches neither the result nor an error's context.
+    pub exec: Option<(String, String)>,
 }
 
 impl Step {
     fn run(action: &str, sql: String, note: impl Into<String>) -> Step {
-        Step { action: action.into(), sql: Some(sql), note: note.into() }
+        Step { action: action.into(), sql: Some(sql), note: note.into(), exec: None }
+    }
+    /// A statement with one secret: `template` holds `$1` where it goes.
+    fn run_secret(action: &str, template: &str, shown: &str, secret: String, note: impl Into<String>) -> Step {
+        Step { action: action.into(), sql: Some(template.replace("$1", &quote_literal(shown))), note: note.into(), exec: Some((template.to_string(), secret)) }
     }
     fn skip(note: impl Into<String>) -> Step {
-        Step { action: "skipped".into(), sql: None, note: note.into() }
+        Step { action: "skipped".into(), sql: None, note: note.into(), exec: None }
     }
     fn info(action: &str, note: impl Into<String>) -> Step {
-        Step { action: action.into(), sql: None, note: note.into() }
+        Step { action: action.into(), sql: None, note: note.into(), exec: None }
     }
 }
 
@@ -469,9 +477,24 @@ pub fn plan(cfg: &BucardoConfig, this_db: &str, local: &Local) -> Result<Vec<Ste
                 d.name
             );
             if !d.pass.is_empty() {
-                note.push_str("; the conninfo holds Bucardo's stored password (rbucardo.dbs shows it redacted)");
+                note.push_str("; the conninfo holds Bucardo's stored password (shown redacted here and in rbucardo.dbs)");
             }
-            steps.push(Step::run("add_db", format!("SELECT rbucardo.add_db({}, {})", quote_literal(&d.name), quote_literal(&conninfo)), note));
+            note.push_str(&format!(
+                "; Bucardo usually connects as a superuser: give {0} a login role of its own named {0}, member of rbucardo_peer, \
+                 and use it in the conninfo (a superuser login may act as any peer there)",
+                d.name
+            ));
+            let template = format!("SELECT rbucardo.add_db({}, $1)", quote_literal(&d.name));
+            let shown = if conninfo.contains("password") { crate::base::pq::redact_conninfo(&conninfo) } else { conninfo.clone() };
+            steps.push(Step::run_secret("add_db", &template, &shown, conninfo, note));
+            // Bucardo replicated no schema change: a peer's DDL runs here only at the limited
+            // level (never as a superuser), rather than the trusted level add_db gives a peer
+            // this node connects to.
+            steps.push(Step::run(
+                "set_peer_policy",
+                format!("SELECT rbucardo.set_peer_policy({}, ddl => 'limited')", quote_literal(&d.name)),
+                format!("Bucardo replicated no DDL: {}'s schema changes apply here at the limited level; set 'trusted' if it administers the schema (docs/security.md)", d.name),
+            ));
         }
         if d.makedelta {
             steps.push(Step::skip(format!("db {}: makedelta is not needed: rbucardo forwards every change it applies to its other peers", d.name)));
@@ -830,9 +853,12 @@ fn import_bucardo(
     });
     if dry_run == Some(false) {
         for s in &steps {
-            if let Some(sql) = &s.sql {
-                Spi::run(sql).unwrap_or_else(|e| raise(PgSqlErrorCode::ERRCODE_INTERNAL_ERROR, format!("import step failed: {e}"), format!("The statement was: {sql}")));
-            }
+            let Some(shown) = &s.sql else { continue };
+            let done = match &s.exec {
+                Some((template, secret)) => Spi::run_with_args(template, &[secret.as_str().into()]),
+                None => Spi::run(shown),
+            };
+            done.unwrap_or_else(|e| raise(PgSqlErrorCode::ERRCODE_INTERNAL_ERROR, format!("import step failed: {e}"), format!("The statement was: {shown}")));
         }
     }
     TableIterator::new(steps.into_iter().enumerate().map(|(i, s)| (i as i32 + 1, s.action, s.sql, s.note)).collect::<Vec<_>>())
@@ -918,6 +944,20 @@ mod unit_tests {
         assert_eq!(map_strategy("", &m).0, None);
     }
 
+    /// A stored password is run, never shown.
+    #[test]
+    fn a_password_is_passed_apart() {
+        let mut cfg = config();
+        cfg.dbs[1].pass = "s3cret".into();
+        let steps = plan(&cfg, "a", &Local::default()).unwrap();
+        let add = steps.iter().find(|s| s.action == "add_db").unwrap();
+        assert!(!add.sql.as_deref().unwrap().contains("s3cret"), "{:?}", add.sql);
+        assert!(!add.note.contains("s3cret"));
+        let (template, secret) = add.exec.as_ref().unwrap();
+        assert_eq!(template, "SELECT rbucardo.add_db('b', $1)");
+        assert!(secret.contains("s3cret"));
+    }
+
     #[test]
     fn plan_of_a_two_source_sync_with_a_target() {
         let steps = plan(&config(), "a", &Local::default()).unwrap();
@@ -927,6 +967,7 @@ mod unit_tests {
             vec![
                 "SELECT rbucardo.init_node('a', 1)",
                 "SELECT rbucardo.add_db('b', 'host=10.0.0.1 port=5432 dbname=shop user=bucardo')",
+                "SELECT rbucardo.set_peer_policy('b', ddl => 'limited')",
                 "SELECT rbucardo.add_herd('shop')",
                 r#"SELECT rbucardo.add_table('shop', 'public."Items"'::regclass)"#,
                 "SELECT rbucardo.add_sequence('shop', 'public.docno'::regclass)",

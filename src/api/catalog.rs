@@ -153,7 +153,7 @@ fn remove_db(name: &str) -> String {
     }
     // The log it held back goes at once, not at the worker's next trim.
     if let Ok(me) = crate::base::node::me() {
-        crate::log::changelog::trim(me.id);
+        crate::log::changelog::trim(me.id, None);
     }
     signals::wake_local_worker_at_commit();
     format!("removed db {name}")

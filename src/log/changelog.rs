@@ -443,9 +443,13 @@ fn shared_part(chunks: Vec<Vec<u8>>, policy: &PeerPolicy) -> Option<Vec<Vec<u8>>
 /// Deletes what every peer has confirmed: the transactions of every tick up to the oldest
 /// tick all peers have completely. Every peer known here holds the log, in a sync or not (a
 /// sync removed and added again while a peer is offline must not lose it anything), until
-/// `remove_db`, or until it expires (src/log/retention.rs). Ticks older than that one are dropped too; it stays as the lower bound of the
-/// next tick.
-pub fn trim(me: i32) -> i64 {
+/// `remove_db`, or until it expires (src/log/retention.rs). Ticks older than that one are
+/// dropped too; it stays as the lower bound of the next tick.
+///
+/// With `budget`, it stops after about that many log rows (whole ticks, at least one), so
+/// that the worker, which trims between replication rounds, never stalls its streams for
+/// long after a burst; it returns whether more is left to trim.
+pub fn trim(me: i32, budget: Option<i64>) -> (i64, bool) {
     // An expired peer (src/log/retention.rs) no longer holds the log back; when every peer
     // has expired, nobody needs the log up to the newest tick.
     let floor = if crate::log::retention::ready() {
@@ -458,11 +462,28 @@ pub fn trim(me: i32) -> i64 {
         Spi::get_one::<i64>("SELECT min(rbucardo.complete_tick(out_tick, out_seq)) FROM rbucardo.peer_state p")
     };
     let Some(floor) = floor.expect("reading peer confirmations") else {
-        return 0;
+        return (0, false);
     };
     if floor <= 0 {
-        return 0;
+        return (0, false);
     }
+    // The newest tick up to the floor whose rows fit the budget; else the first tick that
+    // holds any row (one tick may hold more than the budget).
+    let reach = floor;
+    let floor = match budget {
+        None => floor,
+        Some(rows) => Spi::get_one_with_args::<i64>(
+            "WITH l AS (SELECT coalesce(min(seq), 0) AS first FROM rbucardo.change_log)
+             SELECT coalesce((SELECT max(t.tick_id) FROM rbucardo.tick t, l WHERE t.tick_id <= $1 AND t.last_seq <= l.first + $2),
+                             (SELECT min(t.tick_id) FROM rbucardo.tick t, l WHERE t.tick_id <= $1 AND t.last_seq > l.first),
+                             $1)",
+            &[floor.into(), rows.into()],
+        )
+        .ok()
+        .flatten()
+        .map_or(floor, |step| step.min(floor)),
+    };
+    let more = floor < reach;
     const TRIMMED: &str = "pg_visible_in_snapshot(txid, (SELECT snap FROM rbucardo.tick WHERE tick_id = $1))";
     crate::log::clocks::keep_row_clocks(me, TRIMMED, &[floor.into()]);
     let deleted = Spi::connect_mut(|client| {
@@ -478,5 +499,5 @@ pub fn trim(me: i32) -> i64 {
         client.update("DELETE FROM rbucardo.tick WHERE tick_id < $1", None, &[floor.into()]).expect("trimming ticks");
         n as i64
     });
-    deleted
+    (deleted, more)
 }

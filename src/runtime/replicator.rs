@@ -22,6 +22,8 @@ const MAX_BACKOFF: Duration = Duration::from_secs(5);
 /// us, configuration changes made in another database).
 const IDLE_NAP: Duration = Duration::from_secs(2);
 const TRIM_EVERY: Duration = Duration::from_secs(5);
+/// About how many change log rows one trim step removes (see `round`).
+const TRIM_STEP_ROWS: i64 = 5_000;
 /// The configuration is read again when it changes (see `worker::config_generation`), and at
 /// least this often (a node's identity check, catalog rows changed by hand).
 const CONFIG_MAX_AGE: Duration = Duration::from_secs(10);
@@ -70,6 +72,8 @@ pub struct Replicator {
     links: HashMap<String, LinkSlot>,
     config: Option<Config>,
     last_trim: Option<Instant>,
+    /// Whether the change log may hold more that every peer has confirmed.
+    trim_more: bool,
     complaint: Option<String>,
 }
 
@@ -214,15 +218,29 @@ impl Replicator {
             if let Err(e) = in_txn(move || crate::apply::retry::retry_open(me_id, None)) {
                 log!("rbucardo worker: retrying parked transactions failed: {e}");
             }
-            let me_id = me.id;
-            if let Err(e) = in_txn(move || crate::log::changelog::trim(me_id)) {
-                log!("rbucardo worker: trimming the change log failed: {e}");
-            }
+            self.trim_more = true;
             // Retention of the conflict log and of resolved exceptions, in small batches.
             let days = CONFLICT_RETENTION_DAYS.get();
             if days > 0 {
                 if let Err(e) = in_txn(move || (crate::apply::conflicts::prune(days, PRUNE_BATCH), crate::apply::exceptions::prune(days, PRUNE_BATCH))) {
                     log!("rbucardo worker: pruning the conflict log failed: {e}");
+                }
+            }
+        }
+        // The trim goes a bounded step at a time between rounds, so that a burst of
+        // thousands of transactions does not stall the streams while it is cleared away.
+        if self.trim_more {
+            let me_id = me.id;
+            match in_txn(move || crate::log::changelog::trim(me_id, Some(TRIM_STEP_ROWS))) {
+                Ok((_, more)) => {
+                    self.trim_more = more;
+                    if more {
+                        nap = Duration::ZERO;
+                    }
+                }
+                Err(e) => {
+                    self.trim_more = false;
+                    log!("rbucardo worker: trimming the change log failed: {e}");
                 }
             }
         }

@@ -467,15 +467,16 @@ pub fn trim(me: i32, budget: Option<i64>) -> (i64, bool) {
     if floor <= 0 {
         return (0, false);
     }
-    // The newest tick up to the floor whose rows fit the budget; else the first tick that
-    // holds any row (one tick may hold more than the budget).
+    // A step: the newest tick up to the floor within the budget's count of log rows past the
+    // oldest tick kept (the previous step's floor), else the tick right after it. Always past
+    // the oldest tick, so every step makes progress.
     let reach = floor;
     let floor = match budget {
         None => floor,
         Some(rows) => Spi::get_one_with_args::<i64>(
-            "WITH l AS (SELECT coalesce(min(seq), 0) AS first FROM rbucardo.change_log)
-             SELECT coalesce((SELECT max(t.tick_id) FROM rbucardo.tick t, l WHERE t.tick_id <= $1 AND t.last_seq <= l.first + $2),
-                             (SELECT min(t.tick_id) FROM rbucardo.tick t, l WHERE t.tick_id <= $1 AND t.last_seq > l.first),
+            "WITH o AS (SELECT tick_id, last_seq FROM rbucardo.tick ORDER BY tick_id LIMIT 1)
+             SELECT coalesce((SELECT max(t.tick_id) FROM rbucardo.tick t, o WHERE t.tick_id > o.tick_id AND t.tick_id <= $1 AND t.last_seq <= o.last_seq + $2),
+                             (SELECT min(t.tick_id) FROM rbucardo.tick t, o WHERE t.tick_id > o.tick_id AND t.tick_id <= $1),
                              $1)",
             &[floor.into(), rows.into()],
         )

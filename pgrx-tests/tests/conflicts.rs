@@ -392,6 +392,38 @@ fn a_rename_reaches_the_nodes_that_never_met_the_other_row() {
     cluster.assert_tables_equal(DB, "users", "id", &ALL);
 }
 
+/// main's user deletes main's `ana` (row 2000009) in a transaction that stays open while
+/// branch1's `ana` (row 1000005) arrives; 2000009 sorts last, so it would give its login up. The
+/// applier must settle against the row as it is once locked: the delete commits, nothing
+/// collides, and no rename of the deleted row goes out to bring it back on the other nodes.
+#[test]
+fn a_rename_never_revives_a_row_deleted_while_the_applier_waited() {
+    let cluster = start_store("conflict_rename_deleted", Topology::Star);
+    for i in ALL {
+        one(&cluster, i, "SELECT rbucardo.set_unique_strategy('users_login_key', 'rename')");
+    }
+    cluster.link(BRANCH1, MAIN).cut();
+    cluster.node(MAIN).sql(DB, "INSERT INTO users (id, login, name) VALUES (2000009, 'ana', 'Ana of main')");
+    wait_until("main's ana on branch2", Duration::from_secs(30), || Ok(one(&cluster, BRANCH2, "SELECT count(*) FROM users WHERE id = 2000009") == "1"));
+    cluster.node(BRANCH1).sql(DB, "INSERT INTO users (id, login, name) VALUES (1000005, 'ana', 'Ana of branch1')");
+    let mut user = cluster.node(MAIN).connect(DB);
+    user.execute("BEGIN; DELETE FROM users WHERE id = 2000009").unwrap();
+    cluster.link(BRANCH1, MAIN).restore();
+    wait_until("the applier waits for main's ana", Duration::from_secs(60), || {
+        let waiting = one(&cluster, MAIN, "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND backend_type = 'client backend' AND pid <> pg_backend_pid()");
+        if waiting == "1" { Ok(true) } else { Err(format!("{waiting} waiting")) }
+    });
+    user.execute("COMMIT").unwrap();
+    cluster.node(BRANCH1).sql(DB, "INSERT INTO users (id, login, name) VALUES (1000006, 'marker', 'after')");
+    for i in ALL {
+        wait_until("branch1's ana alone everywhere", Duration::from_secs(60), || {
+            let got = one(&cluster, i, "SELECT string_agg(id || ' ' || login, ', ' ORDER BY id) FROM users WHERE id IN (1000005, 1000006, 2000009)");
+            if got == "1000005 ana, 1000006 marker" { Ok(true) } else { Err(format!("{}: {got}", NODE_NAMES[i])) }
+        });
+    }
+    cluster.assert_tables_equal(DB, "users", "id", &ALL);
+}
+
 /// `set_unique_strategy` refuses what it cannot do, with a clear error.
 #[test]
 fn set_unique_strategy_refuses_bad_input() {

@@ -48,7 +48,7 @@ fn unique_renames(relid: pg_sys::Oid, desc: &RelDesc) -> Vec<UniqueRename> {
                             JOIN pg_catalog.pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k),
                     o.col::text
                FROM rbucardo.index_option o JOIN pg_catalog.pg_index i ON i.indexrelid = o.indexrelid
-              WHERE o.relid = $1 AND o.strategy = 'rename' AND i.indisunique AND i.indisvalid
+              WHERE o.relid = $1 AND o.strategy = 'rename' AND i.indisunique AND i.indisvalid AND i.indimmediate
               ORDER BY 1",
         &[pg_sys::OIDOID],
         &[relid.into()],
@@ -69,7 +69,7 @@ pub fn check_unique_rename(index: pg_sys::Oid) -> (pg_sys::Oid, String) {
                 (SELECT a.attname::text FROM unnest((i.indkey::int2[])[0:i.indnkeyatts - 1]) WITH ORDINALITY k(attnum, o)
                    JOIN pg_catalog.pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum
                    JOIN pg_catalog.pg_type t ON t.oid = a.atttypid
-                  WHERE t.typcategory = 'S' ORDER BY k.o LIMIT 1)
+                  WHERE t.typcategory = 'S' AND t.oid <> 'pg_catalog.bpchar'::pg_catalog.regtype ORDER BY k.o LIMIT 1)
            FROM pg_catalog.pg_index i WHERE i.indexrelid = $1",
         &[index.into()],
     )

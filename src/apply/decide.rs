@@ -131,12 +131,21 @@ pub fn unique_yields(incoming_key: &[&str], local_key: &[&str]) -> Yields {
     if key_order(incoming_key, local_key) == std::cmp::Ordering::Greater { Yields::Incoming } else { Yields::Local }
 }
 
-/// The order of two replica keys, the same on every node.
+/// The order of two replica keys, the same on every node, and total: per column, integers in
+/// their canonical form (no sign but `-`, no leading zero) by value, before every other text,
+/// which goes by its bytes. Two different texts never compare equal.
 fn key_order(a: &[&str], b: &[&str]) -> std::cmp::Ordering {
+    fn integer(v: &str) -> Option<i128> {
+        let digits = v.strip_prefix('-').unwrap_or(v);
+        let canonical = !digits.is_empty() && digits.bytes().all(|c| c.is_ascii_digit()) && (digits == "0" || !digits.starts_with('0')) && v != "-0";
+        canonical.then(|| v.parse().ok()).flatten()
+    }
     for (x, y) in a.iter().zip(b) {
-        let by = match (x.parse::<i128>(), y.parse::<i128>()) {
-            (Ok(x), Ok(y)) => x.cmp(&y),
-            _ => x.as_bytes().cmp(y.as_bytes()),
+        let by = match (integer(x), integer(y)) {
+            (Some(x), Some(y)) => x.cmp(&y),
+            (Some(_), None) => std::cmp::Ordering::Less,
+            (None, Some(_)) => std::cmp::Ordering::Greater,
+            (None, None) => x.as_bytes().cmp(y.as_bytes()),
         };
         if by != std::cmp::Ordering::Equal {
             return by;
@@ -852,7 +861,7 @@ mod tests {
     /// node renames the same one, to the same value; keys compare as numbers when they are.
     #[test]
     fn unique_collisions_rename_the_same_row_from_both_sides() {
-        let rows: [&[&str]; 6] = [&["7"], &["8"], &["10"], &["-3"], &["b,c"], &["b", "c"]];
+        let rows: [&[&str]; 10] = [&["7"], &["8"], &["10"], &["-3"], &["b,c"], &["b", "c"], &["07"], &["+7"], &["5.5"], &["9"]];
         for (i, a) in rows.iter().enumerate() {
             for (j, b) in rows.iter().enumerate() {
                 if i == j {
@@ -862,6 +871,17 @@ mod tests {
                 let here = if unique_yields(a, b) == Yields::Incoming { a } else { b };
                 let there = if unique_yields(b, a) == Yields::Incoming { b } else { a };
                 assert_eq!(here, there, "{a:?} vs {b:?}");
+            }
+        }
+        // A total order: no two different keys tie, and no three go round in a circle.
+        for a in &rows {
+            for b in &rows {
+                assert_eq!(a == b, key_order(a, b) == std::cmp::Ordering::Equal, "{a:?} {b:?}");
+                for c in &rows {
+                    if key_order(a, b).is_lt() && key_order(b, c).is_lt() {
+                        assert!(key_order(a, c).is_lt(), "{a:?} < {b:?} < {c:?}");
+                    }
+                }
             }
         }
         assert_eq!(unique_yields(&["10"], &["9"]), Yields::Incoming, "10 sorts after 9 as a number");

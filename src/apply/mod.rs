@@ -744,6 +744,17 @@ impl Stream<'_> {
 /// batch that asks for more than this node lets that peer do is refused whole before anything
 /// of it is applied: the refusal is the returned `stopped`, and the server log says it too.
 pub fn apply_batch(me: i32, sender_db: &str, sender_node: i32, batch: &Batch) -> Applied {
+    // A row is judged by the clocks read once it is locked, which needs each statement's own
+    // snapshot: under REPEATABLE READ the clock of a change committed while the applier
+    // waited for the row would stay unseen (src/log/clocks.rs).
+    // SAFETY: reads a backend global, inside a transaction.
+    if unsafe { pg_sys::XactIsoLevel } != pg_sys::XACT_READ_COMMITTED as i32 {
+        raise(
+            PgSqlErrorCode::ERRCODE_INVALID_TRANSACTION_STATE,
+            "rbucardo applies changes only under READ COMMITTED",
+            "Run it in a READ COMMITTED transaction (the worker and the peer links set default_transaction_isolation themselves).",
+        );
+    }
     if batch.sender != sender_node {
         raise(
             PgSqlErrorCode::ERRCODE_PROTOCOL_VIOLATION,
@@ -778,9 +789,9 @@ pub fn apply_batch(me: i32, sender_db: &str, sender_node: i32, batch: &Batch) ->
         admit::record_refusal(sender_db, &why);
         Applied { cursor, txns: 0, stopped: Some(why) }
     };
-    // A part that more parts follow is checked before it is kept, not only when the last one
-    // brings the whole transaction.
-    if batch.txns.iter().any(|t| t.part.is_some_and(|p| p.more)) {
+    // A part is checked before it is kept, and the last one before the kept parts are read:
+    // a refusal leaves them kept.
+    if batch.txns.iter().any(|t| t.part.is_some()) {
         if let Err(why) = admit::admit(me, &policy, batch, cursor) {
             return refuse(why);
         }
@@ -863,5 +874,6 @@ pub fn apply_batch(me: i32, sender_db: &str, sender_node: i32, batch: &Batch) ->
         &[sender_db.into(), cursor.tick.into(), cursor.seq.into(), applied.into()],
         |_| (),
     );
+    parts::drop_passed(sender_node, cursor);
     Applied { cursor, txns: applied, stopped }
 }

@@ -27,6 +27,9 @@ pub static MAX_TXN_MB: GucSetting<i32> = GucSetting::<i32>::new(1024);
 /// that hold nothing (every change of a table not shared with it) without end.
 const PART_OVERHEAD: i64 = 64 << 10;
 
+/// The most parts of one transaction this node keeps (empty ones count here only).
+const MAX_PARTS: i64 = 100_000;
+
 /// Registers `rbucardo.max_transaction_mb`; called from `_PG_init`.
 pub fn init() {
     GucRegistry::define_int_guc(
@@ -106,6 +109,11 @@ pub fn take_in(sender: i32, batch: &Batch, cursor: Position) -> Result<Cow<'_, B
     // A part this node already holds (push and pull both delivered it, or the sender went back
     // to a point before what is kept) changes nothing.
     if part.end <= held {
+        // A last part is never kept, so one that claims to be is not from a correct sender:
+        // taking it as held would move the cursor past a transaction never applied.
+        if !part.more {
+            return Err(Refusal::Malformed(format!("a last part ending at chunk {} of a transaction of which this node holds {held} chunks", part.end)));
+        }
         return Ok(Cow::Owned(out));
     }
     // Parts join up exactly: the next one starts where those kept end, or the transaction
@@ -118,14 +126,21 @@ pub fn take_in(sender: i32, batch: &Batch, cursor: Position) -> Result<Cow<'_, B
         Spi::run_with_args("DELETE FROM rbucardo.incoming_part WHERE sender = $1", &[sender.into()]).expect("starting a transaction's parts again");
     }
     if part.more {
-        let size = txn.chunks.iter().map(Vec::len).sum::<usize>() as i64 + PART_OVERHEAD;
-        let kept = Spi::get_one_with_args::<i64>(
-            "SELECT coalesce(sum(octet_length(chunks)), 0)::bigint + count(*) * $2 FROM rbucardo.incoming_part WHERE sender = $1",
+        // A part that carries something counts its size and a little more; an empty one (every
+        // chunk of it of tables not shared with this node) counts nothing, but there can only
+        // be so many of them.
+        let size = txn.chunks.iter().map(Vec::len).sum::<usize>() as i64;
+        let size = if size > 0 { size + PART_OVERHEAD } else { 0 };
+        let (kept, count) = Spi::get_two_with_args::<i64, i64>(
+            "SELECT coalesce(sum(octet_length(chunks) + CASE WHEN octet_length(chunks) > 8 THEN $2 ELSE 0 END), 0)::bigint, count(*)
+               FROM rbucardo.incoming_part WHERE sender = $1",
             &[sender.into(), PART_OVERHEAD.into()],
         )
-        .ok()
-        .flatten()
-        .unwrap_or(0);
+        .map(|(k, c)| (k.unwrap_or(0), c.unwrap_or(0)))
+        .unwrap_or((0, 0));
+        if count >= MAX_PARTS {
+            return Err(Refusal::TooLarge(format!("a transaction in more than {MAX_PARTS} parts: the stream from this peer waits")));
+        }
         let max = i64::from(MAX_TXN_MB.get()) << 20;
         if kept + size > max {
             return Err(Refusal::TooLarge(format!(
@@ -157,7 +172,8 @@ pub fn take_in(sender: i32, batch: &Batch, cursor: Position) -> Result<Cow<'_, B
         }
         Ok::<(), Refusal>(())
     })?;
-    Spi::run_with_args("DELETE FROM rbucardo.incoming_part WHERE sender = $1", &[sender.into()]).expect("dropping applied parts");
+    // The kept parts stay until the batch is applied (apply_batch drops what the cursor
+    // passed): a refusal or a stop leaves them for the next try.
     chunks.extend(txn.chunks.iter().cloned());
     // Every chunk of it was of tables not shared with this node: nothing to apply.
     if !chunks.is_empty() {
@@ -166,11 +182,13 @@ pub fn take_in(sender: i32, batch: &Batch, cursor: Position) -> Result<Cow<'_, B
     Ok(Cow::Owned(out))
 }
 
-/// Drops kept parts of transactions the stream cursor has passed (they came whole another way).
-fn drop_passed(sender: i32, cursor: Position) {
-    Spi::run_with_args(
+/// Drops kept parts of transactions the stream cursor has passed: applied, or come whole
+/// another way.
+pub fn drop_passed(sender: i32, cursor: Position) {
+    crate::base::plans::run(
         "DELETE FROM rbucardo.incoming_part WHERE sender = $1 AND (stream_tick, stream_seq) <= ($2, $3)",
+        &[pg_sys::INT4OID, pg_sys::INT8OID, pg_sys::INT8OID],
         &[sender.into(), cursor.tick.into(), cursor.seq.into()],
-    )
-    .expect("dropping passed parts");
+        |_| (),
+    );
 }

@@ -108,7 +108,9 @@ fn colliding(table: &Table, desc: &RelDesc, rule: &UniqueRename, image: &[Value]
     }
     let values: Vec<String> = desc.columns.iter().map(|c| format!("CASE WHEN {0} IS NULL THEN NULL ELSE pg_catalog.format('%s', {0}) END", quote(c))).collect();
     let sql = format!(
-        "SELECT ARRAY[{}]::pg_catalog.text[] FROM {} WHERE {} AND NOT ({}) LIMIT 1",
+        // Locked, and read again once locked: a user transaction that deletes or changes that
+        // row and commits meanwhile leaves nothing, or its own version, to settle against.
+        "SELECT ARRAY[{}]::pg_catalog.text[] FROM {} WHERE {} AND NOT ({}) LIMIT 1 FOR UPDATE",
         values.join(", "),
         table.qualified,
         conds.join(" AND "),
@@ -127,6 +129,8 @@ fn colliding(table: &Table, desc: &RelDesc, rule: &UniqueRename, image: &[Value]
 /// and a cut value is no longer a function of the row alone.
 fn fits(table: &Table, rule: &UniqueRename, renamed: &str) -> bool {
     let sql = format!("SELECT pg_catalog.format('%s', $1::pg_catalog.text::{}) = $1", table.types[rule.renamed]);
+    // A domain's check runs the owner's code: as the owner, never as the applier.
+    let _owner = RunAs::restricted(table.owner);
     let _canonical = CanonicalOutput::new();
     Spi::get_one_with_args::<bool>(&sql, &[renamed.into()]).ok().flatten().unwrap_or(false)
 }
@@ -150,7 +154,9 @@ fn rename_local(table: &Table, desc: &RelDesc, rule: &UniqueRename, local: &[Val
     let _owner = RunAs::restricted(table.owner);
     // Key values are read back in the canonical text forms they were printed in.
     let _canonical = CanonicalOutput::new();
-    Spi::run_with_args(&sql, &args).unwrap_or_else(|e| panic!("{e}"));
+    let updated = Spi::connect_mut(|c| c.update(&sql, None, &args).map(|t| t.len()).unwrap_or_else(|e| panic!("{e}")));
+    // The row is locked since `colliding` read it, so it is there.
+    assert_eq!(updated, 1, "the row renamed for a unique collision is gone");
 }
 
 fn quote(ident: &str) -> String {

@@ -212,6 +212,28 @@ unsafe fn record(rel: pg_sys::Relation, op: Op, old: pg_sys::HeapTuple, new: pg_
 /// it is undone with it), as one chunk of its own: every such change is one transaction to
 /// the peers. The images are text in `desc`'s column order. Returns the change's clock.
 pub fn log_own_update(desc: &RelDesc, old: Vec<Value>, new: Vec<Value>) -> i64 {
+    // In a session that captured changes of its own in this transaction (an operator's
+    // exception_retry after some DML), the rename joins them: a chunk of its own would end
+    // that transaction's group of chunks in the log, and the chunks spilled before it would
+    // no longer be read with the rest.
+    let joined = TX.with(|tx| {
+        let mut tx = tx.borrow_mut();
+        if !tx.active {
+            return None;
+        }
+        // SAFETY: reads this backend's transaction state, inside a transaction.
+        let subid = unsafe { pg_sys::GetCurrentSubTransactionId() };
+        let rel = tx.relations.len() as u32;
+        tx.relations.push(desc.clone());
+        tx.ordinal += 1;
+        let change = RowChange { ordinal: tx.ordinal, rel, op: Op::Update, old: Some(old.clone()), new: Some(new.clone()) };
+        tx.bytes += change_size(&change);
+        tx.pending.push((subid, change));
+        Some(tx.hlc)
+    });
+    if let Some(hlc) = joined {
+        return hlc;
+    }
     let hlc = crate::base::clock::now();
     let chunk = Chunk { relations: vec![desc.clone()], changes: vec![RowChange { ordinal: 1, rel: 0, op: Op::Update, old: Some(old), new: Some(new) }] };
     let _owner = RunAs::extension_owner();

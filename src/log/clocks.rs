@@ -97,6 +97,8 @@ struct Session {
     log: pg_sys::Oid,
     /// Transactions from this id on may have committed since the last read.
     mark: i64,
+    /// The snapshot of the last read: while it is the current one, nothing committed since.
+    snap: String,
     /// Clocks of each row's columns, and the change-log seq of its latest change.
     rows: HashMap<Key, (RowClock, i64)>,
 }
@@ -148,6 +150,12 @@ fn applied_clock(k: &Key, columns: Option<&[&str]>) -> Option<Clock> {
 
 /// Brings the session's clocks up to date with the committed change log.
 fn refresh(me: i32) {
+    // Nothing committed since the last read (the common case when a batch meets several
+    // conflicts in a row): nothing to read.
+    let snap = Spi::get_one::<String>("SELECT pg_catalog.pg_current_snapshot()::text").ok().flatten().unwrap_or_default();
+    if SESSION.with(|s| s.borrow().as_ref().is_some_and(|s| s.snap == snap)) {
+        return;
+    }
     let log = Spi::get_one::<pg_sys::Oid>("SELECT pg_catalog.to_regclass('rbucardo.change_log')::pg_catalog.oid").ok().flatten().unwrap_or(pg_sys::InvalidOid);
     // Taken before the read: a transaction running now has an id at or above it.
     let mark = Spi::get_one::<i64>("SELECT pg_catalog.pg_snapshot_xmin(pg_catalog.pg_current_snapshot())::text::bigint").ok().flatten().unwrap_or(0);
@@ -155,7 +163,7 @@ fn refresh(me: i32) {
         let mut cell = cell.borrow_mut();
         let fresh = cell.as_ref().is_none_or(|s| s.log != log);
         if fresh {
-            *cell = Some(Session { log, mark: 0, rows: HashMap::new() });
+            *cell = Some(Session { log, mark: 0, snap: String::new(), rows: HashMap::new() });
         }
         let session = cell.as_mut().unwrap();
         // This transaction's own rows are not read: they are not committed (the batch notes
@@ -173,6 +181,7 @@ fn refresh(me: i32) {
             None => session.rows.clear(),
         }
         session.mark = mark;
+        session.snap = snap;
     });
 }
 

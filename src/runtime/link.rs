@@ -50,6 +50,9 @@ impl Link {
         }
         let peer_name = peer.name.clone();
         in_txn(move || node::learn_peer_id(&peer_name, id))?;
+        // The peer applies what this node pushes in this session: READ COMMITTED, whatever its
+        // default (apply_batch refuses anything else).
+        conn.execute("SET default_transaction_isolation = 'read committed'", CALL_TIMEOUT).map_err(|e| e.to_string())?;
         conn.execute("LISTEN rbucardo_changes", CALL_TIMEOUT).map_err(|e| e.to_string())?;
         Ok(Link { peer: peer.clone(), conn: Some(conn), peer_id: id, stopped: None, schema_sent: None, me_name: me.name.clone(), peer_has: None })
     }

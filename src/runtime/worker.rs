@@ -163,6 +163,9 @@ pub extern "C-unwind" fn rbucardo_worker_main(arg: pg_sys::Datum) {
     // The worker runs as a superuser: nothing a database owner puts in search_path (through
     // ALTER DATABASE or ALTER ROLE settings) may stand in for what its queries call.
     let _ = in_txn(|| Spi::run("SELECT pg_catalog.set_config('search_path', 'pg_catalog, pg_temp', false)").expect("pinning search_path"));
+    // Apply judges a row by the clocks it reads once the row is locked: that needs each
+    // statement's own snapshot (src/log/clocks.rs), whatever the server's default says.
+    let _ = in_txn(|| Spi::run("SELECT pg_catalog.set_config('default_transaction_isolation', 'read committed', false)").expect("isolation"));
     // The clock is kept in shared memory only: after a restart, move it past every value this
     // database has written, in case the wall clock went backwards meanwhile: the change log
     // holds the clocks of what is not trimmed yet, row_clock those of trimmed changes.

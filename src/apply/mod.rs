@@ -783,6 +783,9 @@ pub fn apply_batch(me: i32, sender_db: &str, sender_node: i32, batch: &Batch) ->
         );
     }
     let policy = peer_policy(sender_db);
+    // Parts are kept and dropped only around batches that carry one: the apply of every other
+    // batch pays nothing for them.
+    let holds_part = batch.txns.iter().any(|t| t.part.is_some());
     let refuse = |why: String| {
         let why = format!("refused a batch from {sender_db}: {why}");
         pgrx::warning!("rbucardo: {why}");
@@ -791,7 +794,7 @@ pub fn apply_batch(me: i32, sender_db: &str, sender_node: i32, batch: &Batch) ->
     };
     // A part is checked before it is kept, and the last one before the kept parts are read:
     // a refusal leaves them kept.
-    if batch.txns.iter().any(|t| t.part.is_some()) {
+    if holds_part {
         if let Err(why) = admit::admit(me, &policy, batch, cursor) {
             return refuse(why);
         }
@@ -874,6 +877,8 @@ pub fn apply_batch(me: i32, sender_db: &str, sender_node: i32, batch: &Batch) ->
         &[sender_db.into(), cursor.tick.into(), cursor.seq.into(), applied.into()],
         |_| (),
     );
-    parts::drop_passed(sender_node, cursor);
+    if holds_part {
+        parts::drop_passed(sender_node, cursor);
+    }
     Applied { cursor, txns: applied, stopped }
 }

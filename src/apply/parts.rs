@@ -96,7 +96,6 @@ pub fn take_in(sender: i32, batch: &Batch, cursor: Position) -> Result<Cow<'_, B
     }
     let mut out = Batch { sender: batch.sender, after: batch.after, upto: batch.upto, txns: Vec::new(), complete: batch.complete };
     if txn.stream_pos <= cursor {
-        drop_passed(sender, cursor);
         return Ok(Cow::Owned(out));
     }
     // Parts of another transaction are stale: the sender moved on, or starts again.
@@ -182,8 +181,9 @@ pub fn take_in(sender: i32, batch: &Batch, cursor: Position) -> Result<Cow<'_, B
     Ok(Cow::Owned(out))
 }
 
-/// Drops kept parts of transactions the stream cursor has passed: applied, or come whole
-/// another way.
+/// Drops kept parts of transactions the stream cursor has passed (apply_batch, after a batch
+/// that held a part). Parts of a transaction that came whole another way go when the next
+/// part of another transaction arrives (`take_in`).
 pub fn drop_passed(sender: i32, cursor: Position) {
     crate::base::plans::run(
         "DELETE FROM rbucardo.incoming_part WHERE sender = $1 AND (stream_tick, stream_seq) <= ($2, $3)",

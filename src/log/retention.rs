@@ -148,12 +148,31 @@ pub fn expire_peers() -> Vec<(String, String)> {
     })
 }
 
+/// Every expired peer, with why (read with the worker's configuration: expiry is set only by
+/// this node's own worker, and cleared only by remove_db, which re-reads the configuration).
+pub fn all_expired() -> std::collections::HashMap<String, String> {
+    if !ready() {
+        return Default::default();
+    }
+    Spi::connect(|c| {
+        c.select("SELECT db, expired_why FROM rbucardo.peer_state WHERE expired_at IS NOT NULL", None, &[])
+            .expect("reading expired peers")
+            .filter_map(|r| Some((r.get::<String>(1).ok()??, r.get::<String>(2).ok()??)))
+            .collect()
+    })
+}
+
 /// Why `peer` may no longer take this node's stream, if it is expired here.
 pub fn expired(peer: &str) -> Option<String> {
     if !ready() {
         return None;
     }
-    Spi::get_one_with_args::<String>("SELECT expired_why FROM rbucardo.peer_state WHERE db = $1 AND expired_at IS NOT NULL", &[peer.into()]).ok().flatten()
+    // Asked on every fetch a peer makes: a prepared statement.
+    crate::base::plans::one::<String>(
+        "SELECT expired_why FROM rbucardo.peer_state WHERE db = $1 AND expired_at IS NOT NULL",
+        &[pg_sys::TEXTOID],
+        &[peer.into()],
+    )
 }
 
 #[cfg(test)]

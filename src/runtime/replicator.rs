@@ -53,6 +53,8 @@ pub fn init() {
 struct Config {
     me: Me,
     peers: Vec<catalog::Peer>,
+    /// Peers expired here, with why (src/log/retention.rs).
+    expired: std::collections::HashMap<String, String>,
     generation: u64,
     read_at: Instant,
 }
@@ -105,9 +107,9 @@ impl Replicator {
             return Ok((c.me.clone(), c.peers.clone()));
         }
         self.config = None;
-        let (me, peers) = in_txn(|| (catalog::me(), catalog::active_peers()))?;
+        let (me, peers, expired) = in_txn(|| (catalog::me(), catalog::active_peers(), crate::log::retention::all_expired()))?;
         let me = me?;
-        self.config = Some(Config { me: me.clone(), peers: peers.clone(), generation, read_at: Instant::now() });
+        self.config = Some(Config { me: me.clone(), peers: peers.clone(), expired, generation, read_at: Instant::now() });
         Ok((me, peers))
     }
 
@@ -168,7 +170,8 @@ impl Replicator {
             }
             let link = slot.link.as_mut().unwrap();
             link.stopped = None;
-            match exchange(link, &me) {
+            let expired = self.config.as_ref().and_then(|c| c.expired.get(&peer.name).cloned());
+            match exchange(link, &me, expired) {
                 Ok(()) => match link.stopped.clone() {
                     // A stopped stream is retried every few seconds (src/exceptions.rs).
                     Some(why) => {
@@ -198,6 +201,9 @@ impl Replicator {
                 Ok(expired) => {
                     for (peer, why) in expired {
                         warning!("rbucardo worker: {peer} expired: {why}; it must rejoin");
+                        if let Some(c) = self.config.as_mut() {
+                            c.expired.insert(peer, why);
+                        }
                     }
                 }
                 Err(e) => log!("rbucardo worker: checking peer retention failed: {e}"),
@@ -263,7 +269,8 @@ impl Replicator {
     }
 }
 
-fn exchange(link: &mut Link, me: &Me) -> Result<(), String> {
+/// One round with one peer; `expired` says why this node no longer sends it its stream.
+fn exchange(link: &mut Link, me: &Me, expired: Option<String>) -> Result<(), String> {
     // Each direction goes on when the other fails: a peer that expired this node (it must
     // rejoin, see src/log/retention.rs) refuses the pull, but what this node made still goes.
     let pulled = link.pull(me);
@@ -271,8 +278,7 @@ fn exchange(link: &mut Link, me: &Me) -> Result<(), String> {
         return pulled.map(|_| ());
     }
     // An expired peer gets nothing more from this node; what it made while away still came in.
-    let name = link.peer.name.clone();
-    if let Some(why) = in_txn(move || crate::log::retention::expired(&name))? {
+    if let Some(why) = expired {
         pulled?;
         return Err(format!("{} must rejoin: {why}", link.peer.name));
     }

@@ -111,7 +111,12 @@ CREATE TABLE rbucardo.peer_state (
     -- when this node stopped keeping its change log for the peer (src/log/retention.rs), and
     -- why; the peer must rejoin
     expired_at    timestamptz,
-    expired_why   text
+    expired_why   text,
+    -- while the peer joins from this node's copies (src/runtime/join.rs): the tick cut after
+    -- its last copy, and each table's copy snapshot ([[schema, table, snapshot], ...]);
+    -- transactions a copy holds are left out of what the peer is sent, up to that tick
+    join_until    bigint,
+    join_filter   text
 );
 
 -- Per origin node: the position in the origin's own stream up to which its changes are applied

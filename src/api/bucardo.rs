@@ -18,6 +18,8 @@ use std::time::Duration;
 
 use pgrx::prelude::*;
 
+use crate::base::sqltext::quote_literal;
+
 use crate::base::error::raise;
 use crate::base::pq::{Param, PeerConn, Row};
 
@@ -152,24 +154,6 @@ impl Step {
 
 // ---------------------------------------------------------------------------------------------
 // Quoting (pure, as PostgreSQL does it).
-
-/// A SQL string literal, as PostgreSQL's `quote_literal`: quotes doubled; a value with a
-/// backslash becomes an `E'...'` literal with its backslashes doubled.
-pub fn quote_literal(s: &str) -> String {
-    let mut out = String::with_capacity(s.len() + 3);
-    if s.contains('\\') {
-        out.push('E');
-    }
-    out.push('\'');
-    for c in s.chars() {
-        if c == '\'' || c == '\\' {
-            out.push(c);
-        }
-        out.push(c);
-    }
-    out.push('\'');
-    out
-}
 
 /// A name as the input of `regclass` reads it back: plain when lower case letters, digits, `_`
 /// and `$` (not starting with a digit or `$`), else in double quotes with quotes doubled.

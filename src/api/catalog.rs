@@ -212,6 +212,27 @@ fn add_sync(
     format!("added sync {name}")
 }
 
+/// Adds a peer to an existing sync (a store joining a running chain: see rbucardo.join).
+#[pg_extern(volatile)]
+fn add_sync_db(sync: &str, db: &str) -> String {
+    let known = Spi::get_one_with_args::<bool>("SELECT EXISTS (SELECT 1 FROM rbucardo.db WHERE name = $1)", &[db.into()]).ok().flatten() == Some(true);
+    if !known {
+        raise(PgSqlErrorCode::ERRCODE_UNDEFINED_OBJECT, format!("unknown db {db}"), "Add it first with rbucardo.add_db(name, conninfo).");
+    }
+    let n = Spi::connect_mut(|c| {
+        c.update("UPDATE rbucardo.sync SET dbs = dbs || $2 WHERE name = $1 AND NOT $2 = ANY (dbs)", None, &[sync.into(), db.into()]).map(|t| t.len()).unwrap_or(0)
+    });
+    if n == 0 {
+        let exists = Spi::get_one_with_args::<bool>("SELECT EXISTS (SELECT 1 FROM rbucardo.sync WHERE name = $1)", &[sync.into()]).ok().flatten() == Some(true);
+        if !exists {
+            raise(PgSqlErrorCode::ERRCODE_UNDEFINED_OBJECT, format!("no sync named {sync}"), "See SELECT * FROM rbucardo.syncs.");
+        }
+        return format!("{db} is in sync {sync} already");
+    }
+    signals::wake_local_worker_at_commit();
+    format!("added {db} to sync {sync}")
+}
+
 fn update_sync(name: &str, sql: &str) {
     let n = Spi::connect_mut(|c| c.update(sql, None, &[name.into()]).map(|t| t.len()).unwrap_or(0));
     if n == 0 {

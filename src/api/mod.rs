@@ -7,5 +7,6 @@ pub mod cluster;
 pub mod conflicts;
 pub mod ddl;
 pub mod exceptions;
+pub mod join;
 pub mod monitor;
 pub mod sequences;

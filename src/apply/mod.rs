@@ -19,6 +19,7 @@ use pgrx::spi::{OwnedPreparedStatement, SpiClient};
 
 pub mod admit;
 pub mod conflicts;
+pub mod copy;
 pub mod ddl;
 pub mod decide;
 pub mod exceptions;

@@ -10,6 +10,7 @@ pub mod node;
 pub mod plans;
 pub mod pq;
 pub mod signals;
+pub mod snapshot;
 pub mod sqltext;
 pub mod wire;
 pub mod xact;

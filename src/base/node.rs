@@ -181,6 +181,39 @@ pub struct PeerPolicy {
     /// Whether those are all the replicated tables of this node (then nothing needs filtering
     /// when sending to it).
     pub shares_all: bool,
+    /// While the peer joins from this node's copies (src/runtime/join.rs): what its copies hold.
+    pub join: Option<JoinFilter>,
+}
+
+/// What a joining peer's table copies hold already: each table was copied in a snapshot of
+/// this node, and a transaction of this node's stream visible in a table's snapshot must not
+/// reach the peer again for that table. Only ticks up to `until` (cut after the last copy
+/// ended) can hold such transactions.
+#[derive(Clone, Debug)]
+pub struct JoinFilter {
+    pub until: i64,
+    pub tables: std::collections::HashMap<(String, String), crate::base::snapshot::Snapshot>,
+}
+
+impl JoinFilter {
+    /// From its stored form, `[[schema, table, snapshot], ...]`; `None` when it does not parse
+    /// (then nothing is sent to the peer until it does: see `peer_policy`).
+    pub fn parse(until: i64, json: &str) -> Option<JoinFilter> {
+        let rows: Vec<(String, String, String)> = serde_json::from_str(json).ok()?;
+        let mut tables = std::collections::HashMap::new();
+        for (schema, table, snap) in rows {
+            tables.insert((schema, table), crate::base::snapshot::Snapshot::parse(&snap)?);
+        }
+        Some(JoinFilter { until, tables })
+    }
+
+    /// The tables whose copy holds the transaction `txid` of tick `tick` already.
+    pub fn holds(&self, tick: i64, txid: u64) -> std::collections::HashSet<(String, String)> {
+        if tick > self.until {
+            return Default::default();
+        }
+        self.tables.iter().filter(|(_, s)| s.sees(txid)).map(|(t, _)| t.clone()).collect()
+    }
 }
 
 /// The policy for the peer named `name`; a peer without a db row here may send nothing.
@@ -208,7 +241,24 @@ pub fn peer_policy(name: &str) -> PeerPolicy {
         |t| t.filter_map(|r| Some((r.get::<String>(1).ok()??, r.get::<String>(2).ok()??, r.get::<bool>(3).ok()??))).collect(),
     );
     let shared: std::collections::HashSet<(String, String)> = tables.iter().filter(|t| t.2).map(|(s, n, _)| (s.clone(), n.clone())).collect();
+    // A joining peer's filter, until it confirms the tick after its last copy.
+    let join = plans::run(
+        "SELECT join_until, join_filter FROM rbucardo.peer_state WHERE db = $1 AND join_until IS NOT NULL AND out_tick <= join_until",
+        &[pg_sys::TEXTOID],
+        &[name.into()],
+        |t| t.into_iter().next().map(|r| (r.get::<i64>(1).ok().flatten().unwrap_or(0), r.get::<String>(2).ok().flatten().unwrap_or_default())),
+    )
+    .map(|(until, json)| {
+        JoinFilter::parse(until, &json).unwrap_or_else(|| {
+            raise(
+                PgSqlErrorCode::ERRCODE_DATA_CORRUPTED,
+                format!("the join filter of {name} does not parse"),
+                "rbucardo.peer_state.join_filter was changed by hand; the peer must join again.",
+            )
+        })
+    });
     PeerPolicy {
+        join,
         name: name.to_string(),
         node_id,
         ddl: ddl.as_deref().and_then(DdlLevel::parse).unwrap_or(DdlLevel::None),

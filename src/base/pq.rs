@@ -534,6 +534,83 @@ impl PeerConn {
             .map(|_| ())
     }
 
+    /// Starts a `COPY ... TO STDOUT` statement (text format); its rows then come one at a time
+    /// from [`PeerConn::copy_row`], so a table of any size streams through in bounded memory.
+    /// Until the last row is read the connection is busy (and broken if abandoned).
+    pub fn copy_out(&mut self, sql: &str, timeout: Duration) -> Result<(), PeerError> {
+        let deadline = Deadline::new(timeout, "peer COPY");
+        let sql = CString::new(sql).map_err(|_| PeerError::Query("statement contains a NUL byte".into()))?;
+        // SAFETY: `start` calls this at once with its live, non-NULL PGconn; `sql` is a
+        // NUL-terminated string alive for the call, and libpq copies it.
+        self.start(&deadline, |conn| unsafe { pq::PQsendQuery(conn, sql.as_ptr()) })?;
+        let mut latch = LatchRestore(false);
+        loop {
+            // SAFETY (this loop's libpq calls): self.conn is the live PGconn owned by self.
+            while unsafe { pq::PQisBusy(self.conn) } != 0 {
+                let rc = self.wait(pg_sys::WL_SOCKET_READABLE, &deadline, &mut latch)?;
+                if rc & pg_sys::WL_SOCKET_READABLE != 0 && unsafe { pq::PQconsumeInput(self.conn) } == 0 {
+                    return Err(self.failure(PeerError::Closed));
+                }
+            }
+            // SAFETY: see above; a result returned is ours, cleared by the guard.
+            let res = unsafe { pq::PQgetResult(self.conn) };
+            if res.is_null() {
+                self.poisoned = false;
+                return Err(PeerError::Query("the statement is not a COPY TO STDOUT".into()));
+            }
+            let res = ResultGuard(res);
+            // SAFETY: res.0 is a live, non-NULL PGresult owned by the guard.
+            match unsafe { pq::PQresultStatus(res.0) } {
+                pq::ExecStatusType::PGRES_COPY_OUT => return Ok(()),
+                pq::ExecStatusType::PGRES_COPY_IN | pq::ExecStatusType::PGRES_COPY_BOTH => {
+                    return Err(PeerError::Query("the peer expects COPY data we do not send".into()));
+                }
+                pq::ExecStatusType::PGRES_TUPLES_OK | pq::ExecStatusType::PGRES_COMMAND_OK => {}
+                _ => {
+                    let e = self.result_error(res.0);
+                    drop(res);
+                    // The rest of the results, so that the connection is idle again.
+                    self.finish(&deadline)?;
+                    return Err(e);
+                }
+            }
+        }
+    }
+
+    /// The next row of the COPY started by [`PeerConn::copy_out`], in COPY text format with
+    /// its newline; `None` after the last one (the connection is then idle again). `timeout`
+    /// bounds the wait for each row.
+    pub fn copy_row(&mut self, timeout: Duration) -> Result<Option<Vec<u8>>, PeerError> {
+        let deadline = Deadline::new(timeout, "peer COPY row");
+        let mut latch = LatchRestore(false);
+        loop {
+            let mut buf: *mut c_char = ptr::null_mut();
+            // SAFETY: self.conn is the live PGconn owned by self, in COPY OUT state (copy_out);
+            // a row returned is a malloc'd buffer of n bytes, copied and freed once here.
+            let n = unsafe { pq::PQgetCopyData(self.conn, &mut buf, 1) };
+            if n > 0 {
+                let row = unsafe { std::slice::from_raw_parts(buf as *const u8, n as usize) }.to_vec();
+                unsafe { pq::PQfreemem(buf as *mut c_void) };
+                return Ok(Some(row));
+            }
+            match n {
+                0 => {
+                    let rc = self.wait(pg_sys::WL_SOCKET_READABLE, &deadline, &mut latch)?;
+                    // SAFETY: as above.
+                    if rc & pg_sys::WL_SOCKET_READABLE != 0 && unsafe { pq::PQconsumeInput(self.conn) } == 0 {
+                        return Err(self.failure(PeerError::Closed));
+                    }
+                }
+                -1 => {
+                    // The end: the COPY's own result (an error if the peer failed midway).
+                    self.finish(&deadline)?;
+                    return Ok(None);
+                }
+                _ => return Err(self.failure(PeerError::Closed)),
+            }
+        }
+    }
+
     /// Channel names of the NOTIFYs received so far (LISTEN on this connection first). Reads
     /// whatever the socket already holds and never waits; call it after `wait_for_activity`.
     pub fn notifications(&mut self) -> Vec<String> {

@@ -231,3 +231,28 @@ unsafe fn refused_statement(node: *mut pg_sys::Node) -> Option<String> {
     };
     Some(what.to_string())
 }
+
+/// A SQL string literal, as PostgreSQL's `quote_literal`: quotes doubled; a value with a
+/// backslash becomes an `E'...'` literal with its backslashes doubled.
+pub fn quote_literal(s: &str) -> String {
+    let mut out = String::with_capacity(s.len() + 3);
+    if s.contains('\\') {
+        out.push('E');
+    }
+    out.push('\'');
+    for c in s.chars() {
+        if c == '\'' || c == '\\' {
+            out.push(c);
+        }
+        out.push(c);
+    }
+    out.push('\'');
+    out
+}
+
+/// A quoted identifier: always in double quotes, quotes doubled (PostgreSQL reads it back as
+/// exactly this name).
+pub fn quote_ident(s: &str) -> String {
+    format!("\"{}\"", s.replace('"', "\"\""))
+}
+

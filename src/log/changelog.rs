@@ -8,6 +8,7 @@
 //! transaction's position `(tick, final seq)` is the same for every reader.
 
 use std::cell::Cell;
+use std::collections::HashSet;
 
 use pgrx::prelude::*;
 
@@ -183,6 +184,7 @@ pub fn stream_end() -> i64 {
 /// One transaction as read from the log: its final chunk, and the seq and size of the chunks
 /// it spilled before it (read when it is shipped, whole or a part at a time).
 struct LoggedTxn {
+    txid: i64,
     final_seq: i64,
     origin: Option<i32>,
     origin_pos: Option<Position>,
@@ -287,6 +289,7 @@ fn read_tick(k: i64, after_seq: i64, limit: i64, budget: usize) -> Vec<LoggedTxn
                 _ => None,
             };
             let t = LoggedTxn {
+                txid: row.get::<i64>(1).unwrap().unwrap(),
                 final_seq: row.get::<i64>(2).unwrap().unwrap(),
                 origin: row.get::<i32>(4).unwrap(),
                 origin_pos,
@@ -374,9 +377,11 @@ pub fn read_batch(me: i32, after: Position, to: i32, max_bytes: usize, policy: &
                     (seq, pos) = (t.final_seq, at);
                     continue;
                 }
+                // A joining peer's copies may hold the transaction already, for some tables.
+                let held = policy.join.as_ref().map(|j| j.holds(k, t.txid as u64)).unwrap_or_default();
                 if whole {
                     (seq, pos) = (t.final_seq, at);
-                    let Some(chunks) = shared_part(t.read(0..n), policy) else { continue };
+                    let Some(chunks) = shared_part(t.read(0..n), policy, &held) else { continue };
                     bytes += size;
                     txns.push(Txn { origin, origin_pos, hlc: t.hlc, stream_pos: at, chunks, part: None, decoded: Default::default() });
                     continue;
@@ -390,7 +395,7 @@ pub fn read_batch(me: i32, after: Position, to: i32, max_bytes: usize, policy: &
                     end += 1;
                 }
                 let more = end < n;
-                let chunks = shared_part(t.read(start..end), policy).unwrap_or_default();
+                let chunks = shared_part(t.read(start..end), policy, &held).unwrap_or_default();
                 let part = Some(Part { start: start as u32, end: end as u32, more });
                 txns.push(Txn { origin, origin_pos, hlc: t.hlc, stream_pos: at, chunks, part, decoded: Default::default() });
                 if !more {
@@ -409,9 +414,10 @@ pub fn read_batch(me: i32, after: Position, to: i32, max_bytes: usize, policy: &
 /// were captured under (renamed or dropped since: the receiver decides, and refuses them
 /// visibly if it does not share them, rather than this node dropping them unseen); schema
 /// changes recorded in a schema of those tables, or made with replicate_ddl. `None` when nothing is left. Chunks are
-/// decoded only when the peer does not share every table.
-fn shared_part(chunks: Vec<Vec<u8>>, policy: &PeerPolicy) -> Option<Vec<Vec<u8>>> {
-    if policy.shares_all {
+/// decoded only when the peer does not share every table. Row changes of the tables in `held`
+/// are left out too: the peer's copy of them holds the transaction already.
+fn shared_part(chunks: Vec<Vec<u8>>, policy: &PeerPolicy, held: &HashSet<(String, String)>) -> Option<Vec<Vec<u8>>> {
+    if policy.shares_all && held.is_empty() {
         return Some(chunks);
     }
     let mut out = Vec::with_capacity(chunks.len());
@@ -428,7 +434,7 @@ fn shared_part(chunks: Vec<Vec<u8>>, policy: &PeerPolicy) -> Option<Vec<Vec<u8>>
             if c.op == Op::Ddl {
                 rel.name == "replicate_ddl" || policy.schemas.contains(&rel.schema)
             } else {
-                policy.tables.contains(&name) || !policy.replicated.contains(&name)
+                !held.contains(&name) && (policy.tables.contains(&name) || !policy.replicated.contains(&name))
             }
         });
         match chunk.changes.len() {

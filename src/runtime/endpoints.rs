@@ -130,6 +130,7 @@ fn peer_position(
 ) -> TableIterator<'static, (name!(tick, i64), name!(seq, i64), name!(stopped, Option<String>), name!(held_tick, i64), name!(held_seq, i64), name!(held_chunks, i32))> {
     me_or_raise();
     let node = peer_node(peer_name);
+    check_not_joining(peer_name);
     touch(peer_name);
     let (t, s) = Spi::get_two_with_args::<i64, i64>("SELECT in_tick, in_seq FROM rbucardo.peer_state WHERE db = $1", &[peer_name.into()])
         .expect("peer state");
@@ -145,6 +146,7 @@ fn peer_position(
 fn peer_push(peer_name: &str, batch: &[u8]) -> TableIterator<'static, (name!(tick, i64), name!(seq, i64), name!(stopped, Option<String>))> {
     let me = me_or_raise();
     let node = peer_node(peer_name);
+    check_not_joining(peer_name);
     let batch = decode_batch(batch, MAX_BATCH_BYTES).unwrap_or_else(|e| {
         raise(PgSqlErrorCode::ERRCODE_DATA_CORRUPTED, format!("refused a batch from {peer_name}: {e}"), "Nothing of it was applied; the sender retries. Persistent errors point at a faulty link or peer.")
     });
@@ -184,6 +186,49 @@ fn peer_report(peer_name: &str, reports: &str) -> String {
     crate::api::cluster::exchange(peer_name, reports)
 }
 
+/// A joining node's first call to its provider (src/runtime/join.rs): cuts the tick its
+/// stream starts after and describes the syncs and tables it joins, as JSON.
+#[pg_extern(volatile, security_definer)]
+#[search_path(pg_catalog, pg_temp)]
+fn peer_join_begin(peer_name: &str) -> String {
+    me_or_raise();
+    peer_node(peer_name);
+    touch(peer_name);
+    crate::runtime::join::provide_begin(peer_name)
+}
+
+/// The query behind `rbucardo.peer_copy` (sql/join.sql): a shared table's columns as text.
+#[pg_extern(volatile, security_definer)]
+#[search_path(pg_catalog, pg_temp)]
+fn peer_copy_query(peer_name: &str, schema_name: &str, table_name: &str, cols: Vec<String>) -> String {
+    me_or_raise();
+    peer_node(peer_name);
+    crate::runtime::join::provide_copy_query(peer_name, schema_name, table_name, &cols)
+}
+
+/// A joining node's last call: the snapshot of each of its table copies, so that what they
+/// hold is left out of its stream. Returns the tick after which that no longer matters.
+#[pg_extern(volatile, security_definer)]
+#[search_path(pg_catalog, pg_temp)]
+fn peer_join_end(peer_name: &str, filter: &str) -> i64 {
+    me_or_raise();
+    peer_node(peer_name);
+    touch(peer_name);
+    crate::runtime::join::provide_end(peer_name, filter)
+}
+
+/// While this node joins from its provider, nothing is pushed to it: its cursor in the
+/// provider's stream waits for its copies.
+fn check_not_joining(peer_name: &str) {
+    if let Some(provider) = crate::runtime::join::joining() {
+        raise(
+            PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
+            format!("this node is joining from {provider}; it takes no stream from {peer_name} until its copies are done"),
+            "See rbucardo.join_progress on this node.",
+        );
+    }
+}
+
 /// Why the last batch from `peer_name` was refused, for a few seconds after the refusal: the
 /// sender then tries again (the operator may have changed the configuration), so that a
 /// refusal never stops a stream for good.
@@ -211,11 +256,15 @@ pub fn record_confirmed(peer_name: &str, pos: Position) {
 pgrx::extension_sql!(
     "REVOKE ALL ON FUNCTION rbucardo.peer_hello(text, integer), rbucardo.peer_fetch(text, bigint, bigint, integer, bigint, bigint, integer),
                             rbucardo.peer_position(text), rbucardo.peer_push(text, bytea),
-                            rbucardo.peer_schema(text, jsonb, text), rbucardo.peer_report(text, text) FROM PUBLIC;
+                            rbucardo.peer_schema(text, jsonb, text), rbucardo.peer_report(text, text),
+                            rbucardo.peer_join_begin(text), rbucardo.peer_copy_query(text, text, text, text[]),
+                            rbucardo.peer_join_end(text, text) FROM PUBLIC;
      GRANT EXECUTE ON FUNCTION rbucardo.peer_hello(text, integer), rbucardo.peer_fetch(text, bigint, bigint, integer, bigint, bigint, integer),
                             rbucardo.peer_position(text), rbucardo.peer_push(text, bytea),
-                            rbucardo.peer_schema(text, jsonb, text), rbucardo.peer_report(text, text) TO rbucardo_peer;",
+                            rbucardo.peer_schema(text, jsonb, text), rbucardo.peer_report(text, text),
+                            rbucardo.peer_join_begin(text), rbucardo.peer_copy_query(text, text, text, text[]),
+                            rbucardo.peer_join_end(text, text) TO rbucardo_peer;",
     name = "peer_grants",
-    requires = [peer_hello, peer_fetch, peer_position, peer_push, peer_schema, peer_report]
+    requires = [peer_hello, peer_fetch, peer_position, peer_push, peer_schema, peer_report, peer_join_begin, peer_copy_query, peer_join_end]
 );
 

@@ -3,6 +3,7 @@
 //! The top layer: nothing imports it.
 
 pub mod endpoints;
+pub mod join;
 pub mod link;
 pub mod replicator;
 pub mod worker;

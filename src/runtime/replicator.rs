@@ -55,6 +55,8 @@ struct Config {
     peers: Vec<catalog::Peer>,
     /// Peers expired here, with why (src/log/retention.rs).
     expired: std::collections::HashMap<String, String>,
+    /// The provider this node is joining from (src/runtime/join.rs), while it copies.
+    joining: Option<String>,
     generation: u64,
     read_at: Instant,
 }
@@ -107,9 +109,9 @@ impl Replicator {
             return Ok((c.me.clone(), c.peers.clone()));
         }
         self.config = None;
-        let (me, peers, expired) = in_txn(|| (catalog::me(), catalog::active_peers(), crate::log::retention::all_expired()))?;
+        let (me, peers, expired, joining) = in_txn(|| (catalog::me(), catalog::active_peers(), crate::log::retention::all_expired(), crate::runtime::join::joining()))?;
         let me = me?;
-        self.config = Some(Config { me: me.clone(), peers: peers.clone(), expired, generation, read_at: Instant::now() });
+        self.config = Some(Config { me: me.clone(), peers: peers.clone(), expired, joining, generation, read_at: Instant::now() });
         Ok((me, peers))
     }
 
@@ -141,7 +143,12 @@ impl Replicator {
         self.complaint = None;
         self.links.retain(|name, _| peers.iter().any(|p| &p.name == name && p.conninfo.is_some()));
         let mut nap = IDLE_NAP;
+        let joining = self.config.as_ref().and_then(|c| c.joining.clone());
         for peer in peers.iter().filter(|p| p.conninfo.is_some()) {
+            // While this node joins, only its provider is talked to, and only to copy.
+            if joining.as_ref().is_some_and(|j| *j != peer.name) {
+                continue;
+            }
             let slot = self.links.entry(peer.name.clone()).or_insert_with(|| LinkSlot {
                 link: None,
                 next_attempt: Instant::now(),
@@ -170,6 +177,28 @@ impl Replicator {
             }
             let link = slot.link.as_mut().unwrap();
             link.stopped = None;
+            if joining.is_some() {
+                report(slot, &peer.name, "joining", None);
+                let link = slot.link.as_mut().unwrap();
+                let Some(conn) = link.conn.as_mut() else { continue };
+                match crate::runtime::join::step(&me, peer, conn) {
+                    Ok(_) => {
+                        // Joined: read the configuration again and replicate at once.
+                        self.config = None;
+                        nap = Duration::ZERO;
+                        report(slot, &peer.name, "connected", None);
+                    }
+                    Err(e) => {
+                        if conn.is_broken() {
+                            slot.link = None;
+                        }
+                        slot.next_attempt = Instant::now() + MAX_BACKOFF;
+                        nap = nap.min(MAX_BACKOFF);
+                        report(slot, &peer.name, "joining", Some(e));
+                    }
+                }
+                continue;
+            }
             let expired = self.config.as_ref().and_then(|c| c.expired.get(&peer.name).cloned());
             match exchange(link, &me, expired) {
                 Ok(()) => match link.stopped.clone() {

@@ -149,6 +149,21 @@ pub fn start_store_with(test: &str, topology: Topology, extra_conf: &str) -> Clu
     cluster
 }
 
+/// `start_store` (a star) with a fourth node, `spare`, started but not set up: a store that
+/// joins later.
+pub fn start_store_with_spare(test: &str, spare: &str) -> Cluster {
+    let cluster = Cluster::builder(test).node_names(&[NODE_NAMES[0], NODE_NAMES[1], NODE_NAMES[2], spare]).start();
+    let peers: Vec<_> = ALL.iter().map(|&i| peers_of(&cluster, Topology::Star, i)).collect();
+    std::thread::scope(|scope| {
+        for (i, peers) in peers.iter().enumerate() {
+            let cluster = &cluster;
+            scope.spawn(move || setup_node(cluster, i, peers));
+        }
+    });
+    wait_connected(&cluster);
+    cluster
+}
+
 fn setup_node(cluster: &Cluster, i: usize, peers: &[(usize, Option<String>)]) {
     let node = cluster.node(i);
     node.createdb(DB);

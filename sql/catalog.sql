@@ -72,7 +72,8 @@ CREATE TABLE rbucardo.change_log (
     origin_tick  bigint,
     origin_seq   bigint,
     hlc          bigint NOT NULL,
-    data         bytea NOT NULL
+    data         bytea NOT NULL,
+    only_for     integer            -- set for a transaction addressed to one node (a repair)
 );
 CREATE INDEX change_log_txid ON rbucardo.change_log (txid);
 ALTER TABLE rbucardo.change_log SET (autovacuum_vacuum_scale_factor = 0.01);

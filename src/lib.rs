@@ -24,6 +24,7 @@ pgrx::extension_sql_file!("../sql/ddl.sql", name = "ddl", requires = ["catalog",
 pgrx::extension_sql_file!("../sql/cluster.sql", name = "cluster", requires = ["catalog", "conflicts", "exceptions", "monitoring", "ddl", api::monitor::peer_retention_seconds]);
 // Last step of CREATE EXTENSION: have the launcher start this database's worker after commit.
 pgrx::extension_sql_file!("../sql/join.sql", name = "join", requires = ["catalog"]);
+pgrx::extension_sql_file!("../sql/diff.sql", name = "diff", requires = ["catalog"]);
 pgrx::extension_sql!("SELECT rbucardo.wake_launcher();", name = "wake_launcher", finalize);
 
 /// Refuses to load unless preloaded: the launcher, the shared memory and the capture hooks only

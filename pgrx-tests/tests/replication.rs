@@ -570,7 +570,7 @@ fn t7_unique_index_table_replicates_and_keyless_table_is_refused() {
 /// A batch framed as the wire format says: magic, payload length and crc32
 /// (little endian), payload.
 fn framed(payload: &[u8]) -> Vec<u8> {
-    let mut out = b"RBC2".to_vec();
+    let mut out = b"RBC3".to_vec();
     out.extend_from_slice(&(payload.len() as u32).to_le_bytes());
     out.extend_from_slice(&crc32(payload).to_le_bytes());
     out.extend_from_slice(payload);

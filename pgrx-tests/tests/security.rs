@@ -102,7 +102,7 @@ fn ddl(schema: &str, tag: &str, sql: &str, role: &str) -> Vec<u8> {
 /// its position in branch1's stream.
 fn txn(origin: i32, origin_pos: Position, chunks: Vec<Vec<u8>>) -> Txn {
     let hlc = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_micros() as i64;
-    Txn { origin, origin_pos, hlc, stream_pos: Position::default(), chunks, part: None, decoded: Default::default() }
+    Txn { origin, origin_pos, hlc, stream_pos: Position::default(), chunks, part: None, to: None, decoded: Default::default() }
 }
 
 /// The position just after `pos` in some node's stream (for a plausible origin position).

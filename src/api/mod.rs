@@ -4,6 +4,7 @@
 pub mod bucardo;
 pub mod catalog;
 pub mod cluster;
+pub mod diff;
 pub mod conflicts;
 pub mod ddl;
 pub mod exceptions;

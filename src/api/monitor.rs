@@ -42,7 +42,12 @@ fn wait_for_sync(name: &str, timeout: default!(pgrx::datum::Interval, "'60s'")) 
         let m: i128 = timeout.as_micros();
         m.clamp(0, i64::MAX as i128) as u64
     };
-    let deadline = Instant::now() + Duration::from_micros(micros);
+    synced(name, Duration::from_micros(micros))
+}
+
+/// `wait_for_sync` with a Rust timeout, for other functions of this layer (diff).
+pub fn synced(name: &str, timeout: Duration) -> bool {
+    let deadline = Instant::now() + timeout;
     let peers: Vec<(String, bool)> = Spi::connect(|c| {
         c.select(
             "SELECT d.name, d.conninfo IS NOT NULL FROM rbucardo.sync s JOIN rbucardo.db d ON d.name = ANY (s.dbs)

@@ -523,7 +523,7 @@ fn relog(txn: &Txn, source: changelog::Source, edits: &[(u32, Option<Vec<Value>>
         &edited
     };
     for (i, chunk) in chunks.iter().enumerate() {
-        changelog::append(chunk, i as i32, i + 1 == chunks.len(), Some(source), txn.hlc);
+        changelog::append(chunk, i as i32, i + 1 == chunks.len(), Some(source), txn.hlc, txn.to);
     }
 }
 
@@ -640,7 +640,8 @@ impl Stream<'_> {
             }
             let before = cursor;
             cursor = txn.stream_pos;
-            if txn.origin == self.me {
+            // This node's own, or addressed to another node (the sender does not send those).
+            if txn.origin == self.me || txn.to.is_some_and(|n| n != self.me) {
                 continue;
             }
             let block = self.blocks.iter().find(|b| b.origin == txn.origin && b.origin_pos == txn.origin_pos);

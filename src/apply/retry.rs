@@ -48,6 +48,7 @@ fn retry(me: i32, only: Option<i64>, limit: Option<i64>) -> i64 {
                 stream_pos: pos,
                 chunks,
                 part: None,
+                to: None,
                 decoded: Default::default(),
             });
             (r.get::<i64>(1).unwrap().unwrap(), r.get::<i32>(5).unwrap().unwrap_or(0), txn)
@@ -103,6 +104,7 @@ pub fn resume_stopped(me: i32, id: i64) -> bool {
                     raise(PgSqlErrorCode::ERRCODE_DATA_CORRUPTED, format!("exception {id}: {e}"), "The stored transaction is damaged; it cannot be applied.")
                 }),
                 part: None,
+                to: None,
                 decoded: Default::default(),
                 stream_pos: Position { tick: r.get::<i64>(7).unwrap().unwrap(), seq: r.get::<i64>(8).unwrap().unwrap() },
             };

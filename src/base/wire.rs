@@ -115,6 +115,9 @@ pub struct Txn {
     /// chunks this part carries. The receiver keeps parts until the last one and applies the
     /// transaction whole.
     pub part: Option<Part>,
+    /// Set for a transaction addressed to one node (a repair, src/api/repair.rs): only that
+    /// node applies it, and it forwards it to nobody.
+    pub to: Option<i32>,
     /// The same chunks decoded, filled by [`decode_batch`] (which decodes every chunk to check
     /// it anyway) so that the applier does not decode them again. Not sent.
     #[serde(skip)]
@@ -160,7 +163,7 @@ pub struct Batch {
     pub complete: bool,
 }
 
-const MAGIC: &[u8; 4] = b"RBC2";
+const MAGIC: &[u8; 4] = b"RBC3";
 const HEADER_LEN: usize = 12;
 
 /// Why a batch was refused.
@@ -292,7 +295,7 @@ mod tests {
             sender: 2,
             after: Position { tick: 1, seq: 5 },
             upto: Position { tick: 2, seq: 9 },
-            txns: vec![Txn { origin: 2, origin_pos: Position { tick: 2, seq: 9 }, hlc: 42, stream_pos: Position { tick: 2, seq: 9 }, chunks: vec![encode_chunk(&chunk)], part: None, decoded: Decoded::default() }],
+            txns: vec![Txn { origin: 2, origin_pos: Position { tick: 2, seq: 9 }, hlc: 42, stream_pos: Position { tick: 2, seq: 9 }, chunks: vec![encode_chunk(&chunk)], part: None, to: None, decoded: Decoded::default() }],
             complete: true,
         }
     }

@@ -18,6 +18,7 @@ use std::rc::Rc;
 use pgrx::prelude::*;
 use pgrx::PgTupleDesc;
 
+use crate::base::error::raise;
 use crate::base::xact::{LocalSetting, RunAs};
 use crate::log::changelog;
 use crate::base::wire::{Chunk, Op, RelDesc, RowChange, Value};
@@ -237,7 +238,39 @@ pub fn log_own_update(desc: &RelDesc, old: Vec<Value>, new: Vec<Value>) -> i64 {
     let hlc = crate::base::clock::now();
     let chunk = Chunk { relations: vec![desc.clone()], changes: vec![RowChange { ordinal: 1, rel: 0, op: Op::Update, old: Some(old), new: Some(new) }] };
     let _owner = RunAs::extension_owner();
-    changelog::append(&crate::base::wire::encode_chunk(&chunk), 0, true, None, hlc);
+    changelog::append(&crate::base::wire::encode_chunk(&chunk), 0, true, None, hlc, None);
+    hlc
+}
+
+/// Logs a transaction of this node's own that no trigger captured: the changes a repair makes
+/// a peer's rows match this node's (src/api/repair.rs), as (table, operation, old, new) in
+/// text form in each table's column order. It is one chunk, addressed to the node `only_for`
+/// when set. Refused in a transaction that captured changes already (its chunks would be cut
+/// in two). Returns the transaction's clock.
+pub fn log_own_txn(changes: Vec<(RelDesc, Op, Option<Vec<Value>>, Option<Vec<Value>>)>, only_for: Option<i32>) -> i64 {
+    if TX.with(|tx| tx.borrow().active) {
+        raise(
+            PgSqlErrorCode::ERRCODE_ACTIVE_SQL_TRANSACTION,
+            "this transaction has captured changes already",
+            "Run it in a transaction of its own.",
+        );
+    }
+    let mut relations: Vec<RelDesc> = Vec::new();
+    let mut rows = Vec::with_capacity(changes.len());
+    for (i, (desc, op, old, new)) in changes.into_iter().enumerate() {
+        let rel = match relations.iter().position(|r| r.schema == desc.schema && r.name == desc.name) {
+            Some(r) => r,
+            None => {
+                relations.push(desc);
+                relations.len() - 1
+            }
+        };
+        rows.push(RowChange { ordinal: i as u32 + 1, rel: rel as u32, op, old, new });
+    }
+    let hlc = crate::base::clock::now();
+    let chunk = Chunk { relations, changes: rows };
+    let _owner = RunAs::extension_owner();
+    changelog::append(&crate::base::wire::encode_chunk(&chunk), 0, true, None, hlc, only_for);
     hlc
 }
 
@@ -339,7 +372,7 @@ fn flush_from(is_final: bool, from: pg_sys::SubTransactionId) {
     if let Some((data, chunk_no, hlc)) = written {
         // The change log belongs to the extension, not to the user whose transaction this is.
         let _owner = RunAs::extension_owner();
-        changelog::append(&data, chunk_no, is_final, None, hlc);
+        changelog::append(&data, chunk_no, is_final, None, hlc, None);
     }
 }
 

@@ -49,13 +49,14 @@ pub struct Source {
 }
 
 /// Writes one chunk of a transaction: `chunk_no` counts the transaction's chunks from 0, the
-/// last one is `is_final`. `source` is `None` for changes made on this node.
+/// last one is `is_final`. `source` is `None` for changes made on this node; `only_for`
+/// addresses the transaction to one node (src/api/repair.rs).
 ///
 /// Every captured transaction and every applied one pays for this insert, so it goes straight
 /// to the heap and the indexes (as PostgreSQL writes its own catalogs) instead of through SPI
 /// and the executor. The table has no triggers, constraints beyond NOT NULL, or expression
 /// indexes, and only the extension writes it.
-pub fn append(data: &[u8], chunk_no: i32, is_final: bool, source: Option<Source>, hlc: i64) {
+pub fn append(data: &[u8], chunk_no: i32, is_final: bool, source: Option<Source>, hlc: i64, only_for: Option<i32>) {
     // SAFETY: inside a transaction, on the main thread: the relation is opened and closed here
     // with a lock kept to commit, the tuple is formed from the relation's own descriptor with
     // a datum per column, and CatalogTupleInsert updates the indexes as for a catalog. Columns
@@ -96,6 +97,7 @@ pub fn append(data: &[u8], chunk_no: i32, is_final: bool, source: Option<Source>
                 b"origin_seq" => source.map(|o| pg_sys::Datum::from(o.origin_pos.seq)),
                 b"hlc" => Some(pg_sys::Datum::from(hlc)),
                 b"data" => Some(data),
+                b"only_for" => only_for.map(pg_sys::Datum::from),
                 _ => None,
             };
             if let Some(v) = value {
@@ -185,6 +187,7 @@ pub fn stream_end() -> i64 {
 /// it spilled before it (read when it is shipped, whole or a part at a time).
 struct LoggedTxn {
     txid: i64,
+    only_for: Option<i32>,
     final_seq: i64,
     origin: Option<i32>,
     origin_pos: Option<Position>,
@@ -265,7 +268,7 @@ fn read_tick(k: i64, after_seq: i64, limit: i64, budget: usize) -> Vec<LoggedTxn
                                AND NOT pg_visible_in_snapshot(l.txid, (SELECT snap FROM rbucardo.tick WHERE tick_id = $1 - 1))
                              ORDER BY l.seq LIMIT $3),
                       f AS (SELECT c.seq, sum(c.len) OVER (ORDER BY c.seq) - c.len AS before FROM c)
-                 SELECT l.txid::text::bigint, l.seq, l.chunk_no, l.origin, l.origin_tick, l.origin_seq, l.via, l.hlc, l.data
+                 SELECT l.txid::text::bigint, l.seq, l.chunk_no, l.origin, l.origin_tick, l.origin_seq, l.via, l.hlc, l.data, l.only_for
                    FROM f JOIN rbucardo.change_log l ON l.seq = f.seq
                   WHERE f.before < $7
                   ORDER BY l.seq"
@@ -290,6 +293,7 @@ fn read_tick(k: i64, after_seq: i64, limit: i64, budget: usize) -> Vec<LoggedTxn
             };
             let t = LoggedTxn {
                 txid: row.get::<i64>(1).unwrap().unwrap(),
+                only_for: row.get::<i32>(10).unwrap(),
                 final_seq: row.get::<i64>(2).unwrap().unwrap(),
                 origin: row.get::<i32>(4).unwrap(),
                 origin_pos,
@@ -373,7 +377,8 @@ pub fn read_batch(me: i32, after: Position, to: i32, max_bytes: usize, policy: &
                 }
                 let origin = t.origin.unwrap_or(me);
                 let origin_pos = t.origin_pos.unwrap_or(at);
-                if origin == to || t.via == Some(to) {
+                // Nothing goes back where it came from, nor to a node it is not addressed to.
+                if origin == to || t.via == Some(to) || t.only_for.is_some_and(|n| n != to) {
                     (seq, pos) = (t.final_seq, at);
                     continue;
                 }
@@ -383,7 +388,7 @@ pub fn read_batch(me: i32, after: Position, to: i32, max_bytes: usize, policy: &
                     (seq, pos) = (t.final_seq, at);
                     let Some(chunks) = shared_part(t.read(0..n), policy, &held) else { continue };
                     bytes += size;
-                    txns.push(Txn { origin, origin_pos, hlc: t.hlc, stream_pos: at, chunks, part: None, decoded: Default::default() });
+                    txns.push(Txn { origin, origin_pos, hlc: t.hlc, stream_pos: at, chunks, part: None, to: t.only_for, decoded: Default::default() });
                     continue;
                 }
                 // Too large for one batch: the next part, alone. Until its last part, the
@@ -397,7 +402,7 @@ pub fn read_batch(me: i32, after: Position, to: i32, max_bytes: usize, policy: &
                 let more = end < n;
                 let chunks = shared_part(t.read(start..end), policy, &held).unwrap_or_default();
                 let part = Some(Part { start: start as u32, end: end as u32, more });
-                txns.push(Txn { origin, origin_pos, hlc: t.hlc, stream_pos: at, chunks, part, decoded: Default::default() });
+                txns.push(Txn { origin, origin_pos, hlc: t.hlc, stream_pos: at, chunks, part, to: t.only_for, decoded: Default::default() });
                 if !more {
                     pos = at;
                 }

@@ -217,6 +217,46 @@ fn peer_join_end(peer_name: &str, filter: &str) -> i64 {
     crate::runtime::join::provide_end(peer_name, filter)
 }
 
+/// A table's digest (src/schema/digest.rs), for a peer comparing it with its own: the
+/// columns and key it names, over `buckets` buckets.
+#[pg_extern(volatile, security_definer)]
+#[search_path(pg_catalog, pg_temp)]
+#[allow(clippy::type_complexity)]
+fn peer_diff_digest(
+    peer_name: &str,
+    schema_name: &str,
+    table_name: &str,
+    cols: Vec<String>,
+    key: Vec<String>,
+    buckets: i32,
+) -> TableIterator<'static, (name!(bucket, i32), name!(rows, i64), name!(hash, i64))> {
+    me_or_raise();
+    peer_node(peer_name);
+    let t = crate::schema::digest::checked_target(&node::peer_policy(peer_name), schema_name, table_name, &cols, &key);
+    let d = crate::schema::digest::digest(&t, buckets.clamp(1, 1 << 16));
+    TableIterator::new(d.into_iter().map(|(b, (n, h))| (b, n, h)).collect::<Vec<_>>())
+}
+
+/// The rows of a table's buckets `wanted`, for a peer narrowing a difference down.
+#[pg_extern(volatile, security_definer)]
+#[search_path(pg_catalog, pg_temp)]
+#[allow(clippy::type_complexity)]
+fn peer_diff_rows(
+    peer_name: &str,
+    schema_name: &str,
+    table_name: &str,
+    cols: Vec<String>,
+    key: Vec<String>,
+    buckets: i32,
+    wanted: Vec<i32>,
+) -> TableIterator<'static, (name!(key, String), name!(row, String))> {
+    me_or_raise();
+    peer_node(peer_name);
+    let t = crate::schema::digest::checked_target(&node::peer_policy(peer_name), schema_name, table_name, &cols, &key);
+    let rows = crate::schema::digest::rows(&t, buckets.clamp(1, 1 << 16), &wanted);
+    TableIterator::new(rows.into_iter().collect::<Vec<_>>())
+}
+
 /// While this node joins from its provider, nothing is pushed to it: its cursor in the
 /// provider's stream waits for its copies.
 fn check_not_joining(peer_name: &str) {
@@ -258,13 +298,17 @@ pgrx::extension_sql!(
                             rbucardo.peer_position(text), rbucardo.peer_push(text, bytea),
                             rbucardo.peer_schema(text, jsonb, text), rbucardo.peer_report(text, text),
                             rbucardo.peer_join_begin(text), rbucardo.peer_copy_query(text, text, text, text[]),
-                            rbucardo.peer_join_end(text, text) FROM PUBLIC;
+                            rbucardo.peer_join_end(text, text),
+                            rbucardo.peer_diff_digest(text, text, text, text[], text[], integer),
+                            rbucardo.peer_diff_rows(text, text, text, text[], text[], integer, integer[]) FROM PUBLIC;
      GRANT EXECUTE ON FUNCTION rbucardo.peer_hello(text, integer), rbucardo.peer_fetch(text, bigint, bigint, integer, bigint, bigint, integer),
                             rbucardo.peer_position(text), rbucardo.peer_push(text, bytea),
                             rbucardo.peer_schema(text, jsonb, text), rbucardo.peer_report(text, text),
                             rbucardo.peer_join_begin(text), rbucardo.peer_copy_query(text, text, text, text[]),
-                            rbucardo.peer_join_end(text, text) TO rbucardo_peer;",
+                            rbucardo.peer_join_end(text, text),
+                            rbucardo.peer_diff_digest(text, text, text, text[], text[], integer),
+                            rbucardo.peer_diff_rows(text, text, text, text[], text[], integer, integer[]) TO rbucardo_peer;",
     name = "peer_grants",
-    requires = [peer_hello, peer_fetch, peer_position, peer_push, peer_schema, peer_report, peer_join_begin, peer_copy_query, peer_join_end]
+    requires = [peer_hello, peer_fetch, peer_position, peer_push, peer_schema, peer_report, peer_join_begin, peer_copy_query, peer_join_end, peer_diff_digest, peer_diff_rows]
 );
 

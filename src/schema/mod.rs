@@ -2,5 +2,6 @@
 //! and apply (the DDL runner tells the event triggers when a replicated command runs).
 
 pub mod ddl;
+pub mod digest;
 pub mod herd;
 pub mod sequences;

@@ -470,3 +470,62 @@ GRANT EXECUTE ON FUNCTION rbucardo.peer_join_begin(text), rbucardo.peer_copy_que
 
 -- Transactions addressed to one node (repairs, src/api/repair.rs).
 ALTER TABLE rbucardo.change_log ADD COLUMN only_for integer;
+
+-- Compare and repair (src/api/diff.rs, src/schema/digest.rs, sql/diff.sql).
+-- Compare and repair (src/api/diff.rs): the rows rbucardo.diff found different between this
+-- node and a peer, kept until a later diff of the same peer and table, or a repair, replaces
+-- them. Keys and rows are JSON of the values' canonical text.
+CREATE TABLE rbucardo.diff_result (
+    sync        text NOT NULL,
+    peer        text NOT NULL,
+    schema_name text NOT NULL,
+    table_name  text NOT NULL,
+    key         jsonb NOT NULL,
+    here        jsonb,              -- NULL: the row is missing here
+    there       jsonb,              -- NULL: the row is missing on the peer
+    found_at    timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (sync, peer, schema_name, table_name, key)
+);
+
+CREATE FUNCTION rbucardo."peer_diff_digest"(
+	"peer_name" TEXT, /* & str */
+	"schema_name" TEXT, /* & str */
+	"table_name" TEXT, /* & str */
+	"cols" TEXT[], /* Vec < String > */
+	"key" TEXT[], /* Vec < String > */
+	"buckets" INT /* i32 */
+) RETURNS TABLE (
+	"bucket" INT,  /* i32 */
+	"rows" bigint,  /* i64 */
+	"hash" bigint  /* i64 */
+)
+STRICT VOLATILE SECURITY DEFINER
+SET search_path TO pg_catalog, pg_temp
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', 'peer_diff_digest_wrapper';
+CREATE FUNCTION rbucardo."peer_diff_rows"(
+	"peer_name" TEXT, /* & str */
+	"schema_name" TEXT, /* & str */
+	"table_name" TEXT, /* & str */
+	"cols" TEXT[], /* Vec < String > */
+	"key" TEXT[], /* Vec < String > */
+	"buckets" INT, /* i32 */
+	"wanted" INT[] /* Vec < i32 > */
+) RETURNS TABLE (
+	"key" TEXT,  /* String */
+	"row" TEXT  /* String */
+)
+STRICT VOLATILE SECURITY DEFINER
+SET search_path TO pg_catalog, pg_temp
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', 'peer_diff_rows_wrapper';
+CREATE FUNCTION rbucardo.diff(sync text, tbl regclass DEFAULT NULL)
+           RETURNS TABLE (peer text, table_name text, key jsonb, here jsonb, there jsonb)
+           VOLATILE LANGUAGE c AS 'MODULE_PATHNAME', 'diff_wrapper';
+CREATE FUNCTION rbucardo.repair(sync text, peer text, tbl regclass DEFAULT NULL, keys jsonb DEFAULT NULL, dry_run boolean DEFAULT true)
+           RETURNS TABLE (table_name text, key jsonb, action text, here jsonb, there jsonb)
+           VOLATILE LANGUAGE c AS 'MODULE_PATHNAME', 'repair_wrapper';
+REVOKE ALL ON FUNCTION rbucardo.peer_diff_digest(text, text, text, text[], text[], integer),
+                       rbucardo.peer_diff_rows(text, text, text, text[], text[], integer, integer[]) FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION rbucardo.peer_diff_digest(text, text, text, text[], text[], integer),
+                          rbucardo.peer_diff_rows(text, text, text, text[], text[], integer, integer[]) TO rbucardo_peer;

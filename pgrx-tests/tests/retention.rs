@@ -60,6 +60,22 @@ fn a_peer_away_past_retention_expires_and_must_rejoin() {
     wait_for(&cluster, BRANCH1, "branch2's sale on branch1", "SELECT count(*) FROM products WHERE id = 3000082", "1");
     assert_eq!(one(&cluster, BRANCH2, "SELECT count(*) FROM products WHERE id IN (81, 83, 2000084)"), "0", "no stream with a hole");
     assert_eq!(one(&cluster, MAIN, "SELECT state FROM rbucardo.status WHERE db = 'branch2'"), "expired");
+
+    // branch2 rejoins online: its tables emptied without replicating that, copied from main,
+    // and it is whole again, both ways.
+    let tables: Vec<&str> = TABLES.iter().map(|(t, _)| *t).collect();
+    cluster.node(BRANCH2).sql(DB, &format!("BEGIN; SET LOCAL session_replication_role = replica; TRUNCATE {}; COMMIT;", tables.join(", ")));
+    cluster.node(BRANCH2).sql(DB, "SELECT rbucardo.join('main')");
+    wait_for(&cluster, BRANCH2, "the rejoin", "SELECT state FROM rbucardo.join_run", "done");
+    wait_for(&cluster, MAIN, "branch2 no longer expired", "SELECT state FROM rbucardo.status WHERE db = 'branch2'", "connected");
+    cluster.node(MAIN).sql(DB, "INSERT INTO products (id, name, price, stock) VALUES (85, 'after the rejoin', 1, 1)");
+    cluster.node(BRANCH2).sql(DB, "INSERT INTO products (id, name, price, stock) VALUES (3000086, 'branch2 again', 1, 1)");
+    wait_for(&cluster, BRANCH2, "main's product on branch2", "SELECT count(*) FROM products WHERE id = 85", "1");
+    wait_for(&cluster, BRANCH1, "branch2's product on branch1", "SELECT count(*) FROM products WHERE id = 3000086", "1");
+    assert!(cluster.node(MAIN).query_one(DB, "SELECT rbucardo.wait_for_sync('store_sync')").as_deref() == Some("t"));
+    for (t, order) in TABLES {
+        cluster.assert_tables_equal(DB, t, order, &ALL);
+    }
 }
 
 #[test]

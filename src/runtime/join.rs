@@ -42,14 +42,11 @@ const LOG_EVERY: Duration = Duration::from_secs(10);
 
 /// `peer_join_begin`: cuts the tick the joining peer's stream starts after, and describes
 /// what it joins: the syncs this node shares with it, and their tables with the statements
-/// that make them (for a node that lacks them) and an estimate of their rows. A peer that
-/// expired here may join again: that makes it whole.
+/// that make them (for a node that lacks them) and an estimate of their rows.
 pub fn provide_begin(peer: &str) -> String {
     let tick = crate::log::changelog::ensure_tick();
     Spi::run_with_args(
-        "UPDATE rbucardo.peer_state SET out_tick = $2, out_seq = $3, join_until = NULL, join_filter = NULL,
-                expired_at = NULL, expired_why = NULL
-          WHERE db = $1",
+        "UPDATE rbucardo.peer_state SET out_tick = $2, out_seq = $3, join_until = NULL, join_filter = NULL WHERE db = $1",
         &[peer.into(), tick.into(), WHOLE_TICK.into()],
     )
     .expect("join begin");
@@ -116,13 +113,17 @@ pub fn provide_copy_query(peer: &str, schema: &str, table: &str, cols: &[String]
 }
 
 /// `peer_join_end`: keeps the peer's table snapshots and cuts the tick after which they no
-/// longer matter; returns it.
+/// longer matter; returns it. A peer that expired here may join again: that makes it whole.
 pub fn provide_end(peer: &str, filter: &str) -> i64 {
     if JoinFilter::parse(0, filter).is_none() {
         raise(PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE, "the join filter does not parse", "It is [[schema, table, snapshot], ...] as the joining node sends it.");
     }
     let until = crate::log::changelog::ensure_tick();
-    Spi::run_with_args("UPDATE rbucardo.peer_state SET join_until = $2, join_filter = $3 WHERE db = $1", &[peer.into(), until.into(), filter.into()])
+    // A peer that expired here (src/log/retention.rs) is whole again once its copies are made.
+    Spi::run_with_args(
+        "UPDATE rbucardo.peer_state SET join_until = $2, join_filter = $3, expired_at = NULL, expired_why = NULL WHERE db = $1",
+        &[peer.into(), until.into(), filter.into()],
+    )
         .expect("join end");
     until
 }

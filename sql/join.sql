@@ -54,8 +54,8 @@ SELECT r.provider, r.state AS join_state, t.schema_name, t.table_name, t.state,
 
 -- The statements that make a table as it is here, for a joining node that lacks it:
 -- `types` (enum types its columns use), `creates` (schema, sequences of serial columns, the
--- table) and `laters` (constraints, foreign keys last, other indexes, sequence ownership),
--- run after every table is created.
+-- table, its owner: that role must exist on the joining node) and `laters` (constraints,
+-- foreign keys last, other indexes, sequence ownership), run after every table is created.
 CREATE FUNCTION rbucardo.table_ddl(tbl regclass, OUT types text[], OUT creates text[], OUT laters text[])
 LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
 SELECT
@@ -86,7 +86,8 @@ SELECT
                  FROM pg_attribute a
                  JOIN pg_type t ON t.oid = a.atttypid
                  LEFT JOIN pg_attrdef ad ON ad.adrelid = a.attrelid AND ad.adnum = a.attnum
-                WHERE a.attrelid = tbl AND a.attnum > 0 AND NOT a.attisdropped)),
+                WHERE a.attrelid = tbl AND a.attnum > 0 AND NOT a.attisdropped))
+    || format('ALTER TABLE %s OWNER TO %s', tbl, k.relowner::regrole),
     ARRAY(SELECT format('ALTER TABLE %s ADD CONSTRAINT %I %s', tbl, c.conname, pg_get_constraintdef(c.oid))
             FROM pg_constraint c
            WHERE c.conrelid = tbl AND c.contype IN ('p', 'u', 'c', 'x', 'f')
@@ -96,6 +97,12 @@ SELECT
               WHERE i.indrelid = tbl
                 AND NOT EXISTS (SELECT 1 FROM pg_constraint c WHERE c.conindid = i.indexrelid AND c.conrelid = tbl)
               ORDER BY i.indexrelid::regclass::text)
+    || ARRAY(SELECT format('ALTER SEQUENCE %s OWNER TO %s', s.oid::regclass, k.relowner::regrole)
+               FROM pg_depend d
+               JOIN pg_class s ON s.oid = d.objid AND s.relkind = 'S'
+              WHERE d.classid = 'pg_class'::regclass AND d.refclassid = 'pg_class'::regclass
+                AND d.refobjid = tbl AND d.deptype = 'a'
+              ORDER BY 1)
     || ARRAY(SELECT format('ALTER SEQUENCE %s OWNED BY %s.%I', s.oid::regclass, tbl, a.attname)
                FROM pg_depend d
                JOIN pg_class s ON s.oid = d.objid AND s.relkind = 'S'
@@ -107,16 +114,4 @@ SELECT
  WHERE k.oid = tbl
 $$;
 
--- A table's rows for a joining peer, each column as text (its type's output), read in the
--- caller's snapshot: the peer runs COPY (SELECT * FROM rbucardo.peer_copy(...) AS r(c text,
--- ...)) TO STDOUT inside a REPEATABLE READ transaction whose snapshot it keeps.
--- peer_copy_query checks that the caller is that peer and shares the table.
-CREATE FUNCTION rbucardo.peer_copy(peer_name text, schema_name text, table_name text, cols text[]) RETURNS SETOF record
-LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
-BEGIN
-    RETURN QUERY EXECUTE rbucardo.peer_copy_query(peer_name, schema_name, table_name, cols);
-END
-$$;
-
-REVOKE ALL ON FUNCTION rbucardo.table_ddl(regclass), rbucardo.peer_copy(text, text, text, text[]) FROM PUBLIC;
-GRANT EXECUTE ON FUNCTION rbucardo.peer_copy(text, text, text, text[]) TO rbucardo_peer;
+REVOKE ALL ON FUNCTION rbucardo.table_ddl(regclass) FROM PUBLIC;

@@ -33,7 +33,8 @@ fn differences_planted_on_two_peers_are_found_and_repaired_through_the_stream() 
         DB,
         "SELECT rbucardo.set_column_strategy('products', 'stock', 'delta');
          INSERT INTO products (id, name, price, stock, created, tags) SELECT g, 'p' || g, g, 100, '2026-01-01 10:00+02', '{x}' FROM generate_series(1, 20000) g;
-         INSERT INTO users VALUES (1, 'ana', 'Ana'), (2, 'bo', 'Bo');",
+         INSERT INTO users VALUES (1, 'ana', 'Ana'), (2, 'bo', 'Bo');
+         INSERT INTO product_tag_rel SELECT g, g * 10 FROM generate_series(1, 5) g;",
     );
     for i in [BRANCH1, BRANCH2] {
         cluster.node(i).sql(DB, "SELECT rbucardo.set_column_strategy('products', 'stock', 'delta')");
@@ -50,6 +51,7 @@ fn differences_planted_on_two_peers_are_found_and_repaired_through_the_stream() 
     plant(&cluster, BRANCH2, "INSERT INTO products (id, name, stock) VALUES (30001, 'ghost', 1)");
     plant(&cluster, BRANCH2, "UPDATE products SET stock = 97 WHERE id = 5");
     plant(&cluster, BRANCH2, "UPDATE users SET name = 'Bob' WHERE id = 2");
+    plant(&cluster, BRANCH1, "DELETE FROM product_tag_rel WHERE product_id = 3 AND tag_id = 30");
 
     // Sales go on everywhere while main compares: none of them is a difference.
     let stop = AtomicBool::new(false);
@@ -78,6 +80,7 @@ fn differences_planted_on_two_peers_are_found_and_repaired_through_the_stream() 
     assert_eq!(
         found,
         vec![
+            "branch1 public.product_tag_rel [\"3\", \"30\"] NULL NULL NULL NULL NULL",
             "branch1 public.products [\"12345\"] 12345.00 NULL 100 NULL NULL",
             "branch1 public.products [\"7\"] 7.00 999.00 100 100 p7",
             "branch2 public.products [\"30001\"] NULL NULL NULL 1 ghost",
@@ -85,13 +88,13 @@ fn differences_planted_on_two_peers_are_found_and_repaired_through_the_stream() 
             "branch2 public.users [\"2\"] NULL NULL NULL NULL Bob",
         ]
     );
-    assert_eq!(one(&cluster, MAIN, "SELECT count(*) FROM rbucardo.diff_result"), "5");
+    assert_eq!(one(&cluster, MAIN, "SELECT count(*) FROM rbucardo.diff_result"), "6");
 
     // The dry run says what it would do and changes nothing.
     let plan = rows(&cluster, MAIN, "SELECT table_name, key::text, action FROM rbucardo.repair('store_sync', 'branch2') ORDER BY 1, 2");
     assert_eq!(plan, vec!["public.products [\"30001\"] delete", "public.products [\"5\"] update", "public.users [\"2\"] update"]);
     assert_eq!(one(&cluster, BRANCH2, "SELECT stock FROM products WHERE id = 5"), "97");
-    assert_eq!(one(&cluster, MAIN, "SELECT count(*) FROM rbucardo.diff_result"), "5");
+    assert_eq!(one(&cluster, MAIN, "SELECT count(*) FROM rbucardo.diff_result"), "6");
 
     // The real repairs: each travels to its peer alone. branch2's stock comes back to 100
     // exactly (a delta column: the change's old image is branch2's row), and branch1 is not
@@ -100,12 +103,16 @@ fn differences_planted_on_two_peers_are_found_and_repaired_through_the_stream() 
     assert_eq!(log_before, "0");
     rows(&cluster, MAIN, "SELECT * FROM rbucardo.repair('store_sync', 'branch2', dry_run => false)");
     rows(&cluster, MAIN, "SELECT * FROM rbucardo.repair('store_sync', 'branch1', 'products', keys => '[[\"7\"], [\"12345\"]]', dry_run => false)");
+    // A key of two columns, written with numbers and without spaces.
+    let by_key = rows(&cluster, MAIN, "SELECT action FROM rbucardo.repair('store_sync', 'branch1', 'product_tag_rel', keys => '[[3,30]]', dry_run => false)");
+    assert_eq!(by_key, vec!["insert"]);
     for (i, sql, want) in [
         (BRANCH2, "SELECT stock FROM products WHERE id = 5", "100"),
         (BRANCH2, "SELECT count(*) FROM products WHERE id = 30001", "0"),
         (BRANCH2, "SELECT name FROM users WHERE id = 2", "Bo"),
         (BRANCH1, "SELECT price FROM products WHERE id = 7", "7.00"),
         (BRANCH1, "SELECT count(*) FROM products WHERE id = 12345", "1"),
+        (BRANCH1, "SELECT count(*) FROM product_tag_rel WHERE product_id = 3", "1"),
     ] {
         wait_until("the repair on the peer", T, || {
             let got = one(&cluster, i, sql);

@@ -195,3 +195,43 @@ fn a_store_without_tables_gets_them_from_the_provider() {
     cluster.node(BRANCH1).sql(DB, "UPDATE users SET name = 'Ana B' WHERE id = 1");
     wait_for(&cluster, BRANCH3, "branch1's change on branch3", "SELECT name FROM users WHERE id = 1", "Ana B");
 }
+
+/// A schema change on the provider while the copies are made could leave a copy that the
+/// replayed change gets wrong: the join refuses to end, visibly, and a new join succeeds.
+#[test]
+fn a_schema_change_during_the_join_is_refused_and_a_new_join_succeeds() {
+    let cluster = start_store_with_spare("join_ddl", "branch3");
+    cluster.node(MAIN).sql(DB, &format!("INSERT INTO bulk (id, tag, payload) SELECT g, 0, repeat(md5(g::text), 30) FROM generate_series(1, {BULK_ROWS}) g"));
+    wait_for(&cluster, BRANCH1, "the bulk rows on branch1", "SELECT count(*) FROM bulk", &BULK_ROWS.to_string());
+    prepare_branch3(&cluster, true);
+    let link = cluster.link(BRANCH3, MAIN);
+    link.cut_after_bytes(link.bytes_forwarded(Direction::ServerToClient) + 2_000_000, Direction::ServerToClient);
+    cluster.node(BRANCH3).sql(DB, "SELECT rbucardo.join('main')");
+    wait_until("the copy to stop at the cut", T, || {
+        let e = one(&cluster, BRANCH3, "SELECT coalesce(string_agg(last_error, '; '), '') FROM rbucardo.join_table");
+        if e.is_empty() { Err("no failure yet".into()) } else { Ok(true) }
+    });
+    cluster.node(MAIN).sql(DB, "CREATE INDEX users_name ON users (name)");
+    link.restore();
+    wait_until("the join to be refused", T, || {
+        let e = one(&cluster, BRANCH3, "SELECT coalesce(string_agg(last_error, '; '), '') FROM rbucardo.join_progress");
+        let s = one(&cluster, BRANCH3, "SELECT coalesce(last_error, '') FROM rbucardo.status WHERE db = 'main'");
+        if s.contains("a schema change ran on the provider during the join: CREATE INDEX users_name ON users (name)") { Ok(true) } else { Err(format!("{e} / {s}")) }
+    });
+    assert_eq!(one(&cluster, BRANCH3, "SELECT state FROM rbucardo.join_run"), "copying");
+    assert_eq!(one(&cluster, MAIN, "SELECT count(*) FROM rbucardo.peer_state WHERE db = 'branch3' AND join_until IS NOT NULL"), "0");
+    // Start again, the tables emptied without replicating that.
+    let tables: Vec<&str> = TABLES.iter().map(|(t, _)| *t).collect();
+    cluster.node(BRANCH3).sql(
+        DB,
+        &format!("DELETE FROM rbucardo.join_run; BEGIN; SET LOCAL session_replication_role = replica; TRUNCATE {}; COMMIT;", tables.join(", ")),
+    );
+    cluster.node(BRANCH3).sql(DB, "SELECT rbucardo.join('main')");
+    wait_for(&cluster, BRANCH3, "the second join", "SELECT state FROM rbucardo.join_run", "done");
+    cluster.node(MAIN).sql(DB, "INSERT INTO users (id, login) VALUES (9, 'zoe')");
+    wait_for(&cluster, BRANCH3, "a change after the join", "SELECT login FROM users WHERE id = 9", "zoe");
+    // Schema changes after the join replicate as usual.
+    cluster.node(MAIN).sql(DB, "ALTER TABLE cash_session ADD COLUMN note text");
+    wait_for(&cluster, BRANCH3, "the column on branch3", "SELECT count(*) FROM pg_attribute WHERE attrelid = 'cash_session'::regclass AND attname = 'note'", "1");
+    wait_equal(&cluster, TABLES);
+}

@@ -15,14 +15,18 @@ use crate::base::error::raise;
 use crate::base::node::me_or_raise;
 use crate::base::pq::{Param, PeerConn};
 use crate::base::wire::{Op, RelDesc, Value};
+use crate::base::xact::LocalSetting;
+use crate::base::sqltext::text_array_literal;
 use crate::schema::digest::{self, Target};
 
 const CALL_TIMEOUT: Duration = Duration::from_secs(600);
 /// How long a check waits for in-flight changes to land, and how often it looks again.
 const SETTLE: Duration = Duration::from_secs(30);
 const CHECKS: usize = 3;
-/// At most this many rows are repaired in one call (one transaction).
+/// At most this many rows, and about this many bytes of row images, are repaired in one call
+/// (one transaction, one chunk: it must fit a batch on the peer).
 const MAX_REPAIR_ROWS: usize = 100_000;
+const MAX_REPAIR_BYTES: usize = 64 << 20;
 
 /// One difference: (key, row here, row there) as JSON text.
 type Difference = (String, Option<String>, Option<String>);
@@ -63,18 +67,13 @@ fn connect(peer: &str) -> Option<PeerConn> {
     Some(conn)
 }
 
-fn text_array(items: &[String]) -> String {
-    let quoted: Vec<String> = items.iter().map(|s| format!("\"{}\"", s.replace('\\', "\\\\").replace('"', "\\\""))).collect();
-    format!("{{{}}}", quoted.join(","))
-}
-
 fn fail(peer: &str, e: impl std::fmt::Display) -> ! {
     raise(PgSqlErrorCode::ERRCODE_CONNECTION_FAILURE, format!("comparing with {peer} failed: {e}"), "Nothing was recorded for that peer; try again.")
 }
 
 /// This node's digest of `t` and the peer's, computed at once on both.
 fn digests(conn: &mut PeerConn, peer: &str, t: &Target, buckets: i32, me: &str) -> (digest::Digest, digest::Digest) {
-    let (cols, key, b) = (text_array(&t.cols), text_array(&t.key), buckets.to_string());
+    let (cols, key, b) = (text_array_literal(&t.cols), text_array_literal(&t.key), buckets.to_string());
     let params = [Param::Text(me), Param::Text(&t.schema), Param::Text(&t.table), Param::Text(&cols), Param::Text(&key), Param::Text(&b)];
     conn.send("SELECT bucket, rows, hash FROM rbucardo.peer_diff_digest($1, $2, $3, $4, $5, $6)", &params, CALL_TIMEOUT).unwrap_or_else(|e| fail(peer, e));
     let mine = digest::digest(t, buckets);
@@ -85,7 +84,7 @@ fn digests(conn: &mut PeerConn, peer: &str, t: &Target, buckets: i32, me: &str) 
 /// The rows of `wanted` buckets here and at the peer, and those that differ (limited to
 /// `keys` when given).
 fn compare_buckets(conn: &mut PeerConn, peer: &str, t: &Target, buckets: i32, wanted: &[i32], keys: Option<&[String]>, me: &str) -> Vec<Difference> {
-    let (cols, key, b) = (text_array(&t.cols), text_array(&t.key), buckets.to_string());
+    let (cols, key, b) = (text_array_literal(&t.cols), text_array_literal(&t.key), buckets.to_string());
     let list = format!("{{{}}}", wanted.iter().map(|w| w.to_string()).collect::<Vec<_>>().join(","));
     let params = [Param::Text(me), Param::Text(&t.schema), Param::Text(&t.table), Param::Text(&cols), Param::Text(&key), Param::Text(&b), Param::Text(&list)];
     conn.send("SELECT key, row FROM rbucardo.peer_diff_rows($1, $2, $3, $4, $5, $6, $7)", &params, CALL_TIMEOUT).unwrap_or_else(|e| fail(peer, e));
@@ -144,6 +143,7 @@ fn diff(
     tbl: Option<pg_sys::Oid>,
 ) -> TableIterator<'static, (name!(peer, String), name!(table_name, String), name!(key, pgrx::JsonB), name!(here, Option<pgrx::JsonB>), name!(there, Option<pgrx::JsonB>))> {
     superuser_only("compare tables");
+    let _path = LocalSetting::pinned_search_path();
     let me = me_or_raise();
     let tables = tables_of(sync, tbl);
     let peers: Vec<String> = Spi::connect(|c| {
@@ -206,6 +206,7 @@ fn repair(
     dry_run: Option<bool>,
 ) -> TableIterator<'static, (name!(table_name, String), name!(key, pgrx::JsonB), name!(action, String), name!(here, Option<pgrx::JsonB>), name!(there, Option<pgrx::JsonB>))> {
     superuser_only("repair tables");
+    let _path = LocalSetting::pinned_search_path();
     let me = me_or_raise();
     let dry_run = dry_run.unwrap_or(true);
     let in_sync = Spi::get_one_with_args::<bool>("SELECT $2 = ANY (dbs) FROM rbucardo.sync WHERE name = $1", &[sync.into(), peer.into()]).ok().flatten();
@@ -220,9 +221,19 @@ fn repair(
     // The differences to repair, per table: the last diff's, or those of the keys given.
     let mut work: Vec<(Target, pg_sys::Oid, Vec<Difference>)> = Vec::new();
     let wanted_keys: Option<Vec<String>> = keys.map(|k| match k.0 {
-        serde_json::Value::Array(items) if !items.is_empty() => items.iter().map(|i| i.to_string()).collect(),
+        serde_json::Value::Array(items) if !items.is_empty() => digest::normalize_keys(&items),
         _ => raise(PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE, "keys must be a non-empty JSON array of keys", "For example '[[\"42\"], [\"43\"]]', as rbucardo.diff shows keys."),
     });
+    // A repair earlier sent to the peer must have landed first: this one's old images are
+    // the peer's rows as they are before it, and a delta column would count the difference twice.
+    let pending = Spi::get_one_with_args::<bool>("SELECT EXISTS (SELECT 1 FROM rbucardo.change_log WHERE only_for = $1 AND origin IS NULL)", &[peer_id.into()]).ok().flatten() == Some(true);
+    if pending && !dry_run && !crate::api::monitor::synced(sync, SETTLE) {
+        raise(
+            PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
+            format!("an earlier repair has not reached {peer} yet"),
+            "Wait until rbucardo.wait_for_sync() returns true, run diff again, then repair.",
+        );
+    }
     let mut conn = None;
     for &relid in &tables {
         let t = digest::target(relid);
@@ -244,16 +255,25 @@ fn repair(
                         raise(PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE, format!("this node does not connect to {peer}"), "Repair by keys reads the peer's rows: run it where the peer has a conninfo, or run diff there and repair without keys.")
                     }));
                 }
-                // Keys in the canonical form diff uses: a JSON array of text values.
-                let keys: Vec<String> = keys.iter().filter_map(|k| serde_json::from_str::<serde_json::Value>(k).ok()).map(|v| v.to_string()).collect();
-                let est = buckets_for(relid);
-                let wanted = digest::buckets_of(&keys, est);
-                compare_buckets(conn.as_mut().unwrap(), peer, &t, est, &wanted, Some(&keys), &me.name)
+                let buckets = buckets_for(relid);
+                let wanted = digest::buckets_of(keys, buckets);
+                compare_buckets(conn.as_mut().unwrap(), peer, &t, buckets, &wanted, Some(keys), &me.name)
             }
         };
         if !found.is_empty() {
             work.push((t, relid, found));
         }
+    }
+    // This node's rows as they are now, not as the diff saw them: the repair must not bring
+    // back an older version of a row changed since.
+    for (t, relid, found) in work.iter_mut() {
+        let keys: Vec<String> = found.iter().map(|f| f.0.clone()).collect();
+        let buckets = buckets_for(*relid);
+        let now = digest::rows(t, buckets, &digest::buckets_of(&keys, buckets));
+        for f in found.iter_mut() {
+            f.1 = now.get(&f.0).cloned();
+        }
+        found.retain(|f| f.1 != f.2);
     }
     let total: usize = work.iter().map(|w| w.2.len()).sum();
     if total > MAX_REPAIR_ROWS {
@@ -285,6 +305,10 @@ fn repair(
             out.push((format!("{}.{}", t.schema, t.table), key, action.to_string(), h.map(pgrx::JsonB), th.map(pgrx::JsonB)));
         }
     }
+    let bytes: usize = changes.iter().map(|(_, _, o, n)| [o, n].iter().map(|r| r.as_ref().map_or(0, |r| r.iter().map(|v| v.as_ref().map_or(1, String::len)).sum())).sum::<usize>()).sum();
+    if bytes > MAX_REPAIR_BYTES {
+        raise(PgSqlErrorCode::ERRCODE_PROGRAM_LIMIT_EXCEEDED, format!("the repair would be one transaction of {} MB", bytes >> 20), "Repair a table at a time (tbl), or a list of keys.");
+    }
     if !dry_run && !changes.is_empty() {
         crate::log::capture::log_own_txn(changes, Some(peer_id));
         for (t, _, found) in &work {
@@ -299,7 +323,18 @@ fn repair(
     TableIterator::new(out)
 }
 
+/// Buckets for the table `relid`: from the planner's estimate of its rows, or a count when it
+/// was never analysed.
 fn buckets_for(relid: pg_sys::Oid) -> i32 {
-    let est = Spi::get_one_with_args::<f32>("SELECT reltuples FROM pg_catalog.pg_class WHERE oid = $1", &[relid.into()]).ok().flatten().unwrap_or(0.0);
-    digest::bucket_count(est.max(0.0) as i64)
+    let est = Spi::get_one_with_args::<f32>("SELECT reltuples FROM pg_catalog.pg_class WHERE oid = $1", &[relid.into()]).ok().flatten().unwrap_or(-1.0);
+    let rows = if est >= 0.0 {
+        est as i64
+    } else {
+        Spi::get_one::<i64>(&format!("SELECT count(*) FROM {}", relid_name(relid))).ok().flatten().unwrap_or(0)
+    };
+    digest::bucket_count(rows)
+}
+
+fn relid_name(relid: pg_sys::Oid) -> String {
+    Spi::get_one_with_args::<String>("SELECT $1::regclass::text", &[relid.into()]).ok().flatten().unwrap_or_default()
 }

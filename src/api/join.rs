@@ -18,10 +18,9 @@ use crate::base::xact::{error_code, error_message, undoable, LocalSetting};
 
 const CALL_TIMEOUT: Duration = Duration::from_secs(120);
 
-/// What the provider says the node joins (`peer_join_begin`).
+/// What the provider says the node joins (`peer_join_describe`).
 #[derive(Deserialize)]
 struct Joining {
-    tick: i64,
     syncs: Vec<SyncDesc>,
     tables: Vec<TableDesc>,
 }
@@ -93,7 +92,7 @@ fn join(provider: &str, copy_schema: default!(bool, false)) -> String {
         Some((name, _)) => fail(format!("the server at {provider}'s conninfo is node {name}"), "Fix the conninfo in rbucardo.db."),
         None => fail("peer_hello returned nothing", "Is the provider running rbucardo?"),
     }
-    let rows = call(&mut conn, "SELECT rbucardo.peer_join_begin($1)", &[Param::Text(&me.name)]);
+    let rows = call(&mut conn, "SELECT rbucardo.peer_join_describe($1)", &[Param::Text(&me.name)]);
     let text = rows.first().and_then(|r| r.text(0)).unwrap_or_default();
     let joining: Joining = serde_json::from_str(&text).unwrap_or_else(|e| fail(format!("{provider} described the join badly: {e}"), "Both nodes must run the same rbucardo version."));
     if joining.tables.is_empty() {
@@ -166,12 +165,18 @@ fn join(provider: &str, copy_schema: default!(bool, false)) -> String {
     for t in &joining.tables {
         let sql = format!("SELECT EXISTS (SELECT 1 FROM {}.{})", crate::base::sqltext::quote_ident(&t.schema), crate::base::sqltext::quote_ident(&t.table));
         if Spi::get_one::<bool>(&sql).ok().flatten() == Some(true) {
-            fail(format!("table {}.{} holds rows here", t.schema, t.table), "A join copies into empty tables: TRUNCATE them first.");
+            fail(
+                format!("table {}.{} holds rows here", t.schema, t.table),
+                "A join copies into empty tables. Empty them without replicating that: BEGIN; SET LOCAL session_replication_role = replica; TRUNCATE ...; COMMIT;",
+            );
         }
     }
-    // The stream from the provider goes on after the tick it cut; the worker copies first.
-    Spi::run_with_args("UPDATE rbucardo.peer_state SET in_tick = $2, in_seq = $3 WHERE db = $1", &[provider.into(), joining.tick.into(), WHOLE_TICK.into()]).expect("cursor");
-    Spi::run_with_args("INSERT INTO rbucardo.join_run (provider, start_tick) VALUES ($1, $2)", &[provider.into(), joining.tick.into()]).expect("join run");
+    // Ready: the provider cuts the tick the stream goes on after (the last remote call, so
+    // that nothing above, refused, has changed anything there). The worker copies first.
+    let rows = call(&mut conn, "SELECT rbucardo.peer_join_start($1)", &[Param::Text(&me.name)]);
+    let tick = rows.first().and_then(|r| r.i64(0)).unwrap_or_else(|| fail("peer_join_start returned nothing", "Both nodes must run the same rbucardo version."));
+    Spi::run_with_args("UPDATE rbucardo.peer_state SET in_tick = $2, in_seq = $3 WHERE db = $1", &[provider.into(), tick.into(), WHOLE_TICK.into()]).expect("cursor");
+    Spi::run_with_args("INSERT INTO rbucardo.join_run (provider, start_tick) VALUES ($1, $2)", &[provider.into(), tick.into()]).expect("join run");
     for t in &joining.tables {
         Spi::run_with_args(
             "INSERT INTO rbucardo.join_table (provider, schema_name, table_name, est_rows) VALUES ($1, $2, $3, $4)",

@@ -32,6 +32,13 @@ pub fn admit(me: i32, policy: &PeerPolicy, batch: &Batch, cursor: Position) -> R
     };
     let applied = applied_positions();
     for txn in batch.txns.iter().filter(|t| t.stream_pos > cursor) {
+        // A transaction addressed to one node (a repair) comes from its origin, to this node:
+        // anything else would be applied and not forwarded, or not applied at all.
+        if let Some(to) = txn.to {
+            if to != me || txn.origin != peer_id {
+                return Err(format!("a transaction of node {} addressed to node {to} came from {} (node {peer_id})", txn.origin, policy.name));
+            }
+        }
         if txn.origin == me {
             continue; // this node's own change coming back: skipped by the apply
         }

@@ -93,7 +93,12 @@ pub fn copy_in(relid: pg_sys::Oid, cols: &[String], source: &mut RowSource) -> u
             let c = CString::new(c.as_str()).expect("column name without NUL");
             names = pg_sys::lappend(names, pg_sys::makeString(pg_sys::pstrdup(c.as_ptr())) as *mut c_void);
         }
-        let cstate = pg_sys::BeginCopyFrom(pstate, rel, ptr::null_mut(), ptr::null(), false, Some(read_rows), names, ptr::null_mut());
+        // The rows come from a peer session with client_encoding UTF8.
+        let options = pg_sys::lappend(
+            ptr::null_mut(),
+            pg_sys::makeDefElem(pg_sys::pstrdup(c"encoding".as_ptr()), pg_sys::makeString(pg_sys::pstrdup(c"UTF8".as_ptr())) as *mut pg_sys::Node, -1) as *mut c_void,
+        );
+        let cstate = pg_sys::BeginCopyFrom(pstate, rel, ptr::null_mut(), ptr::null(), false, Some(read_rows), names, options);
         let rows = pg_sys::CopyFrom(cstate);
         pg_sys::EndCopyFrom(cstate);
         pg_sys::free_parsestate(pstate);

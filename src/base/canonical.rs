@@ -10,6 +10,11 @@ unsafe extern "C" {
 /// `BYTEA_OUTPUT_HEX` of utils/bytea.h.
 const BYTEA_OUTPUT_HEX: i32 = 1;
 
+/// The same settings as SET LOCAL statements, for a session of a peer that prints values for
+/// this node (a joining node's table copy, src/runtime/join.rs).
+pub const CANONICAL_SETTINGS_SQL: &str = "SET LOCAL DateStyle = 'ISO, MDY'; SET LOCAL IntervalStyle = 'postgres'; \
+     SET LOCAL extra_float_digits = 1; SET LOCAL bytea_output = 'hex'; SET LOCAL TimeZone = 'UTC'";
+
 /// While alive, values print in one canonical text form whatever the session's settings:
 /// ISO dates, UTC time zone, postgres interval style, shortest exact floats, hex bytea. The capturing
 /// session's DateStyle or TimeZone must not change what a value looks like on the wire, and

@@ -250,6 +250,21 @@ pub fn quote_literal(s: &str) -> String {
     out
 }
 
+/// A column's value as its type's output function prints it (as the capture trigger does),
+/// NULL kept: `format('%s', ...)` calls the output function, where a cast to text may not
+/// (booleans cast to 'true', char(n) loses its padding) and could run a user's cast function.
+pub fn output_text(col: &str) -> String {
+    let c = quote_ident(col);
+    format!("CASE WHEN {c} IS NULL THEN NULL ELSE pg_catalog.format('%s', {c}) END")
+}
+
+/// A text[] literal of `items` (each double-quoted, with its quotes and backslashes escaped),
+/// for a text parameter that the server reads as text[].
+pub fn text_array_literal(items: &[String]) -> String {
+    let quoted: Vec<String> = items.iter().map(|s| format!("\"{}\"", s.replace('\\', "\\\\").replace('"', "\\\""))).collect();
+    format!("{{{}}}", quoted.join(","))
+}
+
 /// A quoted identifier: always in double quotes, quotes doubled (PostgreSQL reads it back as
 /// exactly this name).
 pub fn quote_ident(s: &str) -> String {

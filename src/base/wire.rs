@@ -115,7 +115,7 @@ pub struct Txn {
     /// chunks this part carries. The receiver keeps parts until the last one and applies the
     /// transaction whole.
     pub part: Option<Part>,
-    /// Set for a transaction addressed to one node (a repair, src/api/repair.rs): only that
+    /// Set for a transaction addressed to one node (a repair, src/api/diff.rs): only that
     /// node applies it, and it forwards it to nobody.
     pub to: Option<i32>,
     /// The same chunks decoded, filled by [`decode_batch`] (which decodes every chunk to check

@@ -243,7 +243,7 @@ pub fn log_own_update(desc: &RelDesc, old: Vec<Value>, new: Vec<Value>) -> i64 {
 }
 
 /// Logs a transaction of this node's own that no trigger captured: the changes a repair makes
-/// a peer's rows match this node's (src/api/repair.rs), as (table, operation, old, new) in
+/// a peer's rows match this node's (src/api/diff.rs), as (table, operation, old, new) in
 /// text form in each table's column order. It is one chunk, addressed to the node `only_for`
 /// when set. Refused in a transaction that captured changes already (its chunks would be cut
 /// in two). Returns the transaction's clock.

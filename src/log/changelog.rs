@@ -50,7 +50,7 @@ pub struct Source {
 
 /// Writes one chunk of a transaction: `chunk_no` counts the transaction's chunks from 0, the
 /// last one is `is_final`. `source` is `None` for changes made on this node; `only_for`
-/// addresses the transaction to one node (src/api/repair.rs).
+/// addresses the transaction to one node (src/api/diff.rs).
 ///
 /// Every captured transaction and every applied one pays for this insert, so it goes straight
 /// to the heap and the indexes (as PostgreSQL writes its own catalogs) instead of through SPI
@@ -449,6 +449,35 @@ fn shared_part(chunks: Vec<Vec<u8>>, policy: &PeerPolicy, held: &HashSet<(String
         }
     }
     (!out.is_empty()).then_some(out)
+}
+
+/// The first schema change the peer with `policy` would be sent among the transactions
+/// committed after tick `tick` (its command text), if any: a joining node's copies may not
+/// match the tables such a change touched (src/runtime/join.rs).
+pub fn schema_change_since(tick: i64, policy: &PeerPolicy) -> Option<String> {
+    Spi::connect(|c| {
+        let rows = c
+            .select(
+                "SELECT data FROM rbucardo.change_log
+                  WHERE NOT pg_visible_in_snapshot(txid, (SELECT snap FROM rbucardo.tick WHERE tick_id = $1))
+                  ORDER BY seq",
+                None,
+                &[tick.into()],
+            )
+            .expect("reading the log");
+        for row in rows {
+            let Some(bytes) = row.get::<Vec<u8>>(1).ok().flatten() else { continue };
+            let Ok(chunk) = decode_chunk(&bytes) else { continue };
+            for ch in chunk.changes.iter().filter(|ch| ch.op == Op::Ddl) {
+                let rel = &chunk.relations[ch.rel as usize];
+                if rel.name == "replicate_ddl" || policy.schemas.contains(&rel.schema) {
+                    let command = ch.new.as_ref().and_then(|n| n.first().cloned().flatten()).unwrap_or_default();
+                    return Some(command);
+                }
+            }
+        }
+        None
+    })
 }
 
 /// Deletes what every peer has confirmed: the transactions of every tick up to the oldest

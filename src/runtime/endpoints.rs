@@ -186,24 +186,37 @@ fn peer_report(peer_name: &str, reports: &str) -> String {
     crate::api::cluster::exchange(peer_name, reports)
 }
 
-/// A joining node's first call to its provider (src/runtime/join.rs): cuts the tick its
-/// stream starts after and describes the syncs and tables it joins, as JSON.
+/// A joining node's first call to its provider (src/runtime/join.rs): what it joins (the
+/// syncs and tables it shares with this node), as JSON. Changes nothing.
 #[pg_extern(volatile, security_definer)]
 #[search_path(pg_catalog, pg_temp)]
-fn peer_join_begin(peer_name: &str) -> String {
+fn peer_join_describe(peer_name: &str) -> String {
     me_or_raise();
     peer_node(peer_name);
     touch(peer_name);
-    crate::runtime::join::provide_begin(peer_name)
+    crate::runtime::join::provide_description(peer_name)
 }
 
-/// The query behind `rbucardo.peer_copy` (sql/join.sql): a shared table's columns as text.
+/// A joining node's second call, once it is ready: cuts the tick its stream starts after.
 #[pg_extern(volatile, security_definer)]
 #[search_path(pg_catalog, pg_temp)]
-fn peer_copy_query(peer_name: &str, schema_name: &str, table_name: &str, cols: Vec<String>) -> String {
+fn peer_join_start(peer_name: &str) -> i64 {
     me_or_raise();
     peer_node(peer_name);
-    crate::runtime::join::provide_copy_query(peer_name, schema_name, table_name, &cols)
+    touch(peer_name);
+    crate::runtime::join::provide_start(peer_name)
+}
+
+/// A temporary view of a shared table's columns for a joining node to COPY out of, in the
+/// snapshot of its transaction; returns its name.
+#[pg_extern(volatile, security_definer)]
+#[search_path(pg_catalog, pg_temp)]
+fn peer_copy_view(peer_name: &str, schema_name: &str, table_name: &str, cols: Vec<String>) -> String {
+    me_or_raise();
+    peer_node(peer_name);
+    // A long copy keeps the peer in contact (retention counts from the last contact).
+    touch(peer_name);
+    crate::runtime::join::provide_copy_view(peer_name, schema_name, table_name, &cols)
 }
 
 /// A joining node's last call: the snapshot of each of its table copies, so that what they
@@ -297,18 +310,18 @@ pgrx::extension_sql!(
     "REVOKE ALL ON FUNCTION rbucardo.peer_hello(text, integer), rbucardo.peer_fetch(text, bigint, bigint, integer, bigint, bigint, integer),
                             rbucardo.peer_position(text), rbucardo.peer_push(text, bytea),
                             rbucardo.peer_schema(text, jsonb, text), rbucardo.peer_report(text, text),
-                            rbucardo.peer_join_begin(text), rbucardo.peer_copy_query(text, text, text, text[]),
+                            rbucardo.peer_join_describe(text), rbucardo.peer_join_start(text), rbucardo.peer_copy_view(text, text, text, text[]),
                             rbucardo.peer_join_end(text, text),
                             rbucardo.peer_diff_digest(text, text, text, text[], text[], integer),
                             rbucardo.peer_diff_rows(text, text, text, text[], text[], integer, integer[]) FROM PUBLIC;
      GRANT EXECUTE ON FUNCTION rbucardo.peer_hello(text, integer), rbucardo.peer_fetch(text, bigint, bigint, integer, bigint, bigint, integer),
                             rbucardo.peer_position(text), rbucardo.peer_push(text, bytea),
                             rbucardo.peer_schema(text, jsonb, text), rbucardo.peer_report(text, text),
-                            rbucardo.peer_join_begin(text), rbucardo.peer_copy_query(text, text, text, text[]),
+                            rbucardo.peer_join_describe(text), rbucardo.peer_join_start(text), rbucardo.peer_copy_view(text, text, text, text[]),
                             rbucardo.peer_join_end(text, text),
                             rbucardo.peer_diff_digest(text, text, text, text[], text[], integer),
                             rbucardo.peer_diff_rows(text, text, text, text[], text[], integer, integer[]) TO rbucardo_peer;",
     name = "peer_grants",
-    requires = [peer_hello, peer_fetch, peer_position, peer_push, peer_schema, peer_report, peer_join_begin, peer_copy_query, peer_join_end, peer_diff_digest, peer_diff_rows]
+    requires = [peer_hello, peer_fetch, peer_position, peer_push, peer_schema, peer_report, peer_join_describe, peer_join_start, peer_copy_view, peer_join_end, peer_diff_digest, peer_diff_rows]
 );
 

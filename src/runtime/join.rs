@@ -28,9 +28,9 @@ use pgrx::prelude::*;
 use crate::base::error::raise;
 use crate::base::node::{self, JoinFilter, Me, Peer};
 use crate::base::pq::{Param, PeerConn};
-use crate::base::sqltext::{quote_ident, quote_literal};
+use crate::base::sqltext::{output_text, quote_ident, text_array_literal};
 use crate::base::wire::WHOLE_TICK;
-use crate::base::xact::{in_txn, LocalSetting};
+use crate::base::xact::{in_txn, LocalSetting, RunAs};
 
 /// How long a copy may wait for one row, or a statement for its answer.
 const CALL_TIMEOUT: Duration = Duration::from_secs(120);
@@ -40,19 +40,12 @@ const LOG_EVERY: Duration = Duration::from_secs(10);
 // ---------------------------------------------------------------------------------------------
 // The provider's side.
 
-/// `peer_join_begin`: cuts the tick the joining peer's stream starts after, and describes
-/// what it joins: the syncs this node shares with it, and their tables with the statements
-/// that make them (for a node that lacks them) and an estimate of their rows.
-pub fn provide_begin(peer: &str) -> String {
-    let tick = crate::log::changelog::ensure_tick();
-    Spi::run_with_args(
-        "UPDATE rbucardo.peer_state SET out_tick = $2, out_seq = $3, join_until = NULL, join_filter = NULL WHERE db = $1",
-        &[peer.into(), tick.into(), WHOLE_TICK.into()],
-    )
-    .expect("join begin");
-    let what = Spi::get_one_with_args::<pgrx::JsonB>(
+/// `peer_join_describe`: what the joining peer joins: the syncs this node shares with it, and
+/// their tables with the statements that make them (for a node that lacks them) and an
+/// estimate of their rows. Changes nothing.
+pub fn provide_description(peer: &str) -> String {
+    Spi::get_one_with_args::<pgrx::JsonB>(
         "SELECT jsonb_build_object(
-            'tick', $2,
             'syncs', coalesce((SELECT jsonb_agg(jsonb_build_object('name', s.name, 'herd', s.herd, 'conflict_strategy', s.conflict_strategy,
                                                                  'sequence_strategy', (SELECT ss.strategy FROM rbucardo.sync_sequence_strategy ss WHERE ss.sync = s.name))
                                                 ORDER BY s.name)
@@ -67,16 +60,41 @@ pub fn provide_begin(peer: &str) -> String {
                                   JOIN pg_catalog.pg_class k ON k.oid = t.relid
                                   JOIN pg_catalog.pg_namespace n ON n.oid = k.relnamespace
                                   CROSS JOIN LATERAL rbucardo.table_ddl(t.relid) d), '[]'))",
-        &[peer.into(), tick.into()],
+        &[peer.into()],
     )
     .expect("join description")
-    .expect("join description");
-    what.0.to_string()
+    .expect("join description")
+    .0
+    .to_string()
 }
 
-/// `peer_copy_query`: the query `peer_copy` runs for the peer: the columns `cols` of a table
-/// it shares, each as text. Names are checked against the catalog and quoted.
-pub fn provide_copy_query(peer: &str, schema: &str, table: &str, cols: &[String]) -> String {
+/// `peer_join_start`: cuts the tick the joining peer's stream starts after, and records it as
+/// the peer's confirmation (and when the join began, in `join_filter` until `peer_join_end`).
+/// Refused while transactions are parked here: one applied later here is not forwarded again,
+/// so the joining node, copied before it applied, would never get it.
+pub fn provide_start(peer: &str) -> i64 {
+    let parked = Spi::get_one::<i64>("SELECT count(*) FROM rbucardo.exceptions WHERE resolved_at IS NULL").ok().flatten().unwrap_or(0);
+    if parked > 0 {
+        raise(
+            PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
+            format!("{parked} transactions are parked on the provider"),
+            "A joining node copied before one of them applies would never get it. Resolve them first (rbucardo.exceptions: exception_retry, exception_skip), then join.",
+        );
+    }
+    let tick = crate::log::changelog::ensure_tick();
+    Spi::run_with_args(
+        "UPDATE rbucardo.peer_state SET out_tick = $2, out_seq = $3, join_until = NULL, join_filter = pg_catalog.now()::text WHERE db = $1",
+        &[peer.into(), tick.into(), WHOLE_TICK.into()],
+    )
+    .expect("join start");
+    tick
+}
+
+/// `peer_copy_view`: a temporary view of the columns `cols` of a table the peer shares, each as
+/// its type's output function prints it, for the peer to COPY out of in its snapshot. The view
+/// is made by the table's owner: reading through it needs no right on the table, and what it
+/// runs (output functions) runs as the peer's own role. Returns its name.
+pub fn provide_copy_view(peer: &str, schema: &str, table: &str, cols: &[String]) -> String {
     let policy = node::peer_policy(peer);
     if !policy.tables.contains(&(schema.to_string(), table.to_string())) {
         raise(
@@ -85,46 +103,89 @@ pub fn provide_copy_query(peer: &str, schema: &str, table: &str, cols: &[String]
             "A joining node copies the tables of the syncs it shares with its provider.",
         );
     }
+    let (relid, owner) = Spi::get_two_with_args::<pg_sys::Oid, pg_sys::Oid>(
+        "SELECT k.oid, k.relowner FROM pg_catalog.pg_class k JOIN pg_catalog.pg_namespace n ON n.oid = k.relnamespace WHERE n.nspname = $1 AND k.relname = $2",
+        &[schema.into(), table.into()],
+    )
+    .unwrap_or((None, None));
+    let (Some(relid), Some(owner)) = (relid, owner) else {
+        raise(PgSqlErrorCode::ERRCODE_UNDEFINED_TABLE, format!("table {schema}.{table} is missing on the provider"), "It was dropped or renamed during the join: join again.");
+    };
     let known: Vec<String> = Spi::connect(|c| {
         c.select(
-            "SELECT a.attname::text FROM pg_catalog.pg_attribute a
-               JOIN pg_catalog.pg_class k ON k.oid = a.attrelid
-               JOIN pg_catalog.pg_namespace n ON n.oid = k.relnamespace
-              WHERE n.nspname = $1 AND k.relname = $2 AND a.attnum > 0 AND NOT a.attisdropped",
+            "SELECT attname::text FROM pg_catalog.pg_attribute WHERE attrelid = $1 AND attnum > 0 AND NOT attisdropped AND attgenerated = ''",
             None,
-            &[schema.into(), table.into()],
+            &[relid.into()],
         )
         .expect("columns")
         .filter_map(|r| r.get::<String>(1).ok().flatten())
         .collect()
     });
-    if cols.is_empty() {
-        raise(PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE, "no columns to copy", "The joining node asks for the columns its table has.");
-    }
-    if let Some(missing) = cols.iter().find(|c| !known.contains(c)) {
+    // The same columns on both sides: a column only here would be lost to the copy (and a
+    // schema change replayed after it would not bring its values back).
+    let mut mine = known.clone();
+    let mut theirs = cols.to_vec();
+    mine.sort();
+    theirs.sort();
+    if mine != theirs {
         raise(
-            PgSqlErrorCode::ERRCODE_UNDEFINED_COLUMN,
-            format!("table {schema}.{table} has no column {missing} here"),
-            "The joining node's table must have the provider's columns (or be created by join(copy_schema => true)).",
+            PgSqlErrorCode::ERRCODE_DATATYPE_MISMATCH,
+            format!("table {schema}.{table} has columns ({}) on the provider, ({}) on {peer}", known.join(", "), cols.join(", ")),
+            "Make the joining node's table like the provider's (or create it with join(copy_schema => true)); the copy goes on by itself.",
         );
     }
-    let list: Vec<String> = cols.iter().map(|c| format!("{}::text", quote_ident(c))).collect();
-    format!("SELECT {} FROM {}.{}", list.join(", "), quote_ident(schema), quote_ident(table))
+    let view = format!("rbucardo_copy_{}", u32::from(relid));
+    let list: Vec<String> = cols.iter().map(|c| format!("{} AS {}", output_text(c), quote_ident(c))).collect();
+    let create = format!("CREATE OR REPLACE TEMP VIEW {} AS SELECT {} FROM {}.{}", quote_ident(&view), list.join(", "), quote_ident(schema), quote_ident(table));
+    let grant = format!("GRANT SELECT ON pg_temp.{} TO {}", quote_ident(&view), quote_ident(&peer_login()));
+    {
+        let _owner = RunAs::role(owner);
+        Spi::run(&create).expect("copy view");
+        Spi::run(&grant).expect("copy view grant");
+    }
+    format!("pg_temp.{}", quote_ident(&view))
+}
+
+/// The role the calling peer logged in as.
+fn peer_login() -> String {
+    Spi::get_one::<String>("SELECT session_user::text").ok().flatten().unwrap_or_default()
 }
 
 /// `peer_join_end`: keeps the peer's table snapshots and cuts the tick after which they no
-/// longer matter; returns it. A peer that expired here may join again: that makes it whole.
+/// longer matter; returns it. Refused when something ran here during the join that the copies
+/// may hold wrongly: a schema change of the shared tables (a copy made before it is changed
+/// again when it is replayed, one made after it holds what a replay cannot bring back), or a
+/// transaction parked or retried here (the copies may hold it, or miss it for good). A peer
+/// that expired here may join again: that makes it whole.
 pub fn provide_end(peer: &str, filter: &str) -> i64 {
     if JoinFilter::parse(0, filter).is_none() {
         raise(PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE, "the join filter does not parse", "It is [[schema, table, snapshot], ...] as the joining node sends it.");
     }
+    let (start, begun) = Spi::get_two_with_args::<i64, String>("SELECT out_tick, join_filter FROM rbucardo.peer_state WHERE db = $1 AND join_until IS NULL", &[peer.into()])
+        .unwrap_or((None, None));
+    let (Some(start), Some(begun)) = (start, begun) else {
+        raise(PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE, format!("{peer} has no join in progress here"), "Start it with rbucardo.join() on the joining node.");
+    };
+    let again = "Join again: on the joining node delete its row from rbucardo.join_run, empty its tables in replica mode, call join().";
+    let churn = Spi::get_one_with_args::<i64>(
+        "SELECT count(*) FROM rbucardo.exceptions WHERE at >= $1::timestamptz OR resolved_at >= $1::timestamptz",
+        &[begun.as_str().into()],
+    )
+    .ok()
+    .flatten()
+    .unwrap_or(0);
+    if churn > 0 {
+        raise(PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE, format!("{churn} transactions were parked or retried on the provider during the join"), again);
+    }
+    if let Some(command) = crate::log::changelog::schema_change_since(start, &node::peer_policy(peer)) {
+        raise(PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE, format!("a schema change ran on the provider during the join: {command}"), again);
+    }
     let until = crate::log::changelog::ensure_tick();
-    // A peer that expired here (src/log/retention.rs) is whole again once its copies are made.
     Spi::run_with_args(
         "UPDATE rbucardo.peer_state SET join_until = $2, join_filter = $3, expired_at = NULL, expired_why = NULL WHERE db = $1",
         &[peer.into(), until.into(), filter.into()],
     )
-        .expect("join end");
+    .expect("join end");
     until
 }
 
@@ -173,16 +234,17 @@ pub fn step(me: &Me, peer: &Peer, conn: &mut PeerConn) -> Result<bool, String> {
     Ok(true)
 }
 
-/// The columns of a local table that a copy fills (generated ones are computed here), its oid,
-/// and whether it holds rows.
-fn local_table(schema: &str, table: &str) -> (pg_sys::Oid, Vec<String>, bool) {
-    let relid = Spi::get_one_with_args::<pg_sys::Oid>(
-        "SELECT k.oid FROM pg_catalog.pg_class k JOIN pg_catalog.pg_namespace n ON n.oid = k.relnamespace WHERE n.nspname = $1 AND k.relname = $2",
+/// A local table's oid and owner, the columns a copy fills (generated ones are computed
+/// here), and whether it holds rows.
+fn local_table(schema: &str, table: &str) -> (pg_sys::Oid, pg_sys::Oid, Vec<String>, bool) {
+    let (relid, owner) = Spi::get_two_with_args::<pg_sys::Oid, pg_sys::Oid>(
+        "SELECT k.oid, k.relowner FROM pg_catalog.pg_class k JOIN pg_catalog.pg_namespace n ON n.oid = k.relnamespace WHERE n.nspname = $1 AND k.relname = $2",
         &[schema.into(), table.into()],
     )
-    .ok()
-    .flatten()
-    .unwrap_or_else(|| raise(PgSqlErrorCode::ERRCODE_UNDEFINED_TABLE, format!("table {schema}.{table} is missing here"), "It was dropped after join() began; join again."));
+    .unwrap_or((None, None));
+    let (Some(relid), Some(owner)) = (relid, owner) else {
+        raise(PgSqlErrorCode::ERRCODE_UNDEFINED_TABLE, format!("table {schema}.{table} is missing here"), "It was dropped after join() began; join again.");
+    };
     let cols: Vec<String> = Spi::connect(|c| {
         c.select(
             "SELECT attname::text FROM pg_catalog.pg_attribute WHERE attrelid = $1 AND attnum > 0 AND NOT attisdropped AND attgenerated = '' ORDER BY attnum",
@@ -194,14 +256,14 @@ fn local_table(schema: &str, table: &str) -> (pg_sys::Oid, Vec<String>, bool) {
         .collect()
     });
     let has_rows = Spi::get_one::<bool>(&format!("SELECT EXISTS (SELECT 1 FROM {}.{})", quote_ident(schema), quote_ident(table))).ok().flatten() == Some(true);
-    (relid, cols, has_rows)
+    (relid, owner, cols, has_rows)
 }
 
 /// Copies one table whole, in one snapshot of the provider, and keeps that snapshot with the
 /// rows (one local transaction: a failure leaves the table as it was, empty).
 fn copy_table(me: &Me, peer: &Peer, schema: &str, table: &str, est_rows: i64) -> Result<(), String> {
     let (p, s, t) = (peer.name.clone(), schema.to_string(), table.to_string());
-    let (relid, cols, has_rows) = in_txn(move || {
+    let (relid, owner, cols, has_rows) = in_txn(move || {
         Spi::run_with_args(
             "UPDATE rbucardo.join_table SET state = 'copying', attempts = attempts + 1, started_at = now(), finished_at = NULL, rows = 0, bytes = 0
               WHERE provider = $1 AND schema_name = $2 AND table_name = $3",
@@ -212,11 +274,15 @@ fn copy_table(me: &Me, peer: &Peer, schema: &str, table: &str, est_rows: i64) ->
         local_table(&s, &t)
     })?;
     if has_rows {
-        return Err(format!("{schema}.{table} holds rows here: a join copies into empty tables (TRUNCATE it, then the copy goes on)"));
+        return Err(format!(
+            "{schema}.{table} holds rows here: a join copies into empty tables (empty it without replicating that: \
+             SET LOCAL session_replication_role = replica; TRUNCATE ...; the copy goes on)"
+        ));
     }
     let conninfo = peer.conninfo.clone().ok_or("the provider has no conninfo here")?;
     let mut conn = PeerConn::connect(&conninfo, Duration::from_secs(10)).map_err(|e| e.to_string())?;
-    conn.execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY", CALL_TIMEOUT).map_err(|e| e.to_string())?;
+    // Not READ ONLY: the provider makes a temporary view to copy from.
+    conn.execute("BEGIN ISOLATION LEVEL REPEATABLE READ", CALL_TIMEOUT).map_err(|e| e.to_string())?;
     // The transaction's snapshot: taken by its first statement, kept to its end.
     let snapshot = conn
         .query("SELECT pg_catalog.pg_current_snapshot()::text", &[], CALL_TIMEOUT)
@@ -224,16 +290,21 @@ fn copy_table(me: &Me, peer: &Peer, schema: &str, table: &str, est_rows: i64) ->
         .first()
         .and_then(|r| r.text(0))
         .ok_or("the provider returned no snapshot")?;
-    let names: Vec<String> = cols.iter().map(|c| quote_literal(c)).collect();
-    let defs: Vec<String> = cols.iter().map(|c| format!("{} text", quote_ident(c))).collect();
-    let sql = format!(
-        "COPY (SELECT * FROM rbucardo.peer_copy({}, {}, {}, ARRAY[{}]::text[]) AS r({})) TO STDOUT",
-        quote_literal(&me.name),
-        quote_literal(schema),
-        quote_literal(table),
-        names.join(", "),
-        defs.join(", ")
-    );
+    // Values print as they travel in the stream, whatever the provider's settings.
+    conn.execute(crate::base::canonical::CANONICAL_SETTINGS_SQL, CALL_TIMEOUT).map_err(|e| e.to_string())?;
+    let names = text_array_literal(&cols);
+    let view = conn
+        .query(
+            "SELECT rbucardo.peer_copy_view($1, $2, $3, $4)",
+            &[Param::Text(&me.name), Param::Text(schema), Param::Text(table), Param::Text(&names)],
+            CALL_TIMEOUT,
+        )
+        .map_err(|e| e.to_string())?
+        .first()
+        .and_then(|r| r.text(0))
+        .ok_or("peer_copy_view returned nothing")?;
+    let list: Vec<String> = cols.iter().map(|c| quote_ident(c)).collect();
+    let sql = format!("COPY (SELECT {} FROM {view}) TO STDOUT", list.join(", "));
     conn.copy_out(&sql, CALL_TIMEOUT).map_err(|e| e.to_string())?;
     log!("rbucardo: joining from {}: copying {schema}.{table} (about {est_rows} rows)", peer.name);
     let started = Instant::now();
@@ -241,6 +312,9 @@ fn copy_table(me: &Me, peer: &Peer, schema: &str, table: &str, est_rows: i64) ->
     let conn_ref = &mut conn;
     let (rows, bytes) = in_txn(AssertUnwindSafe(move || {
         let _replica = LocalSetting::replica_mode();
+        // The table's triggers, constraints and index expressions run as its owner, restricted,
+        // as when rows are applied.
+        let _owner = RunAs::restricted(owner);
         let (mut rows, mut bytes, mut logged) = (0u64, 0u64, Instant::now());
         let mut source = || match conn_ref.copy_row(CALL_TIMEOUT) {
             Ok(Some(row)) => {

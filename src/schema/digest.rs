@@ -12,7 +12,8 @@ use pgrx::prelude::*;
 
 use crate::base::canonical::CanonicalOutput;
 use crate::base::error::raise;
-use crate::base::sqltext::{quote_ident, quote_literal};
+use crate::base::sqltext::{output_text, quote_ident, quote_literal};
+use crate::base::xact::RunAs;
 
 /// What is compared of one table: its columns and its replica key, by name.
 #[derive(Clone, Debug)]
@@ -72,17 +73,36 @@ pub fn checked_target(policy: &crate::base::node::PeerPolicy, schema: &str, tabl
     Target { cols: cols.to_vec(), key: key.to_vec(), ..here }
 }
 
-/// The key and the row of each row of the table, as the canonical text of JSON values.
+/// The key and the row of each row of the table, as JSON of the values' text (each type's
+/// output function, as the capture trigger prints them; arrays, so any number of columns).
 fn source_sql(t: &Target) -> String {
-    let key: Vec<String> = t.key.iter().map(|c| format!("{}::text", quote_ident(c))).collect();
-    let row: Vec<String> = t.cols.iter().map(|c| format!("{}, {}::text", quote_literal(c), quote_ident(c))).collect();
+    let key: Vec<String> = t.key.iter().map(|c| output_text(c)).collect();
+    let names: Vec<String> = t.cols.iter().map(|c| quote_literal(c)).collect();
+    let values: Vec<String> = t.cols.iter().map(|c| output_text(c)).collect();
     format!(
-        "SELECT jsonb_build_array({})::text AS k, jsonb_build_object({})::text AS r FROM {}.{}",
+        "SELECT pg_catalog.to_jsonb(ARRAY[{}]::text[])::text AS k, pg_catalog.jsonb_object(ARRAY[{}]::text[], ARRAY[{}]::text[])::text AS r FROM {}.{}",
         key.join(", "),
-        row.join(", "),
+        names.join(", "),
+        values.join(", "),
         quote_ident(&t.schema),
         quote_ident(&t.table)
     )
+}
+
+/// Runs `f` as the table's owner, restricted (what the values' output functions run is the
+/// owner's code, not the caller's: rbucardo's caller here is a superuser), with the values
+/// printed in the canonical form.
+fn as_owner<R>(t: &Target, f: impl FnOnce() -> R) -> R {
+    let owner = Spi::get_one_with_args::<pg_sys::Oid>(
+        "SELECT k.relowner FROM pg_catalog.pg_class k JOIN pg_catalog.pg_namespace n ON n.oid = k.relnamespace WHERE n.nspname = $1 AND k.relname = $2",
+        &[t.schema.as_str().into(), t.table.as_str().into()],
+    )
+    .ok()
+    .flatten()
+    .unwrap_or_else(|| raise(PgSqlErrorCode::ERRCODE_UNDEFINED_TABLE, format!("table {}.{} is missing", t.schema, t.table), "It was dropped meanwhile."));
+    let _canonical = CanonicalOutput::new();
+    let _owner = RunAs::restricted(owner);
+    f()
 }
 
 /// The bucket of a key.
@@ -97,13 +117,12 @@ pub fn digest(t: &Target, buckets: i32) -> Digest {
         bucket_expr(buckets),
         source_sql(t)
     );
-    let _canonical = CanonicalOutput::new();
-    Spi::connect(|c| {
+    as_owner(t, || Spi::connect(|c| {
         c.select(&sql, None, &[])
             .expect("digest")
             .map(|r| (r.get::<i32>(1).unwrap().unwrap(), (r.get::<i64>(2).unwrap().unwrap(), r.get::<i64>(3).unwrap().unwrap())))
             .collect()
-    })
+    }))
 }
 
 /// The rows of the buckets `wanted`.
@@ -113,13 +132,26 @@ pub fn rows(t: &Target, buckets: i32, wanted: &[i32]) -> Rows {
     }
     let list: Vec<String> = wanted.iter().map(|b| b.to_string()).collect();
     let sql = format!("SELECT x.k, x.r FROM ({}) x WHERE {} IN ({})", source_sql(t), bucket_expr(buckets), list.join(", "));
-    let _canonical = CanonicalOutput::new();
-    Spi::connect(|c| {
+    as_owner(t, || Spi::connect(|c| {
         c.select(&sql, None, &[])
             .expect("rows")
             .map(|r| (r.get::<String>(1).unwrap().unwrap(), r.get::<String>(2).unwrap().unwrap()))
             .collect()
-    })
+    }))
+}
+
+/// Keys as this module prints them (JSON text as PostgreSQL prints jsonb), from keys written
+/// in any JSON spelling; a key that is not a JSON array of strings is refused.
+pub fn normalize_keys(keys: &[serde_json::Value]) -> Vec<String> {
+    keys.iter()
+        .map(|k| match k {
+            serde_json::Value::Array(items) if !items.is_empty() && items.iter().all(|i| i.is_string() || i.is_number()) => {
+                let texts: Vec<String> = items.iter().map(|i| i.as_str().map(str::to_string).unwrap_or_else(|| i.to_string())).collect();
+                Spi::get_one_with_args::<String>("SELECT pg_catalog.to_jsonb($1::text[])::text", &[texts.into()]).ok().flatten().unwrap_or_default()
+            }
+            _ => raise(PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE, format!("a key must be a JSON array of its values: {k}"), "For example [\"42\"], or [\"7\", \"a\"] for a key of two columns."),
+        })
+        .collect()
 }
 
 /// The bucket of each key (the same hash as the queries, computed by the server).

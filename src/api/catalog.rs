@@ -212,7 +212,9 @@ fn add_sync(
     format!("added sync {name}")
 }
 
-/// Adds a peer to an existing sync (a store joining a running chain: see rbucardo.join).
+/// Adds a peer to an existing sync: on a provider, the store that joins through it (see
+/// rbucardo.join). A node that replicates already gets a new direct peer this way only if
+/// that peer's retained log is no older than its data (docs/operations.md).
 #[pg_extern(volatile)]
 fn add_sync_db(sync: &str, db: &str) -> String {
     let known = Spi::get_one_with_args::<bool>("SELECT EXISTS (SELECT 1 FROM rbucardo.db WHERE name = $1)", &[db.into()]).ok().flatten() == Some(true);

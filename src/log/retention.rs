@@ -121,7 +121,9 @@ pub fn expire_peers() -> Vec<(String, String)> {
                       FROM rbucardo.peer_state p
                       JOIN rbucardo.db d ON d.name = p.db
                       LEFT JOIN rbucardo.tick t ON t.tick_id = rbucardo.complete_tick(p.out_tick, p.out_seq)
-                     WHERE p.expired_at IS NULL)
+                     WHERE p.expired_at IS NULL
+                       -- a peer copying its tables from this node (src/runtime/join.rs) is not away
+                       AND NOT (p.join_until IS NULL AND p.join_filter IS NOT NULL))
                  UPDATE rbucardo.peer_state p
                     SET expired_at = pg_catalog.now(),
                         expired_why = CASE

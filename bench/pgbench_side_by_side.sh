@@ -142,6 +142,8 @@ stop_node() { # NAME
     as_pg "$PG_BIN/pg_ctl" -D "$d" -m fast -w -t 60 stop >/dev/null 2>&1 || as_pg "$PG_BIN/pg_ctl" -D "$d" -m immediate stop >/dev/null 2>&1 || true
     for r in "${RUNNING[@]}"; do [ "$r" != "$d" ] && keep+=("$r"); done
     RUNNING=("${keep[@]+"${keep[@]}"}")
+    # SBS_KEEPLOGS=DIR keeps every cluster's server log (for development).
+    [ -n "${SBS_KEEPLOGS:-}" ] && mkdir -p "$SBS_KEEPLOGS" && cp "$d/server.log" "$SBS_KEEPLOGS/$1.log" 2>/dev/null
     rm -rf "$d"
 }
 

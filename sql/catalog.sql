@@ -76,7 +76,11 @@ CREATE TABLE rbucardo.change_log (
     only_for     integer            -- set for a transaction addressed to one node (a repair)
 );
 CREATE INDEX change_log_txid ON rbucardo.change_log (txid);
-ALTER TABLE rbucardo.change_log SET (autovacuum_vacuum_scale_factor = 0.01);
+-- vacuum_truncate off: after a trim, VACUUM would give the empty pages at the end back to the
+-- system under an ACCESS EXCLUSIVE lock, and every commit that writes the log (each captured
+-- and each applied transaction) would wait for it: a stall of hundreds of milliseconds in
+-- replication lag. The table refills those pages soon anyway.
+ALTER TABLE rbucardo.change_log SET (autovacuum_vacuum_scale_factor = 0.01, vacuum_truncate = false);
 
 -- Ticks cut the change log into snapshot-bounded batches (PgQ's technique): a transaction
 -- belongs to the first tick whose snapshot sees it committed, so one that commits late is
@@ -88,6 +92,7 @@ CREATE TABLE rbucardo.tick (
     created   timestamptz NOT NULL DEFAULT now()
 );
 INSERT INTO rbucardo.tick VALUES (0, pg_current_snapshot(), 0);
+ALTER TABLE rbucardo.tick SET (vacuum_truncate = false);  -- as change_log: ticks are cut while it is trimmed
 
 -- Per peer: how far I have applied the peer's stream (in_*), and how far the peer has confirmed
 -- mine (out_*), plus what the worker last saw of the link.

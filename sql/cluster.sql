@@ -24,7 +24,7 @@ CREATE TABLE rbucardo.own_report (
 
 -- This node's state, as it reports it to its peers.
 CREATE FUNCTION rbucardo.local_report() RETURNS jsonb
-LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
+LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp SET jit = off AS $$
 SELECT jsonb_build_object(
     'node_id', n.node_id,
     'name', n.name,
@@ -34,7 +34,7 @@ SELECT jsonb_build_object(
     'conflicts_hour', (SELECT count(*) FROM rbucardo.conflicts c WHERE c.at > now() - interval '1 hour'),
     'log_rows', (SELECT count(*) FROM rbucardo.change_log),
     'log_bytes', pg_total_relation_size('rbucardo.change_log'),
-    'log_oldest', (SELECT to_timestamp(min(l.hlc) / 1e6) FROM rbucardo.change_log l),
+    'log_oldest', (SELECT to_timestamp(l.hlc / 1e6) FROM rbucardo.change_log l ORDER BY l.seq LIMIT 1),  -- the oldest row written
     'schema_differences', (SELECT count(*) FROM rbucardo.sync s CROSS JOIN LATERAL rbucardo.validate_schema(s.name) v),
     'retention_seconds', rbucardo.peer_retention_seconds(),
     'peers', coalesce((
@@ -49,19 +49,29 @@ SELECT jsonb_build_object(
   FROM rbucardo.node n
 $$;
 
--- local_report, made again only when the one kept is older than 5 seconds.
+-- Makes this node's report again; the housekeeper calls it every 5 seconds
+-- (src/runtime/housekeeper.rs).
+CREATE FUNCTION rbucardo.refresh_own_report() RETURNS jsonb
+LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    r jsonb := rbucardo.local_report();
+BEGIN
+    INSERT INTO rbucardo.own_report AS o (made_at, report) VALUES (clock_timestamp(), r)
+        ON CONFLICT (singleton) DO UPDATE SET made_at = excluded.made_at, report = excluded.report;
+    RETURN r;
+END
+$$;
+
+-- The report a link hands to a peer: the housekeeper's, made in the last minute. Making one
+-- reads the change log once per peer, so a link makes it only when there is none that
+-- recent (no housekeeper).
 CREATE FUNCTION rbucardo.cached_report() RETURNS jsonb
 LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
     r jsonb;
 BEGIN
-    SELECT o.report INTO r FROM rbucardo.own_report o WHERE o.made_at > clock_timestamp() - interval '5 seconds';
-    IF r IS NULL THEN
-        r := rbucardo.local_report();
-        INSERT INTO rbucardo.own_report AS o (made_at, report) VALUES (clock_timestamp(), r)
-            ON CONFLICT (singleton) DO UPDATE SET made_at = excluded.made_at, report = excluded.report;
-    END IF;
-    RETURN r;
+    SELECT o.report INTO r FROM rbucardo.own_report o WHERE o.made_at > clock_timestamp() - interval '1 minute';
+    RETURN coalesce(r, rbucardo.refresh_own_report());
 END
 $$;
 
@@ -207,4 +217,5 @@ SELECT r.*,
   FROM rows r;
 
 REVOKE ALL ON FUNCTION rbucardo.store_reports(text, jsonb), rbucardo.reports_for(text), rbucardo.local_report(), rbucardo.cached_report(),
+                       rbucardo.refresh_own_report(),
                        rbucardo.clean_report(jsonb) FROM PUBLIC;

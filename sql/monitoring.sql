@@ -55,15 +55,19 @@ SELECT s.name AS sync,
   FROM rbucardo.sync s
   JOIN rbucardo.db d ON d.name = ANY (s.dbs)
   LEFT JOIN rbucardo.peer_state p ON p.db = d.name
+  LEFT JOIN LATERAL (SELECT coalesce((SELECT t.snap FROM rbucardo.tick t
+                                         WHERE t.tick_id = rbucardo.complete_tick(p.out_tick, p.out_seq)),
+                                       '1:1:'::pg_snapshot) AS snap) c ON true
+  -- What the peer has not confirmed: transactions its confirmed tick's snapshot does not see.
+  -- Those all have a txid at or past that snapshot's xmin: the txid index finds them without
+  -- reading the whole log.
   LEFT JOIN LATERAL (SELECT count(*) AS pending, to_timestamp(min(l.hlc) / 1e6) AS held_since
                        FROM rbucardo.change_log l
                       WHERE l.final
+                        AND l.txid >= pg_snapshot_xmin(c.snap)
                         AND l.origin IS DISTINCT FROM d.node_id
                         AND l.via IS DISTINCT FROM d.node_id
-                        AND NOT pg_visible_in_snapshot(l.txid, coalesce(
-                              (SELECT t.snap FROM rbucardo.tick t
-                                WHERE t.tick_id = rbucardo.complete_tick(p.out_tick, p.out_seq)),
-                              '1:1:'::pg_snapshot))) w ON true
+                        AND NOT pg_visible_in_snapshot(l.txid, c.snap)) w ON true
   LEFT JOIN LATERAL (SELECT e.reason FROM rbucardo.exceptions e
                       WHERE e.kind = 'ddl' AND e.resolved_at IS NULL AND e.via = d.node_id
                       ORDER BY e.id LIMIT 1) x ON true;

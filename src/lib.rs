@@ -46,7 +46,7 @@ pub extern "C-unwind" fn _PG_init() {
     schema::ddl::init();
     log::retention::init();
     apply::parts::init();
-    runtime::replicator::init();
+    runtime::housekeeper::init();
     runtime::worker::init();
 }
 

@@ -225,7 +225,7 @@ fn server_cpu(postmaster: u32) -> f64 {
 fn fanin_run(branches: usize, seconds: u64) -> FanIn {
     let cluster = Cluster::builder(&format!("bench-fanin-{branches}"))
         .node_names(&["main", "stores"])
-        .extra_conf("shared_buffers = 128MB\nmax_worker_processes = 64\nmax_connections = 200\ntrack_functions = all")
+        .extra_conf("shared_buffers = 128MB\nmax_worker_processes = 128\nmax_connections = 200\ntrack_functions = all")
         .start();
     let names: Vec<String> = std::iter::once("main".to_string()).chain((1..=branches).map(|i| format!("b{i}"))).collect();
     // (server, database) of each rbucardo node.

@@ -112,10 +112,12 @@ pub fn expire_peers() -> Vec<(String, String)> {
                     SELECT p.db,
                            (SELECT to_timestamp(min(l.hlc) / 1e6) FROM rbucardo.change_log l
                              WHERE l.origin IS DISTINCT FROM d.node_id AND l.via IS DISTINCT FROM d.node_id
+                               AND l.txid >= pg_catalog.pg_snapshot_xmin(coalesce(t.snap, '1:1:'::pg_catalog.pg_snapshot))
                                AND NOT pg_catalog.pg_visible_in_snapshot(l.txid, coalesce(t.snap, '1:1:'::pg_catalog.pg_snapshot))) AS since,
                            CASE WHEN $2 > 0 THEN
                                (SELECT coalesce(sum(pg_catalog.octet_length(l.data)), 0) FROM rbucardo.change_log l
                                  WHERE l.origin IS DISTINCT FROM d.node_id AND l.via IS DISTINCT FROM d.node_id
+                                   AND l.txid >= pg_catalog.pg_snapshot_xmin(coalesce(t.snap, '1:1:'::pg_catalog.pg_snapshot))
                                    AND NOT pg_catalog.pg_visible_in_snapshot(l.txid, coalesce(t.snap, '1:1:'::pg_catalog.pg_snapshot)))
                            END AS bytes
                       FROM rbucardo.peer_state p

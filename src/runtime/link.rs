@@ -53,6 +53,9 @@ impl Link {
         // The peer applies what this node pushes in this session: READ COMMITTED, whatever its
         // default (apply_batch refuses anything else).
         conn.execute("SET default_transaction_isolation = 'read committed'", CALL_TIMEOUT).map_err(|e| e.to_string())?;
+        // The peer's backend serving this link compiles nothing to machine code: its queries
+        // run in milliseconds, JIT would cost 100-200 ms each (src/runtime/worker.rs).
+        conn.execute("SET jit = off", CALL_TIMEOUT).map_err(|e| e.to_string())?;
         conn.execute("LISTEN rbucardo_changes", CALL_TIMEOUT).map_err(|e| e.to_string())?;
         Ok(Link { peer: peer.clone(), conn: Some(conn), peer_id: id, stopped: None, schema_sent: None, me_name: me.name.clone(), peer_has: None })
     }

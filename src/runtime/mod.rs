@@ -3,6 +3,7 @@
 //! The top layer: nothing imports it.
 
 pub mod endpoints;
+pub mod housekeeper;
 pub mod join;
 pub mod link;
 pub mod replicator;

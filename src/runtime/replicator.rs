@@ -8,7 +8,6 @@ use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use pgrx::prelude::*;
-use pgrx::{GucContext, GucFlags, GucRegistry, GucSetting};
 
 use crate::base::node::{self as catalog, Me};
 use crate::base::pq::{wait_for_activity, PeerError};
@@ -21,33 +20,11 @@ const MAX_BACKOFF: Duration = Duration::from_secs(5);
 /// Longest sleep between rounds when nothing wakes the worker (peers without a way to notify
 /// us, configuration changes made in another database).
 const IDLE_NAP: Duration = Duration::from_secs(2);
-const TRIM_EVERY: Duration = Duration::from_secs(5);
-/// About how many change log rows one trim step removes (see `round`).
-const TRIM_STEP_ROWS: i64 = 5_000;
+/// How often table shapes and state reports are traded with each outbound peer.
+const EXCHANGE_EVERY: Duration = Duration::from_secs(5);
 /// The configuration is read again when it changes (see `worker::config_generation`), and at
 /// least this often (a node's identity check, catalog rows changed by hand).
 const CONFIG_MAX_AGE: Duration = Duration::from_secs(10);
-
-/// `rbucardo.conflict_retention_days`: conflict log entries and resolved exceptions older than
-/// this are pruned (0 keeps them for ever). Open exceptions are never pruned.
-pub static CONFLICT_RETENTION_DAYS: GucSetting<i32> = GucSetting::<i32>::new(90);
-
-/// At most this many rows of each are pruned per trim period.
-const PRUNE_BATCH: i64 = 1000;
-
-/// Registers the settings of the worker's round; called from `_PG_init`.
-pub fn init() {
-    GucRegistry::define_int_guc(
-        c"rbucardo.conflict_retention_days",
-        c"Days the conflict log and resolved exceptions are kept (0: for ever).",
-        c"The worker prunes older entries in small batches; open exceptions are never pruned.",
-        &CONFLICT_RETENTION_DAYS,
-        0,
-        36_500,
-        GucContext::Sighup,
-        GucFlags::default(),
-    );
-}
 
 /// This node and its peers as last read from the catalog.
 struct Config {
@@ -75,9 +52,7 @@ struct LinkSlot {
 pub struct Replicator {
     links: HashMap<String, LinkSlot>,
     config: Option<Config>,
-    last_trim: Option<Instant>,
-    /// Whether the change log may hold more that every peer has confirmed.
-    trim_more: bool,
+    last_exchange: Option<Instant>,
     complaint: Option<String>,
 }
 
@@ -223,61 +198,24 @@ impl Replicator {
                 }
             }
         }
-        if self.last_trim.is_none_or(|t| t.elapsed() >= TRIM_EVERY) {
-            self.last_trim = Some(Instant::now());
-            // Peers away past retention stop holding the log back (before the trim below).
-            match in_txn(crate::log::retention::expire_peers) {
-                Ok(expired) => {
-                    for (peer, why) in expired {
-                        warning!("rbucardo worker: {peer} expired: {why}; it must rejoin");
-                        if let Some(c) = self.config.as_mut() {
-                            c.expired.insert(peer, why);
-                        }
-                    }
-                }
-                Err(e) => log!("rbucardo worker: checking peer retention failed: {e}"),
-            }
-            // Table shapes for validate_schema; a failure shows up in the next round.
+        // Every few seconds: table shapes for validate_schema and state reports for the
+        // cluster view (both cheap: the report was made by the housekeeper). Everything else
+        // that is not replication (trim, retention, retries, pruning) runs in the housekeeper
+        // (src/runtime/housekeeper.rs), so that it never holds up a round.
+        if self.last_exchange.is_none_or(|t| t.elapsed() >= EXCHANGE_EVERY) {
+            self.last_exchange = Some(Instant::now());
+            let mut slow = Slow::default();
             for (name, slot) in self.links.iter_mut() {
                 if let Some(link) = slot.link.as_mut() {
-                    if let Err(e) = link.exchange_schema() {
+                    if let Err(e) = slow.time("table shapes", || link.exchange_schema()) {
                         log!("rbucardo worker: exchanging table shapes with {name} failed: {e}");
                     }
-                    if let Err(e) = link.exchange_reports() {
+                    if let Err(e) = slow.time("reports", || link.exchange_reports()) {
                         log!("rbucardo worker: exchanging state reports with {name} failed: {e}");
                     }
                 }
             }
-            // Parked transactions may apply now that later ones have arrived.
-            let me_id = me.id;
-            if let Err(e) = in_txn(move || crate::apply::retry::retry_open(me_id, None)) {
-                log!("rbucardo worker: retrying parked transactions failed: {e}");
-            }
-            self.trim_more = true;
-            // Retention of the conflict log and of resolved exceptions, in small batches.
-            let days = CONFLICT_RETENTION_DAYS.get();
-            if days > 0 {
-                if let Err(e) = in_txn(move || (crate::apply::conflicts::prune(days, PRUNE_BATCH), crate::apply::exceptions::prune(days, PRUNE_BATCH))) {
-                    log!("rbucardo worker: pruning the conflict log failed: {e}");
-                }
-            }
-        }
-        // The trim goes a bounded step at a time between rounds, so that a burst of
-        // thousands of transactions does not stall the streams while it is cleared away.
-        if self.trim_more {
-            let me_id = me.id;
-            match in_txn(move || crate::log::changelog::trim(me_id, Some(TRIM_STEP_ROWS))) {
-                Ok((_, more)) => {
-                    self.trim_more = more;
-                    if more {
-                        nap = Duration::ZERO;
-                    }
-                }
-                Err(e) => {
-                    self.trim_more = false;
-                    log!("rbucardo worker: trimming the change log failed: {e}");
-                }
-            }
+            slow.report("rbucardo worker: slow exchanges between rounds");
         }
         nap
     }
@@ -295,6 +233,30 @@ impl Replicator {
         }
         let conns: Vec<_> = self.links.values().filter_map(|s| s.link.as_ref()?.conn.as_ref()).collect();
         wait_for_activity(&conns, nap)
+    }
+}
+
+/// Steps that took long, logged: a stall in replication lag can then be told apart from a
+/// slow peer.
+#[derive(Default)]
+pub struct Slow(Vec<(&'static str, Duration)>);
+
+impl Slow {
+    /// A step of housekeeping longer than this is logged.
+    const LONG: Duration = Duration::from_millis(100);
+
+    pub fn time<R>(&mut self, what: &'static str, f: impl FnOnce() -> R) -> R {
+        let start = Instant::now();
+        let r = f();
+        self.0.push((what, start.elapsed()));
+        r
+    }
+
+    pub fn report(&self, what: &str) {
+        if self.0.iter().any(|(_, d)| *d >= Self::LONG) {
+            let parts: Vec<String> = self.0.iter().map(|(w, d)| format!("{w} {} ms", d.as_millis())).collect();
+            log!("{what}: {}", parts.join(", "));
+        }
     }
 }
 

@@ -1,5 +1,6 @@
-//! Background workers: one launcher per server and one worker per database that has the
-//! extension.
+//! Background workers: one launcher per server, and per database that has the extension one
+//! worker (replication) and its housekeeper (src/runtime/housekeeper.rs), which the worker
+//! starts.
 //!
 //! The launcher only knows the list of databases (it reads the shared catalog pg_database, so it
 //! holds no database connection that would block DROP DATABASE or CREATE DATABASE). Each worker
@@ -28,6 +29,9 @@ const LISTENERS_PER_GAP: usize = 8;
 fn notify_gap(listeners: usize) -> Duration {
     MIN_ROUND_GAP * listeners.div_ceil(LISTENERS_PER_GAP).max(1) as u32
 }
+
+/// How often a worker checks that its housekeeper runs.
+const HOUSEKEEPER_CHECK: Duration = Duration::from_secs(1);
 
 /// How often the launcher looks for new databases without being woken.
 const LAUNCHER_NAP: Duration = Duration::from_secs(10);
@@ -166,6 +170,10 @@ pub extern "C-unwind" fn rbucardo_worker_main(arg: pg_sys::Datum) {
     // Apply judges a row by the clocks it reads once the row is locked: that needs each
     // statement's own snapshot (src/log/clocks.rs), whatever the server's default says.
     let _ = in_txn(|| Spi::run("SELECT pg_catalog.set_config('default_transaction_isolation', 'read committed', false)").expect("isolation"));
+    // No JIT: the planner's estimates for the change log are high enough to make PostgreSQL
+    // compile queries to machine code, which costs 100-200 ms per execution (measured on the
+    // state report) for queries that run in a few milliseconds.
+    let _ = in_txn(|| Spi::run("SELECT pg_catalog.set_config('jit', 'off', false)").expect("jit"));
     // The clock is kept in shared memory only: after a restart, move it past every value this
     // database has written, in case the wall clock went backwards meanwhile: the change log
     // holds the clocks of what is not trimmed yet, row_clock those of trimmed changes.
@@ -175,6 +183,10 @@ pub extern "C-unwind" fn rbucardo_worker_main(arg: pg_sys::Datum) {
         }
     }
     let mut replicator = crate::runtime::replicator::Replicator::default();
+    // The housekeeper runs beside this worker (src/runtime/housekeeper.rs); checked every second.
+    let mut housekeeper: Option<DynamicBackgroundWorker> = None;
+    let mut housekeeper_checked = std::time::Instant::now() - HOUSEKEEPER_CHECK;
+    let mut housekeeper_missing = false;
     let mut told = u64::MAX;
     let mut last_notify = std::time::Instant::now() - MIN_ROUND_GAP;
     let mut last_round = std::time::Instant::now() - MIN_ROUND_GAP;
@@ -187,6 +199,17 @@ pub extern "C-unwind" fn rbucardo_worker_main(arg: pg_sys::Datum) {
             signals::set_worker(dboid, 0, true);
             log!("rbucardo worker: extension not installed in this database, exiting");
             return;
+        }
+        if housekeeper_checked.elapsed() >= HOUSEKEEPER_CHECK {
+            housekeeper_checked = std::time::Instant::now();
+            let gone = housekeeper.as_ref().is_none_or(|h| matches!(h.pid(), Err(BackgroundWorkerStatus::Stopped | BackgroundWorkerStatus::PostmasterDied)));
+            if gone {
+                housekeeper = crate::runtime::housekeeper::start(dboid);
+                if housekeeper.is_none() && !housekeeper_missing {
+                    log!("rbucardo worker: could not start the housekeeper: no free background worker slot (raise max_worker_processes); the change log is not trimmed meanwhile");
+                }
+                housekeeper_missing = housekeeper.is_none();
+            }
         }
         // Under a steady stream of commits, each waking us, one round per few milliseconds
         // carries them all: a round per commit would only burn the CPU the application needs.

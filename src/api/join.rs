@@ -110,7 +110,10 @@ fn join(provider: &str, copy_schema: default!(bool, false)) -> String {
         for t in &missing {
             for stmt in &t.types {
                 // Several tables may use one type: one made already is fine.
-                if let Err(e) = undoable(|| Ok::<_, ()>(Spi::run(stmt).expect("type"))) {
+                if let Err(e) = undoable(|| {
+                    Spi::run(stmt).expect("type");
+                    Ok::<_, ()>(())
+                }) {
                     if error_code(&e) != Some(PgSqlErrorCode::ERRCODE_DUPLICATE_OBJECT) {
                         fail(format!("creating a type of {}.{} failed: {}", t.schema, t.table, error_message(&e)), format!("The statement was: {stmt}"));
                     }

@@ -47,6 +47,7 @@ pub extern "C-unwind" fn _PG_init() {
     log::retention::init();
     apply::parts::init();
     runtime::housekeeper::init();
+    runtime::replicator::init();
     runtime::worker::init();
 }
 

@@ -19,7 +19,7 @@ fn star(name: &str, branches: usize) -> Cluster {
     let mut names = vec!["main".to_string()];
     names.extend((1..=branches).map(|i| format!("branch{i}")));
     let refs: Vec<&str> = names.iter().map(String::as_str).collect();
-    let cluster = Cluster::builder(name).node_names(&refs).extra_conf("shared_buffers = 256MB\nmax_wal_size = 4GB").start();
+    let cluster = Cluster::builder(name).node_names(&refs).extra_conf("shared_buffers = 256MB\nmax_wal_size = 4GB\nrbucardo.report_interval = 30").start();
     for (i, n) in names.iter().enumerate() {
         let node = cluster.node(i);
         node.createdb(DB);
@@ -225,7 +225,7 @@ fn server_cpu(postmaster: u32) -> f64 {
 fn fanin_run(branches: usize, seconds: u64) -> FanIn {
     let cluster = Cluster::builder(&format!("bench-fanin-{branches}"))
         .node_names(&["main", "stores"])
-        .extra_conf("shared_buffers = 128MB\nmax_worker_processes = 128\nmax_connections = 200\ntrack_functions = all")
+        .extra_conf("shared_buffers = 128MB\nmax_worker_processes = 128\nmax_connections = 200\ntrack_functions = all\nrbucardo.report_interval = 30")
         .start();
     let names: Vec<String> = std::iter::once("main".to_string()).chain((1..=branches).map(|i| format!("b{i}"))).collect();
     // (server, database) of each rbucardo node.

@@ -22,6 +22,7 @@ max_worker_processes = 16
 max_connections = 50
 shared_buffers = 16MB
 log_min_messages = info
+rbucardo.report_interval = 5
 log_line_prefix = '%m [%p] %q%a '
 ";
 /// Rows listed per side when two tables differ.
@@ -218,6 +219,9 @@ impl Drop for Cluster {
                     node.log_path().display()
                 );
             }
+        } else if std::env::var_os("RBUCARDO_KEEP_CLUSTERS").is_some() {
+            // For development: keep the servers' data and logs of a run that passed.
+            eprintln!("rbucardo-cluster-tests: keeping {} (RBUCARDO_KEEP_CLUSTERS)", self.dir.display());
         } else if let Err(e) = fs::remove_dir_all(&self.dir) {
             eprintln!(
                 "rbucardo-cluster-tests: could not remove {}: {e}",

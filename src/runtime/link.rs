@@ -34,6 +34,8 @@ pub struct Link {
     /// Where the peer stood in this node's stream after the last push that ended cleanly (no
     /// error, no stop, no part in flight), and when.
     peer_has: Option<(Position, Instant)>,
+    /// When state reports are next traded with the peer.
+    report_next: Option<Instant>,
 }
 
 impl Link {
@@ -57,7 +59,7 @@ impl Link {
         // run in milliseconds, JIT would cost 100-200 ms each (src/runtime/worker.rs).
         conn.execute("SET jit = off", CALL_TIMEOUT).map_err(|e| e.to_string())?;
         conn.execute("LISTEN rbucardo_changes", CALL_TIMEOUT).map_err(|e| e.to_string())?;
-        Ok(Link { peer: peer.clone(), conn: Some(conn), peer_id: id, stopped: None, schema_sent: None, me_name: me.name.clone(), peer_has: None })
+        Ok(Link { peer: peer.clone(), conn: Some(conn), peer_id: id, stopped: None, schema_sent: None, me_name: me.name.clone(), peer_has: None, report_next: None })
     }
 
     fn conn(&mut self) -> Result<&mut PeerConn, String> {
@@ -170,6 +172,20 @@ impl Link {
             in_txn(move || crate::schema::ddl::store_peer_shape(&name, pgrx::JsonB(shape)))?;
         }
         Ok(())
+    }
+
+    /// Whether a state-report exchange is due: the first a few seconds after connecting, at
+    /// this link's own offset (from its peer's name: the links of a hub then trade at
+    /// different moments, not all at once), then every `every`.
+    pub fn report_due(&mut self, every: Duration) -> bool {
+        let now = Instant::now();
+        let offset = Duration::from_millis(crc32fast::hash(self.peer.name.as_bytes()) as u64 % 5_000);
+        let next = *self.report_next.get_or_insert(now + offset);
+        if now < next {
+            return false;
+        }
+        self.report_next = Some(now + every);
+        true
     }
 
     /// Trades state reports with the peer, for the rbucardo.cluster view.

@@ -8,6 +8,7 @@ use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use pgrx::prelude::*;
+use pgrx::{GucContext, GucFlags, GucRegistry, GucSetting};
 
 use crate::base::node::{self as catalog, Me};
 use crate::base::pq::{wait_for_activity, PeerError};
@@ -20,8 +21,28 @@ const MAX_BACKOFF: Duration = Duration::from_secs(5);
 /// Longest sleep between rounds when nothing wakes the worker (peers without a way to notify
 /// us, configuration changes made in another database).
 const IDLE_NAP: Duration = Duration::from_secs(2);
-/// How often table shapes and state reports are traded with each outbound peer.
+/// How often table shapes are traded with each outbound peer.
 const EXCHANGE_EVERY: Duration = Duration::from_secs(5);
+
+/// `rbucardo.report_interval`: seconds between two state-report exchanges with a peer (for
+/// the cluster view). An exchange carries the reports of every node this one knows, and costs
+/// the hub about a millisecond per report: with 20 stores trading every 5 s on a busy 2-core
+/// hub, each exchange held up its store's round for half a second (docs/performance.md).
+pub static REPORT_INTERVAL: GucSetting<i32> = GucSetting::<i32>::new(30);
+
+/// Registers the settings of the worker's rounds; called from `_PG_init`.
+pub fn init() {
+    GucRegistry::define_int_guc(
+        c"rbucardo.report_interval",
+        c"Seconds between two exchanges of state reports with a peer, for rbucardo.cluster.",
+        c"Each link trades reports at this interval, at its own moment within it.",
+        &REPORT_INTERVAL,
+        1,
+        3600,
+        GucContext::Sighup,
+        GucFlags::default(),
+    );
+}
 /// The configuration is read again when it changes (see `worker::config_generation`), and at
 /// least this often (a node's identity check, catalog rows changed by hand).
 const CONFIG_MAX_AGE: Duration = Duration::from_secs(10);
@@ -205,13 +226,16 @@ impl Replicator {
         if self.last_exchange.is_none_or(|t| t.elapsed() >= EXCHANGE_EVERY) {
             self.last_exchange = Some(Instant::now());
             let mut slow = Slow::default();
+            let report_every = Duration::from_secs(REPORT_INTERVAL.get().max(1) as u64);
             for (name, slot) in self.links.iter_mut() {
                 if let Some(link) = slot.link.as_mut() {
                     if let Err(e) = slow.time("table shapes", || link.exchange_schema()) {
                         log!("rbucardo worker: exchanging table shapes with {name} failed: {e}");
                     }
-                    if let Err(e) = slow.time("reports", || link.exchange_reports()) {
-                        log!("rbucardo worker: exchanging state reports with {name} failed: {e}");
+                    if link.report_due(report_every) {
+                        if let Err(e) = slow.time("reports", || link.exchange_reports()) {
+                            log!("rbucardo worker: exchanging state reports with {name} failed: {e}");
+                        }
                     }
                 }
             }

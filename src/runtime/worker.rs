@@ -30,8 +30,9 @@ fn notify_gap(listeners: usize) -> Duration {
     MIN_ROUND_GAP * listeners.div_ceil(LISTENERS_PER_GAP).max(1) as u32
 }
 
-/// How often a worker checks that its housekeeper runs.
-const HOUSEKEEPER_CHECK: Duration = Duration::from_secs(1);
+/// How often a worker checks that its housekeeper runs (one that finds another running exits
+/// at once: this bounds how often it is started for nothing).
+const HOUSEKEEPER_CHECK: Duration = Duration::from_secs(5);
 
 /// How often the launcher looks for new databases without being woken.
 const LAUNCHER_NAP: Duration = Duration::from_secs(10);
@@ -183,7 +184,7 @@ pub extern "C-unwind" fn rbucardo_worker_main(arg: pg_sys::Datum) {
         }
     }
     let mut replicator = crate::runtime::replicator::Replicator::default();
-    // The housekeeper runs beside this worker (src/runtime/housekeeper.rs); checked every second.
+    // The housekeeper runs beside this worker (src/runtime/housekeeper.rs).
     let mut housekeeper: Option<DynamicBackgroundWorker> = None;
     let mut housekeeper_checked = std::time::Instant::now() - HOUSEKEEPER_CHECK;
     let mut housekeeper_missing = false;

@@ -103,22 +103,33 @@ fn differences_planted_on_two_peers_are_found_and_repaired_through_the_stream() 
     assert_eq!(log_before, "0");
     rows(&cluster, MAIN, "SELECT * FROM rbucardo.repair('store_sync', 'branch2', dry_run => false)");
     rows(&cluster, MAIN, "SELECT * FROM rbucardo.repair('store_sync', 'branch1', 'products', keys => '[[\"7\"], [\"12345\"]]', dry_run => false)");
-    // A key of two columns, written with numbers and without spaces.
-    let by_key = rows(&cluster, MAIN, "SELECT action FROM rbucardo.repair('store_sync', 'branch1', 'product_tag_rel', keys => '[[3,30]]', dry_run => false)");
-    assert_eq!(by_key, vec!["insert"]);
     for (i, sql, want) in [
         (BRANCH2, "SELECT stock FROM products WHERE id = 5", "100"),
         (BRANCH2, "SELECT count(*) FROM products WHERE id = 30001", "0"),
         (BRANCH2, "SELECT name FROM users WHERE id = 2", "Bo"),
         (BRANCH1, "SELECT price FROM products WHERE id = 7", "7.00"),
         (BRANCH1, "SELECT count(*) FROM products WHERE id = 12345", "1"),
-        (BRANCH1, "SELECT count(*) FROM product_tag_rel WHERE product_id = 3", "1"),
     ] {
         wait_until("the repair on the peer", T, || {
             let got = one(&cluster, i, sql);
             if got == want { Ok(true) } else { Err(format!("{sql}: {got}")) }
         });
     }
+    // A second repair to branch1 waits until the first has reached it (its old images are
+    // branch1's rows before it); then a key of two columns, written with numbers.
+    let refused = cluster.node(MAIN).connect(DB).execute("SELECT * FROM rbucardo.repair('store_sync', 'branch1', 'product_tag_rel', keys => '[[3,30]]', dry_run => false)");
+    if let Err(e) = &refused {
+        assert!(e.contains("an earlier repair has not reached branch1 yet"), "{e}");
+    }
+    assert!(cluster.node(MAIN).query_one(DB, "SELECT rbucardo.wait_for_sync('store_sync')").as_deref() == Some("t"));
+    if refused.is_err() {
+        let by_key = rows(&cluster, MAIN, "SELECT action FROM rbucardo.repair('store_sync', 'branch1', 'product_tag_rel', keys => '[[3,30]]', dry_run => false)");
+        assert_eq!(by_key, vec!["insert"]);
+    }
+    wait_until("the composite-key repair on branch1", T, || {
+        let got = one(&cluster, BRANCH1, "SELECT count(*) FROM product_tag_rel WHERE product_id = 3");
+        if got == "1" { Ok(true) } else { Err(got) }
+    });
     assert!(cluster.node(MAIN).query_one(DB, "SELECT rbucardo.wait_for_sync('store_sync')").as_deref() == Some("t"));
     assert_eq!(one(&cluster, BRANCH1, "SELECT stock FROM products WHERE id = 5"), "100", "branch2's repair reached branch1");
     assert_eq!(one(&cluster, MAIN, "SELECT count(*) FROM rbucardo.change_log WHERE only_for IS NOT NULL AND only_for <> 2 AND only_for <> 3"), "0");

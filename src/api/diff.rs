@@ -226,12 +226,21 @@ fn repair(
     });
     // A repair earlier sent to the peer must have landed first: this one's old images are
     // the peer's rows as they are before it, and a delta column would count the difference twice.
-    let pending = Spi::get_one_with_args::<bool>("SELECT EXISTS (SELECT 1 FROM rbucardo.change_log WHERE only_for = $1 AND origin IS NULL)", &[peer_id.into()]).ok().flatten() == Some(true);
-    if pending && !dry_run && !crate::api::monitor::synced(sync, SETTLE) {
+    let pending = Spi::get_one_with_args::<bool>(
+        "SELECT EXISTS (SELECT 1 FROM rbucardo.change_log l, rbucardo.peer_state p
+                         LEFT JOIN rbucardo.tick t ON t.tick_id = rbucardo.complete_tick(p.out_tick, p.out_seq)
+                        WHERE p.db = $2 AND l.only_for = $1 AND l.origin IS NULL
+                          AND NOT pg_catalog.pg_visible_in_snapshot(l.txid, coalesce(t.snap, '1:1:'::pg_catalog.pg_snapshot)))",
+        &[peer_id.into(), peer.into()],
+    )
+    .ok()
+    .flatten()
+        == Some(true);
+    if pending && !dry_run {
         raise(
             PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
             format!("an earlier repair has not reached {peer} yet"),
-            "Wait until rbucardo.wait_for_sync() returns true, run diff again, then repair.",
+            format!("Wait until {peer} has it (rbucardo.status shows pending_out 0 for it), run diff again, then repair."),
         );
     }
     let mut conn = None;
@@ -264,16 +273,20 @@ fn repair(
             work.push((t, relid, found));
         }
     }
-    // This node's rows as they are now, not as the diff saw them: the repair must not bring
-    // back an older version of a row changed since.
+    // A row changed here since the diff read it is left out (shown as such): its difference
+    // with the peer's row as the diff saw it is no longer the difference to send.
+    let mut changed = Vec::new();
     for (t, relid, found) in work.iter_mut() {
         let keys: Vec<String> = found.iter().map(|f| f.0.clone()).collect();
         let buckets = buckets_for(*relid);
         let now = digest::rows(t, buckets, &digest::buckets_of(&keys, buckets));
-        for f in found.iter_mut() {
-            f.1 = now.get(&f.0).cloned();
-        }
-        found.retain(|f| f.1 != f.2);
+        found.retain(|f| {
+            let same = now.get(&f.0) == f.1.as_ref();
+            if !same {
+                changed.push((format!("{}.{}", t.schema, t.table), f.0.clone(), now.get(&f.0).cloned(), f.2.clone()));
+            }
+            same
+        });
     }
     let total: usize = work.iter().map(|w| w.2.len()).sum();
     if total > MAX_REPAIR_ROWS {
@@ -319,6 +332,10 @@ fn repair(
             )
             .expect("diff result");
         }
+    }
+    for (table, key, here, there) in changed {
+        let key = serde_json::from_str(&key).map(pgrx::JsonB).unwrap_or(pgrx::JsonB(serde_json::Value::Null));
+        out.push((table, key, "skipped: changed here since the diff, run diff again".to_string(), json(&here), json(&there)));
     }
     TableIterator::new(out)
 }

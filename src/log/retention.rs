@@ -123,9 +123,7 @@ pub fn expire_peers() -> Vec<(String, String)> {
                       FROM rbucardo.peer_state p
                       JOIN rbucardo.db d ON d.name = p.db
                       LEFT JOIN rbucardo.tick t ON t.tick_id = rbucardo.complete_tick(p.out_tick, p.out_seq)
-                     WHERE p.expired_at IS NULL
-                       -- a peer copying its tables from this node (src/runtime/join.rs) is not away
-                       AND NOT (p.join_until IS NULL AND p.join_filter IS NOT NULL))
+                     WHERE p.expired_at IS NULL)
                  UPDATE rbucardo.peer_state p
                     SET expired_at = pg_catalog.now(),
                         expired_why = CASE
@@ -140,7 +138,10 @@ pub fn expire_peers() -> Vec<(String, String)> {
                     AND ((pg_catalog.make_interval(secs => $1) IS NOT NULL AND h.since < pg_catalog.now() - pg_catalog.make_interval(secs => $1)
                           AND coalesce(p.last_contact, d.created) < pg_catalog.now() - pg_catalog.make_interval(secs => $1))
                       OR ($2 > 0 AND h.bytes > ($2::bigint << 20)
-                          AND coalesce(p.last_contact, d.created) < pg_catalog.now() - interval '{AWAY}'))
+                          AND coalesce(p.last_contact, d.created) < pg_catalog.now() - interval '{AWAY}'
+                          -- a peer copying its tables from this node (src/runtime/join.rs) holds
+                          -- the log while it copies; it is in contact at each table
+                          AND NOT (p.join_until IS NULL AND p.join_filter IS NOT NULL)))
                  RETURNING p.db, p.expired_why"
             ),
             None,

@@ -80,8 +80,13 @@ pub extern "C-unwind" fn rbucardo_housekeeper_main(arg: pg_sys::Datum) {
     let _ = in_txn(|| Spi::run("SELECT pg_catalog.set_config('search_path', 'pg_catalog, pg_temp', false)").expect("pinning search_path"));
     // A parked transaction retried here is applied as the worker applies: READ COMMITTED.
     let _ = in_txn(|| Spi::run("SELECT pg_catalog.set_config('default_transaction_isolation', 'read committed', false)").expect("isolation"));
-    // No JIT, as in the worker (src/runtime/worker.rs).
-    let _ = in_txn(|| Spi::run("SELECT pg_catalog.set_config('jit', 'off', false)").expect("jit"));
+    // No JIT, as in the worker (src/runtime/worker.rs). A step that waits on a lock (a row
+    // held by an idle transaction) gives up and comes back, with a line in the log, rather than
+    // stopping every other step for good.
+    let _ = in_txn(|| {
+        Spi::run("SELECT pg_catalog.set_config('jit', 'off', false), pg_catalog.set_config('lock_timeout', '30s', false), pg_catalog.set_config('statement_timeout', '10min', false)")
+            .expect("settings")
+    });
     if in_txn(|| Spi::get_one_with_args::<bool>("SELECT pg_catalog.pg_try_advisory_lock($1)", &[LOCK_KEY.into()]).ok().flatten() == Some(true)) != Ok(true) {
         return; // another housekeeper runs here
     }
@@ -159,7 +164,13 @@ fn periodic(me_id: i32) {
         }
     }
     // The report the worker's links hand to peers (reading it costs them nothing).
-    if let Err(e) = slow.time("report", || in_txn(|| Spi::run("SELECT rbucardo.refresh_own_report()").expect("report"))) {
+    // (Skipped on a catalog not yet updated to this version, which lacks the function.)
+    let report = || {
+        if Spi::get_one::<bool>("SELECT pg_catalog.to_regproc('rbucardo.refresh_own_report') IS NOT NULL").ok().flatten() == Some(true) {
+            Spi::run("SELECT rbucardo.refresh_own_report()").expect("report");
+        }
+    };
+    if let Err(e) = slow.time("report", || in_txn(report)) {
         log!("rbucardo housekeeper: making the state report failed: {e}");
     }
     slow.report("rbucardo housekeeper: slow steps");

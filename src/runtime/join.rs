@@ -70,6 +70,8 @@ pub fn provide_description(peer: &str) -> String {
 
 /// `peer_join_start`: cuts the tick the joining peer's stream starts after, and records it as
 /// the peer's confirmation (and when the join began, in `join_filter` until `peer_join_end`).
+/// A peer that expired here is whole from then on: its stream starts there, and the log is
+/// kept for it again.
 /// Refused while transactions are parked here: one applied later here is not forwarded again,
 /// so the joining node, copied before it applied, would never get it.
 pub fn provide_start(peer: &str) -> i64 {
@@ -83,7 +85,9 @@ pub fn provide_start(peer: &str) -> i64 {
     }
     let tick = crate::log::changelog::ensure_tick();
     Spi::run_with_args(
-        "UPDATE rbucardo.peer_state SET out_tick = $2, out_seq = $3, join_until = NULL, join_filter = pg_catalog.now()::text WHERE db = $1",
+        "UPDATE rbucardo.peer_state SET out_tick = $2, out_seq = $3, join_until = NULL, join_filter = pg_catalog.clock_timestamp()::text,
+                expired_at = NULL, expired_why = NULL
+          WHERE db = $1",
         &[peer.into(), tick.into(), WHOLE_TICK.into()],
     )
     .expect("join start");
@@ -155,8 +159,7 @@ fn peer_login() -> String {
 /// longer matter; returns it. Refused when something ran here during the join that the copies
 /// may hold wrongly: a schema change of the shared tables (a copy made before it is changed
 /// again when it is replayed, one made after it holds what a replay cannot bring back), or a
-/// transaction parked or retried here (the copies may hold it, or miss it for good). A peer
-/// that expired here may join again: that makes it whole.
+/// transaction parked or retried here (the copies may hold it, or miss it for good).
 pub fn provide_end(peer: &str, filter: &str) -> i64 {
     if JoinFilter::parse(0, filter).is_none() {
         raise(PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE, "the join filter does not parse", "It is [[schema, table, snapshot], ...] as the joining node sends it.");
@@ -177,12 +180,16 @@ pub fn provide_end(peer: &str, filter: &str) -> i64 {
     if churn > 0 {
         raise(PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE, format!("{churn} transactions were parked or retried on the provider during the join"), again);
     }
+    let kept = Spi::get_one_with_args::<bool>("SELECT EXISTS (SELECT 1 FROM rbucardo.tick WHERE tick_id = $1)", &[start.into()]).ok().flatten() == Some(true);
+    if !kept {
+        raise(PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE, format!("the provider no longer keeps its change log from the join's start (tick {start})"), again);
+    }
     if let Some(command) = crate::log::changelog::schema_change_since(start, &node::peer_policy(peer)) {
         raise(PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE, format!("a schema change ran on the provider during the join: {command}"), again);
     }
     let until = crate::log::changelog::ensure_tick();
     Spi::run_with_args(
-        "UPDATE rbucardo.peer_state SET join_until = $2, join_filter = $3, expired_at = NULL, expired_why = NULL WHERE db = $1",
+        "UPDATE rbucardo.peer_state SET join_until = $2, join_filter = $3 WHERE db = $1",
         &[peer.into(), until.into(), filter.into()],
     )
     .expect("join end");
@@ -281,17 +288,8 @@ fn copy_table(me: &Me, peer: &Peer, schema: &str, table: &str, est_rows: i64) ->
     }
     let conninfo = peer.conninfo.clone().ok_or("the provider has no conninfo here")?;
     let mut conn = PeerConn::connect(&conninfo, Duration::from_secs(10)).map_err(|e| e.to_string())?;
-    // Not READ ONLY: the provider makes a temporary view to copy from.
-    conn.execute("BEGIN ISOLATION LEVEL REPEATABLE READ", CALL_TIMEOUT).map_err(|e| e.to_string())?;
-    // The transaction's snapshot: taken by its first statement, kept to its end.
-    let snapshot = conn
-        .query("SELECT pg_catalog.pg_current_snapshot()::text", &[], CALL_TIMEOUT)
-        .map_err(|e| e.to_string())?
-        .first()
-        .and_then(|r| r.text(0))
-        .ok_or("the provider returned no snapshot")?;
-    // Values print as they travel in the stream, whatever the provider's settings.
-    conn.execute(crate::base::canonical::CANONICAL_SETTINGS_SQL, CALL_TIMEOUT).map_err(|e| e.to_string())?;
+    // The provider makes a temporary view to copy from (in a transaction of its own: the copy's
+    // is READ ONLY, so that it takes no transaction id for as long as it runs).
     let names = text_array_literal(&cols);
     let view = conn
         .query(
@@ -303,6 +301,18 @@ fn copy_table(me: &Me, peer: &Peer, schema: &str, table: &str, est_rows: i64) ->
         .first()
         .and_then(|r| r.text(0))
         .ok_or("peer_copy_view returned nothing")?;
+    conn.execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY", CALL_TIMEOUT).map_err(|e| e.to_string())?;
+    // The transaction's snapshot: taken by its first statement, kept to its end.
+    let snapshot = conn
+        .query("SELECT pg_catalog.pg_current_snapshot()::text", &[], CALL_TIMEOUT)
+        .map_err(|e| e.to_string())?
+        .first()
+        .and_then(|r| r.text(0))
+        .ok_or("the provider returned no snapshot")?;
+    // Values print as they travel in the stream, whatever the provider's settings; a row
+    // security policy that would hide rows from the copy is an error, not a silent hole.
+    conn.execute(crate::base::canonical::CANONICAL_SETTINGS_SQL, CALL_TIMEOUT).map_err(|e| e.to_string())?;
+    conn.execute("SET LOCAL row_security = off", CALL_TIMEOUT).map_err(|e| e.to_string())?;
     let list: Vec<String> = cols.iter().map(|c| quote_ident(c)).collect();
     let sql = format!("COPY (SELECT {} FROM {view}) TO STDOUT", list.join(", "));
     conn.copy_out(&sql, CALL_TIMEOUT).map_err(|e| e.to_string())?;
@@ -312,9 +322,6 @@ fn copy_table(me: &Me, peer: &Peer, schema: &str, table: &str, est_rows: i64) ->
     let conn_ref = &mut conn;
     let (rows, bytes) = in_txn(AssertUnwindSafe(move || {
         let _replica = LocalSetting::replica_mode();
-        // The table's triggers, constraints and index expressions run as its owner, restricted,
-        // as when rows are applied.
-        let _owner = RunAs::restricted(owner);
         let (mut rows, mut bytes, mut logged) = (0u64, 0u64, Instant::now());
         let mut source = || match conn_ref.copy_row(CALL_TIMEOUT) {
             Ok(Some(row)) => {
@@ -329,7 +336,13 @@ fn copy_table(me: &Me, peer: &Peer, schema: &str, table: &str, est_rows: i64) ->
             Ok(None) => Ok(None),
             Err(e) => Err(e.to_string()),
         };
-        crate::apply::copy::copy_in(relid, &cols, &mut source);
+        {
+            // The table's triggers, constraints and index expressions run as its owner,
+            // restricted, as when rows are applied (only the copy: the join's own tables are
+            // written as the worker).
+            let _owner = RunAs::restricted(owner);
+            crate::apply::copy::copy_in(relid, &cols, &mut source);
+        }
         Spi::run_with_args(
             "UPDATE rbucardo.join_table SET state = 'copied', rows = $4, bytes = $5, snapshot = $6, finished_at = now(), last_error = NULL
               WHERE provider = $1 AND schema_name = $2 AND table_name = $3",
@@ -338,8 +351,10 @@ fn copy_table(me: &Me, peer: &Peer, schema: &str, table: &str, est_rows: i64) ->
         .expect("join table copied");
         (rows, bytes)
     }))?;
-    // The provider's transaction only read; how it ends changes nothing.
+    // The provider's transaction only read; how it ends changes nothing. The view goes now,
+    // not at the end of the session: it would hold up a schema change of the table.
     let _ = conn.execute("COMMIT", CALL_TIMEOUT);
+    let _ = conn.execute(&format!("DROP VIEW IF EXISTS {view}"), CALL_TIMEOUT);
     log!("rbucardo: joining from {}: copied {}", peer.name, progress(schema, table, rows, bytes, rows as i64, started.elapsed()));
     Ok(())
 }

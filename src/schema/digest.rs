@@ -13,7 +13,7 @@ use pgrx::prelude::*;
 use crate::base::canonical::CanonicalOutput;
 use crate::base::error::raise;
 use crate::base::sqltext::{output_text, quote_ident, quote_literal};
-use crate::base::xact::RunAs;
+use crate::base::xact::{LocalSetting, RunAs};
 
 /// What is compared of one table: its columns and its replica key, by name.
 #[derive(Clone, Debug)]
@@ -102,6 +102,8 @@ fn as_owner<R>(t: &Target, f: impl FnOnce() -> R) -> R {
     .unwrap_or_else(|| raise(PgSqlErrorCode::ERRCODE_UNDEFINED_TABLE, format!("table {}.{} is missing", t.schema, t.table), "It was dropped meanwhile."));
     let _canonical = CanonicalOutput::new();
     let _owner = RunAs::restricted(owner);
+    // A row security policy the owner is subject to (FORCE) is an error, not rows left out.
+    let _rls = LocalSetting::new(c"row_security", c"off", false);
     f()
 }
 

@@ -8,23 +8,8 @@ cd "$(dirname "$0")/.."
 SECS=${1:-30}
 CLIENTS=${2:-4}
 ROUNDS=${3:-3}
-DIR=$(mktemp -d /tmp/rbucardo-bench.XXXXXX)
-PORT=${RBUCARDO_BENCH_PORT:-$(python3 -c "import socket; s=socket.socket(); s.bind(('127.0.0.1', 0)); print(s.getsockname()[1])")}
-[ "$(id -u)" -eq 0 ] && chown postgres: "$DIR"
-cleanup() { as_pg "$PG_BIN/pg_ctl" -D "$DIR/n" -m immediate stop >/dev/null 2>&1 || true; rm -rf "$DIR"; }
-trap cleanup EXIT
-
-as_pg "$PG_BIN/initdb" -D "$DIR/n" -U postgres --auth=trust --no-sync >/dev/null
-cat <<CONF | as_pg tee -a "$DIR/n/postgresql.conf" >/dev/null
-listen_addresses = '127.0.0.1'
-port = $PORT
-unix_socket_directories = '$DIR/n'
-shared_preload_libraries = 'rbucardo'
-shared_buffers = 512MB
-max_wal_size = 4GB
-synchronous_commit = on
-CONF
-as_pg "$PG_BIN/pg_ctl" -D "$DIR/n" -l "$DIR/n/server.log" -w start >/dev/null || { cat "$DIR/n/server.log"; exit 1; }
+. bench/lib.sh
+bench_server "synchronous_commit = on"
 PSQL="psql -X -q -h 127.0.0.1 -p $PORT -U postgres"
 $PSQL -d postgres -c "CREATE DATABASE bench"
 pgbench -h 127.0.0.1 -p "$PORT" -U postgres -i -s 10 -q bench >/dev/null 2>&1

@@ -7,23 +7,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/common.sh
 ROWS=${1:-1000000}
-DIR=$(mktemp -d /tmp/rbucardo-bench.XXXXXX)
-PORT=$(python3 -c "import socket; s=socket.socket(); s.bind(('127.0.0.1', 0)); print(s.getsockname()[1])")
-chmod 755 "$DIR"
-[ "$(id -u)" -eq 0 ] && chown postgres: "$DIR"
-cleanup() { as_pg "$PG_BIN/pg_ctl" -D "$DIR/n" -m immediate stop >/dev/null 2>&1 || true; rm -rf "$DIR"; }
-trap cleanup EXIT
-
-as_pg "$PG_BIN/initdb" -D "$DIR/n" -U postgres --auth=trust --no-sync >/dev/null
-cat <<CONF | as_pg tee -a "$DIR/n/postgresql.conf" >/dev/null
-listen_addresses = '127.0.0.1'
-port = $PORT
-unix_socket_directories = '$DIR/n'
-shared_preload_libraries = 'rbucardo'
-shared_buffers = 512MB
-max_wal_size = 4GB
-CONF
-as_pg "$PG_BIN/pg_ctl" -D "$DIR/n" -l "$DIR/n/server.log" -w start >/dev/null || { cat "$DIR/n/server.log"; exit 1; }
+. bench/lib.sh
+bench_server
 q() { local db=$1; shift; psql -X -q -At -v ON_ERROR_STOP=1 -h 127.0.0.1 -p "$PORT" -U postgres -d "$db" "$@"; }
 now() { date +%s.%N; }
 
@@ -43,9 +28,9 @@ q a -c "SELECT rbucardo.wait_for_sync('s')" >/dev/null
 
 say "10 differences planted on b (not captured)"
 q b -c "BEGIN; SET LOCAL session_replication_role = replica;
-        UPDATE items SET qty = -1 WHERE id IN (17, 250000, 999999);
-        UPDATE items SET price = 0 WHERE id IN (42, 500000);
-        DELETE FROM items WHERE id IN (77, 600000);
+        UPDATE items SET qty = -1 WHERE id IN (17, $ROWS / 4, $ROWS - 1);
+        UPDATE items SET price = 0 WHERE id IN (42, $ROWS / 2);
+        DELETE FROM items WHERE id IN (77, $ROWS * 3 / 5);
         INSERT INTO items VALUES ($ROWS + 1, 'extra', 1, 1, now()), ($ROWS + 2, 'extra', 1, 1, now()), ($ROWS + 3, 'extra', 1, 1, now());
         COMMIT;"
 

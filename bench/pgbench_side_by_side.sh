@@ -232,10 +232,19 @@ measure() { # SYSTEM
     start=$(max_id "$O")
     run_pgbench "$O" -t "$BACKLOG" >/dev/null
     want=$(rows_after "$O" "$start")
+    # SBS_PERF=PREFIX records a system-wide profile of the catch-up in PREFIX.SYSTEM.data
+    # (for development: perf report -i PREFIX.SYSTEM.data --no-children --sort comm,symbol).
+    local perf_pid=
+    if [ -n "${SBS_PERF:-}" ]; then
+        perf record -a -g -F 999 -o "$SBS_PERF.$sys.data" >/dev/null 2>&1 &
+        perf_pid=$!
+        sleep 0.5
+    fi
     t0=$(now)
     "${sys}_up"
     wait_rows "$S" "$start" "$want"
     t1=$(now)
+    [ -n "$perf_pid" ] && { kill -INT "$perf_pid"; wait "$perf_pid" || true; }
     R[$sys.catchup_s]=$(awk -v a="$t0" -v b="$t1" 'BEGIN {printf "%.2f", b - a}')
     R[$sys.catchup_rate]=$(awk -v a="$t0" -v b="$t1" -v n="$want" 'BEGIN {printf "%.0f", 4 * n / (b - a)}')
     R[$sys.same]=$(compare "$sys" catch-up)

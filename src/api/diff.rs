@@ -296,12 +296,7 @@ fn repair(
     let mut changes = Vec::new();
     for (t, relid, found) in &work {
         // The images hold the columns the capture trigger sends: no generated ones.
-        let cols: Vec<String> = Spi::connect(|c| {
-            c.select("SELECT attname::text FROM pg_catalog.pg_attribute WHERE attrelid = $1 AND attnum > 0 AND NOT attisdropped AND attgenerated = '' ORDER BY attnum", None, &[(*relid).into()])
-                .expect("columns")
-                .filter_map(|r| r.get::<String>(1).ok().flatten())
-                .collect()
-        });
+        let cols = crate::base::node::stored_columns(*relid);
         let key: Vec<u16> = t.key.iter().filter_map(|k| cols.iter().position(|c| c == k)).map(|p| p as u16).collect();
         let desc = RelDesc { schema: t.schema.clone(), name: t.table.clone(), columns: cols.clone(), key };
         for (k, here, there) in found {

@@ -192,10 +192,5 @@ fn join(provider: &str, copy_schema: default!(bool, false)) -> String {
 }
 
 fn relid(schema: &str, table: &str) -> Option<pg_sys::Oid> {
-    Spi::get_one_with_args::<pg_sys::Oid>(
-        "SELECT k.oid FROM pg_catalog.pg_class k JOIN pg_catalog.pg_namespace n ON n.oid = k.relnamespace WHERE n.nspname = $1 AND k.relname = $2 AND k.relkind IN ('r', 'p')",
-        &[schema.into(), table.into()],
-    )
-    .ok()
-    .flatten()
+    node::table_by_name(schema, table).map(|(relid, _)| relid)
 }

@@ -218,13 +218,24 @@ impl JoinFilter {
 
 /// The policy for the peer named `name`; a peer without a db row here may send nothing.
 pub fn peer_policy(name: &str) -> PeerPolicy {
-    let (node_id, ddl, ddl_role, relay) = plans::run(
-        "SELECT node_id, ddl, ddl_role::text, relay FROM rbucardo.db WHERE name = $1",
+    // The peer's row, and its join filter while it joins from this node's copies (until it
+    // confirms the tick after its last copy).
+    let (node_id, ddl, ddl_role, relay, join) = plans::run(
+        "SELECT d.node_id, d.ddl, d.ddl_role::text, d.relay, p.join_until, p.join_filter
+           FROM rbucardo.db d
+           LEFT JOIN rbucardo.peer_state p ON p.db = d.name AND p.join_until IS NOT NULL AND p.out_tick <= p.join_until
+          WHERE d.name = $1",
         &[pg_sys::TEXTOID],
         &[name.into()],
         |t| match t.into_iter().next() {
-            Some(r) => (r.get::<i32>(1).ok().flatten(), r.get::<String>(2).ok().flatten(), r.get::<String>(3).ok().flatten(), r.get::<bool>(4).ok().flatten()),
-            None => (None, None, None, None),
+            Some(r) => (
+                r.get::<i32>(1).ok().flatten(),
+                r.get::<String>(2).ok().flatten(),
+                r.get::<String>(3).ok().flatten(),
+                r.get::<bool>(4).ok().flatten(),
+                r.get::<i64>(5).ok().flatten().map(|until| (until, r.get::<String>(6).ok().flatten().unwrap_or_default())),
+            ),
+            None => (None, None, None, None, None),
         },
     );
     let relay = relay.unwrap_or(false);
@@ -241,13 +252,7 @@ pub fn peer_policy(name: &str) -> PeerPolicy {
         |t| t.filter_map(|r| Some((r.get::<String>(1).ok()??, r.get::<String>(2).ok()??, r.get::<bool>(3).ok()??))).collect(),
     );
     let shared: std::collections::HashSet<(String, String)> = tables.iter().filter(|t| t.2).map(|(s, n, _)| (s.clone(), n.clone())).collect();
-    // A joining peer's filter, until it confirms the tick after its last copy.
-    let join = plans::run(
-        "SELECT join_until, join_filter FROM rbucardo.peer_state WHERE db = $1 AND join_until IS NOT NULL AND out_tick <= join_until",
-        &[pg_sys::TEXTOID],
-        &[name.into()],
-        |t| t.into_iter().next().map(|r| (r.get::<i64>(1).ok().flatten().unwrap_or(0), r.get::<String>(2).ok().flatten().unwrap_or_default())),
-    )
+    let join = join
     .map(|(until, json)| {
         JoinFilter::parse(until, &json).unwrap_or_else(|| {
             raise(
@@ -269,6 +274,32 @@ pub fn peer_policy(name: &str) -> PeerPolicy {
         replicated: tables.into_iter().map(|(s, n, _)| (s, n)).collect(),
         tables: shared,
     }
+}
+
+/// A table by schema and name: its oid and owner.
+pub fn table_by_name(schema: &str, table: &str) -> Option<(pg_sys::Oid, pg_sys::Oid)> {
+    let (relid, owner) = Spi::get_two_with_args::<pg_sys::Oid, pg_sys::Oid>(
+        "SELECT k.oid, k.relowner FROM pg_catalog.pg_class k JOIN pg_catalog.pg_namespace n ON n.oid = k.relnamespace
+          WHERE n.nspname = $1 AND k.relname = $2 AND k.relkind IN ('r', 'p')",
+        &[schema.into(), table.into()],
+    )
+    .ok()?;
+    Some((relid?, owner?))
+}
+
+/// The columns a row image of the table holds, in order: not dropped, not generated (as the
+/// capture trigger sends them, and as a copy fills them).
+pub fn stored_columns(relid: pg_sys::Oid) -> Vec<String> {
+    Spi::connect(|c| {
+        c.select(
+            "SELECT attname::text FROM pg_catalog.pg_attribute WHERE attrelid = $1 AND attnum > 0 AND NOT attisdropped AND attgenerated = '' ORDER BY attnum",
+            None,
+            &[relid.into()],
+        )
+        .expect("columns")
+        .filter_map(|r| r.get::<String>(1).ok().flatten())
+        .collect()
+    })
 }
 
 /// Why `role` may not run a peer's schema changes at the limited level: a superuser, or a role

@@ -107,24 +107,10 @@ pub fn provide_copy_view(peer: &str, schema: &str, table: &str, cols: &[String])
             "A joining node copies the tables of the syncs it shares with its provider.",
         );
     }
-    let (relid, owner) = Spi::get_two_with_args::<pg_sys::Oid, pg_sys::Oid>(
-        "SELECT k.oid, k.relowner FROM pg_catalog.pg_class k JOIN pg_catalog.pg_namespace n ON n.oid = k.relnamespace WHERE n.nspname = $1 AND k.relname = $2",
-        &[schema.into(), table.into()],
-    )
-    .unwrap_or((None, None));
-    let (Some(relid), Some(owner)) = (relid, owner) else {
+    let Some((relid, owner)) = node::table_by_name(schema, table) else {
         raise(PgSqlErrorCode::ERRCODE_UNDEFINED_TABLE, format!("table {schema}.{table} is missing on the provider"), "It was dropped or renamed during the join: join again.");
     };
-    let known: Vec<String> = Spi::connect(|c| {
-        c.select(
-            "SELECT attname::text FROM pg_catalog.pg_attribute WHERE attrelid = $1 AND attnum > 0 AND NOT attisdropped AND attgenerated = ''",
-            None,
-            &[relid.into()],
-        )
-        .expect("columns")
-        .filter_map(|r| r.get::<String>(1).ok().flatten())
-        .collect()
-    });
+    let known = node::stored_columns(relid);
     // The same columns on both sides: a column only here would be lost to the copy (and a
     // schema change replayed after it would not bring its values back).
     let mut mine = known.clone();
@@ -244,24 +230,10 @@ pub fn step(me: &Me, peer: &Peer, conn: &mut PeerConn) -> Result<bool, String> {
 /// A local table's oid and owner, the columns a copy fills (generated ones are computed
 /// here), and whether it holds rows.
 fn local_table(schema: &str, table: &str) -> (pg_sys::Oid, pg_sys::Oid, Vec<String>, bool) {
-    let (relid, owner) = Spi::get_two_with_args::<pg_sys::Oid, pg_sys::Oid>(
-        "SELECT k.oid, k.relowner FROM pg_catalog.pg_class k JOIN pg_catalog.pg_namespace n ON n.oid = k.relnamespace WHERE n.nspname = $1 AND k.relname = $2",
-        &[schema.into(), table.into()],
-    )
-    .unwrap_or((None, None));
-    let (Some(relid), Some(owner)) = (relid, owner) else {
+    let Some((relid, owner)) = node::table_by_name(schema, table) else {
         raise(PgSqlErrorCode::ERRCODE_UNDEFINED_TABLE, format!("table {schema}.{table} is missing here"), "It was dropped after join() began; join again.");
     };
-    let cols: Vec<String> = Spi::connect(|c| {
-        c.select(
-            "SELECT attname::text FROM pg_catalog.pg_attribute WHERE attrelid = $1 AND attnum > 0 AND NOT attisdropped AND attgenerated = '' ORDER BY attnum",
-            None,
-            &[relid.into()],
-        )
-        .expect("columns")
-        .filter_map(|r| r.get::<String>(1).ok().flatten())
-        .collect()
-    });
+    let cols = node::stored_columns(relid);
     let has_rows = Spi::get_one::<bool>(&format!("SELECT EXISTS (SELECT 1 FROM {}.{})", quote_ident(schema), quote_ident(table))).ok().flatten() == Some(true);
     (relid, owner, cols, has_rows)
 }

@@ -56,13 +56,8 @@ pub fn checked_target(policy: &crate::base::node::PeerPolicy, schema: &str, tabl
     if !policy.tables.contains(&(schema.to_string(), table.to_string())) {
         raise(PgSqlErrorCode::ERRCODE_INSUFFICIENT_PRIVILEGE, format!("{} does not share table {schema}.{table} with this node", policy.name), "Compare the tables of a sync both nodes are in.");
     }
-    let relid = Spi::get_one_with_args::<pg_sys::Oid>(
-        "SELECT k.oid FROM pg_catalog.pg_class k JOIN pg_catalog.pg_namespace n ON n.oid = k.relnamespace WHERE n.nspname = $1 AND k.relname = $2",
-        &[schema.into(), table.into()],
-    )
-    .ok()
-    .flatten()
-    .unwrap_or_else(|| raise(PgSqlErrorCode::ERRCODE_UNDEFINED_TABLE, format!("table {schema}.{table} is missing here"), "Both nodes need the table."));
+    let (relid, _) = crate::base::node::table_by_name(schema, table)
+        .unwrap_or_else(|| raise(PgSqlErrorCode::ERRCODE_UNDEFINED_TABLE, format!("table {schema}.{table} is missing here"), "Both nodes need the table."));
     let here = target(relid);
     if let Some(c) = cols.iter().chain(key).find(|c| !here.cols.contains(c)) {
         raise(PgSqlErrorCode::ERRCODE_UNDEFINED_COLUMN, format!("table {schema}.{table} has no column {c} here"), "The table differs in shape between the nodes: see rbucardo.validate_schema.");
@@ -93,13 +88,9 @@ fn source_sql(t: &Target) -> String {
 /// owner's code, not the caller's: rbucardo's caller here is a superuser), with the values
 /// printed in the canonical form.
 fn as_owner<R>(t: &Target, f: impl FnOnce() -> R) -> R {
-    let owner = Spi::get_one_with_args::<pg_sys::Oid>(
-        "SELECT k.relowner FROM pg_catalog.pg_class k JOIN pg_catalog.pg_namespace n ON n.oid = k.relnamespace WHERE n.nspname = $1 AND k.relname = $2",
-        &[t.schema.as_str().into(), t.table.as_str().into()],
-    )
-    .ok()
-    .flatten()
-    .unwrap_or_else(|| raise(PgSqlErrorCode::ERRCODE_UNDEFINED_TABLE, format!("table {}.{} is missing", t.schema, t.table), "It was dropped meanwhile."));
+    let Some((_, owner)) = crate::base::node::table_by_name(&t.schema, &t.table) else {
+        raise(PgSqlErrorCode::ERRCODE_UNDEFINED_TABLE, format!("table {}.{} is missing", t.schema, t.table), "It was dropped meanwhile.");
+    };
     let _canonical = CanonicalOutput::new();
     let _owner = RunAs::restricted(owner);
     // A row security policy the owner is subject to (FORCE) is an error, not rows left out.

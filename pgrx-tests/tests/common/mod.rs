@@ -134,18 +134,7 @@ pub fn start_store_with(test: &str, topology: Topology, extra_conf: &str) -> Clu
         .node_names(&NODE_NAMES)
         .extra_conf(extra_conf)
         .start();
-    // Create every link proxy before the threads need them.
-    let peers: Vec<_> = ALL
-        .iter()
-        .map(|&i| peers_of(&cluster, topology, i))
-        .collect();
-    std::thread::scope(|scope| {
-        for (i, peers) in peers.iter().enumerate() {
-            let cluster = &cluster;
-            scope.spawn(move || setup_node(cluster, i, peers));
-        }
-    });
-    wait_connected(&cluster);
+    set_up_store(&cluster, topology);
     cluster
 }
 
@@ -153,15 +142,21 @@ pub fn start_store_with(test: &str, topology: Topology, extra_conf: &str) -> Clu
 /// joins later.
 pub fn start_store_with_spare(test: &str, spare: &str) -> Cluster {
     let cluster = Cluster::builder(test).node_names(&[NODE_NAMES[0], NODE_NAMES[1], NODE_NAMES[2], spare]).start();
-    let peers: Vec<_> = ALL.iter().map(|&i| peers_of(&cluster, Topology::Star, i)).collect();
+    set_up_store(&cluster, Topology::Star);
+    cluster
+}
+
+/// Sets up main, branch1 and branch2 of a started cluster, wired as `topology`, and waits
+/// until every link has connected.
+fn set_up_store(cluster: &Cluster, topology: Topology) {
+    // Create every link proxy before the threads need them.
+    let peers: Vec<_> = ALL.iter().map(|&i| peers_of(cluster, topology, i)).collect();
     std::thread::scope(|scope| {
         for (i, peers) in peers.iter().enumerate() {
-            let cluster = &cluster;
             scope.spawn(move || setup_node(cluster, i, peers));
         }
     });
-    wait_connected(&cluster);
-    cluster
+    wait_connected(cluster);
 }
 
 fn setup_node(cluster: &Cluster, i: usize, peers: &[(usize, Option<String>)]) {

@@ -223,9 +223,13 @@ fn server_cpu(postmaster: u32) -> f64 {
 }
 
 fn fanin_run(branches: usize, seconds: u64) -> FanIn {
+    let statements = std::env::var_os("FANIN_STATEMENTS").is_some() && branches > 2;
     let cluster = Cluster::builder(&format!("bench-fanin-{branches}"))
         .node_names(&["main", "stores"])
         .extra_conf("shared_buffers = 128MB\nmax_worker_processes = 128\nmax_connections = 200\ntrack_functions = all\nrbucardo.report_interval = 30")
+        // For development: FANIN_STATEMENTS=1 loads pg_stat_statements and prints each
+        // server's costliest statements (parse, plan and run) after the larger run.
+        .extra_conf(if statements { "shared_preload_libraries = 'rbucardo, pg_stat_statements'\npg_stat_statements.track = all\npg_stat_statements.track_planning = on" } else { "" })
         .start();
     let names: Vec<String> = std::iter::once("main".to_string()).chain((1..=branches).map(|i| format!("b{i}"))).collect();
     // (server, database) of each rbucardo node.
@@ -261,7 +265,25 @@ fn fanin_run(branches: usize, seconds: u64) -> FanIn {
     let cpu0 = server_cpu(postmaster);
     let t0 = Instant::now();
     let per_node = (seconds * 5) as i64;
+    // For development: FANIN_PERF=prefix records a system-wide profile of the load phase of
+    // the larger run (PREFIX.data) and the servers' process titles (PREFIX.ps), to map pids.
+    let perf = std::env::var("FANIN_PERF").ok().filter(|_| branches > 2).map(|prefix| {
+        let child = std::process::Command::new("perf")
+            .args(["record", "-a", "-g", "-F", "999", "-o", &format!("{prefix}.data")])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("perf record");
+        (prefix, child)
+    });
     std::thread::scope(|scope| {
+        if let Some((prefix, _)) = &perf {
+            scope.spawn(move || {
+                std::thread::sleep(Duration::from_secs(seconds / 2));
+                let ps = std::process::Command::new("ps").args(["-eo", "pid,args"]).output().expect("ps");
+                std::fs::write(format!("{prefix}.ps"), ps.stdout).expect("writing the process list");
+            });
+        }
         for k in 0..names.len() {
             let (server, db) = place(k);
             let cluster = &cluster;
@@ -279,6 +301,11 @@ fn fanin_run(branches: usize, seconds: u64) -> FanIn {
             });
         }
     });
+    if let Some((_, mut child)) = perf {
+        // SAFETY: a plain signal to the child we started; perf writes its file on SIGINT.
+        unsafe { libc_kill(child.id() as i32, 2) };
+        let _ = child.wait();
+    }
     let total = per_node * names.len() as i64;
     for k in 0..names.len() {
         let (server, db) = place(k);
@@ -287,6 +314,23 @@ fn fanin_run(branches: usize, seconds: u64) -> FanIn {
     }
     let elapsed = t0.elapsed();
     let cpu = server_cpu(postmaster) - cpu0;
+    if statements {
+        for (server, db) in [place(0), place(1)] {
+            let mut conn = cluster.node(server).connect(&db);
+            conn.execute("CREATE EXTENSION IF NOT EXISTS pg_stat_statements").expect("pg_stat_statements");
+            let top = conn
+                .query(
+                    "SELECT format('%8s calls %6s plans %9s ms plan %9s ms run  %s', calls, plans, round(total_plan_time), round(total_exec_time),
+                                   left(regexp_replace(query, '\\s+', ' ', 'g'), 150))
+                       FROM pg_stat_statements ORDER BY total_plan_time + total_exec_time DESC LIMIT 25",
+                )
+                .expect("statements");
+            println!("  costliest statements on server {server}:");
+            for r in top {
+                println!("    {}", r[0].clone().unwrap_or_default());
+            }
+        }
+    }
     let lags = |conn: &mut Conn, sql: &str| -> Vec<f64> {
         conn.query(sql).expect("lags").into_iter().filter_map(|r| r[0].as_deref()?.parse().ok()).collect()
     };
@@ -312,6 +356,11 @@ fn fanin_run(branches: usize, seconds: u64) -> FanIn {
     let calls: Vec<String> = calls.into_iter().filter_map(|r| r[0].clone()).collect();
     println!("  ({branches} branches: main served {} over {:.0} s)", calls.join(", "), elapsed.as_secs_f64());
     FanIn { rate: total as f64 / elapsed.as_secs_f64(), one: pct(&mut one), two: pct(&mut two), cpu_ms_per_row: cpu * 1000.0 / received as f64 }
+}
+
+extern "C" {
+    #[link_name = "kill"]
+    fn libc_kill(pid: i32, sig: i32) -> i32;
 }
 
 fn main() {

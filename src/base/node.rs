@@ -19,21 +19,32 @@ pub struct Me {
 /// differ; moving a node (new host, directory or port) asks for init_node again, which keeps
 /// its identity if given the same name and id.
 pub fn fingerprint() -> String {
+    thread_local! {
+        // The server's part cannot change while this backend lives; peer calls ask for it
+        // every time.
+        static SERVER: std::cell::OnceCell<String> = const { std::cell::OnceCell::new() };
+    }
     let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
-    let server = Spi::get_one::<String>(
-        "SELECT (SELECT system_identifier FROM pg_control_system())::text || ':' ||
-                current_setting('data_directory') || ':' || current_setting('port')",
-    )
-    .expect("reading the server fingerprint")
-    .unwrap_or_default();
+    let server = SERVER.with(|s| {
+        s.get_or_init(|| {
+            Spi::get_one::<String>(
+                "SELECT (SELECT system_identifier FROM pg_control_system())::text || ':' ||
+                        current_setting('data_directory') || ':' || current_setting('port')",
+            )
+            .expect("reading the server fingerprint")
+            .unwrap_or_default()
+        })
+        .clone()
+    });
     format!("{}:{server}", host.trim())
 }
 
 /// This node's identity, or why it may not replicate: not initialised, or a physical copy of
 /// another node (its fingerprint differs from the one recorded by init_node).
 pub fn me() -> Result<Me, String> {
-    let row = Spi::get_three::<i32, String, String>("SELECT node_id, name, fingerprint FROM rbucardo.node")
-        .unwrap_or((None, None, None));
+    let row = plans::run("SELECT node_id, name, fingerprint FROM rbucardo.node", &[], &[], |t| {
+        if t.is_empty() { (None, None, None) } else { t.first().get_three::<i32, String, String>().unwrap_or((None, None, None)) }
+    });
     match row {
         (Some(id), Some(name), Some(fp)) => {
             if fp != fingerprint() {

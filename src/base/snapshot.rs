@@ -34,6 +34,16 @@ impl Snapshot {
         Some(Snapshot { xmin, xmax, xip })
     }
 
+    /// The first transaction id not yet started when the snapshot was taken.
+    pub fn xmax(&self) -> u64 {
+        self.xmax
+    }
+
+    /// The transactions running when the snapshot was taken, in order.
+    pub fn running(&self) -> &[u64] {
+        &self.xip
+    }
+
     /// Whether the committed transaction `txid` (a full, 64-bit id) is visible in the
     /// snapshot: it finished before the snapshot was taken.
     pub fn sees(&self, txid: u64) -> bool {

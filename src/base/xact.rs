@@ -206,6 +206,31 @@ impl LocalSetting {
     }
 }
 
+/// Puts the rest of this session in replica mode (`session_replication_role = replica`, kept
+/// after the transaction ends), for sessions that only replicate: the worker, and a peer's
+/// link session once it pushes (src/runtime/endpoints.rs). Changing the setting makes
+/// PostgreSQL drop every cached plan of the session (its assign hook resets the plan cache),
+/// so switching it on and off around every applied batch had each batch parse and plan all
+/// its statements again: half a hub's CPU with 20 stores. Native logical replication's apply
+/// worker also stays in replica mode.
+pub fn replica_session() {
+    // SAFETY: a plain global of this backend; set_config_option is how SET sets it.
+    unsafe {
+        if pg_sys::SessionReplicationRole != pg_sys::SESSION_REPLICATION_ROLE_REPLICA as i32 {
+            pg_sys::set_config_option(
+                c"session_replication_role".as_ptr(),
+                c"replica".as_ptr(),
+                pg_sys::GucContext::PGC_SUSET,
+                pg_sys::GucSource::PGC_S_SESSION,
+                pg_sys::GucAction::GUC_ACTION_SET,
+                true,
+                0,
+                false,
+            );
+        }
+    }
+}
+
 /// While alive, every setting changed (with SET, SET LOCAL or set_config, at any level) is
 /// undone when it drops, as if its transaction had aborted: replicated DDL runs inside one, so
 /// that nothing it sets outlives it in the applying session.

@@ -15,18 +15,22 @@ use pgrx::prelude::*;
 use crate::base::error::raise;
 use crate::base::locks;
 use crate::base::plans;
+use crate::base::snapshot::Snapshot;
 use crate::base::node::PeerPolicy;
 use crate::base::wire::{decode_chunk, encode_chunk, Batch, Op, Part, Position, Txn, WHOLE_TICK};
 
 /// The newest tick and whether a new one is needed: chunks were written since it, or a
 /// transaction that was running at its snapshot has finished since (one listed in the
-/// snapshot, or one past its xmax: then the xmax of a snapshot taken now is higher).
+/// snapshot), or a chunk of a transaction that started after it has committed (one at or past
+/// its xmax: its seq can be below `last_seq`, taken before the snapshot). Only chunks count:
+/// a transaction that writes no chunk (a peer's fetch recording its progress, the tick's own
+/// insert) needs no tick, else every fetch would cut one, with a durable commit.
 macro_rules! tick_needed {
     () => {
         "
     SELECT t.tick_id,
            (SELECT CASE WHEN is_called THEN last_value ELSE 0 END FROM rbucardo.change_seq) > t.last_seq
-           OR pg_snapshot_xmax(pg_current_snapshot()) > pg_snapshot_xmax(t.snap)
+           OR EXISTS (SELECT 1 FROM rbucardo.change_log l WHERE l.txid >= pg_snapshot_xmax(t.snap))
            OR EXISTS (SELECT 1 FROM pg_snapshot_xip(t.snap) x
                        WHERE pg_xact_status(x) IS DISTINCT FROM 'in progress')
       FROM rbucardo.tick t"
@@ -227,6 +231,13 @@ impl LoggedTxn {
     }
 }
 
+/// The columns `logged_txns` reads, in its order.
+macro_rules! logged_columns {
+    () => {
+        "l.txid::text::bigint, l.seq, l.chunk_no, l.origin, l.origin_tick, l.origin_seq, l.via, l.hlc, l.data, l.only_for"
+    };
+}
+
 /// The transactions of tick `k` whose final chunk comes after `after_seq`, in order, at most
 /// `limit` of them and no more than fit in about `budget` bytes (the first always comes). A
 /// transaction is identified by its local xid and, for forwarded ones, its origin position:
@@ -268,7 +279,9 @@ fn read_tick(k: i64, after_seq: i64, limit: i64, budget: usize) -> Vec<LoggedTxn
                                AND NOT pg_visible_in_snapshot(l.txid, (SELECT snap FROM rbucardo.tick WHERE tick_id = $1 - 1))
                              ORDER BY l.seq LIMIT $3),
                       f AS (SELECT c.seq, sum(c.len) OVER (ORDER BY c.seq) - c.len AS before FROM c)
-                 SELECT l.txid::text::bigint, l.seq, l.chunk_no, l.origin, l.origin_tick, l.origin_seq, l.via, l.hlc, l.data, l.only_for
+                 SELECT ",
+                logged_columns!(),
+                "
                    FROM f JOIN rbucardo.change_log l ON l.seq = f.seq
                   WHERE f.before < $7
                   ORDER BY l.seq"
@@ -283,35 +296,48 @@ fn read_tick(k: i64, after_seq: i64, limit: i64, budget: usize) -> Vec<LoggedTxn
     let i8 = pg_sys::INT8OID;
     let types = [i8, i8, i8, i8, pg_sys::INT8ARRAYOID, i8, i8];
     let args = [k.into(), after_seq.into(), limit.into(), plast.into(), xip.into(), xmax.into(), (budget.max(1) as i64).into()];
-    let (mut out, multi) = plans::run(finals, &types, &args, |rows| {
-        let mut out = Vec::new();
-        let mut multi = Vec::new();
-        for row in rows {
-            let origin_pos = match (row.get::<i64>(5).unwrap(), row.get::<i64>(6).unwrap()) {
-                (Some(tick), Some(seq)) => Some(Position { tick, seq }),
-                _ => None,
-            };
-            let t = LoggedTxn {
-                txid: row.get::<i64>(1).unwrap().unwrap(),
-                only_for: row.get::<i32>(10).unwrap(),
-                final_seq: row.get::<i64>(2).unwrap().unwrap(),
-                origin: row.get::<i32>(4).unwrap(),
-                origin_pos,
-                via: row.get::<i32>(7).unwrap(),
-                hlc: row.get::<i64>(8).unwrap().unwrap(),
-                last: row.get::<Vec<u8>>(9).unwrap().unwrap(),
-                earlier: Vec::new(),
-            };
-            if row.get::<i32>(3).unwrap().unwrap_or(0) > 0 {
-                multi.push((out.len(), row.get::<i64>(1).unwrap().unwrap()));
-            }
-            out.push(t);
+    let (mut out, multi) = plans::run_custom(finals, &types, &args, logged_txns);
+    find_spilled(&mut out, multi);
+    out
+}
+
+/// The transactions of rows of `logged_columns!`, and which of them (index, txid) spilled
+/// earlier chunks.
+fn logged_txns(rows: pgrx::spi::SpiTupleTable<'_>) -> (Vec<LoggedTxn>, Vec<(usize, i64)>) {
+    let mut out = Vec::new();
+    let mut multi = Vec::new();
+    for row in rows {
+        let origin_pos = match (row.get::<i64>(5).unwrap(), row.get::<i64>(6).unwrap()) {
+            (Some(tick), Some(seq)) => Some(Position { tick, seq }),
+            _ => None,
+        };
+        let t = LoggedTxn {
+            txid: row.get::<i64>(1).unwrap().unwrap(),
+            only_for: row.get::<i32>(10).unwrap(),
+            final_seq: row.get::<i64>(2).unwrap().unwrap(),
+            origin: row.get::<i32>(4).unwrap(),
+            origin_pos,
+            via: row.get::<i32>(7).unwrap(),
+            hlc: row.get::<i64>(8).unwrap().unwrap(),
+            last: row.get::<Vec<u8>>(9).unwrap().unwrap(),
+            earlier: Vec::new(),
+        };
+        if row.get::<i32>(3).unwrap().unwrap_or(0) > 0 {
+            multi.push((out.len(), t.txid));
         }
-        (out, multi)
-    });
+        out.push(t);
+    }
+    (out, multi)
+}
+
+/// Finds the seq and size of the chunks that the transactions `multi` (index in `out`, txid)
+/// spilled before their final one (sizes only: octet_length does not fetch a value stored out
+/// of line).
+fn find_spilled(out: &mut [LoggedTxn], multi: Vec<(usize, i64)>) {
+    if multi.is_empty() {
+        return;
+    }
     Spi::connect(|client| {
-        // Transactions that spilled earlier chunks: find those, in order, before the final one
-        // (their sizes only: octet_length does not fetch a value stored out of line).
         for (i, txid) in multi {
             let t = &out[i];
             let earlier: Vec<(i64, usize)> = client
@@ -335,8 +361,147 @@ fn read_tick(k: i64, after_seq: i64, limit: i64, budget: usize) -> Vec<LoggedTxn
                 .collect();
             out[i].earlier = earlier;
         }
-        out
     })
+}
+
+/// At most this many ticks are read with one query of `read_span`.
+const SPAN_TICKS: i64 = 256;
+/// At most this many transactions are listed by one query of `read_span`.
+const SPAN_ROWS: i64 = 2000;
+
+/// What `read_span` found: each transaction with its tick and final seq, read whole (`Some`)
+/// or left out because it must not go to the peer (`None`), in stream order; and `through`,
+/// the last tick all of whose transactions are listed (`None` when the list stops early, at the
+/// budget).
+struct Span {
+    txns: Vec<(i64, i64, Option<LoggedTxn>)>,
+    through: Option<i64>,
+}
+
+/// The transactions of ticks `lo + 1 ..` (of `lo + 1` only those whose final chunk comes after
+/// `after_seq`), up to at most `newest` and `SPAN_TICKS` ticks, with one query instead of one
+/// per tick: a hub's peers fetch often, and each fetch spans the few ticks cut since the last.
+/// The query lists the transactions committed between the snapshots of tick `lo` and of the
+/// last tick of the span, by seq; each is placed in the first tick whose snapshot sees it
+/// (visibility only grows from tick to tick), in Rust. Only those that fit `budget` (the first
+/// always) and that may go to peer `to` are read whole. `None` when the span has no complete
+/// tick within `SPAN_ROWS` transactions: the caller reads tick by tick instead.
+fn read_span(me: i32, lo: i64, after_seq: i64, newest: i64, to: i32, budget: usize) -> Option<Span> {
+    let hi = newest.min(lo + SPAN_TICKS);
+    let i8 = pg_sys::INT8OID;
+    let ticks: Vec<(i64, i64, Snapshot)> = plans::run(
+        "SELECT tick_id, last_seq, snap::text FROM rbucardo.tick WHERE tick_id BETWEEN $1 AND $2 ORDER BY tick_id",
+        &[i8, i8],
+        &[lo.into(), hi.into()],
+        |rows| {
+            rows.filter_map(|r| Some((r.get::<i64>(1).ok()??, r.get::<i64>(2).ok()?.unwrap_or(0), Snapshot::parse(&r.get::<String>(3).ok()??)?)))
+                .collect()
+        },
+    );
+    // Ticks are numbered without gaps; anything else (tick lo trimmed) is read_tick's to report.
+    if hi <= lo || ticks.len() as i64 != hi - lo + 1 || ticks[0].0 != lo {
+        return None;
+    }
+    let (plast, first) = (ticks[0].1, &ticks[0].2);
+    let xip: Vec<i64> = first.running().iter().map(|&x| x as i64).collect();
+    // As in read_tick: a transaction not visible at tick lo either wrote its final chunk after
+    // lo's last_seq or was running at lo (listed in its snapshot, or at or past its xmax).
+    macro_rules! listed {
+        ($running:literal) => {
+            concat!(
+                "SELECT l.seq, l.txid::text::bigint, octet_length(l.data), l.origin, l.via, l.only_for
+                   FROM rbucardo.change_log l
+                  WHERE l.final
+                    AND (l.seq > $3 OR ",
+                $running,
+                ")
+                    AND pg_visible_in_snapshot(l.txid, (SELECT snap FROM rbucardo.tick WHERE tick_id = $2))
+                    AND NOT pg_visible_in_snapshot(l.txid, (SELECT snap FROM rbucardo.tick WHERE tick_id = $1))
+                    AND (l.seq > $6 OR NOT pg_visible_in_snapshot(l.txid, (SELECT snap FROM rbucardo.tick WHERE tick_id = $1 + 1)))
+                  ORDER BY l.seq LIMIT $7"
+            )
+        };
+    }
+    let sql: &'static str = if xip.is_empty() {
+        listed!("l.txid >= $5::text::xid8")
+    } else {
+        listed!("(l.txid >= $5::text::xid8 OR l.txid = ANY ($4::bigint[]::text[]::xid8[]))")
+    };
+    let args = [lo.into(), hi.into(), plast.into(), xip.into(), (first.xmax() as i64).into(), after_seq.into(), SPAN_ROWS.into()];
+    let listed: Vec<(i64, i64, usize, Option<i32>, Option<i32>, Option<i32>)> =
+        plans::run_custom(sql, &[i8, i8, i8, pg_sys::INT8ARRAYOID, i8, i8, i8], &args, |rows| {
+            rows.map(|r| {
+                (
+                    r.get::<i64>(1).unwrap().unwrap(),
+                    r.get::<i64>(2).unwrap().unwrap(),
+                    r.get::<i32>(3).unwrap().unwrap_or(0) as usize,
+                    r.get::<i32>(4).unwrap(),
+                    r.get::<i32>(5).unwrap(),
+                    r.get::<i32>(6).unwrap(),
+                )
+            })
+            .collect()
+        });
+    // The last tick listed completely. When the list stops at SPAN_ROWS at seq s, tick t is
+    // complete if every one of its transactions has a seq at or below s: each committed before
+    // tick t + 1 read last_seq (taken after tick t's snapshot), so its seq is at most that.
+    let mut through = hi;
+    if listed.len() as i64 >= SPAN_ROWS {
+        let s = listed.last().map_or(0, |l| l.0);
+        through = lo + ticks[1..].iter().take_while(|t| t.1 <= s).count() as i64 - 1;
+        if through <= lo {
+            return None;
+        }
+    }
+    let later = &ticks[1..];
+    let mut placed = Vec::with_capacity(listed.len());
+    for (seq, txid, len, origin, via, only_for) in listed {
+        let i = later.partition_point(|t| !t.2.sees(txid as u64));
+        if i == later.len() {
+            return None; // not seen by the last tick after all: never happens
+        }
+        let tick = lo + 1 + i as i64;
+        if tick <= through {
+            let away = origin.unwrap_or(me) == to || via == Some(to) || only_for.is_some_and(|n| n != to);
+            placed.push((tick, seq, len, away));
+        }
+    }
+    placed.sort_unstable_by_key(|p| (p.0, p.1));
+    // Which to read whole: those for the peer, while the bytes before them are within budget.
+    let mut txns = Vec::with_capacity(placed.len());
+    let mut wanted = Vec::new();
+    let mut before = 0usize;
+    let mut cut = false;
+    for (tick, seq, len, away) in placed {
+        if !away {
+            if before >= budget.max(1) {
+                cut = true;
+                break;
+            }
+            before += len;
+            wanted.push(seq);
+        }
+        txns.push((tick, seq, None));
+    }
+    if !wanted.is_empty() {
+        let wanted_count = wanted.len();
+        let (read, multi) = plans::run(
+            concat!("SELECT ", logged_columns!(), " FROM rbucardo.change_log l WHERE l.seq = ANY ($1) ORDER BY l.seq"),
+            &[pg_sys::INT8ARRAYOID],
+            &[wanted.into()],
+            logged_txns,
+        );
+        let mut read = read;
+        find_spilled(&mut read, multi);
+        let mut by_seq: std::collections::HashMap<i64, LoggedTxn> = read.into_iter().map(|t| (t.final_seq, t)).collect();
+        for (_, seq, slot) in txns.iter_mut() {
+            *slot = by_seq.remove(seq);
+        }
+        if !by_seq.is_empty() || txns.iter().filter(|t| t.2.is_some()).count() != wanted_count {
+            return None; // a listed transaction could not be read: read tick by tick instead
+        }
+    }
+    Some(Span { txns, through: (!cut).then_some(through) })
 }
 
 /// Reads this node's stream after `after` into a batch of at most about `max_bytes` for the
@@ -347,71 +512,110 @@ fn read_tick(k: i64, after_seq: i64, limit: i64, budget: usize) -> Vec<LoggedTxn
 /// number of its chunks it has). It reads up to tick `newest_tick` (`ensure_tick` or
 /// `served_tick`).
 pub fn read_batch(me: i32, after: Position, to: i32, max_bytes: usize, policy: &PeerPolicy, resume: Option<(Position, u32)>, newest_tick: i64) -> Batch {
-    let mut pos = after;
-    let mut txns = Vec::new();
-    let mut bytes = 0usize;
+    let mut b = Builder { me, to, max_bytes, policy, resume, pos: after, txns: Vec::new(), bytes: 0 };
     let mut complete = false;
     'ticks: loop {
-        let (k, from_seq) = if pos.seq == WHOLE_TICK { (pos.tick + 1, -1) } else { (pos.tick, pos.seq) };
+        let (k, from_seq) = if b.pos.seq == WHOLE_TICK { (b.pos.tick + 1, -1) } else { (b.pos.tick, b.pos.seq) };
         if k > newest_tick {
             complete = true;
             break;
         }
+        if let Some(span) = read_span(me, k - 1, from_seq, newest_tick, to, max_bytes.saturating_sub(b.bytes)) {
+            for (tick, seq, t) in span.txns {
+                let at = Position { tick, seq };
+                match t {
+                    Some(t) => {
+                        if !b.offer(at, t) {
+                            break 'ticks;
+                        }
+                    }
+                    None => b.pos = at, // not for this peer
+                }
+            }
+            if let Some(through) = span.through {
+                b.pos = Position::whole(through);
+            }
+            continue;
+        }
         let mut seq = from_seq;
         loop {
-            let part = read_tick(k, seq, 1000, max_bytes.saturating_sub(bytes));
+            let part = read_tick(k, seq, 1000, max_bytes.saturating_sub(b.bytes));
             if part.is_empty() {
                 break;
             }
             for t in part {
-                let at = Position { tick: k, seq: t.final_seq };
-                let n = t.chunks();
-                let size: usize = (0..n).map(|i| t.len(i)).sum();
-                let start = match resume {
-                    Some((p, have)) if p == at => (have as usize).min(n - 1),
-                    _ => 0,
-                };
-                let whole = start == 0 && size <= max_bytes;
-                if !txns.is_empty() && (!whole || bytes + size > max_bytes) {
+                seq = t.final_seq;
+                if !b.offer(Position { tick: k, seq }, t) {
                     break 'ticks;
                 }
-                let origin = t.origin.unwrap_or(me);
-                let origin_pos = t.origin_pos.unwrap_or(at);
-                // Nothing goes back where it came from, nor to a node it is not addressed to.
-                if origin == to || t.via == Some(to) || t.only_for.is_some_and(|n| n != to) {
-                    (seq, pos) = (t.final_seq, at);
-                    continue;
-                }
-                // A joining peer's copies may hold the transaction already, for some tables.
-                let held = policy.join.as_ref().map(|j| j.holds(k, t.txid as u64)).unwrap_or_default();
-                if whole {
-                    (seq, pos) = (t.final_seq, at);
-                    let Some(chunks) = shared_part(t.read(0..n), policy, &held) else { continue };
-                    bytes += size;
-                    txns.push(Txn { origin, origin_pos, hlc: t.hlc, stream_pos: at, chunks, part: None, to: t.only_for, decoded: Default::default() });
-                    continue;
-                }
-                // Too large for one batch: the next part, alone. Until its last part, the
-                // batch ends before it.
-                let mut end = start + 1;
-                let mut part_bytes = t.len(start);
-                while end < n && part_bytes + t.len(end) <= max_bytes {
-                    part_bytes += t.len(end);
-                    end += 1;
-                }
-                let more = end < n;
-                let chunks = shared_part(t.read(start..end), policy, &held).unwrap_or_default();
-                let part = Some(Part { start: start as u32, end: end as u32, more });
-                txns.push(Txn { origin, origin_pos, hlc: t.hlc, stream_pos: at, chunks, part, to: t.only_for, decoded: Default::default() });
-                if !more {
-                    pos = at;
-                }
-                break 'ticks;
             }
         }
-        pos = Position::whole(k);
+        b.pos = Position::whole(k);
     }
-    Batch { sender: me, after, upto: pos, txns, complete }
+    Batch { sender: me, after, upto: b.pos, txns: b.txns, complete }
+}
+
+/// A batch being filled, transaction by transaction in stream order (`read_batch`).
+struct Builder<'a> {
+    me: i32,
+    to: i32,
+    max_bytes: usize,
+    policy: &'a PeerPolicy,
+    resume: Option<(Position, u32)>,
+    /// Where the batch ends so far.
+    pos: Position,
+    txns: Vec<Txn>,
+    bytes: usize,
+}
+
+impl Builder<'_> {
+    /// Takes transaction `t` at position `at` into the batch, or leaves it out if it is not for
+    /// this peer; false when the batch is full and ends before `t` (or with a part of it).
+    fn offer(&mut self, at: Position, t: LoggedTxn) -> bool {
+        let n = t.chunks();
+        let size: usize = (0..n).map(|i| t.len(i)).sum();
+        let start = match self.resume {
+            Some((p, have)) if p == at => (have as usize).min(n - 1),
+            _ => 0,
+        };
+        let whole = start == 0 && size <= self.max_bytes;
+        if !self.txns.is_empty() && (!whole || self.bytes + size > self.max_bytes) {
+            return false;
+        }
+        let origin = t.origin.unwrap_or(self.me);
+        let origin_pos = t.origin_pos.unwrap_or(at);
+        // Nothing goes back where it came from, nor to a node it is not addressed to.
+        if origin == self.to || t.via == Some(self.to) || t.only_for.is_some_and(|n| n != self.to) {
+            self.pos = at;
+            return true;
+        }
+        // A joining peer's copies may hold the transaction already, for some tables.
+        let held = self.policy.join.as_ref().map(|j| j.holds(at.tick, t.txid as u64)).unwrap_or_default();
+        if whole {
+            self.pos = at;
+            if let Some(chunks) = shared_part(t.read(0..n), self.policy, &held) {
+                self.bytes += size;
+                self.txns.push(Txn { origin, origin_pos, hlc: t.hlc, stream_pos: at, chunks, part: None, to: t.only_for, decoded: Default::default() });
+            }
+            return true;
+        }
+        // Too large for one batch: the next part, alone. Until its last part, the batch ends
+        // before it.
+        let mut end = start + 1;
+        let mut part_bytes = t.len(start);
+        while end < n && part_bytes + t.len(end) <= self.max_bytes {
+            part_bytes += t.len(end);
+            end += 1;
+        }
+        let more = end < n;
+        let chunks = shared_part(t.read(start..end), self.policy, &held).unwrap_or_default();
+        let part = Some(Part { start: start as u32, end: end as u32, more });
+        self.txns.push(Txn { origin, origin_pos, hlc: t.hlc, stream_pos: at, chunks, part, to: t.only_for, decoded: Default::default() });
+        if !more {
+            self.pos = at;
+        }
+        false
+    }
 }
 
 /// The part of a transaction's chunks that the peer with `policy` shares: row changes of the

@@ -175,6 +175,9 @@ pub extern "C-unwind" fn rbucardo_worker_main(arg: pg_sys::Datum) {
     // compile queries to machine code, which costs 100-200 ms per execution (measured on the
     // state report) for queries that run in a few milliseconds.
     let _ = in_txn(|| Spi::run("SELECT pg_catalog.set_config('jit', 'off', false)").expect("jit"));
+    // The worker only replicates: replica mode for good, so applying a batch does not drop
+    // the session's cached plans (xact::replica_session).
+    let _ = in_txn(crate::base::xact::replica_session);
     // The clock is kept in shared memory only: after a restart, move it past every value this
     // database has written, in case the wall clock went backwards meanwhile: the change log
     // holds the clocks of what is not trimmed yet, row_clock those of trimmed changes.

@@ -264,11 +264,12 @@ fn resume_sync(name: &str) -> String {
     format!("resumed sync {name}")
 }
 
-/// Wakes this database's worker now instead of at its next wake-up.
+/// Wakes this database's worker now instead of at its next wake-up, for a round that pulls
+/// from every peer it connects to.
 #[pg_extern(volatile)]
 fn kick(name: &str) -> String {
     update_sync(name, "SELECT 1 FROM rbucardo.sync WHERE name = $1");
-    signals::wake_local_worker();
+    signals::ask_for_pulls();
     format!("kicked sync {name}")
 }
 

@@ -64,6 +64,9 @@ pub fn synced(name: &str, timeout: Duration) -> bool {
     }
     let target = crate::log::changelog::stream_end();
     let started_at = Spi::get_one::<pgrx::datum::TimestampWithTimeZone>("SELECT clock_timestamp()").unwrap().unwrap();
+    // A round pulls from a peer only when the peer said it has something (or now and then):
+    // ask for pulls from every peer, so that two rounds from now all of them were pulled.
+    crate::base::signals::ask_for_pulls();
     let (rounds0, _) = crate::base::signals::rounds_of_local_worker();
     crate::base::signals::wake_local_worker();
     loop {

@@ -605,6 +605,9 @@ struct Stream<'a> {
     /// Who the sender's schema changes run as here.
     run_as: &'a ddl::RunAsRole,
     policy: &'a PeerPolicy,
+    /// The node ids of the active peers but the sender (None: not known yet): those that may
+    /// get what this batch forwards.
+    forward_to: &'a [Option<i32>],
 }
 
 /// What a pass over a batch did.
@@ -671,7 +674,8 @@ impl Stream<'_> {
                     Err(_) => return Err(PassEnd::NeedsCare),
                 }
             };
-            let source = changelog::Source { origin: txn.origin, origin_pos: txn.origin_pos, via: self.sender_node };
+            let wakes = self.forward_to.iter().any(|&peer| peer != Some(txn.origin));
+            let source = changelog::Source { origin: txn.origin, origin_pos: txn.origin_pos, via: self.sender_node, wakes };
             match result {
                 Ok(()) => {
                     relog(txn, source, &applier.edits, &applier.ran_as);
@@ -817,7 +821,8 @@ pub fn apply_batch(me: i32, sender_db: &str, sender_node: i32, batch: &Batch) ->
     }
     let run_as = ddl::run_as(&policy);
     let blocks = exceptions::stopped_in(sender_node);
-    let stream = Stream { me, sender_node, batch, blocks: &blocks, run_as: &run_as, policy: &policy };
+    let forward_to: Vec<Option<i32>> = crate::base::node::active_peers().into_iter().map(|p| p.node_id).filter(|&id| id != Some(sender_node)).collect();
+    let stream = Stream { me, sender_node, batch, blocks: &blocks, run_as: &run_as, policy: &policy, forward_to: &forward_to };
     // Fast path: the whole batch in one subtransaction. If a transaction of it breaks a
     // constraint or a schema change fails, that is undone and the batch is applied again with a
     // subtransaction per remote transaction, which parks or stops just that one. Either pass is

@@ -75,18 +75,14 @@ pub struct Peer {
 
 /// Peers that take part in at least one sync that is not paused.
 pub fn active_peers() -> Vec<Peer> {
-    Spi::connect(|c| {
-        c.select(
-            "SELECT d.name, d.conninfo, d.node_id FROM rbucardo.db d
-              WHERE EXISTS (SELECT 1 FROM rbucardo.sync s WHERE d.name = ANY (s.dbs) AND NOT s.paused)
-              ORDER BY d.name",
-            None,
-            &[],
-        )
-        .unwrap()
-        .map(|r| Peer { name: r.get(1).unwrap().unwrap(), conninfo: r.get(2).unwrap(), node_id: r.get(3).unwrap() })
-        .collect()
-    })
+    plans::run(
+        "SELECT d.name, d.conninfo, d.node_id FROM rbucardo.db d
+          WHERE EXISTS (SELECT 1 FROM rbucardo.sync s WHERE d.name = ANY (s.dbs) AND NOT s.paused)
+          ORDER BY d.name",
+        &[],
+        &[],
+        |t| t.map(|r| Peer { name: r.get(1).unwrap().unwrap(), conninfo: r.get(2).unwrap(), node_id: r.get(3).unwrap() }).collect(),
+    )
 }
 
 /// Records the node id a peer announced; a different id than the one on record is refused,

@@ -26,6 +26,9 @@ struct Slot {
     /// Bumped when the replication configuration (nodes, dbs, syncs) changes, so the worker
     /// reads it again instead of querying it every round.
     config_gen: u64,
+    /// Bumped to make the worker pull from every peer in its next round, notified or not
+    /// (wait_for_sync).
+    pulls_asked: u64,
 }
 
 /// The shared registry of background processes.
@@ -118,6 +121,25 @@ pub fn wake_local_worker() {
     if let Some((_, pid)) = local_slot() {
         set_latch_of(pid);
     }
+}
+
+/// Asks the current database's worker to pull from every peer it connects to in its next
+/// round, whether the peer told it of new changes or not (see `Link::pull_due`).
+pub fn ask_for_pulls() {
+    let dboid = my_dboid();
+    let pid = {
+        let mut reg = REGISTRY.exclusive();
+        reg.slots.iter_mut().find(|s| s.dboid == dboid).map_or(0, |s| {
+            s.pulls_asked = s.pulls_asked.wrapping_add(1);
+            s.pid
+        })
+    };
+    set_latch_of(pid);
+}
+
+/// How many times pulls were asked for in registry slot `slot`.
+pub fn pulls_asked(slot: usize) -> u64 {
+    REGISTRY.share().slots[slot].pulls_asked
 }
 
 /// Runs after every commit that wrote to the change log: counts it and wakes the worker, which

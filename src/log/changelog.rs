@@ -50,6 +50,11 @@ pub struct Source {
     pub origin: i32,
     pub origin_pos: Position,
     pub via: i32,
+    /// Whether a peer of this node may want it: only then is this node's worker woken at
+    /// commit (to cut a tick and tell listening peers). A store whose only peer is its hub
+    /// forwards nothing; waking it for every batch the hub sent made it tell the hub, which
+    /// fetched again for nothing: an extra round on both sides per batch.
+    pub wakes: bool,
 }
 
 /// Writes one chunk of a transaction: `chunk_no` counts the transaction's chunks from 0, the
@@ -116,7 +121,9 @@ pub fn append(data: &[u8], chunk_no: i32, is_final: bool, source: Option<Source>
         // Later commands of this transaction (a read of the log, a trim) must see the row.
         pg_sys::CommandCounterIncrement();
     }
-    arm_wake_at_commit();
+    if source.is_none_or(|s| s.wakes) {
+        arm_wake_at_commit();
+    }
 }
 
 /// After a commit that wrote to the log, wake this database's worker so that it pushes the
@@ -378,6 +385,36 @@ struct Span {
     through: Option<i64>,
 }
 
+/// Places the transactions a span listed, `(final seq, txid)` in seq order, in their ticks:
+/// each in the first of ticks `lo + 1 ..` whose snapshot sees it (`later` holds their
+/// `last_seq` and snapshot, in order; visibility only grows from tick to tick). Returns the
+/// tick of each (`None` past the last complete tick) and that last complete tick. The list is
+/// complete unless `cut` (it stopped at a row limit); then tick t is complete if every one of
+/// its transactions has a seq at or below the last listed: each committed before tick t + 1
+/// read `last_seq` (after tick t's snapshot was taken), so its seq is at most that. `None`
+/// when no tick is complete, or a transaction is seen by no tick (never: the query asks the
+/// last one).
+fn place_in_ticks(lo: i64, later: &[(i64, &Snapshot)], listed: &[(i64, u64)], cut: bool) -> Option<(Vec<Option<i64>>, i64)> {
+    let mut through = lo + later.len() as i64;
+    if cut {
+        let s = listed.last().map_or(i64::MIN, |l| l.0);
+        through = lo + later.iter().take_while(|t| t.0 <= s).count() as i64 - 1;
+        if through <= lo {
+            return None;
+        }
+    }
+    let mut out = Vec::with_capacity(listed.len());
+    for &(_, txid) in listed {
+        let i = later.partition_point(|t| !t.1.sees(txid));
+        if i == later.len() {
+            return None;
+        }
+        let tick = lo + 1 + i as i64;
+        out.push((tick <= through).then_some(tick));
+    }
+    Some((out, through))
+}
+
 /// The transactions of ticks `lo + 1 ..` (of `lo + 1` only those whose final chunk comes after
 /// `after_seq`), up to at most `newest` and `SPAN_TICKS` ticks, with one query instead of one
 /// per tick: a hub's peers fetch often, and each fetch spans the few ticks cut since the last.
@@ -442,26 +479,12 @@ fn read_span(me: i32, lo: i64, after_seq: i64, newest: i64, to: i32, budget: usi
             })
             .collect()
         });
-    // The last tick listed completely. When the list stops at SPAN_ROWS at seq s, tick t is
-    // complete if every one of its transactions has a seq at or below s: each committed before
-    // tick t + 1 read last_seq (taken after tick t's snapshot), so its seq is at most that.
-    let mut through = hi;
-    if listed.len() as i64 >= SPAN_ROWS {
-        let s = listed.last().map_or(0, |l| l.0);
-        through = lo + ticks[1..].iter().take_while(|t| t.1 <= s).count() as i64 - 1;
-        if through <= lo {
-            return None;
-        }
-    }
-    let later = &ticks[1..];
+    let later: Vec<(i64, &Snapshot)> = ticks[1..].iter().map(|t| (t.1, &t.2)).collect();
+    let keys: Vec<(i64, u64)> = listed.iter().map(|l| (l.0, l.1 as u64)).collect();
+    let (ticks_of, through) = place_in_ticks(lo, &later, &keys, listed.len() as i64 >= SPAN_ROWS)?;
     let mut placed = Vec::with_capacity(listed.len());
-    for (seq, txid, len, origin, via, only_for) in listed {
-        let i = later.partition_point(|t| !t.2.sees(txid as u64));
-        if i == later.len() {
-            return None; // not seen by the last tick after all: never happens
-        }
-        let tick = lo + 1 + i as i64;
-        if tick <= through {
+    for ((seq, _, len, origin, via, only_for), tick) in listed.into_iter().zip(ticks_of) {
+        if let Some(tick) = tick {
             let away = origin.unwrap_or(me) == to || via == Some(to) || only_for.is_some_and(|n| n != to);
             placed.push((tick, seq, len, away));
         }
@@ -745,4 +768,46 @@ pub fn trim(me: i32, budget: Option<i64>) -> (i64, bool) {
         n as i64
     });
     (deleted, more)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::place_in_ticks;
+    use crate::base::snapshot::Snapshot;
+
+    fn snap(text: &str) -> Snapshot {
+        Snapshot::parse(text).unwrap()
+    }
+
+    #[test]
+    fn a_span_places_each_transaction_in_the_first_tick_that_sees_it() {
+        // Tick 11 sees 100..104 but not 102 (running); tick 12 sees 102 and 105; tick 13, 106.
+        let (t11, t12, t13) = (snap("102:105:102"), snap("106:106:"), snap("107:107:"));
+        let later = [(20, &t11), (25, &t12), (30, &t13)];
+        // 102 wrote its final chunk early (seq 18) but committed after tick 11.
+        let listed = [(15, 100), (16, 101), (18, 102), (21, 103), (26, 105), (27, 106)];
+        let (ticks, through) = place_in_ticks(10, &later, &listed, false).unwrap();
+        assert_eq!(ticks, vec![Some(11), Some(11), Some(12), Some(11), Some(12), Some(13)]);
+        assert_eq!(through, 13);
+    }
+
+    #[test]
+    fn a_cut_list_keeps_only_the_ticks_it_holds_completely() {
+        let (t11, t12, t13) = (snap("102:105:102"), snap("106:106:"), snap("107:107:"));
+        let later = [(20, &t11), (25, &t12), (30, &t13)];
+        // Cut at seq 26: tick 11 is complete (tick 12 read last_seq 25 <= 26), tick 12 may
+        // still hold a transaction with a seq up to 30, so it is left for the next read.
+        let listed = [(15, 100), (16, 101), (18, 102), (21, 103), (26, 105)];
+        let (ticks, through) = place_in_ticks(10, &later, &listed, true).unwrap();
+        assert_eq!(through, 11);
+        assert_eq!(ticks, vec![Some(11), Some(11), None, Some(11), None]);
+        // Cut before tick 12's last_seq: no tick is complete, read tick by tick instead.
+        assert!(place_in_ticks(10, &later, &listed[..3], true).is_none());
+    }
+
+    #[test]
+    fn a_transaction_no_tick_sees_is_refused() {
+        let t11 = snap("102:105:102");
+        assert!(place_in_ticks(10, &[(20, &t11)], &[(15, 102)], false).is_none());
+    }
 }

@@ -19,6 +19,8 @@ const REPORT_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long the peer's position in this node's stream, as learned from the last push, is
 /// trusted without asking again (see `push`).
 const POSITION_TRUSTED: Duration = Duration::from_secs(1);
+/// A peer that sent no notification is pulled at least this often (`Link::pull_due`).
+const PULL_AT_LEAST_EVERY: Duration = Duration::from_secs(2);
 
 /// One outbound link and what it has learned.
 pub struct Link {
@@ -36,6 +38,10 @@ pub struct Link {
     peer_has: Option<(Position, Instant)>,
     /// When state reports are next traded with the peer.
     report_next: Option<Instant>,
+    /// When this node last pulled the peer's stream to its end, cleanly (`pull_due`).
+    pulled_at: Option<Instant>,
+    /// The peer told this node (NOTIFY) that its stream has grown since.
+    notified: bool,
 }
 
 impl Link {
@@ -59,15 +65,51 @@ impl Link {
         // run in milliseconds, JIT would cost 100-200 ms each (src/runtime/worker.rs).
         conn.execute("SET jit = off", CALL_TIMEOUT).map_err(|e| e.to_string())?;
         conn.execute("LISTEN rbucardo_changes", CALL_TIMEOUT).map_err(|e| e.to_string())?;
-        Ok(Link { peer: peer.clone(), conn: Some(conn), peer_id: id, stopped: None, schema_sent: None, me_name: me.name.clone(), peer_has: None, report_next: None })
+        Ok(Link { peer: peer.clone(), conn: Some(conn), peer_id: id, stopped: None, schema_sent: None, me_name: me.name.clone(), peer_has: None, report_next: None, pulled_at: None, notified: false })
     }
 
     fn conn(&mut self) -> Result<&mut PeerConn, String> {
         self.conn.as_mut().ok_or_else(|| "not connected".to_string())
     }
 
-    /// Pulls the peer's stream until it has nothing more; returns transactions applied.
+    /// Whether the peer told us of changes not pulled yet.
+    pub fn notified(&self) -> bool {
+        self.notified
+    }
+
+    /// Notes the peer's change notifications received so far.
+    pub fn take_notifications(&mut self) {
+        if let Some(conn) = self.conn.as_mut() {
+            self.notified |= !conn.notifications().is_empty();
+        }
+    }
+
+    /// Whether this round should pull the peer's stream: the peer told us it has grown (it
+    /// notifies after each commit to its log that one of its peers may want), the last pull
+    /// did not end cleanly, or it is a while since the last one (a peer whose worker is down
+    /// notifies nobody). Pulling in every round instead cost a call to the peer and an empty
+    /// apply transaction here before every push, and the peer a fetch.
+    pub fn pull_due(&mut self) -> bool {
+        self.take_notifications();
+        self.notified || self.pulled_at.is_none_or(|t| t.elapsed() >= PULL_AT_LEAST_EVERY)
+    }
+
+    /// Pulls the peer's stream until it has nothing more, and notes when it got there;
+    /// returns transactions applied.
     pub fn pull(&mut self, me: &Me) -> Result<i64, String> {
+        // Notifications that arrive from here on come after the fetches below started: they
+        // make the next round pull again.
+        self.take_notifications();
+        self.notified = false;
+        self.pulled_at = None;
+        let total = self.pull_to_end(me)?;
+        if self.stopped.is_none() {
+            self.pulled_at = Some(Instant::now());
+        }
+        Ok(total)
+    }
+
+    fn pull_to_end(&mut self, me: &Me) -> Result<i64, String> {
         let mut total = 0;
         loop {
             let (name, peer_id) = (self.peer.name.clone(), self.peer_id);

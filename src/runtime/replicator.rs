@@ -111,20 +111,16 @@ impl Replicator {
         Ok((me, peers))
     }
 
-    /// Whether any peer may be listening for this node's change notifications (peers connect
-    /// to us in a star's hub and in a mesh), as of the last round.
-    pub fn has_peers(&self) -> bool {
-        self.config.as_ref().is_none_or(|c| !c.peers.is_empty())
-    }
-
     /// How many peers may be listening for this node's change notifications, as of the last
-    /// round.
+    /// round: those that connect here (no conninfo). A peer this node connects to is pushed
+    /// to by this node's own rounds, which cut the tick they need themselves.
     pub fn listeners(&self) -> usize {
-        self.config.as_ref().map_or(0, |c| c.peers.len())
+        // Before the first round, assume one may be.
+        self.config.as_ref().map_or(1, |c| c.peers.iter().filter(|p| p.conninfo.is_none()).count())
     }
 
     /// One round over every active outbound peer. Returns how long the worker may sleep.
-    pub fn round(&mut self) -> Duration {
+    pub fn round(&mut self, pull_all: bool) -> Duration {
         let (me, peers) = match self.config() {
             Ok(config) => config,
             Err(why) => {
@@ -196,7 +192,7 @@ impl Replicator {
                 continue;
             }
             let expired = self.config.as_ref().and_then(|c| c.expired.get(&peer.name).cloned());
-            match exchange(link, &me, expired) {
+            match exchange(link, &me, expired, pull_all) {
                 Ok(()) => match link.stopped.clone() {
                     // A stopped stream is retried every few seconds (src/exceptions.rs).
                     Some(why) => {
@@ -249,8 +245,9 @@ impl Replicator {
     /// makes the socket readable, so those are checked first.
     pub fn wait(&mut self, nap: Duration) -> Result<(), PeerError> {
         let mut pending = false;
-        for conn in self.links.values_mut().filter_map(|s| s.link.as_mut()?.conn.as_mut()) {
-            pending |= !conn.notifications().is_empty();
+        for link in self.links.values_mut().filter_map(|s| s.link.as_mut()) {
+            link.take_notifications();
+            pending |= link.notified();
         }
         if pending {
             return Ok(());
@@ -285,10 +282,10 @@ impl Slow {
 }
 
 /// One round with one peer; `expired` says why this node no longer sends it its stream.
-fn exchange(link: &mut Link, me: &Me, expired: Option<String>) -> Result<(), String> {
+fn exchange(link: &mut Link, me: &Me, expired: Option<String>, pull_all: bool) -> Result<(), String> {
     // Each direction goes on when the other fails: a peer that expired this node (it must
     // rejoin, see src/log/retention.rs) refuses the pull, but what this node made still goes.
-    let pulled = link.pull(me);
+    let pulled = if pull_all || link.pull_due() { link.pull(me) } else { Ok(0) };
     if link.conn.as_ref().is_none_or(|c| c.is_broken()) {
         return pulled.map(|_| ());
     }

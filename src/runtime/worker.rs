@@ -17,17 +17,22 @@ use pgrx::prelude::*;
 use crate::base::signals;
 use crate::base::xact::in_txn;
 
-/// Shortest time between two rounds of a worker.
-const MIN_ROUND_GAP: Duration = Duration::from_millis(10);
+/// Shortest time between two rounds of a worker. Rounds that follow each other closely carry
+/// what committed meanwhile, so under a steady stream a round carries several transactions
+/// anyway; a longer gap only adds to every change's lag (10 ms gave a median one-hop lag of
+/// 8 ms under pgbench -R 100).
+const MIN_ROUND_GAP: Duration = Duration::from_millis(1);
+/// The unit of a hub's notification spacing (`notify_gap`).
+const NOTIFY_GAP_UNIT: Duration = Duration::from_millis(10);
 /// Every notification makes each listening peer fetch once. A hub with many stores holds its
-/// notifications back to one per `MIN_ROUND_GAP` per this many listeners, so that under a
+/// notifications back to one per `NOTIFY_GAP_UNIT` per this many listeners, so that under a
 /// steady stream each fetch carries several transactions instead of one; an idle hub still
 /// notifies at once. (Measured with `bench fanin`: see docs/performance.md.)
 const LISTENERS_PER_GAP: usize = 8;
 
 /// The least time between two change notifications with `listeners` peers.
 fn notify_gap(listeners: usize) -> Duration {
-    MIN_ROUND_GAP * listeners.div_ceil(LISTENERS_PER_GAP).max(1) as u32
+    NOTIFY_GAP_UNIT * listeners.div_ceil(LISTENERS_PER_GAP).max(1) as u32
 }
 
 /// How often a worker checks that its housekeeper runs (one that finds another running exits
@@ -192,8 +197,9 @@ pub extern "C-unwind" fn rbucardo_worker_main(arg: pg_sys::Datum) {
     let mut housekeeper_checked = std::time::Instant::now() - HOUSEKEEPER_CHECK;
     let mut housekeeper_missing = false;
     let mut told = u64::MAX;
-    let mut last_notify = std::time::Instant::now() - MIN_ROUND_GAP;
+    let mut last_notify = std::time::Instant::now() - NOTIFY_GAP_UNIT;
     let mut last_round = std::time::Instant::now() - MIN_ROUND_GAP;
+    let mut pulls_seen = 0;
     loop {
         if BackgroundWorker::sighup_received() {
             // SAFETY: what PostgreSQL's own workers call on SIGHUP, between transactions.
@@ -231,7 +237,7 @@ pub extern "C-unwind" fn rbucardo_worker_main(arg: pg_sys::Datum) {
         let notify_gap = notify_gap(replicator.listeners());
         let notify_due = last_notify.elapsed() >= notify_gap;
         if commits != told
-            && replicator.has_peers()
+            && replicator.listeners() > 0
             && notify_due
             && in_txn(|| {
                 Spi::run("SET LOCAL synchronous_commit = off").expect("notify");
@@ -245,11 +251,13 @@ pub extern "C-unwind" fn rbucardo_worker_main(arg: pg_sys::Datum) {
         {
             told = commits;
             last_notify = std::time::Instant::now();
-        } else if !replicator.has_peers() {
+        } else if replicator.listeners() == 0 {
             // Nobody to tell: do not keep waking up for it.
             told = commits;
         }
-        let mut nap = replicator.round();
+        let asked = signals::pulls_asked(slot);
+        let mut nap = replicator.round(asked != pulls_seen);
+        pulls_seen = asked;
         if commits != told {
             // A notification held back by the gap goes out when it is due.
             nap = nap.min(notify_gap.saturating_sub(last_notify.elapsed()));

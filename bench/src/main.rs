@@ -320,9 +320,9 @@ fn fanin_run(branches: usize, seconds: u64) -> FanIn {
             conn.execute("CREATE EXTENSION IF NOT EXISTS pg_stat_statements").expect("pg_stat_statements");
             let top = conn
                 .query(
-                    "SELECT format('%8s calls %6s plans %9s ms plan %9s ms run  %s', calls, plans, round(total_plan_time), round(total_exec_time),
-                                   left(regexp_replace(query, '\\s+', ' ', 'g'), 150))
-                       FROM pg_stat_statements ORDER BY total_plan_time + total_exec_time DESC LIMIT 25",
+                    "SELECT format('%8s calls %6s plans %9s ms plan %9s ms run  %s', sum(calls), sum(plans), round(sum(total_plan_time)),
+                                   round(sum(total_exec_time)), left(regexp_replace(query, '\\s+', ' ', 'g'), 150))
+                       FROM pg_stat_statements GROUP BY query ORDER BY sum(total_plan_time + total_exec_time) DESC LIMIT 30",
                 )
                 .expect("statements");
             println!("  costliest statements on server {server}:");

@@ -81,10 +81,8 @@ pub fn admit(me: i32, policy: &PeerPolicy, batch: &Batch, cursor: Position) -> R
 
 /// Where this node stands in each origin's stream.
 fn applied_positions() -> std::collections::HashMap<i32, Position> {
-    Spi::connect(|c| {
-        c.select("SELECT origin, tick, seq FROM rbucardo.origin_progress", None, &[])
-            .map(|t| t.filter_map(|r| Some((r.get::<i32>(1).ok()??, Position { tick: r.get::<i64>(2).ok()??, seq: r.get::<i64>(3).ok()?? }))).collect())
-            .unwrap_or_default()
+    crate::base::plans::run("SELECT origin, tick, seq FROM rbucardo.origin_progress", &[], &[], |t| {
+        t.filter_map(|r| Some((r.get::<i32>(1).ok()??, Position { tick: r.get::<i64>(2).ok()??, seq: r.get::<i64>(3).ok()?? }))).collect()
     })
 }
 

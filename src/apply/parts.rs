@@ -49,16 +49,12 @@ pub fn init() {
 /// position in the sender's stream and how many of its chunks are here. None when it holds
 /// none, or when they do not chain from its first chunk.
 pub fn resume_point(sender: i32) -> Option<(Position, u32)> {
-    let parts: Vec<(i64, i64, i32, i32)> = Spi::connect(|c| {
-        c.select(
-            "SELECT stream_tick, stream_seq, part_start, part_end FROM rbucardo.incoming_part WHERE sender = $1 ORDER BY part_start",
-            None,
-            &[sender.into()],
-        )
-        .expect("reading kept parts")
-        .map(|r| (r.get::<i64>(1).unwrap().unwrap(), r.get::<i64>(2).unwrap().unwrap(), r.get::<i32>(3).unwrap().unwrap(), r.get::<i32>(4).unwrap().unwrap()))
-        .collect()
-    });
+    let parts: Vec<(i64, i64, i32, i32)> = crate::base::plans::run(
+        "SELECT stream_tick, stream_seq, part_start, part_end FROM rbucardo.incoming_part WHERE sender = $1 ORDER BY part_start",
+        &[pg_sys::INT4OID],
+        &[sender.into()],
+        |t| t.map(|r| (r.get::<i64>(1).unwrap().unwrap(), r.get::<i64>(2).unwrap().unwrap(), r.get::<i32>(3).unwrap().unwrap(), r.get::<i32>(4).unwrap().unwrap())).collect(),
+    );
     let first = parts.first()?;
     let mut end = 0;
     for &(tick, seq, start, e) in &parts {

@@ -247,16 +247,21 @@ pub fn peer_policy(name: &str) -> PeerPolicy {
     );
     let relay = relay.unwrap_or(false);
     // Every replicated table, and whether a sync with this peer holds it.
+    // The names come from the catalog caches: joining pg_class and pg_namespace made this,
+    // run for every fetch and push, the costliest statement of a store's worker.
     let tables: Vec<(String, String, bool)> = plans::run(
-        "SELECT n.nspname::text, k.relname::text,
-                bool_or(EXISTS (SELECT 1 FROM rbucardo.sync s WHERE s.herd = t.herd AND $1 = ANY (s.dbs)))
+        "SELECT t.relid, bool_or(EXISTS (SELECT 1 FROM rbucardo.sync s WHERE s.herd = t.herd AND $1 = ANY (s.dbs)))
            FROM rbucardo.herd_table t
-           JOIN pg_catalog.pg_class k ON k.oid = t.relid
-           JOIN pg_catalog.pg_namespace n ON n.oid = k.relnamespace
-          GROUP BY 1, 2",
+          GROUP BY t.relid",
         &[pg_sys::TEXTOID],
         &[name.into()],
-        |t| t.filter_map(|r| Some((r.get::<String>(1).ok()??, r.get::<String>(2).ok()??, r.get::<bool>(3).ok()??))).collect(),
+        |t| {
+            t.filter_map(|r| {
+                let (schema, table) = relation_name(r.get::<pg_sys::Oid>(1).ok()??)?;
+                Some((schema, table, r.get::<bool>(2).ok()??))
+            })
+            .collect()
+        },
     );
     let shared: std::collections::HashSet<(String, String)> = tables.iter().filter(|t| t.2).map(|(s, n, _)| (s.clone(), n.clone())).collect();
     let join = join
@@ -338,4 +343,21 @@ pub fn too_strong_for_limited(role: &str) -> Result<Option<String>, String> {
 pub fn peer_policy_by_id(node_id: i32) -> Option<PeerPolicy> {
     let name = Spi::get_one_with_args::<String>("SELECT name FROM rbucardo.db WHERE node_id = $1", &[node_id.into()]).ok().flatten()?;
     Some(peer_policy(&name))
+}
+
+/// The schema and name of a relation, from the catalog caches; None when it is gone.
+pub fn relation_name(relid: pg_sys::Oid) -> Option<(String, String)> {
+    // SAFETY: syscache lookups inside a transaction; both return palloc'd copies (or NULL),
+    // read before anything else can free them.
+    unsafe {
+        let rel = pg_sys::get_rel_name(relid);
+        if rel.is_null() {
+            return None;
+        }
+        let nsp = pg_sys::get_namespace_name(pg_sys::get_rel_namespace(relid));
+        if nsp.is_null() {
+            return None;
+        }
+        Some((std::ffi::CStr::from_ptr(nsp).to_string_lossy().into_owned(), std::ffi::CStr::from_ptr(rel).to_string_lossy().into_owned()))
+    }
 }

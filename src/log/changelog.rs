@@ -155,12 +155,13 @@ pub fn ensure_tick() -> i64 {
     // A tick must survive a crash once a reader has seen it: a tick re-created with another
     // snapshot would move transactions across the boundary a peer has already passed.
     Spi::run("SET LOCAL synchronous_commit = local").expect("synchronous tick");
-    let cur = Spi::get_one::<i64>("SELECT CASE WHEN is_called THEN last_value ELSE 0 END FROM rbucardo.change_seq").expect("reading change_seq").unwrap_or(0);
-    Spi::run_with_args(
+    let cur = plans::one::<i64>("SELECT CASE WHEN is_called THEN last_value ELSE 0 END FROM rbucardo.change_seq", &[], &[]).unwrap_or(0);
+    plans::run(
         "INSERT INTO rbucardo.tick (tick_id, snap, last_seq) VALUES ($1, pg_current_snapshot(), $2)",
+        &[pg_sys::INT8OID, pg_sys::INT8OID],
         &[(last + 1).into(), cur.into()],
-    )
-    .expect("writing a tick");
+        |_| (),
+    );
     last + 1
 }
 

@@ -132,8 +132,7 @@ fn peer_position(
     let node = peer_node(peer_name);
     check_not_joining(peer_name);
     touch(peer_name);
-    let (t, s) = Spi::get_two_with_args::<i64, i64>("SELECT in_tick, in_seq FROM rbucardo.peer_state WHERE db = $1", &[peer_name.into()])
-        .expect("peer state");
+    let (t, s) = plans::two::<i64, i64>("SELECT in_tick, in_seq FROM rbucardo.peer_state WHERE db = $1", &[pg_sys::TEXTOID], &[peer_name.into()]);
     let stopped = crate::apply::exceptions::stream_stopped(node).or_else(|| refused(peer_name));
     let (held, chunks) = crate::apply::parts::resume_point(node).unwrap_or((Position { tick: 0, seq: 0 }, 0));
     TableIterator::once((t.unwrap_or(0), s.unwrap_or(Position::START.seq), stopped, held.tick, held.seq, chunks as i32))

@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 use pgrx::prelude::*;
 
 use crate::base::node::{self, Me, Peer};
+use crate::base::plans;
 use crate::base::pq::{Param, PeerConn};
 use crate::base::wire::{decode_batch, encode_batch, Batch, Position};
 use crate::base::xact::in_txn;
@@ -114,8 +115,7 @@ impl Link {
         loop {
             let (name, peer_id) = (self.peer.name.clone(), self.peer_id);
             let (after, stopped, held) = in_txn(move || {
-                let (t, s) = Spi::get_two_with_args::<i64, i64>("SELECT in_tick, in_seq FROM rbucardo.peer_state WHERE db = $1", &[name.as_str().into()])
-                    .expect("peer state");
+                let (t, s) = plans::two::<i64, i64>("SELECT in_tick, in_seq FROM rbucardo.peer_state WHERE db = $1", &[pg_sys::TEXTOID], &[name.as_str().into()]);
                 let held = crate::apply::parts::resume_point(peer_id).unwrap_or((Position { tick: 0, seq: 0 }, 0));
                 (Position { tick: t.unwrap_or(0), seq: s.unwrap_or(Position::START.seq) }, crate::apply::exceptions::stream_stopped(peer_id), held)
             })?;
@@ -262,8 +262,7 @@ impl Link {
             let batch = in_txn(move || {
                 // In a mesh the peer also pulls this stream: start from what it confirmed by
                 // fetching, when that is further.
-                let (t, s) = Spi::get_two_with_args::<i64, i64>("SELECT out_tick, out_seq FROM rbucardo.peer_state WHERE db = $1", &[name.as_str().into()])
-                    .unwrap_or((None, None));
+                let (t, s) = plans::two::<i64, i64>("SELECT out_tick, out_seq FROM rbucardo.peer_state WHERE db = $1", &[pg_sys::TEXTOID], &[name.as_str().into()]);
                 let fetched = Position { tick: t.unwrap_or(0), seq: s.unwrap_or(0) };
                 let pos = pos.max(fetched);
                 let newest = crate::log::changelog::ensure_tick();

@@ -220,6 +220,33 @@ fn node_priority_list_decides() {
     assert!(bad.unwrap_err().contains("unknown conflict strategy"));
 }
 
+/// Appliers keep what they resolved about a table from batch to batch (src/apply/mod.rs,
+/// `session`): a strategy set after they have applied rows of the table must still decide the
+/// next conflict. branch1's worker resolved products (the insert it pulled) under the default
+/// strategy, under which branch1's later price would win.
+#[test]
+fn a_strategy_set_while_the_table_is_replicating_decides_the_next_conflict() {
+    let cluster = start_store("conflict_strategy_change", Topology::Star);
+    cluster.node(MAIN).sql(DB, "INSERT INTO products (id, name, price, stock) VALUES (5, 'pepper', 1.00, 5)");
+    cluster.node(BRANCH1).sql(DB, "INSERT INTO products (id, name, price, stock) VALUES (6, 'cumin', 1.50, 5)");
+    for i in [MAIN, BRANCH1] {
+        wait_until("rows both ways", Duration::from_secs(30), || Ok(one(&cluster, i, "SELECT count(*) FROM products WHERE id IN (5, 6)") == "2"));
+    }
+    for i in [MAIN, BRANCH1] {
+        cluster.node(i).sql(DB, "SELECT rbucardo.set_table_strategy('products', 'main,branch1')");
+    }
+    cluster.link(BRANCH1, MAIN).cut();
+    cluster.node(MAIN).sql(DB, "UPDATE products SET price = 3.00 WHERE id = 5");
+    cluster.node(BRANCH1).sql(DB, "UPDATE products SET price = 4.00 WHERE id = 5"); // later, but lower priority
+    cluster.link(BRANCH1, MAIN).restore();
+    for i in [MAIN, BRANCH1] {
+        wait_until("main's price by priority", Duration::from_secs(60), || {
+            let p = one(&cluster, i, "SELECT price FROM products WHERE id = 5");
+            if p == "3.00" && one(&cluster, i, "SELECT count(*) FROM rbucardo.conflicts WHERE rule = 'main,branch1'") == "1" { Ok(true) } else { Err(p) }
+        });
+    }
+}
+
 /// Two users with the same login created on two branches while apart (login is unique but not
 /// the key): the second to reach main is parked, not lost and not blocking later changes; an
 /// operator clears the blocker and retries it.

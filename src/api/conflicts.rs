@@ -23,6 +23,8 @@ fn set_table_strategy(tbl: pg_sys::Oid, strategy: Option<&str>) -> String {
         &[tbl.into(), strategy.into()],
     )
     .expect("recording the table strategy");
+    // Appliers keep resolved tables per session: they must resolve this one again.
+    signals::wake_local_worker_at_commit();
     format!("{} resolves conflicts by {}", table_oid_name(tbl), strategy.unwrap_or("its sync's strategy"))
 }
 
@@ -36,6 +38,8 @@ fn set_column_merge(tbl: pg_sys::Oid, enabled: bool) -> String {
         &[tbl.into(), enabled.into()],
     )
     .expect("recording the merge option");
+    // Appliers keep resolved tables per session: they must resolve this one again.
+    signals::wake_local_worker_at_commit();
     format!("column-level merge {} for {}", if enabled { "on" } else { "off" }, table_oid_name(tbl))
 }
 
@@ -51,6 +55,8 @@ fn set_conflict_logging(tbl: pg_sys::Oid, all_outcomes: bool) -> String {
         &[tbl.into(), all_outcomes.into()],
     )
     .expect("recording the logging option");
+    // Appliers keep resolved tables per session: they must resolve this one again.
+    signals::wake_local_worker_at_commit();
     format!(
         "{} logs {}",
         table_oid_name(tbl),
@@ -86,6 +92,7 @@ fn set_column_strategy(tbl: pg_sys::Oid, col: &str, strategy: &str) -> String {
         }
         _ => raise(PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE, format!("unknown column strategy {strategy:?}"), "Use 'delta' or 'default'."),
     }
+    signals::wake_local_worker_at_commit();
     format!("column {col} of {} is now {strategy}", table_oid_name(tbl))
 }
 

@@ -72,6 +72,7 @@ pub(crate) type FastMap<K, V> = HashMap<K, V, std::hash::BuildHasherDefault<FxHa
 
 /// A replicated table as it exists on this node.
 struct LocalRel {
+    relid: pg_sys::Oid,
     qualified: String,
     /// Local type of each remote column, in the remote column order.
     types: Vec<String>,
@@ -115,6 +116,89 @@ struct Applier {
     retrying: bool,
 }
 
+/// Tables resolved by earlier batches of this session. Resolving a table (its columns, key
+/// index, input functions, foreign keys, conflict policy) takes about ten catalog queries; a
+/// hub's stores and a live subscriber apply small batches many times a second, so doing it
+/// again for every batch was a good part of their work. A kept table is used only while
+/// nothing may have changed it: no relation cache invalidation arrived (ALTER TABLE, CREATE
+/// or DROP INDEX, a foreign key, a rename, an owner change, a rolled-back schema change, or
+/// any other) and the configuration generation is the same (every function that changes
+/// strategies, syncs or nodes bumps it). The table is locked before a kept entry is trusted,
+/// so that invalidations committed by others before the lock are seen first.
+mod session {
+    use std::cell::{Cell, RefCell};
+    use std::rc::Rc;
+
+    use pgrx::prelude::*;
+
+    use super::{FastMap, LocalRel};
+    use crate::base::wire::RelDesc;
+
+    thread_local! {
+        static KEPT: RefCell<(u64, FastMap<RelDesc, Rc<LocalRel>>)> = RefCell::new((0, FastMap::default()));
+        static CHANGED: Cell<bool> = const { Cell::new(true) };
+        static REGISTERED: Cell<bool> = const { Cell::new(false) };
+    }
+
+    /// Called by PostgreSQL for every relation cache invalidation this backend processes
+    /// (`relid` 0: all of them). Only sets a flag: it may run in the middle of anything.
+    unsafe extern "C-unwind" fn relcache_changed(_arg: pg_sys::Datum, _relid: pg_sys::Oid) {
+        CHANGED.with(|c| c.set(true));
+    }
+
+    /// What a table resolved now may be kept under: the configuration generation, once any
+    /// invalidation seen so far has emptied the cache. None: nothing is kept (a database
+    /// without a registry slot never sees its generation change).
+    pub(super) fn stamp() -> Option<u64> {
+        if !REGISTERED.with(|r| r.replace(true)) {
+            // SAFETY: registers a plain function once per backend (PostgreSQL allows a few
+            // dozen such callbacks per backend; this is rbucardo's only one).
+            unsafe { pg_sys::CacheRegisterRelcacheCallback(Some(relcache_changed), pg_sys::Datum::from(0)) };
+            CHANGED.with(|c| c.set(true));
+        }
+        let generation = crate::base::signals::tracked_config_generation();
+        KEPT.with(|k| {
+            let mut k = k.borrow_mut();
+            if CHANGED.with(|c| c.replace(false)) || Some(k.0) != generation {
+                k.1.clear();
+                k.0 = generation.unwrap_or(0);
+            }
+        });
+        generation
+    }
+
+    /// The kept resolution of `desc`, if it still holds.
+    pub(super) fn get(desc: &RelDesc) -> Option<Rc<LocalRel>> {
+        let rel = KEPT.with(|k| k.borrow().1.get(desc).cloned())?;
+        // SAFETY: a lock on a relation id that may have gone; taking it processes the
+        // invalidations other sessions committed before it (which the check below reads).
+        // The original resolution held this lock to commit too.
+        unsafe { pg_sys::LockRelationOid(rel.relid, pg_sys::AccessShareLock as i32) };
+        let generation = stamp()?;
+        KEPT.with(|k| k.borrow().1.contains_key(desc) && k.borrow().0 == generation).then_some(rel)
+    }
+
+    /// Keeps `rel` for later batches if nothing changed since `stamp` was taken before it
+    /// was resolved.
+    pub(super) fn keep(desc: &RelDesc, rel: &Rc<LocalRel>, stamp: Option<u64>) {
+        let Some(stamp) = stamp else { return };
+        if CHANGED.with(|c| c.get()) || crate::base::signals::tracked_config_generation() != Some(stamp) {
+            return;
+        }
+        KEPT.with(|k| {
+            let mut k = k.borrow_mut();
+            if k.0 == stamp {
+                k.1.insert(desc.clone(), rel.clone());
+            }
+        });
+    }
+
+    /// Forgets every kept table (a schema change ran in this session).
+    pub(super) fn forget() {
+        KEPT.with(|k| k.borrow_mut().1.clear());
+    }
+}
+
 fn quote(ident: &str) -> String {
     pgrx::spi::quote_identifier(ident)
 }
@@ -151,6 +235,12 @@ impl Applier {
             }
         }
         if !self.rels.contains_key(desc) {
+            if let Some(rel) = session::get(desc) {
+                self.rels.insert(desc.clone(), rel);
+            }
+        }
+        if !self.rels.contains_key(desc) {
+            let stamp = session::stamp();
             let qualified = format!("{}.{}", quote(&desc.schema), quote(&desc.name));
             let (relid, owner, found) = crate::base::plans::run(
                 "SELECT c.oid, c.relowner, array_agg((SELECT format_type(a.atttypid, a.atttypmod) FROM pg_attribute a
@@ -199,7 +289,9 @@ impl Applier {
                     "rbucardo writes replicated rows as the table's owner; ALTER TABLE ... NO FORCE ROW LEVEL SECURITY, then the stream resumes.",
                 );
             }
-            self.rels.insert(desc.clone(), Rc::new(LocalRel { qualified, types, layout, policy, fks, owner }));
+            let rel = Rc::new(LocalRel { relid, qualified, types, layout, policy, fks, owner });
+            session::keep(desc, &rel, stamp);
+            self.rels.insert(desc.clone(), rel);
         }
         let rel = self.rels[desc].clone();
         self.last = Some((desc.clone(), rel.clone()));
@@ -210,6 +302,7 @@ impl Applier {
     fn forget_tables(&mut self) {
         self.rels.clear();
         self.last = None;
+        session::forget();
     }
 
     /// Runs `sql` (prepared once per batch) with text arguments; returns the rows affected.

@@ -34,6 +34,17 @@ pub struct Layout {
     owner: pg_sys::Oid,
     key_index: pg_sys::Oid,
     columns: Vec<Column>,
+    /// Holds what the columns' input and output functions keep between calls (fn_extra): a
+    /// layout outlives its transaction (src/apply/mod.rs keeps resolved tables per session).
+    cxt: pg_sys::MemoryContext,
+}
+
+impl Drop for Layout {
+    fn drop(&mut self) {
+        // SAFETY: the context was made for this layout alone (in `layout`), nothing else
+        // points into it once the layout, which owns the FmgrInfos, goes.
+        unsafe { pg_sys::MemoryContextDelete(self.cxt) };
+    }
 }
 
 /// Decides whether a table can be applied through the executor and prepares its layout:
@@ -64,23 +75,31 @@ pub fn layout(relid: pg_sys::Oid, desc: &RelDesc) -> Option<Layout> {
     unsafe {
         let rel = pg_sys::table_open(relid, pg_sys::AccessShareLock as i32);
         let tupdesc = pgrx::PgTupleDesc::from_pg_unchecked((*rel).rd_att);
+        let cxt = pg_sys::AllocSetContextCreateInternal(
+            pg_sys::TopMemoryContext,
+            c"rbucardo table layout".as_ptr(),
+            pg_sys::ALLOCSET_SMALL_MINSIZE as usize,
+            pg_sys::ALLOCSET_SMALL_INITSIZE as usize,
+            pg_sys::ALLOCSET_SMALL_MAXSIZE as usize,
+        );
         let mut columns = Vec::with_capacity(desc.columns.len());
         let mut covered = vec![false; tupdesc.len()];
         for name in &desc.columns {
             let att = tupdesc.iter().position(|a| !a.attisdropped && a.name() == name.as_str());
             let Some(att) = att else {
                 pg_sys::table_close(rel, pg_sys::AccessShareLock as i32);
+                pg_sys::MemoryContextDelete(cxt);
                 return None;
             };
             let a = tupdesc.get(att).unwrap();
             let (mut func, mut ioparam) = (pg_sys::InvalidOid, pg_sys::InvalidOid);
             pg_sys::getTypeInputInfo(a.atttypid, &mut func, &mut ioparam);
             let mut input = pg_sys::FmgrInfo::default();
-            pg_sys::fmgr_info(func, &mut input);
+            pg_sys::fmgr_info_cxt(func, &mut input, cxt);
             let (mut out_func, mut varlena) = (pg_sys::InvalidOid, false);
             pg_sys::getTypeOutputInfo(a.atttypid, &mut out_func, &mut varlena);
             let mut output = pg_sys::FmgrInfo::default();
-            pg_sys::fmgr_info(out_func, &mut output);
+            pg_sys::fmgr_info_cxt(out_func, &mut output, cxt);
             columns.push(Column { att, input, ioparam, typmod: a.atttypmod, output });
             covered[att] = true;
         }
@@ -89,7 +108,8 @@ pub fn layout(relid: pg_sys::Oid, desc: &RelDesc) -> Option<Layout> {
         // The lock stays until commit: the layout (types, input functions) must hold while
         // this batch applies; another session's ALTER TABLE waits for it.
         pg_sys::table_close(rel, pg_sys::NoLock as i32);
-        complete.then_some(Layout { relid, owner, key_index, columns })
+        // (A layout that is not complete drops here, and its context with it.)
+        complete.then_some(Layout { relid, owner, key_index, columns, cxt })
     }
 }
 

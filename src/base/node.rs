@@ -103,6 +103,8 @@ pub fn learn_peer_id(name: &str, node_id: i32) {
             }
             Spi::run_with_args("UPDATE rbucardo.db SET node_id = $2 WHERE name = $1", &[name.into(), node_id.into()])
                 .unwrap_or_else(|_| raise(PgSqlErrorCode::ERRCODE_DUPLICATE_OBJECT, format!("node id {node_id} is already used by another db"), "Node ids must be unique in the cluster."));
+            // Node names by id are part of what appliers keep per session (priority lists).
+            crate::base::signals::wake_local_worker_at_commit();
         }
     }
 }

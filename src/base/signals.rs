@@ -158,8 +158,14 @@ pub fn log_commits(slot: usize) -> u64 {
 
 /// The current database's replication configuration generation (see `Slot::config_gen`).
 pub fn config_generation() -> u64 {
+    tracked_config_generation().unwrap_or(0)
+}
+
+/// The configuration generation, if this database has a registry slot to count it in (one
+/// without a slot never sees it change).
+pub fn tracked_config_generation() -> Option<u64> {
     let dboid = my_dboid();
-    REGISTRY.share().slots.iter().find(|s| s.dboid == dboid).map_or(0, |s| s.config_gen)
+    REGISTRY.share().slots.iter().find(|s| s.dboid == dboid).map(|s| s.config_gen)
 }
 
 /// Rounds completed by the current database's worker, and whether a worker is running.

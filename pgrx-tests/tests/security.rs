@@ -194,6 +194,10 @@ impl<'a> Forger<'a> {
         decode_batch(&bytes, 64 << 20).unwrap_or_else(|e| panic!("the forged batch does not decode: {e}"));
         let sql = format!("SELECT tick, seq, stopped FROM rbucardo.peer_push('branch1', decode('{}', 'hex'))", to_hex(&bytes));
         let rows = self.conn.query(&sql).unwrap_or_else(|e| panic!("peer_push of a forged batch failed instead of answering: {e}"));
+        // Replica mode (no triggers, no foreign-key checks) is for the applier only: the
+        // peer's own session must not keep it after the call.
+        let role = self.conn.query_one("SELECT current_setting('session_replication_role')").unwrap();
+        assert_eq!(role.as_deref(), Some("origin"), "a peer's session kept replica mode after peer_push");
         let num = |i: usize| -> i64 { rows[0][i].as_deref().unwrap().parse().unwrap() };
         Pushed { after: plan.after, at: Position { tick: num(0), seq: num(1) }, stopped: rows[0][2].clone() }
     }

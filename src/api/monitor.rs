@@ -65,7 +65,7 @@ pub fn synced(name: &str, timeout: Duration) -> bool {
     let target = crate::log::changelog::stream_end();
     let started_at = Spi::get_one::<pgrx::datum::TimestampWithTimeZone>("SELECT clock_timestamp()").unwrap().unwrap();
     // A round pulls from a peer only when the peer said it has something (or now and then):
-    // ask for pulls from every peer, so that two rounds from now all of them were pulled.
+    // ask for pulls from every peer. The two rounds after the one under way pull from all.
     crate::base::signals::ask_for_pulls();
     let (rounds0, _) = crate::base::signals::rounds_of_local_worker();
     crate::base::signals::wake_local_worker();
@@ -87,7 +87,7 @@ pub fn synced(name: &str, timeout: Duration) -> bool {
                 == Some(true)
         });
         let (rounds, running) = crate::base::signals::rounds_of_local_worker();
-        let pulled = !peers.iter().any(|(_, outbound)| *outbound) || (running && rounds.wrapping_sub(rounds0) >= 2);
+        let pulled = !peers.iter().any(|(_, outbound)| *outbound) || (running && rounds.wrapping_sub(rounds0) >= 3);
         if out_done && passive_seen && pulled {
             return true;
         }

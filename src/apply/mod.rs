@@ -122,7 +122,7 @@ struct Applier {
 /// again for every batch was a good part of their work. A kept table is used only while
 /// nothing may have changed it: no relation cache invalidation arrived (ALTER TABLE, CREATE
 /// or DROP INDEX, a foreign key, a rename, an owner change, a rolled-back schema change, or
-/// any other) and the configuration generation is the same (every function that changes
+/// any other), no type or schema changed, and the configuration generation is the same (every function that changes
 /// strategies, syncs or nodes bumps it). The table is locked before a kept entry is trusted,
 /// so that invalidations committed by others before the lock are seen first.
 mod session {
@@ -146,14 +146,26 @@ mod session {
         CHANGED.with(|c| c.set(true));
     }
 
+    /// Likewise for a type or schema changed (renamed, moved): a kept table holds the names
+    /// of its columns' types, which such a change leaves the table's relation cache entry
+    /// alone for.
+    unsafe extern "C-unwind" fn syscache_changed(_arg: pg_sys::Datum, _cacheid: std::ffi::c_int, _hash: u32) {
+        CHANGED.with(|c| c.set(true));
+    }
+
     /// What a table resolved now may be kept under: the configuration generation, once any
     /// invalidation seen so far has emptied the cache. None: nothing is kept (a database
     /// without a registry slot never sees its generation change).
     pub(super) fn stamp() -> Option<u64> {
         if !REGISTERED.with(|r| r.replace(true)) {
-            // SAFETY: registers a plain function once per backend (PostgreSQL allows a few
-            // dozen such callbacks per backend; this is rbucardo's only one).
-            unsafe { pg_sys::CacheRegisterRelcacheCallback(Some(relcache_changed), pg_sys::Datum::from(0)) };
+            // SAFETY: registers plain functions once per backend (PostgreSQL allows a few
+            // dozen such callbacks per backend; these are rbucardo's only ones).
+            unsafe {
+                pg_sys::CacheRegisterRelcacheCallback(Some(relcache_changed), pg_sys::Datum::from(0));
+                for cache in [pg_sys::SysCacheIdentifier::TYPEOID, pg_sys::SysCacheIdentifier::NAMESPACEOID] {
+                    pg_sys::CacheRegisterSyscacheCallback(cache as std::ffi::c_int, Some(syscache_changed), pg_sys::Datum::from(0));
+                }
+            }
             CHANGED.with(|c| c.set(true));
         }
         let generation = crate::base::signals::tracked_config_generation();

@@ -208,14 +208,19 @@ impl LocalSetting {
 
 /// Puts the rest of this session in replica mode (`session_replication_role = replica`, kept
 /// after the transaction ends), for sessions that only replicate: the worker, and a peer's
-/// link session once it pushes (src/runtime/endpoints.rs). Changing the setting makes
-/// PostgreSQL drop every cached plan of the session (its assign hook resets the plan cache),
-/// so switching it on and off around every applied batch had each batch parse and plan all
-/// its statements again: half a hub's CPU with 20 stores. Native logical replication's apply
-/// worker also stays in replica mode.
+/// link session once it pushes, if it logged in as a superuser (src/runtime/endpoints.rs).
+/// Changing the setting makes PostgreSQL drop every cached plan of the session (its assign
+/// hook resets the plan cache), so switching it on and off around every applied batch had
+/// each batch parse and plan all its statements again: half a hub's CPU with 20 stores.
+/// Native logical replication's apply worker also stays in replica mode. A session of any
+/// other user never keeps it: replica mode skips triggers and foreign-key checks, which only
+/// a superuser may ask for, and such a session could go on to write tables with it.
 pub fn replica_session() {
-    // SAFETY: a plain global of this backend; set_config_option is how SET sets it.
+    // SAFETY: plain globals of this backend; set_config_option is how SET sets it.
     unsafe {
+        if !pg_sys::superuser_arg(pg_sys::GetSessionUserId()) {
+            return;
+        }
         if pg_sys::SessionReplicationRole != pg_sys::SESSION_REPLICATION_ROLE_REPLICA as i32 {
             pg_sys::set_config_option(
                 c"session_replication_role".as_ptr(),

@@ -416,15 +416,14 @@ fn place_in_ticks(lo: i64, later: &[(i64, &Snapshot)], listed: &[(i64, u64)], cu
     Some((out, through))
 }
 
-/// The transactions of ticks `lo + 1 ..` (of `lo + 1` only those whose final chunk comes after
-/// `after_seq`), up to at most `newest` and `SPAN_TICKS` ticks, with one query instead of one
+/// The transactions of ticks `lo + 1 ..`, up to at most `newest` and `SPAN_TICKS` ticks, with one query instead of one
 /// per tick: a hub's peers fetch often, and each fetch spans the few ticks cut since the last.
 /// The query lists the transactions committed between the snapshots of tick `lo` and of the
 /// last tick of the span, by seq; each is placed in the first tick whose snapshot sees it
 /// (visibility only grows from tick to tick), in Rust. Only those that fit `budget` (the first
 /// always) and that may go to peer `to` are read whole. `None` when the span has no complete
 /// tick within `SPAN_ROWS` transactions: the caller reads tick by tick instead.
-fn read_span(me: i32, lo: i64, after_seq: i64, newest: i64, to: i32, budget: usize) -> Option<Span> {
+fn read_span(me: i32, lo: i64, newest: i64, to: i32, budget: usize) -> Option<Span> {
     let hi = newest.min(lo + SPAN_TICKS);
     let i8 = pg_sys::INT8OID;
     let ticks: Vec<(i64, i64, Snapshot)> = plans::run(
@@ -455,8 +454,7 @@ fn read_span(me: i32, lo: i64, after_seq: i64, newest: i64, to: i32, budget: usi
                 ")
                     AND pg_visible_in_snapshot(l.txid, (SELECT snap FROM rbucardo.tick WHERE tick_id = $2))
                     AND NOT pg_visible_in_snapshot(l.txid, (SELECT snap FROM rbucardo.tick WHERE tick_id = $1))
-                    AND (l.seq > $6 OR NOT pg_visible_in_snapshot(l.txid, (SELECT snap FROM rbucardo.tick WHERE tick_id = $1 + 1)))
-                  ORDER BY l.seq LIMIT $7"
+                  ORDER BY l.seq LIMIT $6"
             )
         };
     }
@@ -465,9 +463,9 @@ fn read_span(me: i32, lo: i64, after_seq: i64, newest: i64, to: i32, budget: usi
     } else {
         listed!("(l.txid >= $5::text::xid8 OR l.txid = ANY ($4::bigint[]::text[]::xid8[]))")
     };
-    let args = [lo.into(), hi.into(), plast.into(), xip.into(), (first.xmax() as i64).into(), after_seq.into(), SPAN_ROWS.into()];
+    let args = [lo.into(), hi.into(), plast.into(), xip.into(), (first.xmax() as i64).into(), SPAN_ROWS.into()];
     let listed: Vec<(i64, i64, usize, Option<i32>, Option<i32>, Option<i32>)> =
-        plans::run_custom(sql, &[i8, i8, i8, pg_sys::INT8ARRAYOID, i8, i8, i8], &args, |rows| {
+        plans::run_custom(sql, &[i8, i8, i8, pg_sys::INT8ARRAYOID, i8, i8], &args, |rows| {
             rows.map(|r| {
                 (
                     r.get::<i64>(1).unwrap().unwrap(),
@@ -544,7 +542,10 @@ pub fn read_batch(me: i32, after: Position, to: i32, max_bytes: usize, policy: &
             complete = true;
             break;
         }
-        if let Some(span) = read_span(me, k - 1, from_seq, newest_tick, to, max_bytes.saturating_sub(b.bytes)) {
+        // From a tick's start, several ticks at once; within a tick (after a batch that ended
+        // in it) tick by tick, whose query starts at the seq reached.
+        let span = if from_seq == -1 { read_span(me, k - 1, newest_tick, to, max_bytes.saturating_sub(b.bytes)) } else { None };
+        if let Some(span) = span {
             for (tick, seq, t) in span.txns {
                 let at = Position { tick, seq };
                 match t {

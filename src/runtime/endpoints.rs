@@ -149,8 +149,8 @@ fn peer_push(peer_name: &str, batch: &[u8]) -> TableIterator<'static, (name!(tic
     let batch = decode_batch(batch, MAX_BATCH_BYTES).unwrap_or_else(|e| {
         raise(PgSqlErrorCode::ERRCODE_DATA_CORRUPTED, format!("refused a batch from {peer_name}: {e}"), "Nothing of it was applied; the sender retries. Persistent errors point at a faulty link or peer.")
     });
-    // A link session only replicates: it stays in replica mode from its first push on
-    // (xact::replica_session says why). Docs: docs/operations.md, "Link sessions".
+    // A superuser's link session stays in replica mode from its first push on
+    // (xact::replica_session says why and why only a superuser's).
     crate::base::xact::replica_session();
     let applied = crate::apply::apply_batch(me.id, peer_name, node, &batch);
     touch(peer_name);

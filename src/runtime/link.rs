@@ -78,6 +78,13 @@ impl Link {
         self.notified
     }
 
+    /// Drops the peer's change notifications: while this node joins, it copies instead of
+    /// pulling, and a notification left pending would make the worker spin (`wait`).
+    pub fn forget_notifications(&mut self) {
+        self.take_notifications();
+        self.notified = false;
+    }
+
     /// Notes the peer's change notifications received so far.
     pub fn take_notifications(&mut self) {
         if let Some(conn) = self.conn.as_mut() {

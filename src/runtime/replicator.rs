@@ -172,6 +172,7 @@ impl Replicator {
             if joining.is_some() {
                 report(slot, &peer.name, "joining", None);
                 let link = slot.link.as_mut().unwrap();
+                link.forget_notifications();
                 let Some(conn) = link.conn.as_mut() else { continue };
                 match crate::runtime::join::step(&me, peer, conn) {
                     Ok(_) => {

@@ -200,6 +200,7 @@ pub extern "C-unwind" fn rbucardo_worker_main(arg: pg_sys::Datum) {
     let mut last_notify = std::time::Instant::now() - NOTIFY_GAP_UNIT;
     let mut last_round = std::time::Instant::now() - MIN_ROUND_GAP;
     let mut pulls_seen = 0;
+    let mut forced_pulls = 0u8;
     loop {
         if BackgroundWorker::sighup_received() {
             // SAFETY: what PostgreSQL's own workers call on SIGHUP, between transactions.
@@ -255,9 +256,15 @@ pub extern "C-unwind" fn rbucardo_worker_main(arg: pg_sys::Datum) {
             // Nobody to tell: do not keep waking up for it.
             told = commits;
         }
+        // Pulls asked for (wait_for_sync, kick): the next two rounds pull from every peer,
+        // so that one of them starts after the asking transaction's snapshot was taken.
         let asked = signals::pulls_asked(slot);
-        let mut nap = replicator.round(asked != pulls_seen);
-        pulls_seen = asked;
+        if asked != pulls_seen {
+            pulls_seen = asked;
+            forced_pulls = 2;
+        }
+        let mut nap = replicator.round(forced_pulls > 0);
+        forced_pulls = forced_pulls.saturating_sub(1);
         if commits != told {
             // A notification held back by the gap goes out when it is due.
             nap = nap.min(notify_gap.saturating_sub(last_notify.elapsed()));

@@ -111,6 +111,11 @@ impl Replicator {
         Ok((me, peers))
     }
 
+    /// Whether this node has an active peer (or has not read its configuration yet).
+    pub fn has_peers(&self) -> bool {
+        self.config.as_ref().is_none_or(|c| !c.peers.is_empty())
+    }
+
     /// How many peers may be listening for this node's change notifications, as of the last
     /// round: those that connect here (no conninfo). A peer this node connects to is pushed
     /// to by this node's own rounds, which cut the tick they need themselves.

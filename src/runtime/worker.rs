@@ -22,6 +22,10 @@ use crate::base::xact::in_txn;
 /// anyway; a longer gap only adds to every change's lag (10 ms gave a median one-hop lag of
 /// 8 ms under pgbench -R 100).
 const MIN_ROUND_GAP: Duration = Duration::from_millis(1);
+/// Shortest time between two rounds of a worker that has no active peer.
+const IDLE_ROUND_GAP: Duration = Duration::from_millis(10);
+/// How often a worker checks that the extension is still installed (DROP EXTENSION).
+const EXTENSION_CHECK: Duration = Duration::from_millis(100);
 /// The unit of a hub's notification spacing (`notify_gap`).
 const NOTIFY_GAP_UNIT: Duration = Duration::from_millis(10);
 /// Every notification makes each listening peer fetch once. A hub with many stores holds its
@@ -199,6 +203,7 @@ pub extern "C-unwind" fn rbucardo_worker_main(arg: pg_sys::Datum) {
     let mut told = u64::MAX;
     let mut last_notify = std::time::Instant::now() - NOTIFY_GAP_UNIT;
     let mut last_round = std::time::Instant::now() - MIN_ROUND_GAP;
+    let mut extension_checked = std::time::Instant::now() - EXTENSION_CHECK;
     let mut pulls_seen = 0;
     let mut forced_pulls = 0u8;
     loop {
@@ -206,10 +211,14 @@ pub extern "C-unwind" fn rbucardo_worker_main(arg: pg_sys::Datum) {
             // SAFETY: what PostgreSQL's own workers call on SIGHUP, between transactions.
             unsafe { pg_sys::ProcessConfigFile(pg_sys::GucContext::PGC_SIGHUP) };
         }
-        if !extension_exists() {
-            signals::set_worker(dboid, 0, true);
-            log!("rbucardo worker: extension not installed in this database, exiting");
-            return;
+        // A transaction of its own: at most every EXTENSION_CHECK, not at every wake-up.
+        if extension_checked.elapsed() >= EXTENSION_CHECK {
+            extension_checked = std::time::Instant::now();
+            if !extension_exists() {
+                signals::set_worker(dboid, 0, true);
+                log!("rbucardo worker: extension not installed in this database, exiting");
+                return;
+            }
         }
         if housekeeper_checked.elapsed() >= HOUSEKEEPER_CHECK {
             housekeeper_checked = std::time::Instant::now();
@@ -222,12 +231,14 @@ pub extern "C-unwind" fn rbucardo_worker_main(arg: pg_sys::Datum) {
                 housekeeper_missing = housekeeper.is_none();
             }
         }
-        // Under a steady stream of commits, each waking us, one round per few milliseconds
-        // carries them all: a round per commit would only burn the CPU the application needs.
+        // Under a steady stream of commits, each waking us, one round per millisecond carries
+        // them all: a round per commit would only burn the CPU the application needs. With
+        // no peer to send them to (a paused sync), a commit has nothing for a round to do.
+        let gap = if replicator.has_peers() { MIN_ROUND_GAP } else { IDLE_ROUND_GAP };
         let since = last_round.elapsed();
-        if since < MIN_ROUND_GAP {
+        if since < gap {
             // SAFETY: a plain sleep; SIGTERM still sets the flag checked below.
-            unsafe { pg_sys::pg_usleep((MIN_ROUND_GAP - since).as_micros() as std::ffi::c_long) };
+            unsafe { pg_sys::pg_usleep((gap - since).as_micros() as std::ffi::c_long) };
         }
         last_round = std::time::Instant::now();
         // Tell peers listening on this node that the change log has grown, with a tick that

@@ -23,6 +23,9 @@ case $MODE in
     full)  SCALE=10; ROUNDS=3; SECS=20; BACKLOG=10000; RATE=200; LAGSECS=60 ;;
     *) echo "usage: $0 [short|full]" >&2; exit 2 ;;
 esac
+# SBS_SCALE and SBS_BACKLOG override the mode's scale and backlog (for development).
+SCALE=${SBS_SCALE:-$SCALE}
+BACKLOG=${SBS_BACKLOG:-$BACKLOG}
 CLIENTS=4
 THREADS=2
 TXNS=$((CLIENTS * BACKLOG))

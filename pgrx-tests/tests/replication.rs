@@ -775,3 +775,65 @@ fn t11_tiered_hubs_carry_every_order_three_hops_once() {
         assert_eq!(met, "0", "{}: an order arrived twice", NAMES[i]);
     }
 }
+
+// ---------------------------------------------------------------------------
+// 12. One batch writes the same few rows thousands of times.
+
+/// A store offline for a while sends one batch in which a few rows change in nearly every
+/// transaction: the applier finds such rows by where it last wrote them (src/apply/rows.rs,
+/// `Recent`), not through their index. The batch also moves keys, deletes and re-inserts
+/// them, truncates the table and rewrites it with a schema change: every node must end with
+/// exactly the rows and sums the branch committed.
+#[test]
+fn t12_a_batch_that_rewrites_hot_rows_thousands_of_times_converges() {
+    let cluster = start_store("t12_hot_rows", Topology::Star);
+    cluster.node(MAIN).sql(DB, "SELECT rbucardo.set_peer_policy('branch1', ddl => 'trusted')");
+    let b = base(BRANCH1);
+    let hot = |t: i64| b + 1 + t % 5;
+    let mut txns = vec![format!("INSERT INTO cash_session SELECT {b} + i, 'branch1', 0 FROM generate_series(1, 5) i")];
+    // What each key should hold at the end, kept alongside the statements.
+    let mut amount: std::collections::BTreeMap<i64, i64> = (1..=5).map(|i| (b + i, 0)).collect();
+    for t in 0..3000i64 {
+        let id = hot(t);
+        let mut txn = format!("BEGIN; UPDATE cash_session SET amount = amount + 1 WHERE id = {id};");
+        *amount.get_mut(&id).unwrap() += 1;
+        match t % 500 {
+            // A key moves away and a new row takes it: the old key's row is found again only
+            // through the index.
+            100 => {
+                let moved = b + 1000 + t;
+                txn += &format!("UPDATE cash_session SET id = {moved} WHERE id = {id}; INSERT INTO cash_session VALUES ({id}, 'again', 7);");
+                let was = amount.remove(&id).unwrap();
+                amount.insert(moved, was);
+                amount.insert(id, 7);
+            }
+            // Deleted and inserted again under the same key.
+            200 => {
+                txn += &format!("DELETE FROM cash_session WHERE id = {id}; INSERT INTO cash_session VALUES ({id}, 'reborn', 100);");
+                amount.insert(id, 100);
+            }
+            _ => {}
+        }
+        txn += " COMMIT;";
+        txns.push(txn);
+        if t == 1200 {
+            // A new file for the table: where earlier rows were written means nothing now.
+            txns.push(format!("BEGIN; TRUNCATE cash_session; INSERT INTO cash_session SELECT {b} + i, 'after truncate', 10 FROM generate_series(1, 5) i; COMMIT;"));
+            amount = (1..=5).map(|i| (b + i, 10)).collect();
+        }
+        if t == 2100 {
+            txns.push("ALTER TABLE cash_session ALTER COLUMN amount TYPE numeric(14,2)".to_string());
+        }
+    }
+    // Converged once with the link up, so the rest travels as one backlog.
+    converge(&cluster, &expected(&[]), CONVERGE);
+    cluster.link(BRANCH1, MAIN).cut();
+    run_on(&cluster, BRANCH1, &txns);
+    cluster.link(BRANCH1, MAIN).restore();
+    converge(&cluster, &expected(&[("cash_session", amount.len() as i64)]), CONVERGE);
+    let want: Vec<String> = amount.iter().map(|(id, a)| format!("{id}|{a}")).collect();
+    for i in ALL {
+        let got: Vec<String> = cluster.node(i).query(DB, "SELECT id || '|' || amount::int FROM cash_session ORDER BY id").into_iter().map(|r| r[0].clone().unwrap_or_default()).collect();
+        assert_eq!(got, want, "{}: cash_session differs from what branch1 committed", NODE_NAMES[i]);
+    }
+}

@@ -96,6 +96,9 @@ struct Applier {
     last: Option<(RelDesc, Rc<LocalRel>)>,
     plans: FastMap<String, OwnedPreparedStatement>,
     open: Option<(RelDesc, rows::Target)>,
+    /// Where this pass's writes are, per table (rows::Recent): an applier lives for one pass,
+    /// and a new one is made whenever part of it is undone.
+    recent: FastMap<pg_sys::Oid, rows::Recent>,
     clocks: Clocks,
     /// Changes of the current transaction that do not travel on as they came: left out
     /// (`None`: the version lost here, or a command skipped here) or with another new image
@@ -222,6 +225,7 @@ impl Applier {
             last: None,
             plans: FastMap::default(),
             open: None,
+            recent: FastMap::default(),
             clocks: Clocks::new(me),
             edits: Vec::new(),
             tally: conflicts::Tally::default(),
@@ -314,6 +318,7 @@ impl Applier {
     fn forget_tables(&mut self) {
         self.rels.clear();
         self.last = None;
+        self.recent.clear();
         session::forget();
     }
 
@@ -495,8 +500,9 @@ impl Applier {
         let rel = self.local_rel(desc);
         let layout = rel.layout.as_ref().unwrap();
         let (_, target) = self.open.get_or_insert_with(|| (desc.clone(), rows::Target::open(layout)));
+        let recent = self.recent.entry(layout.relid).or_default();
         let (clocks, edits, tally) = (&mut self.clocks, &mut self.edits, &mut self.tally);
-        let decision = target.change(layout, desc, ch, |local| decide_change(&rel.policy, desc, ch, local, origin, clocks, tally));
+        let decision = target.change(layout, desc, ch, recent, |local| decide_change(&rel.policy, desc, ch, local, origin, clocks, tally));
         settle(decision, ch.ordinal, edits);
         self.note_clock(desc, ch, origin);
         true

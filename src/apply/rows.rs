@@ -113,6 +113,49 @@ pub fn layout(relid: pg_sys::Oid, desc: &RelDesc) -> Option<Layout> {
     }
 }
 
+/// Where the rows this apply transaction wrote to one table are now: the newest version's
+/// TID, by replica key. A batch applies thousands of remote transactions in one local one, and
+/// pgbench-like workloads update a few hot rows in each: every version stays until commit, so
+/// finding such a row through its index walks a HOT chain that grows with the batch (the top
+/// of the catch-up profile). A hint is only trusted when the version it points at is visible
+/// now and carries the key; anything else falls back to the index.
+///
+/// Hints hold only within one (sub)transaction that is never rolled back under them: a version
+/// from an undone subtransaction is dead at once, and its line pointer may be pruned and
+/// reused. The applier keeps them per pass and starts afresh whenever a pass or a parked
+/// transaction is undone; a TRUNCATE or table rewrite (a new relfilenode) forgets them too.
+#[derive(Default)]
+pub struct Recent {
+    file: pg_sys::Oid,
+    at: std::collections::HashMap<Vec<Value>, pg_sys::ItemPointerData>,
+}
+
+/// Beyond this many rows of one table, the hints start again (bounded memory for large
+/// batches of inserts, which are rarely found again).
+const RECENT_LIMIT: usize = 100_000;
+
+impl Recent {
+    fn key(desc: &RelDesc, row: &[Value]) -> Vec<Value> {
+        desc.key.iter().map(|&k| row[k as usize].clone()).collect()
+    }
+
+    /// SAFETY: `rel` is open.
+    unsafe fn check_file(&mut self, rel: pg_sys::Relation) {
+        let file = (*rel).rd_node.relNode;
+        if self.file != file {
+            self.at.clear();
+            self.file = file;
+        }
+    }
+
+    fn note(&mut self, key: Vec<Value>, tid: pg_sys::ItemPointerData) {
+        if self.at.len() >= RECENT_LIMIT {
+            self.at.clear();
+        }
+        self.at.insert(key, tid);
+    }
+}
+
 /// A table opened for a run of row changes: its executor state and three slots.
 pub struct Target {
     rel: pg_sys::Relation,
@@ -139,6 +182,10 @@ impl Target {
         unsafe {
             let rel = pg_sys::table_open(layout.relid, pg_sys::RowExclusiveLock as i32);
             let estate = pg_sys::CreateExecutorState();
+            // Everything below lives in the executor state's context, freed by `close`: the
+            // caller's context lasts the whole batch, and a target is opened per transaction
+            // and table (PostgreSQL's apply worker allocates it in a per-message context).
+            let caller_cxt = pg_sys::MemoryContextSwitchTo((*estate).es_query_cxt);
             let mut rte = pgrx::PgBox::<pg_sys::RangeTblEntry>::alloc_node(pg_sys::NodeTag::T_RangeTblEntry);
             rte.rtekind = pg_sys::RTEKind::RTE_RELATION;
             rte.relid = layout.relid;
@@ -156,8 +203,9 @@ impl Target {
             let search = pg_sys::table_slot_create(rel, table);
             let local = pg_sys::table_slot_create(rel, table);
             let remote = pg_sys::table_slot_create(rel, table);
+            pg_sys::MemoryContextSwitchTo(caller_cxt);
             let rowcx = pg_sys::AllocSetContextCreateInternal(
-                pg_sys::CurrentMemoryContext,
+                caller_cxt,
                 c"rbucardo apply row".as_ptr(),
                 pg_sys::ALLOCSET_DEFAULT_MINSIZE as usize,
                 pg_sys::ALLOCSET_DEFAULT_INITSIZE as usize,
@@ -229,11 +277,70 @@ impl Target {
     /// # Safety
     ///
     /// As for `fill`.
-    unsafe fn find(&self, layout: &Layout, desc: &RelDesc, row: &[Value]) -> bool {
+    unsafe fn find(&self, layout: &Layout, desc: &RelDesc, row: &[Value], recent: &mut Recent) -> bool {
+        recent.check_file(self.rel);
+        if let Some(&tid) = recent.at.get(&Recent::key(desc, row)) {
+            if self.fetch_own(layout, desc, row, tid) {
+                return true;
+            }
+        }
         // SAFETY: see `fill`; key_index is the relation's unique index on the replica key and
         // `search` holds that key, as RelationFindReplTupleByIndex requires.
         self.fill(layout, self.search, row, Some(&desc.key));
         pg_sys::RelationFindReplTupleByIndex(self.rel, layout.key_index, pg_sys::LockTupleMode::LockTupleExclusive, self.search, self.local)
+    }
+
+    /// Reads into `local` the version at `tid`, which this transaction wrote, if it is still
+    /// the current one and has the key in `row`. It needs no row lock: no other transaction can
+    /// see it, let alone change it, before this one commits.
+    ///
+    /// # Safety
+    ///
+    /// As for `fill`, and `tid` was written by this transaction in a part of it that was not
+    /// rolled back, in the relation's current file (see [`Recent`]).
+    unsafe fn fetch_own(&self, layout: &Layout, desc: &RelDesc, row: &[Value], mut tid: pg_sys::ItemPointerData) -> bool {
+        // SAFETY: the table AM's own fetch checks the line pointer and the version's
+        // visibility to a snapshot taken now (it sees this transaction's earlier commands).
+        let fetch = (*(*self.rel).rd_tableam).tuple_fetch_row_version.expect("table AM fetches by TID");
+        if !fetch(self.rel, &mut tid, pg_sys::GetLatestSnapshot(), self.local) {
+            return false;
+        }
+        pg_sys::slot_getallattrs(self.local);
+        let values = std::slice::from_raw_parts((*self.local).tts_values, (*(*self.local).tts_tupleDescriptor).natts as usize);
+        let nulls = std::slice::from_raw_parts((*self.local).tts_isnull, values.len());
+        let _canonical = CanonicalOutput::new();
+        desc.key.iter().all(|&k| {
+            let col = &layout.columns[k as usize];
+            match &row[k as usize] {
+                Some(want) if !nulls[col.att] => {
+                    let finfo = &col.output as *const pg_sys::FmgrInfo as *mut pg_sys::FmgrInfo;
+                    let cstr = pg_sys::OutputFunctionCall(finfo, values[col.att]);
+                    let same = std::ffi::CStr::from_ptr(cstr).to_bytes() == want.as_bytes();
+                    pg_sys::pfree(cstr.cast());
+                    same
+                }
+                _ => false,
+            }
+        })
+    }
+
+    /// Notes where the version just written from `remote` is, by its key.
+    ///
+    /// # Safety
+    ///
+    /// As for `fill`; `remote` was invalidated before the write (a BEFORE trigger may skip it).
+    unsafe fn note_written(&self, desc: &RelDesc, row: &[Value], recent: &mut Recent) {
+        let tid = (*self.remote).tts_tid;
+        if tid.ip_posid != 0 {
+            recent.note(Recent::key(desc, row), tid);
+        }
+    }
+
+    /// # Safety
+    ///
+    /// As for `fill`.
+    unsafe fn forget_written(&self) {
+        (*self.remote).tts_tid = pg_sys::ItemPointerData::default();
     }
 
     /// # Safety
@@ -291,16 +398,18 @@ impl Target {
             .collect()
     }
 
-    fn insert_or_overwrite(&self, layout: &Layout, desc: &RelDesc, new: &[Value]) {
+    fn insert_or_overwrite(&self, layout: &Layout, desc: &RelDesc, new: &[Value], recent: &mut Recent) {
         // SAFETY: called only from `change`, whose caller pairs this open Target with its
         // Layout; update_found runs only when find returned true.
         unsafe {
-            if self.find(layout, desc, new) {
+            self.forget_written();
+            if self.find(layout, desc, new, recent) {
                 self.update_found(layout, new);
             } else {
                 self.fill(layout, self.remote, new, None);
                 pg_sys::ExecSimpleRelationInsert(self.rri, self.estate, self.remote);
             }
+            self.note_written(desc, new, recent);
             self.step_done();
         }
     }
@@ -308,31 +417,37 @@ impl Target {
     /// Applies one row change: finds the local row by the change's key (the new key for an
     /// insert, the old one otherwise), lets `decide` compare it with what the sender saw, and
     /// writes what it decided. Returns the decision.
-    pub fn change(&self, layout: &Layout, desc: &RelDesc, ch: &RowChange, decide: impl FnOnce(Option<&[Value]>) -> Decision) -> Decision {
+    /// `recent`: where this transaction's earlier writes to the table are (see [`Recent`]).
+    pub fn change(&self, layout: &Layout, desc: &RelDesc, ch: &RowChange, recent: &mut Recent, decide: impl FnOnce(Option<&[Value]>) -> Decision) -> Decision {
         let probe = if ch.op == Op::Insert { ch.new.as_deref() } else { ch.old.as_deref() }.expect("row change with its key image");
         // SAFETY: the slots, executor state and relation were set up by `open` for this table
         // (`layout`), and are used on the backend's main thread inside the apply transaction.
         unsafe {
             let owner = RunAs::restricted(layout.owner);
-            let found = self.find(layout, desc, probe);
+            let found = self.find(layout, desc, probe, recent);
             let local = found.then(|| self.local_text(layout));
             // The decision reads and writes rbucardo's own tables: it runs as the applier,
             // after the owner's sandbox is gone (nothing the owner's code set reaches it).
             drop(owner);
             let decision = decide(local.as_deref());
             let _owner = RunAs::restricted(layout.owner);
+            self.forget_written();
             match &decision.action {
                 Action::Nothing | Action::Abort(_) => {}
-                Action::Write(row) if found => self.update_found(layout, row),
+                Action::Write(row) if found => {
+                    self.update_found(layout, row);
+                    self.note_written(desc, row, recent);
+                }
                 // Nothing has this key here: a plain insert.
                 Action::Write(row) if ch.op == Op::Insert => {
                     self.fill(layout, self.remote, row, None);
                     pg_sys::ExecSimpleRelationInsert(self.rri, self.estate, self.remote);
+                    self.note_written(desc, row, recent);
                 }
                 // An update whose row is gone here: the row it writes may have another key.
                 Action::Write(row) => {
                     self.step_done();
-                    self.insert_or_overwrite(layout, desc, row);
+                    self.insert_or_overwrite(layout, desc, row, recent);
                     return decision;
                 }
                 Action::Delete if found => {
@@ -340,6 +455,7 @@ impl Target {
                     pg_sys::EvalPlanQualInit(&mut epq, self.estate, std::ptr::null_mut(), std::ptr::null_mut(), -1);
                     pg_sys::ExecSimpleRelationDelete(self.rri, self.estate, &mut epq, self.local);
                     pg_sys::EvalPlanQualEnd(&mut epq);
+                    recent.at.remove(&Recent::key(desc, probe));
                 }
                 Action::Delete => {}
             }

@@ -37,7 +37,16 @@ say "pgbench tpcb, $CLIENTS clients, ${ROUNDS} rounds of ${SECS}s per setting, a
 plain_all=(); captured_all=()
 for r in $(seq 1 "$ROUNDS"); do
     capture off; plain_all+=("$(run)")
-    capture on; captured_all+=("$(run)")
+    capture on
+    # CAPTURE_PERF=PREFIX records a system-wide profile of each captured run in PREFIX.N.data
+    # (for development: perf report -i PREFIX.1.data --no-children --sort dso,symbol).
+    perf_pid=
+    if [ -n "${CAPTURE_PERF:-}" ]; then
+        perf record -a -g -F 999 -o "$CAPTURE_PERF.$r.data" >/dev/null 2>&1 &
+        perf_pid=$!
+    fi
+    captured_all+=("$(run)")
+    [ -n "$perf_pid" ] && { kill -INT "$perf_pid"; wait "$perf_pid" || true; }
     echo "  round $r: plain ${plain_all[-1]} tps, captured ${captured_all[-1]} tps"
 done
 plain=$(printf '%s\n' "${plain_all[@]}" | awk '{s += $1} END {print s / NR}')

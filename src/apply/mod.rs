@@ -882,7 +882,7 @@ pub fn apply_batch(me: i32, sender_db: &str, sender_node: i32, batch: &Batch) ->
     // Our own changes must not be re-captured by our triggers. The commit must be durable
     // before the sender hears of it: the sender trims what it believes we have.
     let _replica = LocalSetting::replica_mode();
-    Spi::run("SET LOCAL synchronous_commit = local").expect("durable apply");
+    xact::set_local(c"synchronous_commit", c"local");
     locks::lock_stream(sender_node);
     let (tick, seq) = match crate::base::plans::two::<i64, i64>("SELECT in_tick, in_seq FROM rbucardo.peer_state WHERE db = $1 FOR UPDATE", &[pg_sys::TEXTOID], &[sender_db.into()]) {
         (Some(tick), Some(seq)) => (Some(tick), Some(seq)),

@@ -206,6 +206,15 @@ impl LocalSetting {
     }
 }
 
+/// `SET LOCAL name = value` without parsing a statement: for settings any user may change, in
+/// paths that run many times a second (a fetch, a push, a tick).
+pub fn set_local(name: &std::ffi::CStr, value: &std::ffi::CStr) {
+    // SAFETY: what SET LOCAL runs; inside a transaction, on the backend's main thread.
+    unsafe {
+        pg_sys::set_config_option(name.as_ptr(), value.as_ptr(), pg_sys::GucContext::PGC_USERSET, pg_sys::GucSource::PGC_S_SESSION, pg_sys::GucAction::GUC_ACTION_LOCAL, true, 0, false);
+    }
+}
+
 /// Puts the rest of this session in replica mode (`session_replication_role = replica`, kept
 /// after the transaction ends), for sessions that only replicate: the worker, and a peer's
 /// link session once it pushes, if it logged in as a superuser (src/runtime/endpoints.rs).

@@ -154,7 +154,7 @@ pub fn ensure_tick() -> i64 {
     // in this snapshot or still running in it.
     // A tick must survive a crash once a reader has seen it: a tick re-created with another
     // snapshot would move transactions across the boundary a peer has already passed.
-    Spi::run("SET LOCAL synchronous_commit = local").expect("synchronous tick");
+    crate::base::xact::set_local(c"synchronous_commit", c"local");
     let cur = plans::one::<i64>("SELECT CASE WHEN is_called THEN last_value ELSE 0 END FROM rbucardo.change_seq", &[], &[]).unwrap_or(0);
     plans::run(
         "INSERT INTO rbucardo.tick (tick_id, snap, last_seq) VALUES ($1, pg_current_snapshot(), $2)",

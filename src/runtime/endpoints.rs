@@ -105,12 +105,20 @@ fn peer_fetch(peer_name: &str, after_tick: i64, after_seq: i64, max_bytes: i32, 
     let after = Position { tick: after_tick, seq: after_seq };
     // A fetch writes only the peer's confirmation and its last contact: both may be lost in a
     // crash (the peer sends them again), so its commit does not wait for the disk.
-    Spi::run("SET LOCAL synchronous_commit = off").expect("fetch commit");
+    crate::base::xact::set_local(c"synchronous_commit", c"off");
     // A fetch may hold the tick lock to its commit: a caller that leaves its transaction open
     // would stop every tick on this node. It is ended after a minute idle.
-    Spi::run("SET LOCAL idle_in_transaction_session_timeout = '60s'").expect("fetch timeout");
-    record_confirmed(peer_name, after);
-    touch(peer_name);
+    crate::base::xact::set_local(c"idle_in_transaction_session_timeout", c"60s");
+    plans::run(
+        "UPDATE rbucardo.peer_state
+            SET out_tick = CASE WHEN (out_tick, out_seq) < ($2, $3) THEN $2 ELSE out_tick END,
+                out_seq = CASE WHEN (out_tick, out_seq) < ($2, $3) THEN $3 ELSE out_seq END,
+                last_contact = now(), state = 'connected', last_error = NULL
+          WHERE db = $1",
+        &[pg_sys::TEXTOID, pg_sys::INT8OID, pg_sys::INT8OID],
+        &[peer_name.into(), after.tick.into(), after.seq.into()],
+        |_| (),
+    );
     let limit = (max_bytes.max(1) as usize).min(BATCH_BYTES);
     let policy = node::peer_policy(peer_name);
     let held = (held_chunks > 0).then_some((Position { tick: held_tick, seq: held_seq }, held_chunks as u32));
@@ -153,7 +161,14 @@ fn peer_push(peer_name: &str, batch: &[u8]) -> TableIterator<'static, (name!(tic
     // (xact::replica_session says why and why only a superuser's).
     crate::base::xact::replica_session();
     let applied = crate::apply::apply_batch(me.id, peer_name, node, &batch);
-    touch(peer_name);
+    // An applied batch has written last_contact already: most pushes write nothing here.
+    plans::run(
+        "UPDATE rbucardo.peer_state SET last_contact = now(), state = 'connected', last_error = NULL
+          WHERE db = $1 AND (last_contact IS DISTINCT FROM now() OR state IS DISTINCT FROM 'connected' OR last_error IS NOT NULL)",
+        &[pg_sys::TEXTOID],
+        &[peer_name.into()],
+        |_| (),
+    );
     TableIterator::once((applied.cursor.tick, applied.cursor.seq, applied.stopped))
 }
 

@@ -252,7 +252,7 @@ pub extern "C-unwind" fn rbucardo_worker_main(arg: pg_sys::Datum) {
             && replicator.listeners() > 0
             && notify_due
             && in_txn(|| {
-                Spi::run("SET LOCAL synchronous_commit = off").expect("notify");
+                crate::base::xact::set_local(c"synchronous_commit", c"off");
                 // A peer's fetch holding the tick lock cuts the tick itself: try again next round.
                 let ticked = crate::log::changelog::ensure_tick_nowait().is_some();
                 if ticked {

@@ -259,7 +259,14 @@ measure() { # SYSTEM
         settle "$P"; tps=$(run_pgbench "$P" -T "$SECS"); p_live+=("$tps")
         settle "$O" "$S"
         start=$(max_id "$O")
+        # SBS_PERF also profiles the first live run, in PREFIX.SYSTEM.live.data.
+        perf_pid=
+        if [ -n "${SBS_PERF:-}" ] && [ "$r" = 1 ]; then
+            perf record -a -g -F 999 -o "$SBS_PERF.$sys.live.data" >/dev/null 2>&1 &
+            perf_pid=$!
+        fi
         lives+=("$(run_pgbench "$O" -T "$SECS")")
+        [ -n "$perf_pid" ] && { kill -INT "$perf_pid"; wait "$perf_pid" || true; }
         t0=$(now)
         want=$(rows_after "$O" "$start")
         wait_rows "$S" "$start" "$want"

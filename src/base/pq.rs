@@ -141,6 +141,15 @@ pub struct PeerConn {
     /// that pointer stays valid when the PeerConn moves.
     #[allow(clippy::box_collection)]
     notices: Box<Vec<String>>,
+    /// Statements prepared on this connection, by text and parameter types: a hub is called
+    /// hundreds of times a second with the same few statements, and parsing each call again
+    /// was a tenth of its peer backends' time.
+    prepared: std::collections::HashMap<(String, Vec<pq::Oid>), CString>,
+    /// The prepared statement of the call in flight: forgotten if it fails (it may no longer
+    /// fit the peer's functions, e.g. after an extension update there), prepared anew next time.
+    in_flight: Option<(String, Vec<pq::Oid>)>,
+    /// Statements prepared so far, for their names.
+    statements: u32,
 }
 
 /// Sets the process latch again when dropped, if a wait of ours consumed a latch wake-up: the
@@ -406,6 +415,9 @@ impl PeerConn {
             poisoned: false,
             secrets,
             notices: Box::new(Vec::new()),
+            prepared: std::collections::HashMap::new(),
+            in_flight: None,
+            statements: 0,
         };
 
         // Keywords are applied in order and the dbname entry is expanded as a conninfo: so the
@@ -466,7 +478,12 @@ impl PeerConn {
 
     /// The second half of [`PeerConn::query`]: waits for the results of the statement sent.
     pub fn receive(&mut self, timeout: Duration) -> Result<Vec<Row>, PeerError> {
-        self.finish(&Deadline::new(timeout, "peer query"))
+        let result = self.finish(&Deadline::new(timeout, "peer query"));
+        let statement = self.in_flight.take();
+        if let (Err(_), Some(statement)) = (&result, statement) {
+            self.prepared.remove(&statement);
+        }
+        result
     }
 
     /// The first half of [`PeerConn::query`]: sends the statement and returns while the peer
@@ -506,20 +523,23 @@ impl PeerConn {
             lengths.push(len);
             formats.push(fmt);
         }
-        // SAFETY: `start` calls this at once with its live, non-NULL PGconn; the four arrays hold
-        // params.len() entries each, and the values point into `texts` and `params`, alive
+        let key = (sql.to_string_lossy().into_owned(), types.clone());
+        if !self.prepared.contains_key(&key) {
+            // A name is never used twice on a connection: a forgotten statement may still exist
+            // on the peer.
+            self.statements += 1;
+            let name = CString::new(format!("rbucardo_{}", self.statements)).expect("no NUL");
+            // SAFETY: as below; `name`, `sql` and `types` are alive for the call and copied.
+            self.run(&deadline, |conn| unsafe { pq::PQsendPrepare(conn, name.as_ptr(), sql.as_ptr(), params.len() as c_int, types.as_ptr()) })?;
+            self.prepared.insert(key.clone(), name);
+        }
+        let name = self.prepared[&key].clone();
+        self.in_flight = Some(key);
+        // SAFETY: `start` calls this at once with its live, non-NULL PGconn; the three arrays
+        // hold params.len() entries each, and the values point into `texts` and `params`, alive
         // here; libpq copies everything into its output buffer before returning.
         self.start(&deadline, |conn| unsafe {
-            pq::PQsendQueryParams(
-                conn,
-                sql.as_ptr(),
-                params.len() as c_int,
-                types.as_ptr(),
-                values.as_ptr(),
-                lengths.as_ptr(),
-                formats.as_ptr(),
-                1,
-            )
+            pq::PQsendQueryPrepared(conn, name.as_ptr(), params.len() as c_int, values.as_ptr(), lengths.as_ptr(), formats.as_ptr(), 1)
         })
     }
 

@@ -188,7 +188,8 @@ pub fn provide_end(peer: &str, filter: &str) -> i64 {
 /// The provider of the join in progress here, if any. While it copies, this node exchanges
 /// nothing with its peers: its cursor in the provider's stream waits for the copies.
 pub fn joining() -> Option<String> {
-    Spi::get_one::<String>("SELECT provider FROM rbucardo.join_run WHERE state = 'copying' LIMIT 1").ok().flatten()
+    // Every push asks (peer_push): a kept plan.
+    crate::base::plans::one::<String>("SELECT provider FROM rbucardo.join_run WHERE state = 'copying' LIMIT 1", &[], &[])
 }
 
 /// One step of the join from `link`'s peer, in place of a replication round: copies every

@@ -499,8 +499,15 @@ impl Applier {
         }
         let rel = self.local_rel(desc);
         let layout = rel.layout.as_ref().unwrap();
+        let opening = self.open.is_none();
         let (_, target) = self.open.get_or_insert_with(|| (desc.clone(), rows::Target::open(layout)));
+        if opening && self.recent.values().map(rows::Recent::len).sum::<usize>() >= rows::RECENT_LIMIT {
+            self.recent.clear();
+        }
         let recent = self.recent.entry(layout.relid).or_default();
+        if opening {
+            target.check_recent(recent);
+        }
         let (clocks, edits, tally) = (&mut self.clocks, &mut self.edits, &mut self.tally);
         let decision = target.change(layout, desc, ch, recent, |local| decide_change(&rel.policy, desc, ch, local, origin, clocks, tally));
         settle(decision, ch.ordinal, edits);

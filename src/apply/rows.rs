@@ -123,35 +123,47 @@ pub fn layout(relid: pg_sys::Oid, desc: &RelDesc) -> Option<Layout> {
 /// Hints hold only within one (sub)transaction that is never rolled back under them: a version
 /// from an undone subtransaction is dead at once, and its line pointer may be pruned and
 /// reused. The applier keeps them per pass and starts afresh whenever a pass or a parked
-/// transaction is undone; a TRUNCATE or table rewrite (a new relfilenode) forgets them too.
+/// transaction is undone; a TRUNCATE or table rewrite (a new relfilenode, or the same file
+/// emptied, as TRUNCATE does to a table created or truncated earlier in the transaction) forgets
+/// them too. And a version is used only if this transaction wrote it (its xmin).
 #[derive(Default)]
 pub struct Recent {
     file: pg_sys::Oid,
+    /// The highest block a hint points into.
+    top_block: u32,
     at: std::collections::HashMap<Vec<Value>, pg_sys::ItemPointerData>,
 }
 
-/// Beyond this many rows of one table, the hints start again (bounded memory for large
-/// batches of inserts, which are rarely found again).
-const RECENT_LIMIT: usize = 100_000;
+/// Beyond this many rows, over all tables of a pass, the hints start again (bounded memory for
+/// large batches of inserts, which are rarely found again).
+pub const RECENT_LIMIT: usize = 100_000;
 
 impl Recent {
     fn key(desc: &RelDesc, row: &[Value]) -> Vec<Value> {
         desc.key.iter().map(|&k| row[k as usize].clone()).collect()
     }
 
+    pub fn len(&self) -> usize {
+        self.at.len()
+    }
+
+    /// Forgets every hint if the table's file is not the one they point into. Once per
+    /// target is enough for the length check: a table cannot be truncated while open.
+    ///
     /// SAFETY: `rel` is open.
-    unsafe fn check_file(&mut self, rel: pg_sys::Relation) {
+    unsafe fn check_file(&mut self, rel: pg_sys::Relation, length_too: bool) {
         let file = (*rel).rd_node.relNode;
-        if self.file != file {
+        let shorter = || length_too && !self.at.is_empty() && pg_sys::RelationGetNumberOfBlocksInFork(rel, pg_sys::ForkNumber::MAIN_FORKNUM) <= self.top_block;
+        if self.file != file || shorter() {
             self.at.clear();
             self.file = file;
+            self.top_block = 0;
         }
     }
 
     fn note(&mut self, key: Vec<Value>, tid: pg_sys::ItemPointerData) {
-        if self.at.len() >= RECENT_LIMIT {
-            self.at.clear();
-        }
+        let block = ((tid.ip_blkid.bi_hi as u32) << 16) | tid.ip_blkid.bi_lo as u32;
+        self.top_block = self.top_block.max(block);
         self.at.insert(key, tid);
     }
 }
@@ -213,6 +225,12 @@ impl Target {
             );
             Target { rel, estate, rri, search, local, remote, rowcx, owner: layout.owner }
         }
+    }
+
+    /// Checks the hints of this table once the target is open (see [`Recent::check_file`]).
+    pub fn check_recent(&self, recent: &mut Recent) {
+        // SAFETY: the relation is open for the target's life.
+        unsafe { recent.check_file(self.rel, true) }
     }
 
     /// Fires queued AFTER triggers (as the table's owner) and releases the executor state; the
@@ -278,7 +296,7 @@ impl Target {
     ///
     /// As for `fill`.
     unsafe fn find(&self, layout: &Layout, desc: &RelDesc, row: &[Value], recent: &mut Recent) -> bool {
-        recent.check_file(self.rel);
+        recent.check_file(self.rel, false);
         if let Some(&tid) = recent.at.get(&Recent::key(desc, row)) {
             if self.fetch_own(layout, desc, row, tid) {
                 return true;
@@ -303,6 +321,13 @@ impl Target {
         // visibility to a snapshot taken now (it sees this transaction's earlier commands).
         let fetch = (*(*self.rel).rd_tableam).tuple_fetch_row_version.expect("table AM fetches by TID");
         if !fetch(self.rel, &mut tid, pg_sys::GetLatestSnapshot(), self.local) {
+            return false;
+        }
+        // Only a version of this transaction's own is safe without a lock (a BEFORE trigger
+        // that returns a tuple read elsewhere could leave another row's TID in `remote`).
+        let mut isnull = false;
+        let xmin = pg_sys::slot_getsysattr(self.local, pg_sys::MinTransactionIdAttributeNumber, &mut isnull);
+        if isnull || !pg_sys::TransactionIdIsCurrentTransactionId(pg_sys::TransactionId::from(xmin.value() as u32)) {
             return false;
         }
         pg_sys::slot_getallattrs(self.local);

@@ -837,3 +837,41 @@ fn t12_a_batch_that_rewrites_hot_rows_thousands_of_times_converges() {
         assert_eq!(got, want, "{}: cash_session differs from what branch1 committed", NODE_NAMES[i]);
     }
 }
+
+/// A table emptied by a local trigger in the middle of a batch: main's own `ENABLE ALWAYS`
+/// trigger truncates cash_session while it applies branch1's backlog, right after the batch
+/// truncated and refilled it (so PostgreSQL empties the same file in place). Where the batch
+/// wrote those rows means nothing any more; the stream must go on, and what main forwards must
+/// leave branch2 equal to branch1.
+#[test]
+fn t13_a_table_emptied_by_a_local_trigger_mid_batch_does_not_stop_the_stream() {
+    let cluster = start_store("t13_trigger_truncate", Topology::Star);
+    // main only: replica mode keeps the schema change out of the stream.
+    cluster.node(MAIN).sql(
+        DB,
+        "SET session_replication_role = replica;
+         CREATE FUNCTION empty_cash() RETURNS trigger LANGUAGE plpgsql AS $$
+         BEGIN IF NEW.ref = -1 THEN TRUNCATE public.cash_session; END IF; RETURN NEW; END $$;
+         CREATE TRIGGER empty_cash AFTER INSERT ON pos_order FOR EACH ROW EXECUTE FUNCTION empty_cash();
+         ALTER TABLE pos_order ENABLE ALWAYS TRIGGER empty_cash;",
+    );
+    let b = base(BRANCH1);
+    converge(&cluster, &expected(&[]), CONVERGE);
+    cluster.link(BRANCH1, MAIN).cut();
+    let mut txns = vec![format!("BEGIN; TRUNCATE cash_session; INSERT INTO cash_session SELECT {b} + i, 'branch1', 0 FROM generate_series(1, 500) i; COMMIT;")];
+    txns.push(format!("INSERT INTO pos_order (id, node, ref, total) VALUES ({b} + 1, 'branch1', -1, 0)"));
+    for i in (1..=500).step_by(7) {
+        txns.push(format!("UPDATE cash_session SET amount = amount + 1 WHERE id = {b} + {i}"));
+    }
+    txns.push(format!("INSERT INTO pos_order (id, node, ref, total) VALUES ({b} + 2, 'branch1', 2, 0)"));
+    run_on(&cluster, BRANCH1, &txns);
+    cluster.link(BRANCH1, MAIN).restore();
+    for i in [MAIN, BRANCH2] {
+        wait_until(&format!("branch1's last order on {}", NODE_NAMES[i]), CONVERGE, || {
+            let got = cluster.node(i).query_one(DB, &format!("SELECT count(*) FROM pos_order WHERE id = {b} + 2")).unwrap_or_default();
+            if got == "1" { Ok(true) } else { Err(diagnostics(&cluster)) }
+        });
+    }
+    cluster.assert_tables_equal(DB, "cash_session", "id", &[BRANCH1, BRANCH2]);
+    cluster.assert_tables_equal(DB, "pos_order", "id", &ALL);
+}

@@ -150,7 +150,14 @@ pub struct PeerConn {
     in_flight: Option<(String, Vec<pq::Oid>)>,
     /// Statements prepared so far, for their names.
     statements: u32,
+    /// This process's connections so far when this one opened, for statement names.
+    serial: u32,
+    /// Statements forgotten, to deallocate on the peer before the next prepare.
+    stale: Vec<CString>,
 }
+
+/// Connections this process opened, for unique statement names.
+static CONNECTIONS: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
 
 /// Sets the process latch again when dropped, if a wait of ours consumed a latch wake-up: the
 /// latch belongs to the caller's main loop, and a wake-up meant for it must not be lost.
@@ -180,6 +187,11 @@ impl Deadline {
             .checked_add(total)
             .unwrap_or_else(|| now + Duration::from_secs(365 * 24 * 3600));
         Deadline { at, total, what }
+    }
+
+    /// Time left before the deadline (zero once it has passed).
+    fn remaining(&self) -> Duration {
+        self.at.saturating_duration_since(Instant::now())
     }
 
     /// Milliseconds left for WaitLatchOrSocket, or Timeout once the deadline has passed.
@@ -418,6 +430,8 @@ impl PeerConn {
             prepared: std::collections::HashMap::new(),
             in_flight: None,
             statements: 0,
+            serial: CONNECTIONS.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
+            stale: Vec::new(),
         };
 
         // Keywords are applied in order and the dbname entry is expanded as a conninfo: so the
@@ -480,8 +494,17 @@ impl PeerConn {
     pub fn receive(&mut self, timeout: Duration) -> Result<Vec<Row>, PeerError> {
         let result = self.finish(&Deadline::new(timeout, "peer query"));
         let statement = self.in_flight.take();
-        if let (Err(_), Some(statement)) = (&result, statement) {
-            self.prepared.remove(&statement);
+        // Most errors are the call's (a refused batch, an expired peer, a lock timeout) and
+        // leave the statement as good as it was; only these say the statement itself no longer
+        // fits the peer (its functions or tables changed). Its name is freed before the next
+        // prepare, so a peer that keeps failing does not collect statements.
+        if let (Err(PeerError::Query(m)), Some(statement)) = (&result, statement) {
+            const STALE: [&str; 6] = ["0A000", "26000", "42883", "42P01", "3F000", "42804"];
+            if STALE.iter().any(|code| m.contains(&format!("(SQLSTATE {code})"))) {
+                if let Some(name) = self.prepared.remove(&statement) {
+                    self.stale.push(name);
+                }
+            }
         }
         result
     }
@@ -525,22 +548,29 @@ impl PeerConn {
         }
         let key = (sql.to_string_lossy().into_owned(), types.clone());
         if !self.prepared.contains_key(&key) {
-            // A name is never used twice on a connection: a forgotten statement may still exist
-            // on the peer.
+            for name in std::mem::take(&mut self.stale) {
+                // Best effort: the statement may be gone already.
+                let _ = self.execute(&format!("DEALLOCATE {}", name.to_string_lossy()), deadline.remaining());
+            }
+            // Unique per process and connection: a session pooler that does not reset its
+            // server sessions may hand this connection one that holds statements of another.
             self.statements += 1;
-            let name = CString::new(format!("rbucardo_{}", self.statements)).expect("no NUL");
+            // SAFETY: a plain global of this backend.
+            let pid = unsafe { pg_sys::MyProcPid };
+            let name = CString::new(format!("rbucardo_{pid}_{}_{}", self.serial, self.statements)).expect("no NUL");
             // SAFETY: as below; `name`, `sql` and `types` are alive for the call and copied.
             self.run(&deadline, |conn| unsafe { pq::PQsendPrepare(conn, name.as_ptr(), sql.as_ptr(), params.len() as c_int, types.as_ptr()) })?;
             self.prepared.insert(key.clone(), name);
         }
         let name = self.prepared[&key].clone();
-        self.in_flight = Some(key);
         // SAFETY: `start` calls this at once with its live, non-NULL PGconn; the three arrays
         // hold params.len() entries each, and the values point into `texts` and `params`, alive
         // here; libpq copies everything into its output buffer before returning.
         self.start(&deadline, |conn| unsafe {
             pq::PQsendQueryPrepared(conn, name.as_ptr(), params.len() as c_int, values.as_ptr(), lengths.as_ptr(), formats.as_ptr(), 1)
-        })
+        })?;
+        self.in_flight = Some(key);
+        Ok(())
     }
 
     /// Runs a statement string without parameters or results, e.g. `LISTEN x` or several
@@ -1039,6 +1069,31 @@ mod tests {
             other => panic!("expected Query error, got {other:?}"),
         }
         assert_eq!(c.query("SELECT 3::int8", &[], T).unwrap()[0].i64(0), Some(3));
+    }
+
+    #[pg_test]
+    fn peer_statements_are_prepared_once_and_kept_through_call_errors() {
+        let mut c = connect();
+        let count = |c: &mut PeerConn| c.query("SELECT count(*)::int8 FROM pg_prepared_statements", &[], T).unwrap()[0].i64(0).unwrap();
+        for i in 1..=3i64 {
+            assert_eq!(c.query("SELECT 10 / $1::int8", &[Param::Text(&i.to_string())], T).unwrap()[0].i64(0), Some(10 / i));
+        }
+        assert_eq!(count(&mut c), 2, "the division and the count, each prepared once");
+        // An error of the call leaves its statement prepared.
+        assert!(matches!(c.query("SELECT 10 / $1::int8", &[Param::Text("0")], T), Err(PeerError::Query(_))));
+        assert_eq!(c.query("SELECT 10 / $1::int8", &[Param::Text("5")], T).unwrap()[0].i64(0), Some(2));
+        assert_eq!(count(&mut c), 2);
+        // A statement that no longer fits the peer is prepared anew, the old one deallocated.
+        c.execute("DROP TABLE IF EXISTS peer_stmt_t; CREATE TABLE peer_stmt_t (a int8); INSERT INTO peer_stmt_t VALUES (7)", T).unwrap();
+        assert_eq!(c.query("SELECT * FROM peer_stmt_t", &[], T).unwrap()[0].i64(0), Some(7));
+        c.execute("ALTER TABLE peer_stmt_t ADD COLUMN b int8", T).unwrap();
+        match c.query("SELECT * FROM peer_stmt_t", &[], T) {
+            Err(PeerError::Query(m)) => assert!(m.contains("0A000"), "{m}"),
+            other => panic!("expected the stale plan's error, got {other:?}"),
+        }
+        assert_eq!(c.query("SELECT * FROM peer_stmt_t", &[], T).unwrap()[0].len(), 2);
+        assert_eq!(count(&mut c), 3, "the division, the count and the new select");
+        c.execute("DROP TABLE peer_stmt_t", T).unwrap();
     }
 
     #[pg_test]

@@ -176,7 +176,15 @@ pub fn rounds_of_local_worker() -> (u64, bool) {
 
 /// Tells this database's worker, once the calling transaction commits, that the replication
 /// configuration changed: it reads it again and starts a round.
+///
+/// It also invalidates every relation cache entry, transactionally: what appliers keep per
+/// session (tables with their conflict policy, src/apply/mod.rs) is dropped in this session at
+/// the next command (so the rest of this transaction applies with the new setting) and again
+/// if it rolls back, and in every session when it commits, also through PREPARE TRANSACTION,
+/// which the commit callback below does not see.
 pub fn wake_local_worker_at_commit() {
+    // SAFETY: queues an invalidation message in the current transaction, as DDL does.
+    unsafe { pg_sys::CacheInvalidateRelcacheAll() };
     pgrx::register_xact_callback(pgrx::PgXactCallbackEvent::Commit, || {
         let dboid = my_dboid();
         let pid = {

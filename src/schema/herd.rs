@@ -45,6 +45,8 @@ pub fn add_table(herd: &str, tbl: pg_sys::Oid) -> String {
         &[herd.into(), tbl.into(), key.clone().into()],
     )
     .expect("recording the table");
+    // Its conflict policy may now come from another sync.
+    crate::base::signals::wake_local_worker_at_commit();
     let has_trigger = Spi::get_one_with_args::<bool>(
         "SELECT EXISTS (SELECT 1 FROM pg_trigger WHERE tgrelid = $1 AND tgname = 'rbucardo_capture')",
         &[tbl.into()],

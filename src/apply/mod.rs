@@ -138,7 +138,9 @@ mod session {
     use crate::base::wire::RelDesc;
 
     thread_local! {
-        static KEPT: RefCell<(u64, FastMap<RelDesc, Rc<LocalRel>>)> = RefCell::new((0, FastMap::default()));
+        // Never dropped: a thread-local destructor would run inside exit(), after the backend
+        // has shut down, and call back into PostgreSQL (each layout deletes its context).
+        static KEPT: std::mem::ManuallyDrop<RefCell<(u64, FastMap<RelDesc, Rc<LocalRel>>)>> = std::mem::ManuallyDrop::new(RefCell::new((0, FastMap::default())));
         static CHANGED: Cell<bool> = const { Cell::new(true) };
         static REGISTERED: Cell<bool> = const { Cell::new(false) };
     }

@@ -75,8 +75,10 @@ pub fn layout(relid: pg_sys::Oid, desc: &RelDesc) -> Option<Layout> {
     unsafe {
         let rel = pg_sys::table_open(relid, pg_sys::AccessShareLock as i32);
         let tupdesc = pgrx::PgTupleDesc::from_pg_unchecked((*rel).rd_att);
+        // Under the caller's context until the layout is complete: an error on the way frees
+        // it with that context.
         let cxt = pg_sys::AllocSetContextCreateInternal(
-            pg_sys::TopMemoryContext,
+            pg_sys::CurrentMemoryContext,
             c"rbucardo table layout".as_ptr(),
             pg_sys::ALLOCSET_SMALL_MINSIZE as usize,
             pg_sys::ALLOCSET_SMALL_INITSIZE as usize,
@@ -109,6 +111,8 @@ pub fn layout(relid: pg_sys::Oid, desc: &RelDesc) -> Option<Layout> {
         // this batch applies; another session's ALTER TABLE waits for it.
         pg_sys::table_close(rel, pg_sys::NoLock as i32);
         // (A layout that is not complete drops here, and its context with it.)
+        // A kept layout outlives the transaction.
+        pg_sys::MemoryContextSetParent(cxt, pg_sys::TopMemoryContext);
         complete.then_some(Layout { relid, owner, key_index, columns, cxt })
     }
 }

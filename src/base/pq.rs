@@ -145,8 +145,8 @@ pub struct PeerConn {
     /// hundreds of times a second with the same few statements, and parsing each call again
     /// was a tenth of its peer backends' time.
     prepared: std::collections::HashMap<(String, Vec<pq::Oid>), CString>,
-    /// The prepared statement of the call in flight: forgotten if it fails (it may no longer
-    /// fit the peer's functions, e.g. after an extension update there), prepared anew next time.
+    /// The prepared statement of the call in flight: forgotten if the peer says it no longer
+    /// fits (see `receive`), prepared anew next time.
     in_flight: Option<(String, Vec<pq::Oid>)>,
     /// Statements prepared so far, for their names.
     statements: u32,

@@ -875,3 +875,52 @@ fn t13_a_table_emptied_by_a_local_trigger_mid_batch_does_not_stop_the_stream() {
     cluster.assert_tables_equal(DB, "cash_session", "id", &[BRANCH1, BRANCH2]);
     cluster.assert_tables_equal(DB, "pos_order", "id", &ALL);
 }
+
+/// Reads `SELECT tick, seq ...` as a position.
+fn position(node: &rbucardo_cluster_tests::Node, sql: &str) -> (i64, i64) {
+    let row = node.query(DB, sql).into_iter().next().unwrap_or_else(|| panic!("{}: no row for {sql}", node.name()));
+    let num = |i: usize| row[i].as_deref().and_then(|v| v.parse::<i64>().ok()).unwrap_or_else(|| panic!("{}: {sql} gave {row:?}", node.name()));
+    (num(0), num(1))
+}
+
+/// A receiver that crashes right after it applied a push. Pushes commit without waiting for
+/// their WAL to reach the disk (src/base/durable.rs), so a crash may take the last ones back;
+/// the sender trims what the receiver confirmed, so the receiver must never have confirmed
+/// them. Here main's WAL reaches the disk late (wal_writer_delay 10 s), and main serves only
+/// branch1, so it cuts no tick (a synchronous commit) for a peer that would flush it sooner.
+/// After every crash, what branch1 was told main has must still be there, and every user
+/// branch1 inserted must reach main.
+#[test]
+fn t14_a_receiver_crash_takes_back_nothing_its_sender_was_told() {
+    let cluster = start_store_with("t14_crash_unflushed", Topology::Star, "wal_writer_delay = '10s'");
+    let (main, branch1) = (cluster.node(MAIN), cluster.node(BRANCH1));
+    main.sql(
+        DB,
+        "SELECT rbucardo.remove_sync('store_sync');
+         SELECT rbucardo.add_sync('store_sync', 'store', ARRAY['main', 'branch1']);
+         SELECT rbucardo.remove_db('branch2');",
+    );
+    cluster.node(BRANCH2).sql(DB, "SELECT rbucardo.remove_sync('store_sync'); SELECT rbucardo.remove_db('main');");
+    let b = base(BRANCH1);
+    let rounds = 4;
+    for round in 1..=rounds {
+        branch1.sql(DB, &format!("INSERT INTO users VALUES ({b} + {round}, 'crash_{round}', 'before crash {round}')"));
+        wait_until(&format!("branch1's user {round} on main"), CONVERGE, || {
+            Ok(main.query_one(DB, &format!("SELECT count(*) FROM users WHERE id = {b} + {round}")).as_deref() == Some("1"))
+        });
+        main.kill9();
+        let told = position(branch1, "SELECT out_tick, out_seq FROM rbucardo.peer_state WHERE db = 'main'");
+        main.start();
+        let has = position(main, "SELECT in_tick, in_seq FROM rbucardo.peer_state WHERE db = 'branch1'");
+        assert!(
+            told <= has,
+            "round {round}: branch1 was told main has its stream up to {told:?}, but after the crash main has it only up to {has:?}: \
+             branch1 may trim what main lost"
+        );
+    }
+    wait_until("every user of branch1 on main", CONVERGE, || {
+        let n = main.query_one(DB, &format!("SELECT count(*) FROM users WHERE id BETWEEN {b} + 1 AND {b} + {rounds}")).unwrap_or_default();
+        if n == rounds.to_string() { Ok(true) } else { Err(format!("{n} of {rounds}; {}", diagnostics(&cluster))) }
+    });
+    cluster.assert_tables_equal(DB, "users", "id", &[MAIN, BRANCH1]);
+}

@@ -558,3 +558,23 @@ GRANT EXECUTE ON FUNCTION rbucardo.peer_diff_digest(text, text, text, text[], te
 -- A trim followed by VACUUM must not stall every commit that writes the log (sql/catalog.sql).
 ALTER TABLE rbucardo.change_log SET (autovacuum_vacuum_scale_factor = 0.01, vacuum_truncate = false);
 ALTER TABLE rbucardo.tick SET (vacuum_truncate = false);
+
+-- peer_push also reports the newest position on disk (src/base/durable.rs): a sender that
+-- sets rbucardo.push_confirms_flushed confirms that, and its pushes commit without waiting.
+DROP FUNCTION rbucardo.peer_push(text, bytea);
+CREATE FUNCTION rbucardo."peer_push"(
+	"peer_name" TEXT, /* & str */
+	"batch" bytea /* & [u8] */
+) RETURNS TABLE (
+	"tick" bigint,  /* i64 */
+	"seq" bigint,  /* i64 */
+	"stopped" TEXT,  /* Option < String > */
+	"flushed_tick" bigint,  /* Option < i64 > */
+	"flushed_seq" bigint  /* Option < i64 > */
+)
+STRICT VOLATILE SECURITY DEFINER
+SET search_path TO pg_catalog, pg_temp
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', 'peer_push_wrapper';
+REVOKE ALL ON FUNCTION rbucardo.peer_push(text, bytea) FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION rbucardo.peer_push(text, bytea) TO rbucardo_peer;

@@ -42,6 +42,8 @@ use crate::log::clocks::Clocks;
 
 /// What the batch did, for the caller's bookkeeping.
 pub struct Applied {
+    /// Where the stream stood here, committed, when the batch began.
+    pub from: Position,
     pub cursor: Position,
     pub txns: i64,
     /// Set when a schema change that fails here stopped the stream (src/exceptions.rs): why.
@@ -889,7 +891,8 @@ pub fn apply_batch(me: i32, sender_db: &str, sender_node: i32, batch: &Batch) ->
         );
     }
     // Our own changes must not be re-captured by our triggers. The commit must be durable
-    // before the sender hears of it: the sender trims what it believes we have.
+    // before the sender hears of it: the sender trims what it believes we have. (A push whose
+    // sender confirms only flushed positions commits without waiting: src/base/durable.rs.)
     let _replica = LocalSetting::replica_mode();
     xact::set_local(c"synchronous_commit", c"local");
     locks::lock_stream(sender_node);
@@ -916,7 +919,7 @@ pub fn apply_batch(me: i32, sender_db: &str, sender_node: i32, batch: &Batch) ->
         let why = format!("refused a batch from {sender_db}: {why}");
         pgrx::warning!("rbucardo: {why}");
         admit::record_refusal(sender_db, &why);
-        Applied { cursor, txns: 0, stopped: Some(why) }
+        Applied { from: cursor, cursor, txns: 0, stopped: Some(why) }
     };
     // A part is checked before it is kept, and the last one before the kept parts are read:
     // a refusal leaves them kept.
@@ -969,6 +972,7 @@ pub fn apply_batch(me: i32, sender_db: &str, sender_node: i32, batch: &Batch) ->
         }
         other => other,
     };
+    let from = cursor;
     let Pass { tally, mut cursor, progress, applied, stopped } = match outcome {
         Ok(Ok(pass)) => pass,
         Ok(Err(PassEnd::Refused(why))) => {
@@ -976,7 +980,7 @@ pub fn apply_batch(me: i32, sender_db: &str, sender_node: i32, batch: &Batch) ->
             let why = format!("refused a batch from {sender_db}: {why}");
             pgrx::warning!("rbucardo: {why}");
             admit::record_refusal(sender_db, &why);
-            return Applied { cursor, txns: 0, stopped: Some(why) };
+            return Applied { from: cursor, cursor, txns: 0, stopped: Some(why) };
         }
         Ok(Err(PassEnd::NeedsCare)) => unreachable!("a careful pass handles every transaction"),
         Err(e) => e.rethrow(),
@@ -1007,5 +1011,5 @@ pub fn apply_batch(me: i32, sender_db: &str, sender_node: i32, batch: &Batch) ->
     if holds_part {
         parts::drop_passed(sender_node, cursor);
     }
-    Applied { cursor, txns: applied, stopped }
+    Applied { from, cursor, txns: applied, stopped }
 }

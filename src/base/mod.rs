@@ -4,6 +4,7 @@
 
 pub mod canonical;
 pub mod clock;
+pub mod durable;
 pub mod error;
 pub mod locks;
 pub mod node;

@@ -7,6 +7,7 @@
 //! rbucardo_peer (and superusers). The caller must log in as the role named after the peer it
 //! claims to be; what it may then do is this node's policy for that peer (src/apply/admit.rs).
 
+use pgrx::guc::{GucContext, GucFlags, GucRegistry, GucSetting};
 use pgrx::prelude::*;
 
 use crate::base::error::raise;
@@ -19,6 +20,24 @@ pub const BATCH_BYTES: usize = 8 << 20;
 /// A batch larger than this is refused unread (a transaction larger than BATCH_BYTES travels
 /// alone, up to this size).
 pub const MAX_BATCH_BYTES: usize = 512 << 20;
+
+/// `rbucardo.push_confirms_flushed`: set by a link session whose sender confirms what
+/// peer_push reports flushed (src/base/durable.rs) rather than what it applied. Its pushes
+/// then commit without waiting for the WAL flush. A sender of an older version does not set
+/// it, and gets durable commits.
+static PUSH_CONFIRMS_FLUSHED: GucSetting<bool> = GucSetting::<bool>::new(false);
+
+/// Registers the link sessions' setting; called from `_PG_init`.
+pub fn init() {
+    GucRegistry::define_bool_guc(
+        c"rbucardo.push_confirms_flushed",
+        c"Set by rbucardo's link sessions: the sender confirms only what peer_push reports flushed.",
+        c"Pushes in such a session commit without waiting for the WAL flush.",
+        &PUSH_CONFIRMS_FLUSHED,
+        GucContext::Userset,
+        GucFlags::default(),
+    );
+}
 
 /// The caller must be who it says it is: a superuser, or the login role named after the peer
 /// (each branch connects as its own role, member of rbucardo_peer).
@@ -141,16 +160,25 @@ fn peer_position(
     check_not_joining(peer_name);
     touch(peer_name);
     let (t, s) = plans::two::<i64, i64>("SELECT in_tick, in_seq FROM rbucardo.peer_state WHERE db = $1", &[pg_sys::TEXTOID], &[peer_name.into()]);
+    // The caller confirms this position: pushes that committed it may not be on disk yet.
+    crate::base::durable::flush_committed();
     let stopped = crate::apply::exceptions::stream_stopped(node).or_else(|| refused(peer_name));
     let (held, chunks) = crate::apply::parts::resume_point(node).unwrap_or((Position { tick: 0, seq: 0 }, 0));
     TableIterator::once((t.unwrap_or(0), s.unwrap_or(Position::START.seq), stopped, held.tick, held.seq, chunks as i32))
 }
 
 /// Applies a batch of the caller's stream here, atomically per transaction; returns the new
-/// position, and why the stream stopped short of the batch's end, if it did.
+/// position, why the stream stopped short of the batch's end (if it did), and the newest
+/// position known to be on disk here, which is what the caller may confirm: NULL when none
+/// is known yet. A session that did not set rbucardo.push_confirms_flushed gets a durable
+/// commit, and flushed = applied.
 #[pg_extern(volatile, security_definer)]
 #[search_path(pg_catalog, pg_temp)]
-fn peer_push(peer_name: &str, batch: &[u8]) -> TableIterator<'static, (name!(tick, i64), name!(seq, i64), name!(stopped, Option<String>))> {
+#[allow(clippy::type_complexity)]
+fn peer_push(
+    peer_name: &str,
+    batch: &[u8],
+) -> TableIterator<'static, (name!(tick, i64), name!(seq, i64), name!(stopped, Option<String>), name!(flushed_tick, Option<i64>), name!(flushed_seq, Option<i64>))> {
     let me = me_or_raise();
     let node = peer_node(peer_name);
     check_not_joining(peer_name);
@@ -161,6 +189,12 @@ fn peer_push(peer_name: &str, batch: &[u8]) -> TableIterator<'static, (name!(tic
     // (xact::replica_session says why and why only a superuser's).
     crate::base::xact::replica_session();
     let applied = crate::apply::apply_batch(me.id, peer_name, node, &batch);
+    let flushed = if PUSH_CONFIRMS_FLUSHED.get() {
+        crate::base::xact::set_local(c"synchronous_commit", c"off");
+        crate::base::durable::note_committed(node, applied.from)
+    } else {
+        Some(applied.cursor)
+    };
     // An applied batch has written last_contact already: most pushes write nothing here.
     plans::run(
         "UPDATE rbucardo.peer_state SET last_contact = now(), state = 'connected', last_error = NULL
@@ -169,7 +203,7 @@ fn peer_push(peer_name: &str, batch: &[u8]) -> TableIterator<'static, (name!(tic
         &[peer_name.into()],
         |_| (),
     );
-    TableIterator::once((applied.cursor.tick, applied.cursor.seq, applied.stopped))
+    TableIterator::once((applied.cursor.tick, applied.cursor.seq, applied.stopped, flushed.map(|p| p.tick), flushed.map(|p| p.seq)))
 }
 
 /// Schema exchange for validate_schema: stores the caller's table shape (when it sends one)

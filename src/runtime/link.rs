@@ -65,6 +65,10 @@ impl Link {
         // The peer's backend serving this link compiles nothing to machine code: its queries
         // run in milliseconds, JIT would cost 100-200 ms each (src/runtime/worker.rs).
         conn.execute("SET jit = off", CALL_TIMEOUT).map_err(|e| e.to_string())?;
+        // This node confirms what the peer reports flushed: the peer's pushes then commit
+        // without waiting for the disk (src/base/durable.rs). A peer of an older version may
+        // refuse the setting; it commits durably and reports no flushed position.
+        let _ = conn.execute("SET rbucardo.push_confirms_flushed = on", CALL_TIMEOUT);
         conn.execute("LISTEN rbucardo_changes", CALL_TIMEOUT).map_err(|e| e.to_string())?;
         Ok(Link { peer: peer.clone(), conn: Some(conn), peer_id: id, stopped: None, schema_sent: None, me_name: me.name.clone(), peer_has: None, report_next: None, pulled_at: None, notified: false })
     }
@@ -251,6 +255,13 @@ impl Link {
         in_txn(move || crate::api::cluster::store(&name, &theirs))?
     }
 
+    /// Asks the peer where it stands at the next push instead of trusting the last push's
+    /// answer: the peer then also confirms what it had not flushed yet (`wait_for_sync` waits
+    /// for confirmations).
+    pub fn distrust(&mut self) {
+        self.peer_has = None;
+    }
+
     /// Pushes this node's stream to the peer until it has everything; returns batches sent.
     /// While the peer applies one batch, the next is read from the change log, so catching up
     /// after an outage keeps both nodes busy.
@@ -309,7 +320,7 @@ impl Link {
                 let empty = batch.txns.is_empty();
                 let bytes = encode_batch(&batch);
                 self.conn()?
-                    .send("SELECT tick, seq, stopped FROM rbucardo.peer_push($1, $2)", &[Param::Text(&me.name), Param::Bytes(&bytes)], CALL_TIMEOUT)
+                    .send("SELECT * FROM rbucardo.peer_push($1, $2)", &[Param::Text(&me.name), Param::Bytes(&bytes)], CALL_TIMEOUT)
                     .map_err(|e| e.to_string())?;
                 drop(bytes);
                 // The peer ends at batch.upto unless it stops short; read on from there.
@@ -323,8 +334,16 @@ impl Link {
                 }));
                 let rows = self.conn()?.receive(CALL_TIMEOUT).map_err(|e| e.to_string())?;
                 let done = rows.first().and_then(|r| Some(Position { tick: r.i64(0)?, seq: r.i64(1)? })).ok_or("peer_push returned nothing")?;
-                let name = self.peer.name.clone();
-                in_txn(move || record_confirmed(&name, done))?;
+                // What the peer has on disk, which is all this node may trim; a peer of an
+                // older version reports nothing more than it applied, and applied durably.
+                let flushed = match rows.first() {
+                    Some(r) if r.len() >= 5 => r.i64(3).zip(r.i64(4)).map(|(tick, seq)| Position { tick, seq }),
+                    _ => Some(done),
+                };
+                if let Some(flushed) = flushed {
+                    let name = self.peer.name.clone();
+                    in_txn(move || record_confirmed(&name, flushed))?;
+                }
                 sent += 1;
                 if let Some(why) = rows.first().and_then(|r| r.text(2)) {
                     self.stopped = Some(format!("{} stopped applying this node's stream: {why}", self.peer.name));

@@ -300,6 +300,9 @@ fn exchange(link: &mut Link, me: &Me, expired: Option<String>, pull_all: bool) -
         pulled?;
         return Err(format!("{} must rejoin: {why}", link.peer.name));
     }
+    if pull_all {
+        link.distrust();
+    }
     let pushed = link.push(me);
     pulled?;
     pushed?;

@@ -109,6 +109,18 @@ max_wal_senders = 10
 port = $TPORT
 unix_socket_directories = '$DIR/tpl'
 CONF
+# SBS_STATEMENTS=1 loads pg_stat_statements (track = all) and prints each end's costliest
+# statements of the first live run (for development).
+if [ -n "${SBS_STATEMENTS:-}" ]; then
+    printf "shared_preload_libraries = '%s,pg_stat_statements%s'\npg_stat_statements.track = all\n" "$PRELOAD" "${SBS_EXPLAIN:+,auto_explain}" \
+        | as_pg tee -a "$DIR/tpl/postgresql.conf" >/dev/null
+fi
+# SBS_EXPLAIN=MS (with SBS_STATEMENTS) logs the plan of every statement slower than MS ms,
+# nested ones too, in the server logs (keep them with SBS_KEEPLOGS).
+if [ -n "${SBS_STATEMENTS:-}" ] && [ -n "${SBS_EXPLAIN:-}" ]; then
+    printf "auto_explain.log_min_duration = '%sms'\nauto_explain.log_nested_statements = on\n" "$SBS_EXPLAIN" \
+        | as_pg tee -a "$DIR/tpl/postgresql.conf" >/dev/null
+fi
 # Recent PostgreSQL 15 releases let only listed output plugins be used (pglogical's is not by default).
 if "$PG_BIN/postgres" --describe-config 2>/dev/null | grep '^output_plugin_libraries' >/dev/null; then
     echo "output_plugin_libraries = '$PLUGINS'" | as_pg tee -a "$DIR/tpl/postgresql.conf" >/dev/null
@@ -265,8 +277,18 @@ measure() { # SYSTEM
             perf record -a -g -F 999 -o "$SBS_PERF.$sys.live.data" >/dev/null 2>&1 &
             perf_pid=$!
         fi
+        if [ -n "${SBS_STATEMENTS:-}" ] && [ "$r" = 1 ]; then
+            for n in "$O" "$S"; do q "$n" -c "CREATE EXTENSION IF NOT EXISTS pg_stat_statements" -c "SELECT pg_stat_statements_reset()" >/dev/null; done
+        fi
         lives+=("$(run_pgbench "$O" -T "$SECS")")
         [ -n "$perf_pid" ] && { kill -INT "$perf_pid"; wait "$perf_pid" || true; }
+        if [ -n "${SBS_STATEMENTS:-}" ] && [ "$r" = 1 ]; then
+            for n in "$O" "$S"; do
+                echo "  costliest statements on port $n (first live run): ms, calls, rows, query"
+                q "$n" -c "SELECT round(total_exec_time)::int, calls, rows, left(regexp_replace(query, '\s+', ' ', 'g'), 150)
+                             FROM pg_stat_statements ORDER BY total_exec_time DESC LIMIT 15" | sed 's/^/    /'
+            done
+        fi
         t0=$(now)
         want=$(rows_after "$O" "$start")
         wait_rows "$S" "$start" "$want"

@@ -262,7 +262,8 @@ impl Link {
         self.peer_has = None;
     }
 
-    /// Pushes this node's stream to the peer until it has everything; returns batches sent.
+    /// Pushes this node's stream to the peer until it has everything; returns the
+    /// transactions sent.
     /// While the peer applies one batch, the next is read from the change log, so catching up
     /// after an outage keeps both nodes busy.
     pub fn push(&mut self, me: &Me) -> Result<i64, String> {
@@ -318,6 +319,14 @@ impl Link {
             let peer_id = self.peer_id;
             loop {
                 let empty = batch.txns.is_empty();
+                let txns = batch.txns.len() as i64;
+                // Only a batch cut short by its size (a backlog) is followed at once by the
+                // next, read while the peer applies this one. A batch that holds everything
+                // there was ends the push: what commits meanwhile goes with the next round,
+                // which the worker spaces out when rounds come full (worker.rs). Pushing it
+                // at once had a live stream sent three transactions at a time, and each
+                // push's fixed cost on both sides was most of what replication cost.
+                let backlog = !batch.complete;
                 let bytes = encode_batch(&batch);
                 self.conn()?
                     .send("SELECT * FROM rbucardo.peer_push($1, $2)", &[Param::Text(&me.name), Param::Bytes(&bytes)], CALL_TIMEOUT)
@@ -328,7 +337,7 @@ impl Link {
                 let name = self.peer.name.clone();
                 // After a part that more follow, the next part.
                 let held = batch.txns.last().and_then(|t| t.part.filter(|p| p.more).map(|p| (t.stream_pos, p.end)));
-                let next = (!empty).then(|| in_txn(move || {
+                let next = (!empty && backlog).then(|| in_txn(move || {
                     let newest = crate::log::changelog::ensure_tick();
                     crate::log::changelog::read_batch(me_id, upto, peer_id, BATCH_BYTES, &node::peer_policy(&name), held, newest)
                 }));
@@ -344,7 +353,7 @@ impl Link {
                     let name = self.peer.name.clone();
                     in_txn(move || record_confirmed(&name, flushed))?;
                 }
-                sent += 1;
+                sent += txns;
                 if let Some(why) = rows.first().and_then(|r| r.text(2)) {
                     self.stopped = Some(format!("{} stopped applying this node's stream: {why}", self.peer.name));
                     return Ok(sent);

@@ -21,6 +21,8 @@ const MAX_BACKOFF: Duration = Duration::from_secs(5);
 /// Longest sleep between rounds when nothing wakes the worker (peers without a way to notify
 /// us, configuration changes made in another database).
 const IDLE_NAP: Duration = Duration::from_secs(2);
+/// A round that pushes this many transactions to a peer finds its stream busy (`busy`).
+const BUSY_TXNS: i64 = 4;
 /// How often table shapes are traded with each outbound peer.
 const EXCHANGE_EVERY: Duration = Duration::from_secs(5);
 
@@ -75,6 +77,8 @@ pub struct Replicator {
     config: Option<Config>,
     last_exchange: Option<Instant>,
     complaint: Option<String>,
+    /// The most transactions the last round pushed to one peer (`busy`).
+    pushed_last_round: i64,
 }
 
 fn report(slot: &mut LinkSlot, name: &str, state: &str, error: Option<String>) {
@@ -124,6 +128,12 @@ impl Replicator {
         self.config.as_ref().map_or(1, |c| c.peers.iter().filter(|p| p.conninfo.is_none()).count())
     }
 
+    /// Whether the last round found a stream busy: it pushed at least `BUSY_TXNS` transactions
+    /// to one peer. The worker then spaces its rounds out (worker.rs).
+    pub fn busy(&self) -> bool {
+        self.pushed_last_round >= BUSY_TXNS
+    }
+
     /// One round over every active outbound peer. Returns how long the worker may sleep.
     pub fn round(&mut self, pull_all: bool) -> Duration {
         let (me, peers) = match self.config() {
@@ -140,6 +150,7 @@ impl Replicator {
         self.complaint = None;
         self.links.retain(|name, _| peers.iter().any(|p| &p.name == name && p.conninfo.is_some()));
         let mut nap = IDLE_NAP;
+        self.pushed_last_round = 0;
         let joining = self.config.as_ref().and_then(|c| c.joining.clone());
         for peer in peers.iter().filter(|p| p.conninfo.is_some()) {
             // While this node joins, only its provider is talked to, and only to copy.
@@ -199,13 +210,16 @@ impl Replicator {
             }
             let expired = self.config.as_ref().and_then(|c| c.expired.get(&peer.name).cloned());
             match exchange(link, &me, expired, pull_all) {
-                Ok(()) => match link.stopped.clone() {
+                Ok(pushed) => match link.stopped.clone() {
                     // A stopped stream is retried every few seconds (src/exceptions.rs).
                     Some(why) => {
                         nap = nap.min(Duration::from_secs(crate::apply::exceptions::DDL_RETRY_EVERY as u64));
                         report(slot, &peer.name, "stopped", Some(why));
                     }
-                    None => report(slot, &peer.name, "connected", None),
+                    None => {
+                        self.pushed_last_round = self.pushed_last_round.max(pushed);
+                        report(slot, &peer.name, "connected", None)
+                    }
                 },
                 Err(e) => {
                     let broken = link.conn.as_ref().is_none_or(|c| c.is_broken());
@@ -288,12 +302,13 @@ impl Slow {
 }
 
 /// One round with one peer; `expired` says why this node no longer sends it its stream.
-fn exchange(link: &mut Link, me: &Me, expired: Option<String>, pull_all: bool) -> Result<(), String> {
+/// Returns the transactions pushed.
+fn exchange(link: &mut Link, me: &Me, expired: Option<String>, pull_all: bool) -> Result<i64, String> {
     // Each direction goes on when the other fails: a peer that expired this node (it must
     // rejoin, see src/log/retention.rs) refuses the pull, but what this node made still goes.
     let pulled = if pull_all || link.pull_due() { link.pull(me) } else { Ok(0) };
     if link.conn.as_ref().is_none_or(|c| c.is_broken()) {
-        return pulled.map(|_| ());
+        return pulled.map(|_| 0);
     }
     // An expired peer gets nothing more from this node; what it made while away still came in.
     if let Some(why) = expired {
@@ -305,6 +320,5 @@ fn exchange(link: &mut Link, me: &Me, expired: Option<String>, pull_all: bool) -
     }
     let pushed = link.push(me);
     pulled?;
-    pushed?;
-    Ok(())
+    pushed
 }

@@ -22,6 +22,12 @@ use crate::base::xact::in_txn;
 /// anyway; a longer gap only adds to every change's lag (10 ms gave a median one-hop lag of
 /// 8 ms under pgbench -R 100).
 const MIN_ROUND_GAP: Duration = Duration::from_millis(1);
+/// Shortest time between two rounds after one that found a stream busy (it pushed several
+/// transactions, `Replicator::busy`): under a steady stream, a round per millisecond pushed
+/// three transactions at a time, and each push's fixed cost (a transaction and a dozen
+/// statements on each side) was most of what replication cost the application. Spaced out,
+/// a round carries several times more; a stream that is not busy is pushed at once.
+const BUSY_ROUND_GAP: Duration = Duration::from_millis(4);
 /// Shortest time between two rounds of a worker that has no active peer.
 const IDLE_ROUND_GAP: Duration = Duration::from_millis(10);
 /// How often a worker checks that the extension is still installed (DROP EXTENSION).
@@ -234,7 +240,13 @@ pub extern "C-unwind" fn rbucardo_worker_main(arg: pg_sys::Datum) {
         // Under a steady stream of commits, each waking us, one round per millisecond carries
         // them all: a round per commit would only burn the CPU the application needs. With
         // no peer to send them to (a paused sync), a commit has nothing for a round to do.
-        let gap = if replicator.has_peers() { MIN_ROUND_GAP } else { IDLE_ROUND_GAP };
+        let gap = if !replicator.has_peers() {
+            IDLE_ROUND_GAP
+        } else if replicator.busy() {
+            BUSY_ROUND_GAP
+        } else {
+            MIN_ROUND_GAP
+        };
         let since = last_round.elapsed();
         if since < gap {
             // SAFETY: a plain sleep; SIGTERM still sets the flag checked below.

@@ -20,23 +20,23 @@ pub struct Me {
 /// its identity if given the same name and id.
 pub fn fingerprint() -> String {
     thread_local! {
-        // The server's part cannot change while this backend lives; peer calls ask for it
-        // every time.
-        static SERVER: std::cell::OnceCell<String> = const { std::cell::OnceCell::new() };
+        // Read once per backend: peer calls ask for it every time (a copy of the server
+        // starts new backends, which read it anew).
+        static FINGERPRINT: std::cell::OnceCell<String> = const { std::cell::OnceCell::new() };
     }
-    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
-    let server = SERVER.with(|s| {
-        s.get_or_init(|| {
-            Spi::get_one::<String>(
+    FINGERPRINT.with(|f| {
+        f.get_or_init(|| {
+            let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+            let server = Spi::get_one::<String>(
                 "SELECT (SELECT system_identifier FROM pg_control_system())::text || ':' ||
                         current_setting('data_directory') || ':' || current_setting('port')",
             )
             .expect("reading the server fingerprint")
-            .unwrap_or_default()
+            .unwrap_or_default();
+            format!("{}:{server}", host.trim())
         })
         .clone()
-    });
-    format!("{}:{server}", host.trim())
+    })
 }
 
 /// This node's identity, or why it may not replicate: not initialised, or a physical copy of

@@ -170,8 +170,8 @@ fn peer_position(
 /// Applies a batch of the caller's stream here, atomically per transaction; returns the new
 /// position, why the stream stopped short of the batch's end (if it did), and the newest
 /// position known to be on disk here, which is what the caller may confirm: NULL when none
-/// is known yet. A session that did not set rbucardo.push_confirms_flushed gets a durable
-/// commit, and flushed = applied.
+/// is known yet. A batch with a part of a large transaction, or one pushed in a session that
+/// did not set rbucardo.push_confirms_flushed, gets a durable commit, and flushed = applied.
 #[pg_extern(volatile, security_definer)]
 #[search_path(pg_catalog, pg_temp)]
 #[allow(clippy::type_complexity)]
@@ -189,7 +189,11 @@ fn peer_push(
     // (xact::replica_session says why and why only a superuser's).
     crate::base::xact::replica_session();
     let applied = crate::apply::apply_batch(me.id, peer_name, node, &batch);
-    let flushed = if PUSH_CONFIRMS_FLUSHED.get() {
+    // A batch that brings a part of a large transaction commits durably: every part kept
+    // here survives a crash, so the sender goes on from all it sent; a part is megabytes, so
+    // its flush costs little.
+    let holds_part = batch.txns.iter().any(|t| t.part.is_some());
+    let flushed = if PUSH_CONFIRMS_FLUSHED.get() && !holds_part {
         crate::base::xact::set_local(c"synchronous_commit", c"off");
         crate::base::durable::note_committed(node, applied.from)
     } else {

@@ -46,7 +46,6 @@ pub extern "C-unwind" fn _PG_init() {
     schema::ddl::init();
     log::retention::init();
     apply::parts::init();
-    runtime::endpoints::init();
     runtime::housekeeper::init();
     runtime::replicator::init();
     runtime::worker::init();

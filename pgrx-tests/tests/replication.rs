@@ -892,26 +892,50 @@ fn position(node: &rbucardo_cluster_tests::Node, sql: &str) -> (i64, i64) {
 /// branch1 inserted must reach main.
 #[test]
 fn t14_a_receiver_crash_takes_back_nothing_its_sender_was_told() {
-    let cluster = start_store_with("t14_crash_unflushed", Topology::Star, "wal_writer_delay = '10s'");
+    crash_after_push("t14_crash_unflushed", Topology::Star);
+}
+
+/// The same in a mesh, where main also pulls branch1's stream: its fetch confirms where main
+/// stands in that stream, which branch1's unflushed pushes moved (the fetch flushes first).
+/// Each round waits until branch1 was told main has the new user (a fetch tells it within a
+/// pull interval) before main crashes. This checks that the mesh loses nothing through such
+/// crashes; it rarely sees the flush missing, since main's worker cuts a tick (a durable
+/// commit) a few milliseconds after the fetch, in the same round.
+#[test]
+fn t14b_in_a_mesh_a_fetch_confirms_only_what_is_on_disk() {
+    crash_after_push("t14b_crash_mesh", Topology::Mesh);
+}
+
+fn crash_after_push(name: &str, topology: Topology) {
+    let cluster = start_store_with(name, topology, "wal_writer_delay = '10s'");
     let (main, branch1) = (cluster.node(MAIN), cluster.node(BRANCH1));
-    main.sql(
-        DB,
-        "SELECT rbucardo.remove_sync('store_sync');
-         SELECT rbucardo.add_sync('store_sync', 'store', ARRAY['main', 'branch1']);
-         SELECT rbucardo.remove_db('branch2');",
-    );
-    cluster.node(BRANCH2).sql(DB, "SELECT rbucardo.remove_sync('store_sync'); SELECT rbucardo.remove_db('main');");
+    let pair = "SELECT rbucardo.remove_sync('store_sync');
+                SELECT rbucardo.add_sync('store_sync', 'store', ARRAY['main', 'branch1']);
+                SELECT rbucardo.remove_db('branch2');";
+    main.sql(DB, pair);
+    let branch2 = cluster.node(BRANCH2);
+    branch2.sql(DB, "SELECT rbucardo.remove_sync('store_sync'); SELECT rbucardo.remove_db('main');");
+    if topology == Topology::Mesh {
+        branch1.sql(DB, pair);
+        branch2.sql(DB, "SELECT rbucardo.remove_db('branch1');");
+    }
     let b = base(BRANCH1);
     let rounds = 4;
+    let told_sql = "SELECT out_tick, out_seq FROM rbucardo.peer_state WHERE db = 'main'";
+    let has_sql = "SELECT in_tick, in_seq FROM rbucardo.peer_state WHERE db = 'branch1'";
     for round in 1..=rounds {
         branch1.sql(DB, &format!("INSERT INTO users VALUES ({b} + {round}, 'crash_{round}', 'before crash {round}')"));
         wait_until(&format!("branch1's user {round} on main"), CONVERGE, || {
             Ok(main.query_one(DB, &format!("SELECT count(*) FROM users WHERE id = {b} + {round}")).as_deref() == Some("1"))
         });
+        if topology == Topology::Mesh {
+            let applied = position(main, has_sql);
+            wait_until(&format!("branch1 told main has user {round}"), CONVERGE, || Ok(position(branch1, told_sql) >= applied));
+        }
         main.kill9();
-        let told = position(branch1, "SELECT out_tick, out_seq FROM rbucardo.peer_state WHERE db = 'main'");
+        let told = position(branch1, told_sql);
         main.start();
-        let has = position(main, "SELECT in_tick, in_seq FROM rbucardo.peer_state WHERE db = 'branch1'");
+        let has = position(main, has_sql);
         assert!(
             told <= has,
             "round {round}: branch1 was told main has its stream up to {told:?}, but after the crash main has it only up to {has:?}: \
@@ -923,4 +947,25 @@ fn t14_a_receiver_crash_takes_back_nothing_its_sender_was_told() {
         if n == rounds.to_string() { Ok(true) } else { Err(format!("{n} of {rounds}; {}", diagnostics(&cluster))) }
     });
     cluster.assert_tables_equal(DB, "users", "id", &[MAIN, BRANCH1]);
+}
+
+/// A peer whose catalog has no peer_push_flushed (rbucardo 0.1, or a new library before
+/// ALTER EXTENSION UPDATE) is pushed to with peer_push, which commits durably: the stream
+/// goes on, and what main was told it has is confirmed.
+#[test]
+fn t15_a_peer_without_the_flushed_push_still_gets_the_stream() {
+    let cluster = start_store("t15_old_push", Topology::Star);
+    let (main, branch1) = (cluster.node(MAIN), cluster.node(BRANCH1));
+    main.sql(DB, "ALTER EXTENSION rbucardo DROP FUNCTION rbucardo.peer_push_flushed(text, bytea);
+                  DROP FUNCTION rbucardo.peer_push_flushed(text, bytea);");
+    let b = base(BRANCH1);
+    branch1.sql(DB, &format!("INSERT INTO users SELECT {b} + i, 'old_' || i, 'pushed with peer_push' FROM generate_series(1, 20) i"));
+    wait_until("branch1's users on main", CONVERGE, || {
+        let n = main.query_one(DB, &format!("SELECT count(*) FROM users WHERE id BETWEEN {b} + 1 AND {b} + 20")).unwrap_or_default();
+        if n == "20" { Ok(true) } else { Err(format!("{n} of 20; {}", diagnostics(&cluster))) }
+    });
+    wait_until("main's confirmation of branch1's stream", CONVERGE, || {
+        Ok(branch1.query_one(DB, "SELECT pending_out FROM rbucardo.status WHERE db = 'main'").as_deref() == Some("0"))
+    });
+    converge(&cluster, &expected(&[("users", 20)]), CONVERGE);
 }

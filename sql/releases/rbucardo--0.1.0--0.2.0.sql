@@ -559,10 +559,9 @@ GRANT EXECUTE ON FUNCTION rbucardo.peer_diff_digest(text, text, text, text[], te
 ALTER TABLE rbucardo.change_log SET (autovacuum_vacuum_scale_factor = 0.01, vacuum_truncate = false);
 ALTER TABLE rbucardo.tick SET (vacuum_truncate = false);
 
--- peer_push also reports the newest position on disk (src/base/durable.rs): a sender that
--- sets rbucardo.push_confirms_flushed confirms that, and its pushes commit without waiting.
-DROP FUNCTION rbucardo.peer_push(text, bytea);
-CREATE FUNCTION rbucardo."peer_push"(
+-- A push that commits without waiting for the WAL flush and reports what is on disk
+-- (src/base/durable.rs); peer_push keeps its durable commit for senders of 0.1.
+CREATE FUNCTION rbucardo."peer_push_flushed"(
 	"peer_name" TEXT, /* & str */
 	"batch" bytea /* & [u8] */
 ) RETURNS TABLE (
@@ -575,6 +574,6 @@ CREATE FUNCTION rbucardo."peer_push"(
 STRICT VOLATILE SECURITY DEFINER
 SET search_path TO pg_catalog, pg_temp
 LANGUAGE c /* Rust */
-AS 'MODULE_PATHNAME', 'peer_push_wrapper';
-REVOKE ALL ON FUNCTION rbucardo.peer_push(text, bytea) FROM PUBLIC;
-GRANT EXECUTE ON FUNCTION rbucardo.peer_push(text, bytea) TO rbucardo_peer;
+AS 'MODULE_PATHNAME', 'peer_push_flushed_wrapper';
+REVOKE ALL ON FUNCTION rbucardo.peer_push_flushed(text, bytea) FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION rbucardo.peer_push_flushed(text, bytea) TO rbucardo_peer;

@@ -31,9 +31,10 @@ thread_local! {
 /// transaction, or under a lock its writer released at commit), and returns the newest noted
 /// position of that stream whose commit is now on disk, if any was noted since the last call.
 pub fn note_committed(stream: i32, committed: Position) -> Option<Position> {
-    // SAFETY: reads shared WAL positions under their spinlock; the caller is in a transaction
-    // on a primary (apply refuses to run elsewhere).
-    let (insert, flushed) = unsafe { (pg_sys::GetXLogInsertRecPtr(), pg_sys::GetFlushRecPtr(std::ptr::null_mut())) };
+    let insert = inserted();
+    // SAFETY: reads the shared flush position under its spinlock; the caller is in a
+    // transaction on a primary (apply refuses to run elsewhere).
+    let flushed = unsafe { pg_sys::GetFlushRecPtr(std::ptr::null_mut()) };
     NOTED.with_borrow_mut(|noted| {
         let queue = match noted.iter().position(|(s, _)| *s == stream) {
             Some(i) => &mut noted[i].1,
@@ -42,6 +43,11 @@ pub fn note_committed(stream: i32, committed: Position) -> Option<Position> {
                 &mut noted.last_mut().unwrap().1
             }
         };
+        // A cursor that went back (the peer was removed and added again) makes what was
+        // noted before meaningless.
+        if queue.back().is_some_and(|(p, _)| *p > committed) {
+            queue.clear();
+        }
         if queue.back().is_none_or(|(p, _)| *p < committed) {
             queue.push_back((committed, insert));
         }
@@ -64,11 +70,30 @@ pub fn note_committed(stream: i32, committed: Position) -> Option<Position> {
 /// answer that tells a peer what this node has, read in a snapshot taken before the call.
 /// Costs nothing when the WAL is flushed already.
 pub fn flush_committed() {
-    // SAFETY: XLogFlush up to the current insert position, the flush a synchronous commit
-    // does; during recovery it only moves the minimum recovery point.
+    // SAFETY: XLogFlush up to WAL already inserted, the flush a synchronous commit does.
     unsafe {
         if !pg_sys::RecoveryInProgress() {
-            pg_sys::XLogFlush(pg_sys::GetXLogInsertRecPtr());
+            pg_sys::XLogFlush(inserted());
         }
+    }
+}
+
+/// The end of the WAL inserted so far, as a position a flush can reach. The insert position
+/// points past the header of the page that the next record starts on; when nothing is on
+/// that page yet, a flush up to it asks for WAL not generated, which XLogFlush refuses with
+/// an ERROR. Such a position is moved back to the page's start.
+fn inserted() -> u64 {
+    // SAFETY: reads the shared insert position under its spinlock, and plain globals.
+    let (lsn, segment) = unsafe { (pg_sys::GetXLogInsertRecPtr(), pg_sys::wal_segment_size as u64) };
+    let block = pg_sys::XLOG_BLCKSZ as u64;
+    let maxalign = |n: usize| (n as u64).div_ceil(8) * 8;
+    let short = maxalign(std::mem::size_of::<pg_sys::XLogPageHeaderData>());
+    let long = maxalign(std::mem::size_of::<pg_sys::XLogLongPageHeaderData>());
+    if segment > 0 && lsn % segment == long {
+        lsn - long
+    } else if lsn % block == short {
+        lsn - short
+    } else {
+        lsn
     }
 }

@@ -20,23 +20,37 @@ pub struct Me {
 /// its identity if given the same name and id.
 pub fn fingerprint() -> String {
     thread_local! {
-        // Read once per backend: peer calls ask for it every time (a copy of the server
-        // starts new backends, which read it anew).
-        static FINGERPRINT: std::cell::OnceCell<String> = const { std::cell::OnceCell::new() };
+        // The server's part cannot change while this backend lives; peer calls ask for it
+        // every time.
+        static SERVER: std::cell::OnceCell<String> = const { std::cell::OnceCell::new() };
     }
-    FINGERPRINT.with(|f| {
-        f.get_or_init(|| {
-            let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
-            let server = Spi::get_one::<String>(
+    let server = SERVER.with(|s| {
+        s.get_or_init(|| {
+            Spi::get_one::<String>(
                 "SELECT (SELECT system_identifier FROM pg_control_system())::text || ':' ||
                         current_setting('data_directory') || ':' || current_setting('port')",
             )
             .expect("reading the server fingerprint")
-            .unwrap_or_default();
-            format!("{}:{server}", host.trim())
+            .unwrap_or_default()
         })
         .clone()
-    })
+    });
+    format!("{}:{server}", host_name())
+}
+
+/// The host name, asked anew every time (a running machine cloned with its memory gets a new
+/// one): one system call, where reading /proc/sys/kernel/hostname opened a file per peer call.
+fn host_name() -> String {
+    unsafe extern "C" {
+        fn gethostname(name: *mut std::ffi::c_char, len: usize) -> std::ffi::c_int;
+    }
+    let mut buf = [0u8; 256];
+    // SAFETY: gethostname writes at most len bytes into buf.
+    if unsafe { gethostname(buf.as_mut_ptr().cast(), buf.len() - 1) } != 0 {
+        return String::new();
+    }
+    let end = buf.iter().position(|&b| b == 0).unwrap_or(buf.len());
+    String::from_utf8_lossy(&buf[..end]).trim().to_string()
 }
 
 /// This node's identity, or why it may not replicate: not initialised, or a physical copy of

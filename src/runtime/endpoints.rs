@@ -7,7 +7,6 @@
 //! rbucardo_peer (and superusers). The caller must log in as the role named after the peer it
 //! claims to be; what it may then do is this node's policy for that peer (src/apply/admit.rs).
 
-use pgrx::guc::{GucContext, GucFlags, GucRegistry, GucSetting};
 use pgrx::prelude::*;
 
 use crate::base::error::raise;
@@ -20,24 +19,6 @@ pub const BATCH_BYTES: usize = 8 << 20;
 /// A batch larger than this is refused unread (a transaction larger than BATCH_BYTES travels
 /// alone, up to this size).
 pub const MAX_BATCH_BYTES: usize = 512 << 20;
-
-/// `rbucardo.push_confirms_flushed`: set by a link session whose sender confirms what
-/// peer_push reports flushed (src/base/durable.rs) rather than what it applied. Its pushes
-/// then commit without waiting for the WAL flush. A sender of an older version does not set
-/// it, and gets durable commits.
-static PUSH_CONFIRMS_FLUSHED: GucSetting<bool> = GucSetting::<bool>::new(false);
-
-/// Registers the link sessions' setting; called from `_PG_init`.
-pub fn init() {
-    GucRegistry::define_bool_guc(
-        c"rbucardo.push_confirms_flushed",
-        c"Set by rbucardo's link sessions: the sender confirms only what peer_push reports flushed.",
-        c"Pushes in such a session commit without waiting for the WAL flush.",
-        &PUSH_CONFIRMS_FLUSHED,
-        GucContext::Userset,
-        GucFlags::default(),
-    );
-}
 
 /// The caller must be who it says it is: a superuser, or the login role named after the peer
 /// (each branch connects as its own role, member of rbucardo_peer).
@@ -167,18 +148,34 @@ fn peer_position(
     TableIterator::once((t.unwrap_or(0), s.unwrap_or(Position::START.seq), stopped, held.tick, held.seq, chunks as i32))
 }
 
-/// Applies a batch of the caller's stream here, atomically per transaction; returns the new
-/// position, why the stream stopped short of the batch's end (if it did), and the newest
-/// position known to be on disk here, which is what the caller may confirm: NULL when none
-/// is known yet. A batch with a part of a large transaction, or one pushed in a session that
-/// did not set rbucardo.push_confirms_flushed, gets a durable commit, and flushed = applied.
+/// Applies a batch of the caller's stream here, atomically per transaction, with a durable
+/// commit; returns the new position, and why the stream stopped short of the batch's end, if
+/// it did. (What senders of rbucardo 0.1 call; newer ones call `peer_push_flushed`.)
+#[pg_extern(volatile, security_definer)]
+#[search_path(pg_catalog, pg_temp)]
+fn peer_push(peer_name: &str, batch: &[u8]) -> TableIterator<'static, (name!(tick, i64), name!(seq, i64), name!(stopped, Option<String>))> {
+    let (applied, _) = push(peer_name, batch, false);
+    TableIterator::once((applied.cursor.tick, applied.cursor.seq, applied.stopped))
+}
+
+/// `peer_push`, committed without waiting for the WAL flush (src/base/durable.rs), and also
+/// returning the newest position of the stream known to be on disk here: all the caller may
+/// confirm (NULL: none known yet). A batch with a part of a large transaction, or one pushed
+/// inside an explicit transaction block, is committed durably all the same.
 #[pg_extern(volatile, security_definer)]
 #[search_path(pg_catalog, pg_temp)]
 #[allow(clippy::type_complexity)]
-fn peer_push(
+fn peer_push_flushed(
     peer_name: &str,
     batch: &[u8],
 ) -> TableIterator<'static, (name!(tick, i64), name!(seq, i64), name!(stopped, Option<String>), name!(flushed_tick, Option<i64>), name!(flushed_seq, Option<i64>))> {
+    let (applied, flushed) = push(peer_name, batch, true);
+    TableIterator::once((applied.cursor.tick, applied.cursor.seq, applied.stopped, flushed.map(|p| p.tick), flushed.map(|p| p.seq)))
+}
+
+/// Applies a pushed batch; with `report_flushed`, lets it commit without waiting for the disk
+/// and returns what is known to be on disk.
+fn push(peer_name: &str, batch: &[u8], report_flushed: bool) -> (crate::apply::Applied, Option<Position>) {
     let me = me_or_raise();
     let node = peer_node(peer_name);
     check_not_joining(peer_name);
@@ -191,11 +188,16 @@ fn peer_push(
     let applied = crate::apply::apply_batch(me.id, peer_name, node, &batch);
     // A batch that brings a part of a large transaction commits durably: every part kept
     // here survives a crash, so the sender goes on from all it sent; a part is megabytes, so
-    // its flush costs little.
+    // its flush costs little. Inside a transaction block the commit is the caller's, later:
+    // nothing is noted, nothing confirmed.
+    // SAFETY: reads the backend's transaction state.
+    let in_block = unsafe { pg_sys::IsTransactionBlock() };
     let holds_part = batch.txns.iter().any(|t| t.part.is_some());
-    let flushed = if PUSH_CONFIRMS_FLUSHED.get() && !holds_part {
+    let flushed = if report_flushed && !holds_part && !in_block {
         crate::base::xact::set_local(c"synchronous_commit", c"off");
         crate::base::durable::note_committed(node, applied.from)
+    } else if in_block {
+        None
     } else {
         Some(applied.cursor)
     };
@@ -207,7 +209,7 @@ fn peer_push(
         &[peer_name.into()],
         |_| (),
     );
-    TableIterator::once((applied.cursor.tick, applied.cursor.seq, applied.stopped, flushed.map(|p| p.tick), flushed.map(|p| p.seq)))
+    (applied, flushed)
 }
 
 /// Schema exchange for validate_schema: stores the caller's table shape (when it sends one)
@@ -363,20 +365,20 @@ pub fn record_confirmed(peer_name: &str, pos: Position) {
 
 pgrx::extension_sql!(
     "REVOKE ALL ON FUNCTION rbucardo.peer_hello(text, integer), rbucardo.peer_fetch(text, bigint, bigint, integer, bigint, bigint, integer),
-                            rbucardo.peer_position(text), rbucardo.peer_push(text, bytea),
+                            rbucardo.peer_position(text), rbucardo.peer_push(text, bytea), rbucardo.peer_push_flushed(text, bytea),
                             rbucardo.peer_schema(text, jsonb, text), rbucardo.peer_report(text, text),
                             rbucardo.peer_join_describe(text), rbucardo.peer_join_start(text), rbucardo.peer_copy_view(text, text, text, text[]),
                             rbucardo.peer_join_end(text, text),
                             rbucardo.peer_diff_digest(text, text, text, text[], text[], integer),
                             rbucardo.peer_diff_rows(text, text, text, text[], text[], integer, integer[]) FROM PUBLIC;
      GRANT EXECUTE ON FUNCTION rbucardo.peer_hello(text, integer), rbucardo.peer_fetch(text, bigint, bigint, integer, bigint, bigint, integer),
-                            rbucardo.peer_position(text), rbucardo.peer_push(text, bytea),
+                            rbucardo.peer_position(text), rbucardo.peer_push(text, bytea), rbucardo.peer_push_flushed(text, bytea),
                             rbucardo.peer_schema(text, jsonb, text), rbucardo.peer_report(text, text),
                             rbucardo.peer_join_describe(text), rbucardo.peer_join_start(text), rbucardo.peer_copy_view(text, text, text, text[]),
                             rbucardo.peer_join_end(text, text),
                             rbucardo.peer_diff_digest(text, text, text, text[], text[], integer),
                             rbucardo.peer_diff_rows(text, text, text, text[], text[], integer, integer[]) TO rbucardo_peer;",
     name = "peer_grants",
-    requires = [peer_hello, peer_fetch, peer_position, peer_push, peer_schema, peer_report, peer_join_describe, peer_join_start, peer_copy_view, peer_join_end, peer_diff_digest, peer_diff_rows]
+    requires = [peer_hello, peer_fetch, peer_position, peer_push, peer_push_flushed, peer_schema, peer_report, peer_join_describe, peer_join_start, peer_copy_view, peer_join_end, peer_diff_digest, peer_diff_rows]
 );
 

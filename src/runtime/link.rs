@@ -20,6 +20,9 @@ const REPORT_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long the peer's position in this node's stream, as learned from the last push, is
 /// trusted without asking again (see `push`).
 const POSITION_TRUSTED: Duration = Duration::from_secs(1);
+/// How long after a push that left part of what it applied unconfirmed (not yet on the
+/// peer's disk) the link asks the peer where it stands, if nothing else was pushed meanwhile.
+const CONFIRM_AFTER: Duration = Duration::from_millis(300);
 /// A peer that sent no notification is pulled at least this often (`Link::pull_due`).
 const PULL_AT_LEAST_EVERY: Duration = Duration::from_secs(2);
 
@@ -37,6 +40,13 @@ pub struct Link {
     /// Where the peer stood in this node's stream after the last push that ended cleanly (no
     /// error, no stop, no part in flight), and when.
     peer_has: Option<(Position, Instant)>,
+    /// The peer applied more of this node's stream than it reported on disk: the next round
+    /// after `CONFIRM_AFTER` asks it where it stands, which confirms the rest.
+    unconfirmed: bool,
+    /// Whether the peer has `peer_push_flushed` (rbucardo 0.2 on; else `peer_push`).
+    push_flushed: bool,
+    /// The position this node last confirmed by fetching the peer's stream (`pull_to_end`).
+    fetch_confirmed: Option<Position>,
     /// When state reports are next traded with the peer.
     report_next: Option<Instant>,
     /// When this node last pulled the peer's stream to its end, cleanly (`pull_due`).
@@ -65,12 +75,22 @@ impl Link {
         // The peer's backend serving this link compiles nothing to machine code: its queries
         // run in milliseconds, JIT would cost 100-200 ms each (src/runtime/worker.rs).
         conn.execute("SET jit = off", CALL_TIMEOUT).map_err(|e| e.to_string())?;
-        // This node confirms what the peer reports flushed: the peer's pushes then commit
-        // without waiting for the disk (src/base/durable.rs). A peer of an older version may
-        // refuse the setting; it commits durably and reports no flushed position.
-        let _ = conn.execute("SET rbucardo.push_confirms_flushed = on", CALL_TIMEOUT);
         conn.execute("LISTEN rbucardo_changes", CALL_TIMEOUT).map_err(|e| e.to_string())?;
-        Ok(Link { peer: peer.clone(), conn: Some(conn), peer_id: id, stopped: None, schema_sent: None, me_name: me.name.clone(), peer_has: None, report_next: None, pulled_at: None, notified: false })
+        Ok(Link {
+            peer: peer.clone(),
+            conn: Some(conn),
+            peer_id: id,
+            stopped: None,
+            schema_sent: None,
+            me_name: me.name.clone(),
+            peer_has: None,
+            unconfirmed: false,
+            push_flushed: true,
+            fetch_confirmed: None,
+            report_next: None,
+            pulled_at: None,
+            notified: false,
+        })
     }
 
     fn conn(&mut self) -> Result<&mut PeerConn, String> {
@@ -125,10 +145,18 @@ impl Link {
         let mut total = 0;
         loop {
             let (name, peer_id) = (self.peer.name.clone(), self.peer_id);
+            let confirmed = self.fetch_confirmed;
             let (after, stopped, held) = in_txn(move || {
                 let (t, s) = plans::two::<i64, i64>("SELECT in_tick, in_seq FROM rbucardo.peer_state WHERE db = $1", &[pg_sys::TEXTOID], &[name.as_str().into()]);
                 let held = crate::apply::parts::resume_point(peer_id).unwrap_or((Position { tick: 0, seq: 0 }, 0));
-                (Position { tick: t.unwrap_or(0), seq: s.unwrap_or(Position::START.seq) }, crate::apply::exceptions::stream_stopped(peer_id), held)
+                let after = Position { tick: t.unwrap_or(0), seq: s.unwrap_or(Position::START.seq) };
+                // The fetch confirms `after`, and the peer trims what it confirms. A pull's
+                // own apply commits durably, but in a mesh the peer also pushes this stream,
+                // and a push's commit may not be on disk yet.
+                if confirmed != Some(after) {
+                    crate::base::durable::flush_committed();
+                }
+                (after, crate::apply::exceptions::stream_stopped(peer_id), held)
             })?;
             if stopped.is_some() {
                 self.stopped = stopped;
@@ -150,6 +178,7 @@ impl Link {
                     CALL_TIMEOUT,
                 )
                 .map_err(|e| e.to_string())?;
+            self.fetch_confirmed = Some(after);
             let bytes = rows.first().and_then(|r| r.bytes(0)).ok_or("peer_fetch returned nothing")?;
             let batch = decode_batch(bytes, MAX_BATCH_BYTES).map_err(|e| format!("refused a batch from {}: {e}", self.peer.name))?;
             if batch.txns.is_empty() && batch.upto == after {
@@ -188,6 +217,8 @@ impl Link {
             .and_then(|r| Some((Position { tick: r.i64(3)?, seq: r.i64(4)? }, r.i64(5)?)))
             .filter(|(_, n)| *n > 0)
             .map(|(p, n)| (p, n as u32));
+        // peer_position answers with what is on disk there.
+        self.unconfirmed = false;
         let (me_id, name, peer_id) = (me.id, self.peer.name.clone(), self.peer_id);
         if let Some(why) = rows.first().and_then(|r| r.text(2)) {
             in_txn(move || record_confirmed(&name, pos))?;
@@ -276,7 +307,8 @@ impl Link {
         // costs nothing: the peer skips what it has, and refuses a batch that starts past its
         // cursor, after which the next round asks.
         let mut trusted = None;
-        if let Some((pos, at)) = self.peer_has.take().filter(|(_, at)| at.elapsed() < POSITION_TRUSTED) {
+        let trusted_for = if self.unconfirmed { CONFIRM_AFTER } else { POSITION_TRUSTED };
+        if let Some((pos, at)) = self.peer_has.take().filter(|(_, at)| at.elapsed() < trusted_for) {
             let (me_id, peer_id, name) = (me.id, self.peer_id, self.peer.name.clone());
             let batch = in_txn(move || {
                 // In a mesh the peer also pulls this stream: start from what it confirmed by
@@ -328,9 +360,22 @@ impl Link {
                 // push's fixed cost on both sides was most of what replication cost.
                 let backlog = !batch.complete;
                 let bytes = encode_batch(&batch);
-                self.conn()?
-                    .send("SELECT * FROM rbucardo.peer_push($1, $2)", &[Param::Text(&me.name), Param::Bytes(&bytes)], CALL_TIMEOUT)
-                    .map_err(|e| e.to_string())?;
+                let flushed_push = self.push_flushed;
+                let sql = if flushed_push {
+                    "SELECT tick, seq, stopped, flushed_tick, flushed_seq FROM rbucardo.peer_push_flushed($1, $2)"
+                } else {
+                    "SELECT tick, seq, stopped FROM rbucardo.peer_push($1, $2)"
+                };
+                match self.conn()?.send(sql, &[Param::Text(&me.name), Param::Bytes(&bytes)], CALL_TIMEOUT) {
+                    Ok(()) => {}
+                    // A peer of rbucardo 0.1 (or one whose extension is not updated yet) has
+                    // only peer_push, which commits durably: push with that from now on.
+                    Err(e) if flushed_push && e.to_string().contains("(SQLSTATE 42883)") => {
+                        self.push_flushed = false;
+                        continue 'from_the_peer;
+                    }
+                    Err(e) => return Err(e.to_string()),
+                }
                 drop(bytes);
                 // The peer ends at batch.upto unless it stops short; read on from there.
                 let upto = batch.upto;
@@ -341,14 +386,19 @@ impl Link {
                     let newest = crate::log::changelog::ensure_tick();
                     crate::log::changelog::read_batch(me_id, upto, peer_id, BATCH_BYTES, &node::peer_policy(&name), held, newest)
                 }));
-                let rows = self.conn()?.receive(CALL_TIMEOUT).map_err(|e| e.to_string())?;
-                let done = rows.first().and_then(|r| Some(Position { tick: r.i64(0)?, seq: r.i64(1)? })).ok_or("peer_push returned nothing")?;
-                // What the peer has on disk, which is all this node may trim; a peer of an
-                // older version reports nothing more than it applied, and applied durably.
-                let flushed = match rows.first() {
-                    Some(r) if r.len() >= 5 => r.i64(3).zip(r.i64(4)).map(|(tick, seq)| Position { tick, seq }),
-                    _ => Some(done),
+                let rows = match self.conn()?.receive(CALL_TIMEOUT) {
+                    Ok(rows) => rows,
+                    Err(e) if flushed_push && e.to_string().contains("(SQLSTATE 42883)") => {
+                        self.push_flushed = false;
+                        continue 'from_the_peer;
+                    }
+                    Err(e) => return Err(e.to_string()),
                 };
+                let done = rows.first().and_then(|r| Some(Position { tick: r.i64(0)?, seq: r.i64(1)? })).ok_or("peer_push returned nothing")?;
+                // What the peer has on disk, which is all this node may trim: peer_push's
+                // answer is on disk (it commits durably before the answer is complete).
+                let flushed = if flushed_push { rows.first().and_then(|r| Some(Position { tick: r.i64(3)?, seq: r.i64(4)? })) } else { Some(done) };
+                self.unconfirmed = flushed != Some(done);
                 if let Some(flushed) = flushed {
                     let name = self.peer.name.clone();
                     in_txn(move || record_confirmed(&name, flushed))?;

@@ -21,8 +21,12 @@ const MAX_BACKOFF: Duration = Duration::from_secs(5);
 /// Longest sleep between rounds when nothing wakes the worker (peers without a way to notify
 /// us, configuration changes made in another database).
 const IDLE_NAP: Duration = Duration::from_secs(2);
-/// A round that pushes this many transactions to a peer finds its stream busy (`busy`).
-const BUSY_TXNS: i64 = 4;
+/// A stream is busy (`Replicator::busy`) while this node pushes at least this many
+/// transactions per second to one peer, measured over `PACE_WINDOW`. A rate, not a round's
+/// count: a steady 200/s with a hiccup brings one round many transactions, and spacing rounds
+/// then only adds to the lag of what follows.
+const BUSY_RATE: f64 = 1000.0;
+const PACE_WINDOW: Duration = Duration::from_millis(50);
 /// How often table shapes are traded with each outbound peer.
 const EXCHANGE_EVERY: Duration = Duration::from_secs(5);
 
@@ -77,8 +81,10 @@ pub struct Replicator {
     config: Option<Config>,
     last_exchange: Option<Instant>,
     complaint: Option<String>,
-    /// The most transactions the last round pushed to one peer (`busy`).
-    pushed_last_round: i64,
+    /// Transactions pushed to one peer (the most of any) in the rounds since `pace_since`.
+    pushed_in_window: i64,
+    pace_since: Option<Instant>,
+    busy: bool,
 }
 
 fn report(slot: &mut LinkSlot, name: &str, state: &str, error: Option<String>) {
@@ -128,10 +134,23 @@ impl Replicator {
         self.config.as_ref().map_or(1, |c| c.peers.iter().filter(|p| p.conninfo.is_none()).count())
     }
 
-    /// Whether the last round found a stream busy: it pushed at least `BUSY_TXNS` transactions
-    /// to one peer. The worker then spaces its rounds out (worker.rs).
+    /// Whether a stream is busy: this node pushed at least `BUSY_RATE` transactions per
+    /// second to one peer in the last full `PACE_WINDOW`. The worker then spaces its rounds
+    /// out (worker.rs). A stream that went quiet (no round for two windows) is not.
     pub fn busy(&self) -> bool {
-        self.pushed_last_round >= BUSY_TXNS
+        self.busy && self.pace_since.is_some_and(|t| t.elapsed() < 2 * PACE_WINDOW)
+    }
+
+    /// Counts a round's pushes (the most to one peer) towards the current window.
+    fn pace(&mut self, pushed: i64) {
+        let since = *self.pace_since.get_or_insert_with(Instant::now);
+        self.pushed_in_window += pushed;
+        let elapsed = since.elapsed();
+        if elapsed >= PACE_WINDOW {
+            self.busy = self.pushed_in_window as f64 / elapsed.as_secs_f64() >= BUSY_RATE;
+            self.pushed_in_window = 0;
+            self.pace_since = Some(Instant::now());
+        }
     }
 
     /// One round over every active outbound peer. Returns how long the worker may sleep.
@@ -150,7 +169,7 @@ impl Replicator {
         self.complaint = None;
         self.links.retain(|name, _| peers.iter().any(|p| &p.name == name && p.conninfo.is_some()));
         let mut nap = IDLE_NAP;
-        self.pushed_last_round = 0;
+        let mut pushed_most = 0;
         let joining = self.config.as_ref().and_then(|c| c.joining.clone());
         for peer in peers.iter().filter(|p| p.conninfo.is_some()) {
             // While this node joins, only its provider is talked to, and only to copy.
@@ -217,7 +236,7 @@ impl Replicator {
                         report(slot, &peer.name, "stopped", Some(why));
                     }
                     None => {
-                        self.pushed_last_round = self.pushed_last_round.max(pushed);
+                        pushed_most = pushed_most.max(pushed);
                         report(slot, &peer.name, "connected", None)
                     }
                 },
@@ -257,6 +276,7 @@ impl Replicator {
             }
             slow.report("rbucardo worker: slow exchanges between rounds");
         }
+        self.pace(pushed_most);
         nap
     }
 

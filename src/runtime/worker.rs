@@ -22,8 +22,8 @@ use crate::base::xact::in_txn;
 /// anyway; a longer gap only adds to every change's lag (10 ms gave a median one-hop lag of
 /// 8 ms under pgbench -R 100).
 const MIN_ROUND_GAP: Duration = Duration::from_millis(1);
-/// Shortest time between two rounds after one that found a stream busy (it pushed several
-/// transactions, `Replicator::busy`): under a steady stream, a round per millisecond pushed
+/// Shortest time between two rounds while a stream is busy (over 1,000 transactions per
+/// second to one peer, `Replicator::busy`): under such a stream, a round per millisecond pushed
 /// three transactions at a time, and each push's fixed cost (a transaction and a dozen
 /// statements on each side) was most of what replication cost the application. Spaced out,
 /// a round carries several times more, at the price of a few milliseconds of lag while the

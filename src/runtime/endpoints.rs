@@ -150,7 +150,7 @@ fn peer_position(
 
 /// Applies a batch of the caller's stream here, atomically per transaction, with a durable
 /// commit; returns the new position, and why the stream stopped short of the batch's end, if
-/// it did. (What senders of rbucardo 0.1 call; newer ones call `peer_push_flushed`.)
+/// it did. (Links call `peer_push_flushed`, and this one while a peer's catalog lacks it.)
 #[pg_extern(volatile, security_definer)]
 #[search_path(pg_catalog, pg_temp)]
 fn peer_push(peer_name: &str, batch: &[u8]) -> TableIterator<'static, (name!(tick, i64), name!(seq, i64), name!(stopped, Option<String>))> {
@@ -176,6 +176,10 @@ fn peer_push_flushed(
 /// Applies a pushed batch; with `report_flushed`, lets it commit without waiting for the disk
 /// and returns what is known to be on disk.
 fn push(peer_name: &str, batch: &[u8], report_flushed: bool) -> (crate::apply::Applied, Option<Position>) {
+    // A transaction that wrote before this push (another push in the same statement) may
+    // have moved the cursor this push starts from: that position is not committed yet.
+    // SAFETY: reads the backend's transaction state.
+    let wrote_before = unsafe { pg_sys::GetCurrentTransactionIdIfAny() } != pg_sys::InvalidTransactionId;
     let me = me_or_raise();
     let node = peer_node(peer_name);
     check_not_joining(peer_name);
@@ -191,7 +195,7 @@ fn push(peer_name: &str, batch: &[u8], report_flushed: bool) -> (crate::apply::A
     // its flush costs little. Inside a transaction block the commit is the caller's, later:
     // nothing is noted, nothing confirmed.
     // SAFETY: reads the backend's transaction state.
-    let in_block = unsafe { pg_sys::IsTransactionBlock() };
+    let in_block = unsafe { pg_sys::IsTransactionBlock() } || wrote_before;
     let holds_part = batch.txns.iter().any(|t| t.part.is_some());
     let flushed = if report_flushed && !holds_part && !in_block {
         crate::base::xact::set_local(c"synchronous_commit", c"off");

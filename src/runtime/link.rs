@@ -236,6 +236,8 @@ impl Link {
     /// Trades table shapes with the peer (for validate_schema); sends ours only when it changed
     /// since the peer last acknowledged it.
     pub fn exchange_schema(&mut self) -> Result<(), String> {
+        // Every few seconds: try the flushed push again (its peer may have been updated).
+        self.push_flushed = true;
         let (md5, shape) = in_txn(crate::schema::ddl::my_shape)?;
         let send = (self.schema_sent.as_deref() != Some(md5.as_str())).then(|| shape.0.to_string());
         let name = self.peer.name.clone();
@@ -286,6 +288,13 @@ impl Link {
         in_txn(move || crate::api::cluster::store(&name, &theirs))?
     }
 
+    /// How long until this link should ask the peer what it has on disk (the rest of its last
+    /// push): the worker sleeps no longer than that.
+    pub fn confirm_due_in(&self) -> Option<Duration> {
+        let (_, at) = self.peer_has?;
+        self.unconfirmed.then(|| CONFIRM_AFTER.saturating_sub(at.elapsed()))
+    }
+
     /// Asks the peer where it stands at the next push instead of trusting the last push's
     /// answer: the peer then also confirms what it had not flushed yet (`wait_for_sync` waits
     /// for confirmations).
@@ -307,8 +316,7 @@ impl Link {
         // costs nothing: the peer skips what it has, and refuses a batch that starts past its
         // cursor, after which the next round asks.
         let mut trusted = None;
-        let trusted_for = if self.unconfirmed { CONFIRM_AFTER } else { POSITION_TRUSTED };
-        if let Some((pos, at)) = self.peer_has.take().filter(|(_, at)| at.elapsed() < trusted_for) {
+        if let Some((pos, at)) = self.peer_has.take().filter(|(_, at)| at.elapsed() < POSITION_TRUSTED) {
             let (me_id, peer_id, name) = (me.id, self.peer_id, self.peer.name.clone());
             let batch = in_txn(move || {
                 // In a mesh the peer also pulls this stream: start from what it confirmed by
@@ -319,12 +327,14 @@ impl Link {
                 let newest = crate::log::changelog::ensure_tick();
                 crate::log::changelog::read_batch(me_id, pos, peer_id, BATCH_BYTES, &node::peer_policy(&name), None, newest)
             })?;
-            if batch.txns.is_empty() {
+            // Nothing to send: done, unless the peer has more than it confirmed and a moment
+            // passed (its WAL is on disk by now): then ask it, which confirms the rest.
+            if batch.txns.is_empty() && !(self.unconfirmed && at.elapsed() >= CONFIRM_AFTER) {
                 self.peer_has = Some((pos, at));
                 return Ok(0);
             }
             // A large transaction's parts go from where the peer says it holds them.
-            if batch.txns.iter().all(|t| t.part.is_none()) {
+            if !batch.txns.is_empty() && batch.txns.iter().all(|t| t.part.is_none()) {
                 trusted = Some(batch);
             }
         }
@@ -368,8 +378,10 @@ impl Link {
                 };
                 match self.conn()?.send(sql, &[Param::Text(&me.name), Param::Bytes(&bytes)], CALL_TIMEOUT) {
                     Ok(()) => {}
-                    // A peer of rbucardo 0.1 (or one whose extension is not updated yet) has
-                    // only peer_push, which commits durably: push with that from now on.
+                    // Preparing it failed: the peer's catalog has no peer_push_flushed (a
+                    // library newer than its extension, before ALTER EXTENSION UPDATE). Push
+                    // with peer_push, which commits durably, until the next table-shape
+                    // exchange tries again (`exchange_schema`).
                     Err(e) if flushed_push && e.to_string().contains("(SQLSTATE 42883)") => {
                         self.push_flushed = false;
                         continue 'from_the_peer;
@@ -386,14 +398,7 @@ impl Link {
                     let newest = crate::log::changelog::ensure_tick();
                     crate::log::changelog::read_batch(me_id, upto, peer_id, BATCH_BYTES, &node::peer_policy(&name), held, newest)
                 }));
-                let rows = match self.conn()?.receive(CALL_TIMEOUT) {
-                    Ok(rows) => rows,
-                    Err(e) if flushed_push && e.to_string().contains("(SQLSTATE 42883)") => {
-                        self.push_flushed = false;
-                        continue 'from_the_peer;
-                    }
-                    Err(e) => return Err(e.to_string()),
-                };
+                let rows = self.conn()?.receive(CALL_TIMEOUT).map_err(|e| e.to_string())?;
                 let done = rows.first().and_then(|r| Some(Position { tick: r.i64(0)?, seq: r.i64(1)? })).ok_or("peer_push returned nothing")?;
                 // What the peer has on disk, which is all this node may trim: peer_push's
                 // answer is on disk (it commits durably before the answer is complete).

@@ -228,7 +228,11 @@ impl Replicator {
                 continue;
             }
             let expired = self.config.as_ref().and_then(|c| c.expired.get(&peer.name).cloned());
-            match exchange(link, &me, expired, pull_all) {
+            let result = exchange(link, &me, expired, pull_all);
+            if let Some(due) = link.confirm_due_in() {
+                nap = nap.min(due);
+            }
+            match result {
                 Ok(pushed) => match link.stopped.clone() {
                     // A stopped stream is retried every few seconds (src/exceptions.rs).
                     Some(why) => {

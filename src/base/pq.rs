@@ -54,6 +54,14 @@ impl fmt::Display for PeerError {
 
 impl std::error::Error for PeerError {}
 
+impl PeerError {
+    /// Whether the peer answered with an error of SQLSTATE `code` (result_error puts it in
+    /// the message).
+    pub fn is_sqlstate(&self, code: &str) -> bool {
+        matches!(self, PeerError::Query(m) if m.contains(&format!("(SQLSTATE {code})")))
+    }
+}
+
 /// A query parameter. Text lets the server infer the type from the statement (write casts such
 /// as `$1::int8` where needed); Bytes goes in binary as `bytea`, so payloads need no escaping.
 #[derive(Debug, Clone, Copy)]
@@ -498,9 +506,9 @@ impl PeerConn {
         // leave the statement as good as it was; only these say the statement itself no longer
         // fits the peer (its functions or tables changed). Its name is freed before the next
         // prepare, so a peer that keeps failing does not collect statements.
-        if let (Err(PeerError::Query(m)), Some(statement)) = (&result, statement) {
+        if let (Err(e), Some(statement)) = (&result, statement) {
             const STALE: [&str; 6] = ["0A000", "26000", "42883", "42P01", "3F000", "42804"];
-            if STALE.iter().any(|code| m.contains(&format!("(SQLSTATE {code})"))) {
+            if STALE.iter().any(|code| e.is_sqlstate(code)) {
                 if let Some(name) = self.prepared.remove(&statement) {
                     self.stale.push(name);
                 }

@@ -382,7 +382,7 @@ impl Link {
                     // library newer than its extension, before ALTER EXTENSION UPDATE). Push
                     // with peer_push, which commits durably, until the next table-shape
                     // exchange tries again (`exchange_schema`).
-                    Err(e) if flushed_push && e.to_string().contains("(SQLSTATE 42883)") => {
+                    Err(e) if flushed_push && e.is_sqlstate("42883") => {
                         self.push_flushed = false;
                         continue 'from_the_peer;
                     }

@@ -47,13 +47,29 @@ impl CanonicalOutput {
             pg_sys::IntervalStyle = pg_sys::INTSTYLE_POSTGRES as i32;
             pg_sys::extra_float_digits = 1;
             bytea_output = BYTEA_OUTPUT_HEX;
-            let utc = pg_sys::pg_tzset(c"UTC".as_ptr());
+            let utc = utc_zone();
             if !utc.is_null() {
                 pg_sys::session_timezone = utc;
             }
             saved
         }
     }
+}
+
+/// UTC's zone, looked up once per backend: capture prints rows in it many thousands of times a
+/// second, and `pg_tzset` searches a hash table per call. The zone it returns is never freed.
+fn utc_zone() -> *mut pgrx::pg_sys::pg_tz {
+    thread_local! {
+        static UTC: std::cell::Cell<*mut pgrx::pg_sys::pg_tz> = const { std::cell::Cell::new(std::ptr::null_mut()) };
+    }
+    UTC.with(|utc| {
+        if utc.get().is_null() {
+            // SAFETY: pg_tzset takes a NUL-terminated name and returns NULL or a zone kept in
+            // the backend's zone cache (TopMemoryContext) for the life of the process.
+            utc.set(unsafe { pgrx::pg_sys::pg_tzset(c"UTC".as_ptr()) });
+        }
+        utc.get()
+    })
 }
 
 impl Drop for CanonicalOutput {

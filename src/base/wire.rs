@@ -240,6 +240,19 @@ pub fn encode_chunk(chunk: &Chunk) -> Vec<u8> {
     postcard::to_allocvec(chunk).expect("encoding a chunk cannot fail")
 }
 
+/// A chunk made of borrowed parts, encoded to the same bytes as the `Chunk` it stands for:
+/// capture encodes its buffer at commit without copying every row image and table first.
+#[derive(Serialize)]
+pub struct ChunkRef<'a> {
+    pub relations: Vec<&'a RelDesc>,
+    pub changes: Vec<&'a RowChange>,
+}
+
+/// Encodes a borrowed chunk into a buffer of `capacity` bytes to start with.
+pub fn encode_chunk_ref(chunk: &ChunkRef, capacity: usize) -> Vec<u8> {
+    postcard::to_extend(chunk, Vec::with_capacity(capacity)).expect("encoding a chunk cannot fail")
+}
+
 /// Decodes one chunk and checks that every change refers to a described table and carries
 /// as many values as that table has columns.
 pub fn decode_chunk(bytes: &[u8]) -> Result<Chunk, DecodeError> {
@@ -298,6 +311,16 @@ mod tests {
             txns: vec![Txn { origin: 2, origin_pos: Position { tick: 2, seq: 9 }, hlc: 42, stream_pos: Position { tick: 2, seq: 9 }, chunks: vec![encode_chunk(&chunk)], part: None, to: None, decoded: Decoded::default() }],
             complete: true,
         }
+    }
+
+    /// Capture writes what `ChunkRef` encodes; every reader decodes it as a `Chunk`.
+    #[test]
+    fn a_borrowed_chunk_encodes_as_the_owned_one() {
+        let batch = sample();
+        let chunk = decode_chunk(&batch.txns[0].chunks[0]).unwrap();
+        let borrowed = ChunkRef { relations: chunk.relations.iter().collect(), changes: chunk.changes.iter().collect() };
+        assert_eq!(encode_chunk_ref(&borrowed, 0), encode_chunk(&chunk));
+        assert_eq!(encode_chunk_ref(&ChunkRef { relations: vec![], changes: vec![] }, 4), encode_chunk(&Chunk::default()));
     }
 
     #[test]

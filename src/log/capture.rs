@@ -21,19 +21,23 @@ use pgrx::PgTupleDesc;
 use crate::base::error::raise;
 use crate::base::xact::{LocalSetting, RunAs};
 use crate::log::changelog;
-use crate::base::wire::{Chunk, Op, RelDesc, RowChange, Value};
+use crate::base::wire::{encode_chunk_ref, Chunk, ChunkRef, Op, RelDesc, RowChange, Value};
 
 /// A chunk is spilled to the log once the buffered row images reach this size.
 const SPILL_BYTES: usize = 8 << 20;
 
 /// What capture needs to know about a table, kept until its relcache entry is invalidated.
 struct CachedRel {
-    desc: RelDesc,
+    /// Shared with every transaction that changes the table: a transaction's buffer refers to
+    /// it rather than copying it.
+    desc: Rc<RelDesc>,
     /// Index into the tuple descriptor of each captured column (dropped and generated
     /// columns are not captured).
     attidx: Vec<usize>,
     /// Output functions of the captured columns, set up once per backend.
     out: UnsafeCell<Vec<pg_sys::FmgrInfo>>,
+    /// Room for a deformed row (values and null flags), reused by every row of the table.
+    deformed: UnsafeCell<(Vec<pg_sys::Datum>, Vec<bool>)>,
 }
 
 #[derive(Default)]
@@ -43,10 +47,11 @@ struct TxState {
     ordinal: u32,
     /// Chunks written so far.
     chunks: i32,
-    relations: Vec<RelDesc>,
+    relations: Vec<Rc<RelDesc>>,
     /// Table oid to its entry in `relations`, with the description it was made from: a table
-    /// altered within the transaction gets a new entry for its later rows.
-    rel_index: HashMap<u32, (u32, Rc<CachedRel>)>,
+    /// altered within the transaction gets a new entry for its later rows. A transaction
+    /// touches few tables, so a list searched in order beats hashing.
+    rel_index: Vec<(u32, u32, Rc<CachedRel>)>,
     /// Buffered changes with the subtransaction that made them.
     pending: Vec<(pg_sys::SubTransactionId, RowChange)>,
     /// Size of the buffered row images.
@@ -126,7 +131,9 @@ unsafe fn cached_rel(rel: pg_sys::Relation) -> Rc<CachedRel> {
         .iter()
         .map(|k| columns.iter().position(|c| c == k).expect("key column is a captured column") as u16)
         .collect();
-    let cached = Rc::new(CachedRel { desc: RelDesc { schema, name, columns, key }, attidx, out: UnsafeCell::new(out) });
+    let natts = tupdesc.len();
+    let deformed = UnsafeCell::new((vec![pg_sys::Datum::from(0usize); natts], vec![false; natts]));
+    let cached = Rc::new(CachedRel { desc: Rc::new(RelDesc { schema, name, columns, key }), attidx, out: UnsafeCell::new(out), deformed });
     RELS.with(|r| r.borrow_mut().insert(relid.to_u32(), cached.clone()));
     cached
 }
@@ -136,12 +143,12 @@ unsafe fn cached_rel(rel: pg_sys::Relation) -> Rc<CachedRel> {
 /// `tupdesc` must be the descriptor `rel` was cached from (the relation's current rd_att) and
 /// `tuple` a valid tuple of that relation, alive for the call.
 unsafe fn row_values(rel: &CachedRel, tupdesc: pg_sys::TupleDesc, tuple: pg_sys::HeapTuple) -> (Vec<Value>, usize) {
-    // SAFETY: by the contract above, heap_deform_tuple fills natts datums from `tuple`, and each
-    // output function is the one of its column's type. The `out` Vec is borrowed mutably only
-    // here, and output functions never run capture again, so the borrow is unique.
-    let natts = (*tupdesc).natts as usize;
-    let mut datums = vec![pg_sys::Datum::from(0usize); natts];
-    let mut nulls = vec![false; natts];
+    // SAFETY: by the contract above, heap_deform_tuple fills natts datums from `tuple` (the
+    // descriptor `rel` was cached from, so `deformed` has room for natts), and each output
+    // function is the one of its column's type. `out` and `deformed` are borrowed mutably only
+    // here, and output functions never run capture again, so the borrows are unique.
+    let (datums, nulls) = &mut *rel.deformed.get();
+    debug_assert_eq!(datums.len(), (*tupdesc).natts as usize);
     pg_sys::heap_deform_tuple(tuple, tupdesc, datums.as_mut_ptr(), nulls.as_mut_ptr());
     let out = &mut *rel.out.get();
     let _canonical = crate::base::canonical::CanonicalOutput::new();
@@ -187,12 +194,13 @@ unsafe fn record(rel: pg_sys::Relation, op: Op, old: pg_sys::HeapTuple, new: pg_
             tx.active = true;
             tx.hlc = crate::base::clock::now();
         }
-        let relno = match tx.rel_index.get(&relid) {
-            Some((no, seen)) if Rc::ptr_eq(seen, &cached) => *no,
-            _ => {
+        let relno = match tx.rel_index.iter().find(|(r, _, seen)| *r == relid && Rc::ptr_eq(seen, &cached)) {
+            Some((_, no, _)) => *no,
+            None => {
                 let no = tx.relations.len() as u32;
                 tx.relations.push(cached.desc.clone());
-                tx.rel_index.insert(relid, (no, cached.clone()));
+                tx.rel_index.retain(|(r, _, _)| *r != relid);
+                tx.rel_index.push((relid, no, cached.clone()));
                 no
             }
         };
@@ -225,7 +233,7 @@ pub fn log_own_update(desc: &RelDesc, old: Vec<Value>, new: Vec<Value>) -> i64 {
         // SAFETY: reads this backend's transaction state, inside a transaction.
         let subid = unsafe { pg_sys::GetCurrentSubTransactionId() };
         let rel = tx.relations.len() as u32;
-        tx.relations.push(desc.clone());
+        tx.relations.push(Rc::new(desc.clone()));
         tx.ordinal += 1;
         let change = RowChange { ordinal: tx.ordinal, rel, op: Op::Update, old: Some(old.clone()), new: Some(new.clone()) };
         tx.bytes += change_size(&change);
@@ -330,7 +338,7 @@ pub fn record_ddl(key: String, schema: &str, tag: &str, sql: String, search_path
             tx.hlc = crate::base::clock::now();
         }
         let relno = tx.relations.len() as u32;
-        tx.relations.push(RelDesc { schema: schema.to_string(), name: tag.to_string(), columns: Vec::new(), key: Vec::new() });
+        tx.relations.push(Rc::new(RelDesc { schema: schema.to_string(), name: tag.to_string(), columns: Vec::new(), key: Vec::new() }));
         tx.ordinal += 1;
         let ordinal = tx.ordinal;
         tx.bytes += sql.len() + search_path.len() + role.len() + 16;
@@ -355,19 +363,22 @@ fn flush(is_final: bool) {
 fn flush_from(is_final: bool, from: pg_sys::SubTransactionId) {
     let written = TX.with(|tx| {
         let mut tx = tx.borrow_mut();
-        let current = from;
-        let (mine, keep): (Vec<_>, Vec<_>) = std::mem::take(&mut tx.pending).into_iter().partition(|(s, _)| *s >= current);
-        tx.pending = keep;
+        let tx = &mut *tx;
+        let changes: Vec<&RowChange> = tx.pending.iter().filter(|(s, _)| *s >= from).map(|(_, c)| c).collect();
+        let encoded = if changes.is_empty() && !is_final {
+            None
+        } else {
+            let chunk = ChunkRef { relations: tx.relations.iter().map(|r| &**r).collect(), changes };
+            Some(encode_chunk_ref(&chunk, tx.bytes + 64 * tx.relations.len() + 64))
+        };
         // What stays buffered belongs to enclosing subtransactions: it is written when its
         // own level releases or commits.
+        tx.pending.retain(|(s, _)| *s < from);
         tx.bytes = tx.pending.iter().map(|(_, c)| change_size(c)).sum();
         tx.held = tx.bytes;
-        if mine.is_empty() && !is_final {
-            return None;
-        }
-        let chunk = Chunk { relations: tx.relations.clone(), changes: mine.into_iter().map(|(_, c)| c).collect() };
+        let data = encoded?;
         tx.chunks += 1;
-        Some((crate::base::wire::encode_chunk(&chunk), tx.chunks - 1, tx.hlc))
+        Some((data, tx.chunks - 1, tx.hlc))
     });
     if let Some((data, chunk_no, hlc)) = written {
         // The change log belongs to the extension, not to the user whose transaction this is.

@@ -43,6 +43,7 @@ const LAST_TICK: &str = concat!(tick_needed!(), " ORDER BY t.tick_id DESC LIMIT 
 
 thread_local! {
     static WAKE_ARMED: Cell<bool> = const { Cell::new(false) };
+    static WAKE_HOOKED: Cell<bool> = const { Cell::new(false) };
 }
 
 /// Where a forwarded transaction comes from: its origin node and position in the origin's
@@ -130,15 +131,35 @@ pub fn append(data: &[u8], chunk_no: i32, is_final: bool, source: Option<Source>
 
 /// After a commit that wrote to the log, wake this database's worker so that it pushes the
 /// change and tells listening peers, without polling.
+/// The callback is registered once per backend (a callback registered per transaction would
+/// cost a boxed closure and a list entry for every captured commit).
 fn arm_wake_at_commit() {
     if WAKE_ARMED.with(|w| w.replace(true)) {
         return;
     }
-    pgrx::register_xact_callback(pgrx::PgXactCallbackEvent::Commit, || {
-        WAKE_ARMED.with(|w| w.set(false));
-        crate::base::signals::note_log_commit();
-    });
-    pgrx::register_xact_callback(pgrx::PgXactCallbackEvent::Abort, || WAKE_ARMED.with(|w| w.set(false)));
+    if !WAKE_HOOKED.with(|h| h.replace(true)) {
+        // SAFETY: registers a 'static function with the signature PostgreSQL expects, once per
+        // backend (WAKE_HOOKED); it stays registered for the life of the process.
+        unsafe { pg_sys::RegisterXactCallback(Some(wake_callback), std::ptr::null_mut()) };
+    }
+}
+
+/// # Safety
+///
+/// Only PostgreSQL calls it, as registered by `arm_wake_at_commit`, at a transaction event on
+/// the backend's main thread. The body itself uses no unsafe operation.
+#[pg_guard]
+unsafe extern "C-unwind" fn wake_callback(event: pg_sys::XactEvent::Type, _arg: *mut std::ffi::c_void) {
+    use pg_sys::XactEvent::*;
+    match event {
+        XACT_EVENT_COMMIT | XACT_EVENT_PARALLEL_COMMIT => {
+            if WAKE_ARMED.with(|w| w.replace(false)) {
+                crate::base::signals::note_log_commit();
+            }
+        }
+        XACT_EVENT_ABORT | XACT_EVENT_PARALLEL_ABORT | XACT_EVENT_PREPARE => WAKE_ARMED.with(|w| w.set(false)),
+        _ => {}
+    }
 }
 
 /// The newest tick, making a new one first if the log may hold transactions that no tick

@@ -273,6 +273,47 @@ fn kick(name: &str) -> String {
     format!("kicked sync {name}")
 }
 
+/// V1 call info for `config_changed`, as PG_FUNCTION_INFO_V1 would declare it.
+// SAFETY: the exported name is the one fmgr looks up for `rbucardo_config_changed` and
+// clashes with no other symbol; the signature is the C one PG_FUNCTION_INFO_V1 declares.
+#[unsafe(no_mangle)]
+pub extern "C" fn pg_finfo_rbucardo_config_changed() -> &'static pg_sys::Pg_finfo_record {
+    const V1: pg_sys::Pg_finfo_record = pg_sys::Pg_finfo_record { api_version: 1 };
+    &V1
+}
+
+/// Statement trigger on `node`, `db`, `sync` and `herd_table`: a change made by hand, not
+/// through the functions above, reaches the worker and what every backend keeps of the
+/// configuration (src/base/kept.rs) at commit all the same.
+///
+/// # Safety
+///
+/// Only fmgr calls it (as the trigger function `rbucardo.config_changed()`).
+#[pg_guard]
+// SAFETY: `rbucardo_config_changed` is the C symbol named in the CREATE FUNCTION below and
+// clashes with no other; the signature is that of a V1 C function.
+#[unsafe(no_mangle)]
+pub unsafe extern "C-unwind" fn rbucardo_config_changed(_fcinfo: pg_sys::FunctionCallInfo) -> pg_sys::Datum {
+    signals::wake_local_worker_at_commit();
+    pg_sys::Datum::from(0usize)
+}
+
+pgrx::extension_sql!(
+    "CREATE FUNCTION rbucardo.config_changed() RETURNS trigger LANGUAGE c AS 'MODULE_PATHNAME', 'rbucardo_config_changed';
+     REVOKE ALL ON FUNCTION rbucardo.config_changed() FROM PUBLIC;
+     CREATE TRIGGER config_changed AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE ON rbucardo.node FOR EACH STATEMENT EXECUTE FUNCTION rbucardo.config_changed();
+     CREATE TRIGGER config_changed AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE ON rbucardo.db FOR EACH STATEMENT EXECUTE FUNCTION rbucardo.config_changed();
+     CREATE TRIGGER config_changed AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE ON rbucardo.sync FOR EACH STATEMENT EXECUTE FUNCTION rbucardo.config_changed();
+     CREATE TRIGGER config_changed AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE ON rbucardo.herd_table FOR EACH STATEMENT EXECUTE FUNCTION rbucardo.config_changed();
+     -- Also in replica mode (apply sessions, a peer's session once it pushed).
+     ALTER TABLE rbucardo.node ENABLE ALWAYS TRIGGER config_changed;
+     ALTER TABLE rbucardo.db ENABLE ALWAYS TRIGGER config_changed;
+     ALTER TABLE rbucardo.sync ENABLE ALWAYS TRIGGER config_changed;
+     ALTER TABLE rbucardo.herd_table ENABLE ALWAYS TRIGGER config_changed;",
+    name = "config_changed_triggers",
+    requires = ["catalog"]
+);
+
 #[cfg(any(test, feature = "pg_test"))]
 #[pgrx::pg_schema]
 mod tests {

@@ -449,7 +449,7 @@ impl Applier {
                 self.forget_tables();
                 self.plans.clear();
                 if let Some(sender) = &self.sender {
-                    self.shared = peer_policy(sender).tables;
+                    self.shared = peer_policy(sender).tables.clone();
                 }
                 i += 1;
                 continue;
@@ -654,8 +654,8 @@ fn relog(txn: &Txn, source: changelog::Source, edits: &[(u32, Option<Vec<Value>>
 pub fn apply_parked(me: i32, via: i32, txn: &Txn) -> Result<(), String> {
     let _replica = LocalSetting::replica_mode();
     let policy = crate::base::node::peer_policy_by_id(via);
-    let run_as = policy.as_ref().map_or_else(|| ddl::RunAsRole::Nobody(format!("node {via}")), ddl::run_as);
-    let mut applier = Applier::new(me, run_as, policy.as_ref());
+    let run_as = policy.as_deref().map_or_else(|| ddl::RunAsRole::Nobody(format!("node {via}")), ddl::run_as);
+    let mut applier = Applier::new(me, run_as, policy.as_deref());
     applier.retrying = true;
     let result = Spi::connect_mut(|client| exceptions::attempt(|| applier.apply_txn(client, txn, None)));
     match result {

@@ -6,6 +6,7 @@ pub mod canonical;
 pub mod clock;
 pub mod durable;
 pub mod error;
+pub mod kept;
 pub mod locks;
 pub mod node;
 pub mod plans;

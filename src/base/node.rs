@@ -3,6 +3,9 @@
 
 use pgrx::prelude::*;
 
+use std::rc::Rc;
+
+use crate::base::kept::Kept;
 use crate::base::plans;
 
 use crate::base::error::raise;
@@ -56,8 +59,16 @@ fn host_name() -> String {
 /// This node's identity, or why it may not replicate: not initialised, or a physical copy of
 /// another node (its fingerprint differs from the one recorded by init_node).
 pub fn me() -> Result<Me, String> {
-    let row = plans::run("SELECT node_id, name, fingerprint FROM rbucardo.node", &[], &[], |t| {
-        if t.is_empty() { (None, None, None) } else { t.first().get_three::<i32, String, String>().unwrap_or((None, None, None)) }
+    thread_local! {
+        static NODE: Kept<(Option<i32>, Option<String>, Option<String>)> = Kept::default();
+    }
+    // The row is kept between calls; the fingerprint it is checked against is not.
+    let row = NODE.with(|k| {
+        k.get_or("", || {
+            plans::run("SELECT node_id, name, fingerprint FROM rbucardo.node", &[], &[], |t| {
+                if t.is_empty() { (None, None, None) } else { t.first().get_three::<i32, String, String>().unwrap_or((None, None, None)) }
+            })
+        })
     });
     match row {
         (Some(id), Some(name), Some(fp)) => {
@@ -239,8 +250,16 @@ impl JoinFilter {
     }
 }
 
-/// The policy for the peer named `name`; a peer without a db row here may send nothing.
-pub fn peer_policy(name: &str) -> PeerPolicy {
+/// The policy for the peer named `name`; a peer without a db row here may send nothing. Kept
+/// between calls while the configuration stays the same (src/base/kept.rs).
+pub fn peer_policy(name: &str) -> Rc<PeerPolicy> {
+    thread_local! {
+        static POLICIES: Kept<Rc<PeerPolicy>> = Kept::default();
+    }
+    POLICIES.with(|k| k.get_or(name, || Rc::new(read_peer_policy(name))))
+}
+
+fn read_peer_policy(name: &str) -> PeerPolicy {
     // The peer's row, and its join filter while it joins from this node's copies (until it
     // confirms the tick after its last copy).
     let (node_id, ddl, ddl_role, relay, join) = plans::run(
@@ -356,7 +375,7 @@ pub fn too_strong_for_limited(role: &str) -> Result<Option<String>, String> {
 }
 
 /// The policy for the peer with node id `node_id`, if it is a known db here.
-pub fn peer_policy_by_id(node_id: i32) -> Option<PeerPolicy> {
+pub fn peer_policy_by_id(node_id: i32) -> Option<Rc<PeerPolicy>> {
     let name = Spi::get_one_with_args::<String>("SELECT name FROM rbucardo.db WHERE node_id = $1", &[node_id.into()]).ok().flatten()?;
     Some(peer_policy(&name))
 }

@@ -151,6 +151,11 @@ pub fn note_log_commit() {
     }
 }
 
+/// Change-log commits counted so far for the current database (0 without a registry slot).
+pub fn log_commits_here() -> u64 {
+    local_slot().map_or(0, |(i, _)| log_commits(i))
+}
+
 /// Change-log commits counted so far in registry slot `slot`.
 pub fn log_commits(slot: usize) -> u64 {
     LOG_COMMITS.get().0[slot].load(Ordering::Acquire)

@@ -22,12 +22,16 @@ pub const MAX_BATCH_BYTES: usize = 512 << 20;
 
 /// The caller must be who it says it is: a superuser, or the login role named after the peer
 /// (each branch connects as its own role, member of rbucardo_peer).
+/// Asked of the catalog caches at every call (a role's rights can change at any time); the
+/// caches are kept current by PostgreSQL's own invalidations.
 fn check_caller(peer_name: &str) {
-    let allowed = plans::one::<bool>(
-        "SELECT r.rolsuper OR r.rolname = $1 FROM pg_catalog.pg_roles r WHERE r.rolname = session_user",
-        &[pg_sys::TEXTOID],
-        &[peer_name.into()],
-    ) == Some(true);
+    // SAFETY: inside a transaction on the main thread: the session user is a valid role id
+    // (or GetUserNameFromId raises), and the name it returns is a palloc'd C string, read at
+    // once.
+    let allowed = unsafe {
+        let session = pg_sys::GetSessionUserId();
+        pg_sys::superuser_arg(session) || std::ffi::CStr::from_ptr(pg_sys::GetUserNameFromId(session, false)).to_bytes() == peer_name.as_bytes()
+    };
     if !allowed {
         raise(
             PgSqlErrorCode::ERRCODE_INSUFFICIENT_PRIVILEGE,
@@ -53,14 +57,23 @@ fn check_not_expired(peer_name: &str) {
     }
 }
 
+/// The node id of the calling peer, which must be an active peer here. Kept between calls
+/// while the configuration stays the same (src/base/kept.rs); who the caller is, is not.
 fn peer_node(peer_name: &str) -> i32 {
+    thread_local! {
+        static ACTIVE: crate::base::kept::Kept<Option<i32>> = Default::default();
+    }
     check_caller(peer_name);
-    plans::one::<i32>(
-        "SELECT d.node_id FROM rbucardo.db d WHERE d.name = $1
-            AND EXISTS (SELECT 1 FROM rbucardo.sync s WHERE d.name = ANY (s.dbs) AND NOT s.paused)",
-        &[pg_sys::TEXTOID],
-        &[peer_name.into()],
-    )
+    ACTIVE.with(|k| {
+        k.get_or(peer_name, || {
+            plans::one::<i32>(
+                "SELECT d.node_id FROM rbucardo.db d WHERE d.name = $1
+                    AND EXISTS (SELECT 1 FROM rbucardo.sync s WHERE d.name = ANY (s.dbs) AND NOT s.paused)",
+                &[pg_sys::TEXTOID],
+                &[peer_name.into()],
+            )
+        })
+    })
     .unwrap_or_else(|| {
         raise(
             PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,

@@ -91,6 +91,8 @@ pub fn provide_start(peer: &str) -> i64 {
         &[peer.into(), tick.into(), WHOLE_TICK.into()],
     )
     .expect("join start");
+    // The peer's policy holds its join filter: what backends keep of it goes (src/base/kept.rs).
+    crate::base::signals::wake_local_worker_at_commit();
     tick
 }
 
@@ -179,6 +181,8 @@ pub fn provide_end(peer: &str, filter: &str) -> i64 {
         &[peer.into(), until.into(), filter.into()],
     )
     .expect("join end");
+    // The peer's policy holds its join filter: what backends keep of it goes (src/base/kept.rs).
+    crate::base::signals::wake_local_worker_at_commit();
     until
 }
 

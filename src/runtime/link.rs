@@ -40,6 +40,11 @@ pub struct Link {
     /// Where the peer stood in this node's stream after the last push that ended cleanly (no
     /// error, no stop, no part in flight), and when.
     peer_has: Option<(Position, Instant)>,
+    /// The count of this database's waking change-log commits (`signals::log_commits_here`)
+    /// read before the last look at the log from `peer_has` found nothing for the peer: while
+    /// it stays the same, nothing the peer may get was committed since, and `push` does not
+    /// look again.
+    nothing_as_of: Option<u64>,
     /// The peer applied more of this node's stream than it reported on disk: the next round
     /// after `CONFIRM_AFTER` asks it where it stands, which confirms the rest.
     unconfirmed: bool,
@@ -85,6 +90,7 @@ impl Link {
             me_name: me.name.clone(),
             peer_has: None,
             unconfirmed: false,
+            nothing_as_of: None,
             push_flushed: true,
             fetch_confirmed: None,
             report_next: None,
@@ -316,7 +322,20 @@ impl Link {
         // costs nothing: the peer skips what it has, and refuses a batch that starts past its
         // cursor, after which the next round asks.
         let mut trusted = None;
+        // Read before the log is: a commit counted after this is looked for next time.
+        let commits = crate::base::signals::log_commits_here();
+        let nothing_as_of = self.nothing_as_of.take();
         if let Some((pos, at)) = self.peer_has.take().filter(|(_, at)| at.elapsed() < POSITION_TRUSTED) {
+            // A store's rounds follow its hub's notifications, and most of them have nothing of
+            // the store's own to send: without a commit since the last look, nothing is looked
+            // up. (Applied transactions that no peer but their sender and origin may want do
+            // not count, src/log/changelog.rs; they are not for this peer either.)
+            let confirm_due = self.unconfirmed && at.elapsed() >= CONFIRM_AFTER;
+            if nothing_as_of == Some(commits) && !confirm_due {
+                self.peer_has = Some((pos, at));
+                self.nothing_as_of = nothing_as_of;
+                return Ok(0);
+            }
             let (me_id, peer_id, name) = (me.id, self.peer_id, self.peer.name.clone());
             let batch = in_txn(move || {
                 // In a mesh the peer also pulls this stream: start from what it confirmed by
@@ -329,8 +348,9 @@ impl Link {
             })?;
             // Nothing to send: done, unless the peer has more than it confirmed and a moment
             // passed (its WAL is on disk by now): then ask it, which confirms the rest.
-            if batch.txns.is_empty() && !(self.unconfirmed && at.elapsed() >= CONFIRM_AFTER) {
+            if batch.txns.is_empty() && !confirm_due {
                 self.peer_has = Some((pos, at));
+                self.nothing_as_of = Some(commits);
                 return Ok(0);
             }
             // A large transaction's parts go from where the peer says it holds them.

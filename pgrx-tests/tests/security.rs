@@ -555,6 +555,24 @@ fn forged_ddl_runs_only_as_mains_ddl_role() {
         }
     });
 
+    // Main keeps a peer's policy between the calls of its session (src/base/kept.rs); a
+    // change made in the catalog by hand binds that same session's next call all the same.
+    // (A row change first: main's session keeps the policy as it stands after the schema
+    // change above.)
+    let pushed = forger.send_one(|pos| txn(ids.branch1, pos, vec![user_insert(9_001, "kept_policy")]));
+    assert_eq!(pushed.stopped, None, "a plain insert from branch1 was not applied");
+    main.sql(DB, "UPDATE rbucardo.db SET ddl = 'none' WHERE name = 'branch1'");
+    let before = MainState::read(&cluster, &[]);
+    let create = "CREATE TABLE public.after_none (id int PRIMARY KEY)";
+    let pushed = forger.send_one(|pos| txn(ids.branch1, pos, vec![ddl("public", "CREATE TABLE", create, "postgres")]));
+    assert_refused(&cluster, "DDL after ddl was set to none by hand", &pushed, "may send none", &before, &[]);
+    main.sql(DB, "UPDATE rbucardo.db SET ddl = 'limited' WHERE name = 'branch1'");
+    // The row goes again, as the stores' tables are compared below.
+    let forged = row(&[Some("9001"), Some("kept_policy"), Some("forged")]);
+    let gone = chunk(rel("public", "users", &["id", "login", "name"], &[0]), vec![(Op::Delete, forged, None)]);
+    let pushed = forger.send_one(|pos| txn(ids.branch1, pos, vec![gone]));
+    assert_eq!(pushed.stopped, None, "a plain delete from branch1 was not applied");
+
     real_traffic_converges(&cluster, 2);
     assert_not_superuser(&cluster, "victim");
     assert_eq!(one(&cluster, MAIN, owner), "store_ddl");

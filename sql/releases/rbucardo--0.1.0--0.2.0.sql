@@ -582,11 +582,15 @@ GRANT EXECUTE ON FUNCTION rbucardo.peer_push_flushed(text, bytea) TO rbucardo_pe
 -- these tables, made by hand too.
 CREATE FUNCTION rbucardo.config_changed() RETURNS trigger LANGUAGE c AS 'MODULE_PATHNAME', 'rbucardo_config_changed';
 REVOKE ALL ON FUNCTION rbucardo.config_changed() FROM PUBLIC;
-CREATE TRIGGER config_changed AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE ON rbucardo.node FOR EACH STATEMENT EXECUTE FUNCTION rbucardo.config_changed();
-CREATE TRIGGER config_changed AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE ON rbucardo.db FOR EACH STATEMENT EXECUTE FUNCTION rbucardo.config_changed();
-CREATE TRIGGER config_changed AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE ON rbucardo.sync FOR EACH STATEMENT EXECUTE FUNCTION rbucardo.config_changed();
-CREATE TRIGGER config_changed AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE ON rbucardo.herd_table FOR EACH STATEMENT EXECUTE FUNCTION rbucardo.config_changed();
-ALTER TABLE rbucardo.node ENABLE ALWAYS TRIGGER config_changed;
-ALTER TABLE rbucardo.db ENABLE ALWAYS TRIGGER config_changed;
-ALTER TABLE rbucardo.sync ENABLE ALWAYS TRIGGER config_changed;
-ALTER TABLE rbucardo.herd_table ENABLE ALWAYS TRIGGER config_changed;
+CREATE TRIGGER config_changed AFTER INSERT OR UPDATE OR DELETE ON rbucardo.node FOR EACH ROW EXECUTE FUNCTION rbucardo.config_changed();
+CREATE TRIGGER config_changed AFTER INSERT OR UPDATE OR DELETE ON rbucardo.db FOR EACH ROW EXECUTE FUNCTION rbucardo.config_changed();
+CREATE TRIGGER config_changed AFTER INSERT OR UPDATE OR DELETE ON rbucardo.sync FOR EACH ROW EXECUTE FUNCTION rbucardo.config_changed();
+CREATE TRIGGER config_changed AFTER INSERT OR UPDATE OR DELETE ON rbucardo.herd_table FOR EACH ROW EXECUTE FUNCTION rbucardo.config_changed();
+CREATE TRIGGER config_truncated AFTER TRUNCATE ON rbucardo.node FOR EACH STATEMENT EXECUTE FUNCTION rbucardo.config_changed();
+CREATE TRIGGER config_truncated AFTER TRUNCATE ON rbucardo.db FOR EACH STATEMENT EXECUTE FUNCTION rbucardo.config_changed();
+CREATE TRIGGER config_truncated AFTER TRUNCATE ON rbucardo.sync FOR EACH STATEMENT EXECUTE FUNCTION rbucardo.config_changed();
+CREATE TRIGGER config_truncated AFTER TRUNCATE ON rbucardo.herd_table FOR EACH STATEMENT EXECUTE FUNCTION rbucardo.config_changed();
+ALTER TABLE rbucardo.node ENABLE ALWAYS TRIGGER config_changed, ENABLE ALWAYS TRIGGER config_truncated;
+ALTER TABLE rbucardo.db ENABLE ALWAYS TRIGGER config_changed, ENABLE ALWAYS TRIGGER config_truncated;
+ALTER TABLE rbucardo.sync ENABLE ALWAYS TRIGGER config_changed, ENABLE ALWAYS TRIGGER config_truncated;
+ALTER TABLE rbucardo.herd_table ENABLE ALWAYS TRIGGER config_changed, ENABLE ALWAYS TRIGGER config_truncated;

@@ -282,9 +282,10 @@ pub extern "C" fn pg_finfo_rbucardo_config_changed() -> &'static pg_sys::Pg_finf
     &V1
 }
 
-/// Statement trigger on `node`, `db`, `sync` and `herd_table`: a change made by hand, not
-/// through the functions above, reaches the worker and what every backend keeps of the
-/// configuration (src/base/kept.rs) at commit all the same.
+/// Trigger on `node`, `db`, `sync` and `herd_table` (per row changed, and per TRUNCATE): a
+/// change made by hand, not through the functions above, reaches the worker and what every
+/// backend keeps of the configuration (src/base/kept.rs) at commit all the same. Once per
+/// transaction; a statement that changes no row does nothing.
 ///
 /// # Safety
 ///
@@ -294,22 +295,34 @@ pub extern "C" fn pg_finfo_rbucardo_config_changed() -> &'static pg_sys::Pg_finf
 // clashes with no other; the signature is that of a V1 C function.
 #[unsafe(no_mangle)]
 pub unsafe extern "C-unwind" fn rbucardo_config_changed(_fcinfo: pg_sys::FunctionCallInfo) -> pg_sys::Datum {
-    signals::wake_local_worker_at_commit();
+    thread_local! {
+        static ARMED: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+    }
+    if !ARMED.with(|a| a.replace(true)) {
+        signals::wake_local_worker_at_commit();
+        pgrx::register_xact_callback(pgrx::PgXactCallbackEvent::Commit, || ARMED.with(|a| a.set(false)));
+        pgrx::register_xact_callback(pgrx::PgXactCallbackEvent::Abort, || ARMED.with(|a| a.set(false)));
+        pgrx::register_xact_callback(pgrx::PgXactCallbackEvent::Prepare, || ARMED.with(|a| a.set(false)));
+    }
     pg_sys::Datum::from(0usize)
 }
 
 pgrx::extension_sql!(
     "CREATE FUNCTION rbucardo.config_changed() RETURNS trigger LANGUAGE c AS 'MODULE_PATHNAME', 'rbucardo_config_changed';
      REVOKE ALL ON FUNCTION rbucardo.config_changed() FROM PUBLIC;
-     CREATE TRIGGER config_changed AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE ON rbucardo.node FOR EACH STATEMENT EXECUTE FUNCTION rbucardo.config_changed();
-     CREATE TRIGGER config_changed AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE ON rbucardo.db FOR EACH STATEMENT EXECUTE FUNCTION rbucardo.config_changed();
-     CREATE TRIGGER config_changed AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE ON rbucardo.sync FOR EACH STATEMENT EXECUTE FUNCTION rbucardo.config_changed();
-     CREATE TRIGGER config_changed AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE ON rbucardo.herd_table FOR EACH STATEMENT EXECUTE FUNCTION rbucardo.config_changed();
+     CREATE TRIGGER config_changed AFTER INSERT OR UPDATE OR DELETE ON rbucardo.node FOR EACH ROW EXECUTE FUNCTION rbucardo.config_changed();
+     CREATE TRIGGER config_changed AFTER INSERT OR UPDATE OR DELETE ON rbucardo.db FOR EACH ROW EXECUTE FUNCTION rbucardo.config_changed();
+     CREATE TRIGGER config_changed AFTER INSERT OR UPDATE OR DELETE ON rbucardo.sync FOR EACH ROW EXECUTE FUNCTION rbucardo.config_changed();
+     CREATE TRIGGER config_changed AFTER INSERT OR UPDATE OR DELETE ON rbucardo.herd_table FOR EACH ROW EXECUTE FUNCTION rbucardo.config_changed();
+     CREATE TRIGGER config_truncated AFTER TRUNCATE ON rbucardo.node FOR EACH STATEMENT EXECUTE FUNCTION rbucardo.config_changed();
+     CREATE TRIGGER config_truncated AFTER TRUNCATE ON rbucardo.db FOR EACH STATEMENT EXECUTE FUNCTION rbucardo.config_changed();
+     CREATE TRIGGER config_truncated AFTER TRUNCATE ON rbucardo.sync FOR EACH STATEMENT EXECUTE FUNCTION rbucardo.config_changed();
+     CREATE TRIGGER config_truncated AFTER TRUNCATE ON rbucardo.herd_table FOR EACH STATEMENT EXECUTE FUNCTION rbucardo.config_changed();
      -- Also in replica mode (apply sessions, a peer's session once it pushed).
-     ALTER TABLE rbucardo.node ENABLE ALWAYS TRIGGER config_changed;
-     ALTER TABLE rbucardo.db ENABLE ALWAYS TRIGGER config_changed;
-     ALTER TABLE rbucardo.sync ENABLE ALWAYS TRIGGER config_changed;
-     ALTER TABLE rbucardo.herd_table ENABLE ALWAYS TRIGGER config_changed;",
+     ALTER TABLE rbucardo.node ENABLE ALWAYS TRIGGER config_changed, ENABLE ALWAYS TRIGGER config_truncated;
+     ALTER TABLE rbucardo.db ENABLE ALWAYS TRIGGER config_changed, ENABLE ALWAYS TRIGGER config_truncated;
+     ALTER TABLE rbucardo.sync ENABLE ALWAYS TRIGGER config_changed, ENABLE ALWAYS TRIGGER config_truncated;
+     ALTER TABLE rbucardo.herd_table ENABLE ALWAYS TRIGGER config_changed, ENABLE ALWAYS TRIGGER config_truncated;",
     name = "config_changed_triggers",
     requires = ["catalog"]
 );

@@ -165,8 +165,9 @@ mod session {
     /// without a registry slot never sees its generation change).
     pub(super) fn stamp() -> Option<u64> {
         if !REGISTERED.with(|r| r.replace(true)) {
-            // SAFETY: registers plain functions once per backend (PostgreSQL allows a few
-            // dozen such callbacks per backend; these are rbucardo's only ones).
+            // SAFETY: registers plain functions once per backend (PostgreSQL 15 allows ten
+            // relation cache callbacks per backend; rbucardo registers three: capture, this
+            // cache and src/base/kept.rs).
             unsafe {
                 pg_sys::CacheRegisterRelcacheCallback(Some(relcache_changed), pg_sys::Datum::from(0));
                 for cache in [pg_sys::SysCacheIdentifier::TYPEOID, pg_sys::SysCacheIdentifier::NAMESPACEOID] {

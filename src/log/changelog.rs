@@ -157,6 +157,13 @@ unsafe extern "C-unwind" fn wake_callback(event: pg_sys::XactEvent::Type, _arg: 
                 crate::base::signals::note_log_commit();
             }
         }
+        // A prepared transaction's commit would not be counted (link.rs relies on the count
+        // to look at the log) nor wake anyone: refused, as for captured changes (capture.rs).
+        XACT_EVENT_PRE_PREPARE if WAKE_ARMED.with(Cell::get) => raise(
+            PgSqlErrorCode::ERRCODE_FEATURE_NOT_SUPPORTED,
+            "PREPARE TRANSACTION is not supported in a transaction that wrote to rbucardo's change log",
+            "Commit the transaction directly.",
+        ),
         XACT_EVENT_ABORT | XACT_EVENT_PARALLEL_ABORT | XACT_EVENT_PREPARE => WAKE_ARMED.with(|w| w.set(false)),
         _ => {}
     }

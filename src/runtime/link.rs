@@ -41,10 +41,11 @@ pub struct Link {
     /// error, no stop, no part in flight), and when.
     peer_has: Option<(Position, Instant)>,
     /// The count of this database's waking change-log commits (`signals::log_commits_here`)
-    /// read before the last look at the log from `peer_has` found nothing for the peer: while
-    /// it stays the same, nothing the peer may get was committed since, and `push` does not
+    /// and the configuration generation, read before the last look at the log from `peer_has`
+    /// found nothing for the peer: while both stay the same, nothing the peer may get was
+    /// committed since (nor did a new policy make older changes its own), and `push` does not
     /// look again.
-    nothing_as_of: Option<u64>,
+    nothing_as_of: Option<(u64, u64)>,
     /// The peer applied more of this node's stream than it reported on disk: the next round
     /// after `CONFIRM_AFTER` asks it where it stands, which confirms the rest.
     unconfirmed: bool,
@@ -323,7 +324,7 @@ impl Link {
         // cursor, after which the next round asks.
         let mut trusted = None;
         // Read before the log is: a commit counted after this is looked for next time.
-        let commits = crate::base::signals::log_commits_here();
+        let commits = (crate::base::signals::log_commits_here(), crate::base::signals::config_generation());
         let nothing_as_of = self.nothing_as_of.take();
         if let Some((pos, at)) = self.peer_has.take().filter(|(_, at)| at.elapsed() < POSITION_TRUSTED) {
             // A store's rounds follow its hub's notifications, and most of them have nothing of

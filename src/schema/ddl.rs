@@ -193,8 +193,12 @@ unsafe fn on_event(td: *mut pg_sys::EventTriggerData, role: &str, search_path: S
     }
     if drop {
         // Dropped tables leave their herd here, whether the drop is replicated or not.
+        // (Only when a table went: a change to herd_table drops every session's kept
+        // configuration, src/base/kept.rs.)
         let oids: Vec<pg_sys::Oid> = cmds.iter().filter(|c| c.is_class).filter_map(|c| c.objid).collect();
-        Spi::run_with_args("DELETE FROM rbucardo.herd_table WHERE relid = ANY ($1)", &[oids.into()]).expect("forgetting dropped tables");
+        if !oids.is_empty() {
+            Spi::run_with_args("DELETE FROM rbucardo.herd_table WHERE relid = ANY ($1)", &[oids.into()]).expect("forgetting dropped tables");
+        }
     } else if record || (replica && applying) {
         for c in &cmds {
             if c.is_class && matches!(c.tag.as_str(), "CREATE TABLE" | "CREATE TABLE AS" | "SELECT INTO") {

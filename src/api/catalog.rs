@@ -298,6 +298,10 @@ pub unsafe extern "C-unwind" fn rbucardo_config_changed(_fcinfo: pg_sys::Functio
     thread_local! {
         static ARMED: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
     }
+    // This session's own later commands see the change too: the invalidation is queued for
+    // every command that changes a row (PostgreSQL drops the duplicates within a command).
+    // SAFETY: queues an invalidation message in the current transaction, as DDL does.
+    unsafe { pg_sys::CacheInvalidateRelcacheAll() };
     if !ARMED.with(|a| a.replace(true)) {
         signals::wake_local_worker_at_commit();
         pgrx::register_xact_callback(pgrx::PgXactCallbackEvent::Commit, || ARMED.with(|a| a.set(false)));

@@ -567,18 +567,21 @@ fn forged_ddl_runs_only_as_mains_ddl_role() {
     let pushed = forger.send_one(|pos| txn(ids.branch1, pos, vec![ddl("public", "CREATE TABLE", create, "postgres")]));
     assert_refused(&cluster, "DDL after ddl was set to none by hand", &pushed, "may send none", &before, &[]);
     main.sql(DB, "UPDATE rbucardo.db SET ddl = 'limited' WHERE name = 'branch1'");
-    // Nor does a session keep what it read in a snapshot older than the change: a fetch in a
-    // REPEATABLE READ transaction begun while branch1 was limited, after ddl was set to none.
+    // Nor does a session keep what it read in a snapshot older than the change: a call that
+    // reads the policy (a table digest), in a REPEATABLE READ transaction begun while branch1
+    // was limited, made after ddl was set to none.
     forger.conn.execute("BEGIN ISOLATION LEVEL REPEATABLE READ").unwrap();
     forger.conn.query_one("SELECT 1").unwrap();
     main.sql(DB, "UPDATE rbucardo.db SET ddl = 'none' WHERE name = 'branch1'");
-    let out = one(&cluster, MAIN, "SELECT out_tick || ', ' || out_seq FROM rbucardo.peer_state WHERE db = 'branch1'");
-    forger.conn.query(&format!("SELECT length(rbucardo.peer_fetch('branch1', {out}, 1000))")).unwrap();
+    forger
+        .conn
+        .query("SELECT count(*) FROM rbucardo.peer_diff_digest('branch1', 'public', 'users', ARRAY['id', 'login', 'name'], ARRAY['id'], 1)")
+        .unwrap();
     forger.conn.execute("COMMIT").unwrap();
     let before = MainState::read(&cluster, &[]);
     let create = "CREATE TABLE public.after_old_snapshot (id int PRIMARY KEY)";
     let pushed = forger.send_one(|pos| txn(ids.branch1, pos, vec![ddl("public", "CREATE TABLE", create, "postgres")]));
-    assert_refused(&cluster, "DDL after a fetch in a snapshot older than ddl = none", &pushed, "may send none", &before, &[]);
+    assert_refused(&cluster, "DDL after a call in a snapshot older than ddl = none", &pushed, "may send none", &before, &[]);
     main.sql(DB, "UPDATE rbucardo.db SET ddl = 'limited' WHERE name = 'branch1'");
     // The row goes again, as the stores' tables are compared below.
     let forged = row(&[Some("9001"), Some("kept_policy"), Some("forged")]);

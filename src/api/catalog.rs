@@ -284,8 +284,10 @@ pub extern "C" fn pg_finfo_rbucardo_config_changed() -> &'static pg_sys::Pg_finf
 
 /// Trigger on `node`, `db`, `sync` and `herd_table` (per row changed, and per TRUNCATE): a
 /// change made by hand, not through the functions above, reaches the worker and what every
-/// backend keeps of the configuration (src/base/kept.rs) at commit all the same. Once per
-/// transaction; a statement that changes no row does nothing.
+/// backend keeps of the configuration (src/base/kept.rs) at commit all the same: the
+/// invalidation per changing command, the generation bump once per transaction. A statement
+/// that changes no row does nothing. Such a transaction may not be prepared: COMMIT PREPARED
+/// would bump nothing.
 ///
 /// # Safety
 ///
@@ -307,6 +309,13 @@ pub unsafe extern "C-unwind" fn rbucardo_config_changed(_fcinfo: pg_sys::Functio
         pgrx::register_xact_callback(pgrx::PgXactCallbackEvent::Commit, || ARMED.with(|a| a.set(false)));
         pgrx::register_xact_callback(pgrx::PgXactCallbackEvent::Abort, || ARMED.with(|a| a.set(false)));
         pgrx::register_xact_callback(pgrx::PgXactCallbackEvent::Prepare, || ARMED.with(|a| a.set(false)));
+        pgrx::register_xact_callback(pgrx::PgXactCallbackEvent::PrePrepare, || {
+            raise(
+                PgSqlErrorCode::ERRCODE_FEATURE_NOT_SUPPORTED,
+                "PREPARE TRANSACTION is not supported in a transaction that changed rbucardo's configuration",
+                "Commit the transaction directly.",
+            )
+        });
     }
     pg_sys::Datum::from(0usize)
 }

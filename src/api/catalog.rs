@@ -283,11 +283,12 @@ pub extern "C" fn pg_finfo_rbucardo_config_changed() -> &'static pg_sys::Pg_finf
 }
 
 /// Trigger on `node`, `db`, `sync` and `herd_table` (per row changed, and per TRUNCATE): a
-/// change made by hand, not through the functions above, reaches the worker and what every
-/// backend keeps of the configuration (src/base/kept.rs) at commit all the same: the
-/// invalidation per changing command, the generation bump once per transaction. A statement
-/// that changes no row does nothing. Such a transaction may not be prepared: COMMIT PREPARED
-/// would bump nothing.
+/// change made by hand, not through the functions above (which bump the generation
+/// themselves: on a catalog not yet updated from 0.1 there is no trigger), reaches the worker
+/// and what every backend keeps of the configuration (src/base/kept.rs) at commit all the
+/// same: the invalidation per changing command, the generation bump once per transaction. A
+/// statement that changes no row does nothing. Such a transaction may not be prepared:
+/// COMMIT PREPARED would bump nothing.
 ///
 /// # Safety
 ///
@@ -309,13 +310,7 @@ pub unsafe extern "C-unwind" fn rbucardo_config_changed(_fcinfo: pg_sys::Functio
         pgrx::register_xact_callback(pgrx::PgXactCallbackEvent::Commit, || ARMED.with(|a| a.set(false)));
         pgrx::register_xact_callback(pgrx::PgXactCallbackEvent::Abort, || ARMED.with(|a| a.set(false)));
         pgrx::register_xact_callback(pgrx::PgXactCallbackEvent::Prepare, || ARMED.with(|a| a.set(false)));
-        pgrx::register_xact_callback(pgrx::PgXactCallbackEvent::PrePrepare, || {
-            raise(
-                PgSqlErrorCode::ERRCODE_FEATURE_NOT_SUPPORTED,
-                "PREPARE TRANSACTION is not supported in a transaction that changed rbucardo's configuration",
-                "Commit the transaction directly.",
-            )
-        });
+        crate::base::xact::refuse_prepare("changed rbucardo's configuration");
     }
     pg_sys::Datum::from(0usize)
 }

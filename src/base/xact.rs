@@ -278,3 +278,47 @@ impl Drop for LocalSetting {
         unsafe { pg_sys::AtEOXact_GUC(true, self.level) };
     }
 }
+
+thread_local! {
+    /// Why the current transaction may not be prepared, if something said so
+    /// (`refuse_prepare`).
+    static NO_PREPARE: std::cell::Cell<Option<&'static str>> = const { std::cell::Cell::new(None) };
+    static NO_PREPARE_HOOKED: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Refuses PREPARE TRANSACTION for the current transaction, saying that it `why` ("wrote to
+/// rbucardo's change log"): what rbucardo does at commit (counting and waking, bumping the
+/// configuration generation) or holds to it (the tick, stream and origin locks) must not
+/// outlive the session in a prepared transaction. One callback per backend.
+pub fn refuse_prepare(why: &'static str) {
+    NO_PREPARE.with(|w| w.set(Some(why)));
+    if !NO_PREPARE_HOOKED.with(|h| h.replace(true)) {
+        // SAFETY: registers a 'static function with the signature PostgreSQL expects, once per
+        // backend (NO_PREPARE_HOOKED).
+        unsafe { pg_sys::RegisterXactCallback(Some(no_prepare_callback), std::ptr::null_mut()) };
+    }
+}
+
+/// # Safety
+///
+/// Only PostgreSQL calls it, as registered by `refuse_prepare`, at a transaction event on the
+/// backend's main thread. The body itself uses no unsafe operation.
+#[pg_guard]
+unsafe extern "C-unwind" fn no_prepare_callback(event: pg_sys::XactEvent::Type, _arg: *mut std::ffi::c_void) {
+    use pg_sys::XactEvent::*;
+    match event {
+        XACT_EVENT_PRE_PREPARE => {
+            if let Some(why) = NO_PREPARE.with(std::cell::Cell::get) {
+                crate::base::error::raise(
+                    PgSqlErrorCode::ERRCODE_FEATURE_NOT_SUPPORTED,
+                    format!("PREPARE TRANSACTION is not supported in a transaction that {why}"),
+                    "Commit the transaction directly.",
+                );
+            }
+        }
+        XACT_EVENT_COMMIT | XACT_EVENT_ABORT | XACT_EVENT_PREPARE | XACT_EVENT_PARALLEL_COMMIT | XACT_EVENT_PARALLEL_ABORT => {
+            NO_PREPARE.with(|w| w.set(None))
+        }
+        _ => {}
+    }
+}

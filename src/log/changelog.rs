@@ -137,6 +137,9 @@ fn arm_wake_at_commit() {
     if WAKE_ARMED.with(|w| w.replace(true)) {
         return;
     }
+    // A prepared transaction's commit would not be counted (link.rs relies on the count to
+    // look at the log) nor wake anyone.
+    crate::base::xact::refuse_prepare("wrote to rbucardo's change log");
     if !WAKE_HOOKED.with(|h| h.replace(true)) {
         // SAFETY: registers a 'static function with the signature PostgreSQL expects, once per
         // backend (WAKE_HOOKED); it stays registered for the life of the process.
@@ -157,13 +160,6 @@ unsafe extern "C-unwind" fn wake_callback(event: pg_sys::XactEvent::Type, _arg: 
                 crate::base::signals::note_log_commit();
             }
         }
-        // A prepared transaction's commit would not be counted (link.rs relies on the count
-        // to look at the log) nor wake anyone: refused, as for captured changes (capture.rs).
-        XACT_EVENT_PRE_PREPARE if WAKE_ARMED.with(Cell::get) => raise(
-            PgSqlErrorCode::ERRCODE_FEATURE_NOT_SUPPORTED,
-            "PREPARE TRANSACTION is not supported in a transaction that wrote to rbucardo's change log",
-            "Commit the transaction directly.",
-        ),
         XACT_EVENT_ABORT | XACT_EVENT_PARALLEL_ABORT | XACT_EVENT_PREPARE => WAKE_ARMED.with(|w| w.set(false)),
         _ => {}
     }

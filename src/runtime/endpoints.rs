@@ -24,9 +24,11 @@ pub const MAX_BATCH_BYTES: usize = 512 << 20;
 /// (each branch connects as its own role, member of rbucardo_peer).
 /// Asked of the catalog caches at every call (a role's rights can change at any time); the
 /// caches are kept current by PostgreSQL's own invalidations. Every peer call passes here, and
-/// its transaction may not be prepared (`refuse_prepare`).
+/// its transaction may not be prepared.
 fn check_caller(peer_name: &str) {
-    refuse_prepare();
+    // A peer call may hold the tick, stream or origin lock to its commit: prepared, it would
+    // keep them after the peer left (no idle timeout ends it) and stop this node's stream.
+    crate::base::xact::refuse_prepare("called an rbucardo peer function");
     // SAFETY: inside a transaction on the main thread: the session user is a valid role id
     // (or GetUserNameFromId raises), and the name it returns is a palloc'd C string, read at
     // once.
@@ -40,43 +42,6 @@ fn check_caller(peer_name: &str) {
             format!("this session may not act as peer {peer_name}"),
             format!("Connect as the role named {peer_name} (a member of rbucardo_peer) or as a superuser."),
         );
-    }
-}
-
-thread_local! {
-    static PEER_CALL: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
-    static PREPARE_HOOKED: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
-}
-
-/// A peer call may hold the tick, stream or origin lock to its commit: a prepared transaction
-/// would keep them after the peer left (no idle timeout ends it), and stop this node's
-/// stream until someone rolls it back. The transaction of a peer call is refused PREPARE.
-fn refuse_prepare() {
-    PEER_CALL.with(|c| c.set(true));
-    if !PREPARE_HOOKED.with(|h| h.replace(true)) {
-        // SAFETY: registers a 'static function with the signature PostgreSQL expects, once per
-        // backend (PREPARE_HOOKED).
-        unsafe { pg_sys::RegisterXactCallback(Some(peer_call_xact), std::ptr::null_mut()) };
-    }
-}
-
-/// # Safety
-///
-/// Only PostgreSQL calls it, as registered by `refuse_prepare`, at a transaction event on the
-/// backend's main thread. The body itself uses no unsafe operation.
-#[pg_guard]
-unsafe extern "C-unwind" fn peer_call_xact(event: pg_sys::XactEvent::Type, _arg: *mut std::ffi::c_void) {
-    use pg_sys::XactEvent::*;
-    match event {
-        XACT_EVENT_PRE_PREPARE if PEER_CALL.with(|c| c.get()) => raise(
-            PgSqlErrorCode::ERRCODE_FEATURE_NOT_SUPPORTED,
-            "PREPARE TRANSACTION is not supported in a transaction that called an rbucardo peer function",
-            "Peer functions are called by rbucardo's links, each in a transaction of its own.",
-        ),
-        XACT_EVENT_COMMIT | XACT_EVENT_ABORT | XACT_EVENT_PREPARE | XACT_EVENT_PARALLEL_COMMIT | XACT_EVENT_PARALLEL_ABORT => {
-            PEER_CALL.with(|c| c.set(false))
-        }
-        _ => {}
     }
 }
 

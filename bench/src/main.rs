@@ -262,9 +262,13 @@ fn fanin_run(branches: usize, seconds: u64) -> FanIn {
         Ok(count(&mut main, "SELECT count(*) FROM rbucardo.peer_state WHERE last_contact IS NOT NULL") == branches as i64)
     });
     let postmaster = cluster.node(0).postmaster_pid().expect("main runs");
-    let cpu0 = server_cpu(postmaster);
-    let t0 = Instant::now();
+    // The first WARMUP_ORDERS of each node (2 s) are not measured: every link's first calls
+    // plan their statements and fill its caches, and with 20 stores starting at once that took
+    // up to 600 ms on this machine, which was then most of the 20-branch p99.
+    const WARMUP_ORDERS: i64 = 10;
     let per_node = (seconds * 5) as i64;
+    let cpu0_at_warm = std::sync::Mutex::new(None);
+    let t0 = Instant::now();
     // For development: FANIN_PERF=prefix records a system-wide profile of the load phase of
     // the larger run (PREFIX.data) and the servers' process titles (PREFIX.ps), to map pids.
     let perf = std::env::var("FANIN_PERF").ok().filter(|_| branches > 2).map(|prefix| {
@@ -287,16 +291,20 @@ fn fanin_run(branches: usize, seconds: u64) -> FanIn {
         for k in 0..names.len() {
             let (server, db) = place(k);
             let cluster = &cluster;
+            let cpu0 = &cpu0_at_warm;
             scope.spawn(move || {
                 let mut conn = cluster.node(server).connect(&db);
                 let start = Instant::now();
-                for i in 0..per_node {
+                for i in 0..per_node + WARMUP_ORDERS {
                     let due = start + Duration::from_millis(200 * i as u64);
                     if let Some(wait) = due.checked_duration_since(Instant::now()) {
                         std::thread::sleep(wait);
                     }
                     conn.execute(&format!("INSERT INTO item (id, node, qty, note, at) VALUES ({}, {k}, 1, 'order', clock_timestamp())", k as i64 * 10_000_000 + i))
                         .unwrap();
+                    if k == 0 && i + 1 == WARMUP_ORDERS {
+                        *cpu0.lock().unwrap() = Some(server_cpu(postmaster));
+                    }
                 }
             });
         }
@@ -306,14 +314,14 @@ fn fanin_run(branches: usize, seconds: u64) -> FanIn {
         unsafe { libc_kill(child.id() as i32, 2) };
         let _ = child.wait();
     }
-    let total = per_node * names.len() as i64;
+    let total = (per_node + WARMUP_ORDERS) * names.len() as i64;
     for k in 0..names.len() {
         let (server, db) = place(k);
         let mut conn = cluster.node(server).connect(&db);
         wait_until(&format!("every order on {}", names[k]), Duration::from_secs(600), || Ok(count(&mut conn, "SELECT count(*) FROM item") == total));
     }
     let elapsed = t0.elapsed();
-    let cpu = server_cpu(postmaster) - cpu0;
+    let cpu = server_cpu(postmaster) - cpu0_at_warm.into_inner().unwrap().expect("main's warm-up ended");
     if statements {
         for (server, db) in [place(0), place(1)] {
             let mut conn = cluster.node(server).connect(&db);
@@ -334,12 +342,26 @@ fn fanin_run(branches: usize, seconds: u64) -> FanIn {
     let lags = |conn: &mut Conn, sql: &str| -> Vec<f64> {
         conn.query(sql).expect("lags").into_iter().filter_map(|r| r[0].as_deref()?.parse().ok()).collect()
     };
-    let mut one = lags(&mut main, "SELECT extract(epoch FROM arrived - at) * 1000 FROM item WHERE node <> 0");
+    let mut one = lags(&mut main, &format!("SELECT extract(epoch FROM arrived - at) * 1000 FROM item WHERE node <> 0 AND id % 10000000 >= {WARMUP_ORDERS}"));
+    // For development: FANIN_LAGDUMP=1 prints the larger run's slowest one-hop rows, with when
+    // they were made: whether slow rows come together (a stall on main) or from one store.
+    if std::env::var_os("FANIN_LAGDUMP").is_some() && branches > 2 {
+        let worst = main
+            .query(&format!(
+                "SELECT format('  node %2s at +%7s s  lag %7s ms', node, round(extract(epoch FROM at - min(at) OVER ())::numeric, 3),
+                               round((extract(epoch FROM arrived - at) * 1000)::numeric, 1))
+                   FROM item WHERE node <> 0 AND id % 10000000 >= {WARMUP_ORDERS} ORDER BY arrived - at DESC LIMIT 25"
+            ))
+            .expect("slowest rows");
+        for r in worst {
+            println!("{}", r[0].clone().unwrap_or_default());
+        }
+    }
     let mut two = Vec::new();
     for k in 1..names.len() {
         let (server, db) = place(k);
         let mut conn = cluster.node(server).connect(&db);
-        two.extend(lags(&mut conn, &format!("SELECT extract(epoch FROM arrived - at) * 1000 FROM item WHERE node NOT IN (0, {k})")));
+        two.extend(lags(&mut conn, &format!("SELECT extract(epoch FROM arrived - at) * 1000 FROM item WHERE node NOT IN (0, {k}) AND id % 10000000 >= {WARMUP_ORDERS}")));
     }
     let pct = |v: &mut Vec<f64>| {
         v.sort_by(|a, b| a.partial_cmp(b).unwrap());

@@ -5,7 +5,8 @@
 //! the node is and what the peer may do was a fifth of each answer's work (docs/
 //! performance.md). What is kept holds while the configuration generation
 //! (`signals::tracked_config_generation`) stays the same and no relation cache invalidation
-//! arrived since it was read (nor a schema renamed: policies hold table names). Every change to
+//! arrived since it was read (nor a schema or type changed: policies hold table names, the
+//! table shape type names). Every change to
 //! `node`, `db`, `sync` or `herd_table` bumps the generation when it commits: the API
 //! functions do, and so does a trigger on those tables for changes made by hand
 //! (`config_changed`, src/api/catalog.rs); so do the start and end of a join, which change a
@@ -40,7 +41,7 @@ unsafe extern "C-unwind" fn relcache_changed(_arg: pg_sys::Datum, _relid: pg_sys
 
 /// # Safety
 ///
-/// As `relcache_changed`, for the schema catalog cache.
+/// As `relcache_changed`, for the schema and type catalog caches.
 #[pg_guard]
 unsafe extern "C-unwind" fn namespace_changed(_arg: pg_sys::Datum, _cacheid: std::ffi::c_int, _hash: u32) {
     INVALIDATIONS.with(|c| c.set(c.get().wrapping_add(1)));
@@ -53,6 +54,12 @@ fn stamp() -> Option<Stamp> {
             pg_sys::CacheRegisterRelcacheCallback(Some(relcache_changed), pg_sys::Datum::from(0usize));
             pg_sys::CacheRegisterSyscacheCallback(
                 pg_sys::SysCacheIdentifier::NAMESPACEOID as std::ffi::c_int,
+                Some(namespace_changed),
+                pg_sys::Datum::from(0usize),
+            );
+            // A type renamed changes the table shape (schema/ddl.rs) of tables using it.
+            pg_sys::CacheRegisterSyscacheCallback(
+                pg_sys::SysCacheIdentifier::TYPEOID as std::ffi::c_int,
                 Some(namespace_changed),
                 pg_sys::Datum::from(0usize),
             );

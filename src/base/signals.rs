@@ -29,6 +29,18 @@ struct Slot {
     /// Bumped to make the worker pull from every peer in its next round, notified or not
     /// (wait_for_sync).
     pulls_asked: u64,
+    /// The newest tick known to hold every change-log write counted so far, for peers'
+    /// fetches (`served_tick`).
+    served: Served,
+}
+
+/// A tick committed in the database's rbucardo.tick (`rel`: a re-created extension numbers
+/// its ticks again) that holds every change-log write of the first `writes` counted.
+#[derive(Copy, Clone, Default)]
+struct Served {
+    rel: u32,
+    tick: i64,
+    writes: u64,
 }
 
 /// The shared registry of background processes.
@@ -53,13 +65,19 @@ unsafe impl PGRXSharedMemory for Registry {}
 // requirement); pgrx initialises it in shared memory at preload (pg_shmem_init! in `init`).
 static REGISTRY: PgLwLock<Registry> = unsafe { PgLwLock::new(c"rbucardo_registry") };
 
-/// Commits that wrote to the change log, per registry slot (database): the worker tells peers
-/// listening on this node (NOTIFY) only when its counter moved, without a query per round.
-pub struct LogCommits([AtomicU64; MAX_DATABASES]);
+/// Commits that wrote to the change log, per registry slot (database). `waking`: those that
+/// peers may want, of which the worker tells peers listening on this node (NOTIFY) only when
+/// its counter moved, without a query per round. `all`: every one, applied transactions that
+/// only their sender and origin could want included: a peer's fetch cuts no tick while the
+/// newest one holds them all (`served_tick`).
+pub struct LogCommits {
+    waking: [AtomicU64; MAX_DATABASES],
+    all: [AtomicU64; MAX_DATABASES],
+}
 
 impl Default for LogCommits {
     fn default() -> Self {
-        LogCommits(std::array::from_fn(|_| AtomicU64::new(0)))
+        LogCommits { waking: std::array::from_fn(|_| AtomicU64::new(0)), all: std::array::from_fn(|_| AtomicU64::new(0)) }
     }
 }
 
@@ -142,23 +160,63 @@ pub fn pulls_asked(slot: usize) -> u64 {
     REGISTRY.share().slots[slot].pulls_asked
 }
 
-/// Runs after every commit that wrote to the change log: counts it and wakes the worker, which
-/// sends it and tells listening peers. Takes the registry lock shared only.
-pub fn note_log_commit() {
+/// Runs after every commit that wrote to the change log: counts it, and, if peers may want it
+/// (`wakes`), wakes the worker, which sends it and tells listening peers. Takes the registry
+/// lock shared only.
+pub fn note_log_commit(wakes: bool) {
     if let Some((i, pid)) = local_slot() {
-        LOG_COMMITS.get().0[i].fetch_add(1, Ordering::AcqRel);
-        set_latch_of(pid);
+        let counts = LOG_COMMITS.get();
+        // Counted after the commit is visible: whoever reads a count has every commit it
+        // counts in its next snapshot.
+        counts.all[i].fetch_add(1, Ordering::AcqRel);
+        if wakes {
+            counts.waking[i].fetch_add(1, Ordering::AcqRel);
+            set_latch_of(pid);
+        }
     }
 }
 
-/// Change-log commits counted so far for the current database (0 without a registry slot).
+/// Waking change-log commits counted so far for the current database (0 without a registry
+/// slot).
 pub fn log_commits_here() -> u64 {
     local_slot().map_or(0, |(i, _)| log_commits(i))
 }
 
-/// Change-log commits counted so far in registry slot `slot`.
+/// Waking change-log commits counted so far in registry slot `slot`.
 pub fn log_commits(slot: usize) -> u64 {
-    LOG_COMMITS.get().0[slot].load(Ordering::Acquire)
+    LOG_COMMITS.get().waking[slot].load(Ordering::Acquire)
+}
+
+/// Every change-log commit counted so far for the current database; None without a registry
+/// slot.
+pub fn log_writes_here() -> Option<u64> {
+    local_slot().map(|(i, _)| LOG_COMMITS.get().all[i].load(Ordering::Acquire))
+}
+
+/// Notes, once its transaction has committed, that tick `tick` of the tick table `rel` holds
+/// every change-log commit of the first `writes` counted (`log_writes_here`, read before its
+/// snapshot was taken). Kept as the newest tick and the highest count: a newer tick holds all
+/// an older one does.
+pub fn note_served_tick(rel: u32, tick: i64, writes: u64) {
+    let dboid = my_dboid();
+    let mut reg = REGISTRY.exclusive();
+    if let Some(slot) = reg.slots.iter_mut().find(|s| s.dboid == dboid) {
+        let s = &mut slot.served;
+        if s.rel != rel {
+            *s = Served { rel, tick, writes };
+        } else {
+            s.tick = s.tick.max(tick);
+            s.writes = s.writes.max(writes);
+        }
+    }
+}
+
+/// The newest tick of tick table `rel` noted by `note_served_tick`, and how many change-log
+/// commits it holds.
+pub fn served_tick(rel: u32) -> Option<(i64, u64)> {
+    let dboid = my_dboid();
+    let reg = REGISTRY.share();
+    reg.slots.iter().find(|s| s.dboid == dboid).map(|s| s.served).filter(|s| s.rel == rel && rel != 0).map(|s| (s.tick, s.writes))
 }
 
 /// The current database's replication configuration generation (see `Slot::config_gen`).

@@ -42,7 +42,7 @@ macro_rules! tick_needed {
 const LAST_TICK: &str = concat!(tick_needed!(), " ORDER BY t.tick_id DESC LIMIT 1");
 
 thread_local! {
-    static WAKE_ARMED: Cell<bool> = const { Cell::new(false) };
+    static AT_COMMIT: Cell<AtCommit> = const { Cell::new(AtCommit { wrote: false, wakes: false, served: None }) };
     static WAKE_HOOKED: Cell<bool> = const { Cell::new(false) };
 }
 
@@ -124,45 +124,100 @@ pub fn append(data: &[u8], chunk_no: i32, is_final: bool, source: Option<Source>
         // Later commands of this transaction (a read of the log, a trim) must see the row.
         pg_sys::CommandCounterIncrement();
     }
-    if source.is_none_or(|s| s.wakes) {
-        arm_wake_at_commit();
-    }
+    count_at_commit(source.is_none_or(|s| s.wakes));
 }
 
-/// After a commit that wrote to the log, wake this database's worker so that it pushes the
-/// change and tells listening peers, without polling.
-/// The callback is registered once per backend (a callback registered per transaction would
-/// cost a boxed closure and a list entry for every captured commit).
-fn arm_wake_at_commit() {
-    if WAKE_ARMED.with(|w| w.replace(true)) {
+/// After a commit that wrote to the log, count it (`signals::note_log_commit`) and, if peers
+/// may want it (`wakes`), wake this database's worker so that it pushes the change and tells
+/// listening peers, without polling.
+fn count_at_commit(wakes: bool) {
+    let before = AT_COMMIT.with(|a| {
+        let before = a.get();
+        a.set(AtCommit { wrote: true, wakes: before.wakes || wakes, ..before });
+        before
+    });
+    if before.wrote {
         return;
     }
-    // A prepared transaction's commit would not be counted (link.rs relies on the count to
-    // look at the log) nor wake anyone.
+    // A prepared transaction's commit would not be counted (link.rs and `served_tick` rely on
+    // the counts to look at the log) nor wake anyone.
     crate::base::xact::refuse_prepare("wrote to rbucardo's change log");
+    hook_commit();
+}
+
+/// What this backend's commit callback does when the transaction under way commits.
+#[derive(Copy, Clone, Default)]
+struct AtCommit {
+    /// It wrote to the change log: count it.
+    wrote: bool,
+    /// And peers may want what it wrote: wake the worker.
+    wakes: bool,
+    /// It saw that tick `.1` of tick table `.0` holds the first `.2` change-log commits
+    /// counted (`ensure_tick`): note it for peers' fetches once it is committed.
+    served: Option<(u32, i64, u64)>,
+}
+
+/// Registers the commit callback, once per backend (a callback registered per transaction
+/// would cost a boxed closure and a list entry for every captured commit).
+fn hook_commit() {
     if !WAKE_HOOKED.with(|h| h.replace(true)) {
         // SAFETY: registers a 'static function with the signature PostgreSQL expects, once per
         // backend (WAKE_HOOKED); it stays registered for the life of the process.
-        unsafe { pg_sys::RegisterXactCallback(Some(wake_callback), std::ptr::null_mut()) };
+        unsafe { pg_sys::RegisterXactCallback(Some(commit_callback), std::ptr::null_mut()) };
     }
 }
 
 /// # Safety
 ///
-/// Only PostgreSQL calls it, as registered by `arm_wake_at_commit`, at a transaction event on
-/// the backend's main thread. The body itself uses no unsafe operation.
+/// Only PostgreSQL calls it, as registered by `hook_commit`, at a transaction event on the
+/// backend's main thread. The body itself uses no unsafe operation.
 #[pg_guard]
-unsafe extern "C-unwind" fn wake_callback(event: pg_sys::XactEvent::Type, _arg: *mut std::ffi::c_void) {
+unsafe extern "C-unwind" fn commit_callback(event: pg_sys::XactEvent::Type, _arg: *mut std::ffi::c_void) {
     use pg_sys::XactEvent::*;
     match event {
         XACT_EVENT_COMMIT | XACT_EVENT_PARALLEL_COMMIT => {
-            if WAKE_ARMED.with(|w| w.replace(false)) {
-                crate::base::signals::note_log_commit();
+            let done = AT_COMMIT.with(|a| a.take());
+            if let Some((rel, tick, writes)) = done.served {
+                crate::base::signals::note_served_tick(rel, tick, writes);
+            }
+            if done.wrote {
+                crate::base::signals::note_log_commit(done.wakes);
             }
         }
-        XACT_EVENT_ABORT | XACT_EVENT_PARALLEL_ABORT | XACT_EVENT_PREPARE => WAKE_ARMED.with(|w| w.set(false)),
+        XACT_EVENT_ABORT | XACT_EVENT_PARALLEL_ABORT | XACT_EVENT_PREPARE => AT_COMMIT.with(|a| a.set(AtCommit::default())),
         _ => {}
     }
+}
+
+/// The oid of rbucardo.tick (0 if missing).
+fn tick_rel() -> u32 {
+    // SAFETY: catalog cache lookups inside a transaction.
+    unsafe {
+        let nsp = pg_sys::get_namespace_oid(c"rbucardo".as_ptr(), true);
+        if nsp == pg_sys::InvalidOid {
+            return 0;
+        }
+        pg_sys::get_relname_relid(c"tick".as_ptr(), nsp).to_u32()
+    }
+}
+
+/// Notes, for when this transaction commits, that `tick` holds the first `writes` change-log
+/// commits counted. Not from a subtransaction, which may yet roll back the tick; the note is
+/// only a shortcut, so it is not worth tracking subtransactions for.
+fn serve_at_commit(tick: i64, writes: Option<u64>) {
+    // SAFETY: reads the backend's transaction state.
+    let top = unsafe { pg_sys::GetCurrentTransactionNestLevel() } == 1;
+    let (Some(writes), true) = (writes, top) else { return };
+    let rel = tick_rel();
+    if rel == 0 {
+        return;
+    }
+    AT_COMMIT.with(|a| {
+        let mut at = a.get();
+        at.served = Some(at.served.map_or((rel, tick, writes), |(r, t, w)| if r == rel { (r, t.max(tick), w.max(writes)) } else { (rel, tick, writes) }));
+        a.set(at);
+    });
+    hook_commit();
 }
 
 /// The newest tick, making a new one first if the log may hold transactions that no tick
@@ -170,9 +225,12 @@ unsafe extern "C-unwind" fn wake_callback(event: pg_sys::XactEvent::Type, _arg: 
 /// at the last tick has finished since.
 pub fn ensure_tick() -> i64 {
     locks::lock_ticks();
+    // Counted before the snapshots below: every commit counted so far is visible to them.
+    let writes = crate::base::signals::log_writes_here();
     let (last, needed) = plans::two::<i64, bool>(LAST_TICK, &[], &[]);
     let last = last.expect("the tick table always holds a tick");
     if !needed.unwrap_or(false) {
+        serve_at_commit(last, writes);
         return last;
     }
     // Read the sequence before the snapshot is taken (two statements, two snapshots): every
@@ -188,6 +246,7 @@ pub fn ensure_tick() -> i64 {
         &[(last + 1).into(), cur.into()],
         |_| (),
     );
+    serve_at_commit(last + 1, writes);
     last + 1
 }
 
@@ -198,11 +257,30 @@ pub fn ensure_tick() -> i64 {
 /// one behind the other. Now a fetch that finds the lock taken reads up to the newest tick; it
 /// misses nothing for long, since after every commit to the log this node's worker cuts a tick
 /// and only then tells listening peers (worker.rs).
+///
+/// Most fetches need no query for it: the tick cut before the notification they follow holds
+/// every change-log commit counted so far (`signals::served_tick`). A commit not counted yet
+/// (its callback runs just after it becomes visible) goes out with the next fetch: counted, it
+/// is followed by a notification if peers want it. Only in READ COMMITTED, where every query
+/// of the fetch sees a committed tick.
 pub fn served_tick() -> i64 {
+    let writes = crate::base::signals::log_writes_here();
+    // SAFETY: reads the backend's isolation level.
+    let read_committed = unsafe { pg_sys::XactIsoLevel } == pg_sys::XACT_READ_COMMITTED as i32;
+    if read_committed {
+        if let (Some(w), Some((tick, held))) = (writes, crate::base::signals::served_tick(tick_rel())) {
+            if held == w {
+                return tick;
+            }
+        }
+    }
     let (last, needed) = plans::two::<i64, bool>(LAST_TICK, &[], &[]);
     let last = last.expect("the tick table always holds a tick");
     if needed == Some(true) && locks::try_lock_ticks() {
         return ensure_tick();
+    }
+    if needed == Some(false) {
+        serve_at_commit(last, writes);
     }
     last
 }
@@ -472,6 +550,9 @@ fn read_span(me: i32, lo: i64, newest: i64, to: i32, budget: usize) -> Option<Sp
     // two are read apart, each through its own index, and merged in seq order up to the limit:
     // written as one OR, the planner walked the log's key from its start (for the ORDER BY),
     // filtering every row of the ticks not yet trimmed: about 1 ms per round under pgbench.
+    // The running ones are found by txid alone (`seq + 0` keeps the seq index out): ANDed
+    // with a bitmap of `seq <= last_seq`, the whole kept log, every fetch of a hub's stores
+    // walked that index to its start (8 % of a fetch with 20 stores).
     macro_rules! listed {
         ($running:literal) => {
             concat!(
@@ -482,7 +563,7 @@ fn read_span(me: i32, lo: i64, newest: i64, to: i32, budget: usize) -> Option<Sp
                          UNION ALL
                          SELECT l.seq, l.txid, octet_length(l.data), l.origin, l.via, l.only_for
                            FROM rbucardo.change_log l
-                          WHERE l.final AND l.seq <= $3 AND ",
+                          WHERE l.final AND l.seq + 0 <= $3 AND ",
                 $running,
                 ") c
                   WHERE pg_visible_in_snapshot(c.txid, (SELECT snap FROM rbucardo.tick WHERE tick_id = $2))

@@ -172,7 +172,6 @@ pub fn expired(peer: &str) -> Option<String> {
     if !ready() {
         return None;
     }
-    // Asked on every fetch a peer makes: a prepared statement.
     crate::base::plans::one::<String>(
         "SELECT expired_why FROM rbucardo.peer_state WHERE db = $1 AND expired_at IS NOT NULL",
         &[pg_sys::TEXTOID],

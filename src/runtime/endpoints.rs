@@ -47,18 +47,41 @@ fn check_caller(peer_name: &str) {
 
 /// A peer expired here (src/log/retention.rs) gets nothing more of this node's stream: it
 /// would have a hole. What it sends still comes in.
-fn check_not_expired(peer_name: &str) {
-    if let Some(why) = crate::log::retention::expired(peer_name) {
-        raise(
-            PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
-            format!("{peer_name} must rejoin: {why}"),
-            format!(
-                "The changes {peer_name} missed are gone from this node, so it would receive a stream with a hole in it. \
-                 Re-create {peer_name} from a copy of a current node (docs/operations.md, \"A copied node\"), \
-                 or remove it from its syncs and with remove_db('{peer_name}')."
-            ),
-        );
-    }
+fn refuse_expired(peer_name: &str, why: String) -> ! {
+    raise(
+        PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
+        format!("{peer_name} must rejoin: {why}"),
+        format!(
+            "The changes {peer_name} missed are gone from this node, so it would receive a stream with a hole in it. \
+             Re-create {peer_name} from a copy of a current node (docs/operations.md, \"A copied node\"), \
+             or remove it from its syncs and with remove_db('{peer_name}')."
+        ),
+    )
+}
+
+/// A fetch's position confirms the peer's stream up to it; it never moves back.
+macro_rules! confirm_fetch {
+    () => {
+        "UPDATE rbucardo.peer_state
+            SET out_tick = CASE WHEN (out_tick, out_seq) < ($2, $3) THEN $2 ELSE out_tick END,
+                out_seq = CASE WHEN (out_tick, out_seq) < ($2, $3) THEN $3 ELSE out_seq END,
+                last_contact = now(), state = 'connected', last_error = NULL
+          WHERE db = $1"
+    };
+}
+
+/// Records the caller's confirmation of this node's stream up to `after` (and its contact),
+/// and returns why it expired here, if it did: one statement, as every fetch asks both.
+fn note_fetch(peer_name: &str, after: Position) -> Option<String> {
+    // A 0.2 library on a 0.1 catalog (before ALTER EXTENSION UPDATE) has no expiry columns.
+    let sql = if crate::log::retention::ready() {
+        concat!(confirm_fetch!(), " RETURNING CASE WHEN expired_at IS NOT NULL THEN coalesce(expired_why, 'expired') END")
+    } else {
+        concat!(confirm_fetch!(), " RETURNING NULL::text")
+    };
+    plans::run(sql, &[pg_sys::TEXTOID, pg_sys::INT8OID, pg_sys::INT8OID], &[peer_name.into(), after.tick.into(), after.seq.into()], |rows| {
+        rows.into_iter().next().and_then(|r| r.get::<String>(1).ok().flatten())
+    })
 }
 
 /// The node id of the calling peer, which must be an active peer here. Kept between calls
@@ -118,7 +141,6 @@ fn peer_hello(peer_name: &str, peer_node_id: i32) -> TableIterator<'static, (nam
 fn peer_fetch(peer_name: &str, after_tick: i64, after_seq: i64, max_bytes: i32, held_tick: default!(i64, 0), held_seq: default!(i64, 0), held_chunks: default!(i32, 0)) -> Vec<u8> {
     let me = me_or_raise();
     let node = peer_node(peer_name);
-    check_not_expired(peer_name);
     let after = Position { tick: after_tick, seq: after_seq };
     // A fetch writes only the peer's confirmation and its last contact: both may be lost in a
     // crash (the peer sends them again), so its commit does not wait for the disk.
@@ -126,21 +148,60 @@ fn peer_fetch(peer_name: &str, after_tick: i64, after_seq: i64, max_bytes: i32, 
     // A fetch may hold the tick lock to its commit: a caller that leaves its transaction open
     // would stop every tick on this node. It is ended after a minute idle.
     crate::base::xact::set_local(c"idle_in_transaction_session_timeout", c"60s");
-    plans::run(
-        "UPDATE rbucardo.peer_state
-            SET out_tick = CASE WHEN (out_tick, out_seq) < ($2, $3) THEN $2 ELSE out_tick END,
-                out_seq = CASE WHEN (out_tick, out_seq) < ($2, $3) THEN $3 ELSE out_seq END,
-                last_contact = now(), state = 'connected', last_error = NULL
-          WHERE db = $1",
-        &[pg_sys::TEXTOID, pg_sys::INT8OID, pg_sys::INT8OID],
-        &[peer_name.into(), after.tick.into(), after.seq.into()],
-        |_| (),
-    );
+    let noted = !noted_lately(peer_name);
+    if noted {
+        note_fetch_or_refuse(peer_name, after);
+    } else if let Some(why) = expired_kept(peer_name) {
+        refuse_expired(peer_name, why);
+    }
     let limit = (max_bytes.max(1) as usize).min(BATCH_BYTES);
     let policy = node::peer_policy(peer_name);
     let held = (held_chunks > 0).then_some((Position { tick: held_tick, seq: held_seq }, held_chunks as u32));
     let newest = crate::log::changelog::served_tick();
-    encode_batch(&crate::log::changelog::read_batch(me.id, after, node, limit, &policy, held, newest))
+    let batch = crate::log::changelog::read_batch(me.id, after, node, limit, &policy, held, newest);
+    // Nothing more for the peer: it may not fetch again for a while, so what it confirmed is
+    // written now.
+    if !noted && batch.txns.is_empty() {
+        note_fetch_or_refuse(peer_name, after);
+    }
+    encode_batch(&batch)
+}
+
+/// How long a backend serving a peer's fetches may leave the peer's confirmation (and last
+/// contact) unwritten while its fetches bring it something. A hub's store fetches after
+/// every notification, 30 times a second with 20 stores, and the write was the costliest
+/// statement of a fetch (docs/performance.md). The confirmation is a lower bound wherever it
+/// is read (trimming, wait_for_sync, the lag views, a join's end): a late one holds the log a
+/// little longer. A fetch that brings nothing always writes it: the peer has everything then,
+/// and may not fetch again for a while.
+const CONFIRM_EVERY: std::time::Duration = std::time::Duration::from_millis(200);
+
+thread_local! {
+    /// The peer whose confirmation this backend last wrote, and when.
+    static NOTED: std::cell::RefCell<Option<(String, std::time::Instant)>> = const { std::cell::RefCell::new(None) };
+}
+
+/// Whether this backend wrote `peer_name`'s confirmation less than CONFIRM_EVERY ago.
+fn noted_lately(peer_name: &str) -> bool {
+    NOTED.with(|n| n.borrow().as_ref().is_some_and(|(p, at)| p == peer_name && at.elapsed() < CONFIRM_EVERY))
+}
+
+/// Writes the peer's confirmation, or refuses the fetch if it is expired here.
+fn note_fetch_or_refuse(peer_name: &str, after: Position) {
+    if let Some(why) = note_fetch(peer_name, after) {
+        refuse_expired(peer_name, why);
+    }
+    NOTED.with(|n| *n.borrow_mut() = Some((peer_name.to_string(), std::time::Instant::now())));
+}
+
+/// Whether the peer is expired here, kept between fetches while the configuration stays the
+/// same (src/base/kept.rs): the housekeeper bumps it in the transaction that expires a peer,
+/// remove_db when it clears one.
+fn expired_kept(peer_name: &str) -> Option<String> {
+    thread_local! {
+        static EXPIRED: crate::base::kept::Kept<Option<String>> = Default::default();
+    }
+    EXPIRED.with(|k| k.get_or(peer_name, || crate::log::retention::expired(peer_name)))
 }
 
 /// Where this node stands in the caller's stream: the caller pushes from there, and goes on

@@ -141,13 +141,19 @@ fn periodic(me_id: i32) {
     let mut slow = Slow::default();
     // Peers away past retention stop holding the log back (before the trim that follows);
     // the worker reads the configuration again and stops sending to them.
-    match slow.time("retention", || in_txn(crate::log::retention::expire_peers)) {
+    // The same transaction bumps the configuration generation: backends serving a peer's
+    // fetches keep whether it is expired by it (src/runtime/endpoints.rs).
+    let expire = || {
+        let expired = crate::log::retention::expire_peers();
+        if !expired.is_empty() {
+            crate::base::signals::wake_local_worker_at_commit();
+        }
+        expired
+    };
+    match slow.time("retention", || in_txn(expire)) {
         Ok(expired) => {
             for (peer, why) in &expired {
                 warning!("rbucardo: {peer} expired: {why}; it must rejoin");
-            }
-            if !expired.is_empty() {
-                let _ = in_txn(crate::base::signals::wake_local_worker_at_commit);
             }
         }
         Err(e) => log!("rbucardo housekeeper: checking peer retention failed: {e}"),

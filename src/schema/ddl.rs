@@ -267,13 +267,23 @@ fn table_shape(tables: &[pg_sys::Oid]) -> String {
 }
 
 /// The shape of every replicated table here, with its md5: what peers compare with theirs.
+/// Every link asks for it every few seconds, and a hub serves every store's: it is kept
+/// while no table, schema, type or the configuration changed (src/base/kept.rs).
 pub fn my_shape() -> (String, pgrx::JsonB) {
-    let (md5, shape) = Spi::get_two::<String, pgrx::JsonB>(
-        "SELECT pg_catalog.md5(s::text), s
-           FROM rbucardo.table_shape(ARRAY(SELECT relid FROM rbucardo.herd_table)) s",
-    )
-    .expect("computing the table shape");
-    (md5.unwrap_or_default(), shape.unwrap_or(pgrx::JsonB(serde_json::json!({}))))
+    thread_local! {
+        static SHAPE: crate::base::kept::Kept<(String, serde_json::Value)> = Default::default();
+    }
+    let (md5, shape) = SHAPE.with(|k| {
+        k.get_or("", || {
+            let (md5, shape) = Spi::get_two::<String, pgrx::JsonB>(
+                "SELECT pg_catalog.md5(s::text), s
+                   FROM rbucardo.table_shape(ARRAY(SELECT relid FROM rbucardo.herd_table)) s",
+            )
+            .expect("computing the table shape");
+            (md5.unwrap_or_default(), shape.map_or(serde_json::json!({}), |s| s.0))
+        })
+    });
+    (md5, pgrx::JsonB(shape))
 }
 
 /// Keeps the shape a peer reported, for validate_schema.

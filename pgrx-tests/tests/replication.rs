@@ -208,10 +208,12 @@ fn t3_long_open_transaction_arrives_after_later_commits() {
 /// the change log insert and the commit record, while every snapshot still
 /// sees it running, until `pg_cancel_backend` releases it. Everything else
 /// runs with `synchronous_commit = local`, which does not wait. While it waits,
+/// another transaction commits on main (a fetch cuts a tick only once a commit
+/// was counted since the newest tick: the waiting one is not counted yet), and
 /// the test fetches from main as branch1's worker does every round (calling
-/// `peer_fetch` itself to choose the moment: right away, before unrelated
-/// transactions commit), which cuts a tick past the waiting transaction (or
-/// the worker does, if it holds the tick lock at that moment).
+/// `peer_fetch` itself to choose the moment), which cuts a tick past the
+/// waiting transaction (or the worker does, if it holds the tick lock at that
+/// moment). After the waiting commit, nothing else commits.
 #[test]
 fn t3b_commit_that_becomes_visible_after_a_later_tick_is_still_shipped() {
     let cluster = start_store_with(
@@ -239,7 +241,9 @@ fn t3b_commit_that_becomes_visible_after_a_later_tick_is_still_shipped() {
         wait_until(&format!("round {round}: COMMIT waiting for the standby"), Duration::from_secs(30), || {
             Ok(probe.int(MAIN, &format!("SELECT count(*) FROM pg_stat_activity WHERE pid = {pid} AND wait_event = 'SyncRep'"))? == 1)
         });
-        // Its changes are numbered; a peer fetches now, which cuts a tick.
+        // Its changes are numbered; another transaction commits, and a peer fetches now,
+        // which cuts a tick.
+        main.sql(DB, &format!("INSERT INTO users VALUES ({}, 'm_other_{round}', 'committed while the other waits')", id + 100));
         let numbered = probe.int(MAIN, "SELECT last_value FROM rbucardo.change_seq").unwrap();
         probe
             .query(
@@ -272,8 +276,8 @@ fn t3b_commit_that_becomes_visible_after_a_later_tick_is_still_shipped() {
             });
         }
     }
-    converge(&cluster, &expected(&[("users", 5)]), CONVERGE);
-    assert_applied_exactly_once(&cluster, [5, 0, 0]);
+    converge(&cluster, &expected(&[("users", 10)]), CONVERGE);
+    assert_applied_exactly_once(&cluster, [10, 0, 0]);
 }
 
 // ---------------------------------------------------------------------------

@@ -201,13 +201,19 @@ pub fn note_served_tick(rel: u32, tick: i64, writes: u64) {
     let dboid = my_dboid();
     let mut reg = REGISTRY.exclusive();
     if let Some(slot) = reg.slots.iter_mut().find(|s| s.dboid == dboid) {
-        let s = &mut slot.served;
-        if s.rel != rel {
-            *s = Served { rel, tick, writes };
-        } else {
-            s.tick = s.tick.max(tick);
-            s.writes = s.writes.max(writes);
+        slot.served = slot.served.merge(Served { rel, tick, writes });
+    }
+}
+
+impl Served {
+    /// What two notes say together: a newer tick holds all an older one does, so the newest
+    /// tick holds the commits either counted. A note of another tick table (the extension
+    /// re-created) replaces the old one.
+    fn merge(self, new: Served) -> Served {
+        if self.rel != new.rel {
+            return new;
         }
+        Served { rel: self.rel, tick: self.tick.max(new.tick), writes: self.writes.max(new.writes) }
     }
 }
 
@@ -323,5 +329,25 @@ pub fn count_round(dboid: u32) {
     let mut reg = REGISTRY.exclusive();
     if let Some(slot) = reg.slots.iter_mut().find(|s| s.dboid == dboid) {
         slot.rounds = slot.rounds.wrapping_add(1);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Served;
+
+    #[test]
+    fn served_notes_merge_to_the_newest_tick_and_the_highest_count() {
+        let a = Served { rel: 7, tick: 10, writes: 50 };
+        // A fetch that found tick 10 still enough after more commits; then the worker's tick
+        // 11, cut after reading a lower count: tick 11 holds what tick 10 did.
+        let b = a.merge(Served { rel: 7, tick: 10, writes: 53 }).merge(Served { rel: 7, tick: 11, writes: 52 });
+        assert_eq!((b.tick, b.writes), (11, 53));
+        // Notes arriving out of order change nothing.
+        assert_eq!(b.merge(a).tick, 11);
+        assert_eq!(b.merge(a).writes, 53);
+        // A re-created extension's tick table starts again.
+        let c = b.merge(Served { rel: 9, tick: 1, writes: 60 });
+        assert_eq!((c.rel, c.tick, c.writes), (9, 1, 60));
     }
 }

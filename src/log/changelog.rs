@@ -202,12 +202,14 @@ fn tick_rel() -> u32 {
 }
 
 /// Notes, for when this transaction commits, that `tick` holds the first `writes` change-log
-/// commits counted. Not from a subtransaction, which may yet roll back the tick; the note is
-/// only a shortcut, so it is not worth tracking subtransactions for.
+/// commits counted (read before the statement that judged it). Only in READ COMMITTED, where
+/// that statement's snapshot was taken after the count was read (a REPEATABLE READ snapshot
+/// may predate commits counted); not from a subtransaction, which may yet roll back the tick.
+/// The note is only a shortcut: where it is not sure, none is made.
 fn serve_at_commit(tick: i64, writes: Option<u64>) {
     // SAFETY: reads the backend's transaction state.
-    let top = unsafe { pg_sys::GetCurrentTransactionNestLevel() } == 1;
-    let (Some(writes), true) = (writes, top) else { return };
+    let sure = unsafe { pg_sys::GetCurrentTransactionNestLevel() == 1 && pg_sys::XactIsoLevel == pg_sys::XACT_READ_COMMITTED as i32 };
+    let (Some(writes), true) = (writes, sure) else { return };
     let rel = tick_rel();
     if rel == 0 {
         return;

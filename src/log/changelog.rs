@@ -267,14 +267,8 @@ pub fn ensure_tick() -> i64 {
 /// of the fetch sees a committed tick.
 pub fn served_tick() -> i64 {
     let writes = crate::base::signals::log_writes_here();
-    // SAFETY: reads the backend's isolation level.
-    let read_committed = unsafe { pg_sys::XactIsoLevel } == pg_sys::XACT_READ_COMMITTED as i32;
-    if read_committed {
-        if let (Some(w), Some((tick, held))) = (writes, crate::base::signals::served_tick(tick_rel())) {
-            if held == w {
-                return tick;
-            }
-        }
+    if let Some(tick) = served_without_query() {
+        return tick;
     }
     let (last, needed) = plans::two::<i64, bool>(LAST_TICK, &[], &[]);
     let last = last.expect("the tick table always holds a tick");
@@ -296,9 +290,27 @@ pub fn ensure_tick_nowait() -> Option<i64> {
 
 /// The tick that will hold every transaction committed so far: the newest tick, or the next
 /// one if the log has grown since. Takes no lock, so callers that only wait can use it.
+/// While the tick noted for peers' fetches holds every change-log commit counted (as in
+/// `served_tick`), that one: nothing else cuts a newer tick until a commit is counted, and a
+/// commit whose COMMIT has returned is counted.
 pub fn stream_end() -> i64 {
+    if let Some(tick) = served_without_query() {
+        return tick;
+    }
     let (last, needed) = plans::two::<i64, bool>(LAST_TICK, &[], &[]);
     last.unwrap_or(0) + i64::from(needed.unwrap_or(false))
+}
+
+/// The tick noted for peers' fetches, if it holds every change-log commit counted so far and
+/// this transaction's statements see it (READ COMMITTED).
+fn served_without_query() -> Option<i64> {
+    // SAFETY: reads the backend's isolation level.
+    if unsafe { pg_sys::XactIsoLevel } != pg_sys::XACT_READ_COMMITTED as i32 {
+        return None;
+    }
+    let writes = crate::base::signals::log_writes_here()?;
+    let (tick, held) = crate::base::signals::served_tick(tick_rel())?;
+    (held == writes).then_some(tick)
 }
 
 /// One transaction as read from the log: its final chunk, and the seq and size of the chunks
@@ -480,6 +492,9 @@ fn find_spilled(out: &mut [LoggedTxn], multi: Vec<(usize, i64)>) {
 
 /// At most this many ticks are read with one query of `read_span`.
 const SPAN_TICKS: i64 = 256;
+/// A span whose ticks hold at most this many change-log chunks is read as one near the head
+/// of the stream (`read_span`).
+const NEAR_HEAD_CHUNKS: i64 = 1000;
 /// At most this many transactions are listed by one query of `read_span`.
 const SPAN_ROWS: i64 = 2000;
 
@@ -552,11 +567,14 @@ fn read_span(me: i32, lo: i64, newest: i64, to: i32, budget: usize) -> Option<Sp
     // two are read apart, each through its own index, and merged in seq order up to the limit:
     // written as one OR, the planner walked the log's key from its start (for the ORDER BY),
     // filtering every row of the ticks not yet trimmed: about 1 ms per round under pgbench.
-    // The running ones are found by txid alone (`seq + 0` keeps the seq index out): ANDed
-    // with a bitmap of `seq <= last_seq`, the whole kept log, every fetch of a hub's stores
-    // walked that index to its start (8 % of a fetch with 20 stores).
+    // Near the head of the stream (a hub's stores, fetching every few milliseconds: a span
+    // of a few chunks) the running ones are found by txid alone (`seq + 0` keeps the seq
+    // index out): ANDed with a bitmap of `seq <= last_seq`, the whole kept log, every fetch
+    // walked that index to its start (8 % of a fetch with 20 stores). Far behind it (a
+    // catch-up: a span of thousands), `txid >= xmax` is the whole backlog, and `seq <=
+    // last_seq` the smaller side (txid alone made a catch-up 25 % slower).
     macro_rules! listed {
-        ($running:literal) => {
+        ($seq_bound:literal, $running:literal) => {
             concat!(
                 "SELECT c.seq, c.txid::text::bigint, c.len, c.origin, c.via, c.only_for
                    FROM (SELECT l.seq, l.txid, octet_length(l.data) AS len, l.origin, l.via, l.only_for
@@ -565,7 +583,9 @@ fn read_span(me: i32, lo: i64, newest: i64, to: i32, budget: usize) -> Option<Sp
                          UNION ALL
                          SELECT l.seq, l.txid, octet_length(l.data), l.origin, l.via, l.only_for
                            FROM rbucardo.change_log l
-                          WHERE l.final AND l.seq + 0 <= $3 AND ",
+                          WHERE l.final AND ",
+                $seq_bound,
+                " AND ",
                 $running,
                 ") c
                   WHERE pg_visible_in_snapshot(c.txid, (SELECT snap FROM rbucardo.tick WHERE tick_id = $2))
@@ -574,10 +594,12 @@ fn read_span(me: i32, lo: i64, newest: i64, to: i32, budget: usize) -> Option<Sp
             )
         };
     }
-    let sql: &'static str = if xip.is_empty() {
-        listed!("l.txid >= $5::text::xid8")
-    } else {
-        listed!("(l.txid >= $5::text::xid8 OR l.txid = ANY ($4::bigint[]::text[]::xid8[]))")
+    let near_head = ticks.last().map_or(0, |t| t.1) - plast <= NEAR_HEAD_CHUNKS;
+    let sql: &'static str = match (xip.is_empty(), near_head) {
+        (true, true) => listed!("l.seq + 0 <= $3", "l.txid >= $5::text::xid8"),
+        (true, false) => listed!("l.seq <= $3", "l.txid >= $5::text::xid8"),
+        (false, true) => listed!("l.seq + 0 <= $3", "(l.txid >= $5::text::xid8 OR l.txid = ANY ($4::bigint[]::text[]::xid8[]))"),
+        (false, false) => listed!("l.seq <= $3", "(l.txid >= $5::text::xid8 OR l.txid = ANY ($4::bigint[]::text[]::xid8[]))"),
     };
     let args = [lo.into(), hi.into(), plast.into(), xip.into(), (first.xmax() as i64).into(), SPAN_ROWS.into()];
     let listed: Vec<(i64, i64, usize, Option<i32>, Option<i32>, Option<i32>)> =

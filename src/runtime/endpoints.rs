@@ -72,12 +72,24 @@ macro_rules! confirm_fetch {
 
 /// Records the caller's confirmation of this node's stream up to `after` (and its contact),
 /// and returns why it expired here, if it did: one statement, as every fetch asks both.
-fn note_fetch(peer_name: &str, after: Position) -> Option<String> {
+/// `if_free`: not if another transaction holds the peer's row (then nothing is written, nor
+/// checked): a fetch that may hold the tick lock must not wait for the row, which the
+/// worker's push locks before it takes the tick lock (link.rs).
+fn note_fetch(peer_name: &str, after: Position, if_free: bool) -> Option<String> {
     // A 0.2 library on a 0.1 catalog (before ALTER EXTENSION UPDATE) has no expiry columns.
-    let sql = if crate::log::retention::ready() {
-        concat!(confirm_fetch!(), " RETURNING CASE WHEN expired_at IS NOT NULL THEN coalesce(expired_why, 'expired') END")
-    } else {
-        concat!(confirm_fetch!(), " RETURNING NULL::text")
+    let sql = match (crate::log::retention::ready(), if_free) {
+        (true, false) => concat!(confirm_fetch!(), " RETURNING CASE WHEN expired_at IS NOT NULL THEN coalesce(expired_why, 'expired') END"),
+        (false, false) => concat!(confirm_fetch!(), " RETURNING NULL::text"),
+        (true, true) => concat!(
+            confirm_fetch!(),
+            " AND db IN (SELECT f.db FROM rbucardo.peer_state f WHERE f.db = $1 FOR UPDATE SKIP LOCKED)",
+            " RETURNING CASE WHEN expired_at IS NOT NULL THEN coalesce(expired_why, 'expired') END"
+        ),
+        (false, true) => concat!(
+            confirm_fetch!(),
+            " AND db IN (SELECT f.db FROM rbucardo.peer_state f WHERE f.db = $1 FOR UPDATE SKIP LOCKED)",
+            " RETURNING NULL::text"
+        ),
     };
     plans::run(sql, &[pg_sys::TEXTOID, pg_sys::INT8OID, pg_sys::INT8OID], &[peer_name.into(), after.tick.into(), after.seq.into()], |rows| {
         rows.into_iter().next().and_then(|r| r.get::<String>(1).ok().flatten())
@@ -150,7 +162,7 @@ fn peer_fetch(peer_name: &str, after_tick: i64, after_seq: i64, max_bytes: i32, 
     crate::base::xact::set_local(c"idle_in_transaction_session_timeout", c"60s");
     let noted = !noted_lately(peer_name);
     if noted {
-        note_fetch_or_refuse(peer_name, after);
+        note_fetch_or_refuse(peer_name, after, false);
     } else if let Some(why) = expired_kept(peer_name) {
         refuse_expired(peer_name, why);
     }
@@ -160,9 +172,9 @@ fn peer_fetch(peer_name: &str, after_tick: i64, after_seq: i64, max_bytes: i32, 
     let newest = crate::log::changelog::served_tick();
     let batch = crate::log::changelog::read_batch(me.id, after, node, limit, &policy, held, newest);
     // Nothing more for the peer: it may not fetch again for a while, so what it confirmed is
-    // written now.
+    // written now (unless the row is busy: a lower bound, written by a later fetch).
     if !noted && batch.txns.is_empty() {
-        note_fetch_or_refuse(peer_name, after);
+        note_fetch_or_refuse(peer_name, after, true);
     }
     encode_batch(&batch)
 }
@@ -187,8 +199,8 @@ fn noted_lately(peer_name: &str) -> bool {
 }
 
 /// Writes the peer's confirmation, or refuses the fetch if it is expired here.
-fn note_fetch_or_refuse(peer_name: &str, after: Position) {
-    if let Some(why) = note_fetch(peer_name, after) {
+fn note_fetch_or_refuse(peer_name: &str, after: Position, if_free: bool) {
+    if let Some(why) = note_fetch(peer_name, after, if_free) {
         refuse_expired(peer_name, why);
     }
     NOTED.with(|n| *n.borrow_mut() = Some((peer_name.to_string(), std::time::Instant::now())));

@@ -211,9 +211,9 @@ fn t3_long_open_transaction_arrives_after_later_commits() {
 /// another transaction commits on main (a fetch cuts a tick only once a commit
 /// was counted since the newest tick: the waiting one is not counted yet), and
 /// the test fetches from main as branch1's worker does every round (calling
-/// `peer_fetch` itself to choose the moment), which cuts a tick past the
-/// waiting transaction (or the worker does, if it holds the tick lock at that
-/// moment). After the waiting commit, nothing else commits.
+/// `peer_fetch` itself to choose the moment): a tick is cut past the waiting
+/// transaction, by that fetch or by the worker, woken by the other commit.
+/// After the waiting commit, nothing else commits.
 #[test]
 fn t3b_commit_that_becomes_visible_after_a_later_tick_is_still_shipped() {
     let cluster = start_store_with(

@@ -492,8 +492,8 @@ fn find_spilled(out: &mut [LoggedTxn], multi: Vec<(usize, i64)>) {
 
 /// At most this many ticks are read with one query of `read_span`.
 const SPAN_TICKS: i64 = 256;
-/// A span whose ticks hold at most this many change-log chunks is read as one near the head
-/// of the stream (`read_span`).
+/// A span that reaches the newest tick and whose ticks hold at most this many change-log
+/// chunks is read as one near the head of the stream (`read_span`).
 const NEAR_HEAD_CHUNKS: i64 = 1000;
 /// At most this many transactions are listed by one query of `read_span`.
 const SPAN_ROWS: i64 = 2000;
@@ -594,7 +594,9 @@ fn read_span(me: i32, lo: i64, newest: i64, to: i32, budget: usize) -> Option<Sp
             )
         };
     }
-    let near_head = ticks.last().map_or(0, |t| t.1) - plast <= NEAR_HEAD_CHUNKS;
+    // (The txid side reads everything after tick lo, to the head: a span near the head
+    // reaches the newest tick.)
+    let near_head = hi == newest && ticks.last().map_or(0, |t| t.1) - plast <= NEAR_HEAD_CHUNKS;
     let sql: &'static str = match (xip.is_empty(), near_head) {
         (true, true) => listed!("l.seq + 0 <= $3", "l.txid >= $5::text::xid8"),
         (true, false) => listed!("l.seq <= $3", "l.txid >= $5::text::xid8"),

@@ -70,12 +70,13 @@ macro_rules! confirm_fetch {
     };
 }
 
-/// Records the caller's confirmation of this node's stream up to `after` (and its contact),
-/// and returns why it expired here, if it did: one statement, as every fetch asks both.
+/// Records the caller's confirmation of this node's stream up to `after` (and its contact):
+/// whether it was written, and why the peer expired here, if it did (one statement, as every
+/// fetch asks both).
 /// `if_free`: not if another transaction holds the peer's row (then nothing is written, nor
 /// checked): a fetch that may hold the tick lock must not wait for the row, which the
 /// worker's push locks before it takes the tick lock (link.rs).
-fn note_fetch(peer_name: &str, after: Position, if_free: bool) -> Option<String> {
+fn note_fetch(peer_name: &str, after: Position, if_free: bool) -> (bool, Option<String>) {
     // A 0.2 library on a 0.1 catalog (before ALTER EXTENSION UPDATE) has no expiry columns.
     let sql = match (crate::log::retention::ready(), if_free) {
         (true, false) => concat!(confirm_fetch!(), " RETURNING CASE WHEN expired_at IS NOT NULL THEN coalesce(expired_why, 'expired') END"),
@@ -92,7 +93,7 @@ fn note_fetch(peer_name: &str, after: Position, if_free: bool) -> Option<String>
         ),
     };
     plans::run(sql, &[pg_sys::TEXTOID, pg_sys::INT8OID, pg_sys::INT8OID], &[peer_name.into(), after.tick.into(), after.seq.into()], |rows| {
-        rows.into_iter().next().and_then(|r| r.get::<String>(1).ok().flatten())
+        rows.into_iter().next().map_or((false, None), |r| (true, r.get::<String>(1).ok().flatten()))
     })
 }
 
@@ -184,8 +185,9 @@ fn peer_fetch(peer_name: &str, after_tick: i64, after_seq: i64, max_bytes: i32, 
 /// every notification, 30 times a second with 20 stores, and the write was the costliest
 /// statement of a fetch (docs/performance.md). The confirmation is a lower bound wherever it
 /// is read (trimming, wait_for_sync, the lag views, a join's end): a late one holds the log a
-/// little longer. A fetch that brings nothing always writes it: the peer has everything then,
-/// and may not fetch again for a while.
+/// little longer. A fetch that brings nothing writes it (unless another transaction holds the
+/// peer's row: then the next fetch does): the peer has everything then, and may not fetch
+/// again for a while.
 const CONFIRM_EVERY: std::time::Duration = std::time::Duration::from_millis(200);
 
 thread_local! {
@@ -200,10 +202,13 @@ fn noted_lately(peer_name: &str) -> bool {
 
 /// Writes the peer's confirmation, or refuses the fetch if it is expired here.
 fn note_fetch_or_refuse(peer_name: &str, after: Position, if_free: bool) {
-    if let Some(why) = note_fetch(peer_name, after, if_free) {
+    let (written, expired) = note_fetch(peer_name, after, if_free);
+    if let Some(why) = expired {
         refuse_expired(peer_name, why);
     }
-    NOTED.with(|n| *n.borrow_mut() = Some((peer_name.to_string(), std::time::Instant::now())));
+    if written {
+        NOTED.with(|n| *n.borrow_mut() = Some((peer_name.to_string(), std::time::Instant::now())));
+    }
 }
 
 /// Whether the peer is expired here, kept between fetches while the configuration stays the

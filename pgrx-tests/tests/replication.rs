@@ -705,6 +705,25 @@ fn t9_wait_for_sync_waits_for_peers_and_times_out_on_a_cut_link() {
         cluster.node(MAIN).query_one(DB, &format!("SELECT count(*) FROM users WHERE id = {}", base(BRANCH1) + 901)).as_deref(),
         Some("1")
     );
+    // On the hub, whose stores connect to it: true once both fetched main's row and confirmed
+    // it (a fetch that brings nothing writes its confirmation at once).
+    let main = cluster.node(MAIN);
+    main.sql(DB, &format!("INSERT INTO users VALUES ({}, 'w3', 'from the hub')", base(MAIN) + 902));
+    assert_eq!(main.query_one(DB, "SELECT rbucardo.wait_for_sync('store_sync', '30s')").as_deref(), Some("t"));
+    for i in [BRANCH1, BRANCH2] {
+        assert_eq!(
+            cluster.node(i).query_one(DB, &format!("SELECT count(*) FROM users WHERE id = {}", base(MAIN) + 902)).as_deref(),
+            Some("1"),
+            "{}",
+            NODE_NAMES[i]
+        );
+    }
+    // In REPEATABLE READ it could only time out: refused, with a hint.
+    let mut conn = main.connect(DB);
+    let err = conn
+        .query_one("BEGIN ISOLATION LEVEL REPEATABLE READ; SELECT rbucardo.wait_for_sync('store_sync', '2s')")
+        .expect_err("wait_for_sync in REPEATABLE READ");
+    assert!(err.contains("needs READ COMMITTED"), "{err}");
 }
 
 // ---------------------------------------------------------------------------

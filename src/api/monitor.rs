@@ -35,7 +35,8 @@ fn sleep_on_latch(d: Duration) {
 /// True once every change committed here before the call is confirmed by every peer of the
 /// sync, and this node's worker has completed a full round with its outbound peers (pulling
 /// what they held) and every passive peer has contacted this node since the call; false on
-/// timeout. Call it outside an explicit REPEATABLE READ transaction: it must see new commits.
+/// timeout. Refused in a REPEATABLE READ or SERIALIZABLE transaction: its snapshot would
+/// never see the peers' confirmations, so it could only time out.
 #[pg_extern(volatile)]
 fn wait_for_sync(name: &str, timeout: default!(pgrx::datum::Interval, "'60s'")) -> bool {
     let micros = {
@@ -47,6 +48,14 @@ fn wait_for_sync(name: &str, timeout: default!(pgrx::datum::Interval, "'60s'")) 
 
 /// `wait_for_sync` with a Rust timeout, for other functions of this layer (diff).
 pub fn synced(name: &str, timeout: Duration) -> bool {
+    // SAFETY: reads the backend's isolation level.
+    if unsafe { pg_sys::XactIsoLevel } != pg_sys::XACT_READ_COMMITTED as i32 {
+        crate::base::error::raise(
+            PgSqlErrorCode::ERRCODE_ACTIVE_SQL_TRANSACTION,
+            "rbucardo.wait_for_sync (and diff, which waits for the sync) needs READ COMMITTED",
+            "Its transaction's snapshot would never see the peers' confirmations. Call it outside a REPEATABLE READ or SERIALIZABLE transaction.",
+        );
+    }
     let deadline = Instant::now() + timeout;
     let peers: Vec<(String, bool)> = Spi::connect(|c| {
         c.select(

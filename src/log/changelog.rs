@@ -267,7 +267,7 @@ pub fn ensure_tick() -> i64 {
 /// of the fetch sees a committed tick.
 pub fn served_tick() -> i64 {
     let writes = crate::base::signals::log_writes_here();
-    if let Some(tick) = served_without_query() {
+    if let Some(tick) = served_without_query(writes) {
         return tick;
     }
     let (last, needed) = plans::two::<i64, bool>(LAST_TICK, &[], &[]);
@@ -294,21 +294,21 @@ pub fn ensure_tick_nowait() -> Option<i64> {
 /// `served_tick`), that one: nothing else cuts a newer tick until a commit is counted, and a
 /// commit whose COMMIT has returned is counted.
 pub fn stream_end() -> i64 {
-    if let Some(tick) = served_without_query() {
+    if let Some(tick) = served_without_query(crate::base::signals::log_writes_here()) {
         return tick;
     }
     let (last, needed) = plans::two::<i64, bool>(LAST_TICK, &[], &[]);
     last.unwrap_or(0) + i64::from(needed.unwrap_or(false))
 }
 
-/// The tick noted for peers' fetches, if it holds every change-log commit counted so far and
-/// this transaction's statements see it (READ COMMITTED).
-fn served_without_query() -> Option<i64> {
+/// The tick noted for peers' fetches, if it holds every change-log commit counted so far
+/// (`writes`, just read) and this transaction's statements see it (READ COMMITTED).
+fn served_without_query(writes: Option<u64>) -> Option<i64> {
     // SAFETY: reads the backend's isolation level.
     if unsafe { pg_sys::XactIsoLevel } != pg_sys::XACT_READ_COMMITTED as i32 {
         return None;
     }
-    let writes = crate::base::signals::log_writes_here()?;
+    let writes = writes?;
     let (tick, held) = crate::base::signals::served_tick(tick_rel())?;
     (held == writes).then_some(tick)
 }

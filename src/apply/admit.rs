@@ -11,6 +11,8 @@
 //! - DDL: per the peer's level; at the limited level, statements that could raise privileges
 //!   are refused whatever role would run them.
 
+use std::collections::HashMap;
+
 use pgrx::prelude::*;
 
 use crate::base::node::{DdlLevel, PeerPolicy};
@@ -25,12 +27,12 @@ fn is_system_schema(schema: &str) -> bool {
     schema == "rbucardo" || schema == "information_schema" || schema.starts_with("pg_")
 }
 
-/// Checks the transactions of `batch` after `cursor` against what the peer may do here.
-pub fn admit(me: i32, policy: &PeerPolicy, batch: &Batch, cursor: Position) -> Result<(), String> {
+/// Checks the transactions of `batch` after `cursor` against what the peer may do here;
+/// `applied` holds where this node stands in the stream of each of their origins.
+pub fn admit(me: i32, policy: &PeerPolicy, batch: &Batch, cursor: Position, applied: &HashMap<i32, Position>) -> Result<(), String> {
     let Some(peer_id) = policy.node_id else {
         return Err(format!("{} has not said hello (its node id is unknown here)", policy.name));
     };
-    let applied = applied_positions();
     for txn in batch.txns.iter().filter(|t| t.stream_pos > cursor) {
         // A transaction addressed to one node (a repair) comes from its origin, to this node:
         // anything else would be applied and not forwarded, or not applied at all.
@@ -77,13 +79,6 @@ pub fn admit(me: i32, policy: &PeerPolicy, batch: &Batch, cursor: Position) -> R
         }
     }
     Ok(())
-}
-
-/// Where this node stands in each origin's stream.
-fn applied_positions() -> std::collections::HashMap<i32, Position> {
-    crate::base::plans::run("SELECT origin, tick, seq FROM rbucardo.origin_progress", &[], &[], |t| {
-        t.filter_map(|r| Some((r.get::<i32>(1).ok()??, Position { tick: r.get::<i64>(2).ok()??, seq: r.get::<i64>(3).ok()?? }))).collect()
-    })
 }
 
 /// A schema change recorded in `schema` (`tag` "replicate_ddl" for an explicit one).

@@ -708,14 +708,54 @@ fn inspect(txn: &Txn, shared: &std::collections::HashSet<(String, String)>) -> (
     (ddl, unshared)
 }
 
-/// Where this node stands in `origin`'s stream. Locks it until commit: another peer may be
-/// delivering the same origin's transactions by another path at this moment.
-fn load_progress(origin: i32) -> Position {
-    locks::lock_origin(origin);
-    match crate::base::plans::two::<i64, i64>("SELECT tick, seq FROM rbucardo.origin_progress WHERE origin = $1 FOR UPDATE", &[pg_sys::INT4OID], &[origin.into()]) {
-        (Some(tick), Some(seq)) => Position { tick, seq },
-        _ => Position::START,
+/// Where this node stands in the streams of the origins whose transactions `txns` may apply
+/// here (after `cursor`, not this node's own), added to `progress` for those not in it yet.
+/// Locks them until commit, all at once, in ascending order and before anything is applied:
+/// another peer may be delivering the same origins' transactions by another path at this
+/// moment. One statement for the batch: a hub's store applied a few origins per pull, each
+/// with a lock and a read of its own (docs/performance.md).
+fn load_progress<'a>(me: i32, txns: impl Iterator<Item = &'a Txn>, cursor: Position, progress: &mut HashMap<i32, Position>) {
+    let mut origins: Vec<i32> = txns.filter(|t| t.stream_pos > cursor && t.origin != me).map(|t| t.origin).filter(|o| !progress.contains_key(o)).collect();
+    if origins.is_empty() {
+        return;
     }
+    origins.sort_unstable();
+    origins.dedup();
+    locks::lock_origins(&origins);
+    for &origin in &origins {
+        progress.insert(origin, Position::START);
+    }
+    crate::base::plans::run(
+        "SELECT origin, tick, seq FROM rbucardo.origin_progress WHERE origin = ANY ($1) FOR UPDATE",
+        &[pg_sys::INT4ARRAYOID],
+        &[origins.into()],
+        |t| {
+            for r in t {
+                if let (Ok(Some(origin)), Ok(Some(tick)), Ok(Some(seq))) = (r.get::<i32>(1), r.get::<i64>(2), r.get::<i64>(3)) {
+                    progress.insert(origin, Position { tick, seq });
+                }
+            }
+        },
+    );
+}
+
+/// Writes the positions of `progress` that moved from `loaded`, in one statement.
+fn save_progress(loaded: &HashMap<i32, Position>, progress: &HashMap<i32, Position>) {
+    let moved: Vec<(i32, Position)> = progress.iter().filter(|(o, p)| loaded.get(o) != Some(p)).map(|(o, p)| (*o, *p)).collect();
+    if moved.is_empty() {
+        return;
+    }
+    let origins: Vec<i32> = moved.iter().map(|(o, _)| *o).collect();
+    let ticks: Vec<i64> = moved.iter().map(|(_, p)| p.tick).collect();
+    let seqs: Vec<i64> = moved.iter().map(|(_, p)| p.seq).collect();
+    crate::base::plans::run(
+        "INSERT INTO rbucardo.origin_progress (origin, tick, seq)
+         SELECT * FROM ROWS FROM (pg_catalog.unnest($1::pg_catalog.int4[]), pg_catalog.unnest($2::pg_catalog.int8[]), pg_catalog.unnest($3::pg_catalog.int8[]))
+         ON CONFLICT (origin) DO UPDATE SET tick = EXCLUDED.tick, seq = EXCLUDED.seq, applied_at = pg_catalog.now()",
+        &[pg_sys::INT4ARRAYOID, pg_sys::INT8ARRAYOID, pg_sys::INT8ARRAYOID],
+        &[origins.into(), ticks.into(), seqs.into()],
+        |_| (),
+    );
 }
 
 /// The stream a batch belongs to, for [`Stream::pass`].
@@ -731,6 +771,8 @@ struct Stream<'a> {
     /// The node ids of the active peers but the sender (None: not known yet): those that may
     /// get what this batch forwards.
     forward_to: &'a [Option<i32>],
+    /// Where this node stood in each origin's stream before the batch (`load_progress`).
+    progress: &'a HashMap<i32, Position>,
 }
 
 /// What a pass over a batch did.
@@ -757,7 +799,7 @@ impl Stream<'_> {
     /// subtransaction of its own, so that one that breaks a constraint is parked and one whose
     /// schema change fails stops the stream; otherwise any such failure raises an error.
     fn pass(&self, applier: &mut Applier, client: &mut SpiClient<'_>, mut cursor: Position, careful: bool) -> Result<Pass, PassEnd> {
-        let mut progress: HashMap<i32, Position> = HashMap::new();
+        let mut progress = self.progress.clone();
         let (mut applied, mut stopped) = (0i64, None);
         let mut tally = conflicts::Tally::default();
         for txn in &self.batch.txns {
@@ -771,7 +813,10 @@ impl Stream<'_> {
                 continue;
             }
             let block = self.blocks.iter().find(|b| b.origin == txn.origin && b.origin_pos == txn.origin_pos);
-            let done = *progress.entry(txn.origin).or_insert_with(|| load_progress(txn.origin));
+            if !progress.contains_key(&txn.origin) {
+                load_progress(self.me, std::iter::once(txn), before, &mut progress);
+            }
+            let done = progress[&txn.origin];
             if txn.origin_pos <= done {
                 // Already here by another path (a mesh): so is a schema change that stopped
                 // this stream at it.
@@ -924,8 +969,12 @@ pub fn apply_batch(me: i32, sender_db: &str, sender_node: i32, batch: &Batch) ->
     };
     // A part is checked before it is kept, and the last one before the kept parts are read:
     // a refusal leaves them kept.
+    // The origins' locks and positions, for the batch as it came (a large transaction's last
+    // part stands for it whole).
+    let mut loaded = HashMap::new();
+    load_progress(me, batch.txns.iter(), cursor, &mut loaded);
     if holds_part {
-        if let Err(why) = admit::admit(me, &policy, batch, cursor) {
+        if let Err(why) = admit::admit(me, &policy, batch, cursor, &loaded) {
             return refuse(why);
         }
     }
@@ -940,13 +989,14 @@ pub fn apply_batch(me: i32, sender_db: &str, sender_node: i32, batch: &Batch) ->
         ),
     };
     let batch: &Batch = &batch;
-    if let Err(why) = admit::admit(me, &policy, batch, cursor) {
+    load_progress(me, batch.txns.iter(), cursor, &mut loaded);
+    if let Err(why) = admit::admit(me, &policy, batch, cursor, &loaded) {
         return refuse(why);
     }
     let run_as = ddl::run_as(&policy);
     let blocks = exceptions::stopped_in(sender_node);
-    let forward_to: Vec<Option<i32>> = crate::base::node::active_peers().into_iter().map(|p| p.node_id).filter(|&id| id != Some(sender_node)).collect();
-    let stream = Stream { me, sender_node, batch, blocks: &blocks, run_as: &run_as, policy: &policy, forward_to: &forward_to };
+    let forward_to: Vec<Option<i32>> = crate::base::node::active_peers_kept().iter().map(|p| p.node_id).filter(|&id| id != Some(sender_node)).collect();
+    let stream = Stream { me, sender_node, batch, blocks: &blocks, run_as: &run_as, policy: &policy, forward_to: &forward_to, progress: &loaded };
     // Fast path: the whole batch in one subtransaction. If a transaction of it breaks a
     // constraint or a schema change fails, that is undone and the batch is applied again with a
     // subtransaction per remote transaction, which parks or stops just that one. Either pass is
@@ -993,15 +1043,7 @@ pub fn apply_batch(me: i32, sender_db: &str, sender_node: i32, batch: &Batch) ->
     if applied > 0 {
         retry::retry_after_batch(me);
     }
-    for (origin, pos) in &progress {
-        crate::base::plans::run(
-            "INSERT INTO rbucardo.origin_progress (origin, tick, seq) VALUES ($1, $2, $3)
-             ON CONFLICT (origin) DO UPDATE SET tick = EXCLUDED.tick, seq = EXCLUDED.seq, applied_at = pg_catalog.now()",
-            &[pg_sys::INT4OID, pg_sys::INT8OID, pg_sys::INT8OID],
-            &[(*origin).into(), pos.tick.into(), pos.seq.into()],
-            |_| (),
-        );
-    }
+    save_progress(&loaded, &progress);
     crate::base::plans::run(
         "UPDATE rbucardo.peer_state SET in_tick = $2, in_seq = $3, applied_in = applied_in + $4,
                 last_contact = pg_catalog.now(), refused = NULL WHERE db = $1",

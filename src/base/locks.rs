@@ -12,21 +12,61 @@ const ORIGIN_LOCK: i32 = 7263;
 
 /// Only one transaction makes ticks at a time.
 pub fn lock_ticks() {
-    crate::base::plans::run("SELECT pg_catalog.pg_advisory_xact_lock($1)", &[pg_sys::INT4OID], &[TICK_LOCK.into()], |_| ());
+    acquire(tag_int8(TICK_LOCK), false);
 }
 
 /// The tick lock if it is free (see changelog::served_tick).
 pub fn try_lock_ticks() -> bool {
-    crate::base::plans::one::<bool>("SELECT pg_catalog.pg_try_advisory_xact_lock($1)", &[pg_sys::INT4OID], &[TICK_LOCK.into()]) == Some(true)
+    acquire(tag_int8(TICK_LOCK), true)
 }
 
 /// One applier per stream at a time (a peer may push while this node pulls from it).
 pub fn lock_stream(sender_node: i32) {
-    crate::base::plans::run("SELECT pg_catalog.pg_advisory_xact_lock($1, $2)", &[pg_sys::INT4OID, pg_sys::INT4OID], &[STREAM_LOCK.into(), sender_node.into()], |_| ());
+    acquire(tag_int4_pair(STREAM_LOCK, sender_node), false);
 }
 
 /// One writer of an origin's progress at a time: two peers may deliver the same origin's
-/// transactions by two paths at once.
-pub fn lock_origin(origin: i32) {
-    crate::base::plans::run("SELECT pg_catalog.pg_advisory_xact_lock($1, $2)", &[pg_sys::INT4OID, pg_sys::INT4OID], &[ORIGIN_LOCK.into(), origin.into()], |_| ());
+/// transactions by two paths at once. A batch takes the locks of all its origins before it
+/// applies anything, in ascending order (`lock_origins`), so that two streams carrying the
+/// same origins never wait on each other in a cycle.
+pub fn lock_origins(origins: &[i32]) {
+    let mut sorted = origins.to_vec();
+    sorted.sort_unstable();
+    sorted.dedup();
+    for origin in sorted {
+        acquire(tag_int4_pair(ORIGIN_LOCK, origin), false);
+    }
+}
+
+/// The tag `pg_advisory_xact_lock(bigint)` locks, so that the lock shows and conflicts as
+/// that one does.
+fn tag_int8(key: i64) -> pg_sys::LOCKTAG {
+    advisory((key >> 32) as u32, key as u32, 1)
+}
+
+/// The tag `pg_advisory_xact_lock(int, int)` locks.
+fn tag_int4_pair(key1: i32, key2: i32) -> pg_sys::LOCKTAG {
+    advisory(key1 as u32, key2 as u32, 2)
+}
+
+fn advisory(field2: u32, field3: u32, field4: u16) -> pg_sys::LOCKTAG {
+    pg_sys::LOCKTAG {
+        // SAFETY: a plain backend global, set once the backend is connected to its database.
+        locktag_field1: unsafe { pg_sys::MyDatabaseId }.to_u32(),
+        locktag_field2: field2,
+        locktag_field3: field3,
+        locktag_field4: field4,
+        locktag_type: pg_sys::LockTagType::LOCKTAG_ADVISORY as u8,
+        locktag_lockmethodid: pg_sys::USER_LOCKMETHOD as u8,
+    }
+}
+
+/// Takes an advisory lock until the end of the transaction, as the SQL functions do, without
+/// a statement: a batch's apply took four of these per round through SPI (docs/
+/// performance.md). Returns false only when `nowait` and another transaction holds it.
+fn acquire(tag: pg_sys::LOCKTAG, nowait: bool) -> bool {
+    // SAFETY: LockAcquire reads the tag during the call; an error (deadlock, cancel) is raised
+    // through pgrx's guard as any ereport is.
+    let got = unsafe { pg_sys::LockAcquire(&tag, pg_sys::ExclusiveLock as pg_sys::LOCKMODE, false, nowait) };
+    got != pg_sys::LockAcquireResult::LOCKACQUIRE_NOT_AVAIL
 }

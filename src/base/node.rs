@@ -110,6 +110,15 @@ pub fn active_peers() -> Vec<Peer> {
     )
 }
 
+/// `active_peers`, kept from one call to the next while the configuration stays the same
+/// (src/base/kept.rs): every batch applied asks whom it forwards to.
+pub fn active_peers_kept() -> Rc<Vec<Peer>> {
+    thread_local! {
+        static PEERS: Kept<Rc<Vec<Peer>>> = Kept::default();
+    }
+    PEERS.with(|k| k.get_or("", || Rc::new(active_peers())))
+}
+
 /// Records the node id a peer announced; a different id than the one on record is refused,
 /// because it means two servers claim the same name.
 pub fn learn_peer_id(name: &str, node_id: i32) {

@@ -25,6 +25,9 @@ const POSITION_TRUSTED: Duration = Duration::from_secs(1);
 const CONFIRM_AFTER: Duration = Duration::from_millis(300);
 /// A peer that sent no notification is pulled at least this often (`Link::pull_due`).
 const PULL_AT_LEAST_EVERY: Duration = Duration::from_secs(2);
+/// How long the position a pull's own apply left the peer's stream at is trusted as the start
+/// of the next pull, without reading it again (`Link::applied_to`).
+const APPLIED_TO_TRUSTED: Duration = Duration::from_secs(1);
 
 /// One outbound link and what it has learned.
 pub struct Link {
@@ -59,6 +62,17 @@ pub struct Link {
     pulled_at: Option<Instant>,
     /// The peer told this node (NOTIFY) that its stream has grown since.
     notified: bool,
+    /// Where the last pull's own apply left the peer's stream here, cleanly (nothing stopped,
+    /// no part of a large transaction held), with the configuration generation and when: the
+    /// next pull within `APPLIED_TO_TRUSTED` starts there without a transaction to read the
+    /// cursor, the parts held and whether the stream is stopped (a hub's store pulls after
+    /// every notification, and that read cost a transaction and three statements per pull).
+    /// A stale start only brings again what this node has, which the apply skips; it is
+    /// never trusted on a link whose stream also arrives by another way (`shared_stream`).
+    applied_to: Option<(Position, u64, Instant)>,
+    /// An apply found the stream moved since this link's last one: the peer also pushes it
+    /// here (a mesh), or the operator moved it. `applied_to` is not used on this link again.
+    shared_stream: bool,
 }
 
 impl Link {
@@ -97,6 +111,8 @@ impl Link {
             report_next: None,
             pulled_at: None,
             notified: false,
+            applied_to: None,
+            shared_stream: false,
         })
     }
 
@@ -153,18 +169,24 @@ impl Link {
         loop {
             let (name, peer_id) = (self.peer.name.clone(), self.peer_id);
             let confirmed = self.fetch_confirmed;
-            let (after, stopped, held) = in_txn(move || {
-                let (t, s) = plans::two::<i64, i64>("SELECT in_tick, in_seq FROM rbucardo.peer_state WHERE db = $1", &[pg_sys::TEXTOID], &[name.as_str().into()]);
-                let held = crate::apply::parts::resume_point(peer_id).unwrap_or((Position { tick: 0, seq: 0 }, 0));
-                let after = Position { tick: t.unwrap_or(0), seq: s.unwrap_or(Position::START.seq) };
-                // The fetch confirms `after`, and the peer trims what it confirms. A pull's
-                // own apply commits durably, but in a mesh the peer also pushes this stream,
-                // and a push's commit may not be on disk yet.
-                if confirmed != Some(after) {
-                    crate::base::durable::flush_committed();
-                }
-                (after, crate::apply::exceptions::stream_stopped(peer_id), held)
-            })?;
+            let generation = crate::base::signals::config_generation();
+            let known = self.applied_to.take().filter(|&(_, g, at)| !self.shared_stream && g == generation && at.elapsed() < APPLIED_TO_TRUSTED);
+            let (after, stopped, held) = match known {
+                // Where our own apply left it, committed durably: nothing to flush.
+                Some((pos, _, _)) => (pos, None, (Position { tick: 0, seq: 0 }, 0)),
+                None => in_txn(move || {
+                    let (t, s) = plans::two::<i64, i64>("SELECT in_tick, in_seq FROM rbucardo.peer_state WHERE db = $1", &[pg_sys::TEXTOID], &[name.as_str().into()]);
+                    let held = crate::apply::parts::resume_point(peer_id).unwrap_or((Position { tick: 0, seq: 0 }, 0));
+                    let after = Position { tick: t.unwrap_or(0), seq: s.unwrap_or(Position::START.seq) };
+                    // The fetch confirms `after`, and the peer trims what it confirms. A pull's
+                    // own apply commits durably, but in a mesh the peer also pushes this stream,
+                    // and a push's commit may not be on disk yet.
+                    if confirmed != Some(after) {
+                        crate::base::durable::flush_committed();
+                    }
+                    (after, crate::apply::exceptions::stream_stopped(peer_id), held)
+                })?,
+            };
             if stopped.is_some() {
                 self.stopped = stopped;
                 return Ok(total);
@@ -195,14 +217,16 @@ impl Link {
             // A batch that holds the sender's whole stream ends the pull: asking again at once
             // would cost the sender a fetch for nothing (a hub serves many peers per round).
             let empty = batch.txns.is_empty() || batch.complete;
-            let applied = in_txn(move || {
-                let a = crate::apply::apply_batch(me_id, &name, peer_id, &batch);
-                (a.txns, a.stopped)
-            })?;
-            total += applied.0;
-            if applied.1.is_some() {
-                self.stopped = applied.1;
+            let parts = batch.txns.iter().any(|t| t.part.is_some());
+            let applied = in_txn(move || crate::apply::apply_batch(me_id, &name, peer_id, &batch))?;
+            total += applied.txns;
+            if applied.stopped.is_some() {
+                self.stopped = applied.stopped;
                 return Ok(total);
+            }
+            self.shared_stream |= applied.from != after;
+            if !parts {
+                self.applied_to = Some((applied.cursor, generation, Instant::now()));
             }
             if empty {
                 return Ok(total);

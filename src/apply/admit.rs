@@ -28,7 +28,8 @@ fn is_system_schema(schema: &str) -> bool {
 }
 
 /// Checks the transactions of `batch` after `cursor` against what the peer may do here;
-/// `applied` holds where this node stands in the stream of each of their origins.
+/// `applied` holds where this node stands in the stream of each of their origins (this node's
+/// own aside).
 pub fn admit(me: i32, policy: &PeerPolicy, batch: &Batch, cursor: Position, applied: &HashMap<i32, Position>) -> Result<(), String> {
     let Some(peer_id) = policy.node_id else {
         return Err(format!("{} has not said hello (its node id is unknown here)", policy.name));

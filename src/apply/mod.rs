@@ -48,6 +48,9 @@ pub struct Applied {
     pub txns: i64,
     /// Set when a schema change that fails here stopped the stream (src/exceptions.rs): why.
     pub stopped: Option<String>,
+    /// The count of batches applied in this database this one reached (`signals::note_apply`),
+    /// if it moved the cursor.
+    pub applies: Option<u64>,
 }
 
 /// FxHash, as rustc uses it: the applier looks up a table's description (names of its schema,
@@ -708,35 +711,43 @@ fn inspect(txn: &Txn, shared: &std::collections::HashSet<(String, String)>) -> (
     (ddl, unshared)
 }
 
-/// Where this node stands in the streams of the origins whose transactions `txns` may apply
-/// here (after `cursor`, not this node's own), added to `progress` for those not in it yet.
-/// Locks them until commit, all at once, in ascending order and before anything is applied:
-/// another peer may be delivering the same origins' transactions by another path at this
-/// moment. One statement for the batch: a hub's store applied a few origins per pull, each
-/// with a lock and a read of its own (docs/performance.md).
-fn load_progress<'a>(me: i32, txns: impl Iterator<Item = &'a Txn>, cursor: Position, progress: &mut HashMap<i32, Position>) {
-    let mut origins: Vec<i32> = txns.filter(|t| t.stream_pos > cursor && t.origin != me).map(|t| t.origin).filter(|o| !progress.contains_key(o)).collect();
-    if origins.is_empty() {
-        return;
-    }
+/// Where this node stands in the streams of the origins of `batch`'s transactions after
+/// `cursor` (not this node's own). The origins the sender may deliver (`may_send`) are locked
+/// until commit, all at once, in ascending order and before anything is applied: another
+/// peer may be delivering the same origins' transactions by another path at this moment. The
+/// others are only read: admit refuses their transactions unless they are applied here
+/// already, and the pass skips those (progress only moves forward). So a peer cannot make
+/// this node wait on, or hold, locks of origins it may not send. One statement per kind: a
+/// hub's store applied a few origins per pull, each with a lock and a read of its own
+/// (docs/performance.md).
+fn load_progress(me: i32, batch: &Batch, cursor: Position, may_send: impl Fn(i32) -> bool) -> HashMap<i32, Position> {
+    let mut origins: Vec<i32> = batch.txns.iter().filter(|t| t.stream_pos > cursor && t.origin != me).map(|t| t.origin).collect();
     origins.sort_unstable();
     origins.dedup();
-    locks::lock_origins(&origins);
-    for &origin in &origins {
-        progress.insert(origin, Position::START);
-    }
-    crate::base::plans::run(
-        "SELECT origin, tick, seq FROM rbucardo.origin_progress WHERE origin = ANY ($1) FOR UPDATE",
-        &[pg_sys::INT4ARRAYOID],
-        &[origins.into()],
-        |t| {
+    let (locked, read): (Vec<i32>, Vec<i32>) = origins.into_iter().partition(|&o| may_send(o));
+    let mut progress = HashMap::new();
+    for (origins, sql) in [
+        (locked, "SELECT origin, tick, seq FROM rbucardo.origin_progress WHERE origin = ANY ($1) FOR UPDATE"),
+        (read, "SELECT origin, tick, seq FROM rbucardo.origin_progress WHERE origin = ANY ($1)"),
+    ] {
+        if origins.is_empty() {
+            continue;
+        }
+        if sql.ends_with("FOR UPDATE") {
+            locks::lock_origins(&origins);
+        }
+        for &origin in &origins {
+            progress.insert(origin, Position::START);
+        }
+        crate::base::plans::run(sql, &[pg_sys::INT4ARRAYOID], &[origins.into()], |t| {
             for r in t {
                 if let (Ok(Some(origin)), Ok(Some(tick)), Ok(Some(seq))) = (r.get::<i32>(1), r.get::<i64>(2), r.get::<i64>(3)) {
                     progress.insert(origin, Position { tick, seq });
                 }
             }
-        },
-    );
+        });
+    }
+    progress
 }
 
 /// Writes the positions of `progress` that moved from `loaded`, in one statement.
@@ -813,10 +824,15 @@ impl Stream<'_> {
                 continue;
             }
             let block = self.blocks.iter().find(|b| b.origin == txn.origin && b.origin_pos == txn.origin_pos);
-            if !progress.contains_key(&txn.origin) {
-                load_progress(self.me, std::iter::once(txn), before, &mut progress);
-            }
-            let done = progress[&txn.origin];
+            // Every origin of the batch was loaded (and, if the sender may send it, locked)
+            // before the pass: a large transaction put together from its parts keeps its own.
+            let Some(&done) = progress.get(&txn.origin) else {
+                raise(
+                    PgSqlErrorCode::ERRCODE_INTERNAL_ERROR,
+                    format!("no progress loaded for origin {} of a batch from node {}", txn.origin, self.sender_node),
+                    "This is a bug in rbucardo; nothing of the batch was applied.",
+                );
+            };
             if txn.origin_pos <= done {
                 // Already here by another path (a mesh): so is a schema change that stopped
                 // this stream at it.
@@ -965,14 +981,13 @@ pub fn apply_batch(me: i32, sender_db: &str, sender_node: i32, batch: &Batch) ->
         let why = format!("refused a batch from {sender_db}: {why}");
         pgrx::warning!("rbucardo: {why}");
         admit::record_refusal(sender_db, &why);
-        Applied { from: cursor, cursor, txns: 0, stopped: Some(why) }
+        Applied { from: cursor, cursor, txns: 0, stopped: Some(why), applies: None }
     };
+    // The origins' positions, and the locks of those the sender may deliver, for the batch as
+    // it came (a large transaction's last part stands for it whole).
+    let loaded = load_progress(me, batch, cursor, |origin| policy.relay || policy.node_id == Some(origin));
     // A part is checked before it is kept, and the last one before the kept parts are read:
     // a refusal leaves them kept.
-    // The origins' locks and positions, for the batch as it came (a large transaction's last
-    // part stands for it whole).
-    let mut loaded = HashMap::new();
-    load_progress(me, batch.txns.iter(), cursor, &mut loaded);
     if holds_part {
         if let Err(why) = admit::admit(me, &policy, batch, cursor, &loaded) {
             return refuse(why);
@@ -989,7 +1004,6 @@ pub fn apply_batch(me: i32, sender_db: &str, sender_node: i32, batch: &Batch) ->
         ),
     };
     let batch: &Batch = &batch;
-    load_progress(me, batch.txns.iter(), cursor, &mut loaded);
     if let Err(why) = admit::admit(me, &policy, batch, cursor, &loaded) {
         return refuse(why);
     }
@@ -1031,7 +1045,7 @@ pub fn apply_batch(me: i32, sender_db: &str, sender_node: i32, batch: &Batch) ->
             let why = format!("refused a batch from {sender_db}: {why}");
             pgrx::warning!("rbucardo: {why}");
             admit::record_refusal(sender_db, &why);
-            return Applied { from: cursor, cursor, txns: 0, stopped: Some(why) };
+            return Applied { from: cursor, cursor, txns: 0, stopped: Some(why), applies: None };
         }
         Ok(Err(PassEnd::NeedsCare)) => unreachable!("a careful pass handles every transaction"),
         Err(e) => e.rethrow(),
@@ -1054,5 +1068,7 @@ pub fn apply_batch(me: i32, sender_db: &str, sender_node: i32, batch: &Batch) ->
     if holds_part {
         parts::drop_passed(sender_node, cursor);
     }
-    Applied { from, cursor, txns: applied, stopped }
+    // Inside the stream lock, before the commit: see `signals::Applies`.
+    let applies = crate::base::signals::note_apply();
+    Applied { from, cursor, txns: applied, stopped, applies }
 }

@@ -27,8 +27,11 @@ pub fn lock_stream(sender_node: i32) {
 
 /// One writer of an origin's progress at a time: two peers may deliver the same origin's
 /// transactions by two paths at once. A batch takes the locks of all its origins before it
-/// applies anything, in ascending order (`lock_origins`), so that two streams carrying the
-/// same origins never wait on each other in a cycle.
+/// applies anything, in ascending order: two batches carrying the same origins by two streams
+/// then wait for each other at most one way (in batch order, each could hold one the other
+/// waits for). Two batches applied in one transaction (a caller's own
+/// transaction block) can still take them out of order; PostgreSQL's deadlock detection then
+/// undoes one.
 pub fn lock_origins(origins: &[i32]) {
     let mut sorted = origins.to_vec();
     sorted.sort_unstable();

@@ -88,10 +88,43 @@ unsafe impl PGRXSharedMemory for LogCommits {}
 // requirement); initialised in shared memory at preload (pg_shmem_init! in `init`).
 static LOG_COMMITS: PgAtomic<LogCommits> = unsafe { PgAtomic::new(c"rbucardo_log_commits") };
 
+/// Batches applied, per registry slot (database), each counted inside its stream lock before
+/// its commit (`apply::apply_batch`). A link that pulls a stream notes the count its own apply
+/// reached: while the count stays there, no other apply (the same stream pushed here in a
+/// mesh, an exception_retry) has moved any stream's cursor since, nor confirmed anything to a
+/// sender (src/runtime/link.rs).
+pub struct Applies([AtomicU64; MAX_DATABASES]);
+
+impl Default for Applies {
+    fn default() -> Self {
+        Applies(std::array::from_fn(|_| AtomicU64::new(0)))
+    }
+}
+
+// SAFETY: atomics only, no pointers.
+unsafe impl PGRXSharedMemory for Applies {}
+
+// SAFETY: no other shared-memory object uses the name "rbucardo_applies" (PgAtomic::new's
+// requirement); initialised in shared memory at preload (pg_shmem_init! in `init`).
+static APPLIES: PgAtomic<Applies> = unsafe { PgAtomic::new(c"rbucardo_applies") };
+
 /// Reserves the shared memory; called from `_PG_init` at preload time.
 pub fn init() {
     pg_shmem_init!(REGISTRY);
     pg_shmem_init!(LOG_COMMITS);
+    pg_shmem_init!(APPLIES);
+}
+
+/// Counts a batch applied in the current database (see `Applies`); returns the count it
+/// reached, None without a registry slot.
+pub fn note_apply() -> Option<u64> {
+    local_slot().map(|(i, _)| APPLIES.get().0[i].fetch_add(1, Ordering::AcqRel) + 1)
+}
+
+/// Batches applied in the current database so far (see `Applies`); None without a registry
+/// slot.
+pub fn applies_here() -> Option<u64> {
+    local_slot().map(|(i, _)| APPLIES.get().0[i].load(Ordering::Acquire))
 }
 
 fn my_dboid() -> u32 {

@@ -63,16 +63,14 @@ pub struct Link {
     /// The peer told this node (NOTIFY) that its stream has grown since.
     notified: bool,
     /// Where the last pull's own apply left the peer's stream here, cleanly (nothing stopped,
-    /// no part of a large transaction held), with the configuration generation and when: the
-    /// next pull within `APPLIED_TO_TRUSTED` starts there without a transaction to read the
-    /// cursor, the parts held and whether the stream is stopped (a hub's store pulls after
-    /// every notification, and that read cost a transaction and three statements per pull).
-    /// A stale start only brings again what this node has, which the apply skips; it is
-    /// never trusted on a link whose stream also arrives by another way (`shared_stream`).
-    applied_to: Option<(Position, u64, Instant)>,
-    /// An apply found the stream moved since this link's last one: the peer also pushes it
-    /// here (a mesh), or the operator moved it. `applied_to` is not used on this link again.
-    shared_stream: bool,
+    /// no part of a large transaction in the batch), with the configuration generation, the
+    /// count of batches applied in this database it reached (`signals::Applies`) and when.
+    /// While both counts stay the same, no other apply (the peer pushing this stream too, in a
+    /// mesh) and no join or new identity has moved the cursor since: the next pull within
+    /// `APPLIED_TO_TRUSTED` starts there, without a transaction to read the cursor, the parts
+    /// held and whether the stream is stopped (a hub's store pulls after every notification,
+    /// and that read cost a transaction and three statements per pull).
+    applied_to: Option<(Position, u64, u64, Instant)>,
 }
 
 impl Link {
@@ -112,7 +110,6 @@ impl Link {
             pulled_at: None,
             notified: false,
             applied_to: None,
-            shared_stream: false,
         })
     }
 
@@ -170,10 +167,11 @@ impl Link {
             let (name, peer_id) = (self.peer.name.clone(), self.peer_id);
             let confirmed = self.fetch_confirmed;
             let generation = crate::base::signals::config_generation();
-            let known = self.applied_to.take().filter(|&(_, g, at)| !self.shared_stream && g == generation && at.elapsed() < APPLIED_TO_TRUSTED);
+            let applies = crate::base::signals::applies_here();
+            let known = self.applied_to.take().filter(|&(_, g, n, at)| g == generation && Some(n) == applies && at.elapsed() < APPLIED_TO_TRUSTED);
             let (after, stopped, held) = match known {
                 // Where our own apply left it, committed durably: nothing to flush.
-                Some((pos, _, _)) => (pos, None, (Position { tick: 0, seq: 0 }, 0)),
+                Some((pos, _, _, _)) => (pos, None, (Position { tick: 0, seq: 0 }, 0)),
                 None => in_txn(move || {
                     let (t, s) = plans::two::<i64, i64>("SELECT in_tick, in_seq FROM rbucardo.peer_state WHERE db = $1", &[pg_sys::TEXTOID], &[name.as_str().into()]);
                     let held = crate::apply::parts::resume_point(peer_id).unwrap_or((Position { tick: 0, seq: 0 }, 0));
@@ -224,9 +222,8 @@ impl Link {
                 self.stopped = applied.stopped;
                 return Ok(total);
             }
-            self.shared_stream |= applied.from != after;
-            if !parts {
-                self.applied_to = Some((applied.cursor, generation, Instant::now()));
+            if let Some(n) = applied.applies.filter(|_| !parts) {
+                self.applied_to = Some((applied.cursor, generation, n, Instant::now()));
             }
             if empty {
                 return Ok(total);

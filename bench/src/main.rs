@@ -188,11 +188,11 @@ fn fanin(branches: usize, seconds: u64) {
         rows.push((n, fanin_run(n, seconds)));
     }
     println!("fan-in: every node inserts one order per 200 ms for {seconds} s; lag from commit to arrival (p50 / p99)");
-    println!("  branches  orders/s   one hop (branch -> main)   two hops (branch -> main -> branch)   main CPU per received row");
+    println!("  branches  orders/s   one hop (branch -> main)   two hops (branch -> main -> branch)   main CPU per received row   branches' CPU per applied row");
     for (n, r) in rows {
         println!(
-            "  {n:>8}  {:>8.1}   {:>9.1} / {:>9.1} ms     {:>9.1} / {:>9.1} ms                {:>7.3} ms",
-            r.rate, r.one.0, r.one.1, r.two.0, r.two.1, r.cpu_ms_per_row
+            "  {n:>8}  {:>8.1}   {:>9.1} / {:>9.1} ms     {:>9.1} / {:>9.1} ms                {:>7.3} ms                  {:>7.3} ms",
+            r.rate, r.one.0, r.one.1, r.two.0, r.two.1, r.cpu_ms_per_row, r.branch_cpu_ms_per_row
         );
     }
 }
@@ -202,6 +202,8 @@ struct FanIn {
     one: (f64, f64),
     two: (f64, f64),
     cpu_ms_per_row: f64,
+    /// The branches' server (all its processes) per row the branches applied from main.
+    branch_cpu_ms_per_row: f64,
 }
 
 /// CPU seconds used so far by a server: its postmaster and every child process.
@@ -262,6 +264,7 @@ fn fanin_run(branches: usize, seconds: u64) -> FanIn {
         Ok(count(&mut main, "SELECT count(*) FROM rbucardo.peer_state WHERE last_contact IS NOT NULL") == branches as i64)
     });
     let postmaster = cluster.node(0).postmaster_pid().expect("main runs");
+    let branch_postmaster = cluster.node(1).postmaster_pid().expect("the branches' server runs");
     // The first WARMUP_ORDERS of each node (2 s) are not measured: every link's first calls
     // plan their statements and fill its caches, and with 20 stores starting at once that took
     // up to 600 ms on this machine, which was then most of the 20-branch p99.
@@ -303,7 +306,7 @@ fn fanin_run(branches: usize, seconds: u64) -> FanIn {
                     conn.execute(&format!("INSERT INTO item (id, node, qty, note, at) VALUES ({}, {k}, 1, 'order', clock_timestamp())", k as i64 * 10_000_000 + i))
                         .unwrap();
                     if k == 0 && i + 1 == WARMUP_ORDERS {
-                        *cpu0.lock().unwrap() = Some(server_cpu(postmaster));
+                        *cpu0.lock().unwrap() = Some((server_cpu(postmaster), server_cpu(branch_postmaster)));
                     }
                 }
             });
@@ -321,7 +324,9 @@ fn fanin_run(branches: usize, seconds: u64) -> FanIn {
         wait_until(&format!("every order on {}", names[k]), Duration::from_secs(600), || Ok(count(&mut conn, "SELECT count(*) FROM item") == total));
     }
     let elapsed = t0.elapsed();
-    let cpu = server_cpu(postmaster) - cpu0_at_warm.into_inner().unwrap().expect("main's warm-up ended");
+    let (cpu0, branch_cpu0) = cpu0_at_warm.into_inner().unwrap().expect("main's warm-up ended");
+    let cpu = server_cpu(postmaster) - cpu0;
+    let branch_cpu = server_cpu(branch_postmaster) - branch_cpu0;
     if statements {
         for (server, db) in [place(0), place(1)] {
             let mut conn = cluster.node(server).connect(&db);
@@ -377,7 +382,15 @@ fn fanin_run(branches: usize, seconds: u64) -> FanIn {
         .expect("function stats");
     let calls: Vec<String> = calls.into_iter().filter_map(|r| r[0].clone()).collect();
     println!("  ({branches} branches: main served {} over {:.0} s)", calls.join(", "), elapsed.as_secs_f64());
-    FanIn { rate: total as f64 / elapsed.as_secs_f64(), one: pct(&mut one), two: pct(&mut two), cpu_ms_per_row: cpu * 1000.0 / received as f64 }
+    // Each branch applies every other node's orders: main's and the other branches'.
+    let applied = per_node * (branches * branches) as i64;
+    FanIn {
+        rate: total as f64 / elapsed.as_secs_f64(),
+        one: pct(&mut one),
+        two: pct(&mut two),
+        cpu_ms_per_row: cpu * 1000.0 / received as f64,
+        branch_cpu_ms_per_row: branch_cpu * 1000.0 / applied as f64,
+    }
 }
 
 extern "C" {

@@ -417,31 +417,38 @@ fn forged_row_changes_are_refused_whole_and_real_traffic_resumes() {
     assert_refused(&cluster, "branch2's origin position pushed to tick 1000000", &pushed, &reason, &before, &extra);
     assert_eq!(progress(ids.branch2), b2_progress, "main's progress for branch2 moved");
 
-    // A refused batch holds no lock of an origin its sender may not deliver (main's apply of
-    // branch2's real stream waits on it): pushed in a transaction block left open, a batch of
-    // a branch1 transaction and a forged branch2 one holds branch1's origin lock, which any of
-    // branch1's batches takes, and not branch2's.
-    forger.conn.execute("BEGIN").unwrap();
-    let plan = forger.plan(2);
-    let pushed = forger.send(
-        &plan,
-        vec![
-            txn(ids.branch1, plan.slots[0], vec![user_insert(forged_user(BRANCH1, 5), "in_an_open_block")]),
-            txn(ids.branch2, just_after(b2_progress), vec![user_insert(forged_user(BRANCH2, 3), "forged_in_an_open_block")]),
-        ],
-    );
-    assert!(pushed.stopped.as_deref().is_some_and(|why| why.contains(&reason)), "the batch with a forged branch2 transaction: {pushed:?}");
+    // A batch holds no lock of an origin its sender may not deliver (main's apply of branch2's
+    // real stream waits on it), whether refused or let through because its transaction of that
+    // origin is applied here already. Each is pushed in a transaction block left open while
+    // main's locks are read; branch1's stream lock, which every batch of branch1 takes, shows
+    // that the query sees them.
     let pid = forger.conn.query_one("SELECT pg_backend_pid()").unwrap().unwrap();
-    let origin_locked = |origin: i32| {
+    let advisory = |key1: i32, key2: i32| {
         one(
             &cluster,
             MAIN,
-            &format!("SELECT count(*) FROM pg_locks WHERE pid = {pid} AND locktype = 'advisory' AND classid = 7263 AND objid = {origin} AND objsubid = 2 AND granted"),
+            &format!("SELECT count(*) FROM pg_locks WHERE pid = {pid} AND locktype = 'advisory' AND classid = {key1} AND objid = {key2} AND objsubid = 2 AND granted"),
         )
     };
-    assert_eq!(origin_locked(ids.branch1), "1", "branch1's own origin lock, taken by every batch of branch1");
-    assert_eq!(origin_locked(ids.branch2), "0", "a refused batch of branch1 holds the lock of branch2's origin");
-    forger.conn.execute("ROLLBACK").unwrap();
+    for (what, branch2_at, refused) in [("a forged branch2 transaction", just_after(b2_progress), true), ("a branch2 transaction applied here already", b2_progress, false)] {
+        forger.conn.execute("BEGIN").unwrap();
+        let plan = forger.plan(2);
+        let pushed = forger.send(
+            &plan,
+            vec![
+                txn(ids.branch1, plan.slots[0], vec![user_insert(forged_user(BRANCH1, 5), "in_an_open_block")]),
+                txn(ids.branch2, branch2_at, vec![user_insert(forged_user(BRANCH2, 3), "in_an_open_block")]),
+            ],
+        );
+        if refused {
+            assert!(pushed.stopped.as_deref().is_some_and(|why| why.contains(&reason)), "a batch with {what}: {pushed:?}");
+        } else {
+            assert_eq!(pushed.stopped, None, "a batch with {what} is applied (that transaction skipped)");
+        }
+        assert_eq!(advisory(7262, ids.branch1), "1", "branch1's stream lock, taken by every batch of branch1 (a batch with {what})");
+        assert_eq!(advisory(7263, ids.branch2), "0", "a batch of branch1 with {what} holds the lock of branch2's origin");
+        forger.conn.execute("ROLLBACK").unwrap();
+    }
 
     // rbucardo's own catalog: a new peer with a conninfo of the attacker's choice. The batch's
     // first transaction is legitimate; it is refused along with the second.

@@ -89,10 +89,11 @@ unsafe impl PGRXSharedMemory for LogCommits {}
 static LOG_COMMITS: PgAtomic<LogCommits> = unsafe { PgAtomic::new(c"rbucardo_log_commits") };
 
 /// Batches applied, per registry slot (database), each counted inside its stream lock before
-/// its commit (`apply::apply_batch`). A link that pulls a stream notes the count its own apply
-/// reached: while the count stays there, no other apply (the same stream pushed here in a
-/// mesh, an exception_retry) has moved any stream's cursor since, nor confirmed anything to a
-/// sender (src/runtime/link.rs).
+/// its commit (`apply::apply_batch`; a refused batch is not counted, and moves no cursor). A
+/// link that pulls a stream notes the count its own apply reached: while the count stays
+/// there, no other apply (the same stream pushed here in a mesh, an exception_retry) has
+/// finished since, so none has moved a stream's cursor past what the link knows
+/// (src/runtime/link.rs).
 pub struct Applies([AtomicU64; MAX_DATABASES]);
 
 impl Default for Applies {

@@ -65,11 +65,14 @@ pub struct Link {
     /// Where the last pull's own apply left the peer's stream here, cleanly (nothing stopped,
     /// no part of a large transaction in the batch), with the configuration generation, the
     /// count of batches applied in this database it reached (`signals::Applies`) and when.
-    /// While both counts stay the same, no other apply (the peer pushing this stream too, in a
-    /// mesh) and no join or new identity has moved the cursor since: the next pull within
-    /// `APPLIED_TO_TRUSTED` starts there, without a transaction to read the cursor, the parts
-    /// held and whether the stream is stopped (a hub's store pulls after every notification,
-    /// and that read cost a transaction and three statements per pull).
+    /// While both counts stay the same the next pull within `APPLIED_TO_TRUSTED` starts there,
+    /// without a transaction to read the cursor, the parts held and whether the stream is
+    /// stopped (a hub's store pulls after every notification, and that read cost a transaction
+    /// and three statements per pull). That is safe: the position is on disk (our apply
+    /// committed durably); no apply (the peer pushing this stream too, in a mesh) has finished
+    /// since, so none moved the cursor beyond it; only a join or a new identity moves a cursor
+    /// back, and both change the configuration. A push of the stream still under way, and the
+    /// parts and stops, are checked again by the apply (under the stream lock) all the same.
     applied_to: Option<(Position, u64, u64, Instant)>,
 }
 
@@ -209,6 +212,8 @@ impl Link {
             let bytes = rows.first().and_then(|r| r.bytes(0)).ok_or("peer_fetch returned nothing")?;
             let batch = decode_batch(bytes, MAX_BATCH_BYTES).map_err(|e| format!("refused a batch from {}: {e}", self.peer.name))?;
             if batch.txns.is_empty() && batch.upto == after {
+                // Nothing new: where our apply left the stream still holds.
+                self.applied_to = known;
                 return Ok(total);
             }
             let (me_id, name, peer_id) = (me.id, self.peer.name.clone(), self.peer_id);

@@ -726,28 +726,29 @@ fn load_progress(me: i32, batch: &Batch, cursor: Position, may_send: impl Fn(i32
     origins.dedup();
     let (locked, read): (Vec<i32>, Vec<i32>) = origins.into_iter().partition(|&o| may_send(o));
     let mut progress = HashMap::new();
-    for (origins, sql) in [
-        (locked, "SELECT origin, tick, seq FROM rbucardo.origin_progress WHERE origin = ANY ($1) FOR UPDATE"),
-        (read, "SELECT origin, tick, seq FROM rbucardo.origin_progress WHERE origin = ANY ($1)"),
-    ] {
-        if origins.is_empty() {
-            continue;
-        }
-        if sql.ends_with("FOR UPDATE") {
-            locks::lock_origins(&origins);
-        }
-        for &origin in &origins {
-            progress.insert(origin, Position::START);
-        }
-        crate::base::plans::run(sql, &[pg_sys::INT4ARRAYOID], &[origins.into()], |t| {
-            for r in t {
-                if let (Ok(Some(origin)), Ok(Some(tick)), Ok(Some(seq))) = (r.get::<i32>(1), r.get::<i64>(2), r.get::<i64>(3)) {
-                    progress.insert(origin, Position { tick, seq });
-                }
-            }
-        });
+    if !locked.is_empty() {
+        locks::lock_origins(&locked);
+        read_progress("SELECT origin, tick, seq FROM rbucardo.origin_progress WHERE origin = ANY ($1) FOR UPDATE", locked, &mut progress);
+    }
+    if !read.is_empty() {
+        read_progress("SELECT origin, tick, seq FROM rbucardo.origin_progress WHERE origin = ANY ($1)", read, &mut progress);
     }
     progress
+}
+
+/// Adds the positions of `origins` to `progress`, read with `sql` (the start for an origin
+/// without a row).
+fn read_progress(sql: &'static str, origins: Vec<i32>, progress: &mut HashMap<i32, Position>) {
+    for &origin in &origins {
+        progress.insert(origin, Position::START);
+    }
+    crate::base::plans::run(sql, &[pg_sys::INT4ARRAYOID], &[origins.into()], |t| {
+        for r in t {
+            if let (Ok(Some(origin)), Ok(Some(tick)), Ok(Some(seq))) = (r.get::<i32>(1), r.get::<i64>(2), r.get::<i64>(3)) {
+                progress.insert(origin, Position { tick, seq });
+            }
+        }
+    });
 }
 
 /// Writes the positions of `progress` that moved from `loaded`, in one statement.

@@ -29,9 +29,8 @@ pub fn lock_stream(sender_node: i32) {
 /// transactions by two paths at once. A batch takes the locks of all its origins before it
 /// applies anything, in ascending order: two batches carrying the same origins by two streams
 /// then wait for each other at most one way (in batch order, each could hold one the other
-/// waits for). Two batches applied in one transaction (a caller's own
-/// transaction block) can still take them out of order; PostgreSQL's deadlock detection then
-/// undoes one.
+/// waits for). Two batches applied in one transaction (a caller's own transaction block) can
+/// still take them out of order; PostgreSQL's deadlock detection then undoes one.
 pub fn lock_origins(origins: &[i32]) {
     let mut sorted = origins.to_vec();
     sorted.sort_unstable();

@@ -77,20 +77,22 @@ macro_rules! confirm_fetch {
 /// checked): a fetch that may hold the tick lock must not wait for the row, which the
 /// worker's push locks before it takes the tick lock (link.rs).
 fn note_fetch(peer_name: &str, after: Position, if_free: bool) -> (bool, Option<String>) {
+    macro_rules! only_if_free {
+        () => {
+            " AND db IN (SELECT f.db FROM rbucardo.peer_state f WHERE f.db = $1 FOR UPDATE SKIP LOCKED)"
+        };
+    }
+    macro_rules! expiry {
+        () => {
+            " RETURNING CASE WHEN expired_at IS NOT NULL THEN coalesce(expired_why, 'expired') END"
+        };
+    }
     // A 0.2 library on a 0.1 catalog (before ALTER EXTENSION UPDATE) has no expiry columns.
     let sql = match (crate::log::retention::ready(), if_free) {
-        (true, false) => concat!(confirm_fetch!(), " RETURNING CASE WHEN expired_at IS NOT NULL THEN coalesce(expired_why, 'expired') END"),
+        (true, false) => concat!(confirm_fetch!(), expiry!()),
         (false, false) => concat!(confirm_fetch!(), " RETURNING NULL::text"),
-        (true, true) => concat!(
-            confirm_fetch!(),
-            " AND db IN (SELECT f.db FROM rbucardo.peer_state f WHERE f.db = $1 FOR UPDATE SKIP LOCKED)",
-            " RETURNING CASE WHEN expired_at IS NOT NULL THEN coalesce(expired_why, 'expired') END"
-        ),
-        (false, true) => concat!(
-            confirm_fetch!(),
-            " AND db IN (SELECT f.db FROM rbucardo.peer_state f WHERE f.db = $1 FOR UPDATE SKIP LOCKED)",
-            " RETURNING NULL::text"
-        ),
+        (true, true) => concat!(confirm_fetch!(), only_if_free!(), expiry!()),
+        (false, true) => concat!(confirm_fetch!(), only_if_free!(), " RETURNING NULL::text"),
     };
     plans::run(sql, &[pg_sys::TEXTOID, pg_sys::INT8OID, pg_sys::INT8OID], &[peer_name.into(), after.tick.into(), after.seq.into()], |rows| {
         rows.into_iter().next().map_or((false, None), |r| (true, r.get::<String>(1).ok().flatten()))

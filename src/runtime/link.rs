@@ -25,6 +25,8 @@ const POSITION_TRUSTED: Duration = Duration::from_secs(1);
 const CONFIRM_AFTER: Duration = Duration::from_millis(300);
 /// A peer that sent no notification is pulled at least this often (`Link::pull_due`).
 const PULL_AT_LEAST_EVERY: Duration = Duration::from_secs(2);
+/// What a fetch says of the parts of a large transaction this node holds when it holds none.
+const NO_PARTS_HELD: (Position, u32) = (Position { tick: 0, seq: 0 }, 0);
 /// How long the position a pull's own apply left the peer's stream at is trusted as the start
 /// of the next pull, without reading it again (`Link::applied_to`).
 const APPLIED_TO_TRUSTED: Duration = Duration::from_secs(1);
@@ -174,10 +176,10 @@ impl Link {
             let known = self.applied_to.take().filter(|&(_, g, n, at)| g == generation && Some(n) == applies && at.elapsed() < APPLIED_TO_TRUSTED);
             let (after, stopped, held) = match known {
                 // Where our own apply left it, committed durably: nothing to flush.
-                Some((pos, _, _, _)) => (pos, None, (Position { tick: 0, seq: 0 }, 0)),
+                Some((pos, _, _, _)) => (pos, None, NO_PARTS_HELD),
                 None => in_txn(move || {
                     let (t, s) = plans::two::<i64, i64>("SELECT in_tick, in_seq FROM rbucardo.peer_state WHERE db = $1", &[pg_sys::TEXTOID], &[name.as_str().into()]);
-                    let held = crate::apply::parts::resume_point(peer_id).unwrap_or((Position { tick: 0, seq: 0 }, 0));
+                    let held = crate::apply::parts::resume_point(peer_id).unwrap_or(NO_PARTS_HELD);
                     let after = Position { tick: t.unwrap_or(0), seq: s.unwrap_or(Position::START.seq) };
                     // The fetch confirms `after`, and the peer trims what it confirms. A pull's
                     // own apply commits durably, but in a mesh the peer also pushes this stream,

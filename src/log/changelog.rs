@@ -511,15 +511,14 @@ struct Span {
 /// each in the first of ticks `lo + 1 ..` whose snapshot sees it (`later` holds their
 /// `last_seq` and snapshot, in order; visibility only grows from tick to tick). Returns the
 /// tick of each (`None` past the last complete tick) and that last complete tick. The list is
-/// complete unless `cut` (it stopped at a row limit); then tick t is complete if every one of
-/// its transactions has a seq at or below the last listed: each committed before tick t + 1
+/// complete unless `cut` is the seq it stopped at (a row limit); then tick t is complete if
+/// every one of its transactions has a seq at or below that: each committed before tick t + 1
 /// read `last_seq` (after tick t's snapshot was taken), so its seq is at most that. `None`
 /// when no tick is complete, or a transaction is seen by no tick (never: the query asks the
 /// last one).
-fn place_in_ticks(lo: i64, later: &[(i64, &Snapshot)], listed: &[(i64, u64)], cut: bool) -> Option<(Vec<Option<i64>>, i64)> {
+fn place_in_ticks(lo: i64, later: &[(i64, &Snapshot)], listed: &[(i64, u64)], cut: Option<i64>) -> Option<(Vec<Option<i64>>, i64)> {
     let mut through = lo + later.len() as i64;
-    if cut {
-        let s = listed.last().map_or(i64::MIN, |l| l.0);
+    if let Some(s) = cut {
         through = lo + later.iter().take_while(|t| t.0 <= s).count() as i64 - 1;
         if through <= lo {
             return None;
@@ -561,66 +560,15 @@ fn read_span(me: i32, lo: i64, newest: i64, to: i32, budget: usize) -> Option<Sp
         return None;
     }
     let (plast, first) = (ticks[0].1, &ticks[0].2);
-    let xip: Vec<i64> = first.running().iter().map(|&x| x as i64).collect();
-    // As in read_tick: a transaction not visible at tick lo either wrote its final chunk after
-    // lo's last_seq or was running at lo (listed in its snapshot, or at or past its xmax). The
-    // two are read apart, each through its own index, and merged in seq order up to the limit:
-    // written as one OR, the planner walked the log's key from its start (for the ORDER BY),
-    // filtering every row of the ticks not yet trimmed: about 1 ms per round under pgbench.
-    // Near the head of the stream (a hub's stores, fetching every few milliseconds: a span
-    // of a few chunks) the running ones are found by txid alone (`seq + 0` keeps the seq
-    // index out): ANDed with a bitmap of `seq <= last_seq`, the whole kept log, every fetch
-    // walked that index to its start (8 % of a fetch with 20 stores). Far behind it (a
-    // catch-up: a span of thousands), `txid >= xmax` is the whole backlog, and `seq <=
-    // last_seq` the smaller side (txid alone made a catch-up 25 % slower).
-    macro_rules! listed {
-        ($seq_bound:literal, $running:literal) => {
-            concat!(
-                "SELECT c.seq, c.txid::text::bigint, c.len, c.origin, c.via, c.only_for
-                   FROM (SELECT l.seq, l.txid, octet_length(l.data) AS len, l.origin, l.via, l.only_for
-                           FROM rbucardo.change_log l
-                          WHERE l.final AND l.seq > $3
-                         UNION ALL
-                         SELECT l.seq, l.txid, octet_length(l.data), l.origin, l.via, l.only_for
-                           FROM rbucardo.change_log l
-                          WHERE l.final AND ",
-                $seq_bound,
-                " AND ",
-                $running,
-                ") c
-                  WHERE pg_visible_in_snapshot(c.txid, (SELECT snap FROM rbucardo.tick WHERE tick_id = $2))
-                    AND NOT pg_visible_in_snapshot(c.txid, (SELECT snap FROM rbucardo.tick WHERE tick_id = $1))
-                  ORDER BY c.seq LIMIT $6"
-            )
-        };
-    }
-    // (The txid side reads everything after tick lo, to the head: a span near the head
-    // reaches the newest tick.)
-    let near_head = hi == newest && ticks.last().map_or(0, |t| t.1) - plast <= NEAR_HEAD_CHUNKS;
-    let sql: &'static str = match (xip.is_empty(), near_head) {
-        (true, true) => listed!("l.seq + 0 <= $3", "l.txid >= $5::text::xid8"),
-        (true, false) => listed!("l.seq <= $3", "l.txid >= $5::text::xid8"),
-        (false, true) => listed!("l.seq + 0 <= $3", "(l.txid >= $5::text::xid8 OR l.txid = ANY ($4::bigint[]::text[]::xid8[]))"),
-        (false, false) => listed!("l.seq <= $3", "(l.txid >= $5::text::xid8 OR l.txid = ANY ($4::bigint[]::text[]::xid8[]))"),
-    };
-    let args = [lo.into(), hi.into(), plast.into(), xip.into(), (first.xmax() as i64).into(), SPAN_ROWS.into()];
-    let listed: Vec<(i64, i64, usize, Option<i32>, Option<i32>, Option<i32>)> =
-        plans::run_custom(sql, &[i8, i8, i8, pg_sys::INT8ARRAYOID, i8, i8], &args, |rows| {
-            rows.map(|r| {
-                (
-                    r.get::<i64>(1).unwrap().unwrap(),
-                    r.get::<i64>(2).unwrap().unwrap(),
-                    r.get::<i32>(3).unwrap().unwrap_or(0) as usize,
-                    r.get::<i32>(4).unwrap(),
-                    r.get::<i32>(5).unwrap(),
-                    r.get::<i32>(6).unwrap(),
-                )
-            })
-            .collect()
-        });
+    let last = &ticks[ticks.len() - 1].2;
+    // Near the head of the stream (a hub's stores, fetching every few milliseconds: a span of
+    // a few chunks) with plain statements whose plans are kept; far behind it (a catch-up),
+    // with one statement planned for its arguments.
+    let near_head = hi == newest && ticks[ticks.len() - 1].1 - plast <= NEAR_HEAD_CHUNKS;
+    let (listed, cut) = if near_head { list_near_head(plast, first, last) } else { list_far(lo, hi, plast, first) };
     let later: Vec<(i64, &Snapshot)> = ticks[1..].iter().map(|t| (t.1, &t.2)).collect();
     let keys: Vec<(i64, u64)> = listed.iter().map(|l| (l.0, l.1 as u64)).collect();
-    let (ticks_of, through) = place_in_ticks(lo, &later, &keys, listed.len() as i64 >= SPAN_ROWS)?;
+    let (ticks_of, through) = place_in_ticks(lo, &later, &keys, cut)?;
     let mut placed = Vec::with_capacity(listed.len());
     for ((seq, _, len, origin, via, only_for), tick) in listed.into_iter().zip(ticks_of) {
         if let Some(tick) = tick {
@@ -647,8 +595,10 @@ fn read_span(me: i32, lo: i64, newest: i64, to: i32, budget: usize) -> Option<Sp
     }
     if !wanted.is_empty() {
         let wanted_count = wanted.len();
+        // In any order: each is placed by its seq below (a sort here was a tenth of the span's
+        // reading near the head).
         let (read, multi) = plans::run(
-            concat!("SELECT ", logged_columns!(), " FROM rbucardo.change_log l WHERE l.seq = ANY ($1) ORDER BY l.seq"),
+            concat!("SELECT ", logged_columns!(), " FROM rbucardo.change_log l WHERE l.seq = ANY ($1)"),
             &[pg_sys::INT8ARRAYOID],
             &[wanted.into()],
             logged_txns,
@@ -664,6 +614,114 @@ fn read_span(me: i32, lo: i64, newest: i64, to: i32, budget: usize) -> Option<Sp
         }
     }
     Some(Span { txns, through: (!cut).then_some(through) })
+}
+
+/// A transaction `read_span` lists: final seq, txid, bytes, origin, via, only_for.
+type Listed = (i64, i64, usize, Option<i32>, Option<i32>, Option<i32>);
+
+/// The columns of `Listed`, from a change-log row `l`.
+macro_rules! listed_columns {
+    () => {
+        "l.seq, l.txid::text::bigint, octet_length(l.data), l.origin, l.via, l.only_for"
+    };
+}
+
+fn listed_rows(rows: pgrx::spi::SpiTupleTable<'_>) -> Vec<Listed> {
+    rows.map(|r| {
+        (
+            r.get::<i64>(1).unwrap().unwrap(),
+            r.get::<i64>(2).unwrap().unwrap(),
+            r.get::<i32>(3).unwrap().unwrap_or(0) as usize,
+            r.get::<i32>(4).unwrap(),
+            r.get::<i32>(5).unwrap(),
+            r.get::<i32>(6).unwrap(),
+        )
+    })
+    .collect()
+}
+
+/// The transactions committed between snapshot `first` (of the tick that read `plast`) and
+/// snapshot `last`, in seq order, near the head of the stream; with the seq at which the list
+/// was cut by its row limit, if it was. A transaction not visible in `first` either wrote its
+/// final chunk after `plast`, or was running then: listed in `first` or at or past its xmax
+/// (and, to be visible in `last`, below last's xmax). Each side is read through its own index
+/// by a statement with a kept plan, and visibility is decided here: the one statement of
+/// `list_far`, planned for every fetch, was a third of a hub's work with 20 stores. The
+/// xmax side is a range for its plan's sake: a generic plan takes an open-ended comparison
+/// with an unknown bound for a third of the table, a range for a small part of it.
+fn list_near_head(plast: i64, first: &Snapshot, last: &Snapshot) -> (Vec<Listed>, Option<i64>) {
+    let i8 = pg_sys::INT8OID;
+    let mut listed = plans::run(
+        concat!(
+            "SELECT ", listed_columns!(), " FROM rbucardo.change_log l
+              WHERE l.final AND l.seq + 0 <= $1 AND l.txid >= $2::text::xid8 AND l.txid < $3::text::xid8"
+        ),
+        &[i8, i8, i8],
+        &[plast.into(), (first.xmax() as i64).into(), (last.xmax() as i64).into()],
+        listed_rows,
+    );
+    if !first.running().is_empty() {
+        let xip: Vec<i64> = first.running().iter().map(|&x| x as i64).collect();
+        listed.extend(plans::run(
+            concat!(
+                "SELECT ", listed_columns!(), " FROM rbucardo.change_log l
+                  WHERE l.final AND l.seq + 0 <= $1 AND l.txid = ANY ($2::bigint[]::text[]::xid8[])"
+            ),
+            &[i8, pg_sys::INT8ARRAYOID],
+            &[plast.into(), xip.into()],
+            listed_rows,
+        ));
+    }
+    listed.sort_unstable_by_key(|l| l.0);
+    let after = plans::run(
+        concat!("SELECT ", listed_columns!(), " FROM rbucardo.change_log l WHERE l.final AND l.seq > $1 ORDER BY l.seq LIMIT $2"),
+        &[i8, i8],
+        &[plast.into(), SPAN_ROWS.into()],
+        listed_rows,
+    );
+    let cut = (after.len() as i64 >= SPAN_ROWS).then(|| after[after.len() - 1].0);
+    listed.extend(after);
+    listed.retain(|l| last.sees(l.1 as u64) && !first.sees(l.1 as u64));
+    (listed, cut)
+}
+
+/// `list_near_head`'s list, far behind the head (a catch-up), with one statement planned for
+/// its arguments: tick `lo`'s seq bound is then the smaller side of the running ones (their
+/// txid alone, `>= xmax`, is the whole backlog: a catch-up 25 % slower). The two sides are
+/// read apart and merged in seq order up to the limit: written as one OR, the planner walked
+/// the log's key from its start (for the ORDER BY), filtering every row of the ticks not yet
+/// trimmed (about 1 ms per round under pgbench).
+fn list_far(lo: i64, hi: i64, plast: i64, first: &Snapshot) -> (Vec<Listed>, Option<i64>) {
+    macro_rules! listed {
+        ($running:literal) => {
+            concat!(
+                "SELECT c.seq, c.txid::text::bigint, c.len, c.origin, c.via, c.only_for
+                   FROM (SELECT l.seq, l.txid, octet_length(l.data) AS len, l.origin, l.via, l.only_for
+                           FROM rbucardo.change_log l
+                          WHERE l.final AND l.seq > $3
+                         UNION ALL
+                         SELECT l.seq, l.txid, octet_length(l.data), l.origin, l.via, l.only_for
+                           FROM rbucardo.change_log l
+                          WHERE l.final AND l.seq <= $3 AND ",
+                $running,
+                ") c
+                  WHERE pg_visible_in_snapshot(c.txid, (SELECT snap FROM rbucardo.tick WHERE tick_id = $2))
+                    AND NOT pg_visible_in_snapshot(c.txid, (SELECT snap FROM rbucardo.tick WHERE tick_id = $1))
+                  ORDER BY c.seq LIMIT $6"
+            )
+        };
+    }
+    let i8 = pg_sys::INT8OID;
+    let xip: Vec<i64> = first.running().iter().map(|&x| x as i64).collect();
+    let sql: &'static str = if xip.is_empty() {
+        listed!("l.txid >= $5::text::xid8")
+    } else {
+        listed!("(l.txid >= $5::text::xid8 OR l.txid = ANY ($4::bigint[]::text[]::xid8[]))")
+    };
+    let args = [lo.into(), hi.into(), plast.into(), xip.into(), (first.xmax() as i64).into(), SPAN_ROWS.into()];
+    let listed = plans::run_custom(sql, &[i8, i8, i8, pg_sys::INT8ARRAYOID, i8, i8], &args, listed_rows);
+    let cut = (listed.len() as i64 >= SPAN_ROWS).then(|| listed[listed.len() - 1].0);
+    (listed, cut)
 }
 
 /// Reads this node's stream after `after` into a batch of at most about `max_bytes` for the
@@ -928,7 +986,7 @@ mod tests {
         let later = [(20, &t11), (25, &t12), (30, &t13)];
         // 102 wrote its final chunk early (seq 18) but committed after tick 11.
         let listed = [(15, 100), (16, 101), (18, 102), (21, 103), (26, 105), (27, 106)];
-        let (ticks, through) = place_in_ticks(10, &later, &listed, false).unwrap();
+        let (ticks, through) = place_in_ticks(10, &later, &listed, None).unwrap();
         assert_eq!(ticks, vec![Some(11), Some(11), Some(12), Some(11), Some(12), Some(13)]);
         assert_eq!(through, 13);
     }
@@ -940,16 +998,16 @@ mod tests {
         // Cut at seq 26: tick 11 is complete (tick 12 read last_seq 25 <= 26), tick 12 may
         // still hold a transaction with a seq up to 30, so it is left for the next read.
         let listed = [(15, 100), (16, 101), (18, 102), (21, 103), (26, 105)];
-        let (ticks, through) = place_in_ticks(10, &later, &listed, true).unwrap();
+        let (ticks, through) = place_in_ticks(10, &later, &listed, Some(26)).unwrap();
         assert_eq!(through, 11);
         assert_eq!(ticks, vec![Some(11), Some(11), None, Some(11), None]);
         // Cut before tick 12's last_seq: no tick is complete, read tick by tick instead.
-        assert!(place_in_ticks(10, &later, &listed[..3], true).is_none());
+        assert!(place_in_ticks(10, &later, &listed[..3], Some(18)).is_none());
     }
 
     #[test]
     fn a_transaction_no_tick_sees_is_refused() {
         let t11 = snap("102:105:102");
-        assert!(place_in_ticks(10, &[(20, &t11)], &[(15, 102)], false).is_none());
+        assert!(place_in_ticks(10, &[(20, &t11)], &[(15, 102)], None).is_none());
     }
 }

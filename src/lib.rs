@@ -45,6 +45,7 @@ pub extern "C-unwind" fn _PG_init() {
     base::signals::init();
     schema::ddl::init();
     log::retention::init();
+    log::spancache::init();
     apply::parts::init();
     runtime::housekeeper::init();
     runtime::replicator::init();

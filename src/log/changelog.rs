@@ -18,6 +18,7 @@ use crate::base::plans;
 use crate::base::snapshot::Snapshot;
 use crate::base::node::PeerPolicy;
 use crate::base::wire::{decode_chunk, encode_chunk, Batch, Op, Part, Position, Txn, WHOLE_TICK};
+use crate::log::spancache;
 
 /// The newest tick and whether a new one is needed: chunks were written since it, or a
 /// transaction that was running at its snapshot has finished since (one listed in the
@@ -42,7 +43,7 @@ macro_rules! tick_needed {
 const LAST_TICK: &str = concat!(tick_needed!(), " ORDER BY t.tick_id DESC LIMIT 1");
 
 thread_local! {
-    static AT_COMMIT: Cell<AtCommit> = const { Cell::new(AtCommit { wrote: false, wakes: false, served: None }) };
+    static AT_COMMIT: Cell<AtCommit> = const { Cell::new(AtCommit { wrote: false, wakes: false, served: None, cut: false }) };
     static WAKE_HOOKED: Cell<bool> = const { Cell::new(false) };
 }
 
@@ -155,6 +156,9 @@ struct AtCommit {
     /// It saw that tick `.1` of tick table `.0` holds the first `.2` change-log commits
     /// counted (`ensure_tick`): note it for peers' fetches once it is committed.
     served: Option<(u32, i64, u64)>,
+    /// It cut a tick, which no other transaction sees before it commits: no span ending there
+    /// is kept for others' fetches (spancache.rs).
+    cut: bool,
 }
 
 /// Registers the commit callback, once per backend (a callback registered per transaction
@@ -248,6 +252,8 @@ pub fn ensure_tick() -> i64 {
         &[(last + 1).into(), cur.into()],
         |_| (),
     );
+    AT_COMMIT.with(|a| a.set(AtCommit { cut: true, ..a.get() }));
+    hook_commit();
     serve_at_commit(last + 1, writes);
     last + 1
 }
@@ -536,47 +542,29 @@ fn place_in_ticks(lo: i64, later: &[(i64, &Snapshot)], listed: &[(i64, u64)], cu
     Some((out, through))
 }
 
-/// The transactions of ticks `lo + 1 ..`, up to at most `newest` and `SPAN_TICKS` ticks, with one query instead of one
-/// per tick: a hub's peers fetch often, and each fetch spans the few ticks cut since the last.
-/// The query lists the transactions committed between the snapshots of tick `lo` and of the
-/// last tick of the span, by seq; each is placed in the first tick whose snapshot sees it
-/// (visibility only grows from tick to tick), in Rust. Only those that fit `budget` (the first
-/// always) and that may go to peer `to` are read whole. `None` when the span has no complete
-/// tick within `SPAN_ROWS` transactions: the caller reads tick by tick instead.
+/// The transactions of ticks `lo + 1 ..`, up to at most `newest` and `SPAN_TICKS` ticks, listed
+/// at once instead of tick by tick: a hub's peers fetch often, and each fetch spans the few
+/// ticks cut since the last. The list (`list_span`, or the one kept by an earlier fetch of the
+/// same span) holds the transactions committed between the snapshots of tick `lo` and of the
+/// last tick of the span, each in the first tick whose snapshot sees it (visibility only grows
+/// from tick to tick). Only those that fit `budget` (the first always) and that may go to peer
+/// `to` are read whole. `None` when the span has no complete tick within `SPAN_ROWS`
+/// transactions, or a listed one is gone (trimmed): the caller reads tick by tick instead.
 fn read_span(me: i32, lo: i64, newest: i64, to: i32, budget: usize) -> Option<Span> {
     let hi = newest.min(lo + SPAN_TICKS);
-    let i8 = pg_sys::INT8OID;
-    let ticks: Vec<(i64, i64, Snapshot)> = plans::run(
-        "SELECT tick_id, last_seq, snap::text FROM rbucardo.tick WHERE tick_id BETWEEN $1 AND $2 ORDER BY tick_id",
-        &[i8, i8],
-        &[lo.into(), hi.into()],
-        |rows| {
-            rows.filter_map(|r| Some((r.get::<i64>(1).ok()??, r.get::<i64>(2).ok()?.unwrap_or(0), Snapshot::parse(&r.get::<String>(3).ok()??)?)))
-                .collect()
-        },
-    );
-    // Ticks are numbered without gaps; anything else (tick lo trimmed) is read_tick's to report.
-    if hi <= lo || ticks.len() as i64 != hi - lo + 1 || ticks[0].0 != lo {
+    if hi <= lo {
         return None;
     }
-    let (plast, first) = (ticks[0].1, &ticks[0].2);
-    let last = &ticks[ticks.len() - 1].2;
-    // Near the head of the stream (a hub's stores, fetching every few milliseconds: a span of
-    // a few chunks) with plain statements whose plans are kept; far behind it (a catch-up),
-    // with one statement planned for its arguments.
-    let near_head = hi == newest && ticks[ticks.len() - 1].1 - plast <= NEAR_HEAD_CHUNKS;
-    let (listed, cut) = if near_head { list_near_head(plast, first, last) } else { list_far(lo, hi, plast, first) };
-    let later: Vec<(i64, &Snapshot)> = ticks[1..].iter().map(|t| (t.1, &t.2)).collect();
-    let keys: Vec<(i64, u64)> = listed.iter().map(|l| (l.0, l.1 as u64)).collect();
-    let (ticks_of, through) = place_in_ticks(lo, &later, &keys, cut)?;
-    let mut placed = Vec::with_capacity(listed.len());
-    for ((seq, _, len, origin, via, only_for), tick) in listed.into_iter().zip(ticks_of) {
-        if let Some(tick) = tick {
-            let away = origin.unwrap_or(me) == to || via == Some(to) || only_for.is_some_and(|n| n != to);
-            placed.push((tick, seq, len, away));
-        }
-    }
-    placed.sort_unstable_by_key(|p| (p.0, p.1));
+    // SAFETY: a plain global of the backend, set at connection.
+    let key = spancache::Key { db: unsafe { pg_sys::MyDatabaseId }.to_u32(), rel: tick_rel(), lo, hi };
+    let (txns_all, through) = match spancache::lookup(&key) {
+        Some(kept) => kept,
+        None => list_span(key, newest)?,
+    };
+    let placed = txns_all.iter().map(|t| {
+        let away = t.origin.unwrap_or(me) == to || t.via == Some(to) || t.only_for.is_some_and(|n| n != to);
+        (t.tick, t.seq, t.len, away)
+    });
     // Which to read whole: those for the peer, while the bytes before them are within budget.
     let mut txns = Vec::with_capacity(placed.len());
     let mut wanted = Vec::new();
@@ -614,6 +602,48 @@ fn read_span(me: i32, lo: i64, newest: i64, to: i32, budget: usize) -> Option<Sp
         }
     }
     Some(Span { txns, through: (!cut).then_some(through) })
+}
+
+/// Lists the transactions of span `key` (ticks `lo + 1 ..= hi`) in stream order, and the last
+/// tick they complete. Keeps the list for other fetches of the span (spancache.rs) near the
+/// head of the stream, where a hub's stores fetch the same spans, if its last tick was not cut
+/// by this transaction.
+fn list_span(key: spancache::Key, newest: i64) -> Option<(Vec<spancache::Placed>, i64)> {
+    let (lo, hi) = (key.lo, key.hi);
+    let i8 = pg_sys::INT8OID;
+    let ticks: Vec<(i64, i64, Snapshot)> = plans::run(
+        "SELECT tick_id, last_seq, snap::text FROM rbucardo.tick WHERE tick_id BETWEEN $1 AND $2 ORDER BY tick_id",
+        &[i8, i8],
+        &[lo.into(), hi.into()],
+        |rows| {
+            rows.filter_map(|r| Some((r.get::<i64>(1).ok()??, r.get::<i64>(2).ok()?.unwrap_or(0), Snapshot::parse(&r.get::<String>(3).ok()??)?)))
+                .collect()
+        },
+    );
+    // Ticks are numbered without gaps; anything else (tick lo trimmed) is read_tick's to report.
+    if ticks.len() as i64 != hi - lo + 1 || ticks[0].0 != lo {
+        return None;
+    }
+    let (plast, first) = (ticks[0].1, &ticks[0].2);
+    let last = &ticks[ticks.len() - 1].2;
+    // Near the head of the stream (a hub's stores, fetching every few milliseconds: a span of
+    // a few chunks) with plain statements whose plans are kept; far behind it (a catch-up),
+    // with one statement planned for its arguments.
+    let near_head = hi == newest && ticks[ticks.len() - 1].1 - plast <= NEAR_HEAD_CHUNKS;
+    let (listed, cut) = if near_head { list_near_head(plast, first, last) } else { list_far(lo, hi, plast, first) };
+    let later: Vec<(i64, &Snapshot)> = ticks[1..].iter().map(|t| (t.1, &t.2)).collect();
+    let keys: Vec<(i64, u64)> = listed.iter().map(|l| (l.0, l.1 as u64)).collect();
+    let (ticks_of, through) = place_in_ticks(lo, &later, &keys, cut)?;
+    let mut placed: Vec<spancache::Placed> = listed
+        .into_iter()
+        .zip(ticks_of)
+        .filter_map(|((seq, _, len, origin, via, only_for), tick)| Some(spancache::Placed { tick: tick?, seq, len, origin, via, only_for }))
+        .collect();
+    placed.sort_unstable_by_key(|p| (p.tick, p.seq));
+    if near_head && !AT_COMMIT.with(|a| a.get().cut) {
+        spancache::keep(key, &placed, through);
+    }
+    Some((placed, through))
 }
 
 /// A transaction `read_span` lists: final seq, txid, bytes, origin, via, only_for.

@@ -5,3 +5,4 @@ pub mod capture;
 pub mod changelog;
 pub mod clocks;
 pub mod retention;
+pub mod spancache;

@@ -94,3 +94,35 @@ fn remove_db_frees_the_log_at_once() {
     );
     assert_eq!(freed, "0");
 }
+
+/// A span a fetch listed is kept in shared memory for the next fetch of the same span
+/// (src/log/spancache.rs); a trim past its start must make it unusable. Here the span holds
+/// only branch1's own sale, which never goes back to branch1: served from a kept list, a
+/// fetch from the trimmed position would get an empty batch and carry on past a hole, where
+/// it must be told its position is gone.
+#[test]
+fn a_fetch_from_a_trimmed_position_is_refused_even_when_its_span_was_kept() {
+    let cluster = start_store("retention_kept_span", Topology::Star);
+    let newest = "SELECT max(tick_id) FROM rbucardo.tick";
+    // A trim has run (the housekeeper's, every 5 s), so main's floor is known to the cache.
+    cluster.node(MAIN).sql(DB, "INSERT INTO products (id, name, price, stock) VALUES (91, 'first', 1, 1)");
+    wait_for(&cluster, BRANCH2, "main's product on branch2", "SELECT count(*) FROM products WHERE id = 91", "1");
+    wait_for(&cluster, MAIN, "the log trimmed", "SELECT count(*) FROM rbucardo.change_log", "0");
+    let t0: i64 = one(&cluster, MAIN, newest).parse().unwrap();
+    // branch1 sells; main applies it in a tick after t0 and forwards it to branch2.
+    cluster.node(BRANCH1).sql(DB, "INSERT INTO products (id, name, price, stock) VALUES (2000092, 'sold on branch1', 1, 1)");
+    wait_for(&cluster, BRANCH2, "branch1's sale on branch2", "SELECT count(*) FROM products WHERE id = 2000092", "1");
+    let t1: i64 = one(&cluster, MAIN, newest).parse().unwrap();
+    assert!(t1 > t0, "a tick holds the sale on main");
+    let fetch_from_t0 = format!("SELECT length(rbucardo.peer_fetch('branch1', {t0}, {}, 1000000))", i64::MAX);
+    // Twice: a fetch that cut the tick itself keeps nothing; the second keeps span (t0, t1].
+    for _ in 0..2 {
+        cluster.node(MAIN).query_one(DB, &fetch_from_t0);
+    }
+    // Both branches are at t1: the next trims drop every tick before it.
+    wait_for(&cluster, MAIN, "tick t0 trimmed", &format!("SELECT count(*) FROM rbucardo.tick WHERE tick_id <= {t0}"), "0");
+    assert_eq!(one(&cluster, MAIN, newest), t1.to_string(), "no tick since t1: the fetch asks for span (t0, t1] again");
+    let mut conn = cluster.node(MAIN).connect(DB);
+    let err = conn.query_one(&fetch_from_t0).expect_err("a fetch from a trimmed position must fail");
+    assert!(err.contains(&format!("stream position in tick {t0} is older than the change log")), "{err}");
+}

@@ -672,9 +672,10 @@ fn listed_rows(rows: pgrx::spi::SpiTupleTable<'_>) -> Vec<Listed> {
 
 /// The transactions committed between snapshot `first` (of the tick that read `plast`) and
 /// snapshot `last`, in seq order, near the head of the stream; with the seq at which the list
-/// was cut by its row limit, if it was. A transaction not visible in `first` either wrote its
-/// final chunk after `plast`, or was running then: listed in `first` or at or past its xmax
-/// (and, to be visible in `last`, below last's xmax). Each side is read through its own index
+/// was cut by its row limit, if it was (every transaction below last's xmax with a final seq
+/// up to there is listed). A transaction not visible in `first` either wrote its final chunk
+/// after `plast`, or was running then: listed in `first` or at or past its xmax (and, to be
+/// visible in `last`, below last's xmax). Each side is read through its own index
 /// by a statement with a kept plan, and visibility is decided here: the one statement of
 /// `list_far`, planned for every fetch, was a third of a hub's work with 20 stores. The
 /// xmax side is a range for its plan's sake: a generic plan takes an open-ended comparison
@@ -703,10 +704,15 @@ fn list_near_head(plast: i64, first: &Snapshot, last: &Snapshot) -> (Vec<Listed>
         ));
     }
     listed.sort_unstable_by_key(|l| l.0);
+    // (Below last's xmax: the transactions that committed after it, a heavy stream's, would
+    // fill the limit and cut the span short.)
     let after = plans::run(
-        concat!("SELECT ", listed_columns!(), " FROM rbucardo.change_log l WHERE l.final AND l.seq > $1 ORDER BY l.seq LIMIT $2"),
-        &[i8, i8],
-        &[plast.into(), SPAN_ROWS.into()],
+        concat!(
+            "SELECT ", listed_columns!(), " FROM rbucardo.change_log l
+              WHERE l.final AND l.seq > $1 AND l.txid < $3::text::xid8 ORDER BY l.seq LIMIT $2"
+        ),
+        &[i8, i8, i8],
+        &[plast.into(), SPAN_ROWS.into(), (last.xmax() as i64).into()],
         listed_rows,
     );
     let cut = (after.len() as i64 >= SPAN_ROWS).then(|| after[after.len() - 1].0);
@@ -958,12 +964,11 @@ pub fn trim(me: i32, budget: Option<i64>) -> (i64, bool) {
     } else {
         Spi::get_one::<i64>("SELECT min(rbucardo.complete_tick(out_tick, out_seq)) FROM rbucardo.peer_state p")
     };
-    let Some(floor) = floor.expect("reading peer confirmations") else {
+    let rel = tick_rel();
+    let Some(floor) = floor.expect("reading peer confirmations").filter(|&f| f > 0) else {
+        spancache::trimmed(rel, 0); // (a database's spans are kept once its floor is known)
         return (0, false);
     };
-    if floor <= 0 {
-        return (0, false);
-    }
     // A step: the newest tick up to the floor within the budget's count of log rows past the
     // oldest tick kept (the previous step's floor), else the tick right after it. Always past
     // the oldest tick, so every step makes progress.
@@ -982,6 +987,7 @@ pub fn trim(me: i32, budget: Option<i64>) -> (i64, bool) {
         .map_or(floor, |step| step.min(floor)),
     };
     let more = floor < reach;
+    spancache::trimmed(rel, floor);
     const TRIMMED: &str = "pg_visible_in_snapshot(txid, (SELECT snap FROM rbucardo.tick WHERE tick_id = $1))";
     crate::log::clocks::keep_row_clocks(me, TRIMMED, &[floor.into()]);
     let deleted = Spi::connect_mut(|client| {

@@ -12,6 +12,12 @@
 //! changes per fetch, what goes to which peer and how much fits a batch, is decided by the
 //! reader. Rows are not copied here, only where they are: a reader still reads them, and one
 //! that finds a row missing (trimmed) reads tick by tick instead, as without an entry.
+//!
+//! A trim deletes the ticks before its floor and the transactions of those up to it; it
+//! notes the floor here first (`trimmed`), and a span starting before the floor is neither
+//! kept nor found: a fetch from a trimmed position is told so, as without the cache, and a
+//! list made while a trim deleted part of it is not kept. A database's spans are only kept
+//! once its floor is known here (the housekeeper trims every few seconds).
 
 use pgrx::prelude::*;
 use pgrx::{pg_shmem_init, PGRXSharedMemory, PgLwLock};
@@ -58,16 +64,30 @@ impl Default for Slot {
     }
 }
 
-/// The kept spans, replaced oldest first.
+/// Trim floors known: as many as databases with a worker (signals.rs).
+const FLOORS: usize = crate::base::signals::MAX_DATABASES;
+
+/// Tick table `rel` of database `db` holds no tick before `tick`, and no transaction of one up
+/// to it.
+#[derive(Copy, Clone, Default)]
+struct Floor {
+    db: u32,
+    rel: u32,
+    tick: i64,
+}
+
+/// The kept spans, replaced oldest first, and the trim floors.
 #[derive(Copy, Clone)]
 pub struct SpanCache {
     next: usize,
     slots: [Slot; SLOTS],
+    next_floor: usize,
+    floors: [Floor; FLOORS],
 }
 
 impl Default for SpanCache {
     fn default() -> Self {
-        SpanCache { next: 0, slots: [Slot::default(); SLOTS] }
+        SpanCache { next: 0, slots: [Slot::default(); SLOTS], next_floor: 0, floors: [Floor::default(); FLOORS] }
     }
 }
 
@@ -75,16 +95,21 @@ impl Default for SpanCache {
 unsafe impl PGRXSharedMemory for SpanCache {}
 
 impl SpanCache {
-    fn find(&self, key: &Key) -> Option<(Vec<Placed>, i64)> {
-        // A key of database 0 is never kept (no database has oid 0): unused slots match nothing.
-        (key.db != 0)
-            .then(|| self.slots.iter().find(|s| s.key == *key))
-            .flatten()
-            .map(|s| (s.txns[..s.n].to_vec(), s.through))
+    /// Whether span `key` may be kept or served: its database's floor is known (an unused
+    /// slot, database 0, never is) and the span starts at or past it.
+    fn usable(&self, key: &Key) -> bool {
+        key.db != 0 && self.floors.iter().any(|f| f.db == key.db && f.rel == key.rel && key.lo >= f.tick)
+    }
+
+    fn find(&self, key: &Key) -> Option<Slot> {
+        if !self.usable(key) {
+            return None;
+        }
+        self.slots.iter().find(|s| s.key == *key).copied()
     }
 
     fn put(&mut self, key: Key, txns: &[Placed], through: i64) {
-        if key.db == 0 || txns.len() > MAX_TXNS || self.slots.iter().any(|s| s.key == key) {
+        if !self.usable(&key) || txns.len() > MAX_TXNS || self.slots.iter().any(|s| s.key == key) {
             return;
         }
         let slot = &mut self.slots[self.next];
@@ -93,6 +118,24 @@ impl SpanCache {
         slot.through = through;
         slot.n = txns.len();
         slot.txns[..txns.len()].copy_from_slice(txns);
+    }
+
+    /// Notes that tick table `rel` of database `db` is trimmed to `floor`. A floor only rises
+    /// (a re-created tick table starts again); a database that finds no free entry takes the
+    /// oldest, whose database then keeps nothing until its next trim.
+    fn trimmed(&mut self, db: u32, rel: u32, floor: i64) {
+        let i = match self.floors.iter().position(|f| f.db == db) {
+            Some(i) => i,
+            None => {
+                let i = self.floors.iter().position(|f| f.db == 0).unwrap_or(self.next_floor);
+                self.next_floor = (i + 1) % FLOORS;
+                self.floors[i] = Floor { db, rel, tick: floor };
+                i
+            }
+        };
+        let f = &mut self.floors[i];
+        f.tick = if f.rel == rel { f.tick.max(floor) } else { floor };
+        f.rel = rel;
     }
 }
 
@@ -107,7 +150,18 @@ pub fn init() {
 
 /// The kept transactions of span `key`, in stream order, and the last tick they complete.
 pub fn lookup(key: &Key) -> Option<(Vec<Placed>, i64)> {
-    SPANS.share().find(key)
+    // Copied out under the lock, made a Vec after it (an allocation that fails must not find
+    // the lock held).
+    let slot = SPANS.share().find(key)?;
+    Some((slot.txns[..slot.n].to_vec(), slot.through))
+}
+
+/// Notes, before a trim of the current database's tick table `rel` deletes anything, that
+/// it trims to tick `floor` (see the module's comment).
+pub fn trimmed(rel: u32, floor: i64) {
+    // SAFETY: a plain global of the backend, set at connection.
+    let db = unsafe { pg_sys::MyDatabaseId }.to_u32();
+    SPANS.exclusive().trimmed(db, rel, floor);
 }
 
 /// Keeps span `key`'s transactions, in stream order, complete through tick `through`. Only for
@@ -126,38 +180,47 @@ mod tests {
         Placed { tick, seq, len: 10, origin: Some(2), via: None, only_for: None }
     }
 
+    fn found(c: &SpanCache, key: &Key) -> Option<(Vec<Placed>, i64)> {
+        c.find(key).map(|s| (s.txns[..s.n].to_vec(), s.through))
+    }
+
     #[test]
     fn a_kept_span_is_found_only_by_its_whole_key() {
         let mut c = SpanCache::default();
         let key = Key { db: 5, rel: 16400, lo: 10, hi: 12 };
+        c.trimmed(5, 16400, 0);
+        c.trimmed(6, 16400, 0);
+        c.trimmed(7, 16401, 0);
         c.put(key, &[txn(11, 100), txn(12, 104)], 12);
-        assert_eq!(c.find(&key), Some((vec![txn(11, 100), txn(12, 104)], 12)));
+        assert_eq!(found(&c, &key), Some((vec![txn(11, 100), txn(12, 104)], 12)));
         for other in [Key { db: 6, ..key }, Key { rel: 16401, ..key }, Key { lo: 11, ..key }, Key { hi: 13, ..key }] {
-            assert_eq!(c.find(&other), None, "{other:?}");
+            assert_eq!(found(&c, &other), None, "{other:?}");
         }
         // An empty span is kept too (nothing for anyone in those ticks).
         let empty = Key { lo: 12, hi: 13, ..key };
         c.put(empty, &[], 13);
-        assert_eq!(c.find(&empty), Some((vec![], 13)));
+        assert_eq!(found(&c, &empty), Some((vec![], 13)));
     }
 
     #[test]
     fn unused_slots_and_oversized_spans_match_nothing() {
         let mut c = SpanCache::default();
-        assert_eq!(c.find(&Key::default()), None);
+        assert!(c.find(&Key::default()).is_none());
+        c.trimmed(5, 1, 0);
         let big: Vec<Placed> = (0..MAX_TXNS as i64 + 1).map(|i| txn(11, i)).collect();
         let key = Key { db: 5, rel: 1, lo: 10, hi: 11 };
         c.put(key, &big, 11);
-        assert_eq!(c.find(&key), None);
+        assert!(c.find(&key).is_none());
     }
 
     #[test]
     fn the_oldest_span_makes_room_and_a_span_is_kept_once() {
         let mut c = SpanCache::default();
+        c.trimmed(5, 1, 0);
         let key = |lo| Key { db: 5, rel: 1, lo, hi: lo + 1 };
         c.put(key(0), &[txn(1, 1)], 1);
         c.put(key(0), &[txn(1, 2)], 1); // the same span again: the first stays, no slot used
-        assert_eq!(c.find(&key(0)).unwrap().0, vec![txn(1, 1)]);
+        assert_eq!(found(&c, &key(0)).unwrap().0, vec![txn(1, 1)]);
         for lo in 1..SLOTS as i64 {
             c.put(key(lo), &[], lo + 1);
         }
@@ -165,5 +228,44 @@ mod tests {
         c.put(key(SLOTS as i64), &[], 0);
         assert!(c.find(&key(0)).is_none(), "the oldest went first");
         assert!(c.find(&key(1)).is_some());
+    }
+    #[test]
+    fn nothing_is_kept_or_found_before_the_trim_floor_or_without_one() {
+        let mut c = SpanCache::default();
+        let key = |lo| Key { db: 5, rel: 1, lo, hi: lo + 2 };
+        c.put(key(10), &[txn(11, 1)], 12);
+        assert!(c.find(&key(10)).is_none(), "no floor known yet: nothing kept");
+        c.trimmed(5, 1, 3);
+        c.put(key(10), &[txn(11, 1)], 12);
+        c.put(key(2), &[txn(3, 1)], 4);
+        assert!(c.find(&key(10)).is_some());
+        assert!(c.find(&key(2)).is_none(), "starts before the floor: not kept");
+        // A trim to 11: the span from 10 lost tick 11's transactions; it is no longer served.
+        c.trimmed(5, 1, 11);
+        assert!(c.find(&key(10)).is_none());
+        c.put(key(10), &[], 12);
+        assert!(c.find(&key(10)).is_none(), "nor kept again");
+        // A floor only rises; a re-created tick table (another oid) starts again.
+        c.trimmed(5, 1, 4);
+        assert!(c.find(&key(10)).is_none());
+        c.trimmed(5, 2, 0);
+        assert!(c.find(&key(10)).is_none(), "the old table's spans are not the new one's");
+        let new = Key { rel: 2, ..key(0) };
+        c.put(new, &[], 2);
+        assert!(c.find(&new).is_some());
+    }
+
+    #[test]
+    fn a_database_whose_floor_is_pushed_out_keeps_nothing_until_its_next_trim() {
+        let mut c = SpanCache::default();
+        c.trimmed(1, 1, 0);
+        let key = Key { db: 1, rel: 1, lo: 0, hi: 1 };
+        c.put(key, &[], 1);
+        for db in 2..=FLOORS as u32 + 1 {
+            c.trimmed(db, 1, 0);
+        }
+        assert!(c.find(&key).is_none());
+        c.trimmed(1, 1, 0);
+        assert!(c.find(&key).is_some(), "its span is still there, and good again once its floor is known");
     }
 }

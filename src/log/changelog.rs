@@ -656,6 +656,7 @@ macro_rules! listed_columns {
     };
 }
 
+/// The rows of a statement selecting `listed_columns!`.
 fn listed_rows(rows: pgrx::spi::SpiTupleTable<'_>) -> Vec<Listed> {
     rows.map(|r| {
         (
@@ -675,11 +676,12 @@ fn listed_rows(rows: pgrx::spi::SpiTupleTable<'_>) -> Vec<Listed> {
 /// was cut by its row limit, if it was (every transaction below last's xmax with a final seq
 /// up to there is listed). A transaction not visible in `first` either wrote its final chunk
 /// after `plast`, or was running then: listed in `first` or at or past its xmax (and, to be
-/// visible in `last`, below last's xmax). Each side is read through its own index
-/// by a statement with a kept plan, and visibility is decided here: the one statement of
-/// `list_far`, planned for every fetch, was a third of a hub's work with 20 stores. The
-/// xmax side is a range for its plan's sake: a generic plan takes an open-ended comparison
-/// with an unknown bound for a third of the table, a range for a small part of it.
+/// visible in `last`, below last's xmax). Each side is read through its own index by a
+/// statement with a kept plan (`seq + 0` keeps the running ones off the seq index, whose range
+/// `<= plast` is the whole kept log), and visibility is decided here: the one statement of
+/// `list_far`, planned for every fetch, was a third of a hub's work with 20 stores. The xmax
+/// side is a range for its plan's sake: a generic plan takes an open-ended comparison with an
+/// unknown bound for a third of the table, a range for a small part of it.
 fn list_near_head(plast: i64, first: &Snapshot, last: &Snapshot) -> (Vec<Listed>, Option<i64>) {
     let i8 = pg_sys::INT8OID;
     let mut listed = plans::run(

@@ -37,6 +37,7 @@ fn init_node(name: &str, node_id: i32) -> String {
     .unwrap_or(None)
     .unwrap_or(false);
     if renamed {
+        crate::log::spancache::forget();
         Spi::run(
             "DELETE FROM rbucardo.change_log;
              UPDATE rbucardo.db SET node_id = NULL;

@@ -966,9 +966,12 @@ pub fn trim(me: i32, budget: Option<i64>) -> (i64, bool) {
     } else {
         Spi::get_one::<i64>("SELECT min(rbucardo.complete_tick(out_tick, out_seq)) FROM rbucardo.peer_state p")
     };
-    let rel = tick_rel();
     let Some(floor) = floor.expect("reading peer confirmations").filter(|&f| f > 0) else {
-        spancache::trimmed(rel, 0); // (a database's spans are kept once its floor is known)
+        // Nothing to trim (a peer has confirmed nothing yet): the oldest tick kept is the
+        // floor the span cache needs to keep this database's spans (spancache.rs).
+        if let Ok(Some(oldest)) = Spi::get_one::<i64>("SELECT min(tick_id) FROM rbucardo.tick") {
+            spancache::trimmed(tick_rel(), oldest);
+        }
         return (0, false);
     };
     // A step: the newest tick up to the floor within the budget's count of log rows past the
@@ -989,7 +992,7 @@ pub fn trim(me: i32, budget: Option<i64>) -> (i64, bool) {
         .map_or(floor, |step| step.min(floor)),
     };
     let more = floor < reach;
-    spancache::trimmed(rel, floor);
+    spancache::trimmed(tick_rel(), floor);
     const TRIMMED: &str = "pg_visible_in_snapshot(txid, (SELECT snap FROM rbucardo.tick WHERE tick_id = $1))";
     crate::log::clocks::keep_row_clocks(me, TRIMMED, &[floor.into()]);
     let deleted = Spi::connect_mut(|client| {

@@ -17,7 +17,9 @@
 //! notes the floor here first (`trimmed`), and a span starting before the floor is neither
 //! kept nor found: a fetch from a trimmed position is told so, as without the cache, and a
 //! list made while a trim deleted part of it is not kept. A database's spans are only kept
-//! once its floor is known here (the housekeeper trims every few seconds).
+//! once its floor is known here (the housekeeper trims every few seconds); when that is
+//! forgotten (its entry taken by another database, a new tick table, `forget` when the whole
+//! log is deleted), so are its spans.
 
 use pgrx::prelude::*;
 use pgrx::{pg_shmem_init, PGRXSharedMemory, PgLwLock};
@@ -64,11 +66,13 @@ impl Default for Slot {
     }
 }
 
-/// Trim floors known: as many as databases with a worker (signals.rs).
+/// Trim floors known, one per database that trimmed its log; as many as databases with a
+/// worker (signals.rs), though an entry may outlive its database.
 const FLOORS: usize = crate::base::signals::MAX_DATABASES;
 
-/// Tick table `rel` of database `db` holds no tick before `tick`, and no transaction of one up
-/// to it.
+/// Tick table `rel` of database `db` was trimmed to `tick`: it holds no tick before it, and no
+/// transaction of one up to it (or the trim rolled back: a floor may be too high, which
+/// only costs kept spans).
 #[derive(Copy, Clone, Default)]
 struct Floor {
     db: u32,
@@ -120,22 +124,39 @@ impl SpanCache {
         slot.txns[..txns.len()].copy_from_slice(txns);
     }
 
-    /// Notes that tick table `rel` of database `db` is trimmed to `floor`. A floor only rises
-    /// (a re-created tick table starts again); a database that finds no free entry takes the
-    /// oldest, whose database then keeps nothing until its next trim.
+    /// Notes that tick table `rel` of database `db` is trimmed to `floor`. A floor only rises;
+    /// a new tick table (a re-created extension) starts again. A database that finds no free
+    /// entry takes the oldest, whose database loses its spans. A database's entry is made
+    /// afresh only with its spans gone (none are kept without one), so a new floor never
+    /// makes an older span usable again.
     fn trimmed(&mut self, db: u32, rel: u32, floor: i64) {
         let i = match self.floors.iter().position(|f| f.db == db) {
-            Some(i) => i,
+            Some(i) if self.floors[i].rel == rel => i,
+            Some(i) => {
+                self.forget(db);
+                i
+            }
             None => {
                 let i = self.floors.iter().position(|f| f.db == 0).unwrap_or(self.next_floor);
                 self.next_floor = (i + 1) % FLOORS;
-                self.floors[i] = Floor { db, rel, tick: floor };
+                let evicted = self.floors[i].db;
+                self.forget(evicted);
                 i
             }
         };
         let f = &mut self.floors[i];
-        f.tick = if f.rel == rel { f.tick.max(floor) } else { floor };
-        f.rel = rel;
+        let tick = if f.db == db { f.tick.max(floor) } else { floor };
+        *f = Floor { db, rel, tick };
+    }
+
+    /// Forgets database `db`'s floor and spans: nothing is kept for it until its next trim.
+    fn forget(&mut self, db: u32) {
+        for f in self.floors.iter_mut().filter(|f| f.db == db) {
+            *f = Floor::default();
+        }
+        for s in self.slots.iter_mut().filter(|s| s.key.db == db) {
+            *s = Slot::default();
+        }
     }
 }
 
@@ -150,8 +171,7 @@ pub fn init() {
 
 /// The kept transactions of span `key`, in stream order, and the last tick they complete.
 pub fn lookup(key: &Key) -> Option<(Vec<Placed>, i64)> {
-    // Copied out under the lock, made a Vec after it (an allocation that fails must not find
-    // the lock held).
+    // Copied out under the lock, made a Vec after it: the lock is held for a copy only.
     let slot = SPANS.share().find(key)?;
     Some((slot.txns[..slot.n].to_vec(), slot.through))
 }
@@ -159,9 +179,18 @@ pub fn lookup(key: &Key) -> Option<(Vec<Placed>, i64)> {
 /// Notes, before a trim of the current database's tick table `rel` deletes anything, that
 /// it trims to tick `floor` (see the module's comment).
 pub fn trimmed(rel: u32, floor: i64) {
+    SPANS.exclusive().trimmed(my_db(), rel, floor);
+}
+
+/// Forgets the current database's spans, before its whole change log is deleted: none is kept
+/// again until its next trim.
+pub fn forget() {
+    SPANS.exclusive().forget(my_db());
+}
+
+fn my_db() -> u32 {
     // SAFETY: a plain global of the backend, set at connection.
-    let db = unsafe { pg_sys::MyDatabaseId }.to_u32();
-    SPANS.exclusive().trimmed(db, rel, floor);
+    unsafe { pg_sys::MyDatabaseId }.to_u32()
 }
 
 /// Keeps span `key`'s transactions, in stream order, complete through tick `through`. Only for
@@ -266,6 +295,34 @@ mod tests {
         }
         assert!(c.find(&key).is_none());
         c.trimmed(1, 1, 0);
-        assert!(c.find(&key).is_some(), "its span is still there, and good again once its floor is known");
+        assert!(c.find(&key).is_none(), "its spans went with its entry");
+        c.put(key, &[], 1);
+        assert!(c.find(&key).is_some(), "and are kept again once its floor is known");
+    }
+
+    #[test]
+    fn a_span_left_below_the_floor_does_not_come_back() {
+        let mut c = SpanCache::default();
+        let key = Key { db: 1, rel: 1, lo: 5, hi: 6 };
+        c.trimmed(1, 1, 0);
+        c.put(key, &[], 6);
+        c.trimmed(1, 1, 8);
+        assert!(c.find(&key).is_none());
+        // Pushed out by other databases, then back with a low floor: the old span stays gone.
+        for db in 2..=FLOORS as u32 + 1 {
+            c.trimmed(db, 1, 0);
+        }
+        c.trimmed(1, 1, 0);
+        assert!(c.find(&key).is_none());
+        // A new tick table, or the whole log forgotten, drops the spans too.
+        c.put(key, &[], 6);
+        c.trimmed(1, 2, 0);
+        c.trimmed(1, 1, 0);
+        assert!(c.find(&key).is_none());
+        c.put(key, &[], 6);
+        c.forget(1);
+        assert!(c.find(&key).is_none());
+        c.put(key, &[], 6);
+        assert!(c.find(&key).is_none(), "nothing kept until the next trim");
     }
 }

@@ -53,8 +53,7 @@ fn tag_int4_pair(key1: i32, key2: i32) -> pg_sys::LOCKTAG {
 
 fn advisory(field2: u32, field3: u32, field4: u16) -> pg_sys::LOCKTAG {
     pg_sys::LOCKTAG {
-        // SAFETY: a plain backend global, set once the backend is connected to its database.
-        locktag_field1: unsafe { pg_sys::MyDatabaseId }.to_u32(),
+        locktag_field1: crate::base::signals::my_dboid(),
         locktag_field2: field2,
         locktag_field3: field3,
         locktag_field4: field4,

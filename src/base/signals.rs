@@ -128,7 +128,8 @@ pub fn applies_here() -> Option<u64> {
     local_slot().map(|(i, _)| APPLIES.get().0[i].load(Ordering::Acquire))
 }
 
-fn my_dboid() -> u32 {
+/// The current database's oid.
+pub fn my_dboid() -> u32 {
     // SAFETY: a plain global of this backend, set once it connects to a database.
     unsafe { pg_sys::MyDatabaseId }.to_u32()
 }

@@ -555,8 +555,7 @@ fn read_span(me: i32, lo: i64, newest: i64, to: i32, budget: usize) -> Option<Sp
     if hi <= lo {
         return None;
     }
-    // SAFETY: a plain global of the backend, set at connection.
-    let key = spancache::Key { db: unsafe { pg_sys::MyDatabaseId }.to_u32(), rel: tick_rel(), lo, hi };
+    let key = spancache::Key::here(tick_rel(), lo, hi);
     let (txns_all, through) = match spancache::lookup(&key) {
         Some(kept) => kept,
         None => list_span(key, newest)?,

@@ -24,6 +24,8 @@
 use pgrx::prelude::*;
 use pgrx::{pg_shmem_init, PGRXSharedMemory, PgLwLock};
 
+use crate::base::signals::my_dboid;
+
 /// Spans kept: a few notifications' worth, each fetched by many stores.
 const SLOTS: usize = 16;
 /// The most transactions a kept span holds; a larger one is not kept (it is not the case of
@@ -49,6 +51,13 @@ pub struct Key {
     pub rel: u32,
     pub lo: i64,
     pub hi: i64,
+}
+
+impl Key {
+    /// Span `lo + 1 ..= hi` of tick table `rel` in the current database.
+    pub fn here(rel: u32, lo: i64, hi: i64) -> Key {
+        Key { db: my_dboid(), rel, lo, hi }
+    }
 }
 
 #[derive(Copy, Clone)]
@@ -179,19 +188,15 @@ pub fn lookup(key: &Key) -> Option<(Vec<Placed>, i64)> {
 /// Notes, before a trim of the current database's tick table `rel` deletes anything, that
 /// it trims to tick `floor` (see the module's comment).
 pub fn trimmed(rel: u32, floor: i64) {
-    SPANS.exclusive().trimmed(my_db(), rel, floor);
+    SPANS.exclusive().trimmed(my_dboid(), rel, floor);
 }
 
 /// Forgets the current database's spans, before its whole change log is deleted: none is kept
 /// again until its next trim.
 pub fn forget() {
-    SPANS.exclusive().forget(my_db());
+    SPANS.exclusive().forget(my_dboid());
 }
 
-fn my_db() -> u32 {
-    // SAFETY: a plain global of the backend, set at connection.
-    unsafe { pg_sys::MyDatabaseId }.to_u32()
-}
 
 /// Keeps span `key`'s transactions, in stream order, complete through tick `through`. Only for
 /// a span whose last tick was committed before the caller's transaction read it.

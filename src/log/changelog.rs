@@ -363,6 +363,23 @@ impl LoggedTxn {
     }
 }
 
+impl LoggedTxn {
+    /// Transaction `p` of a kept span, from its kept row (a single chunk).
+    fn kept(p: &spancache::Placed, row: spancache::Row) -> LoggedTxn {
+        LoggedTxn {
+            txid: row.txid,
+            only_for: p.only_for,
+            final_seq: p.seq,
+            origin: p.origin,
+            origin_pos: row.origin_pos.map(|(tick, seq)| Position { tick, seq }),
+            via: p.via,
+            hlc: row.hlc,
+            last: row.data,
+            earlier: Vec::new(),
+        }
+    }
+}
+
 /// The columns `logged_txns` reads, in its order.
 macro_rules! logged_columns {
     () => {
@@ -556,7 +573,7 @@ fn read_span(me: i32, lo: i64, newest: i64, to: i32, budget: usize) -> Option<Sp
         return None;
     }
     let key = spancache::Key::here(tick_rel(), lo, hi);
-    let (txns_all, through) = match spancache::lookup(&key) {
+    let spancache::Kept { txns: txns_all, through, rows } = match spancache::lookup(&key) {
         Some(kept) => kept,
         None => list_span(key, newest)?,
     };
@@ -569,30 +586,25 @@ fn read_span(me: i32, lo: i64, newest: i64, to: i32, budget: usize) -> Option<Sp
     let mut wanted = Vec::new();
     let mut before = 0usize;
     let mut cut = false;
-    for (tick, seq, len, away) in placed {
+    for (i, (tick, seq, len, away)) in placed.enumerate() {
         if !away {
             if before >= budget.max(1) {
                 cut = true;
                 break;
             }
             before += len;
-            wanted.push(seq);
+            wanted.push(i);
         }
         txns.push((tick, seq, None));
     }
-    if !wanted.is_empty() {
+    if let Some(mut rows) = rows {
+        // Kept with the span: nothing to read.
+        for i in wanted {
+            txns[i].2 = Some(LoggedTxn::kept(&txns_all[i], std::mem::take(&mut rows[i])));
+        }
+    } else if !wanted.is_empty() {
         let wanted_count = wanted.len();
-        // In any order: each is placed by its seq below (a sort here was a tenth of the span's
-        // reading near the head).
-        let (read, multi) = plans::run(
-            concat!("SELECT ", logged_columns!(), " FROM rbucardo.change_log l WHERE l.seq = ANY ($1)"),
-            &[pg_sys::INT8ARRAYOID],
-            &[wanted.into()],
-            logged_txns,
-        );
-        let mut read = read;
-        find_spilled(&mut read, multi);
-        let mut by_seq: std::collections::HashMap<i64, LoggedTxn> = read.into_iter().map(|t| (t.final_seq, t)).collect();
+        let mut by_seq = read_finals(wanted.iter().map(|&i| txns_all[i].seq).collect());
         for (_, seq, slot) in txns.iter_mut() {
             *slot = by_seq.remove(seq);
         }
@@ -603,11 +615,26 @@ fn read_span(me: i32, lo: i64, newest: i64, to: i32, budget: usize) -> Option<Sp
     Some(Span { txns, through: (!cut).then_some(through) })
 }
 
+/// The transactions whose final chunks have seqs `seqs`, by that seq, as far as they are still
+/// in the log.
+fn read_finals(seqs: Vec<i64>) -> std::collections::HashMap<i64, LoggedTxn> {
+    // In any order: each is placed by its seq (a sort here was a tenth of the span's reading
+    // near the head).
+    let (mut read, multi) = plans::run(
+        concat!("SELECT ", logged_columns!(), " FROM rbucardo.change_log l WHERE l.seq = ANY ($1)"),
+        &[pg_sys::INT8ARRAYOID],
+        &[seqs.into()],
+        logged_txns,
+    );
+    find_spilled(&mut read, multi);
+    read.into_iter().map(|t| (t.final_seq, t)).collect()
+}
+
 /// Lists the transactions of span `key` (ticks `lo + 1 ..= hi`) in stream order, and the last
 /// tick they complete. Keeps the list for other fetches of the span (spancache.rs) near the
 /// head of the stream, where a hub's stores fetch the same spans, if its last tick was not cut
 /// by this transaction.
-fn list_span(key: spancache::Key, newest: i64) -> Option<(Vec<spancache::Placed>, i64)> {
+fn list_span(key: spancache::Key, newest: i64) -> Option<spancache::Kept> {
     let (lo, hi) = (key.lo, key.hi);
     let i8 = pg_sys::INT8OID;
     let ticks: Vec<(i64, i64, Snapshot)> = plans::run(
@@ -639,10 +666,28 @@ fn list_span(key: spancache::Key, newest: i64) -> Option<(Vec<spancache::Placed>
         .filter_map(|((seq, _, len, origin, via, only_for), tick)| Some(spancache::Placed { tick: tick?, seq, len, origin, via, only_for }))
         .collect();
     placed.sort_unstable_by_key(|p| (p.tick, p.seq));
-    if near_head && !AT_COMMIT.with(|a| a.get().cut) {
-        spancache::keep(key, &placed, through);
+    let mut rows = None;
+    if near_head && !AT_COMMIT.with(|a| a.get().cut) && placed.len() <= spancache::MAX_TXNS {
+        // Its rows too, if they fit: then no other fetch of the span reads the log.
+        if placed.iter().map(|p| p.len).sum::<usize>() <= spancache::SLOT_BYTES {
+            rows = kept_rows(&placed);
+        }
+        spancache::keep(key, &placed, through, rows.as_deref());
     }
-    Some((placed, through))
+    Some(spancache::Kept { txns: placed, through, rows })
+}
+
+/// The rows of the transactions `placed`, in the same order, if each is one chunk still in the
+/// log.
+fn kept_rows(placed: &[spancache::Placed]) -> Option<Vec<spancache::Row>> {
+    let mut by_seq = read_finals(placed.iter().map(|p| p.seq).collect());
+    placed
+        .iter()
+        .map(|p| {
+            let t = by_seq.remove(&p.seq).filter(|t| t.earlier.is_empty())?;
+            Some(spancache::Row { txid: t.txid, hlc: t.hlc, origin_pos: t.origin_pos.map(|o| (o.tick, o.seq)), data: t.last })
+        })
+        .collect()
 }
 
 /// A transaction `read_span` lists: final seq, txid, bytes, origin, via, only_for.

@@ -10,8 +10,11 @@
 //! (not one that fetch cut, which may still roll back), and is keyed by database, tick table
 //! (a re-created extension numbers its ticks again) and the span's first and last tick. What
 //! changes per fetch, what goes to which peer and how much fits a batch, is decided by the
-//! reader. Rows are not copied here, only where they are: a reader still reads them, and one
-//! that finds a row missing (trimmed) reads tick by tick instead, as without an entry.
+//! reader. A span of single-chunk transactions whose rows fit `SLOT_BYTES` (a store's order
+//! is a few hundred bytes) is kept with its rows, so that the other stores' fetches read
+//! nothing of the log; a larger one is kept as a list, and its readers read the rows they
+//! ship, reading tick by tick instead if one is missing (trimmed), as without an entry. Change
+//! log rows are never updated, only deleted by a trim, which the floors below account for.
 //!
 //! A trim deletes the ticks before its floor and the transactions of those up to it; it
 //! notes the floor here first (`trimmed`), and a span starting before the floor is neither
@@ -31,6 +34,8 @@ const SLOTS: usize = 16;
 /// The most transactions a kept span holds; a larger one is not kept (it is not the case of
 /// many stores at the head of the stream this is for).
 pub const MAX_TXNS: usize = 48;
+/// The most bytes of rows a kept span holds; one whose rows do not fit is kept as a list only.
+pub const SLOT_BYTES: usize = 16 * 1024;
 
 /// One transaction of a span: the tick it belongs to, its final chunk's seq, its size, and
 /// what decides which peers it goes to.
@@ -60,6 +65,35 @@ impl Key {
     }
 }
 
+/// The row of a kept single-chunk transaction: what a reader ships without reading the log.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Row {
+    pub txid: i64,
+    pub hlc: i64,
+    /// Its origin's (tick, seq), for a forwarded transaction.
+    pub origin_pos: Option<(i64, i64)>,
+    pub data: Vec<u8>,
+}
+
+/// A kept span: its transactions in stream order, the last tick they complete, and their rows
+/// (in the same order) if they were kept too.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Kept {
+    pub txns: Vec<Placed>,
+    pub through: i64,
+    pub rows: Option<Vec<Row>>,
+}
+
+/// Where a kept row is: `Row` without its bytes, which are `data[start..start + len]`.
+#[derive(Copy, Clone, Default)]
+struct RowAt {
+    txid: i64,
+    hlc: i64,
+    origin_pos: Option<(i64, i64)>,
+    start: usize,
+    len: usize,
+}
+
 #[derive(Copy, Clone)]
 struct Slot {
     key: Key,
@@ -67,11 +101,35 @@ struct Slot {
     through: i64,
     n: usize,
     txns: [Placed; MAX_TXNS],
+    /// Whether `rows` and `data` hold the rows of `txns`.
+    has_rows: bool,
+    rows: [RowAt; MAX_TXNS],
+    data: [u8; SLOT_BYTES],
 }
 
 impl Default for Slot {
     fn default() -> Self {
-        Slot { key: Key::default(), through: 0, n: 0, txns: [Placed::default(); MAX_TXNS] }
+        Slot {
+            key: Key::default(),
+            through: 0,
+            n: 0,
+            txns: [Placed::default(); MAX_TXNS],
+            has_rows: false,
+            rows: [RowAt::default(); MAX_TXNS],
+            data: [0; SLOT_BYTES],
+        }
+    }
+}
+
+impl Slot {
+    fn kept(&self) -> Kept {
+        let rows = self.has_rows.then(|| {
+            self.rows[..self.n]
+                .iter()
+                .map(|r| Row { txid: r.txid, hlc: r.hlc, origin_pos: r.origin_pos, data: self.data[r.start..r.start + r.len].to_vec() })
+                .collect()
+        });
+        Kept { txns: self.txns[..self.n].to_vec(), through: self.through, rows }
     }
 }
 
@@ -114,23 +172,32 @@ impl SpanCache {
         key.db != 0 && self.floors.iter().any(|f| f.db == key.db && f.rel == key.rel && key.lo >= f.tick)
     }
 
-    fn find(&self, key: &Key) -> Option<Slot> {
+    fn find(&self, key: &Key) -> Option<&Slot> {
         if !self.usable(key) {
             return None;
         }
-        self.slots.iter().find(|s| s.key == *key).copied()
+        self.slots.iter().find(|s| s.key == *key)
     }
 
-    fn put(&mut self, key: Key, txns: &[Placed], through: i64) {
+    /// Keeps span `key`; with `rows` (one per transaction, in the same order) when they fit.
+    fn put(&mut self, key: Key, txns: &[Placed], through: i64, rows: Option<&[Row]>) {
         if !self.usable(&key) || txns.len() > MAX_TXNS || self.slots.iter().any(|s| s.key == key) {
             return;
         }
+        let rows = rows.filter(|r| r.len() == txns.len() && r.iter().map(|r| r.data.len()).sum::<usize>() <= SLOT_BYTES);
         let slot = &mut self.slots[self.next];
         self.next = (self.next + 1) % SLOTS;
         slot.key = key;
         slot.through = through;
         slot.n = txns.len();
         slot.txns[..txns.len()].copy_from_slice(txns);
+        slot.has_rows = rows.is_some();
+        let mut start = 0;
+        for (at, r) in slot.rows.iter_mut().zip(rows.unwrap_or_default()) {
+            slot.data[start..start + r.data.len()].copy_from_slice(&r.data);
+            *at = RowAt { txid: r.txid, hlc: r.hlc, origin_pos: r.origin_pos, start, len: r.data.len() };
+            start += r.data.len();
+        }
     }
 
     /// Notes that tick table `rel` of database `db` is trimmed to `floor`. A floor only rises;
@@ -178,11 +245,10 @@ pub fn init() {
     pg_shmem_init!(SPANS);
 }
 
-/// The kept transactions of span `key`, in stream order, and the last tick they complete.
-pub fn lookup(key: &Key) -> Option<(Vec<Placed>, i64)> {
-    // Copied out under the lock, made a Vec after it: the lock is held for a copy only.
-    let slot = SPANS.share().find(key)?;
-    Some((slot.txns[..slot.n].to_vec(), slot.through))
+/// Span `key` as kept: its transactions in stream order, the last tick they complete, and
+/// their rows if those were kept.
+pub fn lookup(key: &Key) -> Option<Kept> {
+    SPANS.share().find(key).map(Slot::kept)
 }
 
 /// Notes, before a trim of the current database's tick table `rel` deletes anything, that
@@ -198,11 +264,12 @@ pub fn forget() {
 }
 
 
-/// Keeps span `key`'s transactions, in stream order, complete through tick `through`. Only for
-/// a span whose last tick was committed before the caller's transaction read it.
-pub fn keep(key: Key, txns: &[Placed], through: i64) {
+/// Keeps span `key`'s transactions, in stream order, complete through tick `through`, and
+/// their rows (same order, single-chunk transactions only) if given and they fit. Only for a
+/// span whose last tick was committed before the caller's transaction read it.
+pub fn keep(key: Key, txns: &[Placed], through: i64, rows: Option<&[Row]>) {
     if txns.len() <= MAX_TXNS {
-        SPANS.exclusive().put(key, txns, through);
+        SPANS.exclusive().put(key, txns, through, rows);
     }
 }
 
@@ -218,6 +285,36 @@ mod tests {
         c.find(key).map(|s| (s.txns[..s.n].to_vec(), s.through))
     }
 
+    fn row(txid: i64, bytes: usize) -> Row {
+        Row { txid, hlc: txid * 10, origin_pos: (txid % 2 == 0).then_some((txid, txid + 1)), data: vec![txid as u8; bytes] }
+    }
+
+    #[test]
+    fn rows_are_kept_with_their_span_only_when_they_fit() {
+        let mut c = SpanCache::default();
+        c.trimmed(5, 1, 0);
+        let key = |lo| Key { db: 5, rel: 1, lo, hi: lo + 1 };
+        let txns = [txn(1, 1), txn(1, 2), txn(1, 3)];
+        let rows = vec![row(7, 100), row(8, 0), row(9, 300)];
+        c.put(key(0), &txns, 1, Some(&rows));
+        assert_eq!(c.find(&key(0)).unwrap().kept(), Kept { txns: txns.to_vec(), through: 1, rows: Some(rows.clone()) });
+        // Too many bytes, or not one row per transaction: the list is kept, not the rows.
+        let big = vec![row(7, SLOT_BYTES - 299), row(8, 0), row(9, 300)];
+        c.put(key(1), &txns, 2, Some(&big));
+        assert_eq!(c.find(&key(1)).unwrap().kept(), Kept { txns: txns.to_vec(), through: 2, rows: None });
+        c.put(key(2), &txns, 3, Some(&rows[..2]));
+        assert_eq!(c.find(&key(2)).unwrap().kept().rows, None);
+        // Exactly full fits; a slot reused for a span without rows does not keep the old ones.
+        let full = vec![row(7, SLOT_BYTES - 300), row(8, 0), row(9, 300)];
+        c.put(key(3), &txns, 4, Some(&full));
+        assert_eq!(c.find(&key(3)).unwrap().kept().rows, Some(full));
+        for lo in 4..4 + SLOTS as i64 {
+            c.put(key(lo), &txns, lo + 1, None);
+        }
+        assert!(c.slots.iter().all(|s| !s.has_rows));
+        assert_eq!(c.find(&key(4 + SLOTS as i64 - 1)).unwrap().kept().rows, None);
+    }
+
     #[test]
     fn a_kept_span_is_found_only_by_its_whole_key() {
         let mut c = SpanCache::default();
@@ -225,14 +322,14 @@ mod tests {
         c.trimmed(5, 16400, 0);
         c.trimmed(6, 16400, 0);
         c.trimmed(7, 16401, 0);
-        c.put(key, &[txn(11, 100), txn(12, 104)], 12);
+        c.put(key, &[txn(11, 100), txn(12, 104)], 12, None);
         assert_eq!(found(&c, &key), Some((vec![txn(11, 100), txn(12, 104)], 12)));
         for other in [Key { db: 6, ..key }, Key { rel: 16401, ..key }, Key { lo: 11, ..key }, Key { hi: 13, ..key }] {
             assert_eq!(found(&c, &other), None, "{other:?}");
         }
         // An empty span is kept too (nothing for anyone in those ticks).
         let empty = Key { lo: 12, hi: 13, ..key };
-        c.put(empty, &[], 13);
+        c.put(empty, &[], 13, None);
         assert_eq!(found(&c, &empty), Some((vec![], 13)));
     }
 
@@ -243,7 +340,7 @@ mod tests {
         c.trimmed(5, 1, 0);
         let big: Vec<Placed> = (0..MAX_TXNS as i64 + 1).map(|i| txn(11, i)).collect();
         let key = Key { db: 5, rel: 1, lo: 10, hi: 11 };
-        c.put(key, &big, 11);
+        c.put(key, &big, 11, None);
         assert!(c.find(&key).is_none());
     }
 
@@ -252,14 +349,14 @@ mod tests {
         let mut c = SpanCache::default();
         c.trimmed(5, 1, 0);
         let key = |lo| Key { db: 5, rel: 1, lo, hi: lo + 1 };
-        c.put(key(0), &[txn(1, 1)], 1);
-        c.put(key(0), &[txn(1, 2)], 1); // the same span again: the first stays, no slot used
+        c.put(key(0), &[txn(1, 1)], 1, None);
+        c.put(key(0), &[txn(1, 2)], 1, None); // the same span again: the first stays, no slot used
         assert_eq!(found(&c, &key(0)).unwrap().0, vec![txn(1, 1)]);
         for lo in 1..SLOTS as i64 {
-            c.put(key(lo), &[], lo + 1);
+            c.put(key(lo), &[], lo + 1, None);
         }
         assert!(c.find(&key(0)).is_some(), "{SLOTS} spans fit");
-        c.put(key(SLOTS as i64), &[], 0);
+        c.put(key(SLOTS as i64), &[], 0, None);
         assert!(c.find(&key(0)).is_none(), "the oldest went first");
         assert!(c.find(&key(1)).is_some());
     }
@@ -267,17 +364,17 @@ mod tests {
     fn nothing_is_kept_or_found_before_the_trim_floor_or_without_one() {
         let mut c = SpanCache::default();
         let key = |lo| Key { db: 5, rel: 1, lo, hi: lo + 2 };
-        c.put(key(10), &[txn(11, 1)], 12);
+        c.put(key(10), &[txn(11, 1)], 12, None);
         assert!(c.find(&key(10)).is_none(), "no floor known yet: nothing kept");
         c.trimmed(5, 1, 3);
-        c.put(key(10), &[txn(11, 1)], 12);
-        c.put(key(2), &[txn(3, 1)], 4);
+        c.put(key(10), &[txn(11, 1)], 12, None);
+        c.put(key(2), &[txn(3, 1)], 4, None);
         assert!(c.find(&key(10)).is_some());
         assert!(c.find(&key(2)).is_none(), "starts before the floor: not kept");
         // A trim to 11: the span from 10 lost tick 11's transactions; it is no longer served.
         c.trimmed(5, 1, 11);
         assert!(c.find(&key(10)).is_none());
-        c.put(key(10), &[], 12);
+        c.put(key(10), &[], 12, None);
         assert!(c.find(&key(10)).is_none(), "nor kept again");
         // A floor only rises; a re-created tick table (another oid) starts again.
         c.trimmed(5, 1, 4);
@@ -285,7 +382,7 @@ mod tests {
         c.trimmed(5, 2, 0);
         assert!(c.find(&key(10)).is_none(), "the old table's spans are not the new one's");
         let new = Key { rel: 2, ..key(0) };
-        c.put(new, &[], 2);
+        c.put(new, &[], 2, None);
         assert!(c.find(&new).is_some());
     }
 
@@ -294,14 +391,14 @@ mod tests {
         let mut c = SpanCache::default();
         c.trimmed(1, 1, 0);
         let key = Key { db: 1, rel: 1, lo: 0, hi: 1 };
-        c.put(key, &[], 1);
+        c.put(key, &[], 1, None);
         for db in 2..=FLOORS as u32 + 1 {
             c.trimmed(db, 1, 0);
         }
         assert!(c.find(&key).is_none());
         c.trimmed(1, 1, 0);
         assert!(c.find(&key).is_none(), "its spans went with its entry");
-        c.put(key, &[], 1);
+        c.put(key, &[], 1, None);
         assert!(c.find(&key).is_some(), "and are kept again once its floor is known");
     }
 
@@ -310,7 +407,7 @@ mod tests {
         let mut c = SpanCache::default();
         let key = Key { db: 1, rel: 1, lo: 5, hi: 6 };
         c.trimmed(1, 1, 0);
-        c.put(key, &[], 6);
+        c.put(key, &[], 6, None);
         c.trimmed(1, 1, 8);
         assert!(c.find(&key).is_none());
         // Pushed out by other databases, then back with a low floor: the old span stays gone.
@@ -320,14 +417,14 @@ mod tests {
         c.trimmed(1, 1, 0);
         assert!(c.find(&key).is_none());
         // A new tick table, or the whole log forgotten, drops the spans too.
-        c.put(key, &[], 6);
+        c.put(key, &[], 6, None);
         c.trimmed(1, 2, 0);
         c.trimmed(1, 1, 0);
         assert!(c.find(&key).is_none());
-        c.put(key, &[], 6);
+        c.put(key, &[], 6, None);
         c.forget(1);
         assert!(c.find(&key).is_none());
-        c.put(key, &[], 6);
+        c.put(key, &[], 6, None);
         assert!(c.find(&key).is_none(), "nothing kept until the next trim");
     }
 }

@@ -636,6 +636,8 @@ fn read_finals(seqs: Vec<i64>) -> std::collections::HashMap<i64, LoggedTxn> {
 /// by this transaction.
 fn list_span(key: spancache::Key, newest: i64) -> Option<spancache::Kept> {
     let (lo, hi) = (key.lo, key.hi);
+    // Before the first statement: a span listed from a log deleted since is not kept.
+    let epoch = spancache::epoch();
     let i8 = pg_sys::INT8OID;
     let ticks: Vec<(i64, i64, Snapshot)> = plans::run(
         "SELECT tick_id, last_seq, snap::text FROM rbucardo.tick WHERE tick_id BETWEEN $1 AND $2 ORDER BY tick_id",
@@ -667,12 +669,12 @@ fn list_span(key: spancache::Key, newest: i64) -> Option<spancache::Kept> {
         .collect();
     placed.sort_unstable_by_key(|p| (p.tick, p.seq));
     let mut rows = None;
-    if near_head && !AT_COMMIT.with(|a| a.get().cut) && placed.len() <= spancache::MAX_TXNS {
+    if near_head && !AT_COMMIT.with(|a| a.get().cut) && placed.len() <= spancache::MAX_TXNS && spancache::keepable(&key, epoch) {
         // Its rows too, if they fit: then no other fetch of the span reads the log.
         if placed.iter().map(|p| p.len).sum::<usize>() <= spancache::SLOT_BYTES {
             rows = kept_rows(&placed);
         }
-        spancache::keep(key, &placed, through, rows.as_deref());
+        spancache::keep(key, &placed, through, rows.as_deref(), epoch);
     }
     Some(spancache::Kept { txns: placed, through, rows })
 }
@@ -1062,6 +1064,22 @@ mod tests {
 
     fn snap(text: &str) -> Snapshot {
         Snapshot::parse(text).unwrap()
+    }
+
+    /// A transaction served from a kept span carries what reading its row would: the row's
+    /// txid, clock, origin position and bytes, and the list's origin, via and addressee.
+    #[test]
+    fn a_kept_row_makes_the_transaction_its_log_row_would() {
+        use super::{spancache, LoggedTxn, Position};
+        let p = spancache::Placed { tick: 7, seq: 41, len: 3, origin: Some(2), via: Some(3), only_for: Some(4) };
+        let row = spancache::Row { txid: 900, hlc: 1234, origin_pos: Some((5, 6)), data: vec![1, 2, 3] };
+        let t = LoggedTxn::kept(&p, row);
+        assert_eq!((t.txid, t.hlc, t.final_seq, t.last.as_slice()), (900, 1234, 41, &[1u8, 2, 3][..]));
+        assert_eq!((t.origin, t.via, t.only_for), (Some(2), Some(3), Some(4)));
+        assert_eq!(t.origin_pos, Some(Position { tick: 5, seq: 6 }));
+        assert_eq!((t.chunks(), t.len(0)), (1, 3), "one chunk, the kept one");
+        let local = LoggedTxn::kept(&spancache::Placed { origin: None, via: None, only_for: None, ..p }, spancache::Row { origin_pos: None, ..Default::default() });
+        assert_eq!((local.origin, local.origin_pos, local.via, local.only_for), (None, None, None, None));
     }
 
     #[test]

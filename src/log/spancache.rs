@@ -22,7 +22,8 @@
 //! list made while a trim deleted part of it is not kept. A database's spans are only kept
 //! once its floor is known here (the housekeeper trims every few seconds); when that is
 //! forgotten (its entry taken by another database, a new tick table, `forget` when the whole
-//! log is deleted), so are its spans.
+//! log is deleted), so are its spans, and a span listed before that (the cache's epoch) is not
+//! kept.
 
 use pgrx::prelude::*;
 use pgrx::{pg_shmem_init, PGRXSharedMemory, PgLwLock};
@@ -148,17 +149,18 @@ struct Floor {
 }
 
 /// The kept spans, replaced oldest first, and the trim floors.
-#[derive(Copy, Clone)]
 pub struct SpanCache {
     next: usize,
     slots: [Slot; SLOTS],
     next_floor: usize,
     floors: [Floor; FLOORS],
+    /// Bumped whenever a database's spans are forgotten: a span listed before is not kept.
+    epoch: u64,
 }
 
 impl Default for SpanCache {
     fn default() -> Self {
-        SpanCache { next: 0, slots: [Slot::default(); SLOTS], next_floor: 0, floors: [Floor::default(); FLOORS] }
+        SpanCache { next: 0, slots: [Slot::default(); SLOTS], next_floor: 0, floors: [Floor::default(); FLOORS], epoch: 0 }
     }
 }
 
@@ -180,8 +182,8 @@ impl SpanCache {
     }
 
     /// Keeps span `key`; with `rows` (one per transaction, in the same order) when they fit.
-    fn put(&mut self, key: Key, txns: &[Placed], through: i64, rows: Option<&[Row]>) {
-        if !self.usable(&key) || txns.len() > MAX_TXNS || self.slots.iter().any(|s| s.key == key) {
+    fn put(&mut self, key: Key, txns: &[Placed], through: i64, rows: Option<&[Row]>, epoch: u64) {
+        if !self.keepable(&key, epoch) || txns.len() > MAX_TXNS {
             return;
         }
         let rows = rows.filter(|r| r.len() == txns.len() && r.iter().map(|r| r.data.len()).sum::<usize>() <= SLOT_BYTES);
@@ -227,12 +229,21 @@ impl SpanCache {
 
     /// Forgets database `db`'s floor and spans: nothing is kept for it until its next trim.
     fn forget(&mut self, db: u32) {
+        self.epoch += 1;
         for f in self.floors.iter_mut().filter(|f| f.db == db) {
             *f = Floor::default();
         }
+        // In place: a slot is most of 20 kB, and unused ones are forgotten with database 0.
         for s in self.slots.iter_mut().filter(|s| s.key.db == db) {
-            *s = Slot::default();
+            s.key = Key::default();
+            s.n = 0;
+            s.has_rows = false;
         }
+    }
+
+    /// Whether span `key`, listed since `epoch`, would be kept now.
+    fn keepable(&self, key: &Key, epoch: u64) -> bool {
+        epoch == self.epoch && self.usable(key) && !self.slots.iter().any(|s| s.key == *key)
     }
 }
 
@@ -258,18 +269,33 @@ pub fn trimmed(rel: u32, floor: i64) {
 }
 
 /// Forgets the current database's spans, before its whole change log is deleted: none is kept
-/// again until its next trim.
+/// again until its next trim. Called again when the deleting transaction commits: a trim may
+/// have noted a floor meanwhile, and a fetch that still saw the old log may have kept a span
+/// (with its rows) after it.
 pub fn forget() {
     SPANS.exclusive().forget(my_dboid());
+    pgrx::register_xact_callback(pgrx::PgXactCallbackEvent::Commit, || SPANS.exclusive().forget(my_dboid()));
+}
+
+/// The cache's epoch, read before a span is listed and handed to `keep`: a span listed before
+/// some database's spans were forgotten is not kept.
+pub fn epoch() -> u64 {
+    SPANS.share().epoch
+}
+
+/// Whether span `key`, listed since `epoch`, would be kept now (its rows are read to be kept
+/// only then).
+pub fn keepable(key: &Key, epoch: u64) -> bool {
+    SPANS.share().keepable(key, epoch)
 }
 
 
 /// Keeps span `key`'s transactions, in stream order, complete through tick `through`, and
 /// their rows (same order, single-chunk transactions only) if given and they fit. Only for a
 /// span whose last tick was committed before the caller's transaction read it.
-pub fn keep(key: Key, txns: &[Placed], through: i64, rows: Option<&[Row]>) {
+pub fn keep(key: Key, txns: &[Placed], through: i64, rows: Option<&[Row]>, epoch: u64) {
     if txns.len() <= MAX_TXNS {
-        SPANS.exclusive().put(key, txns, through, rows);
+        SPANS.exclusive().put(key, txns, through, rows, epoch);
     }
 }
 
@@ -296,23 +322,44 @@ mod tests {
         let key = |lo| Key { db: 5, rel: 1, lo, hi: lo + 1 };
         let txns = [txn(1, 1), txn(1, 2), txn(1, 3)];
         let rows = vec![row(7, 100), row(8, 0), row(9, 300)];
-        c.put(key(0), &txns, 1, Some(&rows));
+        c.put(key(0), &txns, 1, Some(&rows), c.epoch);
         assert_eq!(c.find(&key(0)).unwrap().kept(), Kept { txns: txns.to_vec(), through: 1, rows: Some(rows.clone()) });
         // Too many bytes, or not one row per transaction: the list is kept, not the rows.
         let big = vec![row(7, SLOT_BYTES - 299), row(8, 0), row(9, 300)];
-        c.put(key(1), &txns, 2, Some(&big));
+        c.put(key(1), &txns, 2, Some(&big), c.epoch);
         assert_eq!(c.find(&key(1)).unwrap().kept(), Kept { txns: txns.to_vec(), through: 2, rows: None });
-        c.put(key(2), &txns, 3, Some(&rows[..2]));
+        c.put(key(2), &txns, 3, Some(&rows[..2]), c.epoch);
         assert_eq!(c.find(&key(2)).unwrap().kept().rows, None);
         // Exactly full fits; a slot reused for a span without rows does not keep the old ones.
         let full = vec![row(7, SLOT_BYTES - 300), row(8, 0), row(9, 300)];
-        c.put(key(3), &txns, 4, Some(&full));
+        c.put(key(3), &txns, 4, Some(&full), c.epoch);
         assert_eq!(c.find(&key(3)).unwrap().kept().rows, Some(full));
         for lo in 4..4 + SLOTS as i64 {
-            c.put(key(lo), &txns, lo + 1, None);
+            c.put(key(lo), &txns, lo + 1, None, c.epoch);
         }
         assert!(c.slots.iter().all(|s| !s.has_rows));
         assert_eq!(c.find(&key(4 + SLOTS as i64 - 1)).unwrap().kept().rows, None);
+    }
+
+    #[test]
+    fn a_span_listed_before_its_database_was_forgotten_is_not_kept() {
+        let mut c = SpanCache::default();
+        c.trimmed(5, 1, 0);
+        let key = Key { db: 5, rel: 1, lo: 0, hi: 1 };
+        let listed_at = c.epoch;
+        assert!(c.keepable(&key, listed_at));
+        // init_node deletes the log (forgets before, and again at commit); a trim notes a
+        // floor in between; the fetch that listed the old log keeps nothing.
+        c.forget(5);
+        c.trimmed(5, 1, 0);
+        assert!(!c.keepable(&key, listed_at));
+        c.put(key, &[txn(1, 1)], 1, Some(&[row(1, 10)]), listed_at);
+        assert!(c.find(&key).is_none());
+        // Listed afresh, it is kept; once kept, it is not kept twice.
+        let now = c.epoch;
+        c.put(key, &[txn(1, 1)], 1, Some(&[row(1, 10)]), now);
+        assert_eq!(c.find(&key).unwrap().kept().rows, Some(vec![row(1, 10)]));
+        assert!(!c.keepable(&key, now));
     }
 
     #[test]
@@ -322,14 +369,14 @@ mod tests {
         c.trimmed(5, 16400, 0);
         c.trimmed(6, 16400, 0);
         c.trimmed(7, 16401, 0);
-        c.put(key, &[txn(11, 100), txn(12, 104)], 12, None);
+        c.put(key, &[txn(11, 100), txn(12, 104)], 12, None, c.epoch);
         assert_eq!(found(&c, &key), Some((vec![txn(11, 100), txn(12, 104)], 12)));
         for other in [Key { db: 6, ..key }, Key { rel: 16401, ..key }, Key { lo: 11, ..key }, Key { hi: 13, ..key }] {
             assert_eq!(found(&c, &other), None, "{other:?}");
         }
         // An empty span is kept too (nothing for anyone in those ticks).
         let empty = Key { lo: 12, hi: 13, ..key };
-        c.put(empty, &[], 13, None);
+        c.put(empty, &[], 13, None, c.epoch);
         assert_eq!(found(&c, &empty), Some((vec![], 13)));
     }
 
@@ -340,7 +387,7 @@ mod tests {
         c.trimmed(5, 1, 0);
         let big: Vec<Placed> = (0..MAX_TXNS as i64 + 1).map(|i| txn(11, i)).collect();
         let key = Key { db: 5, rel: 1, lo: 10, hi: 11 };
-        c.put(key, &big, 11, None);
+        c.put(key, &big, 11, None, c.epoch);
         assert!(c.find(&key).is_none());
     }
 
@@ -349,14 +396,14 @@ mod tests {
         let mut c = SpanCache::default();
         c.trimmed(5, 1, 0);
         let key = |lo| Key { db: 5, rel: 1, lo, hi: lo + 1 };
-        c.put(key(0), &[txn(1, 1)], 1, None);
-        c.put(key(0), &[txn(1, 2)], 1, None); // the same span again: the first stays, no slot used
+        c.put(key(0), &[txn(1, 1)], 1, None, c.epoch);
+        c.put(key(0), &[txn(1, 2)], 1, None, c.epoch); // the same span again: the first stays, no slot used
         assert_eq!(found(&c, &key(0)).unwrap().0, vec![txn(1, 1)]);
         for lo in 1..SLOTS as i64 {
-            c.put(key(lo), &[], lo + 1, None);
+            c.put(key(lo), &[], lo + 1, None, c.epoch);
         }
         assert!(c.find(&key(0)).is_some(), "{SLOTS} spans fit");
-        c.put(key(SLOTS as i64), &[], 0, None);
+        c.put(key(SLOTS as i64), &[], 0, None, c.epoch);
         assert!(c.find(&key(0)).is_none(), "the oldest went first");
         assert!(c.find(&key(1)).is_some());
     }
@@ -364,17 +411,17 @@ mod tests {
     fn nothing_is_kept_or_found_before_the_trim_floor_or_without_one() {
         let mut c = SpanCache::default();
         let key = |lo| Key { db: 5, rel: 1, lo, hi: lo + 2 };
-        c.put(key(10), &[txn(11, 1)], 12, None);
+        c.put(key(10), &[txn(11, 1)], 12, None, c.epoch);
         assert!(c.find(&key(10)).is_none(), "no floor known yet: nothing kept");
         c.trimmed(5, 1, 3);
-        c.put(key(10), &[txn(11, 1)], 12, None);
-        c.put(key(2), &[txn(3, 1)], 4, None);
+        c.put(key(10), &[txn(11, 1)], 12, None, c.epoch);
+        c.put(key(2), &[txn(3, 1)], 4, None, c.epoch);
         assert!(c.find(&key(10)).is_some());
         assert!(c.find(&key(2)).is_none(), "starts before the floor: not kept");
         // A trim to 11: the span from 10 lost tick 11's transactions; it is no longer served.
         c.trimmed(5, 1, 11);
         assert!(c.find(&key(10)).is_none());
-        c.put(key(10), &[], 12, None);
+        c.put(key(10), &[], 12, None, c.epoch);
         assert!(c.find(&key(10)).is_none(), "nor kept again");
         // A floor only rises; a re-created tick table (another oid) starts again.
         c.trimmed(5, 1, 4);
@@ -382,7 +429,7 @@ mod tests {
         c.trimmed(5, 2, 0);
         assert!(c.find(&key(10)).is_none(), "the old table's spans are not the new one's");
         let new = Key { rel: 2, ..key(0) };
-        c.put(new, &[], 2, None);
+        c.put(new, &[], 2, None, c.epoch);
         assert!(c.find(&new).is_some());
     }
 
@@ -391,14 +438,14 @@ mod tests {
         let mut c = SpanCache::default();
         c.trimmed(1, 1, 0);
         let key = Key { db: 1, rel: 1, lo: 0, hi: 1 };
-        c.put(key, &[], 1, None);
+        c.put(key, &[], 1, None, c.epoch);
         for db in 2..=FLOORS as u32 + 1 {
             c.trimmed(db, 1, 0);
         }
         assert!(c.find(&key).is_none());
         c.trimmed(1, 1, 0);
         assert!(c.find(&key).is_none(), "its spans went with its entry");
-        c.put(key, &[], 1, None);
+        c.put(key, &[], 1, None, c.epoch);
         assert!(c.find(&key).is_some(), "and are kept again once its floor is known");
     }
 
@@ -407,7 +454,7 @@ mod tests {
         let mut c = SpanCache::default();
         let key = Key { db: 1, rel: 1, lo: 5, hi: 6 };
         c.trimmed(1, 1, 0);
-        c.put(key, &[], 6, None);
+        c.put(key, &[], 6, None, c.epoch);
         c.trimmed(1, 1, 8);
         assert!(c.find(&key).is_none());
         // Pushed out by other databases, then back with a low floor: the old span stays gone.
@@ -417,14 +464,14 @@ mod tests {
         c.trimmed(1, 1, 0);
         assert!(c.find(&key).is_none());
         // A new tick table, or the whole log forgotten, drops the spans too.
-        c.put(key, &[], 6, None);
+        c.put(key, &[], 6, None, c.epoch);
         c.trimmed(1, 2, 0);
         c.trimmed(1, 1, 0);
         assert!(c.find(&key).is_none());
-        c.put(key, &[], 6, None);
+        c.put(key, &[], 6, None, c.epoch);
         c.forget(1);
         assert!(c.find(&key).is_none());
-        c.put(key, &[], 6, None);
+        c.put(key, &[], 6, None, c.epoch);
         assert!(c.find(&key).is_none(), "nothing kept until the next trim");
     }
 }

@@ -669,7 +669,11 @@ fn list_span(key: spancache::Key, newest: i64) -> Option<spancache::Kept> {
         .collect();
     placed.sort_unstable_by_key(|p| (p.tick, p.seq));
     let mut rows = None;
-    if near_head && !AT_COMMIT.with(|a| a.get().cut) && placed.len() <= spancache::MAX_TXNS && spancache::keepable(&key, epoch) {
+    // Only in READ COMMITTED, whose statements see what committed before the epoch was read
+    // (an older snapshot could see a log deleted since).
+    // SAFETY: reads the backend's transaction state.
+    let fresh = unsafe { pg_sys::XactIsoLevel } == pg_sys::XACT_READ_COMMITTED as i32;
+    if near_head && fresh && !AT_COMMIT.with(|a| a.get().cut) && placed.len() <= spancache::MAX_TXNS && spancache::keepable(&key, epoch) {
         // Its rows too, if they fit: then no other fetch of the span reads the log.
         if placed.iter().map(|p| p.len).sum::<usize>() <= spancache::SLOT_BYTES {
             rows = kept_rows(&placed);

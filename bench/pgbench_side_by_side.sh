@@ -66,13 +66,18 @@ now() { date +%s.%N; }
 # q PORT SQL...: one psql call on database bench, unaligned, stops at the first error.
 q() { local port=$1; shift; psql -X -q -At -v ON_ERROR_STOP=1 -h 127.0.0.1 -p "$port" -U postgres -d bench "$@"; }
 conninfo() { echo "host=127.0.0.1 port=$1 user=postgres dbname=bench"; }
-# wait_for PORT SQL [LIMIT]: polls (in the server, every 0.1 s) until SQL returns true.
+# wait_for PORT SQL [LIMIT]: polls (in the server, every 0.1 s) until SQL returns true. Each
+# poll commits: a DO block that did not held one snapshot for the whole wait, so the server
+# being waited on could not prune the dead versions of pgbench's hot rows (10 branches, 100
+# tellers) while it applied a backlog, and every update of one walked a chain that grew for the
+# whole catch-up (native LR's apply worker ran for minutes at 100 % CPU).
 wait_for() {
     local limit=${3:-$WAIT_LIMIT}
     q "$1" -c "DO \$\$ DECLARE t0 timestamptz := clock_timestamp(); BEGIN
                  WHILE NOT coalesce(($2), false) LOOP
                    IF clock_timestamp() - t0 > interval '$limit s' THEN RAISE EXCEPTION 'timed out waiting for: %', \$q\$$2\$q\$; END IF;
                    PERFORM pg_sleep(0.1);
+                   COMMIT;
                  END LOOP; END \$\$"
 }
 # The backlog rows past an id: every pgbench transaction inserts exactly one history row, last.

@@ -361,9 +361,7 @@ impl LoggedTxn {
         }
         out
     }
-}
 
-impl LoggedTxn {
     /// Transaction `p` of a kept span, from its kept row (a single chunk).
     fn kept(p: &spancache::Placed, row: spancache::Row) -> LoggedTxn {
         LoggedTxn {
@@ -371,7 +369,7 @@ impl LoggedTxn {
             only_for: p.only_for,
             final_seq: p.seq,
             origin: p.origin,
-            origin_pos: row.origin_pos.map(|(tick, seq)| Position { tick, seq }),
+            origin_pos: row.origin_pos,
             via: p.via,
             hlc: row.hlc,
             last: row.data,
@@ -578,8 +576,7 @@ fn read_span(me: i32, lo: i64, newest: i64, to: i32, budget: usize) -> Option<Sp
         None => list_span(key, newest)?,
     };
     let placed = txns_all.iter().map(|t| {
-        let away = t.origin.unwrap_or(me) == to || t.via == Some(to) || t.only_for.is_some_and(|n| n != to);
-        (t.tick, t.seq, t.len, away)
+        (t.tick, t.seq, t.len, not_for(to, t.origin.unwrap_or(me), t.via, t.only_for))
     });
     // Which to read whole: those for the peer, while the bytes before them are within budget.
     let mut txns = Vec::with_capacity(placed.len());
@@ -691,7 +688,7 @@ fn kept_rows(placed: &[spancache::Placed]) -> Option<Vec<spancache::Row>> {
         .iter()
         .map(|p| {
             let t = by_seq.remove(&p.seq).filter(|t| t.earlier.is_empty())?;
-            Some(spancache::Row { txid: t.txid, hlc: t.hlc, origin_pos: t.origin_pos.map(|o| (o.tick, o.seq)), data: t.last })
+            Some(spancache::Row { txid: t.txid, hlc: t.hlc, origin_pos: t.origin_pos, data: t.last })
         })
         .collect()
 }
@@ -866,6 +863,12 @@ pub fn read_batch(me: i32, after: Position, to: i32, max_bytes: usize, policy: &
     Batch { sender: me, after, upto: b.pos, txns: b.txns, complete }
 }
 
+/// Whether a transaction of `origin`, received from `via` and addressed to `only_for`, is not
+/// for peer `to`: nothing goes back where it came from, nor to a node it is not addressed to.
+fn not_for(to: i32, origin: i32, via: Option<i32>, only_for: Option<i32>) -> bool {
+    origin == to || via == Some(to) || only_for.is_some_and(|n| n != to)
+}
+
 /// A batch being filled, transaction by transaction in stream order (`read_batch`).
 struct Builder<'a> {
     me: i32,
@@ -895,8 +898,7 @@ impl Builder<'_> {
         }
         let origin = t.origin.unwrap_or(self.me);
         let origin_pos = t.origin_pos.unwrap_or(at);
-        // Nothing goes back where it came from, nor to a node it is not addressed to.
-        if origin == self.to || t.via == Some(self.to) || t.only_for.is_some_and(|n| n != self.to) {
+        if not_for(self.to, origin, t.via, t.only_for) {
             self.pos = at;
             return true;
         }
@@ -1076,7 +1078,7 @@ mod tests {
     fn a_kept_row_makes_the_transaction_its_log_row_would() {
         use super::{spancache, LoggedTxn, Position};
         let p = spancache::Placed { tick: 7, seq: 41, len: 3, origin: Some(2), via: Some(3), only_for: Some(4) };
-        let row = spancache::Row { txid: 900, hlc: 1234, origin_pos: Some((5, 6)), data: vec![1, 2, 3] };
+        let row = spancache::Row { txid: 900, hlc: 1234, origin_pos: Some(Position { tick: 5, seq: 6 }), data: vec![1, 2, 3] };
         let t = LoggedTxn::kept(&p, row);
         assert_eq!((t.txid, t.hlc, t.final_seq, t.last.as_slice()), (900, 1234, 41, &[1u8, 2, 3][..]));
         assert_eq!((t.origin, t.via, t.only_for), (Some(2), Some(3), Some(4)));

@@ -29,6 +29,7 @@ use pgrx::prelude::*;
 use pgrx::{pg_shmem_init, PGRXSharedMemory, PgLwLock};
 
 use crate::base::signals::my_dboid;
+use crate::base::wire::Position;
 
 /// Spans kept: a few notifications' worth, each fetched by many stores.
 const SLOTS: usize = 16;
@@ -71,8 +72,8 @@ impl Key {
 pub struct Row {
     pub txid: i64,
     pub hlc: i64,
-    /// Its origin's (tick, seq), for a forwarded transaction.
-    pub origin_pos: Option<(i64, i64)>,
+    /// Its origin's position, for a forwarded transaction.
+    pub origin_pos: Option<Position>,
     pub data: Vec<u8>,
 }
 
@@ -90,7 +91,7 @@ pub struct Kept {
 struct RowAt {
     txid: i64,
     hlc: i64,
-    origin_pos: Option<(i64, i64)>,
+    origin_pos: Option<Position>,
     start: usize,
     len: usize,
 }
@@ -312,7 +313,7 @@ mod tests {
     }
 
     fn row(txid: i64, bytes: usize) -> Row {
-        Row { txid, hlc: txid * 10, origin_pos: (txid % 2 == 0).then_some((txid, txid + 1)), data: vec![txid as u8; bytes] }
+        Row { txid, hlc: txid * 10, origin_pos: (txid % 2 == 0).then_some(Position { tick: txid, seq: txid + 1 }), data: vec![txid as u8; bytes] }
     }
 
     #[test]

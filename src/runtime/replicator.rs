@@ -330,19 +330,23 @@ impl Slow {
 fn exchange(link: &mut Link, me: &Me, expired: Option<String>, pull_all: bool) -> Result<i64, String> {
     // Each direction goes on when the other fails: a peer that expired this node (it must
     // rejoin, see src/log/retention.rs) refuses the pull, but what this node made still goes.
-    let pulled = if pull_all || link.pull_due() { link.pull(me) } else { Ok(0) };
+    // What this node made goes first: a store's round is mostly woken by its hub, and an order
+    // committed meanwhile would otherwise wait for the whole pull. A push with nothing new
+    // costs nothing (`Link::push`).
+    // An expired peer gets nothing more from this node; what it made while away still comes in.
+    let pushed = match &expired {
+        Some(why) => Err(format!("{} must rejoin: {why}", link.peer.name)),
+        None => {
+            if pull_all {
+                link.distrust();
+            }
+            link.push(me)
+        }
+    };
     if link.conn.as_ref().is_none_or(|c| c.is_broken()) {
-        return pulled.map(|_| 0);
+        return pushed;
     }
-    // An expired peer gets nothing more from this node; what it made while away still came in.
-    if let Some(why) = expired {
-        pulled?;
-        return Err(format!("{} must rejoin: {why}", link.peer.name));
-    }
-    if pull_all {
-        link.distrust();
-    }
-    let pushed = link.push(me);
+    let pulled = if pull_all || link.pull_due() { link.pull(me) } else { Ok(0) };
     pulled?;
     pushed
 }

@@ -189,11 +189,16 @@ fn fanin(branches: usize, seconds: u64) {
     }
     println!("fan-in: every node inserts one order per 200 ms for {seconds} s; lag from commit to arrival (p50 / p99)");
     println!("  branches  orders/s   one hop (branch -> main)   two hops (branch -> main -> branch)   main CPU per received row   branches' CPU per applied row");
-    for (n, r) in rows {
+    for (n, r) in &rows {
         println!(
             "  {n:>8}  {:>8.1}   {:>9.1} / {:>9.1} ms     {:>9.1} / {:>9.1} ms                {:>7.3} ms                  {:>7.3} ms",
             r.rate, r.one.0, r.one.1, r.two.0, r.two.1, r.cpu_ms_per_row, r.branch_cpu_ms_per_row
         );
+    }
+    println!("  what the scheduler saw over the same span (both servers' processes):");
+    println!("  branches   machine busy   waited for a core, per ms run");
+    for (n, r) in &rows {
+        println!("  {n:>8}   {:>11.0} %   {:>13.2} ms", r.busy * 100.0, r.waited_per_ran);
     }
 }
 
@@ -204,6 +209,10 @@ struct FanIn {
     cpu_ms_per_row: f64,
     /// The branches' server (all its processes) per row the branches applied from main.
     branch_cpu_ms_per_row: f64,
+    /// Share of the machine's CPU time spent busy over the measured load.
+    busy: f64,
+    /// Time the servers' processes waited, runnable, for a core, per unit of time they ran.
+    waited_per_ran: f64,
 }
 
 /// CPU seconds used so far by a server: its postmaster and every child process.
@@ -222,6 +231,38 @@ fn server_cpu(postmaster: u32) -> f64 {
         }
     }
     total
+}
+
+/// Nanoseconds a server's processes (its postmaster and every child) ran and waited, runnable,
+/// for a core so far (/proc/PID/schedstat). A load that wakes many processes at once waits
+/// for a core even on a machine that is idle on average.
+fn server_sched(postmaster: u32) -> (u64, u64) {
+    let (mut ran, mut waited) = (0, 0);
+    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else { continue };
+        let Some(rest) = stat.rsplit_once(") ").map(|(_, r)| r) else { continue };
+        let pid: u32 = entry.file_name().to_string_lossy().parse().unwrap_or(0);
+        let ppid: u32 = rest.split_whitespace().nth(1).and_then(|v| v.parse().ok()).unwrap_or(0);
+        if pid != postmaster && ppid != postmaster {
+            continue;
+        }
+        let Ok(sched) = std::fs::read_to_string(entry.path().join("schedstat")) else { continue };
+        let f: Vec<u64> = sched.split_whitespace().filter_map(|v| v.parse().ok()).collect();
+        if f.len() >= 2 {
+            ran += f[0];
+            waited += f[1];
+        }
+    }
+    (ran, waited)
+}
+
+/// The machine's (busy, total) CPU time so far, from /proc/stat (idle and iowait are not busy).
+fn machine_cpu() -> (u64, u64) {
+    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+    let f: Vec<u64> = stat.lines().next().unwrap_or("").split_whitespace().skip(1).filter_map(|v| v.parse().ok()).collect();
+    let total: u64 = f.iter().take(8).sum();
+    let idle = f.get(3).copied().unwrap_or(0) + f.get(4).copied().unwrap_or(0);
+    (total - idle, total)
 }
 
 fn fanin_run(branches: usize, seconds: u64) -> FanIn {
@@ -271,6 +312,13 @@ fn fanin_run(branches: usize, seconds: u64) -> FanIn {
     const WARMUP_ORDERS: i64 = 10;
     let per_node = (seconds * 5) as i64;
     let cpu0_at_warm = std::sync::Mutex::new(None);
+    // The scheduler's view over the same span as the CPU figures, up to main's last order
+    // (the wait for every order to arrive after it is not load).
+    let sched_now = || {
+        let (a, b) = (server_sched(postmaster), server_sched(branch_postmaster));
+        (a.0 + b.0, a.1 + b.1, machine_cpu())
+    };
+    let sched_end = std::sync::Mutex::new(None);
     let t0 = Instant::now();
     // For development: FANIN_PERF=prefix records a system-wide profile of the load phase of
     // the larger run (PREFIX.data) and the servers' process titles (PREFIX.ps), to map pids.
@@ -295,6 +343,7 @@ fn fanin_run(branches: usize, seconds: u64) -> FanIn {
             let (server, db) = place(k);
             let cluster = &cluster;
             let cpu0 = &cpu0_at_warm;
+            let (sched_now, sched_end) = (&sched_now, &sched_end);
             scope.spawn(move || {
                 let mut conn = cluster.node(server).connect(&db);
                 let start = Instant::now();
@@ -306,7 +355,10 @@ fn fanin_run(branches: usize, seconds: u64) -> FanIn {
                     conn.execute(&format!("INSERT INTO item (id, node, qty, note, at) VALUES ({}, {k}, 1, 'order', clock_timestamp())", k as i64 * 10_000_000 + i))
                         .unwrap();
                     if k == 0 && i + 1 == WARMUP_ORDERS {
-                        *cpu0.lock().unwrap() = Some((server_cpu(postmaster), server_cpu(branch_postmaster)));
+                        *cpu0.lock().unwrap() = Some((server_cpu(postmaster), server_cpu(branch_postmaster), sched_now()));
+                    }
+                    if k == 0 && i + 1 == per_node + WARMUP_ORDERS {
+                        *sched_end.lock().unwrap() = Some(sched_now());
                     }
                 }
             });
@@ -324,7 +376,8 @@ fn fanin_run(branches: usize, seconds: u64) -> FanIn {
         wait_until(&format!("every order on {}", names[k]), Duration::from_secs(600), || Ok(count(&mut conn, "SELECT count(*) FROM item") == total));
     }
     let elapsed = t0.elapsed();
-    let (cpu0, branch_cpu0) = cpu0_at_warm.into_inner().unwrap().expect("main's warm-up ended");
+    let (cpu0, branch_cpu0, sched0) = cpu0_at_warm.into_inner().unwrap().expect("main's warm-up ended");
+    let sched1 = sched_end.into_inner().unwrap().expect("main's last order");
     let cpu = server_cpu(postmaster) - cpu0;
     let branch_cpu = server_cpu(branch_postmaster) - branch_cpu0;
     if statements {
@@ -390,6 +443,8 @@ fn fanin_run(branches: usize, seconds: u64) -> FanIn {
         two: pct(&mut two),
         cpu_ms_per_row: cpu * 1000.0 / received as f64,
         branch_cpu_ms_per_row: branch_cpu * 1000.0 / applied as f64,
+        busy: (sched1.2 .0 - sched0.2 .0) as f64 / (sched1.2 .1 - sched0.2 .1).max(1) as f64,
+        waited_per_ran: (sched1.1 - sched0.1) as f64 / (sched1.0 - sched0.0).max(1) as f64,
     }
 }
 

@@ -145,7 +145,7 @@ impl Link {
     /// notifies after each commit to its log that one of its peers may want), the last pull
     /// did not end cleanly, or it is a while since the last one (a peer whose worker is down
     /// notifies nobody). Pulling in every round instead cost a call to the peer and an empty
-    /// apply transaction here before every push, and the peer a fetch.
+    /// apply transaction here in every round, and the peer a fetch.
     pub fn pull_due(&mut self) -> bool {
         self.take_notifications();
         self.notified || self.pulled_at.is_none_or(|t| t.elapsed() >= PULL_AT_LEAST_EVERY)

@@ -328,12 +328,11 @@ impl Slow {
 /// One round with one peer; `expired` says why this node no longer sends it its stream.
 /// Returns the transactions pushed.
 fn exchange(link: &mut Link, me: &Me, expired: Option<String>, pull_all: bool) -> Result<i64, String> {
-    // Each direction goes on when the other fails: a peer that expired this node (it must
-    // rejoin, see src/log/retention.rs) refuses the pull, but what this node made still goes.
     // What this node made goes first: a store's round is mostly woken by its hub, and an order
     // committed meanwhile would otherwise wait for the whole pull. A push with nothing new
-    // costs nothing (`Link::push`).
-    // An expired peer gets nothing more from this node; what it made while away still comes in.
+    // costs nothing (`Link::push`). Each direction goes on when the other fails.
+    // A peer this node expired (it must rejoin, src/log/retention.rs) gets nothing more from
+    // it; what the peer made while away still comes in below.
     let pushed = match &expired {
         Some(why) => Err(format!("{} must rejoin: {why}", link.peer.name)),
         None => {
@@ -344,9 +343,14 @@ fn exchange(link: &mut Link, me: &Me, expired: Option<String>, pull_all: bool) -
         }
     };
     if link.conn.as_ref().is_none_or(|c| c.is_broken()) {
-        return pushed;
+        pushed?;
+        return Err(format!("lost the connection to {}", link.peer.name));
     }
+    // The push's stop is set aside: a pull that sees one takes its own stream for stopped and
+    // would pull again in every round (`Link::pull`).
+    let push_stop = link.stopped.take();
     let pulled = if pull_all || link.pull_due() { link.pull(me) } else { Ok(0) };
+    link.stopped = push_stop.or(link.stopped.take());
     pulled?;
     pushed
 }

@@ -195,7 +195,7 @@ fn fanin(branches: usize, seconds: u64) {
             r.rate, r.one.0, r.one.1, r.two.0, r.two.1, r.cpu_ms_per_row, r.branch_cpu_ms_per_row
         );
     }
-    println!("  what the scheduler saw over the same span (both servers' processes):");
+    println!("  what the scheduler saw from the warm-up to main's last order (both servers' processes):");
     println!("  branches   machine busy   waited for a core, per ms run");
     for (n, r) in &rows {
         println!("  {n:>8}   {:>11.0} %   {:>13.2} ms", r.busy * 100.0, r.waited_per_ran);
@@ -233,27 +233,38 @@ fn server_cpu(postmaster: u32) -> f64 {
     total
 }
 
-/// Nanoseconds a server's processes (its postmaster and every child) ran and waited, runnable,
-/// for a core so far (/proc/PID/schedstat). A load that wakes many processes at once waits
-/// for a core even on a machine that is idle on average.
-fn server_sched(postmaster: u32) -> (u64, u64) {
-    let (mut ran, mut waited) = (0, 0);
+/// Nanoseconds each process of a server (its postmaster and every child, by pid and start
+/// time) has run and waited, runnable, for a core so far (/proc/PID/schedstat). A load that
+/// wakes many processes at once waits for a core even on a machine idle on average.
+fn server_sched(postmaster: u32) -> std::collections::HashMap<(u32, u64), (u64, u64)> {
+    let mut procs = std::collections::HashMap::new();
     for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
         let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else { continue };
         let Some(rest) = stat.rsplit_once(") ").map(|(_, r)| r) else { continue };
+        let f: Vec<&str> = rest.split_whitespace().collect();
         let pid: u32 = entry.file_name().to_string_lossy().parse().unwrap_or(0);
-        let ppid: u32 = rest.split_whitespace().nth(1).and_then(|v| v.parse().ok()).unwrap_or(0);
+        let ppid: u32 = f.get(1).and_then(|v| v.parse().ok()).unwrap_or(0);
         if pid != postmaster && ppid != postmaster {
             continue;
         }
+        // starttime (field 22): a pid reused by a later process is another process.
+        let started: u64 = f.get(19).and_then(|v| v.parse().ok()).unwrap_or(0);
         let Ok(sched) = std::fs::read_to_string(entry.path().join("schedstat")) else { continue };
-        let f: Vec<u64> = sched.split_whitespace().filter_map(|v| v.parse().ok()).collect();
-        if f.len() >= 2 {
-            ran += f[0];
-            waited += f[1];
+        let v: Vec<u64> = sched.split_whitespace().filter_map(|v| v.parse().ok()).collect();
+        if v.len() >= 2 {
+            procs.insert((pid, started), (v[0], v[1]));
         }
     }
-    (ran, waited)
+    procs
+}
+
+/// What the processes alive at `to` ran and waited since `from` (all of it for those started
+/// since): one that exited in between takes nothing out of the sum.
+fn sched_between(from: &std::collections::HashMap<(u32, u64), (u64, u64)>, to: &std::collections::HashMap<(u32, u64), (u64, u64)>) -> (u64, u64) {
+    to.iter().fold((0, 0), |(ran, waited), (k, &(r1, w1))| {
+        let (r0, w0) = from.get(k).copied().unwrap_or((0, 0));
+        (ran + r1.saturating_sub(r0), waited + w1.saturating_sub(w0))
+    })
 }
 
 /// The machine's (busy, total) CPU time so far, from /proc/stat (idle and iowait are not busy).
@@ -312,11 +323,12 @@ fn fanin_run(branches: usize, seconds: u64) -> FanIn {
     const WARMUP_ORDERS: i64 = 10;
     let per_node = (seconds * 5) as i64;
     let cpu0_at_warm = std::sync::Mutex::new(None);
-    // The scheduler's view over the same span as the CPU figures, up to main's last order
-    // (the wait for every order to arrive after it is not load).
+    // The scheduler's view from the end of the warm-up (as the CPU figures) to main's last
+    // order: the wait for every order to arrive after it is not load.
     let sched_now = || {
-        let (a, b) = (server_sched(postmaster), server_sched(branch_postmaster));
-        (a.0 + b.0, a.1 + b.1, machine_cpu())
+        let mut procs = server_sched(postmaster);
+        procs.extend(server_sched(branch_postmaster));
+        (procs, machine_cpu())
     };
     let sched_end = std::sync::Mutex::new(None);
     let t0 = Instant::now();
@@ -443,8 +455,11 @@ fn fanin_run(branches: usize, seconds: u64) -> FanIn {
         two: pct(&mut two),
         cpu_ms_per_row: cpu * 1000.0 / received as f64,
         branch_cpu_ms_per_row: branch_cpu * 1000.0 / applied as f64,
-        busy: (sched1.2 .0 - sched0.2 .0) as f64 / (sched1.2 .1 - sched0.2 .1).max(1) as f64,
-        waited_per_ran: (sched1.1 - sched0.1) as f64 / (sched1.0 - sched0.0).max(1) as f64,
+        busy: sched1.1 .0.saturating_sub(sched0.1 .0) as f64 / sched1.1 .1.saturating_sub(sched0.1 .1).max(1) as f64,
+        waited_per_ran: {
+            let (ran, waited) = sched_between(&sched0.0, &sched1.0);
+            waited as f64 / ran.max(1) as f64
+        },
     }
 }
 

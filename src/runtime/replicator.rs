@@ -342,9 +342,9 @@ fn exchange(link: &mut Link, me: &Me, expired: Option<String>, pull_all: bool) -
             link.push(me)
         }
     };
+    let lost = |link: &Link, why: Option<String>| Err(format!("lost the connection to {}{}", link.peer.name, why.map_or(String::new(), |e| format!(": {e}"))));
     if link.conn.as_ref().is_none_or(|c| c.is_broken()) {
-        pushed?;
-        return Err(format!("lost the connection to {}", link.peer.name));
+        return lost(link, pushed.err());
     }
     // The push's stop is set aside: a pull that sees one takes its own stream for stopped and
     // would pull again in every round (`Link::pull`).
@@ -352,5 +352,9 @@ fn exchange(link: &mut Link, me: &Me, expired: Option<String>, pull_all: bool) -
     let pulled = if pull_all || link.pull_due() { link.pull(me) } else { Ok(0) };
     link.stopped = push_stop.or(link.stopped.take());
     pulled?;
+    // A hang-up noticed while looking for notifications leaves a pull that was not due Ok.
+    if link.conn.as_ref().is_none_or(|c| c.is_broken()) {
+        return lost(link, None);
+    }
     pushed
 }

@@ -1004,8 +1004,8 @@ pub fn schema_change_since(tick: i64, policy: &PeerPolicy) -> Option<String> {
 /// dropped too; it stays as the lower bound of the next tick.
 ///
 /// With `budget`, it stops after about that many log rows (whole ticks, at least one), so
-/// that the worker, which trims between replication rounds, never stalls its streams for
-/// long after a burst; it returns whether more is left to trim.
+/// that one trim after a burst is a short transaction (the housekeeper trims in steps, see
+/// src/runtime/housekeeper.rs); it returns whether more is left to trim.
 pub fn trim(me: i32, budget: Option<i64>) -> (i64, bool) {
     // An expired peer (src/log/retention.rs) no longer holds the log back; when every peer
     // has expired, nobody needs the log up to the newest tick.

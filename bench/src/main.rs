@@ -4,7 +4,7 @@
 //!   cargo run --release -p rbucardo-bench -- latency [rounds]
 //!   cargo run --release -p rbucardo-bench -- catchup [transactions]
 //!   cargo run --release -p rbucardo-bench -- merge-catchup [transactions]
-//!   cargo run --release -p rbucardo-bench -- fanin [branches] [seconds]
+//!   cargo run --release -p rbucardo-bench -- fanin [branches] [seconds] [baseline seconds]
 //!
 //! The extension must be installed (`bash scripts/test.sh` or `cargo pgrx install --release`).
 
@@ -182,12 +182,15 @@ fn merge_catchup(txns: usize) {
 /// trigger), so lag comes from both ends' timestamps, not from polling: one hop is a branch's
 /// row on main, two hops a branch's row on another branch. Also main's CPU time (all its
 /// processes) per row it received. Runs 2 branches and then `branches`, in one run.
-fn fanin(branches: usize, seconds: u64) {
+/// `baseline_seconds` runs the 2-branch baseline longer: at the default, its p99 is the 3rd
+/// slowest of 300 rows and moves a lot from run to run.
+fn fanin(branches: usize, seconds: u64, baseline_seconds: u64) {
     let mut rows = Vec::new();
-    for n in [2, branches] {
-        rows.push((n, fanin_run(n, seconds)));
+    for (n, secs) in [(2, baseline_seconds), (branches, seconds)] {
+        rows.push((n, fanin_run(n, secs)));
     }
-    println!("fan-in: every node inserts one order per 200 ms for {seconds} s; lag from commit to arrival (p50 / p99)");
+    let baseline = if baseline_seconds == seconds { String::new() } else { format!(" ({baseline_seconds} s with 2 branches)") };
+    println!("fan-in: every node inserts one order per 200 ms for {seconds} s{baseline}; lag from commit to arrival (p50 / p99)");
     println!("  branches  orders/s   one hop (branch -> main)   two hops (branch -> main -> branch)   main CPU per received row   branches' CPU per applied row");
     for (n, r) in &rows {
         println!(
@@ -475,9 +478,12 @@ fn main() {
         Some("latency") => latency(n(200)),
         Some("catchup") => catchup(n(20_000)),
         Some("merge-catchup") => merge_catchup(n(20_000)),
-        Some("fanin") => fanin(n(20), args.get(3).and_then(|s| s.parse().ok()).unwrap_or(30)),
+        Some("fanin") => {
+            let seconds = args.get(3).and_then(|s| s.parse().ok()).unwrap_or(30);
+            fanin(n(20), seconds, args.get(4).and_then(|s| s.parse().ok()).unwrap_or(seconds))
+        }
         _ => {
-            eprintln!("usage: rbucardo-bench latency [rounds] | catchup [transactions] | merge-catchup [transactions] | fanin [branches] [seconds]");
+            eprintln!("usage: rbucardo-bench latency [rounds] | catchup [transactions] | merge-catchup [transactions] | fanin [branches] [seconds] [baseline seconds]");
             std::process::exit(2);
         }
     }

@@ -218,44 +218,47 @@ struct FanIn {
     waited_per_ran: f64,
 }
 
-/// CPU seconds used so far by a server: its postmaster and every child process.
-fn server_cpu(postmaster: u32) -> f64 {
-    let tick = 100.0; // USER_HZ on Linux
-    let mut total = 0.0;
+/// Every process of a server (its postmaster and every child): its /proc directory and the
+/// fields of its `stat` after the command name (`state` first, so field N of proc(5) is at
+/// N - 3).
+fn server_procs(postmaster: u32) -> Vec<(std::path::PathBuf, Vec<String>)> {
+    let mut procs = Vec::new();
     for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
         let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else { continue };
-        // pid (comm) state ppid ... utime(14) stime(15)
         let Some(rest) = stat.rsplit_once(") ").map(|(_, r)| r) else { continue };
-        let f: Vec<&str> = rest.split_whitespace().collect();
+        let f: Vec<String> = rest.split_whitespace().map(str::to_string).collect();
         let pid: u32 = entry.file_name().to_string_lossy().parse().unwrap_or(0);
         let ppid: u32 = f.get(1).and_then(|v| v.parse().ok()).unwrap_or(0);
         if pid == postmaster || ppid == postmaster {
-            total += (f[11].parse::<f64>().unwrap_or(0.0) + f[12].parse::<f64>().unwrap_or(0.0)) / tick;
+            procs.push((entry.path(), f));
         }
     }
-    total
+    procs
 }
 
-/// Nanoseconds each process of a server (its postmaster and every child, by pid and start
-/// time) has run and waited, runnable, for a core so far (/proc/PID/schedstat). A load that
-/// wakes many processes at once waits for a core even on a machine idle on average.
-fn server_sched(postmaster: u32) -> std::collections::HashMap<(u32, u64), (u64, u64)> {
+/// CPU seconds used so far by a server: its postmaster and every child process.
+fn server_cpu(postmaster: u32) -> f64 {
+    let tick = 100.0; // USER_HZ on Linux
+    // utime (14) and stime (15).
+    let field = |f: &[String], i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    server_procs(postmaster).iter().map(|(_, f)| (field(f, 11) + field(f, 12)) / tick).sum()
+}
+
+/// Run and wait times by process (its /proc directory and start time), in nanoseconds.
+type ProcTimes = std::collections::HashMap<(std::path::PathBuf, u64), (u64, u64)>;
+
+/// Nanoseconds each process of a server (by pid and start time) has run and waited, runnable,
+/// for a core so far (/proc/PID/schedstat). A load that wakes many processes at once waits
+/// for a core even on a machine idle on average.
+fn server_sched(postmaster: u32) -> ProcTimes {
     let mut procs = std::collections::HashMap::new();
-    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
-        let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else { continue };
-        let Some(rest) = stat.rsplit_once(") ").map(|(_, r)| r) else { continue };
-        let f: Vec<&str> = rest.split_whitespace().collect();
-        let pid: u32 = entry.file_name().to_string_lossy().parse().unwrap_or(0);
-        let ppid: u32 = f.get(1).and_then(|v| v.parse().ok()).unwrap_or(0);
-        if pid != postmaster && ppid != postmaster {
-            continue;
-        }
-        // starttime (field 22): a pid reused by a later process is another process.
+    for (dir, f) in server_procs(postmaster) {
+        // starttime (22): a pid reused by a later process is another process.
         let started: u64 = f.get(19).and_then(|v| v.parse().ok()).unwrap_or(0);
-        let Ok(sched) = std::fs::read_to_string(entry.path().join("schedstat")) else { continue };
+        let Ok(sched) = std::fs::read_to_string(dir.join("schedstat")) else { continue };
         let v: Vec<u64> = sched.split_whitespace().filter_map(|v| v.parse().ok()).collect();
         if v.len() >= 2 {
-            procs.insert((pid, started), (v[0], v[1]));
+            procs.insert((dir, started), (v[0], v[1]));
         }
     }
     procs
@@ -263,7 +266,7 @@ fn server_sched(postmaster: u32) -> std::collections::HashMap<(u32, u64), (u64, 
 
 /// What the processes alive at `to` ran and waited since `from` (all of it for those started
 /// since): one that exited in between takes nothing out of the sum.
-fn sched_between(from: &std::collections::HashMap<(u32, u64), (u64, u64)>, to: &std::collections::HashMap<(u32, u64), (u64, u64)>) -> (u64, u64) {
+fn sched_between(from: &ProcTimes, to: &ProcTimes) -> (u64, u64) {
     to.iter().fold((0, 0), |(ran, waited), (k, &(r1, w1))| {
         let (r0, w0) = from.get(k).copied().unwrap_or((0, 0));
         (ran + r1.saturating_sub(r0), waited + w1.saturating_sub(w0))

@@ -330,6 +330,12 @@ impl Link {
         self.unconfirmed.then(|| CONFIRM_AFTER.saturating_sub(at.elapsed()))
     }
 
+    /// Whether the connection is gone or unusable (a timeout, a hang-up): the round drops the
+    /// link and connects again after the backoff.
+    pub fn is_broken(&self) -> bool {
+        self.conn.as_ref().is_none_or(|c| c.is_broken())
+    }
+
     /// Asks the peer where it stands at the next push instead of trusting the last push's
     /// answer: the peer then also confirms what it had not flushed yet (`wait_for_sync` waits
     /// for confirmations).

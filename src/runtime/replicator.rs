@@ -245,7 +245,7 @@ impl Replicator {
                     }
                 },
                 Err(e) => {
-                    let broken = link.conn.as_ref().is_none_or(|c| c.is_broken());
+                    let broken = link.is_broken();
                     if broken {
                         slot.link = None;
                         slot.next_attempt = Instant::now() + slot.backoff;
@@ -343,7 +343,7 @@ fn exchange(link: &mut Link, me: &Me, expired: Option<String>, pull_all: bool) -
         }
     };
     let lost = |link: &Link, why: Option<String>| Err(format!("lost the connection to {}{}", link.peer.name, why.map_or(String::new(), |e| format!(": {e}"))));
-    if link.conn.as_ref().is_none_or(|c| c.is_broken()) {
+    if link.is_broken() {
         return lost(link, pushed.err());
     }
     // The push's stop is set aside: a pull that sees one takes its own stream for stopped and
@@ -353,7 +353,7 @@ fn exchange(link: &mut Link, me: &Me, expired: Option<String>, pull_all: bool) -
     link.stopped = push_stop.or(link.stopped.take());
     pulled?;
     // A hang-up noticed while looking for notifications leaves a pull that was not due Ok.
-    if link.conn.as_ref().is_none_or(|c| c.is_broken()) {
+    if link.is_broken() {
         return lost(link, None);
     }
     pushed

@@ -157,6 +157,15 @@ start_node() { # NAME VAR: starts a copy of the template on a free port, put in 
     as_pg "$PG_BIN/pg_ctl" -D "$d" -l "$d/server.log" -w start >/dev/null || { cat "$d/server.log" >&2; exit 1; }
     RUNNING+=("$d")
 }
+# CPU seconds every process of a node has used so far: the postmaster and its live children,
+# and the children that have exited (the postmaster's cutime/cstime, as it reaps them).
+node_cpu() { # NAME
+    local pm
+    pm=$(head -1 "$DIR/$1/postmaster.pid")
+    { sed 's/.*) //' "/proc/$pm/stat" | awk '{print $12 + $13 + $14 + $15}'
+      for c in $(pgrep -P "$pm"); do sed 's/.*) //' "/proc/$c/stat" 2>/dev/null | awk '{print $12 + $13}'; done
+    } | awk -v hz="$(getconf CLK_TCK)" '{s += $1} END {printf "%.3f", s / hz}'
+}
 stop_node() { # NAME
     local d=$DIR/$1 keep=() r
     as_pg "$PG_BIN/pg_ctl" -D "$d" -m fast -w -t 60 stop >/dev/null 2>&1 || as_pg "$PG_BIN/pg_ctl" -D "$d" -m immediate stop >/dev/null 2>&1 || true
@@ -261,14 +270,20 @@ measure() { # SYSTEM
         sleep 0.5
     fi
     t0=$(now)
+    local o0 s0 o1 s1
+    o0=$(node_cpu "${sys}_o"); s0=$(node_cpu "${sys}_s")
     "${sys}_up"
     wait_rows "$S" "$start" "$want"
     t1=$(now)
+    o1=$(node_cpu "${sys}_o"); s1=$(node_cpu "${sys}_s")
     [ -n "$perf_pid" ] && { kill -INT "$perf_pid"; wait "$perf_pid" || true; }
     R[$sys.catchup_s]=$(awk -v a="$t0" -v b="$t1" 'BEGIN {printf "%.2f", b - a}')
     R[$sys.catchup_rate]=$(awk -v a="$t0" -v b="$t1" -v n="$want" 'BEGIN {printf "%.0f", 4 * n / (b - a)}')
+    # What the machine's load at the moment moves least: each server's CPU per change.
+    R[$sys.catchup_cpu]=$(awk -v o0="$o0" -v o1="$o1" -v s0="$s0" -v s1="$s1" -v n="$want" \
+        'BEGIN {printf "%.1f / %.1f", 1e6 * (o1 - o0) / (4 * n), 1e6 * (s1 - s0) / (4 * n)}')
     R[$sys.same]=$(compare "$sys" catch-up)
-    echo "  catch-up of $want transactions: ${R[$sys.catchup_s]} s, ${R[$sys.catchup_rate]} row changes/s; same data: ${R[$sys.same]}"
+    echo "  catch-up of $want transactions: ${R[$sys.catchup_s]} s, ${R[$sys.catchup_rate]} row changes/s, ${R[$sys.catchup_cpu]} us of CPU per change on origin / subscriber; same data: ${R[$sys.same]}"
 
     # live: replicating while pgbench runs, alternating with plain runs; after each live run,
     # how long until the subscriber has everything
@@ -367,6 +382,7 @@ f_capture() { ratio "$1" capture; }
 f_live() { ratio "$1" live; }
 f_drain() { echo "${R[$1.drain]} s"; }
 f_catchup() { echo "${R[$1.catchup_s]} s, ${R[$1.catchup_rate]}/s"; }
+f_catchup_cpu() { echo "${R[$1.catchup_cpu]} us"; }
 f_lagw() { echo "${R[$1.lag_w50]} / ${R[$1.lag_w99]} ms"; }
 f_lagv() { echo "${R[$1.lag_v50]} / ${R[$1.lag_v99]} ms"; }
 f_per() { echo "${R[$1.per_txn]}"; }
@@ -376,6 +392,7 @@ line "capture-only tps (link down; vs plain)" f_capture
 line "live tps (replicating; ${ROUNDS} runs; vs plain)" f_live
 line "subscriber complete after a live run (max)" f_drain
 line "catch-up of $TXNS txns ($((4 * TXNS)) row changes)" f_catchup
+line "catch-up: CPU per row change, origin / subscriber" f_catchup_cpu
 line "one-hop lag p50 / p99, row written (-R $RATE)" f_lagw
 line "one-hop lag p50 / p99, visible (-R $RATE)" f_lagv
 line "origin txns per subscriber txn (lag run)" f_per

@@ -572,11 +572,12 @@ CREATE FUNCTION rbucardo."peer_push_flushed"(
 	"flushed_seq" bigint  /* Option < i64 > */
 )
 STRICT VOLATILE SECURITY DEFINER
-SET search_path TO pg_catalog, pg_temp
 LANGUAGE c /* Rust */
 AS 'MODULE_PATHNAME', 'peer_push_flushed_wrapper';
 REVOKE ALL ON FUNCTION rbucardo.peer_push_flushed(text, bytea) FROM PUBLIC;
 GRANT EXECUTE ON FUNCTION rbucardo.peer_push_flushed(text, bytea) TO rbucardo_peer;
+-- The pushes pin search_path in their body instead (src/runtime/endpoints.rs `push`).
+ALTER FUNCTION rbucardo.peer_push(text, bytea) RESET search_path;
 
 -- What backends keep of the configuration (src/base/kept.rs) is dropped by every change of
 -- these tables, made by hand too.

@@ -91,16 +91,28 @@ struct LocalRel {
     owner: pg_sys::Oid,
 }
 
-/// Per-batch state: resolved tables, prepared statements, the table open for the executor,
+/// How many tables `Applier::lately` holds.
+const LATELY: usize = 8;
+
+/// Per-batch state: resolved tables, prepared statements, the tables open for the executor,
 /// the clocks of local row versions.
 struct Applier {
     /// Keyed by the whole description: two transactions of one batch may see a table with
     /// different columns (a column was added in between).
     rels: FastMap<RelDesc, Rc<LocalRel>>,
-    /// The table of the previous row change: most rows follow one of the same table.
-    last: Option<(RelDesc, Rc<LocalRel>)>,
+    /// The tables of the latest row changes, newest first, searched before `rels`: a
+    /// transaction writes a few tables in turn (pgbench's four), and comparing a description
+    /// costs less than hashing it.
+    lately: Vec<(RelDesc, Rc<LocalRel>)>,
     plans: FastMap<String, OwnedPreparedStatement>,
-    open: Option<(RelDesc, rows::Target)>,
+    /// Tables opened for the executor path, kept for the pass (`keep_targets`) or for the
+    /// transaction; the one with a run of rows under way is `running`.
+    targets: Vec<(RelDesc, rows::Target)>,
+    running: Option<usize>,
+    /// Targets stay open from one run of rows and remote transaction to the next: in a pass
+    /// that is one subtransaction. A careful one (a subtransaction per remote transaction)
+    /// closes each at the end of its run, as a table was always closed before.
+    keep_targets: bool,
     /// Where this pass's writes are, per table (rows::Recent): an applier lives for one pass,
     /// and a new one is made whenever part of it is undone.
     recent: FastMap<pg_sys::Oid, rows::Recent>,
@@ -230,9 +242,11 @@ impl Applier {
     fn new(me: i32, run_as: ddl::RunAsRole, sender: Option<&PeerPolicy>) -> Applier {
         Applier {
             rels: FastMap::default(),
-            last: None,
+            lately: Vec::new(),
             plans: FastMap::default(),
-            open: None,
+            targets: Vec::new(),
+            running: None,
+            keep_targets: false,
             recent: FastMap::default(),
             clocks: Clocks::new(me),
             edits: Vec::new(),
@@ -253,10 +267,8 @@ impl Applier {
     }
 
     fn local_rel(&mut self, desc: &RelDesc) -> Rc<LocalRel> {
-        if let Some((d, rel)) = &self.last {
-            if d == desc {
-                return rel.clone();
-            }
+        if let Some((_, rel)) = self.lately.iter().find(|(d, _)| d == desc) {
+            return rel.clone();
         }
         if !self.rels.contains_key(desc) {
             if let Some(rel) = session::get(desc) {
@@ -318,14 +330,15 @@ impl Applier {
             self.rels.insert(desc.clone(), rel);
         }
         let rel = self.rels[desc].clone();
-        self.last = Some((desc.clone(), rel.clone()));
+        self.lately.truncate(LATELY - 1);
+        self.lately.insert(0, (desc.clone(), rel.clone()));
         rel
     }
 
     /// Forgets every resolved table: a schema change ran, or what ran was rolled back.
     fn forget_tables(&mut self) {
         self.rels.clear();
-        self.last = None;
+        self.lately.clear();
         self.recent.clear();
         session::forget();
     }
@@ -440,7 +453,8 @@ impl Applier {
                 // Schema changes run in order with the rows; what was resolved before them
                 // (tables, columns, plans) may have changed.
                 // Rows written before it are checked against the schema they were written in.
-                self.close_target();
+                // (A table open here could not be altered.)
+                self.close_targets();
                 written.check(self, client);
                 if skip != Some(ch.ordinal) {
                     let role = ddl::apply(client, desc, ch, &self.run_as)?;
@@ -473,7 +487,8 @@ impl Applier {
                 i += 1;
                 continue;
             }
-            self.close_target();
+            // Another path, or a TRUNCATE, which no table open in this session allows.
+            self.close_targets();
             match ch.op {
                 Op::Insert | Op::Update | Op::Delete => self.sql_change(client, desc, ch, origin),
                 Op::Ddl => unreachable!("handled above"),
@@ -492,7 +507,10 @@ impl Applier {
             }
             i += 1;
         }
-        self.close_target();
+        self.end_run();
+        if !self.keep_targets {
+            self.close_targets();
+        }
         written.check(self, client);
         Ok(())
     }
@@ -502,18 +520,33 @@ impl Applier {
         if self.local_rel(desc).layout.is_none() {
             return false;
         }
-        if self.open.as_ref().is_some_and(|(d, _)| d != desc) {
-            self.close_target();
+        if self.running.is_some_and(|i| &self.targets[i].0 != desc) {
+            if self.keep_targets {
+                self.end_run();
+            } else {
+                self.close_targets();
+            }
         }
         let rel = self.local_rel(desc);
         let layout = rel.layout.as_ref().unwrap();
-        let opening = self.open.is_none();
-        let (_, target) = self.open.get_or_insert_with(|| (desc.clone(), rows::Target::open(layout)));
-        if opening && self.recent.values().map(rows::Recent::len).sum::<usize>() >= rows::RECENT_LIMIT {
-            self.recent.clear();
+        let starting = self.running.is_none();
+        if starting {
+            let i = match self.targets.iter().position(|(d, _)| d == desc) {
+                Some(i) => i,
+                None => {
+                    self.targets.push((desc.clone(), rows::Target::open(layout)));
+                    self.targets.len() - 1
+                }
+            };
+            self.targets[i].1.begin();
+            self.running = Some(i);
+            if self.recent.values().map(rows::Recent::len).sum::<usize>() >= rows::RECENT_LIMIT {
+                self.recent.clear();
+            }
         }
+        let target = &self.targets[self.running.unwrap()].1;
         let recent = self.recent.entry(layout.relid).or_default();
-        if opening {
+        if starting {
             target.check_recent(recent);
         }
         let (clocks, edits, tally) = (&mut self.clocks, &mut self.edits, &mut self.tally);
@@ -551,16 +584,25 @@ impl Applier {
         settle(decision, ch.ordinal, &mut self.edits)
     }
 
-    /// Drops the open table without closing it: its subtransaction was rolled back, which
-    /// released the executor state already.
-    fn forget_target(&mut self) {
-        if let Some((_, target)) = self.open.take() {
+    /// Drops the open tables without closing them: their subtransaction was rolled back, which
+    /// released their references and locks already.
+    fn forget_targets(&mut self) {
+        self.running = None;
+        for (_, target) in self.targets.drain(..) {
             std::mem::forget(target);
         }
     }
 
-    fn close_target(&mut self) {
-        if let Some((_, target)) = self.open.take() {
+    /// Ends the run of rows under way, if any: its AFTER triggers fire.
+    fn end_run(&mut self) {
+        if let Some(i) = self.running.take() {
+            self.targets[i].1.end();
+        }
+    }
+
+    fn close_targets(&mut self) {
+        self.end_run();
+        for (_, target) in self.targets.drain(..) {
             target.close();
         }
     }
@@ -669,7 +711,7 @@ pub fn apply_parked(me: i32, via: i32, txn: &Txn) -> Result<(), String> {
             Ok(())
         }
         Err(Failure::Park(reason)) => {
-            applier.forget_target();
+            applier.forget_targets();
             Err(reason)
         }
         Err(Failure::Stop(stop)) => Err(stop.message),
@@ -811,6 +853,7 @@ impl Stream<'_> {
     /// subtransaction of its own, so that one that breaks a constraint is parked and one whose
     /// schema change fails stops the stream; otherwise any such failure raises an error.
     fn pass(&self, applier: &mut Applier, client: &mut SpiClient<'_>, mut cursor: Position, careful: bool) -> Result<Pass, PassEnd> {
+        applier.keep_targets = !careful;
         let mut progress = self.progress.clone();
         let (mut applied, mut stopped) = (0i64, None);
         let mut tally = conflicts::Tally::default();
@@ -881,7 +924,7 @@ impl Stream<'_> {
                 Err(Failure::Park(reason)) => {
                     // What was resolved inside the rolled-back transaction (tables after its
                     // schema change, row clocks) no longer holds.
-                    applier.forget_target();
+                    applier.forget_targets();
                     *applier = Applier::new(self.me, self.run_as.clone(), Some(self.policy));
                     // A schema change skipped by the operator stays left out, here and downstream.
                     let without_skipped;
@@ -916,7 +959,7 @@ impl Stream<'_> {
                 }
                 Err(Failure::Stop(stop)) if stop.refused => return Err(PassEnd::Refused(stop.message)),
                 Err(Failure::Stop(stop)) => {
-                    applier.forget_target();
+                    applier.forget_targets();
                     exceptions::record_stop(block.map(|b| b.id), txn, self.sender_node, &stop);
                     stopped = Some(stop.message);
                     cursor = before;
@@ -926,6 +969,8 @@ impl Stream<'_> {
             crate::base::clock::observe(txn.hlc);
             progress.insert(txn.origin, txn.origin_pos);
         }
+        // Before the pass's subtransaction is released, which must find no table open.
+        applier.close_targets();
         Ok(Pass { tally, cursor, progress, applied, stopped })
     }
 }
@@ -935,6 +980,17 @@ impl Stream<'_> {
 /// batch that asks for more than this node lets that peer do is refused whole before anything
 /// of it is applied: the refusal is the returned `stopped`, and the server log says it too.
 pub fn apply_batch(me: i32, sender_db: &str, sender_node: i32, batch: &Batch) -> Applied {
+    let applied = apply_batch_here(me, sender_db, sender_node, batch);
+    // The commit must be durable before the sender hears of it: the sender trims what it
+    // believes we have. (A push whose sender confirms only flushed positions commits without
+    // waiting: src/base/durable.rs.) Asked for once the rows are in, since only the commit
+    // reads it: a transaction that changed no setting pops the owners' per-row settings
+    // sandboxes without looking at every setting (base/xact.rs, `has_value`).
+    xact::set_local(c"synchronous_commit", c"local");
+    applied
+}
+
+fn apply_batch_here(me: i32, sender_db: &str, sender_node: i32, batch: &Batch) -> Applied {
     // A row is judged by the clocks read once it is locked, which needs each statement's own
     // snapshot: under REPEATABLE READ the clock of a change committed while the applier
     // waited for the row would stay unseen (src/log/clocks.rs).
@@ -953,11 +1009,8 @@ pub fn apply_batch(me: i32, sender_db: &str, sender_node: i32, batch: &Batch) ->
             "Check that every node has its own node id (rbucardo.init_node) and that conninfos point at the right servers.",
         );
     }
-    // Our own changes must not be re-captured by our triggers. The commit must be durable
-    // before the sender hears of it: the sender trims what it believes we have. (A push whose
-    // sender confirms only flushed positions commits without waiting: src/base/durable.rs.)
+    // Our own changes must not be re-captured by our triggers.
     let _replica = LocalSetting::replica_mode();
-    xact::set_local(c"synchronous_commit", c"local");
     locks::lock_stream(sender_node);
     let (tick, seq) = match crate::base::plans::two::<i64, i64>("SELECT in_tick, in_seq FROM rbucardo.peer_state WHERE db = $1 FOR UPDATE", &[pg_sys::TEXTOID], &[sender_db.into()]) {
         (Some(tick), Some(seq)) => (Some(tick), Some(seq)),
@@ -1023,7 +1076,7 @@ pub fn apply_batch(me: i32, sender_db: &str, sender_node: i32, batch: &Batch) ->
         let mut applier = Applier::new(me, run_as.clone(), Some(&policy));
         let result = Spi::connect_mut(|client| xact::undoable(std::panic::AssertUnwindSafe(|| stream.pass(&mut applier, client, cursor, careful))));
         if result.is_err() || matches!(result, Ok(Err(_))) {
-            applier.forget_target();
+            applier.forget_targets();
         }
         result
     };
@@ -1032,7 +1085,10 @@ pub fn apply_batch(me: i32, sender_db: &str, sender_node: i32, batch: &Batch) ->
             crate::log::clocks::restore(crate::log::clocks::Applied::clone_of(&clocks_before));
             pass(true)
         }
-        Err(e) if exceptions::is_parkable(&e) => {
+        // A careful pass also keeps no table open beyond its run of rows: a trigger that
+        // truncates or alters a table the fast pass had open (ERRCODE_OBJECT_IN_USE) runs as
+        // it would have without rbucardo's apply.
+        Err(e) if exceptions::is_parkable(&e) || xact::error_code(&e) == Some(PgSqlErrorCode::ERRCODE_OBJECT_IN_USE) => {
             crate::log::clocks::restore(crate::log::clocks::Applied::clone_of(&clocks_before));
             pass(true)
         }

@@ -172,7 +172,10 @@ impl Recent {
     }
 }
 
-/// A table opened for a run of row changes: its executor state and three slots.
+/// A table opened for row changes: its executor state and three slots. It stays open for a
+/// whole pass (its indexes, slots and executor state set up once, not for every run of rows:
+/// a pgbench transaction touches four tables); each run of rows to it is a query of its own
+/// for AFTER triggers (`begin`, `end`).
 pub struct Target {
     rel: pg_sys::Relation,
     estate: *mut pg_sys::EState,
@@ -185,12 +188,15 @@ pub struct Target {
     remote: *mut pg_sys::TupleTableSlot,
     /// Per-row memory for converted values, reset after every row.
     rowcx: pg_sys::MemoryContext,
-    /// The table's owner, whom its AFTER triggers run as at close.
+    /// The table's owner, whom its AFTER triggers run as at the end of a run.
     owner: pg_sys::Oid,
+    /// A run of rows is under way (`begin` was called, `end` not yet).
+    running: bool,
 }
 
 impl Target {
-    /// Opens the table, as PostgreSQL's apply worker does for each change.
+    /// Opens the table, as PostgreSQL's apply worker does for each change. No run is under
+    /// way yet.
     pub fn open(layout: &Layout) -> Target {
         // SAFETY: inside the apply transaction, on the main thread; the same EState, result
         // relation, index and slot setup as create_edata_for_relation in PostgreSQL's apply
@@ -199,8 +205,8 @@ impl Target {
             let rel = pg_sys::table_open(layout.relid, pg_sys::RowExclusiveLock as i32);
             let estate = pg_sys::CreateExecutorState();
             // Everything below lives in the executor state's context, freed by `close`: the
-            // caller's context lasts the whole batch, and a target is opened per transaction
-            // and table (PostgreSQL's apply worker allocates it in a per-message context).
+            // caller's context lasts the whole batch, and a target is opened per pass and
+            // table (PostgreSQL's apply worker allocates it in a per-message context).
             let caller_cxt = pg_sys::MemoryContextSwitchTo((*estate).es_query_cxt);
             let mut rte = pgrx::PgBox::<pg_sys::RangeTblEntry>::alloc_node(pg_sys::NodeTag::T_RangeTblEntry);
             rte.rtekind = pg_sys::RTEKind::RTE_RELATION;
@@ -212,8 +218,6 @@ impl Target {
             let rri = pgrx::PgBox::<pg_sys::ResultRelInfo>::alloc_node(pg_sys::NodeTag::T_ResultRelInfo).into_pg();
             pg_sys::InitResultRelInfo(rri, rel, 1, std::ptr::null_mut(), 0);
             (*estate).es_opened_result_relations = pg_sys::lappend((*estate).es_opened_result_relations, rri.cast());
-            (*estate).es_output_cid = pg_sys::GetCurrentCommandId(true);
-            pg_sys::AfterTriggerBeginQuery();
             pg_sys::ExecOpenIndices(rri, false);
             let table = &mut (*estate).es_tupleTable;
             let search = pg_sys::table_slot_create(rel, table);
@@ -227,8 +231,31 @@ impl Target {
                 pg_sys::ALLOCSET_DEFAULT_INITSIZE as usize,
                 pg_sys::ALLOCSET_DEFAULT_MAXSIZE as usize,
             );
-            Target { rel, estate, rri, search, local, remote, rowcx, owner: layout.owner }
+            Target { rel, estate, rri, search, local, remote, rowcx, owner: layout.owner, running: false }
         }
+    }
+
+    /// Starts a run of rows: a query level for the AFTER triggers they queue, and the current
+    /// command id (other tables' rows and the log were written since the last run).
+    pub fn begin(&mut self) {
+        debug_assert!(!self.running);
+        // SAFETY: the target is open, inside its transaction; `end` closes the query level.
+        unsafe {
+            (*self.estate).es_output_cid = pg_sys::GetCurrentCommandId(true);
+            pg_sys::AfterTriggerBeginQuery();
+        }
+        self.running = true;
+    }
+
+    /// Ends the run: fires the AFTER triggers its rows queued, as the table's owner.
+    pub fn end(&mut self) {
+        if !std::mem::replace(&mut self.running, false) {
+            return;
+        }
+        let _owner = RunAs::restricted(self.owner);
+        // SAFETY: closes the query level `begin` opened, with this target's executor state
+        // (where the triggers find the table's result relation).
+        unsafe { pg_sys::AfterTriggerEndQuery(self.estate) };
     }
 
     /// Checks the hints of this table once the target is open (see [`Recent::check_file`]).
@@ -237,15 +264,15 @@ impl Target {
         unsafe { recent.check_file(self.rel, true) }
     }
 
-    /// Fires queued AFTER triggers (as the table's owner) and releases the executor state; the
-    /// lock stays until commit.
-    pub fn close(self) {
-        let _owner = RunAs::restricted(self.owner);
+    /// Ends a run under way and releases the executor state; the lock stays until commit.
+    /// Must happen in the (sub)transaction that opened it: one that ends with the table open
+    /// would warn of a leaked reference.
+    pub fn close(mut self) {
+        self.end();
         // SAFETY: releases, once (close takes self) and in the apply worker's order, what
         // `open` set up in this still-open transaction; the relation keeps its lock to commit.
         unsafe {
             pg_sys::ExecCloseIndices(self.rri);
-            pg_sys::AfterTriggerEndQuery(self.estate);
             pg_sys::ExecResetTupleTable((*self.estate).es_tupleTable, false);
             pg_sys::FreeExecutorState(self.estate);
             pg_sys::MemoryContextDelete(self.rowcx);
@@ -379,6 +406,12 @@ impl Target {
         // SAFETY: see `fill`. Resetting rowcx leaves only stale datums in slots that are cleared
         // before their next use (inserted and updated slots were materialised).
         pg_sys::MemoryContextReset(self.rowcx);
+        // What the executor evaluated for the row (constraints, index expressions, triggers'
+        // calls): ModifyTable resets it per row too, and the state lives for the pass.
+        let per_tuple = (*self.estate).es_per_tuple_exprcontext;
+        if !per_tuple.is_null() {
+            pg_sys::MemoryContextReset((*per_tuple).ecxt_per_tuple_memory);
+        }
         pg_sys::CommandCounterIncrement();
         (*self.estate).es_output_cid = pg_sys::GetCurrentCommandId(true);
     }

@@ -3,7 +3,8 @@
 //! pulls the peer's stream (peer_fetch) and pushes its own (peer_position, peer_push) over it,
 //! so a branch behind NAT is fully served by its own outbound connection.
 //!
-//! These functions are SECURITY DEFINER with a pinned search_path, and granted only to the role
+//! These functions are SECURITY DEFINER with a pinned search_path (the pushes pin it first
+//! thing in their body, the others with a SET clause), and granted only to the role
 //! rbucardo_peer (and superusers). The caller must log in as the role named after the peer it
 //! claims to be; what it may then do is this node's policy for that peer (src/apply/admit.rs).
 
@@ -249,7 +250,6 @@ fn peer_position(
 /// commit; returns the new position, and why the stream stopped short of the batch's end, if
 /// it did. (Links call `peer_push_flushed`, and this one while a peer's catalog lacks it.)
 #[pg_extern(volatile, security_definer)]
-#[search_path(pg_catalog, pg_temp)]
 fn peer_push(peer_name: &str, batch: &[u8]) -> TableIterator<'static, (name!(tick, i64), name!(seq, i64), name!(stopped, Option<String>))> {
     let (applied, _) = push(peer_name, batch, false);
     TableIterator::once((applied.cursor.tick, applied.cursor.seq, applied.stopped))
@@ -260,7 +260,6 @@ fn peer_push(peer_name: &str, batch: &[u8]) -> TableIterator<'static, (name!(tic
 /// confirm (NULL: none known yet). A batch with a part of a large transaction, or one pushed
 /// inside an explicit transaction block, is committed durably all the same.
 #[pg_extern(volatile, security_definer)]
-#[search_path(pg_catalog, pg_temp)]
 #[allow(clippy::type_complexity)]
 fn peer_push_flushed(
     peer_name: &str,
@@ -273,6 +272,10 @@ fn peer_push_flushed(
 /// Applies a pushed batch; with `report_flushed`, lets it commit without waiting for the disk
 /// and returns what is known to be on disk.
 fn push(peer_name: &str, batch: &[u8], report_flushed: bool) -> (crate::apply::Applied, Option<Position>) {
+    // The pushes pin search_path here rather than with a SET clause: a link session has it
+    // pinned already (runtime/link.rs), and then no setting changes in the transaction, which
+    // keeps the applier's per-row settings sandboxes cheap (base/xact.rs, `has_value`).
+    let _path = crate::base::xact::LocalSetting::pinned_search_path();
     // A transaction that wrote before this push (another push in the same statement) may
     // have moved the cursor this push starts from: that position is not committed yet.
     // SAFETY: reads the backend's transaction state.

@@ -98,6 +98,9 @@ impl Link {
         // The peer's backend serving this link compiles nothing to machine code: its queries
         // run in milliseconds, JIT would cost 100-200 ms each (src/runtime/worker.rs).
         conn.execute("SET jit = off", CALL_TIMEOUT).map_err(|e| e.to_string())?;
+        // What the peer's push endpoints pin anyway: set for the session, their transactions
+        // change no setting (src/runtime/endpoints.rs `push`).
+        conn.execute("SET search_path = pg_catalog, pg_temp", CALL_TIMEOUT).map_err(|e| e.to_string())?;
         conn.execute("LISTEN rbucardo_changes", CALL_TIMEOUT).map_err(|e| e.to_string())?;
         Ok(Link {
             peer: peer.clone(),

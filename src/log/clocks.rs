@@ -13,15 +13,24 @@ use pgrx::prelude::*;
 use crate::base::wire::{decode_chunk, Op, RelDesc, RowChange, Value};
 
 /// A row's replica key as JSON text, the form row clocks are kept under (the same as the
-/// conflict log's key).
+/// conflict log's key): an object of the key columns, in name order, compact, as serde_json
+/// prints a map. Written out directly: it is made for every applied row, and building the map
+/// (copies of every name and value, a tree) cost more than the rest of keeping its clock.
 fn key_text(desc: &RelDesc, row: &[Value]) -> String {
-    serde_json::Value::Object(
-        desc.key
-            .iter()
-            .map(|&k| (desc.columns[k as usize].clone(), row[k as usize].clone().map_or(serde_json::Value::Null, serde_json::Value::String)))
-            .collect(),
-    )
-    .to_string()
+    let mut key = desc.key.clone();
+    key.sort_by(|a, b| desc.columns[*a as usize].cmp(&desc.columns[*b as usize]));
+    let mut out = Vec::with_capacity(32);
+    out.push(b'{');
+    for (i, &k) in key.iter().enumerate() {
+        if i > 0 {
+            out.push(b',');
+        }
+        serde_json::to_writer(&mut out, &desc.columns[k as usize]).expect("a string serializes");
+        out.push(b':');
+        serde_json::to_writer(&mut out, &row[k as usize]).expect("a string serializes");
+    }
+    out.push(b'}');
+    String::from_utf8(out).expect("serde_json writes UTF-8")
 }
 
 /// The highest clock this database has recorded, in its change log or its kept row clocks: a
@@ -364,6 +373,36 @@ fn store(latest: HashMap<Key, RowClock>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Row clocks already kept use serde_json's form of the key: the hand-written one must be
+    /// byte for byte the same, whatever the key's column order, NULLs or characters to escape.
+    #[test]
+    fn key_text_is_serde_jsons_map() {
+        let serde_form = |desc: &RelDesc, row: &[Value]| {
+            serde_json::Value::Object(
+                desc.key
+                    .iter()
+                    .map(|&k| (desc.columns[k as usize].clone(), row[k as usize].clone().map_or(serde_json::Value::Null, serde_json::Value::String)))
+                    .collect(),
+            )
+            .to_string()
+        };
+        let desc = |columns: &[&str], key: &[u16]| RelDesc {
+            schema: "public".into(),
+            name: "t".into(),
+            columns: columns.iter().map(|c| c.to_string()).collect(),
+            key: key.to_vec(),
+        };
+        let cases: Vec<(RelDesc, Vec<Value>)> = vec![
+            (desc(&["id", "name"], &[0]), vec![Some("42".into()), Some("x".into())]),
+            (desc(&["z", "b", "a"], &[0, 2, 1]), vec![Some("1".into()), None, Some("3".into())]),
+            (desc(&["k\"q\n", "Ä", "a"], &[1, 0, 2]), vec![Some("tab\there \"quoted\" \\ /\u{1}\u{7f}".into()), Some("é€😀".into()), Some(String::new())]),
+            (desc(&["B", "a", "_"], &[0, 1, 2]), vec![None, None, None]),
+        ];
+        for (d, row) in &cases {
+            assert_eq!(key_text(d, row), serde_form(d, row), "key of {:?}", d.columns);
+        }
+    }
 
     /// A sale after a price change does not make the row's price newer.
     #[test]

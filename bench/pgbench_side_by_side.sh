@@ -163,7 +163,8 @@ node_cpu() { # NAME
     local pm
     pm=$(head -1 "$DIR/$1/postmaster.pid")
     { sed 's/.*) //' "/proc/$pm/stat" | awk '{print $12 + $13 + $14 + $15}'
-      for c in $(pgrep -P "$pm"); do sed 's/.*) //' "/proc/$c/stat" 2>/dev/null | awk '{print $12 + $13}'; done
+      # (a child that exits meanwhile is counted in the postmaster's cutime instead)
+      for c in $(pgrep -P "$pm" || true); do { sed 's/.*) //' "/proc/$c/stat" 2>/dev/null || true; } | awk '{print $12 + $13}'; done
     } | awk -v hz="$(getconf CLK_TCK)" '{s += $1} END {printf "%.3f", s / hz}'
 }
 stop_node() { # NAME

@@ -94,6 +94,9 @@ struct LocalRel {
 /// How many tables `Applier::lately` holds.
 const LATELY: usize = 8;
 
+/// How many tables a pass keeps open for the executor path at most.
+const MAX_TARGETS: usize = 16;
+
 /// Per-batch state: resolved tables, prepared statements, the tables open for the executor,
 /// the clocks of local row versions.
 struct Applier {
@@ -106,8 +109,9 @@ struct Applier {
     lately: Vec<(RelDesc, Rc<LocalRel>)>,
     plans: FastMap<String, OwnedPreparedStatement>,
     /// Tables opened for the executor path, kept for the pass (`keep_targets`) or for the
-    /// transaction; the one with a run of rows under way is `running`.
-    targets: Vec<(RelDesc, rows::Target)>,
+    /// transaction, with the relation cache invalidations counted when each was opened; the
+    /// one with a run of rows under way is `running`.
+    targets: Vec<(RelDesc, rows::Target, u64)>,
     running: Option<usize>,
     /// Targets stay open from one run of rows and remote transaction to the next: in a pass
     /// that is one subtransaction. A careful one (a subtransaction per remote transaction)
@@ -159,6 +163,7 @@ mod session {
         // has shut down, and call back into PostgreSQL (each layout deletes its context).
         static KEPT: std::mem::ManuallyDrop<RefCell<(u64, FastMap<RelDesc, Rc<LocalRel>>)>> = std::mem::ManuallyDrop::new(RefCell::new((0, FastMap::default())));
         static CHANGED: Cell<bool> = const { Cell::new(true) };
+        static INVALIDATIONS: Cell<u64> = const { Cell::new(0) };
         static REGISTERED: Cell<bool> = const { Cell::new(false) };
     }
 
@@ -166,6 +171,14 @@ mod session {
     /// (`relid` 0: all of them). Only sets a flag: it may run in the middle of anything.
     unsafe extern "C-unwind" fn relcache_changed(_arg: pg_sys::Datum, _relid: pg_sys::Oid) {
         CHANGED.with(|c| c.set(true));
+        INVALIDATIONS.with(|i| i.set(i.get() + 1));
+    }
+
+    /// Relation cache invalidations this backend has processed so far (registered by the first
+    /// `stamp`, which resolving any table calls): an executor state set up before the count
+    /// moved may hold a table's old triggers, indexes or constraints.
+    pub(super) fn invalidations() -> u64 {
+        INVALIDATIONS.with(|i| i.get())
     }
 
     /// Likewise for a type or schema changed (renamed, moved): a kept table holds the names
@@ -520,7 +533,7 @@ impl Applier {
         if self.local_rel(desc).layout.is_none() {
             return false;
         }
-        if self.running.is_some_and(|i| &self.targets[i].0 != desc) {
+        if self.running.is_some_and(|i| &self.targets[i].0 != desc || self.targets[i].2 != session::invalidations()) {
             if self.keep_targets {
                 self.end_run();
             } else {
@@ -531,10 +544,20 @@ impl Applier {
         let layout = rel.layout.as_ref().unwrap();
         let starting = self.running.is_none();
         if starting {
-            let i = match self.targets.iter().position(|(d, _)| d == desc) {
+            // A table whose definition may have changed since (a trigger created one on it,
+            // autovacuum updated its statistics) is set up again, and so are all when one more
+            // would be too many (each holds its other indexes' locks and some memory).
+            let open = self.targets.iter().position(|(d, _, _)| d == desc);
+            if self.targets.iter().any(|t| t.2 != session::invalidations()) || (open.is_none() && self.targets.len() >= MAX_TARGETS) {
+                self.close_targets();
+            }
+            let i = match self.targets.iter().position(|(d, _, _)| d == desc) {
                 Some(i) => i,
                 None => {
-                    self.targets.push((desc.clone(), rows::Target::open(layout)));
+                    let target = rows::Target::open(layout);
+                    // Counted once open: opening takes locks, which reads the invalidations
+                    // other sessions sent meanwhile (none of which can touch a table we hold).
+                    self.targets.push((desc.clone(), target, session::invalidations()));
                     self.targets.len() - 1
                 }
             };
@@ -588,7 +611,7 @@ impl Applier {
     /// released their references and locks already.
     fn forget_targets(&mut self) {
         self.running = None;
-        for (_, target) in self.targets.drain(..) {
+        for (_, target, _) in self.targets.drain(..) {
             std::mem::forget(target);
         }
     }
@@ -602,7 +625,7 @@ impl Applier {
 
     fn close_targets(&mut self) {
         self.end_run();
-        for (_, target) in self.targets.drain(..) {
+        for (_, target, _) in self.targets.drain(..) {
             target.close();
         }
     }
@@ -852,8 +875,9 @@ impl Stream<'_> {
     /// Applies the batch's transactions after `cursor` in order. `careful`: each in a
     /// subtransaction of its own, so that one that breaks a constraint is parked and one whose
     /// schema change fails stops the stream; otherwise any such failure raises an error.
-    fn pass(&self, applier: &mut Applier, client: &mut SpiClient<'_>, mut cursor: Position, careful: bool) -> Result<Pass, PassEnd> {
-        applier.keep_targets = !careful;
+    /// `keep_tables`: a fast pass keeps the tables it writes open for the whole pass.
+    fn pass(&self, applier: &mut Applier, client: &mut SpiClient<'_>, mut cursor: Position, careful: bool, keep_tables: bool) -> Result<Pass, PassEnd> {
+        applier.keep_targets = keep_tables && !careful;
         let mut progress = self.progress.clone();
         let (mut applied, mut stopped) = (0i64, None);
         let mut tally = conflicts::Tally::default();
@@ -1072,27 +1096,29 @@ fn apply_batch_here(me: i32, sender_db: &str, sender_node: i32, batch: &Batch) -
     // The clocks of what this transaction applied before the batch: a pass that is undone
     // puts them back.
     let clocks_before = crate::log::clocks::applied_so_far();
-    let pass = |careful: bool| {
+    let pass = |careful: bool, keep_tables: bool| {
         let mut applier = Applier::new(me, run_as.clone(), Some(&policy));
-        let result = Spi::connect_mut(|client| xact::undoable(std::panic::AssertUnwindSafe(|| stream.pass(&mut applier, client, cursor, careful))));
+        let result = Spi::connect_mut(|client| xact::undoable(std::panic::AssertUnwindSafe(|| stream.pass(&mut applier, client, cursor, careful, keep_tables))));
         if result.is_err() || matches!(result, Ok(Err(_))) {
             applier.forget_targets();
         }
         result
     };
-    let outcome = match pass(false) {
-        Ok(Err(PassEnd::NeedsCare)) => {
-            crate::log::clocks::restore(crate::log::clocks::Applied::clone_of(&clocks_before));
-            pass(true)
-        }
-        // A careful pass also keeps no table open beyond its run of rows: a trigger that
-        // truncates or alters a table the fast pass had open (ERRCODE_OBJECT_IN_USE) runs as
-        // it would have without rbucardo's apply.
-        Err(e) if exceptions::is_parkable(&e) || xact::error_code(&e) == Some(PgSqlErrorCode::ERRCODE_OBJECT_IN_USE) => {
-            crate::log::clocks::restore(crate::log::clocks::Applied::clone_of(&clocks_before));
-            pass(true)
-        }
-        other => other,
+    // Fast, keeping tables open; then, if a table it held open was in use (a local trigger
+    // truncating or altering it: ERRCODE_OBJECT_IN_USE), fast with each table closed when its
+    // run of rows ends, as they always were before; then careful.
+    let (mut careful, mut keep_tables) = (false, true);
+    let outcome = loop {
+        let result = pass(careful, keep_tables);
+        let next = match &result {
+            Ok(Err(PassEnd::NeedsCare)) if !careful => Some((true, false)),
+            Err(e) if !careful && exceptions::is_parkable(e) => Some((true, false)),
+            Err(e) if keep_tables && xact::error_code(e) == Some(PgSqlErrorCode::ERRCODE_OBJECT_IN_USE) => Some((false, false)),
+            _ => None,
+        };
+        let Some(mode) = next else { break result };
+        crate::log::clocks::restore(crate::log::clocks::Applied::clone_of(&clocks_before));
+        (careful, keep_tables) = mode;
     };
     let from = cursor;
     let Pass { tally, mut cursor, progress, applied, stopped } = match outcome {

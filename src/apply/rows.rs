@@ -249,13 +249,29 @@ impl Target {
 
     /// Ends the run: fires the AFTER triggers its rows queued, as the table's owner.
     pub fn end(&mut self) {
+        let _owner = RunAs::restricted(self.owner);
+        self.end_as_owner();
+    }
+
+    /// `end`, inside the owner's sandbox.
+    fn end_as_owner(&mut self) {
         if !std::mem::replace(&mut self.running, false) {
             return;
         }
-        let _owner = RunAs::restricted(self.owner);
         // SAFETY: closes the query level `begin` opened, with this target's executor state
-        // (where the triggers find the table's result relation).
-        unsafe { pg_sys::AfterTriggerEndQuery(self.estate) };
+        // (where the triggers find the table's result relation). The slots hold nothing
+        // needed after a row, only pins of buffers, which vacuum would wait for all pass long.
+        unsafe {
+            pg_sys::AfterTriggerEndQuery(self.estate);
+            // What the triggers wrote is seen by what comes next (another table's run may
+            // look up a row a trigger just changed), as PostgreSQL's apply ends each change.
+            pg_sys::CommandCounterIncrement();
+            for slot in [self.search, self.local, self.remote, (*self.rri).ri_TrigOldSlot, (*self.rri).ri_TrigNewSlot] {
+                if !slot.is_null() {
+                    pg_sys::ExecClearTuple(slot);
+                }
+            }
+        }
     }
 
     /// Checks the hints of this table once the target is open (see [`Recent::check_file`]).
@@ -268,7 +284,8 @@ impl Target {
     /// Must happen in the (sub)transaction that opened it: one that ends with the table open
     /// would warn of a leaked reference.
     pub fn close(mut self) {
-        self.end();
+        let _owner = RunAs::restricted(self.owner);
+        self.end_as_owner();
         // SAFETY: releases, once (close takes self) and in the apply worker's order, what
         // `open` set up in this still-open transaction; the relation keeps its lock to commit.
         unsafe {
@@ -416,6 +433,19 @@ impl Target {
         (*self.estate).es_output_cid = pg_sys::GetCurrentCommandId(true);
     }
 
+    /// Sets up `epq` as the apply worker does around a simple update or delete. What it
+    /// allocates goes in the row's context: it is not freed by EvalPlanQualEnd, and the
+    /// caller's context lasts the pass.
+    ///
+    /// # Safety
+    ///
+    /// As for `fill`.
+    unsafe fn epq_init(&self, epq: &mut pg_sys::EPQState) {
+        let old = pg_sys::MemoryContextSwitchTo(self.rowcx);
+        pg_sys::EvalPlanQualInit(epq, self.estate, std::ptr::null_mut(), std::ptr::null_mut(), -1);
+        pg_sys::MemoryContextSwitchTo(old);
+    }
+
     /// # Safety
     ///
     /// As for `fill`, and `find` must just have returned true (`local` holds the locked row).
@@ -424,7 +454,7 @@ impl Target {
         // around ExecSimpleRelationUpdate.
         self.fill(layout, self.remote, new, None);
         let mut epq = pg_sys::EPQState::default();
-        pg_sys::EvalPlanQualInit(&mut epq, self.estate, std::ptr::null_mut(), std::ptr::null_mut(), -1);
+        self.epq_init(&mut epq);
         epq.origslot = self.remote;
         pg_sys::ExecSimpleRelationUpdate(self.rri, self.estate, &mut epq, self.local, self.remote);
         pg_sys::EvalPlanQualEnd(&mut epq);
@@ -514,7 +544,7 @@ impl Target {
                 }
                 Action::Delete if found => {
                     let mut epq = pg_sys::EPQState::default();
-                    pg_sys::EvalPlanQualInit(&mut epq, self.estate, std::ptr::null_mut(), std::ptr::null_mut(), -1);
+                    self.epq_init(&mut epq);
                     pg_sys::ExecSimpleRelationDelete(self.rri, self.estate, &mut epq, self.local);
                     pg_sys::EvalPlanQualEnd(&mut epq);
                     recent.at.remove(&Recent::key(desc, probe));

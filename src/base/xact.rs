@@ -174,16 +174,16 @@ impl Drop for RunAs {
 /// While alive, a setting has a value of ours (as a function's `SET` clause does it: a new GUC
 /// nesting level, undone on drop, so the value before comes back whatever it was).
 pub struct LocalSetting {
-    /// None when the setting already had the value: nothing to undo.
+    /// None when the setting had the value already: nothing to put back.
     level: Option<i32>,
 }
 
-/// Whether setting `name` has the text value `value` now. A transaction that changes no
-/// setting lets PostgreSQL pop a settings level without looking at every setting (its
-/// `guc_dirty`), which the applier's per-row owner sandboxes (`RunAs::restricted`) depend on:
-/// once anything was set, each pop scans all of them, 6.5 % of a catch-up's CPU. So a setting
-/// that already holds the value (the worker's session keeps replica mode and local commits)
-/// is not set again.
+/// Whether setting `name` has the text value `value` now (in the form `current_setting`
+/// shows it). A transaction that changes no setting lets PostgreSQL pop a settings level
+/// without looking at every setting (its `guc_dirty`), which the applier's per-row owner
+/// sandboxes (`RunAs::restricted`) depend on: once anything was set, each pop scans all of
+/// them, 6.5 % of a catch-up's CPU. So a setting that already holds the value (the worker's
+/// session keeps replica mode, a link session the pinned search_path) is not set again.
 fn has_value(name: &std::ffi::CStr, value: &std::ffi::CStr) -> bool {
     // SAFETY: GetConfigOption returns NULL (missing_ok) or the setting's current value as a
     // NUL-terminated string valid until the setting changes; it is compared at once.
@@ -197,13 +197,15 @@ impl LocalSetting {
     /// Sets `name` to `value` until dropped. `superuser` for settings only superusers may
     /// change (the caller has checked that it may).
     pub fn new(name: &std::ffi::CStr, value: &std::ffi::CStr, superuser: bool) -> LocalSetting {
+        let context = if superuser { pg_sys::GucContext::PGC_SUSET } else { pg_sys::GucContext::PGC_USERSET };
         if has_value(name, value) {
             return LocalSetting { level: None };
         }
-        let context = if superuser { pg_sys::GucContext::PGC_SUSET } else { pg_sys::GucContext::PGC_USERSET };
         // SAFETY: NewGUCNestLevel/set_config_option/AtEOXact_GUC are the calls fmgr makes for
         // a function's SET clause; the level is popped in Drop, in nesting order (guards are
-        // scoped values), and a transaction abort pops it anyway.
+        // scoped values), and a transaction abort pops it anyway. (Popped as at commit, it
+        // puts back only this guard's own value, as a SET clause does: a SET or SET LOCAL run
+        // inside outlives it either way.)
         unsafe {
             let level = pg_sys::NewGUCNestLevel();
             pg_sys::set_config_option(name.as_ptr(), value.as_ptr(), context, pg_sys::GucSource::PGC_S_SESSION, pg_sys::GucAction::GUC_ACTION_SAVE, true, 0, false);
@@ -226,7 +228,9 @@ impl LocalSetting {
 }
 
 /// `SET LOCAL name = value` without parsing a statement: for settings any user may change, in
-/// paths that run many times a second (a fetch, a push, a tick).
+/// paths that run many times a second (a fetch, a push, a tick). Nothing is set when the
+/// setting shows that value already (`has_value`; a value in another form, "60s" for "1min",
+/// is set all the same).
 pub fn set_local(name: &std::ffi::CStr, value: &std::ffi::CStr) {
     if has_value(name, value) {
         return;

@@ -934,6 +934,51 @@ fn t13_a_table_emptied_by_a_local_trigger_mid_batch_does_not_stop_the_stream() {
     cluster.assert_tables_equal(DB, "pos_order", "id", &ALL);
 }
 
+/// A trigger dropped by a local trigger in the middle of a batch: main's `ENABLE ALWAYS`
+/// trigger on pos_order drops cash_session's `ENABLE ALWAYS` trigger `mark_cash` when an order
+/// with ref -7 arrives. The apply keeps a table's executor state (with the triggers the table
+/// had then) for a whole batch: the cash_session row after that order must not be marked on
+/// main, as it would not be on a server that ran the same statements itself.
+#[test]
+fn t13c_a_trigger_dropped_mid_batch_fires_no_more() {
+    let cluster = start_store("t13c_trigger_drop", Topology::Star);
+    // main only: replica mode keeps the schema changes out of the stream.
+    cluster.node(MAIN).sql(
+        DB,
+        "SET session_replication_role = replica;
+         CREATE FUNCTION mark_cash() RETURNS trigger LANGUAGE plpgsql AS $$
+         BEGIN NEW.opened_by := 'marked'; RETURN NEW; END $$;
+         CREATE TRIGGER mark_cash BEFORE INSERT ON cash_session FOR EACH ROW EXECUTE FUNCTION mark_cash();
+         ALTER TABLE cash_session ENABLE ALWAYS TRIGGER mark_cash;
+         CREATE FUNCTION unmark() RETURNS trigger LANGUAGE plpgsql AS $$
+         BEGIN IF NEW.ref = -7 THEN DROP TRIGGER mark_cash ON public.cash_session; END IF; RETURN NEW; END $$;
+         CREATE TRIGGER unmark AFTER INSERT ON pos_order FOR EACH ROW EXECUTE FUNCTION unmark();
+         ALTER TABLE pos_order ENABLE ALWAYS TRIGGER unmark;",
+    );
+    let b = base(BRANCH1);
+    converge(&cluster, &expected(&[]), CONVERGE);
+    cluster.link(BRANCH1, MAIN).cut();
+    let txns = vec![
+        format!("INSERT INTO cash_session VALUES ({b} + 1, 'branch1', 1)"),
+        format!("INSERT INTO pos_order (id, node, ref, total) VALUES ({b} + 1, 'branch1', -7, 0)"),
+        format!("INSERT INTO cash_session VALUES ({b} + 2, 'branch1', 2)"),
+        format!("INSERT INTO pos_order (id, node, ref, total) VALUES ({b} + 2, 'branch1', 2, 0)"),
+    ];
+    run_on(&cluster, BRANCH1, &txns);
+    cluster.link(BRANCH1, MAIN).restore();
+    wait_until("branch1's last order on main", CONVERGE, || {
+        let got = cluster.node(MAIN).query_one(DB, &format!("SELECT count(*) FROM pos_order WHERE id = {b} + 2")).unwrap_or_default();
+        if got == "1" { Ok(true) } else { Err(diagnostics(&cluster)) }
+    });
+    let got: Vec<String> = cluster
+        .node(MAIN)
+        .query(DB, &format!("SELECT id - {b} || ':' || opened_by FROM cash_session WHERE id > {b} ORDER BY id"))
+        .into_iter()
+        .map(|r| r[0].clone().unwrap_or_default())
+        .collect();
+    assert_eq!(got, vec!["1:marked".to_string(), "2:branch1".to_string()], "main's cash_session: marked only before the trigger was dropped");
+}
+
 /// Reads `SELECT tick, seq ...` as a position.
 fn position(node: &rbucardo_cluster_tests::Node, sql: &str) -> (i64, i64) {
     let row = node.query(DB, sql).into_iter().next().unwrap_or_else(|| panic!("{}: no row for {sql}", node.name()));

@@ -896,6 +896,11 @@ fn t12_a_batch_that_rewrites_hot_rows_thousands_of_times_converges() {
     }
 }
 
+/// Runs `sql` on main only: replica mode keeps its schema changes out of the stream.
+fn local_on_main(cluster: &Cluster, sql: &str) {
+    cluster.node(MAIN).sql(DB, &format!("SET session_replication_role = replica; {sql}"));
+}
+
 /// A table emptied by a local trigger in the middle of a batch: main's own `ENABLE ALWAYS`
 /// trigger truncates cash_session while it applies branch1's backlog, right after the batch
 /// truncated and refilled it (so PostgreSQL empties the same file in place). Where the batch
@@ -904,11 +909,9 @@ fn t12_a_batch_that_rewrites_hot_rows_thousands_of_times_converges() {
 #[test]
 fn t13_a_table_emptied_by_a_local_trigger_mid_batch_does_not_stop_the_stream() {
     let cluster = start_store("t13_trigger_truncate", Topology::Star);
-    // main only: replica mode keeps the schema change out of the stream.
-    cluster.node(MAIN).sql(
-        DB,
-        "SET session_replication_role = replica;
-         CREATE FUNCTION empty_cash() RETURNS trigger LANGUAGE plpgsql AS $$
+    local_on_main(
+        &cluster,
+        "CREATE FUNCTION empty_cash() RETURNS trigger LANGUAGE plpgsql AS $$
          BEGIN IF NEW.ref = -1 THEN TRUNCATE public.cash_session; END IF; RETURN NEW; END $$;
          CREATE TRIGGER empty_cash AFTER INSERT ON pos_order FOR EACH ROW EXECUTE FUNCTION empty_cash();
          ALTER TABLE pos_order ENABLE ALWAYS TRIGGER empty_cash;",
@@ -942,11 +945,9 @@ fn t13_a_table_emptied_by_a_local_trigger_mid_batch_does_not_stop_the_stream() {
 #[test]
 fn t13c_a_trigger_dropped_mid_batch_fires_no_more() {
     let cluster = start_store("t13c_trigger_drop", Topology::Star);
-    // main only: replica mode keeps the schema changes out of the stream.
-    cluster.node(MAIN).sql(
-        DB,
-        "SET session_replication_role = replica;
-         CREATE FUNCTION mark_cash() RETURNS trigger LANGUAGE plpgsql AS $$
+    local_on_main(
+        &cluster,
+        "CREATE FUNCTION mark_cash() RETURNS trigger LANGUAGE plpgsql AS $$
          BEGIN NEW.opened_by := 'marked'; RETURN NEW; END $$;
          CREATE TRIGGER mark_cash BEFORE INSERT ON cash_session FOR EACH ROW EXECUTE FUNCTION mark_cash();
          ALTER TABLE cash_session ENABLE ALWAYS TRIGGER mark_cash;

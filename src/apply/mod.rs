@@ -520,10 +520,7 @@ impl Applier {
             }
             i += 1;
         }
-        self.end_run();
-        if !self.keep_targets {
-            self.close_targets();
-        }
+        self.finish_run();
         written.check(self, client);
         Ok(())
     }
@@ -534,11 +531,7 @@ impl Applier {
             return false;
         }
         if self.running.is_some_and(|i| &self.targets[i].0 != desc || self.targets[i].2 != session::invalidations()) {
-            if self.keep_targets {
-                self.end_run();
-            } else {
-                self.close_targets();
-            }
+            self.finish_run();
         }
         let rel = self.local_rel(desc);
         let layout = rel.layout.as_ref().unwrap();
@@ -547,11 +540,12 @@ impl Applier {
             // A table whose definition may have changed since (a trigger created one on it,
             // autovacuum updated its statistics) is set up again, and so are all when one more
             // would be too many (each holds its other indexes' locks and some memory).
-            let open = self.targets.iter().position(|(d, _, _)| d == desc);
+            let mut open = self.targets.iter().position(|(d, _, _)| d == desc);
             if self.targets.iter().any(|t| t.2 != session::invalidations()) || (open.is_none() && self.targets.len() >= MAX_TARGETS) {
                 self.close_targets();
+                open = None;
             }
-            let i = match self.targets.iter().position(|(d, _, _)| d == desc) {
+            let i = match open {
                 Some(i) => i,
                 None => {
                     let target = rows::Target::open(layout);
@@ -620,6 +614,14 @@ impl Applier {
     fn end_run(&mut self) {
         if let Some(i) = self.running.take() {
             self.targets[i].1.end();
+        }
+    }
+
+    /// Ends the run under way; a careful pass (`keep_targets` off) closes its tables too.
+    fn finish_run(&mut self) {
+        self.end_run();
+        if !self.keep_targets {
+            self.close_targets();
         }
     }
 

@@ -50,10 +50,12 @@ SELECT c.tbl, c.kind, c.outcome, c.n AS conflicts,
 -- the change log (trimmed once every peer had it): the `latest` rule compares an incoming
 -- change with the clock of the local version of the columns in conflict, found in the change
 -- log while the change is there, here afterwards. col '*': a change that set every column.
+-- Keys and columns compare byte by byte ("C"): only equality matters, and a trim writes a row
+-- here for most rows it trims (src/log/clocks.rs).
 CREATE TABLE rbucardo.row_clock (
     relid   oid NOT NULL,
-    key     text NOT NULL,      -- the replica key as a JSON object of column to text value
-    col     text NOT NULL,      -- the column this clock set ('*': every column)
+    key     text COLLATE "C" NOT NULL,  -- the replica key as a JSON object of column to text value
+    col     text COLLATE "C" NOT NULL,  -- the column this clock set ('*': every column)
     hlc     bigint NOT NULL,
     origin  integer NOT NULL,
     PRIMARY KEY (relid, key, col)

@@ -734,3 +734,87 @@ fn a_compromised_branch_serving_forged_batches_is_refused() {
     converge(&cluster, &want, CONVERGE);
     assert_eq!(one(&cluster, MAIN, "SELECT count(*) FROM rbucardo.db WHERE name = 'evil'"), "0");
 }
+
+/// Row clocks outlive the change log, per column. Main loads 120,000 products (a trim keeps
+/// their clocks in parts, at most 100,000 rows' at once), then sets a new price on one row of
+/// each part. Both branches take it all and main trims it: on main, only the kept clocks are
+/// left of those changes. branch1 then sends changes made before main's new prices (a branch
+/// cut off for a while, or a peer replaying an old version), under `latest`:
+/// - its older prices lose to main's, by the kept price clocks, in both parts;
+/// - its stock on the same row wins: the stock's kept clock is the load's, older than branch1's;
+/// - a row only loaded takes branch1's change whole.
+/// Without kept clocks main would take branch1's prices; with one clock per row it would keep
+/// its stock too.
+#[test]
+fn kept_row_clocks_judge_older_changes_after_the_trim() {
+    let cluster = start_store("security_kept_clocks", Topology::Star);
+    let main = cluster.node(MAIN);
+    let ids = Ids::read(&cluster);
+    main.sql(DB, "INSERT INTO products (id, name, price, stock) SELECT g, 'bulk ' || g, 1.00, 1 FROM generate_series(10001, 130000) g");
+    main.sql(DB, "UPDATE products SET price = 20.00 WHERE id IN (10001, 129999)");
+    for i in [BRANCH1, BRANCH2] {
+        wait_until("main's prices on the branch", CONVERGE, || {
+            Ok(one(&cluster, i, "SELECT count(*) || ' ' || sum(price) FROM products WHERE id BETWEEN 10001 AND 130000") == "120000 120038.00")
+        });
+    }
+    let clock = |id: i32, col: &str| -> String {
+        one(&cluster, MAIN, &format!("SELECT hlc || ' ' || origin FROM rbucardo.row_clock WHERE relid = 'products'::regclass AND key = '{{\"id\":\"{id}\"}}' AND col = '{col}'"))
+    };
+    wait_until("main's log trimmed, every clock kept", CONVERGE, || {
+        let state = one(
+            &cluster,
+            MAIN,
+            "SELECT (SELECT count(*) FROM rbucardo.change_log) || ' log rows, '
+                 || (SELECT count(*) FROM rbucardo.row_clock WHERE relid = 'products'::regclass AND col = '*') || ' row clocks, '
+                 || (SELECT count(*) FROM rbucardo.row_clock WHERE relid = 'products'::regclass AND col = 'price') || ' price clocks'",
+        );
+        if state == "0 log rows, 120000 row clocks, 2 price clocks" { Ok(true) } else { Err(state) }
+    });
+    let hlc = |kept: &str| -> i64 {
+        let (h, origin) = kept.split_once(' ').unwrap();
+        assert_eq!(origin, ids.main.to_string(), "main's own change");
+        h.parse().unwrap()
+    };
+    let (loaded, priced_1, priced_2) = (hlc(&clock(10001, "*")), hlc(&clock(10001, "price")), hlc(&clock(129999, "price")));
+    assert!(loaded < priced_1 && loaded < priced_2, "the load came before the prices");
+    assert_eq!(clock(10001, "stock"), "", "nobody changed a stock");
+
+    let mut forger = Forger::connect(&cluster, &ids);
+    let progress = one(&cluster, MAIN, &format!("SELECT tick || ' ' || seq FROM rbucardo.origin_progress WHERE origin = {}", ids.branch1));
+    let mut at = progress.split_once(' ').map_or(Position::START, |(t, s)| Position { tick: t.parse().unwrap(), seq: s.parse().unwrap() });
+    let columns = ["id", "name", "price", "stock", "active", "weight", "tags", "attrs", "photo", "created", "sold_on", "sku", "mood"];
+    let image = |id: i32, price: &str, stock: &str| -> Option<Vec<Value>> {
+        let (id, name) = (id.to_string(), format!("bulk {id}"));
+        let mut v: Vec<Option<&str>> = vec![Some(&id), Some(&name), Some(price), Some(stock)];
+        v.resize(columns.len(), None);
+        row(&v)
+    };
+    let products = || rel("public", "products", &columns, &[0]);
+    // Each change in its own transaction, with its own clock: just before main's price, or
+    // (10002, only loaded) just after the load.
+    let mut plan = forger.plan(3);
+    let mut txns = vec![];
+    for (id, hlc, old, new) in [
+        (10001, priced_1 - 1, ("1.00", "1"), ("22.00", "5")),
+        (129999, priced_2 - 1, ("1.00", "1"), ("22.00", "1")),
+        (10002, loaded + 1, ("1.00", "1"), ("23.00", "7")),
+    ] {
+        at = just_after(at);
+        let mut t = txn(ids.branch1, at, vec![chunk(products(), vec![(Op::Update, image(id, old.0, old.1), image(id, new.0, new.1))])]);
+        t.hlc = hlc;
+        txns.push(t);
+    }
+    plan.slots.truncate(txns.len());
+    let pushed = forger.send(&plan, txns);
+    assert!(pushed.stopped.is_none(), "main refused branch1's old changes: {pushed:?}");
+    assert_eq!(
+        one(&cluster, MAIN, "SELECT string_agg(concat_ws(' ', id, price, stock), ', ' ORDER BY id) FROM products WHERE id IN (10001, 10002, 129999)"),
+        "10001 20.00 5, 10002 23.00 7, 129999 20.00 1",
+        "main's newer prices stay, branch1's newer stock and whole row are taken"
+    );
+    assert_eq!(
+        one(&cluster, MAIN, "SELECT string_agg(concat_ws(' ', key->>'id', local_version->>'price', remote_version->>'price', winner), ', ' ORDER BY (key->>'id')::int) FROM rbucardo.conflicts"),
+        "10001 20.00 22.00 local, 129999 20.00 22.00 local",
+        "the conflict log: each keeps the price that lost"
+    );
+}

@@ -595,3 +595,7 @@ ALTER TABLE rbucardo.node ENABLE ALWAYS TRIGGER config_changed, ENABLE ALWAYS TR
 ALTER TABLE rbucardo.db ENABLE ALWAYS TRIGGER config_changed, ENABLE ALWAYS TRIGGER config_truncated;
 ALTER TABLE rbucardo.sync ENABLE ALWAYS TRIGGER config_changed, ENABLE ALWAYS TRIGGER config_truncated;
 ALTER TABLE rbucardo.herd_table ENABLE ALWAYS TRIGGER config_changed, ENABLE ALWAYS TRIGGER config_truncated;
+
+-- Row clocks compare keys byte by byte (sql/conflicts.sql): a trim writes one for most rows it
+-- trims.
+ALTER TABLE rbucardo.row_clock ALTER COLUMN key TYPE text COLLATE "C", ALTER COLUMN col TYPE text COLLATE "C";

@@ -25,17 +25,21 @@ pub enum Op {
     Ddl,
 }
 
-/// A table as the capturing node saw it: peers resolve it by name, not by oid.
+/// A table as the capturing node saw it: peers resolve it by name, not by oid. `S` is the
+/// string type: `String` (a [`RelDesc`]), or `&str` borrowed from the encoded chunk (a
+/// [`ChunkView`]'s, for readers that only look).
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq, Hash)]
-pub struct RelDesc {
-    pub schema: String,
-    pub name: String,
+pub struct RelDescOf<S> {
+    pub schema: S,
+    pub name: S,
     /// Column names in the order of the values of every change of this table.
-    pub columns: Vec<String>,
+    pub columns: Vec<S>,
     /// Positions (into `columns`) of the replica key: the primary key or a unique index on
     /// NOT NULL columns.
     pub key: Vec<u16>,
 }
+
+pub type RelDesc = RelDescOf<String>;
 
 /// One column value in text form; `None` is SQL NULL.
 pub type Value = Option<String>;
@@ -43,22 +47,31 @@ pub type Value = Option<String>;
 /// One captured row change. `old` is the row before an update or delete, `new` the row after
 /// an insert or update; both are full rows so peers can detect conflicts.
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
-pub struct RowChange {
+pub struct RowChangeOf<S> {
     /// Position of this change within its transaction; chunks are merged by it.
     pub ordinal: u32,
     /// Index into the chunk's `relations`.
     pub rel: u32,
     pub op: Op,
-    pub old: Option<Vec<Value>>,
-    pub new: Option<Vec<Value>>,
+    pub old: Option<Vec<Option<S>>>,
+    pub new: Option<Vec<Option<S>>>,
 }
+
+pub type RowChange = RowChangeOf<String>;
 
 /// The changes of (part of) one transaction, as stored in one change log row.
 #[derive(Serialize, Deserialize, Debug, Clone, Default, PartialEq, Eq)]
-pub struct Chunk {
-    pub relations: Vec<RelDesc>,
-    pub changes: Vec<RowChange>,
+pub struct ChunkOf<S> {
+    pub relations: Vec<RelDescOf<S>>,
+    pub changes: Vec<RowChangeOf<S>>,
 }
+
+pub type Chunk = ChunkOf<String>;
+
+/// A chunk read in place: its names and values borrow the encoded bytes. Reading row clocks
+/// out of a trimmed change log looks at every value and keeps only keys; copying each into
+/// its own `String` first cost more than the rest of the reading.
+pub type ChunkView<'a> = ChunkOf<&'a str>;
 
 /// A position in a node's outgoing stream: the tick whose snapshot first saw the transaction
 /// committed, then the sequence number of the transaction's last chunk. Totally ordered, and
@@ -256,7 +269,16 @@ pub fn encode_chunk_ref(chunk: &ChunkRef, capacity: usize) -> Vec<u8> {
 /// Decodes one chunk and checks that every change refers to a described table and carries
 /// as many values as that table has columns.
 pub fn decode_chunk(bytes: &[u8]) -> Result<Chunk, DecodeError> {
-    let chunk: Chunk = postcard::from_bytes(bytes).map_err(|e| DecodeError::Malformed(e.to_string()))?;
+    decode_checked(bytes)
+}
+
+/// Decodes one chunk without copying its strings, with the checks of [`decode_chunk`].
+pub fn view_chunk(bytes: &[u8]) -> Result<ChunkView<'_>, DecodeError> {
+    decode_checked(bytes)
+}
+
+fn decode_checked<'a, S: Deserialize<'a> + std::fmt::Display>(bytes: &'a [u8]) -> Result<ChunkOf<S>, DecodeError> {
+    let chunk: ChunkOf<S> = postcard::from_bytes(bytes).map_err(|e| DecodeError::Malformed(e.to_string()))?;
     for rel in &chunk.relations {
         if rel.key.iter().any(|&k| k as usize >= rel.columns.len()) {
             return Err(DecodeError::Malformed(format!("key column out of range in {}.{}", rel.schema, rel.name)));
@@ -277,7 +299,7 @@ pub fn decode_chunk(bytes: &[u8]) -> Result<Chunk, DecodeError> {
             }
             continue;
         }
-        let width_ok = |row: &Option<Vec<Value>>| row.as_ref().is_none_or(|r| r.len() == rel.columns.len());
+        let width_ok = |row: &Option<Vec<Option<S>>>| row.as_ref().is_none_or(|r| r.len() == rel.columns.len());
         let images_ok = match ch.op {
             Op::Insert => ch.new.is_some(),
             Op::Update => ch.new.is_some() && ch.old.is_some(),
@@ -321,6 +343,30 @@ mod tests {
         let borrowed = ChunkRef { relations: chunk.relations.iter().collect(), changes: chunk.changes.iter().collect() };
         assert_eq!(encode_chunk_ref(&borrowed, 0), encode_chunk(&chunk));
         assert_eq!(encode_chunk_ref(&ChunkRef { relations: vec![], changes: vec![] }, 4), encode_chunk(&Chunk::default()));
+    }
+
+    /// A view reads what the owned decoding reads, and refuses what it refuses.
+    #[test]
+    fn a_view_reads_the_chunk_the_owned_decoding_reads() {
+        let chunk = Chunk {
+            relations: vec![RelDesc { schema: "s\u{e9}".into(), name: "t \"q\"".into(), columns: vec!["id".into(), "v".into()], key: vec![0] }],
+            changes: vec![RowChange { ordinal: 3, rel: 0, op: Op::Update, old: Some(vec![Some("1".into()), None]), new: Some(vec![Some("1".into()), Some("\u{1F600}\n".into())]) }],
+        };
+        let bytes = encode_chunk(&chunk);
+        let view = view_chunk(&bytes).unwrap();
+        let owned = |v: &Option<Vec<Option<&str>>>| v.as_ref().map(|r| r.iter().map(|x| x.map(str::to_string)).collect::<Vec<Value>>());
+        let r = &view.relations[0];
+        let back = Chunk {
+            relations: vec![RelDesc { schema: r.schema.into(), name: r.name.into(), columns: r.columns.iter().map(|c| c.to_string()).collect(), key: r.key.clone() }],
+            changes: view.changes.iter().map(|c| RowChange { ordinal: c.ordinal, rel: c.rel, op: c.op, old: owned(&c.old), new: owned(&c.new) }).collect(),
+        };
+        assert_eq!(back, chunk);
+        let mut bad = chunk.clone();
+        bad.changes[0].new = Some(vec![None]);
+        assert!(view_chunk(&encode_chunk(&bad)).is_err() && decode_chunk(&encode_chunk(&bad)).is_err());
+        bad.changes[0].rel = 1;
+        assert!(view_chunk(&encode_chunk(&bad)).is_err());
+        assert!(view_chunk(&bytes[..bytes.len() - 1]).is_err());
     }
 
     #[test]

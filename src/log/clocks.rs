@@ -9,27 +9,40 @@
 use std::collections::HashMap;
 
 use pgrx::prelude::*;
+use pgrx::PgMemoryContexts;
 
-use crate::base::wire::{decode_chunk, Op, RelDesc, RowChange, Value};
+use crate::base::wire::{view_chunk, ChunkView, Op, RelDesc, RelDescOf, RowChange, RowChangeOf, Value};
 
-/// A row's replica key as JSON text, the form row clocks are kept under (the same as the
-/// conflict log's key): an object of the key columns, in name order, compact, as serde_json
-/// prints a map. Written out directly: it is made for every applied row, and building the map
-/// (copies of every name and value, a tree) cost more than the rest of keeping its clock.
-fn key_text(desc: &RelDesc, row: &[Value]) -> String {
+/// The replica key's columns in name order: the order its JSON form lists them in.
+fn key_order<S: AsRef<str>>(desc: &RelDescOf<S>) -> Vec<u16> {
     let mut key = desc.key.clone();
-    key.sort_by(|a, b| desc.columns[*a as usize].cmp(&desc.columns[*b as usize]));
-    let mut out = Vec::with_capacity(32);
+    key.sort_by(|a, b| desc.columns[*a as usize].as_ref().cmp(desc.columns[*b as usize].as_ref()));
+    key
+}
+
+/// Writes a row's replica key as JSON text into `out` (emptied first), the form row clocks are
+/// kept under (the same as the conflict log's key): an object of the key columns, in name order
+/// (`order`, from [`key_order`]), compact, as serde_json prints a map. Written out directly: it
+/// is made for every applied and every trimmed row, and building the map (copies of every name
+/// and value, a tree) cost more than the rest of keeping its clock.
+fn write_key<S: AsRef<str>>(out: &mut Vec<u8>, columns: &[S], order: &[u16], row: &[Option<S>]) {
+    out.clear();
     out.push(b'{');
-    for (i, &k) in key.iter().enumerate() {
+    for (i, &k) in order.iter().enumerate() {
         if i > 0 {
             out.push(b',');
         }
-        serde_json::to_writer(&mut out, &desc.columns[k as usize]).expect("a string serializes");
+        serde_json::to_writer(&mut *out, columns[k as usize].as_ref()).expect("a string serializes");
         out.push(b':');
-        serde_json::to_writer(&mut out, &row[k as usize]).expect("a string serializes");
+        serde_json::to_writer(&mut *out, &row[k as usize].as_ref().map(AsRef::as_ref)).expect("a string serializes");
     }
     out.push(b'}');
+}
+
+/// A row's replica key as JSON text (see [`write_key`]).
+fn key_text(desc: &RelDesc, row: &[Value]) -> String {
+    let mut out = Vec::with_capacity(32);
+    write_key(&mut out, &desc.columns, &key_order(desc), row);
     String::from_utf8(out).expect("serde_json writes UTF-8")
 }
 
@@ -90,9 +103,9 @@ impl RowClock {
 
 /// The columns a change set: every column for an insert or delete, those whose value changed
 /// for an update.
-fn changed_columns<'a>(desc: &'a RelDesc, ch: &RowChange) -> Option<Vec<&'a str>> {
+fn changed_columns<'a, S: AsRef<str> + PartialEq>(desc: &'a RelDescOf<S>, ch: &RowChangeOf<S>) -> Option<Vec<&'a str>> {
     match (ch.op, ch.old.as_ref(), ch.new.as_ref()) {
-        (Op::Update, Some(old), Some(new)) => Some(desc.columns.iter().zip(old.iter().zip(new)).filter(|(_, (o, n))| o != n).map(|(c, _)| c.as_str()).collect()),
+        (Op::Update, Some(old), Some(new)) => Some(desc.columns.iter().zip(old.iter().zip(new)).filter(|(_, (o, n))| o != n).map(|(c, _)| c.as_ref()).collect()),
         _ => None,
     }
 }
@@ -178,12 +191,15 @@ fn refresh(me: i32) {
         // This transaction's own rows are not read: they are not committed (the batch notes
         // its changes itself).
         let since = if fresh { "true".to_string() } else { format!("txid >= '{}'::pg_catalog.xid8", session.mark) };
-        let rows = logged_clocks(me, &format!("{since} AND txid IS DISTINCT FROM pg_catalog.pg_current_xact_id_if_assigned()"), &[]);
-        for (k, (clock, seq)) in rows {
-            let slot = session.rows.entry(k).or_default();
-            slot.0.absorb(&clock);
-            slot.1 = slot.1.max(seq);
-        }
+        read_logged(me, &format!("{since} AND txid IS DISTINCT FROM pg_catalog.pg_current_xact_id_if_assigned()"), &[], usize::MAX, |gathered| {
+            for table in gathered.tables {
+                for (key, (clock, seq)) in table.rows {
+                    let slot = session.rows.entry((table.schema.clone(), table.name.clone(), key)).or_default();
+                    slot.0.absorb(&clock);
+                    slot.1 = slot.1.max(seq);
+                }
+            }
+        });
         let floor = Spi::get_one::<i64>("SELECT pg_catalog.min(seq) FROM rbucardo.change_log").ok().flatten();
         match floor {
             Some(floor) => session.rows.retain(|_, (_, seq)| *seq >= floor),
@@ -271,11 +287,76 @@ impl Clocks {
     }
 }
 
-/// The latest clock of every row changed by the change log rows that `where_sql` selects.
-/// The largest clock per row: the log also keeps changes that lost here, for forwarding, and
-/// the row holds the version with the largest clock.
-fn logged_clocks(me: i32, where_sql: &str, args: &[pgrx::datum::DatumWithOid]) -> HashMap<Key, (RowClock, i64)> {
-    let mut latest: HashMap<Key, (RowClock, i64)> = HashMap::new();
+/// Row clocks gathered from changes, per table: each row's clocks by its key text, with the
+/// change-log seq of its latest change. A table is named once, not once per row.
+#[derive(Default)]
+struct Gathered {
+    tables: Vec<TableClocks>,
+    /// Rows held, over every table.
+    rows: usize,
+}
+
+struct TableClocks {
+    schema: String,
+    name: String,
+    rows: HashMap<String, (RowClock, i64)>,
+}
+
+impl Gathered {
+    /// Notes the clock of every row `chunk` changes. The larger clock stays: under `latest` the
+    /// version with the larger clock is the one the row holds (the log also keeps changes that
+    /// lost here, for forwarding). Tables without a replica key keep no clocks. Whenever
+    /// `limit` rows are held, they are handed to `take`.
+    fn note(&mut self, chunk: &ChunkView, clock: Clock, seq: i64, limit: usize, take: &mut impl FnMut(Gathered)) {
+        // Each of the chunk's tables: where its rows go, and its key's columns in name order.
+        let slots: Vec<(usize, Vec<u16>)> = chunk.relations.iter().map(|r| (self.table(r.schema, r.name), key_order(r))).collect();
+        let mut key = Vec::with_capacity(32);
+        for ch in &chunk.changes {
+            let desc = &chunk.relations[ch.rel as usize];
+            let Some(row) = ch.new.as_ref().or(ch.old.as_ref()).filter(|_| !desc.key.is_empty()) else { continue };
+            let (t, order) = &slots[ch.rel as usize];
+            write_key(&mut key, &desc.columns, order, row);
+            let key = std::str::from_utf8(&key).expect("serde_json writes UTF-8");
+            let rows = &mut self.tables[*t].rows;
+            let slot = match rows.get_mut(key) {
+                Some(slot) => slot,
+                None => {
+                    self.rows += 1;
+                    rows.entry(key.to_string()).or_default()
+                }
+            };
+            slot.0.set(changed_columns(desc, ch), clock);
+            slot.1 = slot.1.max(seq);
+            if self.rows >= limit {
+                take(self.drain());
+            }
+        }
+    }
+
+    /// The rows held, taken out; the tables stay where they are, for the rest of a chunk.
+    fn drain(&mut self) -> Gathered {
+        let tables = self.tables.iter_mut().map(|t| TableClocks { schema: t.schema.clone(), name: t.name.clone(), rows: std::mem::take(&mut t.rows) }).collect();
+        Gathered { tables, rows: std::mem::replace(&mut self.rows, 0) }
+    }
+
+    fn table(&mut self, schema: &str, name: &str) -> usize {
+        match self.tables.iter().position(|t| t.schema == schema && t.name == name) {
+            Some(t) => t,
+            None => {
+                self.tables.push(TableClocks { schema: schema.to_string(), name: name.to_string(), rows: HashMap::new() });
+                self.tables.len() - 1
+            }
+        }
+    }
+}
+
+/// The latest clock of every row changed by the change log rows that `where_sql` selects,
+/// handed to `take` whenever `limit` rows are held, and once at the end.
+fn read_logged(me: i32, where_sql: &str, args: &[pgrx::datum::DatumWithOid], limit: usize, mut take: impl FnMut(Gathered)) {
+    let mut gathered = Gathered::default();
+    // Each log row's bytes are read (and detoasted) in a context emptied after the row: a trim
+    // of a bulk load, thousands of 8 MB chunks, holds one of them at a time.
+    let mut cx = PgMemoryContexts::new("rbucardo row clocks");
     Spi::connect(|c| {
         // A parked transaction is in the log (forwarded) but not applied here: its clock is not
         // that of any local version until a retry applies it (see `remember`).
@@ -287,86 +368,82 @@ fn logged_clocks(me: i32, where_sql: &str, args: &[pgrx::datum::DatumWithOid]) -
                                    AND e.origin_tick = change_log.origin_tick AND e.origin_seq = change_log.origin_seq)"
         );
         for row in c.select(sql.as_str(), None, args).expect("reading the change log") {
-            let data = row.get::<Vec<u8>>(1).unwrap().unwrap_or_default();
-            let clock = (row.get::<i64>(2).unwrap().unwrap_or(0), row.get::<i32>(3).unwrap().unwrap_or(me));
+            let hlc = row.get::<i64>(2).unwrap().unwrap_or(0);
+            // NULL origin: this node's own change.
+            let origin = row.get::<i32>(3).unwrap().unwrap_or(me);
             let seq = row.get::<i64>(4).unwrap().unwrap_or(0);
-            if let Ok(chunk) = decode_chunk(&data) {
-                for ch in &chunk.changes {
-                    let desc = &chunk.relations[ch.rel as usize];
-                    if let Some(r) = ch.new.as_ref().or(ch.old.as_ref()) {
-                        let slot = latest.entry((desc.schema.clone(), desc.name.clone(), key_text(desc, r))).or_default();
-                        slot.0.set(changed_columns(desc, ch), clock);
-                        slot.1 = slot.1.max(seq);
+            // SAFETY: the bytes live in `cx` and are not used after it is reset below.
+            unsafe {
+                cx.switch_to(|_| {
+                    if let Some(data) = row.get::<&[u8]>(1).unwrap() {
+                        if let Ok(chunk) = view_chunk(data) {
+                            gathered.note(&chunk, (hlc, origin), seq, limit, &mut take);
+                        }
                     }
-                }
+                });
+                cx.reset();
             }
         }
     });
-    latest
+    take(gathered);
 }
+
+/// At most this many rows' clocks are held while they are being kept: a trim of a bulk load
+/// stores them in parts rather than holding a row per loaded row in memory.
+const KEEP_AT_ONCE: usize = 100_000;
 
 /// Keeps the clocks of rows whose changes are about to leave the change log (`where_sql`
 /// selects the change log rows being trimmed).
 pub fn keep_row_clocks(me: i32, where_sql: &str, args: &[pgrx::datum::DatumWithOid]) {
-    store(logged_clocks(me, where_sql, args).into_iter().map(|(k, (clock, _))| (k, clock)).collect());
+    read_logged(me, where_sql, args, KEEP_AT_ONCE, store);
 }
 
 /// Records the clock of every row a transaction applied here without a change-log entry of
 /// its own (a parked transaction applied by a retry: it was forwarded when it was parked).
 pub fn remember(chunks: &[Vec<u8>], hlc: i64, origin: i32) {
-    let mut latest: HashMap<Key, RowClock> = HashMap::new();
-    for chunk in chunks.iter().filter_map(|c| decode_chunk(c).ok()) {
-        for ch in &chunk.changes {
-            let desc = &chunk.relations[ch.rel as usize];
-            if let Some(r) = ch.new.as_ref().or(ch.old.as_ref()).filter(|_| !desc.key.is_empty()) {
-                latest.entry((desc.schema.clone(), desc.name.clone(), key_text(desc, r))).or_default().set(changed_columns(desc, ch), (hlc, origin));
-            }
-        }
+    let mut gathered = Gathered::default();
+    for chunk in chunks.iter().filter_map(|c| view_chunk(c).ok()) {
+        gathered.note(&chunk, (hlc, origin), 0, KEEP_AT_ONCE, &mut store);
     }
-    store(latest);
+    store(gathered);
 }
 
-/// Keeps row clocks in `row_clock`, per column as they were kept in memory.
-fn store(latest: HashMap<Key, RowClock>) {
-    if latest.is_empty() {
-        return;
-    }
-    // Each table is named once and resolved once: resolving the name per clock cost about
-    // as much as keeping the clock (a trim keeps tens of thousands under pgbench).
-    let mut tables: Vec<(String, String)> = Vec::new();
-    let (mut table_of, mut keys, mut cols, mut hlcs, mut origins) = (vec![], vec![], vec![], vec![], vec![]);
-    for ((s, n, k), clock) in latest {
-        let t = match tables.iter().position(|(ts, tn)| *ts == s && *tn == n) {
-            Some(t) => t,
-            None => {
-                tables.push((s, n));
-                tables.len() - 1
-            }
-        };
-        let entries = clock.all.map(|c| ("*".to_string(), c)).into_iter().chain(clock.cols);
-        for (col, (h, o)) in entries {
-            table_of.push(t as i32 + 1);
-            keys.push(k.clone());
-            cols.push(col);
-            hlcs.push(h);
-            origins.push(o);
+/// Keeps row clocks in `row_clock`, per column as they were gathered. One statement per
+/// table, which is resolved once (resolving the name per clock cost about as much as keeping
+/// the clock), with the keys in order: each lands next to the one before in the index.
+fn store(gathered: Gathered) {
+    for table in gathered.tables {
+        if table.rows.is_empty() {
+            continue;
         }
+        // A table dropped since keeps no clocks.
+        let Ok(Some(relid)) = Spi::get_one_with_args::<pg_sys::Oid>(
+            "SELECT pg_catalog.to_regclass(pg_catalog.format('%I.%I', $1::text, $2::text))::pg_catalog.oid",
+            &[table.schema.as_str().into(), table.name.as_str().into()],
+        ) else {
+            continue;
+        };
+        let mut rows: Vec<(String, RowClock)> = table.rows.into_iter().map(|(k, (clock, _))| (k, clock)).collect();
+        rows.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+        let (mut keys, mut cols, mut hlcs, mut origins) = (vec![], vec![], vec![], vec![]);
+        for (k, clock) in rows {
+            let entries = clock.all.map(|c| ("*".to_string(), c)).into_iter().chain(clock.cols);
+            for (col, (h, o)) in entries {
+                keys.push(k.clone());
+                cols.push(col);
+                hlcs.push(h);
+                origins.push(o);
+            }
+        }
+        Spi::run_with_args(
+            "INSERT INTO rbucardo.row_clock AS r (relid, key, col, hlc, origin)
+             SELECT $1, u.k, u.c, u.h, u.o FROM unnest($2::text[], $3::text[], $4::bigint[], $5::int[]) AS u(k, c, h, o)  -- several arrays: FROM-clause syntax, not a function
+             ON CONFLICT (relid, key, col) DO UPDATE SET hlc = EXCLUDED.hlc, origin = EXCLUDED.origin
+              WHERE (EXCLUDED.hlc, EXCLUDED.origin) > (r.hlc, r.origin)",
+            &[relid.into(), keys.into(), cols.into(), hlcs.into(), origins.into()],
+        )
+        .expect("keeping row clocks");
     }
-    let (schemas, names): (Vec<String>, Vec<String>) = tables.into_iter().unzip();
-    Spi::run_with_args(
-        "WITH t AS MATERIALIZED (
-             SELECT x.i::int AS i, to_regclass(format('%I.%I', x.s, x.n)) AS relid
-               FROM unnest($1::text[], $2::text[]) WITH ORDINALITY AS x(s, n, i))
-         INSERT INTO rbucardo.row_clock (relid, key, col, hlc, origin)
-         SELECT t.relid, u.k, u.c, u.h, u.o
-           FROM unnest($3::int[], $4::text[], $5::text[], $6::bigint[], $7::int[]) AS u(t, k, c, h, o)
-           JOIN t ON t.i = u.t
-          WHERE t.relid IS NOT NULL
-         ON CONFLICT (relid, key, col) DO UPDATE SET hlc = EXCLUDED.hlc, origin = EXCLUDED.origin
-          WHERE (EXCLUDED.hlc, EXCLUDED.origin) > (row_clock.hlc, row_clock.origin)",
-        &[schemas.into(), names.into(), table_of.into(), keys.into(), cols.into(), hlcs.into(), origins.into()],
-    )
-    .expect("keeping row clocks");
 }
 
 

@@ -167,6 +167,8 @@ node_cpu() { # NAME
       for c in $(pgrep -P "$pm" || true); do { sed 's/.*) //' "/proc/$c/stat" 2>/dev/null || true; } | awk '{print $12 + $13}'; done
     } | awk -v hz="$(getconf CLK_TCK)" '{s += $1} END {printf "%.3f", s / hz}'
 }
+# CPU seconds one process has used so far.
+proc_cpu() { sed 's/.*) //' "/proc/$1/stat" | awk -v hz="$(getconf CLK_TCK)" '{printf "%.3f", ($12 + $13) / hz}'; }
 stop_node() { # NAME
     local d=$DIR/$1 keep=() r
     as_pg "$PG_BIN/pg_ctl" -D "$d" -m fast -w -t 60 stop >/dev/null 2>&1 || as_pg "$PG_BIN/pg_ctl" -D "$d" -m immediate stop >/dev/null 2>&1 || true
@@ -271,7 +273,13 @@ measure() { # SYSTEM
         sleep 0.5
     fi
     t0=$(now)
-    local o0 s0 o1 s1
+    local o0 s0 o1 s1 hk= h0
+    # rbucardo's origin trims what the subscriber confirmed, and keeps the row clocks of what
+    # it trims: its housekeeper's CPU from here until the whole backlog is trimmed.
+    if [ "$sys" = rbucardo ]; then
+        hk=$(q "$O" -c "SELECT pid FROM pg_stat_activity WHERE backend_type = 'rbucardo housekeeper'")
+        h0=$(proc_cpu "$hk")
+    fi
     o0=$(node_cpu "${sys}_o"); s0=$(node_cpu "${sys}_s")
     "${sys}_up"
     wait_rows "$S" "$start" "$want"
@@ -285,6 +293,11 @@ measure() { # SYSTEM
         'BEGIN {printf "%.1f / %.1f", 1e6 * (o1 - o0) / (4 * n), 1e6 * (s1 - s0) / (4 * n)}')
     R[$sys.same]=$(compare "$sys" catch-up)
     echo "  catch-up of $want transactions: ${R[$sys.catchup_s]} s, ${R[$sys.catchup_rate]} row changes/s, ${R[$sys.catchup_cpu]} us of CPU per change on origin / subscriber; same data: ${R[$sys.same]}"
+    if [ -n "$hk" ]; then
+        wait_for "$O" "NOT EXISTS (SELECT FROM rbucardo.change_log)"
+        R[$sys.trim_cpu]=$(awk -v a="$h0" -v b="$(proc_cpu "$hk")" -v n="$want" 'BEGIN {printf "%.1f", 1e6 * (b - a) / (4 * n)}')
+        echo "  the origin's housekeeper trimmed it all, with its row clocks: ${R[$sys.trim_cpu]} us of CPU per change"
+    fi
 
     # live: replicating while pgbench runs, alternating with plain runs; after each live run,
     # how long until the subscriber has everything
@@ -384,6 +397,7 @@ f_live() { ratio "$1" live; }
 f_drain() { echo "${R[$1.drain]} s"; }
 f_catchup() { echo "${R[$1.catchup_s]} s, ${R[$1.catchup_rate]}/s"; }
 f_catchup_cpu() { echo "${R[$1.catchup_cpu]} us"; }
+f_trim_cpu() { [ -n "${R[$1.trim_cpu]:-}" ] && echo "${R[$1.trim_cpu]} us" || echo "-"; }
 f_lagw() { echo "${R[$1.lag_w50]} / ${R[$1.lag_w99]} ms"; }
 f_lagv() { echo "${R[$1.lag_v50]} / ${R[$1.lag_v99]} ms"; }
 f_per() { echo "${R[$1.per_txn]}"; }
@@ -394,6 +408,7 @@ line "live tps (replicating; ${ROUNDS} runs; vs plain)" f_live
 line "subscriber complete after a live run (max)" f_drain
 line "catch-up of $TXNS txns ($((4 * TXNS)) row changes)" f_catchup
 line "catch-up: CPU per row change, origin / subscriber" f_catchup_cpu
+line "origin's trim of the catch-up, CPU per row change" f_trim_cpu
 line "one-hop lag p50 / p99, row written (-R $RATE)" f_lagw
 line "one-hop lag p50 / p99, visible (-R $RATE)" f_lagv
 line "origin txns per subscriber txn (lag run)" f_per

@@ -63,7 +63,7 @@ type Clock = (i64, i32);
 
 /// The clocks of one row's columns: `all` for changes that set every column (inserts, deletes,
 /// clocks kept per row), `cols` for updates, by column name.
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug, Default, PartialEq)]
 pub struct RowClock {
     all: Option<Clock>,
     cols: HashMap<String, Clock>,
@@ -292,6 +292,8 @@ impl Clocks {
 #[derive(Default)]
 struct Gathered {
     tables: Vec<TableClocks>,
+    /// Where each table is in `tables`, by schema and name (NUL-separated: no name holds one).
+    index: HashMap<String, usize>,
     /// Rows held, over every table.
     rows: usize,
 }
@@ -336,17 +338,16 @@ impl Gathered {
     /// The rows held, taken out; the tables stay where they are, for the rest of a chunk.
     fn drain(&mut self) -> Gathered {
         let tables = self.tables.iter_mut().map(|t| TableClocks { schema: t.schema.clone(), name: t.name.clone(), rows: std::mem::take(&mut t.rows) }).collect();
-        Gathered { tables, rows: std::mem::replace(&mut self.rows, 0) }
+        Gathered { tables, index: self.index.clone(), rows: std::mem::replace(&mut self.rows, 0) }
     }
 
     fn table(&mut self, schema: &str, name: &str) -> usize {
-        match self.tables.iter().position(|t| t.schema == schema && t.name == name) {
-            Some(t) => t,
-            None => {
-                self.tables.push(TableClocks { schema: schema.to_string(), name: name.to_string(), rows: HashMap::new() });
-                self.tables.len() - 1
-            }
+        let next = self.tables.len();
+        let t = *self.index.entry(format!("{schema}\0{name}")).or_insert(next);
+        if t == next {
+            self.tables.push(TableClocks { schema: schema.to_string(), name: name.to_string(), rows: HashMap::new() });
         }
+        t
     }
 }
 
@@ -367,18 +368,24 @@ fn read_logged(me: i32, where_sql: &str, args: &[pgrx::datum::DatumWithOid], lim
                                  WHERE e.resolved_at IS NULL AND e.kind = 'constraint' AND e.origin = change_log.origin
                                    AND e.origin_tick = change_log.origin_tick AND e.origin_seq = change_log.origin_seq)"
         );
-        for row in c.select(sql.as_str(), None, args).expect("reading the change log") {
-            let hlc = row.get::<i64>(2).unwrap().unwrap_or(0);
+        let mut rows = c.select(sql.as_str(), None, args).expect("reading the change log");
+        while rows.next().is_some() {
+            let hlc = rows.get::<i64>(2).unwrap().unwrap_or(0);
             // NULL origin: this node's own change.
-            let origin = row.get::<i32>(3).unwrap().unwrap_or(me);
-            let seq = row.get::<i64>(4).unwrap().unwrap_or(0);
-            // SAFETY: the bytes live in `cx` and are not used after it is reset below.
+            let origin = rows.get::<i32>(3).unwrap().unwrap_or(me);
+            let seq = rows.get::<i64>(4).unwrap().unwrap_or(0);
+            let Some(data) = rows.get_datum_by_ordinal(1).unwrap() else { continue };
+            // SAFETY: `data` is a bytea of the current row; its detoasted copy is made in `cx`
+            // (pgrx's typed getters would make it in the caller's context, for good), and the
+            // bytes and the view borrowing them are dropped before `cx` is reset.
             unsafe {
                 cx.switch_to(|_| {
-                    if let Some(data) = row.get::<&[u8]>(1).unwrap() {
-                        if let Ok(chunk) = view_chunk(data) {
-                            gathered.note(&chunk, (hlc, origin), seq, limit, &mut take);
-                        }
+                    let bytes = pgrx::varlena::varlena_to_byte_slice(pg_sys::pg_detoast_datum_packed(data.cast_mut_ptr()));
+                    match view_chunk(bytes) {
+                        Ok(chunk) => gathered.note(&chunk, (hlc, origin), seq, limit, &mut take),
+                        // Not a chunk this build reads: its rows' clocks cannot be kept. Said
+                        // where an operator sees it rather than skipped in silence.
+                        Err(e) => warning!("rbucardo: the row clocks of change log row {seq} cannot be read: {e}"),
                     }
                 });
                 cx.reset();
@@ -411,7 +418,10 @@ pub fn remember(chunks: &[Vec<u8>], hlc: i64, origin: i32) {
 /// Keeps row clocks in `row_clock`, per column as they were gathered. One statement per
 /// table, which is resolved once (resolving the name per clock cost about as much as keeping
 /// the clock), with the keys in order: each lands next to the one before in the index.
-fn store(gathered: Gathered) {
+fn store(mut gathered: Gathered) {
+    // Tables in name order, so that two stores at once (a trim and a retry) lock row clocks in
+    // the same order.
+    gathered.tables.sort_unstable_by(|a, b| (&a.schema, &a.name).cmp(&(&b.schema, &b.name)));
     for table in gathered.tables {
         if table.rows.is_empty() {
             continue;
@@ -426,7 +436,12 @@ fn store(gathered: Gathered) {
         let mut rows: Vec<(String, RowClock)> = table.rows.into_iter().map(|(k, (clock, _))| (k, clock)).collect();
         rows.sort_unstable_by(|a, b| a.0.cmp(&b.0));
         let (mut keys, mut cols, mut hlcs, mut origins) = (vec![], vec![], vec![], vec![]);
-        for (k, clock) in rows {
+        for (k, mut clock) in rows {
+            // A column named `*` shares the whole row's entry (a lookup reads it as such): one
+            // entry, or the statement would update the same row twice and fail every trim.
+            if let Some(star) = clock.cols.remove("*") {
+                clock.all = clock.all.max(Some(star));
+            }
             let entries = clock.all.map(|c| ("*".to_string(), c)).into_iter().chain(clock.cols);
             for (col, (h, o)) in entries {
                 keys.push(k.clone());
@@ -479,6 +494,67 @@ mod tests {
         for (d, row) in &cases {
             assert_eq!(key_text(d, row), serde_form(d, row), "key of {:?}", d.columns);
         }
+    }
+
+    /// Clocks gathered in parts (a part every two rows, the same rows on both sides of a cut,
+    /// two tables) keep, merged by the larger clock as `row_clock` merges them, what one
+    /// gathering keeps.
+    #[test]
+    fn clocks_gathered_in_parts_merge_to_the_whole() {
+        use crate::base::wire::{encode_chunk, view_chunk, Chunk};
+        let t = RelDesc { schema: "public".into(), name: "t".into(), columns: vec!["id".into(), "price".into(), "stock".into()], key: vec![0] };
+        let u = RelDesc { name: "u".into(), ..t.clone() };
+        let r = |id: &str, price: &str, stock: &str| Some(vec![Some(id.to_string()), Some(price.to_string()), Some(stock.to_string())]);
+        let ch = |ordinal, rel, op, old, new| RowChange { ordinal, rel, op, old, new };
+        let first = encode_chunk(&Chunk {
+            relations: vec![t.clone(), u.clone()],
+            changes: vec![
+                ch(1, 0, Op::Insert, None, r("1", "1", "1")),
+                ch(2, 1, Op::Insert, None, r("1", "1", "1")),
+                ch(3, 0, Op::Insert, None, r("2", "1", "1")),
+                ch(4, 0, Op::Update, r("1", "1", "1"), r("1", "2", "1")),
+                ch(5, 1, Op::Delete, r("1", "1", "1"), None),
+            ],
+        });
+        let second = encode_chunk(&Chunk {
+            relations: vec![u, t],
+            changes: vec![ch(1, 1, Op::Update, r("2", "1", "1"), r("2", "1", "5")), ch(2, 0, Op::Insert, None, r("1", "1", "1")), ch(3, 1, Op::Update, r("1", "2", "1"), r("1", "2", "3"))],
+        });
+        let chunks = [(view_chunk(&first).unwrap(), (100, 1), 7), (view_chunk(&second).unwrap(), (200, 2), 9)];
+        let merged = |parts: Vec<Gathered>| {
+            let mut all: HashMap<Key, (RowClock, i64)> = HashMap::new();
+            for part in parts {
+                assert!(part.rows == part.tables.iter().map(|t| t.rows.len()).sum::<usize>(), "rows counted as held");
+                for table in part.tables {
+                    for (key, (clock, seq)) in table.rows {
+                        let slot = all.entry((table.schema.clone(), table.name.clone(), key)).or_default();
+                        slot.0.absorb(&clock);
+                        slot.1 = slot.1.max(seq);
+                    }
+                }
+            }
+            all
+        };
+        let mut whole = Gathered::default();
+        for (view, clock, seq) in &chunks {
+            whole.note(view, *clock, *seq, usize::MAX, &mut |_| panic!("no limit, no part"));
+        }
+        let mut parts = vec![];
+        let mut rest = Gathered::default();
+        for (view, clock, seq) in &chunks {
+            rest.note(view, *clock, *seq, 2, &mut |part: Gathered| {
+                assert_eq!(part.rows, 2, "a part is handed over when the limit is reached");
+                parts.push(part);
+            });
+        }
+        parts.push(rest);
+        assert!(parts.len() >= 3, "cut into parts, the same rows on both sides");
+        let whole = merged(vec![whole]);
+        assert_eq!(whole.len(), 3, "rows 1 and 2 of t, row 1 of u");
+        let of = |table: &str, col: &str| whole[&("public".to_string(), table.to_string(), r#"{"id":"1"}"#.to_string())].0.of(Some(&[col]));
+        assert_eq!((of("t", "price"), of("t", "stock")), (Some((100, 1)), Some((200, 2))), "t row 1: price set by the first chunk, stock by the second");
+        assert_eq!(of("u", "price"), Some((200, 2)), "u row 1: deleted, then inserted again by the second chunk");
+        assert_eq!(merged(parts), whole);
     }
 
     /// A sale after a price change does not make the row's price newer.

@@ -735,12 +735,12 @@ fn a_compromised_branch_serving_forged_batches_is_refused() {
     assert_eq!(one(&cluster, MAIN, "SELECT count(*) FROM rbucardo.db WHERE name = 'evil'"), "0");
 }
 
-/// Row clocks outlive the change log, per column. Main loads 120,000 products (a trim keeps
-/// their clocks in parts, at most 100,000 rows' at once), then sets a new price on one row of
-/// each part. Both branches take it all and main trims it: on main, only the kept clocks are
-/// left of those changes. branch1 then sends changes made before main's new prices (a branch
+/// Row clocks outlive the change log, per column. Main loads 120,000 products (more clocks than
+/// a trim holds at once: it keeps them in parts), then sets a new price on two rows far apart.
+/// Both branches take it all and main trims it: on main, only the kept clocks are left of
+/// those changes, one per loaded row. branch1 then sends changes made before main's new prices (a branch
 /// cut off for a while, or a peer replaying an old version), under `latest`:
-/// - its older prices lose to main's, by the kept price clocks, in both parts;
+/// - its older prices lose to main's, by the kept price clocks;
 /// - its stock on the same row wins: the stock's kept clock is the load's, older than branch1's;
 /// - a row only loaded takes branch1's change whole.
 /// Without kept clocks main would take branch1's prices; with one clock per row it would keep

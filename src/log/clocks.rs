@@ -11,7 +11,7 @@ use std::collections::HashMap;
 use pgrx::prelude::*;
 use pgrx::PgMemoryContexts;
 
-use crate::base::wire::{view_chunk, ChunkView, Op, RelDesc, RelDescOf, RowChange, RowChangeOf, Value};
+use crate::base::wire::{view_chunk, ChunkView, DecodeError, Op, RelDesc, RelDescOf, RowChange, RowChangeOf, Value};
 
 /// The replica key's columns in name order: the order its JSON form lists them in.
 fn key_order<S: AsRef<str>>(desc: &RelDescOf<S>) -> Vec<u16> {
@@ -292,8 +292,8 @@ impl Clocks {
 #[derive(Default)]
 struct Gathered {
     tables: Vec<TableClocks>,
-    /// Where each table is in `tables`, by schema and name (NUL-separated: no name holds one).
-    index: HashMap<String, usize>,
+    /// Where each table is in `tables`, by schema and name.
+    index: HashMap<(String, String), usize>,
     /// Rows held, over every table.
     rows: usize,
 }
@@ -310,13 +310,14 @@ impl Gathered {
     /// lost here, for forwarding). Tables without a replica key keep no clocks. Whenever
     /// `limit` rows are held, they are handed to `take`.
     fn note(&mut self, chunk: &ChunkView, clock: Clock, seq: i64, limit: usize, take: &mut impl FnMut(Gathered)) {
-        // Each of the chunk's tables: where its rows go, and its key's columns in name order.
-        let slots: Vec<(usize, Vec<u16>)> = chunk.relations.iter().map(|r| (self.table(r.schema, r.name), key_order(r))).collect();
+        // Each of the chunk's tables that has a keyed change: where its rows go, and its key's
+        // columns in name order.
+        let mut slots: Vec<Option<(usize, Vec<u16>)>> = vec![None; chunk.relations.len()];
         let mut key = Vec::with_capacity(32);
         for ch in &chunk.changes {
             let desc = &chunk.relations[ch.rel as usize];
             let Some(row) = ch.new.as_ref().or(ch.old.as_ref()).filter(|_| !desc.key.is_empty()) else { continue };
-            let (t, order) = &slots[ch.rel as usize];
+            let (t, order) = slots[ch.rel as usize].get_or_insert_with(|| (self.table(desc.schema, desc.name), key_order(desc)));
             write_key(&mut key, &desc.columns, order, row);
             let key = std::str::from_utf8(&key).expect("serde_json writes UTF-8");
             let rows = &mut self.tables[*t].rows;
@@ -343,7 +344,7 @@ impl Gathered {
 
     fn table(&mut self, schema: &str, name: &str) -> usize {
         let next = self.tables.len();
-        let t = *self.index.entry(format!("{schema}\0{name}")).or_insert(next);
+        let t = *self.index.entry((schema.to_string(), name.to_string())).or_insert(next);
         if t == next {
             self.tables.push(TableClocks { schema: schema.to_string(), name: name.to_string(), rows: HashMap::new() });
         }
@@ -358,6 +359,8 @@ fn read_logged(me: i32, where_sql: &str, args: &[pgrx::datum::DatumWithOid], lim
     // Each log row's bytes are read (and detoasted) in a context emptied after the row: a trim
     // of a bulk load, thousands of 8 MB chunks, holds one of them at a time.
     let mut cx = PgMemoryContexts::new("rbucardo row clocks");
+    // Log rows this build cannot read, and the first one's seq and why.
+    let mut unread: (usize, Option<(i64, DecodeError)>) = (0, None);
     Spi::connect(|c| {
         // A parked transaction is in the log (forwarded) but not applied here: its clock is not
         // that of any local version until a retry applies it (see `remember`).
@@ -383,9 +386,10 @@ fn read_logged(me: i32, where_sql: &str, args: &[pgrx::datum::DatumWithOid], lim
                     let bytes = pgrx::varlena::varlena_to_byte_slice(pg_sys::pg_detoast_datum_packed(data.cast_mut_ptr()));
                     match view_chunk(bytes) {
                         Ok(chunk) => gathered.note(&chunk, (hlc, origin), seq, limit, &mut take),
-                        // Not a chunk this build reads: its rows' clocks cannot be kept. Said
-                        // where an operator sees it rather than skipped in silence.
-                        Err(e) => warning!("rbucardo: the row clocks of change log row {seq} cannot be read: {e}"),
+                        Err(e) => {
+                            unread.0 += 1;
+                            unread.1.get_or_insert((seq, e));
+                        }
                     }
                 });
                 cx.reset();
@@ -393,6 +397,11 @@ fn read_logged(me: i32, where_sql: &str, args: &[pgrx::datum::DatumWithOid], lim
         }
     });
     take(gathered);
+    // Not chunks this build reads: their rows' clocks cannot be kept. Said once per read, where
+    // an operator sees it, rather than skipped in silence.
+    if let (n, Some((seq, e))) = unread {
+        warning!("rbucardo: the row clocks of {n} change log row(s) cannot be read (the first, seq {seq}: {:?})", e.to_string());
+    }
 }
 
 /// At most this many rows' clocks are held while they are being kept: a trim of a bulk load
@@ -409,8 +418,12 @@ pub fn keep_row_clocks(me: i32, where_sql: &str, args: &[pgrx::datum::DatumWithO
 /// its own (a parked transaction applied by a retry: it was forwarded when it was parked).
 pub fn remember(chunks: &[Vec<u8>], hlc: i64, origin: i32) {
     let mut gathered = Gathered::default();
-    for chunk in chunks.iter().filter_map(|c| view_chunk(c).ok()) {
-        gathered.note(&chunk, (hlc, origin), 0, KEEP_AT_ONCE, &mut store);
+    for bytes in chunks {
+        match view_chunk(bytes) {
+            Ok(chunk) => gathered.note(&chunk, (hlc, origin), 0, KEEP_AT_ONCE, &mut store),
+            // Checked when it was parked; said rather than skipped in silence all the same.
+            Err(e) => warning!("rbucardo: the row clocks of a retried transaction cannot be read: {:?}", e.to_string()),
+        }
     }
     store(gathered);
 }
@@ -419,8 +432,9 @@ pub fn remember(chunks: &[Vec<u8>], hlc: i64, origin: i32) {
 /// table, which is resolved once (resolving the name per clock cost about as much as keeping
 /// the clock), with the keys in order: each lands next to the one before in the index.
 fn store(mut gathered: Gathered) {
-    // Tables in name order, so that two stores at once (a trim and a retry) lock row clocks in
-    // the same order.
+    // Tables in name order: two stores at once (a trim and a retry) lock row clocks in the
+    // same order, at least within one part each. (Should stores of several parts still
+    // deadlock, one transaction is aborted and done again later: nothing is lost.)
     gathered.tables.sort_unstable_by(|a, b| (&a.schema, &a.name).cmp(&(&b.schema, &b.name)));
     for table in gathered.tables {
         if table.rows.is_empty() {

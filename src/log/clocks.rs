@@ -292,8 +292,9 @@ impl Clocks {
 #[derive(Default)]
 struct Gathered {
     tables: Vec<TableClocks>,
-    /// Where each table is in `tables`, by schema and name.
-    index: HashMap<(String, String), usize>,
+    /// Where each table is in `tables`, by schema, then name (looked up without a copy of
+    /// either: once per table of every chunk).
+    index: HashMap<String, HashMap<String, usize>>,
     /// Rows held, over every table.
     rows: usize,
 }
@@ -343,11 +344,12 @@ impl Gathered {
     }
 
     fn table(&mut self, schema: &str, name: &str) -> usize {
-        let next = self.tables.len();
-        let t = *self.index.entry((schema.to_string(), name.to_string())).or_insert(next);
-        if t == next {
-            self.tables.push(TableClocks { schema: schema.to_string(), name: name.to_string(), rows: HashMap::new() });
+        if let Some(&t) = self.index.get(schema).and_then(|names| names.get(name)) {
+            return t;
         }
+        let t = self.tables.len();
+        self.index.entry(schema.to_string()).or_default().insert(name.to_string(), t);
+        self.tables.push(TableClocks { schema: schema.to_string(), name: name.to_string(), rows: HashMap::new() });
         t
     }
 }

@@ -123,7 +123,13 @@ pub fn expire_peers() -> Vec<(String, String)> {
                       FROM rbucardo.peer_state p
                       JOIN rbucardo.db d ON d.name = p.db
                       LEFT JOIN rbucardo.tick t ON t.tick_id = rbucardo.complete_tick(p.out_tick, p.out_seq)
-                     WHERE p.expired_at IS NULL)
+                     WHERE p.expired_at IS NULL
+                       -- Only a peer out of contact long enough for either rule below can
+                       -- expire: the log is read for it alone, not every 5 s for every peer
+                       -- (a catch-up's backlog, a week of log held for a store).
+                       AND ((pg_catalog.make_interval(secs => $1) IS NOT NULL
+                             AND coalesce(p.last_contact, d.created) < pg_catalog.now() - pg_catalog.make_interval(secs => $1))
+                         OR ($2 > 0 AND coalesce(p.last_contact, d.created) < pg_catalog.now() - interval '{AWAY}')))
                  UPDATE rbucardo.peer_state p
                     SET expired_at = pg_catalog.now(),
                         expired_why = CASE

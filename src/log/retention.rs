@@ -34,7 +34,7 @@ pub fn init() {
     GucRegistry::define_int_guc(
         c"rbucardo.peer_retention_mb",
         c"Most change log kept for a peer that is away (0: no limit).",
-        c"A peer not heard from for 10 minutes whose unconfirmed log passes this is expired and must rejoin.",
+        c"A peer not heard from for an hour whose unconfirmed log passes this is expired and must rejoin.",
         &PEER_RETENTION_MB,
         0,
         i32::MAX,

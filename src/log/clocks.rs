@@ -192,13 +192,7 @@ fn refresh(me: i32) {
         // its changes itself).
         let since = if fresh { "true".to_string() } else { format!("txid >= '{}'::pg_catalog.xid8", session.mark) };
         read_logged(me, &format!("{since} AND txid IS DISTINCT FROM pg_catalog.pg_current_xact_id_if_assigned()"), &[], usize::MAX, |gathered| {
-            for table in gathered.tables {
-                for (key, (clock, seq)) in table.rows {
-                    let slot = session.rows.entry((table.schema.clone(), table.name.clone(), key)).or_default();
-                    slot.0.absorb(&clock);
-                    slot.1 = slot.1.max(seq);
-                }
-            }
+            absorb_into(&mut session.rows, gathered)
         });
         let floor = Spi::get_one::<i64>("SELECT pg_catalog.min(seq) FROM rbucardo.change_log").ok().flatten();
         match floor {
@@ -340,7 +334,8 @@ impl Gathered {
     /// The rows held, taken out; the tables stay where they are, for the rest of a chunk.
     fn drain(&mut self) -> Gathered {
         let tables = self.tables.iter_mut().map(|t| TableClocks { schema: t.schema.clone(), name: t.name.clone(), rows: std::mem::take(&mut t.rows) }).collect();
-        Gathered { tables, index: self.index.clone(), rows: std::mem::replace(&mut self.rows, 0) }
+        // The part is only stored: it needs no index.
+        Gathered { tables, index: HashMap::new(), rows: std::mem::replace(&mut self.rows, 0) }
     }
 
     fn table(&mut self, schema: &str, name: &str) -> usize {
@@ -351,6 +346,18 @@ impl Gathered {
         self.index.entry(schema.to_string()).or_default().insert(name.to_string(), t);
         self.tables.push(TableClocks { schema: schema.to_string(), name: name.to_string(), rows: HashMap::new() });
         t
+    }
+}
+
+/// Merges gathered clocks into `rows`, keeping the larger clock of each column (as
+/// `row_clock` keeps them) and the latest seq.
+fn absorb_into(rows: &mut HashMap<Key, (RowClock, i64)>, gathered: Gathered) {
+    for table in gathered.tables {
+        for (key, (clock, seq)) in table.rows {
+            let slot = rows.entry((table.schema.clone(), table.name.clone(), key)).or_default();
+            slot.0.absorb(&clock);
+            slot.1 = slot.1.max(seq);
+        }
     }
 }
 
@@ -541,13 +548,7 @@ mod tests {
             let mut all: HashMap<Key, (RowClock, i64)> = HashMap::new();
             for part in parts {
                 assert!(part.rows == part.tables.iter().map(|t| t.rows.len()).sum::<usize>(), "rows counted as held");
-                for table in part.tables {
-                    for (key, (clock, seq)) in table.rows {
-                        let slot = all.entry((table.schema.clone(), table.name.clone(), key)).or_default();
-                        slot.0.absorb(&clock);
-                        slot.1 = slot.1.max(seq);
-                    }
-                }
+                absorb_into(&mut all, part);
             }
             all
         };

@@ -276,12 +276,15 @@ measure() { # SYSTEM
         sleep 0.5
     fi
     t0=$(now)
-    local o0 s0 o1 s1 hk= h0
+    local o0 s0 o1 s1 hk= h0 shk= sh0
     # rbucardo's origin trims what the subscriber confirmed, and keeps the row clocks of what
-    # it trims: its housekeeper's CPU from here until the whole backlog is trimmed.
+    # it trims: its housekeeper's CPU from here until the whole backlog is trimmed. The
+    # subscriber's housekeeper likewise, until its own log is empty (what it re-logged, if
+    # anything, trimmed and its clocks kept).
     if [ "$sys" = rbucardo ]; then
         hk=$(q "$O" -c "SELECT pid FROM pg_stat_activity WHERE backend_type = 'rbucardo housekeeper' AND datname = current_database()")
-        h0=$(proc_cpu "$hk")
+        shk=$(q "$S" -c "SELECT pid FROM pg_stat_activity WHERE backend_type = 'rbucardo housekeeper' AND datname = current_database()")
+        h0=$(proc_cpu "$hk"); sh0=$(proc_cpu "$shk")
     fi
     o0=$(node_cpu "${sys}_o"); s0=$(node_cpu "${sys}_s")
     "${sys}_up"
@@ -303,6 +306,12 @@ measure() { # SYSTEM
             R[$sys.trim_cpu]="not trimmed within ${WAIT_LIMIT} s"
         fi
         echo "  the origin's housekeeper trimmed it all, with its row clocks: ${R[$sys.trim_cpu]} us of CPU per change"
+        if wait_for "$S" "NOT EXISTS (SELECT FROM rbucardo.change_log)"; then
+            R[$sys.strim_cpu]=$(awk -v a="$sh0" -v b="$(proc_cpu "$shk")" -v n="$want" 'BEGIN {printf "%.1f", 1e6 * (b - a) / (4 * n)}')
+        else
+            R[$sys.strim_cpu]="not trimmed within ${WAIT_LIMIT} s"
+        fi
+        echo "  the subscriber's housekeeper, until its log was empty: ${R[$sys.strim_cpu]} us of CPU per change"
     fi
 
     # live: replicating while pgbench runs, alternating with plain runs; after each live run,
@@ -404,6 +413,7 @@ f_drain() { echo "${R[$1.drain]} s"; }
 f_catchup() { echo "${R[$1.catchup_s]} s, ${R[$1.catchup_rate]}/s"; }
 f_catchup_cpu() { echo "${R[$1.catchup_cpu]} us"; }
 f_trim_cpu() { case "${R[$1.trim_cpu]:--}" in [0-9]*) echo "${R[$1.trim_cpu]} us" ;; *) echo "${R[$1.trim_cpu]:--}" ;; esac; }
+f_strim_cpu() { case "${R[$1.strim_cpu]:--}" in [0-9]*) echo "${R[$1.strim_cpu]} us" ;; *) echo "${R[$1.strim_cpu]:--}" ;; esac; }
 f_lagw() { echo "${R[$1.lag_w50]} / ${R[$1.lag_w99]} ms"; }
 f_lagv() { echo "${R[$1.lag_v50]} / ${R[$1.lag_v99]} ms"; }
 f_per() { echo "${R[$1.per_txn]}"; }
@@ -415,6 +425,7 @@ line "subscriber complete after a live run (max)" f_drain
 line "catch-up of $TXNS txns ($((4 * TXNS)) row changes)" f_catchup
 line "catch-up: CPU per row change, origin / subscriber" f_catchup_cpu
 line "origin's trim of the catch-up, CPU per row change" f_trim_cpu
+line "subscriber's trim after the catch-up, CPU per row change" f_strim_cpu
 line "one-hop lag p50 / p99, row written (-R $RATE)" f_lagw
 line "one-hop lag p50 / p99, visible (-R $RATE)" f_lagv
 line "origin txns per subscriber txn (lag run)" f_per

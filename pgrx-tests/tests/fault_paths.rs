@@ -129,7 +129,11 @@ fn a_sync_removed_and_added_again_while_a_branch_is_offline_loses_nothing() {
          SELECT rbucardo.remove_sync('store_sync');",
     );
     cluster.node(MAIN).sql(DB, "INSERT INTO bulk (id, tag, payload) SELECT g, 41, 'while apart' FROM generate_series(1000001, 1000200) g");
+    // What main applies from branch2 meanwhile goes on to branch1 too: main keeps a copy for
+    // it, although no sync with branch1 is left.
+    cluster.node(BRANCH2).sql(DB, "INSERT INTO bulk (id, tag, payload) SELECT g, 42, 'from branch2' FROM generate_series(1000201, 1000300) g");
     wait_all(&cluster, &[BRANCH2], "branch2 has the rows", "SELECT count(*) FROM bulk WHERE tag = 41", "200");
+    wait_all(&cluster, &[MAIN], "main has branch2's rows", "SELECT count(*) FROM bulk WHERE tag = 42", "100");
     // branch2 has confirmed them, so a trim that forgets branch1 would delete them now. The
     // worker trims every 5 s: watch for two trim periods that they stay (an absence cannot be
     // waited for).
@@ -142,6 +146,28 @@ fn a_sync_removed_and_added_again_while_a_branch_is_offline_loses_nothing() {
     cluster.node(MAIN).sql(DB, "SELECT rbucardo.add_sync('store_sync', 'store', ARRAY['main', 'branch1', 'branch2'])");
     cluster.link(BRANCH1, MAIN).restore();
     wait_all(&cluster, &[BRANCH1], "branch1 gets what was written while its sync was gone", "SELECT count(*) FROM bulk WHERE tag = 41", "200");
+    wait_all(&cluster, &[BRANCH1], "branch1 gets what branch2 wrote meanwhile", "SELECT count(*) FROM bulk WHERE tag = 42", "100");
+    cluster.assert_tables_equal(DB, "bulk", "id", &ALL);
+}
+
+/// main's sync with branch1 is paused (each branch has a sync of its own) while branch2
+/// writes: main applies branch2's rows with no peer to forward them to at that moment, but
+/// keeps them in its log for branch1, which gets them all when the sync resumes.
+#[test]
+fn a_paused_peer_gets_what_its_hub_applied_from_another_meanwhile() {
+    let cluster = start_store("fault_paused_peer", Topology::Star);
+    cluster.node(MAIN).sql(
+        DB,
+        "SELECT rbucardo.remove_sync('store_sync');
+         SELECT rbucardo.add_sync('with_branch1', 'store', ARRAY['main', 'branch1']);
+         SELECT rbucardo.add_sync('with_branch2', 'store', ARRAY['main', 'branch2']);
+         SELECT rbucardo.pause_sync('with_branch1');",
+    );
+    cluster.node(BRANCH2).sql(DB, "INSERT INTO bulk (id, tag, payload) SELECT g, 43, 'while paused' FROM generate_series(1000301, 1000400) g");
+    wait_all(&cluster, &[MAIN], "main has branch2's rows", "SELECT count(*) FROM bulk WHERE tag = 43", "100");
+    assert_eq!(one(&cluster, BRANCH1, "SELECT count(*) FROM bulk WHERE tag = 43"), "0", "the sync is paused");
+    cluster.node(MAIN).sql(DB, "SELECT rbucardo.resume_sync('with_branch1')");
+    wait_all(&cluster, &[BRANCH1], "branch1 gets branch2's rows", "SELECT count(*) FROM bulk WHERE tag = 43", "100");
     cluster.assert_tables_equal(DB, "bulk", "id", &ALL);
 }
 

@@ -818,3 +818,57 @@ fn kept_row_clocks_judge_older_changes_after_the_trim() {
         "the conflict log: each keeps the price that lost"
     );
 }
+
+/// A node with no peer to forward to (here main, once branch2 is gone) writes no change-log
+/// copy of what it applies, and keeps the applied rows' clocks at once instead. An older
+/// change to a column it applied still loses to it; one to another column still merges.
+#[test]
+fn a_node_that_forwards_to_nobody_keeps_applied_clocks_without_a_log_copy() {
+    let cluster = start_store("security_unlogged_clocks", Topology::Star);
+    let main = cluster.node(MAIN);
+    let ids = Ids::read(&cluster);
+    main.sql(
+        DB,
+        "SELECT rbucardo.remove_sync('store_sync');
+         SELECT rbucardo.add_sync('store_sync', 'store', ARRAY['main', 'branch1']);
+         SELECT rbucardo.remove_db('branch2');",
+    );
+    // Every change-log row takes a number from this sequence, committed or not.
+    let numbered = || one(&cluster, MAIN, "SELECT last_value || ' ' || is_called FROM rbucardo.change_seq");
+    let before = numbered();
+    cluster.node(BRANCH1).sql(DB, "INSERT INTO products (id, name, price, stock) VALUES (20001, 'kept', 1.00, 1)");
+    cluster.node(BRANCH1).sql(DB, "UPDATE products SET price = 30.00 WHERE id = 20001");
+    wait_until("branch1's price on main", CONVERGE, || Ok(one(&cluster, MAIN, "SELECT coalesce(max(price)::text, '') FROM products WHERE id = 20001") == "30.00"));
+    assert_eq!(numbered(), before, "main wrote change-log rows for what it applied and forwards to nobody");
+    let clock = |col: &str| -> String {
+        one(&cluster, MAIN, &format!("SELECT hlc || ' ' || origin FROM rbucardo.row_clock WHERE relid = 'products'::regclass AND key = '{{\"id\":\"20001\"}}' AND col = '{col}'"))
+    };
+    let hlc = |kept: String| -> i64 {
+        let (h, origin) = kept.split_once(' ').unwrap_or_else(|| panic!("no clock kept: {kept:?}"));
+        assert_eq!(origin, ids.branch1.to_string(), "branch1's change");
+        h.parse().unwrap()
+    };
+    let (inserted, priced) = (hlc(clock("*")), hlc(clock("price")));
+    assert!(inserted < priced, "the insert came before the price");
+
+    let mut forger = Forger::connect(&cluster, &ids);
+    let columns = ["id", "name", "price", "stock", "active", "weight", "tags", "attrs", "photo", "created", "sold_on", "sku", "mood"];
+    let image = |price: &str, stock: &str| -> Option<Vec<Value>> {
+        let mut v: Vec<Option<&str>> = vec![Some("20001"), Some("kept"), Some(price), Some(stock)];
+        v.resize(columns.len(), None);
+        row(&v)
+    };
+    // Made after the insert, before the price: its price loses, its stock is taken.
+    let pushed = forger.send_one(|at| {
+        let mut t = txn(ids.branch1, at, vec![chunk(rel("public", "products", &columns, &[0]), vec![(Op::Update, image("1.00", "1"), image("31.00", "5"))])]);
+        t.hlc = priced - 1;
+        t
+    });
+    assert!(pushed.stopped.is_none(), "main refused the older change: {pushed:?}");
+    assert_eq!(one(&cluster, MAIN, "SELECT concat_ws(' ', price, stock) FROM products WHERE id = 20001"), "30.00 5", "the applied price stays, the stock is taken");
+    assert_eq!(
+        one(&cluster, MAIN, "SELECT string_agg(concat_ws(' ', key->>'id', local_version->>'price', remote_version->>'price', winner), ', ') FROM rbucardo.conflicts"),
+        "20001 30.00 31.00 local",
+        "the conflict log keeps the price that lost"
+    );
+}

@@ -219,8 +219,9 @@ impl Clocks {
     }
 
     /// The current remote transaction applied: its clocks count for the rest of this local
-    /// transaction, for every applier.
-    pub fn commit_txn(&mut self) {
+    /// transaction, for every applier. `unlogged`: no change-log row will carry them (the
+    /// transaction is not re-logged), so they are gathered there to be kept.
+    pub fn commit_txn(&mut self, mut unlogged: Option<&mut Unlogged>) {
         let xid = top_xid();
         let txn = std::mem::take(&mut self.txn);
         APPLIED.with(|a| {
@@ -229,6 +230,9 @@ impl Clocks {
                 *a = (xid, HashMap::new());
             }
             for (k, c) in txn {
+                if let Some(u) = unlogged.as_deref_mut() {
+                    u.0.entry(k.clone()).or_default().absorb(&c);
+                }
                 a.1.entry(k).or_default().absorb(&c);
             }
         });
@@ -278,6 +282,29 @@ impl Clocks {
         if let Some(row) = ch.new.as_ref().or(ch.old.as_ref()) {
             self.txn.entry((desc.schema.clone(), desc.name.clone(), key_text(desc, row))).or_default().set(changed_columns(desc, ch), clock);
         }
+    }
+}
+
+/// The clocks of applied transactions that no change-log row carries: a node that forwards a
+/// transaction to nobody does not re-log it, and keeps its clocks in `row_clock` at once
+/// instead, as a trim would have kept them from the re-logged copy. That saves writing the
+/// copy, and reading it back at trim.
+#[derive(Default)]
+pub struct Unlogged(HashMap<Key, RowClock>);
+
+impl Unlogged {
+    /// Keeps the clocks, in the transaction that applied them: undone with it.
+    pub fn keep(self) {
+        let mut gathered = Gathered::default();
+        for ((schema, name, key), clock) in self.0 {
+            let t = gathered.table(&schema, &name);
+            gathered.tables[t].rows.insert(key, (clock, 0));
+            gathered.rows += 1;
+            if gathered.rows >= KEEP_AT_ONCE {
+                store(gathered.drain());
+            }
+        }
+        store(gathered);
     }
 }
 

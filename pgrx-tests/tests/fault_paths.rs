@@ -311,3 +311,32 @@ fn a_transaction_over_the_limit_stops_the_stream_visibly_until_it_is_raised() {
         wait_all(&cluster, &[i], "no part left", "SELECT count(*) FROM rbucardo.incoming_part", "0");
     }
 }
+
+/// A row whose key's JSON text is too long for `row_clock`'s index (hex with control
+/// characters between, each escaped in six bytes: 2,574 bytes of key, about 2,950 of JSON)
+/// keeps its clocks all the same, under a digest. Keeping them used to fail: on main at every
+/// trim, so its log never emptied again, and on the branches, which forward to nobody and keep
+/// the clocks of what they apply as they apply it, at every batch.
+#[test]
+fn a_row_whose_key_is_too_long_to_index_keeps_its_clock_and_the_log_drains() {
+    let cluster = start_store("fault_long_key", Topology::Star);
+    cluster.node(MAIN).sql(DB, "CREATE TABLE long_keys (k text PRIMARY KEY, v int)");
+    wait_all(&cluster, &ALL, "the table everywhere", "SELECT count(*) FROM pg_tables WHERE tablename = 'long_keys'", "1");
+    let key = "(SELECT string_agg(md5(i::text) || chr(1 + i % 7), '' ORDER BY i) FROM generate_series(1, 78) i)";
+    cluster.node(MAIN).sql(DB, &format!("INSERT INTO long_keys VALUES ({key}, 1)"));
+    cluster.node(BRANCH1).sql(DB, "INSERT INTO long_keys VALUES ('short', 1)");
+    wait_all(&cluster, &ALL, "both rows everywhere", "SELECT count(*) FROM long_keys", "2");
+    // A later change to the long row, from a branch: applied on main and on branch2.
+    cluster.node(BRANCH1).sql(DB, &format!("UPDATE long_keys SET v = 2 WHERE k = {key}"));
+    wait_all(&cluster, &ALL, "the update everywhere", "SELECT sum(v) FROM long_keys", "3");
+    wait_change_log_drained(&cluster, T);
+    for i in ALL {
+        assert_eq!(
+            one(&cluster, i, "SELECT string_agg(CASE WHEN key LIKE 'sha256:%' THEN 'digest ' || length(key) ELSE key END || ' ' || col, ', ' ORDER BY key) FROM rbucardo.row_clock WHERE relid = 'long_keys'::regclass AND col = 'v'"),
+            "digest 71 v",
+            "{}: the long row's clock of v, kept under its digest",
+            NODE_NAMES[i]
+        );
+    }
+    cluster.assert_tables_equal(DB, "long_keys", "k", &ALL);
+}

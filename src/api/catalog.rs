@@ -78,6 +78,8 @@ fn add_db(name: &str, conninfo: default!(Option<&str>, "NULL")) -> String {
     // connects in (a branch, seen from main) speaks for itself, and its schema changes wait
     // for a role to run as. See docs/security.md.
     let (ddl, relay) = if conninfo.is_some() { ("trusted", true) } else { ("limited", false) };
+    // Batches being applied finish first: each is logged for the new peer or committed before.
+    crate::base::locks::lock_peers();
     Spi::run_with_args(
         "INSERT INTO rbucardo.db (name, conninfo, ddl, relay) VALUES ($1, $2, $3, $4)",
         &[name.into(), conninfo.into(), ddl.into(), relay.into()],

@@ -726,6 +726,7 @@ fn relog(txn: &Txn, source: changelog::Source, edits: &[(u32, Option<Vec<Value>>
 /// it was parked), with the policy of the peer `via` that sent it. It is not forwarded again.
 pub fn apply_parked(me: i32, via: i32, txn: &Txn) -> Result<(), String> {
     let _replica = LocalSetting::replica_mode();
+    let _path = LocalSetting::pinned_search_path();
     let policy = crate::base::node::peer_policy_by_id(via);
     let run_as = policy.as_deref().map_or_else(|| ddl::RunAsRole::Nobody(format!("node {via}")), ddl::run_as);
     let mut applier = Applier::new(me, run_as, policy.as_deref());
@@ -936,9 +937,10 @@ impl Stream<'_> {
             };
             // Whether a peer wants what this node forwards of it now, and whether one ever
             // may (a paused one: the log is kept for it): one other than the sender and the
-            // origin, which never get it back.
+            // origin, which never get it back. A transaction addressed to this node (a
+            // repair) goes on to nobody.
             let wakes = self.forward_to.iter().any(|&peer| peer != Some(txn.origin));
-            let forwarded = self.peers.iter().any(|&peer| peer != Some(txn.origin));
+            let forwarded = txn.to.is_none() && self.peers.iter().any(|&peer| peer != Some(txn.origin));
             let source = changelog::Source { origin: txn.origin, origin_pos: txn.origin_pos, via: self.sender_node, wakes };
             match result {
                 Ok(()) => {
@@ -1054,8 +1056,10 @@ fn apply_batch_here(me: i32, sender_db: &str, sender_node: i32, batch: &Batch) -
             "Check that every node has its own node id (rbucardo.init_node) and that conninfos point at the right servers.",
         );
     }
-    // Our own changes must not be re-captured by our triggers.
+    // Our own changes must not be re-captured by our triggers. The rbucardo statements run
+    // with the built-in operators whoever calls (exception_skip: an operator's session).
     let _replica = LocalSetting::replica_mode();
+    let _path = LocalSetting::pinned_search_path();
     locks::lock_stream(sender_node);
     let (tick, seq) = match crate::base::plans::two::<i64, i64>("SELECT in_tick, in_seq FROM rbucardo.peer_state WHERE db = $1 FOR UPDATE", &[pg_sys::TEXTOID], &[sender_db.into()]) {
         (Some(tick), Some(seq)) => (Some(tick), Some(seq)),
@@ -1109,6 +1113,8 @@ fn apply_batch_here(me: i32, sender_db: &str, sender_node: i32, batch: &Batch) -
     let run_as = ddl::run_as(&policy);
     let blocks = exceptions::stopped_in(sender_node);
     let forward_to: Vec<Option<i32>> = crate::base::node::active_peers_kept().iter().map(|p| p.node_id).filter(|&id| id != Some(sender_node)).collect();
+    // Held to commit: a peer added meanwhile waits for this batch (see `lock_peers_shared`).
+    locks::lock_peers_shared();
     let peers: Vec<Option<i32>> = crate::base::node::peer_ids_kept().iter().copied().filter(|&id| id != Some(sender_node)).collect();
     let stream = Stream { me, sender_node, batch, blocks: &blocks, run_as: &run_as, policy: &policy, forward_to: &forward_to, peers: &peers, progress: &loaded };
     // Fast path: the whole batch in one subtransaction. If a transaction of it breaks a

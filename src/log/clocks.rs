@@ -1,6 +1,7 @@
 //! Row clocks: the hybrid clock and origin of the version of a row this node holds, which the
 //! `latest` rule compares with an incoming version's. The change log holds the clocks of
-//! recent changes; `rbucardo.row_clock` keeps those of changes trimmed from it.
+//! recent changes; `rbucardo.row_clock` keeps those of changes trimmed from it, and those of
+//! applied changes no log row carries (`Unlogged`).
 //!
 //! Clocks are kept per column: a conflict on a row's price compares with the clock of the last
 //! change here that set the price, not with a later sale that only touched the stock (which
@@ -204,6 +205,19 @@ fn refresh(me: i32) {
     });
 }
 
+/// How a key is kept in `row_clock.key`, as SQL of the key's text `param`: the text itself, or,
+/// for one too long for the index, a digest of it. A btree entry holds at most about 2,700
+/// bytes, and a key's JSON text can be several times its values (a control character takes
+/// six). Storing such a key's clock used to fail, and with it every trim after. A JSON text
+/// starts with `{`, so a digest never equals a key.
+fn kept_key(param: &str) -> String {
+    format!(
+        "CASE WHEN pg_catalog.octet_length({param}) > 2000
+              THEN 'sha256:' OPERATOR(pg_catalog.||) pg_catalog.encode(pg_catalog.sha256(pg_catalog.convert_to({param}, 'UTF8')), 'hex')
+              ELSE {param} END"
+    )
+}
+
 /// The clocks of the local versions of rows, for the `latest` rule: those of this batch's own
 /// changes, else the latest change to each row still in the change log, else
 /// `rbucardo.row_clock`.
@@ -258,10 +272,13 @@ impl Clocks {
         // Kept clocks count too: a trimmed change, or a parked transaction a retry applied.
         let cols: Option<Vec<String>> = columns.map(|c| c.iter().map(|s| s.to_string()).collect());
         let kept = Spi::get_two_with_args::<i64, i32>(
-            "SELECT hlc, origin FROM rbucardo.row_clock
-              WHERE relid = pg_catalog.to_regclass(pg_catalog.format('%I.%I', $1::text, $2::text)) AND key = $3
-                AND (col = '*' OR $4::text[] IS NULL OR col = ANY ($4::text[]))
-              ORDER BY hlc DESC, origin DESC LIMIT 1",
+            &format!(
+                "SELECT hlc, origin FROM rbucardo.row_clock
+                  WHERE relid = pg_catalog.to_regclass(pg_catalog.format('%I.%I', $1::text, $2::text)) AND key = {}
+                    AND (col = '*' OR $4::text[] IS NULL OR col = ANY ($4::text[]))
+                  ORDER BY hlc DESC, origin DESC LIMIT 1",
+                kept_key("$3::text")
+            ),
             &[desc.schema.as_str().into(), desc.name.as_str().into(), k.2.as_str().into(), cols.into()],
         )
         .ok()
@@ -293,16 +310,14 @@ impl Clocks {
 pub struct Unlogged(HashMap<Key, RowClock>);
 
 impl Unlogged {
-    /// Keeps the clocks, in the transaction that applied them: undone with it.
+    /// Keeps the clocks, in the transaction that applied them: undone with it. In one part
+    /// (they are all in memory already), so that every row clock is locked in one order:
+    /// tables by name, keys in order, as a trim step of one part locks them.
     pub fn keep(self) {
         let mut gathered = Gathered::default();
         for ((schema, name, key), clock) in self.0 {
             let t = gathered.table(&schema, &name);
             gathered.tables[t].rows.insert(key, (clock, 0));
-            gathered.rows += 1;
-            if gathered.rows >= KEEP_AT_ONCE {
-                store(gathered.drain());
-            }
         }
         store(gathered);
     }
@@ -501,10 +516,13 @@ fn store(mut gathered: Gathered) {
             }
         }
         Spi::run_with_args(
-            "INSERT INTO rbucardo.row_clock AS r (relid, key, col, hlc, origin)
-             SELECT $1, u.k, u.c, u.h, u.o FROM unnest($2::text[], $3::text[], $4::bigint[], $5::int[]) AS u(k, c, h, o)  -- several arrays: FROM-clause syntax, not a function
-             ON CONFLICT (relid, key, col) DO UPDATE SET hlc = EXCLUDED.hlc, origin = EXCLUDED.origin
-              WHERE (EXCLUDED.hlc, EXCLUDED.origin) > (r.hlc, r.origin)",
+            &format!(
+                "INSERT INTO rbucardo.row_clock AS r (relid, key, col, hlc, origin)
+                 SELECT $1, {}, u.c, u.h, u.o FROM unnest($2::text[], $3::text[], $4::bigint[], $5::int[]) AS u(k, c, h, o)  -- several arrays: FROM-clause syntax, not a function
+                 ON CONFLICT (relid, key, col) DO UPDATE SET hlc = EXCLUDED.hlc, origin = EXCLUDED.origin
+                  WHERE (EXCLUDED.hlc, EXCLUDED.origin) > (r.hlc, r.origin)",
+                kept_key("u.k")
+            ),
             &[relid.into(), keys.into(), cols.into(), hlcs.into(), origins.into()],
         )
         .expect("keeping row clocks");

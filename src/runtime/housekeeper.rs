@@ -23,6 +23,11 @@ const EVERY: Duration = Duration::from_secs(5);
 const TRIM_STEP_ROWS: i64 = 5_000;
 /// At most this many rows of each are pruned per period.
 const PRUNE_BATCH: i64 = 1000;
+/// The longest gap between two state reports: a link makes its own when the last is a minute
+/// old (`rbucardo.cached_report`), in its own round, which is what the housekeeper is for.
+const REPORT_AT_MOST_EVERY: Duration = Duration::from_secs(30);
+/// A report may take this share of the time between reports (its inverse, as a factor).
+const REPORT_SHARE: u32 = 50;
 /// The advisory lock (one per database) held by the running housekeeper.
 const LOCK_KEY: i64 = 0x7262_7563_6b68_6b70; // "rbuckhkp"
 
@@ -91,6 +96,7 @@ pub extern "C-unwind" fn rbucardo_housekeeper_main(arg: pg_sys::Datum) {
         return; // another housekeeper runs here
     }
     let mut last = None::<Instant>;
+    let mut next_report = None::<Instant>;
     let mut trim_more = true;
     loop {
         if BackgroundWorker::sighup_received() {
@@ -106,7 +112,7 @@ pub extern "C-unwind" fn rbucardo_housekeeper_main(arg: pg_sys::Datum) {
         };
         if let Some(me) = me.as_ref().filter(|_| last.is_none_or(|t: Instant| t.elapsed() >= EVERY)) {
             last = Some(Instant::now());
-            periodic(me.id);
+            periodic(me.id, &mut next_report);
             trim_more = true;
         }
         if trim_more {
@@ -136,8 +142,16 @@ pub extern "C-unwind" fn rbucardo_housekeeper_main(arg: pg_sys::Datum) {
     }
 }
 
-/// Retention, retries, pruning and this node's state report, every few seconds.
-fn periodic(me_id: i32) {
+/// How long after a state report that took `took` the next is due. Counting what each peer has
+/// pending reads every transaction it has not confirmed: millions of them on a hub whose store
+/// has been offline for days, every 5 s. So the reports come round at most every period, and
+/// so that making them takes at most a fiftieth of the time, but never more than 30 s apart.
+fn report_gap(took: Duration) -> Duration {
+    (took * REPORT_SHARE).clamp(EVERY, REPORT_AT_MOST_EVERY)
+}
+
+/// Retention, retries, pruning and, when it is due, this node's state report.
+fn periodic(me_id: i32, next_report: &mut Option<Instant>) {
     let mut slow = Slow::default();
     // Peers away past retention stop holding the log back (before the trim that follows);
     // the worker reads the configuration again and stops sending to them.
@@ -176,8 +190,26 @@ fn periodic(me_id: i32) {
             Spi::run("SELECT rbucardo.refresh_own_report()").expect("report");
         }
     };
-    if let Err(e) = slow.time("report", || in_txn(report)) {
-        log!("rbucardo housekeeper: making the state report failed: {e}");
+    if next_report.is_none_or(|due| Instant::now() >= due) {
+        let began = Instant::now();
+        if let Err(e) = slow.time("report", || in_txn(report)) {
+            log!("rbucardo housekeeper: making the state report failed: {e}");
+        }
+        *next_report = Some(began + report_gap(began.elapsed()));
     }
     slow.report("rbucardo housekeeper: slow steps");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_costly_report_comes_round_less_often_but_within_the_bound() {
+        assert_eq!(report_gap(Duration::ZERO), EVERY);
+        assert_eq!(report_gap(Duration::from_millis(20)), EVERY, "a cheap report: every period");
+        assert_eq!(report_gap(Duration::from_millis(200)), Duration::from_secs(10), "a fiftieth of the time");
+        assert_eq!(report_gap(Duration::from_secs(3)), REPORT_AT_MOST_EVERY, "never staler than the bound");
+        assert!(REPORT_AT_MOST_EVERY < Duration::from_secs(60), "links make their own after a minute");
+    }
 }

@@ -827,6 +827,10 @@ fn a_node_that_forwards_to_nobody_keeps_applied_clocks_without_a_log_copy() {
     let cluster = start_store("security_unlogged_clocks", Topology::Star);
     let main = cluster.node(MAIN);
     let ids = Ids::read(&cluster);
+    // A table whose key can be too long for row_clock's index (its JSON text: hex with control
+    // characters between, each escaped in six bytes), so its clocks are kept under a digest.
+    main.sql(DB, "CREATE TABLE long_keys (k text PRIMARY KEY, v int)");
+    wait_until("long_keys on branch1", CONVERGE, || Ok(one(&cluster, BRANCH1, "SELECT count(*) FROM pg_tables WHERE tablename = 'long_keys'") == "1"));
     main.sql(
         DB,
         "SELECT rbucardo.remove_sync('store_sync');
@@ -838,7 +842,11 @@ fn a_node_that_forwards_to_nobody_keeps_applied_clocks_without_a_log_copy() {
     let before = numbered();
     cluster.node(BRANCH1).sql(DB, "INSERT INTO products (id, name, price, stock) VALUES (20001, 'kept', 1.00, 1)");
     cluster.node(BRANCH1).sql(DB, "UPDATE products SET price = 30.00 WHERE id = 20001");
+    let long_key = "(SELECT string_agg(md5(i::text) || chr(1 + i % 7), '' ORDER BY i) FROM generate_series(1, 78) i)";
+    cluster.node(BRANCH1).sql(DB, &format!("INSERT INTO long_keys VALUES ({long_key}, 1)"));
+    cluster.node(BRANCH1).sql(DB, "UPDATE long_keys SET v = 2");
     wait_until("branch1's price on main", CONVERGE, || Ok(one(&cluster, MAIN, "SELECT coalesce(max(price)::text, '') FROM products WHERE id = 20001") == "30.00"));
+    wait_until("branch1's long row on main", CONVERGE, || Ok(one(&cluster, MAIN, "SELECT coalesce(sum(v), 0) FROM long_keys") == "2"));
     assert_eq!(numbered(), before, "main wrote change-log rows for what it applied and forwards to nobody");
     let clock = |col: &str| -> String {
         one(&cluster, MAIN, &format!("SELECT hlc || ' ' || origin FROM rbucardo.row_clock WHERE relid = 'products'::regclass AND key = '{{\"id\":\"20001\"}}' AND col = '{col}'"))
@@ -850,6 +858,9 @@ fn a_node_that_forwards_to_nobody_keeps_applied_clocks_without_a_log_copy() {
     };
     let (inserted, priced) = (hlc(clock("*")), hlc(clock("price")));
     assert!(inserted < priced, "the insert came before the price");
+    let set_v = hlc(one(&cluster, MAIN, "SELECT hlc || ' ' || origin FROM rbucardo.row_clock WHERE relid = 'long_keys'::regclass AND key LIKE 'sha256:%' AND col = 'v'"));
+    let k = main.query(DB, "SELECT k FROM long_keys")[0][0].clone();
+    assert!(k.as_ref().is_some_and(|k| k.len() == 78 * 33), "the long key read back whole");
 
     let mut forger = Forger::connect(&cluster, &ids);
     let columns = ["id", "name", "price", "stock", "active", "weight", "tags", "attrs", "photo", "created", "sold_on", "sku", "mood"];
@@ -867,8 +878,22 @@ fn a_node_that_forwards_to_nobody_keeps_applied_clocks_without_a_log_copy() {
     assert!(pushed.stopped.is_none(), "main refused the older change: {pushed:?}");
     assert_eq!(one(&cluster, MAIN, "SELECT concat_ws(' ', price, stock) FROM products WHERE id = 20001"), "30.00 5", "the applied price stays, the stock is taken");
     assert_eq!(
-        one(&cluster, MAIN, "SELECT string_agg(concat_ws(' ', key->>'id', local_version->>'price', remote_version->>'price', winner), ', ') FROM rbucardo.conflicts"),
+        one(&cluster, MAIN, "SELECT string_agg(concat_ws(' ', key->>'id', local_version->>'price', remote_version->>'price', winner), ', ') FROM rbucardo.conflicts WHERE tbl = 'public.products'"),
         "20001 30.00 31.00 local",
         "the conflict log keeps the price that lost"
+    );
+    // The long row's clock is found under its digest: an older v loses to it.
+    let pushed = forger.send_one(|at| {
+        let image = |v: &str| Some(vec![k.clone(), Some(v.to_string())]);
+        let mut t = txn(ids.branch1, at, vec![chunk(rel("public", "long_keys", &["k", "v"], &[0]), vec![(Op::Update, image("1"), image("9"))])]);
+        t.hlc = set_v - 1;
+        t
+    });
+    assert!(pushed.stopped.is_none(), "main refused the older change of the long row: {pushed:?}");
+    assert_eq!(one(&cluster, MAIN, "SELECT v FROM long_keys"), "2", "the applied v stays");
+    assert_eq!(
+        one(&cluster, MAIN, "SELECT concat_ws(' ', local_version->>'v', remote_version->>'v', winner) FROM rbucardo.conflicts WHERE tbl = 'public.long_keys'"),
+        "2 9 local",
+        "the conflict log keeps the v that lost"
     );
 }

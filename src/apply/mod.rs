@@ -727,6 +727,7 @@ fn relog(txn: &Txn, source: changelog::Source, edits: &[(u32, Option<Vec<Value>>
 pub fn apply_parked(me: i32, via: i32, txn: &Txn) -> Result<(), String> {
     let _replica = LocalSetting::replica_mode();
     let _path = LocalSetting::pinned_search_path();
+    xact::refuse_prepare("applied a parked transaction");
     let policy = crate::base::node::peer_policy_by_id(via);
     let run_as = policy.as_deref().map_or_else(|| ddl::RunAsRole::Nobody(format!("node {via}")), ddl::run_as);
     let mut applier = Applier::new(me, run_as, policy.as_deref());
@@ -1060,6 +1061,9 @@ fn apply_batch_here(me: i32, sender_db: &str, sender_node: i32, batch: &Batch) -
     // with the built-in operators whoever calls (exception_skip: an operator's session).
     let _replica = LocalSetting::replica_mode();
     let _path = LocalSetting::pinned_search_path();
+    // A prepared transaction would keep the stream's locks and miss its commit callbacks
+    // (an applier that re-logs nothing writes no log row, which refuses it too).
+    xact::refuse_prepare("applied a batch");
     locks::lock_stream(sender_node);
     let (tick, seq) = match crate::base::plans::two::<i64, i64>("SELECT in_tick, in_seq FROM rbucardo.peer_state WHERE db = $1 FOR UPDATE", &[pg_sys::TEXTOID], &[sender_db.into()]) {
         (Some(tick), Some(seq)) => (Some(tick), Some(seq)),
@@ -1113,9 +1117,20 @@ fn apply_batch_here(me: i32, sender_db: &str, sender_node: i32, batch: &Batch) -
     let run_as = ddl::run_as(&policy);
     let blocks = exceptions::stopped_in(sender_node);
     let forward_to: Vec<Option<i32>> = crate::base::node::active_peers_kept().iter().map(|p| p.node_id).filter(|&id| id != Some(sender_node)).collect();
-    // Held to commit: a peer added meanwhile waits for this batch (see `lock_peers_shared`).
-    locks::lock_peers_shared();
-    let peers: Vec<Option<i32>> = crate::base::node::peer_ids_kept().iter().copied().filter(|&id| id != Some(sender_node)).collect();
+    let peers = || -> Vec<Option<i32>> { crate::base::node::peer_ids_kept().iter().copied().filter(|&id| id != Some(sender_node)).collect() };
+    let mut others = peers();
+    // Where some transaction of the batch may go to nobody (fewer than two other peers, all
+    // known), the peers are read again under a lock held to commit: a peer added meanwhile
+    // waits for this batch (see `lock_peers_shared`). Elsewhere everything is re-logged and
+    // adding a peer only adds one: no lock, which an open transaction could hold for long.
+    let mut distinct = others.clone();
+    distinct.sort_unstable();
+    distinct.dedup();
+    if !(distinct.contains(&None) || distinct.len() >= 2) {
+        locks::lock_peers_shared();
+        others = peers();
+    }
+    let peers = others;
     let stream = Stream { me, sender_node, batch, blocks: &blocks, run_as: &run_as, policy: &policy, forward_to: &forward_to, peers: &peers, progress: &loaded };
     // Fast path: the whole batch in one subtransaction. If a transaction of it breaks a
     // constraint or a schema change fails, that is undone and the batch is applied again with a

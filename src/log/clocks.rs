@@ -205,17 +205,19 @@ fn refresh(me: i32) {
     });
 }
 
-/// How a key is kept in `row_clock.key`, as SQL of the key's text `param`: the text itself, or,
-/// for one too long for the index, a digest of it. A btree entry holds at most about 2,700
+/// How a key is kept in `row_clock.key`, as SQL of the key's text `$param`: the text itself,
+/// or, for one too long for the index, a digest of it. A btree entry holds at most about 2,700
 /// bytes, and a key's JSON text can be several times its values (a control character takes
 /// six). Storing such a key's clock used to fail, and with it every trim after. A JSON text
-/// starts with `{`, so a digest never equals a key.
-fn kept_key(param: &str) -> String {
-    format!(
-        "CASE WHEN pg_catalog.octet_length({param}) > 2000
-              THEN 'sha256:' OPERATOR(pg_catalog.||) pg_catalog.encode(pg_catalog.sha256(pg_catalog.convert_to({param}, 'UTF8')), 'hex')
-              ELSE {param} END"
-    )
+/// starts with `{`, so a digest never equals a key. (The upgrade from 0.1.0 turns the long
+/// keys it kept into digests: sql/releases/rbucardo--0.1.0--0.2.0.sql.)
+macro_rules! kept_key {
+    ($param:literal) => {
+        concat!(
+            "CASE WHEN pg_catalog.octet_length(", $param, ") > 2000 THEN 'sha256:' OPERATOR(pg_catalog.||) ",
+            "pg_catalog.encode(pg_catalog.sha256(pg_catalog.convert_to(", $param, ", 'UTF8')), 'hex') ELSE ", $param, " END"
+        )
+    };
 }
 
 /// The clocks of the local versions of rows, for the `latest` rule: those of this batch's own
@@ -272,12 +274,12 @@ impl Clocks {
         // Kept clocks count too: a trimmed change, or a parked transaction a retry applied.
         let cols: Option<Vec<String>> = columns.map(|c| c.iter().map(|s| s.to_string()).collect());
         let kept = Spi::get_two_with_args::<i64, i32>(
-            &format!(
+            concat!(
                 "SELECT hlc, origin FROM rbucardo.row_clock
-                  WHERE relid = pg_catalog.to_regclass(pg_catalog.format('%I.%I', $1::text, $2::text)) AND key = {}
-                    AND (col = '*' OR $4::text[] IS NULL OR col = ANY ($4::text[]))
-                  ORDER BY hlc DESC, origin DESC LIMIT 1",
-                kept_key("$3::text")
+                  WHERE relid = pg_catalog.to_regclass(pg_catalog.format('%I.%I', $1::text, $2::text)) AND key = ",
+                kept_key!("$3::text"),
+                " AND (col = '*' OR $4::text[] IS NULL OR col = ANY ($4::text[]))
+                  ORDER BY hlc DESC, origin DESC LIMIT 1"
             ),
             &[desc.schema.as_str().into(), desc.name.as_str().into(), k.2.as_str().into(), cols.into()],
         )
@@ -310,16 +312,22 @@ impl Clocks {
 pub struct Unlogged(HashMap<Key, RowClock>);
 
 impl Unlogged {
-    /// Keeps the clocks, in the transaction that applied them: undone with it. In one part
-    /// (they are all in memory already), so that every row clock is locked in one order:
-    /// tables by name, keys in order, as a trim step of one part locks them.
+    /// Keeps the clocks, in the transaction that applied them: undone with it. Sorted as a
+    /// whole (tables by name, then keys) and stored in parts of that one order, so that the
+    /// row clocks are locked in the order a trim step of one part locks them.
     pub fn keep(self) {
-        let mut gathered = Gathered::default();
-        for ((schema, name, key), clock) in self.0 {
-            let t = gathered.table(&schema, &name);
-            gathered.tables[t].rows.insert(key, (clock, 0));
+        let mut rows: Vec<(Key, RowClock)> = self.0.into_iter().collect();
+        rows.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+        // In consecutive parts of the one order: a bulk change's clocks are not one statement.
+        let mut rows = rows.into_iter().peekable();
+        while rows.peek().is_some() {
+            let mut gathered = Gathered::default();
+            for ((schema, name, key), clock) in rows.by_ref().take(KEEP_AT_ONCE) {
+                let t = gathered.table(&schema, &name);
+                gathered.tables[t].rows.insert(key, (clock, 0));
+            }
+            store(gathered);
         }
-        store(gathered);
     }
 }
 
@@ -479,28 +487,37 @@ pub fn remember(chunks: &[Vec<u8>], hlc: i64, origin: i32) {
     store(gathered);
 }
 
-/// Keeps row clocks in `row_clock`, per column as they were gathered. One statement per
-/// table, which is resolved once (resolving the name per clock cost about as much as keeping
-/// the clock), with the keys in order: each lands next to the one before in the index.
+/// The oid of table `schema.name`, as `to_regclass` of the quoted name finds it (None: there
+/// is none, or a name holds a NUL byte). From the catalog caches, without a statement.
+fn relid_of(schema: &str, name: &str) -> Option<pg_sys::Oid> {
+    let (schema, name) = (std::ffi::CString::new(schema).ok()?, std::ffi::CString::new(name).ok()?);
+    // SAFETY: catalog cache lookups with NUL-terminated names, inside a transaction; missing
+    // ones give InvalidOid (missing_ok), no error.
+    let relid = unsafe {
+        let nsp = pg_sys::get_namespace_oid(schema.as_ptr(), true);
+        if nsp == pg_sys::InvalidOid { pg_sys::InvalidOid } else { pg_sys::get_relname_relid(name.as_ptr(), nsp) }
+    };
+    (relid != pg_sys::InvalidOid).then_some(relid)
+}
+
+/// Keeps row clocks in `row_clock`, per column as they were gathered, in one statement
+/// (prepared once per backend: an applier that keeps the clocks of each small batch runs it
+/// once per batch). Each table is resolved once (resolving the name per clock cost about as
+/// much as keeping the clock). Tables go in name order and the keys of each in order: two
+/// stores at once (an applier, a trim, a retry) lock row clocks in one order, and each lands
+/// next to the one before in the index. (Should stores of several parts still deadlock, one
+/// transaction is aborted and done again later: nothing is lost.)
 fn store(mut gathered: Gathered) {
-    // Tables in name order: two stores at once (a trim and a retry) lock row clocks in the
-    // same order, at least within one part each. (Should stores of several parts still
-    // deadlock, one transaction is aborted and done again later: nothing is lost.)
     gathered.tables.sort_unstable_by(|a, b| (&a.schema, &a.name).cmp(&(&b.schema, &b.name)));
+    let (mut relids, mut keys, mut cols, mut hlcs, mut origins) = (vec![], vec![], vec![], vec![], vec![]);
     for table in gathered.tables {
         if table.rows.is_empty() {
             continue;
         }
         // A table dropped since keeps no clocks.
-        let Ok(Some(relid)) = Spi::get_one_with_args::<pg_sys::Oid>(
-            "SELECT pg_catalog.to_regclass(pg_catalog.format('%I.%I', $1::text, $2::text))::pg_catalog.oid",
-            &[table.schema.as_str().into(), table.name.as_str().into()],
-        ) else {
-            continue;
-        };
+        let Some(relid) = relid_of(&table.schema, &table.name) else { continue };
         let mut rows: Vec<(String, RowClock)> = table.rows.into_iter().map(|(k, (clock, _))| (k, clock)).collect();
         rows.sort_unstable_by(|a, b| a.0.cmp(&b.0));
-        let (mut keys, mut cols, mut hlcs, mut origins) = (vec![], vec![], vec![], vec![]);
         for (k, mut clock) in rows {
             // A column named `*` shares the whole row's entry (a lookup reads it as such): one
             // entry, or the statement would update the same row twice and fail every trim.
@@ -509,26 +526,31 @@ fn store(mut gathered: Gathered) {
             }
             let entries = clock.all.map(|c| ("*".to_string(), c)).into_iter().chain(clock.cols);
             for (col, (h, o)) in entries {
+                relids.push(relid);
                 keys.push(k.clone());
                 cols.push(col);
                 hlcs.push(h);
                 origins.push(o);
             }
         }
-        Spi::run_with_args(
-            &format!(
-                "INSERT INTO rbucardo.row_clock AS r (relid, key, col, hlc, origin)
-                 SELECT $1, {}, u.c, u.h, u.o FROM unnest($2::text[], $3::text[], $4::bigint[], $5::int[]) AS u(k, c, h, o)  -- several arrays: FROM-clause syntax, not a function
-                 ON CONFLICT (relid, key, col) DO UPDATE SET hlc = EXCLUDED.hlc, origin = EXCLUDED.origin
-                  WHERE (EXCLUDED.hlc, EXCLUDED.origin) > (r.hlc, r.origin)",
-                kept_key("u.k")
-            ),
-            &[relid.into(), keys.into(), cols.into(), hlcs.into(), origins.into()],
-        )
-        .expect("keeping row clocks");
     }
+    if keys.is_empty() {
+        return;
+    }
+    crate::base::plans::run(
+        concat!(
+            "INSERT INTO rbucardo.row_clock AS r (relid, key, col, hlc, origin)
+             SELECT u.r, ",
+            kept_key!("u.k"),
+            ", u.c, u.h, u.o FROM unnest($1::pg_catalog.oid[], $2::pg_catalog.text[], $3::pg_catalog.text[], $4::pg_catalog.int8[], $5::pg_catalog.int4[]) AS u(r, k, c, h, o)  -- several arrays: FROM-clause syntax, not a function
+             ON CONFLICT (relid, key, col) DO UPDATE SET hlc = EXCLUDED.hlc, origin = EXCLUDED.origin
+              WHERE (EXCLUDED.hlc, EXCLUDED.origin) OPERATOR(pg_catalog.>) (r.hlc, r.origin)"
+        ),
+        &[pg_sys::OIDARRAYOID, pg_sys::TEXTARRAYOID, pg_sys::TEXTARRAYOID, pg_sys::INT8ARRAYOID, pg_sys::INT4ARRAYOID],
+        &[relids.into(), keys.into(), cols.into(), hlcs.into(), origins.into()],
+        |_| (),
+    );
 }
-
 
 #[cfg(test)]
 mod tests {

@@ -47,12 +47,12 @@ SELECT c.tbl, c.kind, c.outcome, c.n AS conflicts,
   FROM rbucardo.conflict_counts c;
 
 -- The clock of the last change to each column of every replicated row whose change has left
--- the change log (trimmed once every peer had it), or never entered it (applied on a node that
--- forwards it to nobody): the `latest` rule compares an incoming change with the clock of the
--- local version of the columns in conflict, found in the change log while the change is there,
--- here otherwise. col '*': a change that set every column. Keys and columns compare byte by
--- byte ("C"): only equality matters, and a trim writes a row here for most rows it trims
--- (src/log/clocks.rs). A key over 2000 bytes is kept as 'sha256:' and its digest in hex.
+-- the change log (trimmed once every peer had it): the `latest` rule compares an incoming
+-- change with the clock of the local version of the columns in conflict, found in the change
+-- log while the change is there, here afterwards. col '*': a change that set every column.
+-- Keys and columns compare byte by byte ("C"): only equality matters, and a trim writes a row
+-- here for most rows it trims (src/log/clocks.rs). A key over 2000 bytes is kept as 'sha256:'
+-- and its digest in hex: a btree entry holds at most about 2700 bytes.
 CREATE TABLE rbucardo.row_clock (
     relid   oid NOT NULL,
     key     text COLLATE "C" NOT NULL,  -- the replica key as a JSON object of column to text value

@@ -78,8 +78,6 @@ fn add_db(name: &str, conninfo: default!(Option<&str>, "NULL")) -> String {
     // connects in (a branch, seen from main) speaks for itself, and its schema changes wait
     // for a role to run as. See docs/security.md.
     let (ddl, relay) = if conninfo.is_some() { ("trusted", true) } else { ("limited", false) };
-    // Batches being applied finish first: each is logged for the new peer or committed before.
-    crate::base::locks::lock_peers();
     Spi::run_with_args(
         "INSERT INTO rbucardo.db (name, conninfo, ddl, relay) VALUES ($1, $2, $3, $4)",
         &[name.into(), conninfo.into(), ddl.into(), relay.into()],
@@ -300,19 +298,9 @@ pub extern "C" fn pg_finfo_rbucardo_config_changed() -> &'static pg_sys::Pg_finf
 // SAFETY: `rbucardo_config_changed` is the C symbol named in the CREATE FUNCTION below and
 // clashes with no other; the signature is that of a V1 C function.
 #[unsafe(no_mangle)]
-pub unsafe extern "C-unwind" fn rbucardo_config_changed(fcinfo: pg_sys::FunctionCallInfo) -> pg_sys::Datum {
+pub unsafe extern "C-unwind" fn rbucardo_config_changed(_fcinfo: pg_sys::FunctionCallInfo) -> pg_sys::Datum {
     thread_local! {
         static ARMED: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
-    }
-    // A change to the peers, made by hand too, waits for the batches being applied, as
-    // add_db does (src/base/locks.rs, `lock_peers_shared`).
-    // SAFETY: fmgr calls a trigger function with a TriggerData context, whose relation is open.
-    let on_peers = unsafe {
-        let data = (*fcinfo).context as *const pg_sys::TriggerData;
-        !data.is_null() && std::ffi::CStr::from_ptr((*(*(*data).tg_relation).rd_rel).relname.data.as_ptr()).to_bytes() == b"db"
-    };
-    if on_peers {
-        crate::base::locks::lock_peers();
     }
     // This session's own later commands see the change too: the invalidation is queued for
     // every command that changes a row (PostgreSQL drops the duplicates within a command).

@@ -5,9 +5,7 @@
 //! changes are applied here. A crash at any moment therefore loses or duplicates nothing, and a
 //! transaction that arrives a second time (by another path in a mesh) is recognised and skipped.
 //! Applied transactions are written to the local change log under their original origin, so
-//! this node forwards them to its other peers, and never back to where they came from. A node
-//! with no other peer (a store behind its hub) writes no such copy; it keeps only the row
-//! clocks of what it applied (src/log/clocks.rs, `Unlogged`).
+//! this node forwards them to its other peers, and never back to where they came from.
 //!
 //! Before anything of a batch is applied, [`admit`] checks it against what this node lets the
 //! sending peer do (its tables, the origins it speaks for, its DDL level); a batch that asks for
@@ -727,7 +725,6 @@ fn relog(txn: &Txn, source: changelog::Source, edits: &[(u32, Option<Vec<Value>>
 pub fn apply_parked(me: i32, via: i32, txn: &Txn) -> Result<(), String> {
     let _replica = LocalSetting::replica_mode();
     let _path = LocalSetting::pinned_search_path();
-    xact::refuse_prepare("applied a parked transaction");
     let policy = crate::base::node::peer_policy_by_id(via);
     let run_as = policy.as_deref().map_or_else(|| ddl::RunAsRole::Nobody(format!("node {via}")), ddl::run_as);
     let mut applier = Applier::new(me, run_as, policy.as_deref());
@@ -735,7 +732,7 @@ pub fn apply_parked(me: i32, via: i32, txn: &Txn) -> Result<(), String> {
     let result = Spi::connect_mut(|client| exceptions::attempt(|| applier.apply_txn(client, txn, None)));
     match result {
         Ok(()) => {
-            applier.clocks.commit_txn(None);
+            applier.clocks.commit_txn();
             std::mem::take(&mut applier.tally).write();
             Ok(())
         }
@@ -852,11 +849,8 @@ struct Stream<'a> {
     run_as: &'a ddl::RunAsRole,
     policy: &'a PeerPolicy,
     /// The node ids of the active peers but the sender (None: not known yet): those that may
-    /// get what this batch forwards now.
+    /// get what this batch forwards.
     forward_to: &'a [Option<i32>],
-    /// The node ids of every peer but the sender, paused ones too: those that may get it
-    /// some day.
-    peers: &'a [Option<i32>],
     /// Where this node stood in each origin's stream before the batch (`load_progress`).
     progress: &'a HashMap<i32, Position>,
 }
@@ -890,7 +884,6 @@ impl Stream<'_> {
         let mut progress = self.progress.clone();
         let (mut applied, mut stopped) = (0i64, None);
         let mut tally = conflicts::Tally::default();
-        let mut unlogged = crate::log::clocks::Unlogged::default();
         for txn in &self.batch.txns {
             if txn.stream_pos <= cursor {
                 continue;
@@ -936,24 +929,12 @@ impl Stream<'_> {
                     Err(_) => return Err(PassEnd::NeedsCare),
                 }
             };
-            // Whether a peer wants what this node forwards of it now, and whether one ever
-            // may (a paused one: the log is kept for it): one other than the sender and the
-            // origin, which never get it back. A transaction addressed to this node (a
-            // repair) goes on to nobody.
             let wakes = self.forward_to.iter().any(|&peer| peer != Some(txn.origin));
-            let forwarded = txn.to.is_none() && self.peers.iter().any(|&peer| peer != Some(txn.origin));
             let source = changelog::Source { origin: txn.origin, origin_pos: txn.origin_pos, via: self.sender_node, wakes };
             match result {
                 Ok(()) => {
-                    // Re-logged for the peers it goes on to; where none ever does (a store
-                    // behind its one hub), only its row clocks are kept, which is all the copy
-                    // was for there.
-                    if forwarded {
-                        relog(txn, source, &applier.edits, &applier.ran_as);
-                        applier.clocks.commit_txn(None);
-                    } else {
-                        applier.clocks.commit_txn(Some(&mut unlogged));
-                    }
+                    relog(txn, source, &applier.edits, &applier.ran_as);
+                    applier.clocks.commit_txn();
                     tally.absorb(std::mem::take(&mut applier.tally));
                     applied += 1;
                     if let Some(b) = block {
@@ -1017,8 +998,6 @@ impl Stream<'_> {
         }
         // Before the pass's subtransaction is released, which must find no table open.
         applier.close_targets();
-        // Inside the pass's subtransaction: a pass that is undone keeps none of them.
-        unlogged.keep();
         Ok(Pass { tally, cursor, progress, applied, stopped })
     }
 }
@@ -1061,9 +1040,6 @@ fn apply_batch_here(me: i32, sender_db: &str, sender_node: i32, batch: &Batch) -
     // with the built-in operators whoever calls (exception_skip: an operator's session).
     let _replica = LocalSetting::replica_mode();
     let _path = LocalSetting::pinned_search_path();
-    // A prepared transaction would keep the stream's locks and miss its commit callbacks
-    // (an applier that re-logs nothing writes no log row, which refuses it too).
-    xact::refuse_prepare("applied a batch");
     locks::lock_stream(sender_node);
     let (tick, seq) = match crate::base::plans::two::<i64, i64>("SELECT in_tick, in_seq FROM rbucardo.peer_state WHERE db = $1 FOR UPDATE", &[pg_sys::TEXTOID], &[sender_db.into()]) {
         (Some(tick), Some(seq)) => (Some(tick), Some(seq)),
@@ -1117,21 +1093,7 @@ fn apply_batch_here(me: i32, sender_db: &str, sender_node: i32, batch: &Batch) -
     let run_as = ddl::run_as(&policy);
     let blocks = exceptions::stopped_in(sender_node);
     let forward_to: Vec<Option<i32>> = crate::base::node::active_peers_kept().iter().map(|p| p.node_id).filter(|&id| id != Some(sender_node)).collect();
-    let peers = || -> Vec<Option<i32>> { crate::base::node::peer_ids_kept().iter().copied().filter(|&id| id != Some(sender_node)).collect() };
-    let mut others = peers();
-    // Where some transaction of the batch may go to nobody (fewer than two other peers, all
-    // known), the peers are read again under a lock held to commit: a peer added meanwhile
-    // waits for this batch (see `lock_peers_shared`). Elsewhere everything is re-logged and
-    // adding a peer only adds one: no lock, which an open transaction could hold for long.
-    let mut distinct = others.clone();
-    distinct.sort_unstable();
-    distinct.dedup();
-    if !(distinct.contains(&None) || distinct.len() >= 2) {
-        locks::lock_peers_shared();
-        others = peers();
-    }
-    let peers = others;
-    let stream = Stream { me, sender_node, batch, blocks: &blocks, run_as: &run_as, policy: &policy, forward_to: &forward_to, peers: &peers, progress: &loaded };
+    let stream = Stream { me, sender_node, batch, blocks: &blocks, run_as: &run_as, policy: &policy, forward_to: &forward_to, progress: &loaded };
     // Fast path: the whole batch in one subtransaction. If a transaction of it breaks a
     // constraint or a schema change fails, that is undone and the batch is applied again with a
     // subtransaction per remote transaction, which parks or stops just that one. Either pass is

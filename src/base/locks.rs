@@ -5,9 +5,6 @@ use pgrx::prelude::*;
 
 /// Serialises the making of ticks (src/log/changelog.rs).
 const TICK_LOCK: i64 = 0x7262_7563_6b01;
-/// Held shared by a batch's apply from when it reads this node's peers to its commit, and
-/// exclusive by `add_db` (src/apply/mod.rs, `peers`).
-const PEERS_LOCK: i64 = 0x7262_7563_6b02;
 /// First key of the lock on one sender's stream; the second is the sender's node id.
 const STREAM_LOCK: i32 = 7262;
 /// First key of the lock on one origin's progress; the second is the origin's node id.
@@ -43,19 +40,6 @@ pub fn lock_origins(origins: &[i32]) {
     }
 }
 
-/// Before a batch reads whom it may forward to: a peer added meanwhile (`add_db`) waits until
-/// the batch commits, and a batch that reads after waits until the peer is there to be read.
-/// A transaction that no peer can be sent is not written to the log (src/apply/mod.rs), so a
-/// new peer must not miss one read with the peers of before and committed after it came.
-pub fn lock_peers_shared() {
-    acquire_mode(tag_int8(PEERS_LOCK), pg_sys::ShareLock as pg_sys::LOCKMODE, false);
-}
-
-/// Taken by `add_db`: see `lock_peers_shared`.
-pub fn lock_peers() {
-    acquire(tag_int8(PEERS_LOCK), false);
-}
-
 /// The tag `pg_advisory_xact_lock(bigint)` locks, so that the lock shows and conflicts as
 /// that one does.
 fn tag_int8(key: i64) -> pg_sys::LOCKTAG {
@@ -82,13 +66,8 @@ fn advisory(field2: u32, field3: u32, field4: u16) -> pg_sys::LOCKTAG {
 /// a statement: a batch's apply took four of these per round through SPI (docs/
 /// performance.md). Returns false only when `nowait` and another transaction holds it.
 fn acquire(tag: pg_sys::LOCKTAG, nowait: bool) -> bool {
-    acquire_mode(tag, pg_sys::ExclusiveLock as pg_sys::LOCKMODE, nowait)
-}
-
-/// `acquire` in `mode` (ShareLock: as `pg_advisory_xact_lock_shared`).
-fn acquire_mode(tag: pg_sys::LOCKTAG, mode: pg_sys::LOCKMODE, nowait: bool) -> bool {
     // SAFETY: LockAcquire reads the tag during the call; an error (deadlock, cancel) is raised
     // through pgrx's guard as any ereport is.
-    let got = unsafe { pg_sys::LockAcquire(&tag, mode, false, nowait) };
+    let got = unsafe { pg_sys::LockAcquire(&tag, pg_sys::ExclusiveLock as pg_sys::LOCKMODE, false, nowait) };
     got != pg_sys::LockAcquireResult::LOCKACQUIRE_NOT_AVAIL
 }

@@ -119,18 +119,6 @@ pub fn active_peers_kept() -> Rc<Vec<Peer>> {
     PEERS.with(|k| k.get_or("", || Rc::new(active_peers())))
 }
 
-/// The node ids of every peer this node has (None: not known yet), paused or not: whom the
-/// change log is kept for (`peer_state`), and so whom an applied transaction may yet be
-/// forwarded to. Kept like `active_peers_kept`.
-pub fn peer_ids_kept() -> Rc<Vec<Option<i32>>> {
-    thread_local! {
-        static IDS: Kept<Rc<Vec<Option<i32>>>> = Kept::default();
-    }
-    IDS.with(|k| {
-        k.get_or("", || Rc::new(plans::run("SELECT node_id FROM rbucardo.db ORDER BY name", &[], &[], |t| t.map(|r| r.get::<i32>(1).unwrap()).collect())))
-    })
-}
-
 /// Records the node id a peer announced; a different id than the one on record is refused,
 /// because it means two servers claim the same name.
 pub fn learn_peer_id(name: &str, node_id: i32) {

@@ -1,7 +1,6 @@
 //! Row clocks: the hybrid clock and origin of the version of a row this node holds, which the
 //! `latest` rule compares with an incoming version's. The change log holds the clocks of
-//! recent changes; `rbucardo.row_clock` keeps those of changes trimmed from it, and those of
-//! applied changes no log row carries (`Unlogged`).
+//! recent changes; `rbucardo.row_clock` keeps those of changes trimmed from it.
 //!
 //! Clocks are kept per column: a conflict on a row's price compares with the clock of the last
 //! change here that set the price, not with a later sale that only touched the stock (which
@@ -235,9 +234,8 @@ impl Clocks {
     }
 
     /// The current remote transaction applied: its clocks count for the rest of this local
-    /// transaction, for every applier. `unlogged`: no change-log row will carry them (the
-    /// transaction is not re-logged), so they are gathered there to be kept.
-    pub fn commit_txn(&mut self, mut unlogged: Option<&mut Unlogged>) {
+    /// transaction, for every applier.
+    pub fn commit_txn(&mut self) {
         let xid = top_xid();
         let txn = std::mem::take(&mut self.txn);
         APPLIED.with(|a| {
@@ -246,9 +244,6 @@ impl Clocks {
                 *a = (xid, HashMap::new());
             }
             for (k, c) in txn {
-                if let Some(u) = unlogged.as_deref_mut() {
-                    u.0.entry(k.clone()).or_default().absorb(&c);
-                }
                 a.1.entry(k).or_default().absorb(&c);
             }
         });
@@ -300,33 +295,6 @@ impl Clocks {
     pub fn note(&mut self, desc: &RelDesc, ch: &RowChange, clock: Clock) {
         if let Some(row) = ch.new.as_ref().or(ch.old.as_ref()) {
             self.txn.entry((desc.schema.clone(), desc.name.clone(), key_text(desc, row))).or_default().set(changed_columns(desc, ch), clock);
-        }
-    }
-}
-
-/// The clocks of applied transactions that no change-log row carries: a node that forwards a
-/// transaction to nobody does not re-log it, and keeps its clocks in `row_clock` at once
-/// instead, as a trim would have kept them from the re-logged copy. That saves writing the
-/// copy, and reading it back at trim.
-#[derive(Default)]
-pub struct Unlogged(HashMap<Key, RowClock>);
-
-impl Unlogged {
-    /// Keeps the clocks, in the transaction that applied them: undone with it. Sorted as a
-    /// whole (tables by name, then keys) and stored in parts of that one order, so that the
-    /// row clocks are locked in the order a trim step of one part locks them.
-    pub fn keep(self) {
-        let mut rows: Vec<(Key, RowClock)> = self.0.into_iter().collect();
-        rows.sort_unstable_by(|a, b| a.0.cmp(&b.0));
-        // In consecutive parts of the one order: a bulk change's clocks are not one statement.
-        let mut rows = rows.into_iter().peekable();
-        while rows.peek().is_some() {
-            let mut gathered = Gathered::default();
-            for ((schema, name, key), clock) in rows.by_ref().take(KEEP_AT_ONCE) {
-                let t = gathered.table(&schema, &name);
-                gathered.tables[t].rows.insert(key, (clock, 0));
-            }
-            store(gathered);
         }
     }
 }
@@ -501,10 +469,9 @@ fn relid_of(schema: &str, name: &str) -> Option<pg_sys::Oid> {
 }
 
 /// Keeps row clocks in `row_clock`, per column as they were gathered, in one statement
-/// (prepared once per backend: an applier that keeps the clocks of each small batch runs it
-/// once per batch). Each table is resolved once (resolving the name per clock cost about as
-/// much as keeping the clock). Tables go in name order and the keys of each in order: two
-/// stores at once (an applier, a trim, a retry) lock row clocks in one order, and each lands
+/// (prepared once per backend). Each table is resolved once (resolving the name per clock
+/// cost about as much as keeping the clock). Tables go in name order and the keys of each in
+/// order: two stores at once (a trim, a retry) lock row clocks in one order, and each lands
 /// next to the one before in the index. (Should stores of several parts still deadlock, one
 /// transaction is aborted and done again later: nothing is lost.)
 fn store(mut gathered: Gathered) {

@@ -314,9 +314,8 @@ fn a_transaction_over_the_limit_stops_the_stream_visibly_until_it_is_raised() {
 
 /// A row whose key's JSON text is too long for `row_clock`'s index (hex with control
 /// characters between, each escaped in six bytes: 2,574 bytes of key, about 2,950 of JSON)
-/// keeps its clocks all the same, under a digest. Keeping them used to fail: on main at every
-/// trim, so its log never emptied again, and on the branches, which forward to nobody and keep
-/// the clocks of what they apply as they apply it, at every batch.
+/// keeps its clocks all the same, under a digest. Keeping them used to fail at every trim, so
+/// no node's log emptied again.
 #[test]
 fn a_row_whose_key_is_too_long_to_index_keeps_its_clock_and_the_log_drains() {
     let cluster = start_store("fault_long_key", Topology::Star);

@@ -208,13 +208,14 @@ fn refresh(me: i32) {
 /// or, for one too long for the index, a digest of it. A btree entry holds at most about 2,700
 /// bytes, and a key's JSON text can be several times its values (a control character takes
 /// six). Storing such a key's clock used to fail, and with it every trim after. A JSON text
-/// starts with `{`, so a digest never equals a key. (The upgrade from 0.1.0 turns the long
-/// keys it kept into digests: sql/releases/rbucardo--0.1.0--0.2.0.sql.)
+/// starts with `{`, so a digest never equals a key. The digest is of the text's bytes as the
+/// database holds them (a conversion to its own encoding cannot fail). (The upgrade from
+/// 0.1.0 turns the long keys it kept into digests: sql/releases/rbucardo--0.1.0--0.2.0.sql.)
 macro_rules! kept_key {
     ($param:literal) => {
         concat!(
-            "CASE WHEN pg_catalog.octet_length(", $param, ") > 2000 THEN 'sha256:' OPERATOR(pg_catalog.||) ",
-            "pg_catalog.encode(pg_catalog.sha256(pg_catalog.convert_to(", $param, ", 'UTF8')), 'hex') ELSE ", $param, " END"
+            "CASE WHEN pg_catalog.octet_length(", $param, ") OPERATOR(pg_catalog.>) 2000 THEN 'sha256:' OPERATOR(pg_catalog.||) ",
+            "pg_catalog.encode(pg_catalog.sha256(pg_catalog.convert_to(", $param, ", pg_catalog.getdatabaseencoding())), 'hex') ELSE ", $param, " END"
         )
     };
 }
@@ -382,6 +383,7 @@ fn absorb_into(rows: &mut HashMap<Key, (RowClock, i64)>, gathered: Gathered) {
 /// The latest clock of every row changed by the change log rows that `where_sql` selects,
 /// handed to `take` whenever `limit` rows are held, and once at the end.
 fn read_logged(me: i32, where_sql: &str, args: &[pgrx::datum::DatumWithOid], limit: usize, mut take: impl FnMut(Gathered)) {
+    let _path = crate::base::xact::LocalSetting::pinned_search_path();
     let mut gathered = Gathered::default();
     // Each log row's bytes are read (and detoasted) in a context emptied after the row: a trim
     // of a bulk load, thousands of 8 MB chunks, holds one of them at a time.
@@ -475,6 +477,8 @@ fn relid_of(schema: &str, name: &str) -> Option<pg_sys::Oid> {
 /// next to the one before in the index. (Should stores of several parts still deadlock, one
 /// transaction is aborted and done again later: nothing is lost.)
 fn store(mut gathered: Gathered) {
+    // Also run from an operator's session (remove_db's trim, exception_retry's `remember`).
+    let _path = crate::base::xact::LocalSetting::pinned_search_path();
     gathered.tables.sort_unstable_by(|a, b| (&a.schema, &a.name).cmp(&(&b.schema, &b.name)));
     let (mut relids, mut keys, mut cols, mut hlcs, mut origins) = (vec![], vec![], vec![], vec![], vec![]);
     for table in gathered.tables {
@@ -491,7 +495,10 @@ fn store(mut gathered: Gathered) {
             if let Some(star) = clock.cols.remove("*") {
                 clock.all = clock.all.max(Some(star));
             }
-            let entries = clock.all.map(|c| ("*".to_string(), c)).into_iter().chain(clock.cols);
+            // Columns in order too (a row's are in a map).
+            let mut cols_of: Vec<(String, Clock)> = clock.cols.into_iter().collect();
+            cols_of.sort_unstable();
+            let entries = clock.all.map(|c| ("*".to_string(), c)).into_iter().chain(cols_of);
             for (col, (h, o)) in entries {
                 relids.push(relid);
                 keys.push(k.clone());

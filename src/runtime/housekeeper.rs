@@ -23,10 +23,9 @@ const EVERY: Duration = Duration::from_secs(5);
 const TRIM_STEP_ROWS: i64 = 5_000;
 /// At most this many rows of each are pruned per period.
 const PRUNE_BATCH: i64 = 1000;
-/// The most periods between two state reports (20 s): a link makes its own when the last is a
-/// minute old (`rbucardo.cached_report`), in its own round, which is what the housekeeper is
-/// for; this leaves room for the housekeeper's other steps and the report itself.
-const REPORT_AT_MOST_EVERY: u32 = 4;
+/// The longest gap between two state reports: a link makes its own when the last is a minute
+/// old (`rbucardo.cached_report`), in its own round, which is what the housekeeper is for.
+const REPORT_AT_MOST_EVERY: Duration = Duration::from_secs(20);
 /// A report may take this share of the time between reports (its inverse, as a factor).
 const REPORT_SHARE: u32 = 50;
 /// The advisory lock (one per database) held by the running housekeeper.
@@ -97,7 +96,7 @@ pub extern "C-unwind" fn rbucardo_housekeeper_main(arg: pg_sys::Datum) {
         return; // another housekeeper runs here
     }
     let mut last = None::<Instant>;
-    let mut report_in = 0u32;
+    let mut report_due = None::<Instant>;
     let mut trim_more = true;
     loop {
         if BackgroundWorker::sighup_received() {
@@ -113,7 +112,7 @@ pub extern "C-unwind" fn rbucardo_housekeeper_main(arg: pg_sys::Datum) {
         };
         if let Some(me) = me.as_ref().filter(|_| last.is_none_or(|t: Instant| t.elapsed() >= EVERY)) {
             last = Some(Instant::now());
-            periodic(me.id, &mut report_in);
+            periodic(me.id, &mut report_due);
             trim_more = true;
         }
         if trim_more {
@@ -143,19 +142,20 @@ pub extern "C-unwind" fn rbucardo_housekeeper_main(arg: pg_sys::Datum) {
     }
 }
 
-/// In how many periods the next state report is due after one that took `took`. Counting what
-/// each peer has pending reads every transaction it has not confirmed: millions of them on a
-/// hub whose store has been offline for days, every 5 s. So a report comes round every period
-/// while that is cheap, and otherwise so that making it takes at most a fiftieth of the time,
-/// but at least every fourth period.
-fn report_periods(took: Duration) -> u32 {
-    let periods = (took * REPORT_SHARE).as_millis().div_ceil(EVERY.as_millis());
-    u32::try_from(periods).unwrap_or(u32::MAX).clamp(1, REPORT_AT_MOST_EVERY)
+/// When the state report after one that began at `began` and took `took` is due (None: in
+/// the next period). Counting what each peer has pending reads every transaction it has not
+/// confirmed: millions of them on a hub whose store has been offline for days, every 5 s. So a
+/// report comes round every period while that is cheap, and otherwise so that making it takes
+/// at most a fiftieth of the time, but at least every 20 s.
+fn next_report_due(began: Instant, took: Duration) -> Option<Instant> {
+    let gap = (took * REPORT_SHARE).min(REPORT_AT_MOST_EVERY);
+    // A period later is the next period whatever it took: not one to skip.
+    (gap > EVERY).then(|| began + gap)
 }
 
 /// Retention, retries, pruning and, when it is due, this node's state report.
-/// `report_in`: periods until the report is due (0 or 1: in this one).
-fn periodic(me_id: i32, report_in: &mut u32) {
+/// `report_due`: when the report is next due (None: now).
+fn periodic(me_id: i32, report_due: &mut Option<Instant>) {
     let mut slow = Slow::default();
     // Peers away past retention stop holding the log back (before the trim that follows);
     // the worker reads the configuration again and stops sending to them.
@@ -194,14 +194,16 @@ fn periodic(me_id: i32, report_in: &mut u32) {
             Spi::run("SELECT rbucardo.refresh_own_report()").expect("report");
         }
     };
-    if *report_in <= 1 {
+    if report_due.is_none_or(|due| Instant::now() >= due) {
         let began = Instant::now();
-        if let Err(e) = slow.time("report", || in_txn(report)) {
-            log!("rbucardo housekeeper: making the state report failed: {e}");
-        }
-        *report_in = report_periods(began.elapsed());
-    } else {
-        *report_in -= 1;
+        *report_due = match slow.time("report", || in_txn(report)) {
+            Ok(()) => next_report_due(began, began.elapsed()),
+            // Tried again in the next period.
+            Err(e) => {
+                log!("rbucardo housekeeper: making the state report failed: {e}");
+                None
+            }
+        };
     }
     slow.report("rbucardo housekeeper: slow steps");
 }
@@ -212,13 +214,12 @@ mod tests {
 
     #[test]
     fn a_costly_report_comes_round_less_often_but_within_the_bound() {
-        assert_eq!(report_periods(Duration::ZERO), 1);
-        assert_eq!(report_periods(Duration::from_millis(100)), 1, "a cheap report: every period");
-        assert_eq!(report_periods(Duration::from_millis(101)), 2, "a fiftieth of the time, rounded up");
-        assert_eq!(report_periods(Duration::from_millis(200)), 2);
-        assert_eq!(report_periods(Duration::from_millis(250)), 3);
-        assert_eq!(report_periods(Duration::from_secs(3)), REPORT_AT_MOST_EVERY, "never staler than the bound");
-        assert_eq!(report_periods(Duration::from_secs(86_400)), REPORT_AT_MOST_EVERY);
-        assert!(EVERY * REPORT_AT_MOST_EVERY < Duration::from_secs(60), "links make their own after a minute");
+        let t = Instant::now();
+        assert_eq!(next_report_due(t, Duration::ZERO), None, "a cheap report: every period");
+        assert_eq!(next_report_due(t, Duration::from_millis(100)), None);
+        assert_eq!(next_report_due(t, Duration::from_millis(200)), Some(t + Duration::from_secs(10)), "a fiftieth of the time");
+        assert_eq!(next_report_due(t, Duration::from_secs(3)), Some(t + REPORT_AT_MOST_EVERY), "never staler than the bound");
+        assert_eq!(next_report_due(t, Duration::from_secs(86_400)), Some(t + REPORT_AT_MOST_EVERY));
+        assert!(REPORT_AT_MOST_EVERY + EVERY < Duration::from_secs(60), "links make their own after a minute");
     }
 }

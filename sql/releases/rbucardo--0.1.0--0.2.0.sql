@@ -599,7 +599,7 @@ ALTER TABLE rbucardo.herd_table ENABLE ALWAYS TRIGGER config_changed, ENABLE ALW
 -- Row clocks compare keys byte by byte (sql/conflicts.sql): a trim writes one for most rows it
 -- trims.
 ALTER TABLE rbucardo.row_clock ALTER COLUMN key TYPE text COLLATE "C", ALTER COLUMN col TYPE text COLLATE "C";
--- A key over 2000 bytes is kept as its digest (src/log/clocks.rs, `kept_key`): one 0.1.0
+-- A key over 2000 bytes is kept as its digest (src/log/clocks.rs, `KEY_AT_MOST`): one 0.1.0
 -- kept whole (short enough once compressed) is looked up by its digest from now on.
 UPDATE rbucardo.row_clock SET key = 'sha256:' || encode(sha256(convert_to(key, getdatabaseencoding())), 'hex')
  WHERE octet_length(key) > 2000;

@@ -152,7 +152,9 @@ fn remove_db(name: &str) -> String {
     if n == 0 {
         raise(PgSqlErrorCode::ERRCODE_UNDEFINED_OBJECT, format!("no db named {name}"), "See SELECT * FROM rbucardo.dbs.");
     }
-    // The log it held back goes at once, not at the worker's next trim.
+    // The log it held back goes at once, not at the worker's next trim (with rbucardo's
+    // statements resolved as in the housekeeper, whatever this session's search_path).
+    let _path = crate::base::xact::LocalSetting::pinned_search_path();
     if let Ok(me) = crate::base::node::me() {
         crate::log::changelog::trim(me.id, None);
     }

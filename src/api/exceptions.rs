@@ -3,6 +3,7 @@
 use pgrx::prelude::*;
 
 use crate::apply::retry::{resume_stopped, retry_open};
+use crate::base::xact::LocalSetting;
 use crate::base::error::raise;
 use crate::base::node::me_or_raise;
 
@@ -19,6 +20,9 @@ fn open_kind(id: i64) -> String {
 /// applied as the next one of that stream, which then goes on.
 #[pg_extern(volatile)]
 fn exception_retry(id: i64) -> bool {
+    // It applies, trims clocks and runs owners' code in an operator's session: rbucardo's
+    // statements resolve to the built-in operators whatever that session's search_path.
+    let _path = LocalSetting::pinned_search_path();
     let me = me_or_raise();
     if open_kind(id) == "ddl" {
         Spi::run_with_args("UPDATE rbucardo.exceptions SET last_retry = NULL WHERE id = $1", &[id.into()]).expect("marking a retry");
@@ -31,6 +35,7 @@ fn exception_retry(id: i64) -> bool {
 /// the stream go on. Its row changes are applied; the command is not run here.
 #[pg_extern(volatile)]
 fn exception_skip(id: i64) -> String {
+    let _path = LocalSetting::pinned_search_path();
     let me = me_or_raise();
     if open_kind(id) != "ddl" {
         raise(

@@ -724,7 +724,6 @@ fn relog(txn: &Txn, source: changelog::Source, edits: &[(u32, Option<Vec<Value>>
 /// it was parked), with the policy of the peer `via` that sent it. It is not forwarded again.
 pub fn apply_parked(me: i32, via: i32, txn: &Txn) -> Result<(), String> {
     let _replica = LocalSetting::replica_mode();
-    let _path = LocalSetting::pinned_search_path();
     let policy = crate::base::node::peer_policy_by_id(via);
     let run_as = policy.as_deref().map_or_else(|| ddl::RunAsRole::Nobody(format!("node {via}")), ddl::run_as);
     let mut applier = Applier::new(me, run_as, policy.as_deref());
@@ -1036,10 +1035,8 @@ fn apply_batch_here(me: i32, sender_db: &str, sender_node: i32, batch: &Batch) -
             "Check that every node has its own node id (rbucardo.init_node) and that conninfos point at the right servers.",
         );
     }
-    // Our own changes must not be re-captured by our triggers. The rbucardo statements run
-    // with the built-in operators whoever calls (exception_skip: an operator's session).
+    // Our own changes must not be re-captured by our triggers.
     let _replica = LocalSetting::replica_mode();
-    let _path = LocalSetting::pinned_search_path();
     locks::lock_stream(sender_node);
     let (tick, seq) = match crate::base::plans::two::<i64, i64>("SELECT in_tick, in_seq FROM rbucardo.peer_state WHERE db = $1 FOR UPDATE", &[pg_sys::TEXTOID], &[sender_db.into()]) {
         (Some(tick), Some(seq)) => (Some(tick), Some(seq)),

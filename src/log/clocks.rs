@@ -204,21 +204,13 @@ fn refresh(me: i32) {
     });
 }
 
-/// How a key is kept in `row_clock.key`, as SQL of the key's text `$param`: the text itself,
-/// or, for one too long for the index, a digest of it. A btree entry holds at most about 2,700
-/// bytes, and a key's JSON text can be several times its values (a control character takes
-/// six). Storing such a key's clock used to fail, and with it every trim after. A JSON text
-/// starts with `{`, so a digest never equals a key. The digest is of the text's bytes as the
-/// database holds them (a conversion to its own encoding cannot fail). (The upgrade from
-/// 0.1.0 turns the long keys it kept into digests: sql/releases/rbucardo--0.1.0--0.2.0.sql.)
-macro_rules! kept_key {
-    ($param:literal) => {
-        concat!(
-            "CASE WHEN pg_catalog.octet_length(", $param, ") OPERATOR(pg_catalog.>) 2000 THEN 'sha256:' OPERATOR(pg_catalog.||) ",
-            "pg_catalog.encode(pg_catalog.sha256(pg_catalog.convert_to(", $param, ", pg_catalog.getdatabaseencoding())), 'hex') ELSE ", $param, " END"
-        )
-    };
-}
+/// A key whose JSON text is longer than this many bytes is kept in `row_clock.key` as
+/// `sha256:` and the hex digest of the text: a btree entry holds at most about 2,700 bytes,
+/// and a key's JSON text can be several times its values (a control character takes six).
+/// Keeping such a key's clock used to fail, and with it every trim after. A JSON text starts
+/// with `{`, so a digest never equals a key. Only such keys take the digest's statements.
+/// (The upgrade from 0.1.0 turns the long keys it kept into digests.)
+const KEY_AT_MOST: usize = 2000;
 
 /// The clocks of the local versions of rows, for the `latest` rule: those of this batch's own
 /// changes, else the latest change to each row still in the change log, else
@@ -269,16 +261,19 @@ impl Clocks {
         let mine = self.txn.get(&k).and_then(|r| r.of(columns)).max(applied_clock(&k, columns));
         // Kept clocks count too: a trimmed change, or a parked transaction a retry applied.
         let cols: Option<Vec<String>> = columns.map(|c| c.iter().map(|s| s.to_string()).collect());
-        let kept = Spi::get_two_with_args::<i64, i32>(
-            concat!(
-                "SELECT hlc, origin FROM rbucardo.row_clock
-                  WHERE relid = pg_catalog.to_regclass(pg_catalog.format('%I.%I', $1::text, $2::text)) AND key = ",
-                kept_key!("$3::text"),
-                " AND (col = '*' OR $4::text[] IS NULL OR col = ANY ($4::text[]))
-                  ORDER BY hlc DESC, origin DESC LIMIT 1"
-            ),
-            &[desc.schema.as_str().into(), desc.name.as_str().into(), k.2.as_str().into(), cols.into()],
-        )
+        let sql = if k.2.len() > KEY_AT_MOST {
+            "SELECT hlc, origin FROM rbucardo.row_clock
+              WHERE relid = pg_catalog.to_regclass(pg_catalog.format('%I.%I', $1::text, $2::text))
+                AND key = 'sha256:' OPERATOR(pg_catalog.||) pg_catalog.encode(pg_catalog.sha256(pg_catalog.convert_to($3::text, pg_catalog.getdatabaseencoding())), 'hex')
+                AND (col = '*' OR $4::text[] IS NULL OR col = ANY ($4::text[]))
+              ORDER BY hlc DESC, origin DESC LIMIT 1"
+        } else {
+            "SELECT hlc, origin FROM rbucardo.row_clock
+              WHERE relid = pg_catalog.to_regclass(pg_catalog.format('%I.%I', $1::text, $2::text)) AND key = $3
+                AND (col = '*' OR $4::text[] IS NULL OR col = ANY ($4::text[]))
+              ORDER BY hlc DESC, origin DESC LIMIT 1"
+        };
+        let kept = Spi::get_two_with_args::<i64, i32>(sql, &[desc.schema.as_str().into(), desc.name.as_str().into(), k.2.as_str().into(), cols.into()])
         .ok()
         .and_then(|(h, o)| Some((h?, o?)));
         logged.max(mine).max(kept)
@@ -383,7 +378,6 @@ fn absorb_into(rows: &mut HashMap<Key, (RowClock, i64)>, gathered: Gathered) {
 /// The latest clock of every row changed by the change log rows that `where_sql` selects,
 /// handed to `take` whenever `limit` rows are held, and once at the end.
 fn read_logged(me: i32, where_sql: &str, args: &[pgrx::datum::DatumWithOid], limit: usize, mut take: impl FnMut(Gathered)) {
-    let _path = crate::base::xact::LocalSetting::pinned_search_path();
     let mut gathered = Gathered::default();
     // Each log row's bytes are read (and detoasted) in a context emptied after the row: a trim
     // of a bulk load, thousands of 8 MB chunks, holds one of them at a time.
@@ -457,38 +451,30 @@ pub fn remember(chunks: &[Vec<u8>], hlc: i64, origin: i32) {
     store(gathered);
 }
 
-/// The oid of table `schema.name`, as `to_regclass` of the quoted name finds it (None: there
-/// is none, or a name holds a NUL byte). From the catalog caches, without a statement.
-fn relid_of(schema: &str, name: &str) -> Option<pg_sys::Oid> {
-    let (schema, name) = (std::ffi::CString::new(schema).ok()?, std::ffi::CString::new(name).ok()?);
-    // SAFETY: catalog cache lookups with NUL-terminated names, inside a transaction; missing
-    // ones give InvalidOid (missing_ok), no error.
-    let relid = unsafe {
-        let nsp = pg_sys::get_namespace_oid(schema.as_ptr(), true);
-        if nsp == pg_sys::InvalidOid { pg_sys::InvalidOid } else { pg_sys::get_relname_relid(name.as_ptr(), nsp) }
-    };
-    (relid != pg_sys::InvalidOid).then_some(relid)
-}
-
-/// Keeps row clocks in `row_clock`, per column as they were gathered, in one statement
-/// (prepared once per backend). Each table is resolved once (resolving the name per clock
-/// cost about as much as keeping the clock). Tables go in name order and the keys of each in
-/// order: two stores at once (a trim, a retry) lock row clocks in one order, and each lands
-/// next to the one before in the index. (Should stores of several parts still deadlock, one
-/// transaction is aborted and done again later: nothing is lost.)
+/// Keeps row clocks in `row_clock`, per column as they were gathered. One statement per
+/// table, which is resolved once (resolving the name per clock cost about as much as keeping
+/// the clock), with the keys in order: each lands next to the one before in the index.
 fn store(mut gathered: Gathered) {
-    // Also run from an operator's session (remove_db's trim, exception_retry's `remember`).
-    let _path = crate::base::xact::LocalSetting::pinned_search_path();
+    // Tables in name order: two stores at once (a trim and a retry) lock row clocks in the
+    // same order, at least within one part each. (Should stores of several parts still
+    // deadlock, one transaction is aborted and done again later: nothing is lost.)
     gathered.tables.sort_unstable_by(|a, b| (&a.schema, &a.name).cmp(&(&b.schema, &b.name)));
-    let (mut relids, mut keys, mut cols, mut hlcs, mut origins) = (vec![], vec![], vec![], vec![], vec![]);
     for table in gathered.tables {
         if table.rows.is_empty() {
             continue;
         }
         // A table dropped since keeps no clocks.
-        let Some(relid) = relid_of(&table.schema, &table.name) else { continue };
+        let Ok(Some(relid)) = Spi::get_one_with_args::<pg_sys::Oid>(
+            "SELECT pg_catalog.to_regclass(pg_catalog.format('%I.%I', $1::text, $2::text))::pg_catalog.oid",
+            &[table.schema.as_str().into(), table.name.as_str().into()],
+        ) else {
+            continue;
+        };
         let mut rows: Vec<(String, RowClock)> = table.rows.into_iter().map(|(k, (clock, _))| (k, clock)).collect();
         rows.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+        // Keys too long for the index (rare) are kept by their digest, in a statement of their own.
+        let (mut keys, mut cols, mut hlcs, mut origins) = (vec![], vec![], vec![], vec![]);
+        let (mut long_keys, mut long_cols, mut long_hlcs, mut long_origins) = (vec![], vec![], vec![], vec![]);
         for (k, mut clock) in rows {
             // A column named `*` shares the whole row's entry (a lookup reads it as such): one
             // entry, or the statement would update the same row twice and fail every trim.
@@ -496,35 +482,46 @@ fn store(mut gathered: Gathered) {
                 clock.all = clock.all.max(Some(star));
             }
             // Columns in order too (a row's are in a map).
-            let mut cols_of: Vec<(String, Clock)> = clock.cols.into_iter().collect();
-            cols_of.sort_unstable();
-            let entries = clock.all.map(|c| ("*".to_string(), c)).into_iter().chain(cols_of);
+            let mut by_col: Vec<(String, Clock)> = clock.cols.into_iter().collect();
+            by_col.sort_unstable();
+            let entries = clock.all.map(|c| ("*".to_string(), c)).into_iter().chain(by_col);
+            let long = k.len() > KEY_AT_MOST;
             for (col, (h, o)) in entries {
-                relids.push(relid);
-                keys.push(k.clone());
-                cols.push(col);
-                hlcs.push(h);
-                origins.push(o);
+                if long {
+                    long_keys.push(k.clone());
+                    long_cols.push(col);
+                    long_hlcs.push(h);
+                    long_origins.push(o);
+                } else {
+                    keys.push(k.clone());
+                    cols.push(col);
+                    hlcs.push(h);
+                    origins.push(o);
+                }
             }
         }
-    }
-    if keys.is_empty() {
-        return;
-    }
-    crate::base::plans::run(
-        concat!(
+        Spi::run_with_args(
             "INSERT INTO rbucardo.row_clock AS r (relid, key, col, hlc, origin)
-             SELECT u.r, ",
-            kept_key!("u.k"),
-            ", u.c, u.h, u.o FROM unnest($1::pg_catalog.oid[], $2::pg_catalog.text[], $3::pg_catalog.text[], $4::pg_catalog.int8[], $5::pg_catalog.int4[]) AS u(r, k, c, h, o)  -- several arrays: FROM-clause syntax, not a function
+             SELECT $1, u.k, u.c, u.h, u.o FROM unnest($2::text[], $3::text[], $4::bigint[], $5::int[]) AS u(k, c, h, o)  -- several arrays: FROM-clause syntax, not a function
              ON CONFLICT (relid, key, col) DO UPDATE SET hlc = EXCLUDED.hlc, origin = EXCLUDED.origin
-              WHERE (EXCLUDED.hlc, EXCLUDED.origin) OPERATOR(pg_catalog.>) (r.hlc, r.origin)"
-        ),
-        &[pg_sys::OIDARRAYOID, pg_sys::TEXTARRAYOID, pg_sys::TEXTARRAYOID, pg_sys::INT8ARRAYOID, pg_sys::INT4ARRAYOID],
-        &[relids.into(), keys.into(), cols.into(), hlcs.into(), origins.into()],
-        |_| (),
-    );
+              WHERE (EXCLUDED.hlc, EXCLUDED.origin) > (r.hlc, r.origin)",
+            &[relid.into(), keys.into(), cols.into(), hlcs.into(), origins.into()],
+        )
+        .expect("keeping row clocks");
+        if !long_keys.is_empty() {
+            Spi::run_with_args(
+                "INSERT INTO rbucardo.row_clock AS r (relid, key, col, hlc, origin)
+                 SELECT $1, 'sha256:' OPERATOR(pg_catalog.||) pg_catalog.encode(pg_catalog.sha256(pg_catalog.convert_to(u.k, pg_catalog.getdatabaseencoding())), 'hex'), u.c, u.h, u.o
+                   FROM unnest($2::text[], $3::text[], $4::bigint[], $5::int[]) AS u(k, c, h, o)
+                 ON CONFLICT (relid, key, col) DO UPDATE SET hlc = EXCLUDED.hlc, origin = EXCLUDED.origin
+                  WHERE (EXCLUDED.hlc, EXCLUDED.origin) > (r.hlc, r.origin)",
+                &[relid.into(), long_keys.into(), long_cols.into(), long_hlcs.into(), long_origins.into()],
+            )
+            .expect("keeping row clocks");
+        }
+    }
 }
+
 
 #[cfg(test)]
 mod tests {

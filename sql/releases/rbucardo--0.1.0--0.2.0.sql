@@ -600,6 +600,11 @@ ALTER TABLE rbucardo.herd_table ENABLE ALWAYS TRIGGER config_changed, ENABLE ALW
 -- trims.
 ALTER TABLE rbucardo.row_clock ALTER COLUMN key TYPE text COLLATE "C", ALTER COLUMN col TYPE text COLLATE "C";
 -- A key over 2000 bytes is kept as its digest (src/log/clocks.rs, `KEY_AT_MOST`): one 0.1.0
--- kept whole (short enough once compressed) is looked up by its digest from now on.
-UPDATE rbucardo.row_clock SET key = 'sha256:' || encode(sha256(convert_to(key, getdatabaseencoding())), 'hex')
- WHERE octet_length(key) > 2000;
+-- kept whole (short enough once compressed) is merged into its digest's row, which the new
+-- library may have written already, the larger clock staying.
+INSERT INTO rbucardo.row_clock AS r (relid, key, col, hlc, origin)
+SELECT relid, 'sha256:' || encode(sha256(convert_to(key, getdatabaseencoding())), 'hex'), col, hlc, origin
+  FROM rbucardo.row_clock WHERE octet_length(key) > 2000
+    ON CONFLICT (relid, key, col) DO UPDATE SET hlc = EXCLUDED.hlc, origin = EXCLUDED.origin
+ WHERE (EXCLUDED.hlc, EXCLUDED.origin) > (r.hlc, r.origin);
+DELETE FROM rbucardo.row_clock WHERE octet_length(key) > 2000;

@@ -264,7 +264,8 @@ impl Clocks {
         let sql = if k.2.len() > KEY_AT_MOST {
             "SELECT hlc, origin FROM rbucardo.row_clock
               WHERE relid = pg_catalog.to_regclass(pg_catalog.format('%I.%I', $1::text, $2::text))
-                AND key = 'sha256:' OPERATOR(pg_catalog.||) pg_catalog.encode(pg_catalog.sha256(pg_catalog.convert_to($3::text, pg_catalog.getdatabaseencoding())), 'hex')
+                AND key IN ('sha256:' OPERATOR(pg_catalog.||) pg_catalog.encode(pg_catalog.sha256(pg_catalog.convert_to($3::text, pg_catalog.getdatabaseencoding())), 'hex'),
+                            $3::text)  -- as 0.1.0 kept it, until the upgrade digests it
                 AND (col = '*' OR $4::text[] IS NULL OR col = ANY ($4::text[]))
               ORDER BY hlc DESC, origin DESC LIMIT 1"
         } else {

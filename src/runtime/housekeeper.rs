@@ -176,18 +176,9 @@ fn periodic(me_id: i32, report_due: &mut Option<Instant>) {
         }
         Err(e) => log!("rbucardo housekeeper: checking peer retention failed: {e}"),
     }
-    // Parked transactions may apply now that later ones have arrived.
-    if let Err(e) = slow.time("retries", || in_txn(move || crate::apply::retry::retry_open(me_id, None))) {
-        log!("rbucardo housekeeper: retrying parked transactions failed: {e}");
-    }
-    // Retention of the conflict log and of resolved exceptions, in small batches.
-    let days = CONFLICT_RETENTION_DAYS.get();
-    if days > 0 {
-        if let Err(e) = slow.time("pruning", || in_txn(move || (crate::apply::conflicts::prune(days, PRUNE_BATCH), crate::apply::exceptions::prune(days, PRUNE_BATCH)))) {
-            log!("rbucardo housekeeper: pruning the conflict log failed: {e}");
-        }
-    }
-    // The report the worker's links hand to peers (reading it costs them nothing).
+    // The report the worker's links hand to peers (reading it costs them nothing). Before
+    // the retries, which may wait on a lock for a while: a report a minute old is one links
+    // make again themselves.
     // (Skipped on a catalog not yet updated to this version, which lacks the function.)
     let report = || {
         if Spi::get_one::<bool>("SELECT pg_catalog.to_regproc('rbucardo.refresh_own_report') IS NOT NULL").ok().flatten() == Some(true) {
@@ -204,6 +195,17 @@ fn periodic(me_id: i32, report_due: &mut Option<Instant>) {
                 None
             }
         };
+    }
+    // Parked transactions may apply now that later ones have arrived.
+    if let Err(e) = slow.time("retries", || in_txn(move || crate::apply::retry::retry_open(me_id, None))) {
+        log!("rbucardo housekeeper: retrying parked transactions failed: {e}");
+    }
+    // Retention of the conflict log and of resolved exceptions, in small batches.
+    let days = CONFLICT_RETENTION_DAYS.get();
+    if days > 0 {
+        if let Err(e) = slow.time("pruning", || in_txn(move || (crate::apply::conflicts::prune(days, PRUNE_BATCH), crate::apply::exceptions::prune(days, PRUNE_BATCH)))) {
+            log!("rbucardo housekeeper: pruning the conflict log failed: {e}");
+        }
     }
     slow.report("rbucardo housekeeper: slow steps");
 }

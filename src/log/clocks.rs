@@ -209,7 +209,7 @@ fn refresh(me: i32) {
 /// and a key's JSON text can be several times its values (a control character takes six).
 /// Keeping such a key's clock used to fail, and with it every trim after. A JSON text starts
 /// with `{`, so a digest never equals a key. Only such keys take the digest's statements.
-/// (The upgrade from 0.1.0 turns the long keys it kept into digests.)
+/// (The upgrade from 0.1.0 merges the long keys it kept into their digests.)
 const KEY_AT_MOST: usize = 2000;
 
 /// The clocks of the local versions of rows, for the `latest` rule: those of this batch's own
@@ -474,8 +474,7 @@ fn store(mut gathered: Gathered) {
         let mut rows: Vec<(String, RowClock)> = table.rows.into_iter().map(|(k, (clock, _))| (k, clock)).collect();
         rows.sort_unstable_by(|a, b| a.0.cmp(&b.0));
         // Keys too long for the index (rare) are kept by their digest, in a statement of their own.
-        let (mut keys, mut cols, mut hlcs, mut origins) = (vec![], vec![], vec![], vec![]);
-        let (mut long_keys, mut long_cols, mut long_hlcs, mut long_origins) = (vec![], vec![], vec![], vec![]);
+        let (mut short, mut long) = (Entries::default(), Entries::default());
         for (k, mut clock) in rows {
             // A column named `*` shares the whole row's entry (a lookup reads it as such): one
             // entry, or the statement would update the same row twice and fail every trim.
@@ -485,44 +484,47 @@ fn store(mut gathered: Gathered) {
             // Columns in order too (a row's are in a map).
             let mut by_col: Vec<(String, Clock)> = clock.cols.into_iter().collect();
             by_col.sort_unstable();
-            let entries = clock.all.map(|c| ("*".to_string(), c)).into_iter().chain(by_col);
-            let long = k.len() > KEY_AT_MOST;
-            for (col, (h, o)) in entries {
-                if long {
-                    long_keys.push(k.clone());
-                    long_cols.push(col);
-                    long_hlcs.push(h);
-                    long_origins.push(o);
-                } else {
-                    keys.push(k.clone());
-                    cols.push(col);
-                    hlcs.push(h);
-                    origins.push(o);
-                }
+            let to = if k.len() > KEY_AT_MOST { &mut long } else { &mut short };
+            for (col, (h, o)) in clock.all.map(|c| ("*".to_string(), c)).into_iter().chain(by_col) {
+                to.keys.push(k.clone());
+                to.cols.push(col);
+                to.hlcs.push(h);
+                to.origins.push(o);
             }
         }
-        Spi::run_with_args(
-            "INSERT INTO rbucardo.row_clock AS r (relid, key, col, hlc, origin)
-             SELECT $1, u.k, u.c, u.h, u.o FROM unnest($2::text[], $3::text[], $4::bigint[], $5::int[]) AS u(k, c, h, o)  -- several arrays: FROM-clause syntax, not a function
-             ON CONFLICT (relid, key, col) DO UPDATE SET hlc = EXCLUDED.hlc, origin = EXCLUDED.origin
-              WHERE (EXCLUDED.hlc, EXCLUDED.origin) > (r.hlc, r.origin)",
-            &[relid.into(), keys.into(), cols.into(), hlcs.into(), origins.into()],
-        )
-        .expect("keeping row clocks");
-        if !long_keys.is_empty() {
-            Spi::run_with_args(
-                "INSERT INTO rbucardo.row_clock AS r (relid, key, col, hlc, origin)
-                 SELECT $1, 'sha256:' OPERATOR(pg_catalog.||) pg_catalog.encode(pg_catalog.sha256(pg_catalog.convert_to(u.k, pg_catalog.getdatabaseencoding())), 'hex'), u.c, u.h, u.o
-                   FROM unnest($2::text[], $3::text[], $4::bigint[], $5::int[]) AS u(k, c, h, o)
-                 ON CONFLICT (relid, key, col) DO UPDATE SET hlc = EXCLUDED.hlc, origin = EXCLUDED.origin
-                  WHERE (EXCLUDED.hlc, EXCLUDED.origin) > (r.hlc, r.origin)",
-                &[relid.into(), long_keys.into(), long_cols.into(), long_hlcs.into(), long_origins.into()],
-            )
-            .expect("keeping row clocks");
-        }
+        short.upsert(relid, "u.k");
+        long.upsert(relid, "'sha256:' OPERATOR(pg_catalog.||) pg_catalog.encode(pg_catalog.sha256(pg_catalog.convert_to(u.k, pg_catalog.getdatabaseencoding())), 'hex')");
     }
 }
 
+/// Row clock entries of one table, as the arrays `store` upserts.
+#[derive(Default)]
+struct Entries {
+    keys: Vec<String>,
+    cols: Vec<String>,
+    hlcs: Vec<i64>,
+    origins: Vec<i32>,
+}
+
+impl Entries {
+    /// Upserts the entries (if any) into `row_clock`, each key kept as the SQL `key_sql` of
+    /// its text `u.k` makes it; the larger clock stays.
+    fn upsert(self, relid: pg_sys::Oid, key_sql: &str) {
+        if self.keys.is_empty() {
+            return;
+        }
+        Spi::run_with_args(
+            &format!(
+                "INSERT INTO rbucardo.row_clock AS r (relid, key, col, hlc, origin)
+                 SELECT $1, {key_sql}, u.c, u.h, u.o FROM unnest($2::text[], $3::text[], $4::bigint[], $5::int[]) AS u(k, c, h, o)  -- several arrays: FROM-clause syntax, not a function
+                 ON CONFLICT (relid, key, col) DO UPDATE SET hlc = EXCLUDED.hlc, origin = EXCLUDED.origin
+                  WHERE (EXCLUDED.hlc, EXCLUDED.origin) > (r.hlc, r.origin)"
+            ),
+            &[relid.into(), self.keys.into(), self.cols.into(), self.hlcs.into(), self.origins.into()],
+        )
+        .expect("keeping row clocks");
+    }
+}
 
 #[cfg(test)]
 mod tests {

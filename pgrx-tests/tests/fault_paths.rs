@@ -280,6 +280,44 @@ fn a_transaction_larger_than_a_batch_travels_in_parts() {
     }
 }
 
+/// A backlog of about 2 MB each way, made while branch1 was cut off, arrives in apply
+/// transactions of about 256 KB: branch1 applies what it pulls from main in slices of the
+/// fetched batch, main what branch1 pushes in small batches. In one transaction, every update
+/// of a hot row walked the versions the batch had made before (docs/performance.md). Every
+/// node ends with every row and both hot rows' every sale.
+#[test]
+fn a_backlog_is_applied_in_bounded_transactions_and_converges() {
+    let cluster = start_store("fault_slices", Topology::Star);
+    cluster.node(MAIN).sql(DB, "INSERT INTO products (id, name, stock) VALUES (31, 'hot main', 10000), (32, 'hot branch1', 10000)");
+    wait_all(&cluster, &ALL, "the hot rows everywhere", "SELECT count(*) FROM products WHERE id IN (31, 32)", "2");
+    cluster.link(BRANCH1, MAIN).cut();
+    for (node, tag, product) in [(MAIN, 3, 31), (BRANCH1, 4, 32)] {
+        for t in 0..40 {
+            let first = tag * 100_000 + t * 50;
+            cluster.node(node).sql(
+                DB,
+                &format!(
+                    "BEGIN;
+                     INSERT INTO bulk (id, tag, payload) SELECT i, {tag}, repeat(md5(i::text), 32) FROM generate_series({first}, {first} + 49) i;
+                     UPDATE products SET stock = stock - 1 WHERE id = {product};
+                     COMMIT"
+                ),
+            );
+        }
+    }
+    cluster.link(BRANCH1, MAIN).restore();
+    let sum = "SELECT count(*) || ' ' || md5(string_agg(id || ' ' || tag || ' ' || payload, ',' ORDER BY id)) FROM bulk";
+    wait_all(&cluster, &ALL, "both backlogs everywhere", "SELECT count(*) FROM bulk", "4000");
+    let want = one(&cluster, MAIN, sum);
+    wait_all(&cluster, &ALL, "the same rows everywhere", sum, &want);
+    wait_all(&cluster, &ALL, "every sale of both hot rows", "SELECT string_agg(id || ':' || stock, ' ' ORDER BY id) FROM products WHERE id IN (31, 32)", "31:9960 32:9960");
+    // Transactions that applied each backlog where it arrived: one per 8 MB batch before.
+    for (node, tag, how) in [(BRANCH1, 3, "pulled from main"), (MAIN, 4, "pushed by branch1")] {
+        let txns: i64 = one(&cluster, node, &format!("SELECT count(DISTINCT xmin::text) FROM bulk WHERE tag = {tag}")).parse().unwrap();
+        assert!(txns >= 4, "{}: the 2 MB {how} was applied in {txns} transaction(s)", NODE_NAMES[node]);
+    }
+}
+
 /// main takes transactions of at most 16 MB from its peers. branch1 makes one of about 40 MB,
 /// then a small one. The stream from branch1 stops at the large one, visibly in main's status,
 /// and nothing after it is applied (it is not skipped); once the limit is raised, both arrive.

@@ -176,6 +176,32 @@ pub struct Batch {
     pub complete: bool,
 }
 
+impl Batch {
+    /// The batch as consecutive batches of about `bytes` of chunks each (one transaction at
+    /// least), to be applied in transactions of their own: each ends where its last
+    /// transaction is in the stream, the last where the whole batch ends, and only that one
+    /// says whether the sender's stream is complete. A batch carrying a part stays whole.
+    pub fn slices(self, bytes: usize) -> Vec<Batch> {
+        if self.txns.iter().any(|t| t.part.is_some()) {
+            return vec![self];
+        }
+        let Batch { sender, mut after, upto, txns, complete } = self;
+        let mut out = Vec::new();
+        let (mut slice, mut size) = (Vec::new(), 0);
+        for t in txns {
+            let len: usize = t.chunks.iter().map(Vec::len).sum();
+            if let Some(last) = slice.last().filter(|_| size + len > bytes).map(|t: &Txn| t.stream_pos) {
+                out.push(Batch { sender, after, upto: last, txns: std::mem::take(&mut slice), complete: false });
+                (after, size) = (last, 0);
+            }
+            size += len;
+            slice.push(t);
+        }
+        out.push(Batch { sender, after, upto, txns: slice, complete });
+        out
+    }
+}
+
 const MAGIC: &[u8; 4] = b"RBC3";
 const HEADER_LEN: usize = 12;
 
@@ -385,6 +411,32 @@ mod tests {
         assert!(ddl(Some(vec![None, Some("public".into()), Some("odoo".into())]), vec![]).is_err());
         assert!(ddl(Some(vec![Some("x".into()), Some("public".into())]), vec![]).is_err());
         assert!(ddl(good, vec!["id".into()]).is_err());
+    }
+
+    /// A pulled batch applied in slices: each starts where the one before ends, covers its
+    /// transactions in order, and only the last ends where the batch did, complete or not.
+    #[test]
+    fn slices_follow_on_and_end_where_the_batch_ends() {
+        let one = sample().txns.remove(0);
+        let len = one.chunks[0].len();
+        let txn = |seq| Txn { stream_pos: Position { tick: 2, seq }, ..one.clone() };
+        let batch = Batch { txns: (10..15).map(txn).collect(), upto: Position { tick: 3, seq: WHOLE_TICK }, ..sample() };
+        let slices = batch.clone().slices(2 * len);
+        assert_eq!(slices.iter().map(|s| s.txns.len()).collect::<Vec<_>>(), vec![2, 2, 1]);
+        assert_eq!(slices[0].after, batch.after);
+        assert_eq!((slices[0].upto, slices[1].after), (Position { tick: 2, seq: 11 }, Position { tick: 2, seq: 11 }));
+        assert_eq!((slices[1].upto, slices[2].after), (Position { tick: 2, seq: 13 }, Position { tick: 2, seq: 13 }));
+        assert_eq!((slices[2].upto, slices.iter().map(|s| s.complete).collect::<Vec<_>>()), (batch.upto, vec![false, false, true]));
+        assert_eq!(slices.iter().flat_map(|s| s.txns.clone()).collect::<Vec<_>>(), batch.txns);
+        // One transaction larger than a slice is a slice of its own; an empty batch stays one.
+        assert_eq!(batch.clone().slices(1).len(), 5);
+        let empty = Batch { txns: vec![], ..batch.clone() };
+        assert_eq!(empty.clone().slices(1), vec![empty]);
+        // A part is never split off from its batch's end.
+        let mut parted = batch.clone();
+        parted.txns.truncate(1);
+        parted.txns[0].part = Some(Part { start: 0, end: 1, more: true });
+        assert_eq!(parted.clone().slices(1), vec![parted]);
     }
 
     #[test]

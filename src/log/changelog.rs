@@ -809,15 +809,22 @@ fn list_far(lo: i64, hi: i64, plast: i64, first: &Snapshot) -> (Vec<Listed>, Opt
     (listed, cut)
 }
 
-/// Reads this node's stream after `after` into a batch of at most about `max_bytes` for the
-/// peer `to`, leaving out what originates there or was received from there, and changes to
-/// tables not in a sync shared with it (`policy`). A transaction bigger than `max_bytes`
-/// travels in parts of about `max_bytes`, each alone in its batch; `resume` is where the
+/// How much a batch holds: transactions are added while it holds less than about `fill`
+/// bytes; one larger than `max` travels in parts of about `max`, each alone in its batch.
+#[derive(Clone, Copy, Debug)]
+pub struct BatchSize {
+    pub fill: usize,
+    pub max: usize,
+}
+
+/// Reads this node's stream after `after` into a batch of about `size` for the peer `to`,
+/// leaving out what originates there or was received from there, and changes to tables not
+/// in a sync shared with it (`policy`). `resume` is where the
 /// peer's parts of the next one end, when it holds some: (that transaction's position, the
 /// number of its chunks it has). It reads up to tick `newest_tick` (`ensure_tick` or
 /// `served_tick`).
-pub fn read_batch(me: i32, after: Position, to: i32, max_bytes: usize, policy: &PeerPolicy, resume: Option<(Position, u32)>, newest_tick: i64) -> Batch {
-    let mut b = Builder { me, to, max_bytes, policy, resume, pos: after, txns: Vec::new(), bytes: 0 };
+pub fn read_batch(me: i32, after: Position, to: i32, size: BatchSize, policy: &PeerPolicy, resume: Option<(Position, u32)>, newest_tick: i64) -> Batch {
+    let mut b = Builder { me, to, size, policy, resume, pos: after, txns: Vec::new(), bytes: 0 };
     let mut complete = false;
     'ticks: loop {
         let (k, from_seq) = if b.pos.seq == WHOLE_TICK { (b.pos.tick + 1, -1) } else { (b.pos.tick, b.pos.seq) };
@@ -827,7 +834,7 @@ pub fn read_batch(me: i32, after: Position, to: i32, max_bytes: usize, policy: &
         }
         // From a tick's start, several ticks at once; within a tick (after a batch that ended
         // in it) tick by tick, whose query starts at the seq reached.
-        let span = if from_seq == -1 { read_span(me, k - 1, newest_tick, to, max_bytes.saturating_sub(b.bytes)) } else { None };
+        let span = if from_seq == -1 { read_span(me, k - 1, newest_tick, to, size.fill.saturating_sub(b.bytes)) } else { None };
         if let Some(span) = span {
             for (tick, seq, t) in span.txns {
                 let at = Position { tick, seq };
@@ -847,7 +854,7 @@ pub fn read_batch(me: i32, after: Position, to: i32, max_bytes: usize, policy: &
         }
         let mut seq = from_seq;
         loop {
-            let part = read_tick(k, seq, 1000, max_bytes.saturating_sub(b.bytes));
+            let part = read_tick(k, seq, 1000, size.fill.saturating_sub(b.bytes));
             if part.is_empty() {
                 break;
             }
@@ -873,7 +880,7 @@ fn not_for(to: i32, origin: i32, via: Option<i32>, only_for: Option<i32>) -> boo
 struct Builder<'a> {
     me: i32,
     to: i32,
-    max_bytes: usize,
+    size: BatchSize,
     policy: &'a PeerPolicy,
     resume: Option<(Position, u32)>,
     /// Where the batch ends so far.
@@ -892,8 +899,8 @@ impl Builder<'_> {
             Some((p, have)) if p == at => (have as usize).min(n - 1),
             _ => 0,
         };
-        let whole = start == 0 && size <= self.max_bytes;
-        if !self.txns.is_empty() && (!whole || self.bytes + size > self.max_bytes) {
+        let whole = start == 0 && size <= self.size.max;
+        if !self.txns.is_empty() && (!whole || self.bytes + size > self.size.fill) {
             return false;
         }
         let origin = t.origin.unwrap_or(self.me);
@@ -916,7 +923,7 @@ impl Builder<'_> {
         // before it.
         let mut end = start + 1;
         let mut part_bytes = t.len(start);
-        while end < n && part_bytes + t.len(end) <= self.max_bytes {
+        while end < n && part_bytes + t.len(end) <= self.size.max {
             part_bytes += t.len(end);
             end += 1;
         }

@@ -230,14 +230,20 @@ impl Clocks {
     /// transaction, for every applier.
     pub fn commit_txn(&mut self) {
         let xid = top_xid();
-        let txn = std::mem::take(&mut self.txn);
         APPLIED.with(|a| {
             let mut a = a.borrow_mut();
             if a.0 != xid {
                 *a = (xid, HashMap::new());
             }
-            for (k, c) in txn {
-                a.1.entry(k).or_default().absorb(&c);
+            // Drained, so the next transaction reuses the map; a row first changed here (most
+            // rows) moves its clocks over instead of copying them.
+            for (k, c) in self.txn.drain() {
+                match a.1.entry(k) {
+                    std::collections::hash_map::Entry::Occupied(mut e) => e.get_mut().absorb(&c),
+                    std::collections::hash_map::Entry::Vacant(e) => {
+                        e.insert(c);
+                    }
+                }
             }
         });
     }

@@ -14,9 +14,16 @@ use crate::base::error::raise;
 use crate::base::node::{self, me_or_raise};
 use crate::base::plans;
 use crate::base::wire::{decode_batch, encode_batch, Position};
+use crate::log::changelog::BatchSize;
 
 /// A batch is filled up to about this many bytes.
 pub const BATCH_BYTES: usize = 8 << 20;
+/// One apply transaction holds about this many bytes of changes: a pushed batch is filled to
+/// it (the peer applies it in one transaction), a pulled one applied in slices of it. Every
+/// version a transaction makes of a row stays on its page and in its index until the
+/// transaction ends: each update of a hot row (pgbench's ten branch rows, a shop's stock
+/// counters) walked all the versions before it in the batch (docs/performance.md).
+pub const APPLY_BYTES: usize = 256 << 10;
 /// A batch larger than this is refused unread (a transaction larger than BATCH_BYTES travels
 /// alone, up to this size).
 pub const MAX_BATCH_BYTES: usize = 512 << 20;
@@ -174,7 +181,7 @@ fn peer_fetch(peer_name: &str, after_tick: i64, after_seq: i64, max_bytes: i32, 
     let policy = node::peer_policy(peer_name);
     let held = (held_chunks > 0).then_some((Position { tick: held_tick, seq: held_seq }, held_chunks as u32));
     let newest = crate::log::changelog::served_tick();
-    let batch = crate::log::changelog::read_batch(me.id, after, node, limit, &policy, held, newest);
+    let batch = crate::log::changelog::read_batch(me.id, after, node, BatchSize { fill: limit, max: limit }, &policy, held, newest);
     // Nothing more for the peer: it may not fetch again for a while, so what it confirmed is
     // written now (unless the row is busy: a lower bound, written by a later fetch).
     if !noted && batch.txns.is_empty() {

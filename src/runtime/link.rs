@@ -11,7 +11,8 @@ use crate::base::plans;
 use crate::base::pq::{Param, PeerConn};
 use crate::base::wire::{decode_batch, encode_batch, Batch, Position};
 use crate::base::xact::in_txn;
-use crate::runtime::endpoints::{record_confirmed, BATCH_BYTES, MAX_BATCH_BYTES};
+use crate::log::changelog::BatchSize;
+use crate::runtime::endpoints::{record_confirmed, APPLY_BYTES, BATCH_BYTES, MAX_BATCH_BYTES};
 
 /// How long one remote call may take before the link is considered dead.
 const CALL_TIMEOUT: Duration = Duration::from_secs(120);
@@ -27,6 +28,8 @@ const CONFIRM_AFTER: Duration = Duration::from_millis(300);
 const PULL_AT_LEAST_EVERY: Duration = Duration::from_secs(2);
 /// What a fetch says of the parts of a large transaction this node holds when it holds none.
 const NO_PARTS_HELD: (Position, u32) = (Position { tick: 0, seq: 0 }, 0);
+/// A pushed batch: the peer applies it in one transaction (`APPLY_BYTES`).
+const PUSH_SIZE: BatchSize = BatchSize { fill: APPLY_BYTES, max: BATCH_BYTES };
 /// How long the position a pull's own apply left the peer's stream at is trusted as the start
 /// of the next pull, without reading it again (`Link::applied_to`).
 const APPLIED_TO_TRUSTED: Duration = Duration::from_secs(1);
@@ -226,14 +229,19 @@ impl Link {
             // would cost the sender a fetch for nothing (a hub serves many peers per round).
             let empty = batch.txns.is_empty() || batch.complete;
             let parts = batch.txns.iter().any(|t| t.part.is_some());
-            let applied = in_txn(move || crate::apply::apply_batch(me_id, &name, peer_id, &batch))?;
-            total += applied.txns;
-            if applied.stopped.is_some() {
-                self.stopped = applied.stopped;
-                return Ok(total);
-            }
-            if let Some(n) = applied.applies.filter(|_| !parts) {
-                self.applied_to = Some((applied.cursor, generation, n, Instant::now()));
+            // In slices of APPLY_BYTES, each committed on its own: the fetch stays large (a
+            // call per 8 MB over a slow link), the apply transactions small.
+            for slice in batch.slices(APPLY_BYTES) {
+                let name = name.clone();
+                let applied = in_txn(move || crate::apply::apply_batch(me_id, &name, peer_id, &slice))?;
+                total += applied.txns;
+                if applied.stopped.is_some() {
+                    self.stopped = applied.stopped;
+                    return Ok(total);
+                }
+                if let Some(n) = applied.applies.filter(|_| !parts) {
+                    self.applied_to = Some((applied.cursor, generation, n, Instant::now()));
+                }
             }
             if empty {
                 return Ok(total);
@@ -266,7 +274,7 @@ impl Link {
         let batch = in_txn(move || {
             record_confirmed(&name, pos);
             let policy = node::peer_policy(&name);
-            crate::log::changelog::read_batch(me_id, pos, peer_id, BATCH_BYTES, &policy, held, crate::log::changelog::ensure_tick())
+            crate::log::changelog::read_batch(me_id, pos, peer_id, PUSH_SIZE, &policy, held, crate::log::changelog::ensure_tick())
         })?;
         Ok(Some(batch))
     }
@@ -382,7 +390,7 @@ impl Link {
                 let fetched = Position { tick: t.unwrap_or(0), seq: s.unwrap_or(0) };
                 let pos = pos.max(fetched);
                 let newest = crate::log::changelog::ensure_tick();
-                crate::log::changelog::read_batch(me_id, pos, peer_id, BATCH_BYTES, &node::peer_policy(&name), None, newest)
+                crate::log::changelog::read_batch(me_id, pos, peer_id, PUSH_SIZE, &node::peer_policy(&name), None, newest)
             })?;
             // Nothing to send: done, unless the peer has more than it confirmed and a moment
             // passed (its WAL is on disk by now): then ask it, which confirms the rest.
@@ -454,7 +462,7 @@ impl Link {
                 let held = batch.txns.last().and_then(|t| t.part.filter(|p| p.more).map(|p| (t.stream_pos, p.end)));
                 let next = (!empty && backlog).then(|| in_txn(move || {
                     let newest = crate::log::changelog::ensure_tick();
-                    crate::log::changelog::read_batch(me_id, upto, peer_id, BATCH_BYTES, &node::peer_policy(&name), held, newest)
+                    crate::log::changelog::read_batch(me_id, upto, peer_id, PUSH_SIZE, &node::peer_policy(&name), held, newest)
                 }));
                 let rows = self.conn()?.receive(CALL_TIMEOUT).map_err(|e| e.to_string())?;
                 let done = rows.first().and_then(|r| Some(Position { tick: r.i64(0)?, seq: r.i64(1)? })).ok_or("peer_push returned nothing")?;

@@ -2,7 +2,8 @@
 //! (its [`PeerPolicy`]), never from the batch. A batch is checked whole before anything of it
 //! is applied; one that asks for more than the peer may do is refused whole, and the stream
 //! from that peer waits until the operator changes the configuration (the next try of the same
-//! batch then passes).
+//! batch then passes). A pulled batch is applied in slices (src/runtime/link.rs), each a batch
+//! here: the slices before a refused one stay applied, and the stream waits at it.
 //!
 //! - Tables: only those in a herd of a sync shared with the peer; never rbucardo's own schema
 //!   or a system schema.

@@ -28,8 +28,17 @@ const CONFIRM_AFTER: Duration = Duration::from_millis(300);
 const PULL_AT_LEAST_EVERY: Duration = Duration::from_secs(2);
 /// What a fetch says of the parts of a large transaction this node holds when it holds none.
 const NO_PARTS_HELD: (Position, u32) = (Position { tick: 0, seq: 0 }, 0);
-/// A pushed batch: the peer applies it in one transaction (`APPLY_BYTES`).
-const PUSH_SIZE: BatchSize = BatchSize { fill: APPLY_BYTES, max: BATCH_BYTES };
+/// Bytes a pushed batch holds per second of the link's round trip, at least: the peer applies
+/// about 4 MB of changes a second here, so the wait for its answer stays under a fifth of it.
+const PUSH_BYTES_PER_RTT_SECOND: f64 = 20e6;
+
+/// How much a pushed batch holds over a link with round trip `rtt`: the peer applies it in one
+/// transaction, so about `APPLY_BYTES`; over a slow link more, up to `BATCH_BYTES` (a store
+/// catching up over a WAN would otherwise wait a round trip per 256 KB).
+fn push_size(rtt: Duration) -> BatchSize {
+    let fill = (rtt.as_secs_f64() * PUSH_BYTES_PER_RTT_SECOND) as usize;
+    BatchSize { fill: fill.clamp(APPLY_BYTES, BATCH_BYTES), max: BATCH_BYTES }
+}
 /// How long the position a pull's own apply left the peer's stream at is trusted as the start
 /// of the next pull, without reading it again (`Link::applied_to`).
 const APPLIED_TO_TRUSTED: Duration = Duration::from_secs(1);
@@ -67,6 +76,8 @@ pub struct Link {
     pulled_at: Option<Instant>,
     /// The peer told this node (NOTIFY) that its stream has grown since.
     notified: bool,
+    /// The shortest round trip to the peer seen when this connection was set up (`push_size`).
+    rtt: Duration,
     /// Where the last pull's own apply left the peer's stream here, cleanly (nothing stopped,
     /// no part of a large transaction in the batch), with the configuration generation, the
     /// count of batches applied in this database it reached (`signals::Applies`) and when.
@@ -95,16 +106,25 @@ impl Link {
         }
         let peer_name = peer.name.clone();
         in_txn(move || node::learn_peer_id(&peer_name, id))?;
-        // The peer applies what this node pushes in this session: READ COMMITTED, whatever its
-        // default (apply_batch refuses anything else).
-        conn.execute("SET default_transaction_isolation = 'read committed'", CALL_TIMEOUT).map_err(|e| e.to_string())?;
-        // The peer's backend serving this link compiles nothing to machine code: its queries
-        // run in milliseconds, JIT would cost 100-200 ms each (src/runtime/worker.rs).
-        conn.execute("SET jit = off", CALL_TIMEOUT).map_err(|e| e.to_string())?;
-        // What the peer's push endpoints pin anyway: set for the session, their transactions
-        // change no setting (src/runtime/endpoints.rs `push`).
-        conn.execute("SET search_path = pg_catalog, pg_temp", CALL_TIMEOUT).map_err(|e| e.to_string())?;
-        conn.execute("LISTEN rbucardo_changes", CALL_TIMEOUT).map_err(|e| e.to_string())?;
+        let setup = [
+            // The peer applies what this node pushes in this session: READ COMMITTED, whatever
+            // its default (apply_batch refuses anything else).
+            "SET default_transaction_isolation = 'read committed'",
+            // The peer's backend serving this link compiles nothing to machine code: its
+            // queries run in milliseconds, JIT would cost 100-200 ms each (src/runtime/worker.rs).
+            "SET jit = off",
+            // What the peer's push endpoints pin anyway: set for the session, their
+            // transactions change no setting (src/runtime/endpoints.rs `push`).
+            "SET search_path = pg_catalog, pg_temp",
+            "LISTEN rbucardo_changes",
+        ];
+        // Each is a round trip and next to no work: the shortest is the link's round trip.
+        let mut rtt = CALL_TIMEOUT;
+        for sql in setup {
+            let sent = Instant::now();
+            conn.execute(sql, CALL_TIMEOUT).map_err(|e| e.to_string())?;
+            rtt = rtt.min(sent.elapsed());
+        }
         Ok(Link {
             peer: peer.clone(),
             conn: Some(conn),
@@ -120,6 +140,7 @@ impl Link {
             report_next: None,
             pulled_at: None,
             notified: false,
+            rtt,
             applied_to: None,
         })
     }
@@ -233,9 +254,11 @@ impl Link {
             // call per 8 MB over a slow link), the apply transactions small.
             for slice in batch.slices(APPLY_BYTES) {
                 let name = name.clone();
-                let applied = in_txn(move || crate::apply::apply_batch(me_id, &name, peer_id, &slice))?;
+                // Only a clean apply leaves a position to start the next pull from.
+                let applied = in_txn(move || crate::apply::apply_batch(me_id, &name, peer_id, &slice)).inspect_err(|_| self.applied_to = None)?;
                 total += applied.txns;
                 if applied.stopped.is_some() {
+                    self.applied_to = None;
                     self.stopped = applied.stopped;
                     return Ok(total);
                 }
@@ -271,10 +294,11 @@ impl Link {
             self.stopped = Some(format!("{} stopped applying this node's stream: {why}", self.peer.name));
             return Ok(None);
         }
+        let size = push_size(self.rtt);
         let batch = in_txn(move || {
             record_confirmed(&name, pos);
             let policy = node::peer_policy(&name);
-            crate::log::changelog::read_batch(me_id, pos, peer_id, PUSH_SIZE, &policy, held, crate::log::changelog::ensure_tick())
+            crate::log::changelog::read_batch(me_id, pos, peer_id, size, &policy, held, crate::log::changelog::ensure_tick())
         })?;
         Ok(Some(batch))
     }
@@ -383,6 +407,7 @@ impl Link {
                 return Ok(0);
             }
             let (me_id, peer_id, name) = (me.id, self.peer_id, self.peer.name.clone());
+            let size = push_size(self.rtt);
             let batch = in_txn(move || {
                 // In a mesh the peer also pulls this stream: start from what it confirmed by
                 // fetching, when that is further.
@@ -390,7 +415,7 @@ impl Link {
                 let fetched = Position { tick: t.unwrap_or(0), seq: s.unwrap_or(0) };
                 let pos = pos.max(fetched);
                 let newest = crate::log::changelog::ensure_tick();
-                crate::log::changelog::read_batch(me_id, pos, peer_id, PUSH_SIZE, &node::peer_policy(&name), None, newest)
+                crate::log::changelog::read_batch(me_id, pos, peer_id, size, &node::peer_policy(&name), None, newest)
             })?;
             // Nothing to send: done, unless the peer has more than it confirmed and a moment
             // passed (its WAL is on disk by now): then ask it, which confirms the rest.
@@ -460,9 +485,10 @@ impl Link {
                 let name = self.peer.name.clone();
                 // After a part that more follow, the next part.
                 let held = batch.txns.last().and_then(|t| t.part.filter(|p| p.more).map(|p| (t.stream_pos, p.end)));
+                let size = push_size(self.rtt);
                 let next = (!empty && backlog).then(|| in_txn(move || {
                     let newest = crate::log::changelog::ensure_tick();
-                    crate::log::changelog::read_batch(me_id, upto, peer_id, PUSH_SIZE, &node::peer_policy(&name), held, newest)
+                    crate::log::changelog::read_batch(me_id, upto, peer_id, size, &node::peer_policy(&name), held, newest)
                 }));
                 let rows = self.conn()?.receive(CALL_TIMEOUT).map_err(|e| e.to_string())?;
                 let done = rows.first().and_then(|r| Some(Position { tick: r.i64(0)?, seq: r.i64(1)? })).ok_or("peer_push returned nothing")?;
@@ -496,5 +522,23 @@ impl Link {
                 batch = next;
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Near the peer a push is one apply transaction's worth; over a WAN enough that the round
+    /// trip costs little beside the apply; never more than a batch.
+    #[test]
+    fn a_push_fills_more_over_a_slower_link() {
+        let fill = |ms: u64| push_size(Duration::from_millis(ms)).fill;
+        assert_eq!(fill(0), APPLY_BYTES);
+        assert_eq!(fill(5), APPLY_BYTES);
+        assert_eq!(fill(50), 1_000_000);
+        assert!(fill(100) > fill(50));
+        assert_eq!(fill(1000), BATCH_BYTES);
+        assert_eq!(push_size(CALL_TIMEOUT).max, BATCH_BYTES);
     }
 }

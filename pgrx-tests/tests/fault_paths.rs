@@ -315,11 +315,12 @@ fn a_backlog_is_applied_in_bounded_transactions_and_converges() {
     wait_all(&cluster, &ALL, "the same rows everywhere", sum, &want);
     wait_all(&cluster, &ALL, "every sale of both hot rows", "SELECT string_agg(id || ':' || stock, ' ' ORDER BY id) FROM products WHERE id IN (31, 32)", "31:9960 32:9960");
     // Transactions that applied each backlog where it arrived: one per 8 MB batch before. A
-    // source transaction is about 52 KB: about five fill 256 KB.
-    for (node, tag, how) in [(BRANCH1, 3, "pulled from main"), (MAIN, 4, "pushed by branch1")] {
+    // source transaction is about 52 KB: four fill 256 KB. A push fills more if the round trip
+    // through the test's proxy measured more than about 13 ms when the link connected.
+    for (node, tag, how, at_least, at_most) in [(BRANCH1, 3, "pulled from main", 4, 300), (MAIN, 4, "pushed by branch1", 2, 1000)] {
         let per_txn = one(&cluster, node, &format!("SELECT count(*) || ' ' || max(n) FROM (SELECT count(*) AS n FROM bulk WHERE tag = {tag} GROUP BY xmin::text) t"));
         let (txns, most) = per_txn.split_once(' ').map(|(a, b)| (a.parse::<i64>().unwrap(), b.parse::<i64>().unwrap())).unwrap();
-        assert!(txns >= 4 && most <= 300, "{}: the 2 MB {how} was applied in {txns} transaction(s), up to {most} rows in one", NODE_NAMES[node]);
+        assert!(txns >= at_least && most <= at_most, "{}: the 2 MB {how} was applied in {txns} transaction(s), up to {most} rows in one", NODE_NAMES[node]);
     }
 }
 

@@ -16,10 +16,12 @@ use crate::base::plans;
 use crate::base::wire::{decode_batch, encode_batch, Position};
 use crate::log::changelog::BatchSize;
 
-/// A batch is filled up to about this many bytes.
+/// A fetched batch is filled up to about this many bytes, and a transaction larger than this
+/// travels in parts (a pushed batch is filled less: src/runtime/link.rs `push_size`).
 pub const BATCH_BYTES: usize = 8 << 20;
 /// One apply transaction holds about this many bytes of changes: a pushed batch is filled to
-/// it (the peer applies it in one transaction), a pulled one applied in slices of it. Every
+/// it near the peer (which applies it in one transaction), a fetched one applied in slices of
+/// it. Every
 /// version a transaction makes of a row stays on its page and in its index until the
 /// transaction ends: each update of a hot row (pgbench's ten branch rows, a shop's stock
 /// counters) walked all the versions before it in the batch (docs/performance.md).

@@ -32,12 +32,17 @@ const NO_PARTS_HELD: (Position, u32) = (Position { tick: 0, seq: 0 }, 0);
 /// about 4 MB of changes a second here, so the wait for its answer stays under a fifth of it.
 const PUSH_BYTES_PER_RTT_SECOND: f64 = 20e6;
 
+/// A pushed batch holds at most about this much, however slow the link: the hot rows' versions
+/// a larger apply transaction piles up cost more than the round trips it saves.
+const PUSH_FILL_AT_MOST: usize = 2 << 20;
+
 /// How much a pushed batch holds over a link with round trip `rtt`: the peer applies it in one
-/// transaction, so about `APPLY_BYTES`; over a slow link more, up to `BATCH_BYTES` (a store
-/// catching up over a WAN would otherwise wait a round trip per 256 KB).
+/// transaction, so about `APPLY_BYTES`; over a slow link more, up to `PUSH_FILL_AT_MOST` (a
+/// store catching up over a WAN would otherwise wait a round trip per 256 KB). Transactions up
+/// to `BATCH_BYTES` still travel whole.
 fn push_size(rtt: Duration) -> BatchSize {
     let fill = (rtt.as_secs_f64() * PUSH_BYTES_PER_RTT_SECOND) as usize;
-    BatchSize { fill: fill.clamp(APPLY_BYTES, BATCH_BYTES), max: BATCH_BYTES }
+    BatchSize { fill: fill.clamp(APPLY_BYTES, PUSH_FILL_AT_MOST), max: BATCH_BYTES }
 }
 /// How long the position a pull's own apply left the peer's stream at is trusted as the start
 /// of the next pull, without reading it again (`Link::applied_to`).
@@ -538,7 +543,7 @@ mod tests {
         assert_eq!(fill(5), APPLY_BYTES);
         assert_eq!(fill(50), 1_000_000);
         assert!(fill(100) > fill(50));
-        assert_eq!(fill(1000), BATCH_BYTES);
+        assert_eq!(fill(1000), PUSH_FILL_AT_MOST);
         assert_eq!(push_size(CALL_TIMEOUT).max, BATCH_BYTES);
     }
 }

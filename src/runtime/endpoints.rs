@@ -21,8 +21,7 @@ use crate::log::changelog::BatchSize;
 pub const BATCH_BYTES: usize = 8 << 20;
 /// One apply transaction holds about this many bytes of changes: a pushed batch is filled to
 /// it near the peer (which applies it in one transaction), a fetched one applied in slices of
-/// it. Every
-/// version a transaction makes of a row stays on its page and in its index until the
+/// it. Every version a transaction makes of a row stays on its page and in its index until the
 /// transaction ends: each update of a hot row (pgbench's ten branch rows, a shop's stock
 /// counters) walked all the versions before it in the batch (docs/performance.md).
 pub const APPLY_BYTES: usize = 256 << 10;

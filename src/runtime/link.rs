@@ -81,8 +81,9 @@ pub struct Link {
     pulled_at: Option<Instant>,
     /// The peer told this node (NOTIFY) that its stream has grown since.
     notified: bool,
-    /// The shortest round trip to the peer seen when this connection was set up (`push_size`).
-    rtt: Duration,
+    /// How much a pushed batch holds: set from the shortest round trip to the peer seen when
+    /// this connection was set up (`push_size`).
+    push: BatchSize,
     /// Where the last pull's own apply left the peer's stream here, cleanly (nothing stopped,
     /// no part of a large transaction in the batch), with the configuration generation, the
     /// count of batches applied in this database it reached (`signals::Applies`) and when.
@@ -145,7 +146,7 @@ impl Link {
             report_next: None,
             pulled_at: None,
             notified: false,
-            rtt,
+            push: push_size(rtt),
             applied_to: None,
         })
     }
@@ -299,7 +300,7 @@ impl Link {
             self.stopped = Some(format!("{} stopped applying this node's stream: {why}", self.peer.name));
             return Ok(None);
         }
-        let size = push_size(self.rtt);
+        let size = self.push;
         let batch = in_txn(move || {
             record_confirmed(&name, pos);
             let policy = node::peer_policy(&name);
@@ -412,7 +413,7 @@ impl Link {
                 return Ok(0);
             }
             let (me_id, peer_id, name) = (me.id, self.peer_id, self.peer.name.clone());
-            let size = push_size(self.rtt);
+            let size = self.push;
             let batch = in_txn(move || {
                 // In a mesh the peer also pulls this stream: start from what it confirmed by
                 // fetching, when that is further.
@@ -490,7 +491,7 @@ impl Link {
                 let name = self.peer.name.clone();
                 // After a part that more follow, the next part.
                 let held = batch.txns.last().and_then(|t| t.part.filter(|p| p.more).map(|p| (t.stream_pos, p.end)));
-                let size = push_size(self.rtt);
+                let size = self.push;
                 let next = (!empty && backlog).then(|| in_txn(move || {
                     let newest = crate::log::changelog::ensure_tick();
                     crate::log::changelog::read_batch(me_id, upto, peer_id, size, &node::peer_policy(&name), held, newest)
